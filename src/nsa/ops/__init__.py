@@ -1,0 +1,17 @@
+"""Functional NSA ops. Layout ``[B, T, H, D]``; packed sequences through ``cu_seqlens``."""
+
+from .api import (
+    compressed_attention,
+    nsa,
+    select_blocks,
+    selected_attention,
+    sliding_window_attention,
+)
+
+__all__ = [
+    "compressed_attention",
+    "select_blocks",
+    "selected_attention",
+    "sliding_window_attention",
+    "nsa",
+]

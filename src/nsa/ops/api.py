@@ -1,0 +1,245 @@
+"""Public functional ops: validate input, pick a backend, run.
+
+Backends: ``'reference'`` (plain PyTorch, :mod:`nsa.ops.reference`) and ``'triton'``
+(the kernels). ``backend=None`` reads the environment variable ``NSA_BACKEND``
+(default ``'auto'``). ``'auto'`` uses the Triton kernel of an op for CUDA tensors
+when one exists, the reference otherwise. ``'triton'`` forces the kernels; on CPU
+tensors that needs ``TRITON_INTERPRET=1`` (how CI tests kernels).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from . import checks, reference
+
+BACKENDS = ("auto", "reference", "triton")
+
+# op name -> (module, function) of its Triton implementation. Same arguments as the
+# reference function; inputs arrive validated and ``scale`` arrives as a float.
+_TRITON_IMPLS = {
+    "compressed_attention": ("nsa.ops.compressed", "compressed_attention_triton"),
+    "select_blocks": ("nsa.ops.selection", "select_blocks_triton"),
+    "selected_attention": ("nsa.ops.selected", "selected_attention_triton"),
+    "sliding_window_attention": ("nsa.ops.window", "sliding_window_attention_triton"),
+}
+
+
+def _triton_impl(op):
+    mod_name, fn_name = _TRITON_IMPLS[op]
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name in (mod_name, "triton"):
+            return None
+        raise
+    return getattr(mod, fn_name, None)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend, op, device: torch.device):
+    """Returns the callable implementing ``op`` for tensors on ``device``."""
+    if backend is None:
+        backend = os.environ.get("NSA_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected None or one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return getattr(reference, op)
+    impl = _triton_impl(op)
+    if backend == "auto":
+        return impl if (impl is not None and device.type == "cuda") else getattr(reference, op)
+    if impl is None:
+        raise ValueError(f"backend: 'triton' requested but {op} has no Triton kernel here "
+                         "(is triton installed?)")
+    if device.type != "cuda" and not _interpret():
+        raise ValueError(f"backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors; got {device}")
+    return impl
+
+
+def _scale(scale, q):
+    checks.check_scale(scale)
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None, cu_seqlens=None, backend=None):
+    """Attention over compressed tokens (NSA's coarse branch).
+
+    Compressed token ``i`` summarizes raw positions ``[i*stride, i*stride + kernel_size)``
+    and is visible to query ``t`` iff ``i*stride + kernel_size - 1 <= t``. A length-T
+    sequence has ``(T - kernel_size) // stride + 1`` compressed tokens when
+    ``T >= kernel_size``, else 0.
+
+    Args:
+        q: ``[B, T, HQ, Dk]``.
+        k_cmp: ``[B, Tc, H, Dk]`` compressed keys; ``HQ % H == 0``.
+        v_cmp: ``[B, Tc, H, Dv]`` compressed values.
+        kernel_size, stride: compression block length and step; kernel_size % stride == 0.
+        scale: softmax scale, default ``Dk ** -0.5``.
+        cu_seqlens: int32 ``[N+1]`` offsets of packed sequences (B = 1); then k_cmp/v_cmp hold
+            each sequence's compressed tokens packed in the same order.
+        backend: None | 'auto' | 'reference' | 'triton'.
+    Returns:
+        o ``[B, T, HQ, Dv]`` (q's dtype; zeros where nothing is visible) and
+        lse ``[B, T, HQ]``: float32 (float64 for float64 input) log-sum-exp of the scaled
+        scores, ``-inf`` where nothing is visible.
+    """
+    checks.check_compression(kernel_size, stride)
+    B, T, HQ, H = checks.check_qkv(q, k_cmp, v_cmp, same_len=False)
+    cu = checks.check_cu_seqlens(cu_seqlens, q)
+    checks.check_compressed_kv(k_cmp, v_cmp, q, T, kernel_size, stride, cu_seqlens, cu)
+    fn = resolve_backend(backend, "compressed_attention", q.device)
+    return fn(q, k_cmp, v_cmp, kernel_size, stride, _scale(scale, q), cu_seqlens)
+
+
+def select_blocks(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, num_selected=16, num_initial=1,
+                  num_local=2, scale=None, cu_seqlens=None, backend=None):
+    """The selection blocks each query of each KV head attends to (NSA's top-n).
+
+    Score of block ``j`` (positions ``[j*block_size, (j+1)*block_size)``) for query ``t`` and
+    KV head ``h``: ``sum over the G query heads of h, sum over compressed tokens i of
+    p_cmp[t, head, i] * W[i, j]``, with ``p_cmp = exp(scale * q.k_cmp - lse)`` over the
+    visible compressed tokens (each head's own softmax) and ``W[i, j]`` the number of
+    stride-sized pieces shared by token i's span and block j (for 32/16/64: weights
+    1, 2, 2, 2, 1 on tokens 4j-1 .. 4j+3).
+
+    Always selected: blocks ``0 .. num_initial-1`` and the ``num_local`` blocks ending at the
+    query's own block ``t // block_size``. Never selected: blocks after the query's own block.
+    The remaining slots take the highest-scoring causal blocks; among equal scores the lower
+    block id wins. A query with fewer causal blocks (``t // block_size + 1``) than
+    ``num_selected`` selects all of them.
+
+    Row order: the selected block ids in ascending order, then ``-1`` for unused slots.
+
+    Args:
+        q: ``[B, T, HQ, Dk]``; k_cmp: ``[B, Tc, H, Dk]``; lse: ``[B, T, HQ]`` from
+            :func:`compressed_attention` with the same q, k_cmp and scale.
+        block_size: selection block length, a multiple of stride.
+        num_selected: slots per row; num_initial + num_local <= num_selected.
+    Returns:
+        int32 ``[B, T, H, num_selected]``. Not differentiable.
+    """
+    checks.check_selection(kernel_size, stride, block_size, num_selected, num_initial, num_local)
+    checks.check_tensor("k_cmp", k_cmp, 4)
+    checks.check_tensor("q", q, 4)
+    checks.check_same("k_cmp", k_cmp, "q", q)
+    B, T, HQ, _ = q.shape
+    if k_cmp.shape[0] != B or k_cmp.shape[3] != q.shape[3]:
+        raise ValueError(f"k_cmp: expected [B={B}, Tc, H, Dk={q.shape[3]}], got {tuple(k_cmp.shape)}")
+    H = k_cmp.shape[2]
+    if H == 0 or HQ % H != 0:
+        raise ValueError(f"q: number of query heads ({HQ}) must be a positive multiple of the KV heads of k_cmp ({H})")
+    checks.check_lse(lse, q)
+    cu = checks.check_cu_seqlens(cu_seqlens, q)
+    checks.check_compressed_kv(k_cmp, None, q, T, kernel_size, stride, cu_seqlens, cu)
+    fn = resolve_backend(backend, "select_blocks", q.device)
+    with torch.no_grad():
+        return fn(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,
+                  _scale(scale, q), cu_seqlens)
+
+
+def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seqlens=None, backend=None):
+    """Attention over selected blocks (NSA's fine branch).
+
+    Query ``t`` of KV head ``h`` attends to every key ``s <= t`` inside the blocks listed in
+    ``block_indices[b, t, h]`` (block ``j`` = positions ``[j*block_size, (j+1)*block_size)``
+    of the query's own sequence); ``-1`` entries are ignored; entries may come in any order.
+
+    Args:
+        q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
+        block_indices: int32 ``[B, T, H, S]``, each entry -1 or a block id in
+            ``[0, ceil(seq_len / block_size))``, no block twice in a row.
+        block_size: positive int.
+        scale, cu_seqlens, backend: as in :func:`compressed_attention`.
+    Returns:
+        o ``[B, T, HQ, Dv]``; zeros for a query whose listed blocks hold no key ``s <= t``.
+    """
+    checks.check_positive_int("block_size", block_size)
+    B, T, HQ, H = checks.check_qkv(q, k, v)
+    cu = checks.check_cu_seqlens(cu_seqlens, q)
+    checks.check_block_indices(block_indices, q, H, block_size, cu)
+    fn = resolve_backend(backend, "selected_attention", q.device)
+    return fn(q, k, v, block_indices, block_size, _scale(scale, q), cu_seqlens)
+
+
+def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=None, backend=None):
+    """Causal sliding-window attention: query ``t`` attends to keys ``t - window_size < s <= t``.
+
+    Args:
+        q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
+        window_size: positive int (1 = each query sees only itself).
+        scale, cu_seqlens, backend: as in :func:`compressed_attention`.
+    Returns:
+        o ``[B, T, HQ, Dv]``.
+    """
+    checks.check_positive_int("window_size", window_size)
+    checks.check_qkv(q, k, v)
+    checks.check_cu_seqlens(cu_seqlens, q)
+    fn = resolve_backend(backend, "sliding_window_attention", q.device)
+    return fn(q, k, v, window_size, _scale(scale, q), cu_seqlens)
+
+
+def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, kernel_size=32, stride=16,
+        block_size=64, num_selected=16, num_initial=1, num_local=2, window_size=512, scale=None,
+        cu_seqlens=None, return_block_indices=False, backend=None):
+    """Native Sparse Attention: ``o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win``.
+
+    ``o_cmp, lse = compressed_attention(q, k_cmp, v_cmp)``; the selection uses q, k_cmp and
+    lse (:func:`select_blocks`); ``o_slc = selected_attention(q, k_slc, v_slc, blocks)``;
+    ``o_win = sliding_window_attention(q, k_win, v_win)``.
+
+    Args:
+        q: ``[B, T, HQ, Dk]``.
+        k_cmp, v_cmp: ``[B, Tc, H, Dk|Dv]`` compressed keys/values (see :func:`compressed_attention`).
+        k_slc, v_slc, k_win, v_win: ``[B, T, H, Dk|Dv]`` raw keys/values of the selected and
+            window branches (may be the same tensors).
+        g_cmp, g_slc, g_win: ``[B, T, HQ]`` gates (already through their sigmoid).
+        return_block_indices: also return the ``[B, T, H, num_selected]`` selection.
+        Others as in the branch ops.
+    Returns:
+        o ``[B, T, HQ, Dv]`` in q's dtype, or ``(o, block_indices)``.
+    """
+    checks.check_selection(kernel_size, stride, block_size, num_selected, num_initial, num_local)
+    checks.check_positive_int("window_size", window_size)
+    B, T, HQ, H = checks.check_qkv(q, k_cmp, v_cmp, same_len=False)
+    for name_k, kk, name_v, vv in (("k_slc", k_slc, "v_slc", v_slc), ("k_win", k_win, "v_win", v_win)):
+        checks.check_tensor(name_k, kk, 4)
+        checks.check_tensor(name_v, vv, 4)
+        checks.check_same(name_k, kk, "q", q)
+        checks.check_same(name_v, vv, "q", q)
+        if tuple(kk.shape) != (B, T, H, q.shape[3]):
+            raise ValueError(f"{name_k}: expected shape {(B, T, H, q.shape[3])}, got {tuple(kk.shape)}")
+        if tuple(vv.shape) != (B, T, H, v_cmp.shape[3]):
+            raise ValueError(f"{name_v}: expected shape {(B, T, H, v_cmp.shape[3])}, got {tuple(vv.shape)}")
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)):
+        checks.check_gate(name, g, q)
+    cu = checks.check_cu_seqlens(cu_seqlens, q)
+    checks.check_compressed_kv(k_cmp, v_cmp, q, T, kernel_size, stride, cu_seqlens, cu)
+    s = _scale(scale, q)
+    if backend is None:
+        backend = os.environ.get("NSA_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected None or one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return reference.nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
+                             kernel_size=kernel_size, stride=stride, block_size=block_size,
+                             num_selected=num_selected, num_initial=num_initial, num_local=num_local,
+                             window_size=window_size, scale=s, cu_seqlens=cu_seqlens,
+                             return_block_indices=return_block_indices)
+    cmp_fn = resolve_backend(backend, "compressed_attention", q.device)
+    sel_fn = resolve_backend(backend, "select_blocks", q.device)
+    slc_fn = resolve_backend(backend, "selected_attention", q.device)
+    win_fn = resolve_backend(backend, "sliding_window_attention", q.device)
+    o_cmp, lse = cmp_fn(q, k_cmp, v_cmp, kernel_size, stride, s, cu_seqlens)
+    with torch.no_grad():
+        idx = sel_fn(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local, s,
+                     cu_seqlens)
+    o_slc = slc_fn(q, k_slc, v_slc, idx, block_size, s, cu_seqlens)
+    o_win = win_fn(q, k_win, v_win, window_size, s, cu_seqlens)
+    o = (g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc + g_win.unsqueeze(-1) * o_win).to(q.dtype)
+    return (o, idx) if return_block_indices else o

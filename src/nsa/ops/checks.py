@@ -1,0 +1,162 @@
+"""Input validation for the public ops: every invalid input becomes a ValueError naming the argument."""
+
+from __future__ import annotations
+
+import torch
+
+from .utils import compressed_cu_seqlens, num_compressed
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fail(msg: str):
+    raise ValueError(msg)
+
+
+def check_tensor(name, t, ndim, dtypes=FLOAT_DTYPES):
+    if not isinstance(t, torch.Tensor):
+        _fail(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        _fail(f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        _fail(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def check_same(name, t, ref_name, ref, dtype=True):
+    if t.device != ref.device:
+        _fail(f"{name}: expected device {ref.device} like {ref_name}, got {t.device}")
+    if dtype and t.dtype != ref.dtype:
+        _fail(f"{name}: expected dtype {ref.dtype} like {ref_name}, got {t.dtype}")
+
+
+def check_positive_int(name, v, minimum=1):
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        _fail(f"{name}: expected an int >= {minimum}, got {v!r}")
+
+
+def check_scale(scale):
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or scale != scale:
+        _fail(f"scale: expected None or a positive float, got {scale!r}")
+
+
+def check_qkv(q, k, v, same_len=True):
+    """q ``[B, T, HQ, Dk]``, k ``[B, S, H, Dk]``, v ``[B, S, H, Dv]``; returns (B, T, HQ, H)."""
+    check_tensor("q", q, 4)
+    check_tensor("k", k, 4)
+    check_tensor("v", v, 4)
+    check_same("k", k, "q", q)
+    check_same("v", v, "q", q)
+    B, T, HQ, Dk = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        _fail(f"k, v: expected batch size {B} like q, got {k.shape[0]} and {v.shape[0]}")
+    if same_len and k.shape[1] != T:
+        _fail(f"k: expected {T} tokens like q, got {k.shape[1]}")
+    if v.shape[1] != k.shape[1]:
+        _fail(f"v: expected {k.shape[1]} tokens like k, got {v.shape[1]}")
+    H = k.shape[2]
+    if H == 0 or HQ == 0 or HQ % H != 0:
+        _fail(f"q: number of query heads ({HQ}) must be a positive multiple of the KV heads of k ({H})")
+    if v.shape[2] != H:
+        _fail(f"v: expected {H} heads like k, got {v.shape[2]}")
+    if k.shape[3] != Dk:
+        _fail(f"k: expected head dim {Dk} like q, got {k.shape[3]}")
+    if Dk == 0 or v.shape[3] == 0:
+        _fail("q, v: head dims must be positive")
+    return B, T, HQ, H
+
+
+def check_cu_seqlens(cu_seqlens, q):
+    """Validates packed-sequence boundaries; returns the host list of boundaries or None."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        _fail(f"cu_seqlens: expected an int32 tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        _fail(f"cu_seqlens: expected an int32 1-D tensor of N+1 >= 2 offsets, got {cu_seqlens.dtype} "
+              f"shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        _fail(f"cu_seqlens: expected device {q.device} like q, got {cu_seqlens.device}")
+    if q.shape[0] != 1:
+        _fail(f"q: packed input (cu_seqlens given) needs batch size 1, got {q.shape[0]}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        _fail(f"cu_seqlens: must start at 0, got {cu[0]}")
+    if any(b <= a for a, b in zip(cu[:-1], cu[1:])):
+        _fail("cu_seqlens: must be strictly increasing (every sequence non-empty)")
+    if cu[-1] != q.shape[1]:
+        _fail(f"cu_seqlens: last offset {cu[-1]} must equal the number of tokens of q ({q.shape[1]})")
+    return cu
+
+
+def check_compression(kernel_size, stride):
+    check_positive_int("kernel_size", kernel_size)
+    check_positive_int("stride", stride)
+    if kernel_size % stride != 0:
+        _fail(f"kernel_size: must be a multiple of stride ({stride}), got {kernel_size}")
+
+
+def check_selection(kernel_size, stride, block_size, num_selected, num_initial, num_local):
+    check_compression(kernel_size, stride)
+    check_positive_int("block_size", block_size)
+    if block_size % stride != 0:
+        _fail(f"block_size: must be a multiple of stride ({stride}), got {block_size}")
+    check_positive_int("num_selected", num_selected)
+    check_positive_int("num_initial", num_initial, 0)
+    check_positive_int("num_local", num_local, 0)
+    if num_initial + num_local > num_selected:
+        _fail(f"num_initial + num_local ({num_initial} + {num_local}) must not exceed num_selected ({num_selected})")
+
+
+def check_compressed_kv(k_cmp, v_cmp, q, T, kernel_size, stride, cu_seqlens, cu):
+    """k_cmp/v_cmp must hold exactly the compressed tokens of q's sequences."""
+    if cu is None:
+        want = num_compressed(T, kernel_size, stride)
+    else:
+        want = int(compressed_cu_seqlens(cu_seqlens, kernel_size, stride)[-1].item())
+    if k_cmp.shape[1] != want:
+        what = "packed compressed tokens" if cu is not None else "compressed tokens"
+        _fail(f"k_cmp: expected {want} {what} for kernel_size={kernel_size}, stride={stride} "
+              f"and the query lengths, got {k_cmp.shape[1]}")
+
+
+def check_lse(lse, q):
+    check_tensor("lse", lse, 3, (torch.float32, torch.float64))
+    if lse.device != q.device:
+        _fail(f"lse: expected device {q.device} like q, got {lse.device}")
+    if tuple(lse.shape) != tuple(q.shape[:3]):
+        _fail(f"lse: expected shape {tuple(q.shape[:3])} ([B, T, HQ]), got {tuple(lse.shape)}")
+
+
+def check_gate(name, g, q):
+    check_tensor(name, g, 3)
+    if g.device != q.device:
+        _fail(f"{name}: expected device {q.device} like q, got {g.device}")
+    if tuple(g.shape) != tuple(q.shape[:3]):
+        _fail(f"{name}: expected shape {tuple(q.shape[:3])} ([B, T, HQ]), got {tuple(g.shape)}")
+
+
+def check_block_indices(block_indices, q, H, block_size, cu):
+    """int32 ``[B, T, H, S]``; each entry -1 or a block of the query's own sequence; no repeats in a row."""
+    check_tensor("block_indices", block_indices, 4, (torch.int32,))
+    if block_indices.device != q.device:
+        _fail(f"block_indices: expected device {q.device} like q, got {block_indices.device}")
+    B, T = q.shape[:2]
+    if tuple(block_indices.shape[:3]) != (B, T, H) or block_indices.shape[3] < 1:
+        _fail(f"block_indices: expected shape [B={B}, T={T}, H={H}, S>=1], got {tuple(block_indices.shape)}")
+    if cu is None:
+        limit = torch.full((T,), -(-T // block_size), device=q.device)
+    else:
+        lens = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], device=q.device)
+        limit = torch.repeat_interleave(-(-lens // block_size), lens)
+    bi = block_indices
+    out_of_range = (bi < -1) | (bi >= limit.view(1, T, 1, 1))
+    srt = torch.sort(bi, dim=-1).values
+    repeated = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+    bad = torch.stack([out_of_range.any(), repeated.any()]).tolist()
+    if bad[0]:
+        _fail("block_indices: entries must be -1 or a block index in [0, ceil(seq_len / block_size)) "
+              "of the query's own sequence")
+    if bad[1]:
+        _fail("block_indices: a row lists the same block twice; entries must be distinct")

@@ -1,0 +1,204 @@
+"""The specification of Native Sparse Attention, in plain PyTorch.
+
+Slow and obvious on purpose: every branch is dense masked attention in float32
+(float64 for float64 inputs), differentiable by autograd. The kernels are tested
+against these functions; these functions are tested against a brute-force
+per-query definition (tests/ops/test_reference.py).
+
+Layout: queries ``[B, T, HQ, Dk]``, keys ``[B, S, H, Dk]``, values ``[B, S, H, Dv]``.
+Query head ``hq`` reads KV head ``hq // G`` with ``G = HQ // H``. Packed sequences
+(``cu_seqlens``, B = 1) are computed one sequence at a time and concatenated.
+Inputs are assumed valid: :mod:`nsa.ops.api` checks them before calling here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .utils import compressed_cu_seqlens, num_blocks, overlap_matrix
+
+__all__ = [
+    "compressed_attention",
+    "select_blocks",
+    "selected_attention",
+    "sliding_window_attention",
+    "nsa",
+]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _masked_attention(q, k, v, mask, scale):
+    """Dense attention with an explicit boolean mask.
+
+    Args:
+        q: ``[B, T, HQ, Dk]``; k: ``[B, S, H, Dk]``; v: ``[B, S, H, Dv]``.
+        mask: bool, broadcastable to ``[B, H, G, T, S]``; True = visible.
+    Returns:
+        o ``[B, T, HQ, Dv]`` in q's dtype (zeros for a query that sees nothing) and
+        lse ``[B, T, HQ]`` (float32, float64 for float64 input; -inf where nothing is visible).
+    """
+    B, T, HQ, Dk = q.shape
+    H, Dv = k.shape[2], v.shape[-1]
+    G = HQ // H
+    ct = _compute_dtype(q)
+    qg = q.to(ct).reshape(B, T, H, G, Dk).permute(0, 2, 3, 1, 4)  # [B, H, G, T, Dk]
+    kt = k.to(ct).permute(0, 2, 1, 3)  # [B, H, S, Dk]
+    vt = v.to(ct).permute(0, 2, 1, 3)  # [B, H, S, Dv]
+    s = torch.einsum("bhgtd,bhsd->bhgts", qg, kt) * scale
+    mask = mask.expand_as(s)
+    s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)  # exactly 0 where masked
+    denom = e.sum(-1, keepdim=True)
+    nonempty = denom > 0
+    p = e / torch.where(nonempty, denom, torch.ones_like(denom))
+    o = torch.einsum("bhgts,bhsd->bhgtd", p, vt)  # [B, H, G, T, Dv]
+    lse = torch.where(nonempty, torch.log(torch.where(nonempty, denom, torch.ones_like(denom))) + m,
+                      torch.full_like(denom, float("-inf"))).squeeze(-1)  # [B, H, G, T]
+    o = o.permute(0, 3, 1, 2, 4).reshape(B, T, HQ, Dv).to(q.dtype)
+    lse = lse.permute(0, 3, 1, 2).reshape(B, T, HQ)
+    return o, lse
+
+
+def _split(cu_seqlens, *tensors):
+    """Yield per-sequence slices (dim 1) of tensors for packed input."""
+    cu = cu_seqlens.tolist()
+    for a, b in zip(cu[:-1], cu[1:]):
+        yield tuple(t[:, a:b] for t in tensors)
+
+
+def _resolve_scale(scale, q):
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _cmp_visible(T, Tc, kernel_size, stride, device):
+    """``[T, Tc]``: compressed token i is visible to query t iff i*stride + kernel_size - 1 <= t."""
+    t = torch.arange(T, device=device).view(-1, 1)
+    i = torch.arange(Tc, device=device).view(1, -1)
+    return i * stride + kernel_size - 1 <= t
+
+
+def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None, cu_seqlens=None):
+    """Attention of every query over the compressed tokens it can see. See :func:`nsa.ops.compressed_attention`."""
+    scale = _resolve_scale(scale, q)
+    if cu_seqlens is not None:
+        ccu = compressed_cu_seqlens(cu_seqlens, kernel_size, stride).tolist()
+        outs, lses = [], []
+        for n, (qs,) in enumerate(_split(cu_seqlens, q)):
+            kc, vc = k_cmp[:, ccu[n]:ccu[n + 1]], v_cmp[:, ccu[n]:ccu[n + 1]]
+            o, lse = compressed_attention(qs, kc, vc, kernel_size, stride, scale)
+            outs.append(o)
+            lses.append(lse)
+        return torch.cat(outs, 1), torch.cat(lses, 1)
+    T, Tc = q.shape[1], k_cmp.shape[1]
+    mask = _cmp_visible(T, Tc, kernel_size, stride, q.device)
+    return _masked_attention(q, k_cmp, v_cmp, mask, scale)
+
+
+def block_scores(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, scale=None):
+    """Importance of every selection block for every query, summed over each GQA group.
+
+    Returns float32 (float64 for float64 input) ``[B, T, H, NB]`` with ``NB = ceil(T / block_size)``:
+    ``sum_{g} sum_i p_cmp[t, h*G+g, i] * W[i, j]`` (see :func:`nsa.ops.utils.overlap_matrix`),
+    where ``p_cmp = exp(scale * q.k_cmp - lse)`` over the visible compressed tokens. Dense batch only.
+    """
+    scale = _resolve_scale(scale, q)
+    B, T, HQ, Dk = q.shape
+    Tc, H = k_cmp.shape[1], k_cmp.shape[2]
+    G = HQ // H
+    ct = _compute_dtype(q)
+    NB = num_blocks(T, block_size)
+    qg = q.detach().to(ct).reshape(B, T, H, G, Dk)
+    s = torch.einsum("bthgd,bshd->bthgs", qg, k_cmp.detach().to(ct)) * scale
+    lse = lse.detach().to(ct).reshape(B, T, H, G, 1)
+    vis = _cmp_visible(T, Tc, kernel_size, stride, q.device).view(1, T, 1, 1, Tc)
+    p = torch.where(vis & torch.isfinite(lse), torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)), 0)
+    w = overlap_matrix(Tc, NB, kernel_size, stride, block_size, q.device, ct)  # [Tc, NB]
+    return torch.einsum("bthgs,sn->bthn", p, w)
+
+
+def _topk_blocks(score, num_selected, num_initial, num_local, block_size):
+    """Rows of selected block ids from scores ``[B, T, H, NB]``; see :func:`nsa.ops.select_blocks`."""
+    B, T, H, NB = score.shape
+    dev = score.device
+    t_blk = (torch.arange(T, device=dev) // block_size).view(1, T, 1, 1)
+    j = torch.arange(NB, device=dev).view(1, 1, 1, NB)
+    causal = j <= t_blk
+    forced = (j < num_initial) | ((j > t_blk - num_local) & causal)
+    pri = torch.where(forced, float("inf"), score.float() if score.dtype != torch.float64 else score)
+    pri = torch.where(causal, pri, float("-inf")).expand(B, T, H, NB)
+    k = min(num_selected, NB)
+    # stable descending sort: among equal scores the lower block id wins.
+    order = torch.sort(pri, dim=-1, descending=True, stable=True).indices[..., :k]
+    chosen_pri = torch.gather(pri, -1, order)
+    ids = torch.where(chosen_pri > float("-inf"), order, NB)
+    ids = torch.sort(ids, dim=-1).values
+    ids = torch.where(ids == NB, -1, ids)
+    if k < num_selected:
+        ids = torch.cat([ids, ids.new_full((B, T, H, num_selected - k), -1)], -1)
+    return ids.to(torch.int32)
+
+
+def select_blocks(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, num_selected=16,
+                  num_initial=1, num_local=2, scale=None, cu_seqlens=None):
+    """Top-n selection blocks per query and KV head. See :func:`nsa.ops.select_blocks`."""
+    if cu_seqlens is not None:
+        ccu = compressed_cu_seqlens(cu_seqlens, kernel_size, stride).tolist()
+        rows = []
+        for n, (qs, ls) in enumerate(_split(cu_seqlens, q, lse)):
+            kc = k_cmp[:, ccu[n]:ccu[n + 1]]
+            rows.append(select_blocks(qs, kc, ls, kernel_size, stride, block_size, num_selected,
+                                      num_initial, num_local, scale))
+        return torch.cat(rows, 1)
+    score = block_scores(q, k_cmp, lse, kernel_size, stride, block_size, scale)
+    return _topk_blocks(score, num_selected, num_initial, num_local, block_size)
+
+
+def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seqlens=None):
+    """Attention of query t (KV head h) over keys s <= t of the blocks listed in
+    ``block_indices[:, t, h]``; -1 entries are ignored. See :func:`nsa.ops.selected_attention`."""
+    scale = _resolve_scale(scale, q)
+    if cu_seqlens is not None:
+        return torch.cat([selected_attention(qs, ks, vs, bi, block_size, scale)
+                          for qs, ks, vs, bi in _split(cu_seqlens, q, k, v, block_indices)], 1)
+    B, T, H, S = block_indices.shape
+    NB = num_blocks(T, block_size)
+    idx = block_indices.long()
+    idx = torch.where(idx < 0, NB, idx)  # -1 -> a dummy column, dropped below
+    blk = torch.zeros(B, T, H, NB + 1, dtype=torch.bool, device=q.device)
+    blk.scatter_(-1, idx, True)
+    blk = blk[..., :NB].repeat_interleave(block_size, -1)[..., :T]  # [B, T, H, T]
+    s_pos = torch.arange(T, device=q.device)
+    causal = s_pos.view(1, T) <= s_pos.view(T, 1)  # [T(query), T(key)]
+    mask = blk.permute(0, 2, 1, 3) & causal  # [B, H, T, S]
+    return _masked_attention(q, k, v, mask.unsqueeze(2), scale)[0]
+
+
+def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=None):
+    """Attention of query t over keys t - window_size < s <= t. See :func:`nsa.ops.sliding_window_attention`."""
+    scale = _resolve_scale(scale, q)
+    if cu_seqlens is not None:
+        return torch.cat([sliding_window_attention(qs, ks, vs, window_size, scale)
+                          for qs, ks, vs in _split(cu_seqlens, q, k, v)], 1)
+    T = q.shape[1]
+    pos = torch.arange(T, device=q.device)
+    d = pos.view(T, 1) - pos.view(1, T)
+    mask = (d >= 0) & (d < window_size)
+    return _masked_attention(q, k, v, mask, scale)[0]
+
+
+def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, kernel_size=32, stride=16,
+        block_size=64, num_selected=16, num_initial=1, num_local=2, window_size=512, scale=None,
+        cu_seqlens=None, return_block_indices=False):
+    """The three branches composed and gated. See :func:`nsa.ops.nsa`."""
+    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens)
+    idx = select_blocks(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial,
+                        num_local, scale, cu_seqlens)
+    o_slc = selected_attention(q, k_slc, v_slc, idx, block_size, scale, cu_seqlens)
+    o_win = sliding_window_attention(q, k_win, v_win, window_size, scale, cu_seqlens)
+    o = (g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc + g_win.unsqueeze(-1) * o_win).to(q.dtype)
+    return (o, idx) if return_block_indices else o

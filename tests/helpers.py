@@ -1,0 +1,24 @@
+"""Shared test helpers: one relative-error check for every comparison."""
+
+import pytest
+import torch
+
+
+def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (0 when both are zero)."""
+    ref, out = ref.detach().double(), out.detach().double()
+    den = ref.norm().item()
+    num = (out - ref).norm().item()
+    return num / den if den > 0 else num
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float):
+    """Fails on shape mismatch, any NaN/inf where ref is finite, or relative error above ``ratio``."""
+    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    bad = ~torch.isfinite(out.detach()) & torch.isfinite(ref.detach())
+    assert not bad.any(), f"{name}: {int(bad.sum())} non-finite elements (unwritten output?)"
+    err = rel_err(ref, out)
+    assert err <= ratio, f"{name}: relative error {err:.3e} > {ratio:.1e}"
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

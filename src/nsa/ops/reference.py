@@ -50,7 +50,8 @@ def _masked_attention(q, k, v, mask, scale):
     s = torch.einsum("bhgtd,bhsd->bhgts", qg, kt) * scale
     mask = mask.expand_as(s)
     s = s.masked_fill(~mask, float("-inf"))
-    m = s.amax(-1, keepdim=True).detach()
+    # amax has no identity: with no keys at all (S = 0, e.g. T < kernel_size) use 0.
+    m = s.amax(-1, keepdim=True).detach() if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)  # exactly 0 where masked
     denom = e.sum(-1, keepdim=True)

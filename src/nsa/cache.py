@@ -1,0 +1,218 @@
+"""Decoding state of one NSA layer (a model holds one :class:`NSACache` per layer)."""
+
+from __future__ import annotations
+
+import torch
+
+from .ops.utils import num_compressed
+
+__all__ = ["NSACache"]
+
+
+class NSACache:
+    """Keys/values of N sequences of possibly different lengths, padded per sequence.
+
+    Held tensors (``cap`` grows by doubling; row n is valid up to ``seq_lens[n]``):
+
+    - ``k_slc, v_slc``: ``[N, cap, H, Dk|Dv]`` raw selection-branch keys (rotated) / values.
+    - ``k_win, v_win``: the same for the window branch; the very same tensors as
+      ``k_slc, v_slc`` when the layer shares them. All raw tokens are kept, not only the
+      last ``window_size``: the selection branch needs them all anyway, and keeping one
+      layout lets :func:`nsa.ops.decode.nsa_decode` index both branches alike.
+    - ``k_cmp, v_cmp``: ``[N, cap_c, H, Dk|Dv]`` compressed keys (rotated) / values, valid up
+      to ``num_compressed(seq_lens[n])``.
+    - ``k_tail, v_tail``: ``[N, kernel_size, H, Dk|Dv]`` the last ``kernel_size`` raw
+      compression-branch keys/values (un-rotated), all that future compressed tokens need,
+      in a ring: raw position p lives in slot ``p % kernel_size``.
+
+    Tensors are stored detached (decoding is inference). A prefill fills an empty cache
+    (:meth:`prefill`); each decoding step appends one token per sequence (:meth:`append`),
+    and when a sequence's new length L completes a compression block (``L >= kernel_size``
+    and ``(L - kernel_size) % stride == 0``) the layer compresses that one block
+    (:meth:`compression_blocks`, :meth:`store_compressed`).
+    """
+
+    def __init__(self, kernel_size: int, stride: int):
+        for name, v in (("kernel_size", kernel_size), ("stride", stride)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if kernel_size % stride:
+            raise ValueError(f"kernel_size: must be a multiple of stride ({stride}), got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.reset()
+
+    def reset(self):
+        """Forget every sequence (the cache becomes empty)."""
+        self.lengths: list[int] = []  # host copy of seq_lens: capacity decisions need no sync
+        self.seq_lens: torch.Tensor | None = None
+        self.k_slc = self.v_slc = self.k_win = self.v_win = None
+        self.k_cmp = self.v_cmp = self.k_tail = self.v_tail = None
+        self.shared = False
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.lengths
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k_slc is None else self.k_slc.shape[1]
+
+    def _num_cmp_capacity(self, cap):
+        # At least one slot so that no tensor has a zero-length token axis.
+        return max(1, num_compressed(cap, self.kernel_size, self.stride))
+
+    @staticmethod
+    def _capacity_for(n):
+        cap = 16
+        while cap < n:
+            cap *= 2
+        return cap
+
+    def prefill(self, lens, k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win=None, v_win=None):
+        """Fill an empty cache from packed prompts.
+
+        Args:
+            lens: list of N sequence lengths (>= 1), sum = total.
+            k_cmp_raw, v_cmp_raw: ``[total, H, Dk|Dv]`` un-rotated compression-branch keys/values.
+            k_cmp, v_cmp: ``[Tc_total, H, Dk|Dv]`` compressed tokens of the sequences, packed in order.
+            k_slc, v_slc: ``[total, H, Dk|Dv]`` rotated selection-branch keys / values.
+            k_win, v_win: the same for the window branch, or None when shared with selection.
+        """
+        if not self.is_empty:
+            raise ValueError("cache: prefill needs an empty cache (call reset() first)")
+        if not lens or any((not isinstance(n, int)) or n < 1 for n in lens):
+            raise ValueError(f"lens: expected a non-empty list of positive ints, got {lens!r}")
+        total = sum(lens)
+        if k_slc.shape[0] != total:
+            raise ValueError(f"k_slc: expected {total} tokens (sum of lens), got {k_slc.shape[0]}")
+        dev = k_slc.device
+        N, cap = len(lens), self._capacity_for(max(lens))
+        lens_t = torch.tensor(lens, device=dev)
+        seq = torch.repeat_interleave(torch.arange(N, device=dev), lens_t)  # [total]
+        starts = torch.cumsum(lens_t, 0) - lens_t
+        pos = torch.arange(total, device=dev) - starts[seq]
+
+        def padded(src):
+            return src.new_zeros(N, cap, *src.shape[1:])
+
+        self.shared = k_win is None
+        self.k_slc = padded(k_slc)
+        self.v_slc = padded(v_slc)
+        self.k_slc[seq, pos] = k_slc.detach()
+        self.v_slc[seq, pos] = v_slc.detach()
+        if self.shared:
+            self.k_win, self.v_win = self.k_slc, self.v_slc
+        else:
+            self.k_win = padded(k_win)
+            self.v_win = padded(v_win)
+            self.k_win[seq, pos] = k_win.detach()
+            self.v_win[seq, pos] = v_win.detach()
+
+        ks, st = self.kernel_size, self.stride
+        n_cmp = [num_compressed(n, ks, st) for n in lens]
+        if k_cmp.shape[0] != sum(n_cmp):
+            raise ValueError(f"k_cmp: expected {sum(n_cmp)} packed compressed tokens, got {k_cmp.shape[0]}")
+        n_cmp_t = torch.tensor(n_cmp, device=dev)
+        cseq = torch.repeat_interleave(torch.arange(N, device=dev), n_cmp_t)
+        cpos = torch.arange(k_cmp.shape[0], device=dev) - (torch.cumsum(n_cmp_t, 0) - n_cmp_t)[cseq]
+        cap_c = self._num_cmp_capacity(cap)
+        self.k_cmp = k_cmp.new_zeros(N, cap_c, *k_cmp.shape[1:])
+        self.v_cmp = v_cmp.new_zeros(N, cap_c, *v_cmp.shape[1:])
+        self.k_cmp[cseq, cpos] = k_cmp.detach()
+        self.v_cmp[cseq, cpos] = v_cmp.detach()
+
+        # The ring keeps raw positions p >= L - kernel_size at slot p % kernel_size.
+        keep = pos >= lens_t[seq] - ks
+        self.k_tail = k_cmp_raw.new_zeros(N, ks, *k_cmp_raw.shape[1:])
+        self.v_tail = v_cmp_raw.new_zeros(N, ks, *v_cmp_raw.shape[1:])
+        self.k_tail[seq[keep], pos[keep] % ks] = k_cmp_raw.detach()[keep]
+        self.v_tail[seq[keep], pos[keep] % ks] = v_cmp_raw.detach()[keep]
+
+        self.lengths = list(lens)
+        self.seq_lens = lens_t.to(torch.int32)
+
+    def _grow(self, need):
+        """Double the raw (and compressed) capacity until ``need`` tokens fit."""
+        cap = self.capacity
+        if need <= cap:
+            return
+        new_cap = cap
+        while new_cap < need:
+            new_cap *= 2
+
+        def grown(t, n):
+            out = t.new_zeros(t.shape[0], n, *t.shape[2:])
+            out[:, :t.shape[1]] = t
+            return out
+
+        self.k_slc, self.v_slc = grown(self.k_slc, new_cap), grown(self.v_slc, new_cap)
+        if self.shared:
+            self.k_win, self.v_win = self.k_slc, self.v_slc
+        else:
+            self.k_win, self.v_win = grown(self.k_win, new_cap), grown(self.v_win, new_cap)
+        cap_c = self._num_cmp_capacity(new_cap)
+        self.k_cmp, self.v_cmp = grown(self.k_cmp, cap_c), grown(self.v_cmp, cap_c)
+
+    def append(self, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win=None, v_win=None) -> torch.Tensor:
+        """Append one token to every sequence (at position ``seq_lens[n]``).
+
+        Args:
+            k_cmp_raw, v_cmp_raw: ``[N, H, Dk|Dv]`` un-rotated compression-branch key/value.
+            k_slc, v_slc: ``[N, H, Dk|Dv]`` rotated selection-branch key / value.
+            k_win, v_win: the same for the window branch (None when shared).
+        Returns:
+            int64 ``[S]``: the sequences whose new token completed a compression block; the
+            caller compresses them (:meth:`compression_blocks`) and stores the result
+            (:meth:`store_compressed`).
+        """
+        if self.is_empty:
+            raise ValueError("cache: append needs a prefilled cache")
+        N = self.batch_size
+        if k_slc.shape[0] != N:
+            raise ValueError(f"k_slc: expected {N} rows (one per cached sequence), got {k_slc.shape[0]}")
+        if (k_win is None) != self.shared:
+            raise ValueError("k_win: must be given iff the cache was prefilled with separate window keys")
+        self._grow(max(self.lengths) + 1)
+        dev = self.k_slc.device
+        rows = torch.arange(N, device=dev)
+        pos = self.seq_lens.long()
+        self.k_slc[rows, pos] = k_slc.detach().to(self.k_slc.dtype)
+        self.v_slc[rows, pos] = v_slc.detach().to(self.v_slc.dtype)
+        if not self.shared:
+            self.k_win[rows, pos] = k_win.detach().to(self.k_win.dtype)
+            self.v_win[rows, pos] = v_win.detach().to(self.v_win.dtype)
+        slot = pos % self.kernel_size
+        self.k_tail[rows, slot] = k_cmp_raw.detach().to(self.k_tail.dtype)
+        self.v_tail[rows, slot] = v_cmp_raw.detach().to(self.v_tail.dtype)
+        self.lengths = [n + 1 for n in self.lengths]
+        self.seq_lens = self.seq_lens + 1
+        ks, st = self.kernel_size, self.stride
+        done = [n for n, L in enumerate(self.lengths) if L >= ks and (L - ks) % st == 0]
+        return torch.tensor(done, dtype=torch.long, device=dev)
+
+    def compression_blocks(self, ids: torch.Tensor):
+        """The raw blocks just completed by sequences ``ids`` (their last ``kernel_size`` tokens).
+
+        Returns:
+            k ``[S, kernel_size, H, Dk]``, v ``[S, kernel_size, H, Dv]`` in position order.
+        """
+        ks = self.kernel_size
+        L = self.seq_lens[ids].long()
+        slots = (L.view(-1, 1) - ks + torch.arange(ks, device=L.device)) % ks  # [S, ks]
+        rows = ids.view(-1, 1)
+        return self.k_tail[rows, slots], self.v_tail[rows, slots]
+
+    def store_compressed(self, ids: torch.Tensor, k_cmp, v_cmp):
+        """Store the compressed token just completed by each sequence in ``ids``.
+
+        Args:
+            ids: int64 ``[S]`` from :meth:`append`; k_cmp ``[S, H, Dk]`` (rotated); v_cmp ``[S, H, Dv]``.
+        """
+        ci = torch.div(self.seq_lens[ids].long() - self.kernel_size, self.stride, rounding_mode="floor")
+        self.k_cmp[ids, ci] = k_cmp.detach().to(self.k_cmp.dtype)
+        self.v_cmp[ids, ci] = v_cmp.detach().to(self.v_cmp.dtype)

@@ -1,0 +1,395 @@
+"""The NSA attention layer: config, projections, RoPE, compression MLP, gates, decoding.
+
+:class:`NativeSparseAttention` maps hidden states ``[B, T, hidden_size]`` to
+``[B, T, hidden_size]`` with Native Sparse Attention (:func:`nsa.ops.nsa`) in place of
+full causal attention. Packed sequences come as ``[1, total, hidden_size]`` with
+``cu_seqlens``. With an :class:`nsa.cache.NSACache` the same module prefills and then
+decodes one token per sequence per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .cache import NSACache
+from .ops.decode import nsa_decode
+from .ops.utils import compressed_cu_seqlens
+
+__all__ = ["NSAConfig", "NativeSparseAttention", "rope_cos_sin", "apply_rope"]
+
+
+def _positive(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}: expected a positive int, got {v!r}")
+
+
+@dataclass
+class NSAConfig:
+    """Hyper-parameters of one NSA layer; validated on construction.
+
+    Args:
+        hidden_size: model width.
+        num_heads: query heads HQ; num_kv_heads: KV heads H, ``HQ % H == 0``.
+        head_dim: query/key head dim Dk (even: RoPE rotates pairs);
+            v_head_dim: value head dim Dv, default ``head_dim``.
+        kernel_size, stride: compression block length l and step d (``l % d == 0``).
+        block_size: selection block length l' (``l' % d == 0``).
+        num_selected: selected blocks per query n, including ``num_initial`` leading
+            blocks and ``num_local`` blocks ending at the query's own block.
+        window_size: sliding window w.
+        rope_theta: RoPE base.
+        compression: ``'mlp'`` (paper: an MLP phi over each block's l keys, and separately
+            values, after adding a learned intra-block position embedding) or ``'mean'``
+            (mean of the block plus the same position embedding, which then acts as a
+            learned bias).
+        shared_kv: False (paper): independent K/V projections for the compressed, selected
+            and window branches. True: selected and window branches share one K/V
+            projection; the compressed branch keeps its own.
+        bias: biases in the q/kv/gate/output projections.
+        backend: passed to :mod:`nsa.ops` (None | 'auto' | 'reference' | 'triton').
+    """
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int | None = None
+    kernel_size: int = 32
+    stride: int = 16
+    block_size: int = 64
+    num_selected: int = 16
+    num_initial: int = 1
+    num_local: int = 2
+    window_size: int = 512
+    rope_theta: float = 10000.0
+    compression: str = "mlp"
+    shared_kv: bool = False
+    bias: bool = False
+    backend: str | None = None
+
+    # 'paper': the attention of the paper's 27B model (Sec. 4.1): 64 query heads in 4 GQA
+    # groups, d_k = 192, d_v = 128, hidden size 2560, NSA at l=32, d=16, l'=64, n=16, w=512.
+    # 'small': a size for GPU experiments; 'tiny': for tests and the CPU demo.
+    PRESETS = {
+        "paper": dict(hidden_size=2560, num_heads=64, num_kv_heads=4, head_dim=192, v_head_dim=128),
+        "small": dict(hidden_size=512, num_heads=8, num_kv_heads=2, head_dim=64),
+        "tiny": dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, kernel_size=8, stride=4,
+                     block_size=8, num_selected=4, window_size=16),
+    }
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "NSAConfig":
+        """A named configuration (``'paper'``, ``'small'``, ``'tiny'``) with fields overridden."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"name: unknown preset {name!r}; expected one of {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    def __post_init__(self):
+        for f in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "kernel_size", "stride", "block_size",
+                  "num_selected", "window_size"):
+            _positive(f, getattr(self, f))
+        if self.v_head_dim is None:
+            self.v_head_dim = self.head_dim
+        _positive("v_head_dim", self.v_head_dim)
+        for f in ("num_initial", "num_local"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{f}: expected an int >= 0, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads: must be a multiple of num_kv_heads ({self.num_kv_heads}), "
+                             f"got {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim: must be even (RoPE rotates pairs of dims), got {self.head_dim}")
+        if self.kernel_size % self.stride:
+            raise ValueError(f"kernel_size: must be a multiple of stride ({self.stride}), got {self.kernel_size}")
+        if self.block_size % self.stride:
+            raise ValueError(f"block_size: must be a multiple of stride ({self.stride}), got {self.block_size}")
+        if self.num_initial + self.num_local > self.num_selected:
+            raise ValueError(f"num_selected: must be >= num_initial + num_local "
+                             f"({self.num_initial} + {self.num_local}), got {self.num_selected}")
+        if (isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float))
+                or not self.rope_theta > 0 or math.isinf(self.rope_theta)):
+            raise ValueError(f"rope_theta: expected a positive finite number, got {self.rope_theta!r}")
+        if self.compression not in ("mlp", "mean"):
+            raise ValueError(f"compression: expected 'mlp' or 'mean', got {self.compression!r}")
+        if not isinstance(self.shared_kv, bool):
+            raise ValueError(f"shared_kv: expected a bool, got {self.shared_kv!r}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"bias: expected a bool, got {self.bias!r}")
+        if self.backend not in (None,) + ops.api.BACKENDS:
+            raise ValueError(f"backend: expected None or one of {ops.api.BACKENDS}, got {self.backend!r}")
+
+    def replace(self, **changes) -> "NSAConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype = torch.float32):
+    """cos, sin ``[*positions.shape, dim // 2]`` of the angles ``position * theta**(-2i/dim)``.
+
+    Angles are formed in float64: at positions ~1e5 float32 angles are off by ~1e-2 rad.
+    """
+    inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim)
+    ang = positions.to(torch.float64).unsqueeze(-1) * inv_freq
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE: dims ``(i, i + D/2)`` of x rotate by ``position * theta**(-2i/D)``.
+
+    Args:
+        x: ``[..., T, H, D]``; positions: integer ``[..., T]`` broadcastable to x's leading dims.
+    Returns:
+        x rotated, same shape and dtype (computed in float32, float64 for float64 x).
+    """
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cos, sin = rope_cos_sin(positions, x.shape[-1], theta, ct)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [..., T, 1, D/2]
+    x1, x2 = x.to(ct).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class _BlockCompressor(nn.Module):
+    """phi: one compression block ``[..., kernel_size, H, D]`` -> one token ``[..., H, D]``.
+
+    A learned intra-block position embedding ``[kernel_size, D]`` is added to every block;
+    then either an MLP over the flattened block (``Linear(kernel_size*D, D) -> GELU ->
+    Linear(D, D)``) or the mean over the block. Shared by the KV heads (each head's block
+    is compressed by the same phi).
+    """
+
+    def __init__(self, kernel_size: int, dim: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.pos_emb = nn.Parameter(torch.zeros(kernel_size, dim))
+        if mode == "mlp":
+            self.mlp = nn.Sequential(nn.Linear(kernel_size * dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        ks, _, d = blocks.shape[-3:]
+        x = blocks + self.pos_emb.view(ks, 1, d).to(blocks.dtype)  # [..., ks, H, D]
+        if self.mode == "mean":
+            return x.mean(-3)
+        x = x.movedim(-3, -2).flatten(-2)  # [..., H, ks*D]
+        return self.mlp(x)
+
+
+class NativeSparseAttention(nn.Module):
+    """Native Sparse Attention layer (DeepSeek, arXiv 2502.11089).
+
+    Parameters: ``q_proj`` (hidden -> HQ*Dk); ``kv_proj`` (hidden -> raw K and V of each
+    branch, in the order cmp, slc, win, each ``[H*Dk | H*Dv]``; cmp, slc when
+    ``shared_kv``, whose slc keys/values also serve the window); ``compress_k`` /
+    ``compress_v`` (phi, see :class:`NSAConfig`); ``g_proj`` (hidden -> 3*HQ, through a
+    sigmoid: gates g_cmp, g_slc, g_win); ``o_proj`` (HQ*Dv -> hidden).
+
+    Positions and RoPE: positions are 0-based within each sequence. Queries and the raw
+    keys of the selected and window branches are rotated at their own position. The
+    compressed branch compresses *un-rotated* raw keys/values with phi, then rotates
+    compressed key ``i`` (raw positions ``[i*stride, i*stride + kernel_size)``) at position
+    ``i*stride + kernel_size - 1``, the last raw position it covers: a compressed key is
+    visible to query t only when that position is <= t, so every visible compressed key
+    sits at relative distance >= 0 from the query, as raw keys do.
+    """
+
+    def __init__(self, config: NSAConfig):
+        super().__init__()
+        if not isinstance(config, NSAConfig):
+            raise ValueError(f"config: expected an NSAConfig, got {type(config).__name__}")
+        self.config = c = config
+        H, Dk, Dv = c.num_kv_heads, c.head_dim, c.v_head_dim
+        self.num_kv_branches = 2 if c.shared_kv else 3
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * Dk, bias=c.bias)
+        self.kv_proj = nn.Linear(c.hidden_size, self.num_kv_branches * H * (Dk + Dv), bias=c.bias)
+        self.compress_k = _BlockCompressor(c.kernel_size, Dk, c.compression)
+        self.compress_v = _BlockCompressor(c.kernel_size, Dv, c.compression)
+        self.g_proj = nn.Linear(c.hidden_size, 3 * c.num_heads, bias=c.bias)
+        self.o_proj = nn.Linear(c.num_heads * Dv, c.hidden_size, bias=c.bias)
+
+    def new_cache(self) -> NSACache:
+        """An empty decoding cache matching this layer's config."""
+        return NSACache(self.config.kernel_size, self.config.stride)
+
+    # ---- pieces ---------------------------------------------------------------------------
+    def _project(self, x, positions):
+        """q (rotated) and per-branch raw (k, v) of x ``[B, T, hidden]`` at ``positions``
+        (``[B|1, T]``); slc/win keys rotated, cmp keys not. Returns q, [(k, v) per branch]."""
+        c = self.config
+        B, T, _ = x.shape
+        H, Dk, Dv = c.num_kv_heads, c.head_dim, c.v_head_dim
+        q = self.q_proj(x).view(B, T, c.num_heads, Dk)
+        kv = self.kv_proj(x).view(B, T, self.num_kv_branches, H * (Dk + Dv))
+        branches = []
+        for i in range(self.num_kv_branches):
+            k, v = kv[:, :, i].split([H * Dk, H * Dv], dim=-1)
+            k, v = k.reshape(B, T, H, Dk), v.reshape(B, T, H, Dv)
+            if i > 0:
+                k = apply_rope(k, positions, c.rope_theta)
+            branches.append((k, v))
+        return apply_rope(q, positions, c.rope_theta), branches
+
+    def _gates(self, x):
+        B, T, _ = x.shape
+        g = torch.sigmoid(self.g_proj(x)).view(B, T, 3, self.config.num_heads)
+        return g.unbind(2)
+
+    def compress_blocks(self, k_blocks, v_blocks, positions):
+        """phi on blocks, then RoPE on the compressed keys.
+
+        Args:
+            k_blocks: ``[B, Tc, kernel_size, H, Dk]`` un-rotated raw keys; v_blocks likewise with Dv.
+            positions: ``[B|1, Tc]`` the last raw position each block covers.
+        Returns:
+            k_cmp ``[B, Tc, H, Dk]`` (rotated), v_cmp ``[B, Tc, H, Dv]``.
+        """
+        k = self.compress_k(k_blocks)
+        v = self.compress_v(v_blocks)
+        return apply_rope(k, positions, self.config.rope_theta), v
+
+    def compress(self, k, v, cu_seqlens=None):
+        """Compressed keys/values of whole sequences.
+
+        Args:
+            k: ``[B, T, H, Dk]`` un-rotated raw compression-branch keys; v: ``[B, T, H, Dv]``.
+            cu_seqlens: int32 ``[N+1]`` for packed input (B = 1).
+        Returns:
+            k_cmp ``[B, Tc, H, Dk]`` (rotated), v_cmp ``[B, Tc, H, Dv]``; packed input gives each
+            sequence's compressed tokens packed in sequence order.
+        """
+        c = self.config
+        ks, st = c.kernel_size, c.stride
+        B, T = k.shape[:2]
+        if cu_seqlens is None:
+            Tc = (T - ks) // st + 1 if T >= ks else 0
+            if Tc == 0:
+                kb = k.new_zeros(B, 0, ks, *k.shape[2:])
+                vb = v.new_zeros(B, 0, ks, *v.shape[2:])
+            else:
+                # unfold is a strided view: [B, Tc, H, D, ks] -> [B, Tc, ks, H, D], no copy.
+                kb = k.unfold(1, ks, st).permute(0, 1, 4, 2, 3)
+                vb = v.unfold(1, ks, st).permute(0, 1, 4, 2, 3)
+            pos = torch.arange(Tc, device=k.device) * st + ks - 1
+            return self.compress_blocks(kb, vb, pos.unsqueeze(0))
+        # Packed: sequence starts need not be stride-aligned, so take the view of windows
+        # starting at every position and pick each compressed token's window.
+        ccu = compressed_cu_seqlens(cu_seqlens, ks, st)
+        n_cmp = ccu[1:] - ccu[:-1]
+        Tc = int(ccu[-1].item())
+        dev = k.device
+        seq = torch.repeat_interleave(torch.arange(n_cmp.numel(), device=dev), n_cmp.long())  # [Tc]
+        i = torch.arange(Tc, device=dev) - ccu[seq].long()
+        pos = i * st + ks - 1
+        if Tc == 0:
+            kb = k.new_zeros(1, 0, ks, *k.shape[2:])
+            vb = v.new_zeros(1, 0, ks, *v.shape[2:])
+        else:
+            start = cu_seqlens[seq].long() + i * st
+            kb = k[0].unfold(0, ks, 1)[start].permute(0, 3, 1, 2).unsqueeze(0)  # [1, Tc, ks, H, Dk]
+            vb = v[0].unfold(0, ks, 1)[start].permute(0, 3, 1, 2).unsqueeze(0)
+        return self.compress_blocks(kb, vb, pos.unsqueeze(0))
+
+    def _branch_kv(self, branches):
+        """(k_slc, v_slc, k_win, v_win) from the projected branches."""
+        (k_s, v_s) = branches[1]
+        (k_w, v_w) = branches[2] if len(branches) == 3 else branches[1]
+        return k_s, v_s, k_w, v_w
+
+    def _op_kwargs(self):
+        c = self.config
+        return dict(kernel_size=c.kernel_size, stride=c.stride, block_size=c.block_size,
+                    num_selected=c.num_selected, num_initial=c.num_initial, num_local=c.num_local,
+                    window_size=c.window_size, backend=c.backend)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, cache: NSACache | None = None, cu_seqlens: torch.Tensor | None = None):
+        """Args:
+            x: ``[B, T, hidden_size]``, or packed ``[1, total, hidden_size]`` with ``cu_seqlens``.
+                With a non-empty ``cache``: ``[N, 1, hidden_size]``, one new token per cached
+                sequence, at position ``cache.seq_lens[n]``.
+            cache: optional :class:`NSACache`. Empty: this call is a prefill and fills it (one
+                cached sequence per batch row, or per packed sequence). Non-empty: one decoding
+                step, which appends to it.
+            cu_seqlens: int32 ``[N+1]`` offsets of packed sequences.
+        Returns:
+            ``[B, T, hidden_size]`` (same layout as x).
+        """
+        c = self.config
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != c.hidden_size:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected [B, T, hidden_size={c.hidden_size}], got {shape}")
+        if cache is not None:
+            if not isinstance(cache, NSACache):
+                raise ValueError(f"cache: expected an NSACache, got {type(cache).__name__}")
+            if (cache.kernel_size, cache.stride) != (c.kernel_size, c.stride):
+                raise ValueError(f"cache: built for kernel_size={cache.kernel_size}, stride={cache.stride}, "
+                                 f"layer has {c.kernel_size}, {c.stride}")
+            if not cache.is_empty:
+                if cu_seqlens is not None:
+                    raise ValueError("cu_seqlens: not accepted for a decoding step (cache already filled)")
+                return self._decode(x, cache)
+        B, T, _ = x.shape
+        if cu_seqlens is not None:
+            if B != 1:
+                raise ValueError(f"x: packed input (cu_seqlens given) needs batch size 1, got {tuple(x.shape)}")
+            ops.checks.check_cu_seqlens(cu_seqlens, x)
+            seq_start = cu_seqlens[:-1].long()
+            seq = torch.repeat_interleave(torch.arange(seq_start.numel(), device=x.device),
+                                          (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+            positions = (torch.arange(T, device=x.device) - seq_start[seq]).unsqueeze(0)  # [1, total]
+        else:
+            positions = torch.arange(T, device=x.device).unsqueeze(0)  # [1, T]
+        q, branches = self._project(x, positions)
+        k_raw, v_raw = branches[0]
+        k_cmp, v_cmp = self.compress(k_raw, v_raw, cu_seqlens)
+        k_s, v_s, k_w, v_w = self._branch_kv(branches)
+        g_cmp, g_slc, g_win = self._gates(x)
+        dt = q.dtype
+        o = ops.nsa(q, k_cmp.to(dt), v_cmp.to(dt), k_s.to(dt), v_s.to(dt), k_w.to(dt), v_w.to(dt),
+                    g_cmp.to(dt), g_slc.to(dt), g_win.to(dt), cu_seqlens=cu_seqlens, **self._op_kwargs())
+        if cache is not None:
+            if cu_seqlens is None:
+                lens = [T] * B
+                flat = lambda t: t.reshape(B * T, *t.shape[2:])  # noqa: E731
+                cmp_flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731
+            else:
+                lens = [b - a for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
+                flat = cmp_flat = lambda t: t[0]  # noqa: E731
+            shared = len(branches) == 2
+            with torch.no_grad():
+                cache.prefill(lens, flat(k_raw), flat(v_raw), cmp_flat(k_cmp), cmp_flat(v_cmp), flat(k_s),
+                              flat(v_s), None if shared else flat(k_w), None if shared else flat(v_w))
+        return self.o_proj(o.flatten(-2))
+
+    def _decode(self, x, cache: NSACache):
+        c = self.config
+        N = cache.batch_size
+        if tuple(x.shape[:2]) != (N, 1):
+            raise ValueError(f"x: a decoding step takes one token per cached sequence, [N={N}, 1, hidden_size]; "
+                             f"got {tuple(x.shape)} (chunked prefill into a filled cache is not supported)")
+        positions = cache.seq_lens.long().view(N, 1)  # the new token's position
+        q, branches = self._project(x, positions)
+        k_raw, v_raw = branches[0]
+        k_s, v_s, k_w, v_w = self._branch_kv(branches)
+        shared = len(branches) == 2
+        with torch.no_grad():
+            done = cache.append(k_raw[:, 0], v_raw[:, 0], k_s[:, 0], v_s[:, 0],
+                                None if shared else k_w[:, 0], None if shared else v_w[:, 0])
+            if done.numel():
+                # Only the blocks completed by this token are compressed, never the past.
+                kb, vb = cache.compression_blocks(done)
+                pos = cache.seq_lens[done].long() - 1
+                kc, vc = self.compress_blocks(kb.unsqueeze(0), vb.unsqueeze(0), pos.unsqueeze(0))
+                cache.store_compressed(done, kc[0], vc[0])
+        g_cmp, g_slc, g_win = (g[:, 0] for g in self._gates(x))
+        dt = q.dtype
+        kw = self._op_kwargs()
+        o = nsa_decode(q[:, 0], cache.k_cmp.to(dt), cache.v_cmp.to(dt), cache.k_slc.to(dt), cache.v_slc.to(dt),
+                       cache.k_win.to(dt), cache.v_win.to(dt), g_cmp.to(dt), g_slc.to(dt), g_win.to(dt),
+                       cache.seq_lens, **kw)
+        return self.o_proj(o.flatten(-2)).unsqueeze(1)

@@ -1,0 +1,432 @@
+"""Selected attention (NSA's fine branch) in Triton: forward, and a backward without atomics.
+
+Every input is handled as packed ``[1, N, ...]`` tokens with ``cu_seqlens`` (a dense ``[B, T]``
+batch is B sequences of T tokens), so one code path serves both layouts.
+
+Forward and dQ are query-centric. A program owns one query tile: ``BT`` consecutive positions
+of one sequence times the ``G`` query heads of one KV head, flattened to ``BT * G`` rows (row
+``r`` = position ``r // G``, head ``r % G``), padded to a power of two ``BR >= 16`` so that the
+score products run on tensor cores even for small groups (G = 1 .. 8). The program walks the
+union of the blocks its positions selected: it visits the position-ordered block lists and
+skips a block that an earlier position of the tile already listed, so each block is loaded
+once per tile and scored for all rows at once; rows whose position did not select it are
+masked out. Online softmax in float32; the forward also writes the log-sum-exp per row.
+
+dK/dV are KV-block-centric through a reverse index: for each (KV head, block) the ascending
+list of query positions that selected it and can see at least one of its keys, built on the
+device with a stable sort (no host synchronization). A program owns one (block, KV head),
+walks its list in chunks of queries x G heads, and accumulates dK/dV in registers; it writes
+them once. No float atomics: the backward is bitwise deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import new_output, prepare_chunk_indices, uniform_cu_seqlens
+
+# Rows (positions x heads) per query tile in the forward/dQ kernels, and per query chunk in
+# the dK/dV kernel. 16 is the smallest tensor-core tile height; a larger forward tile shares
+# each loaded block among more positions but also scores it for more rows that did not select it.
+FWD_ROWS = 16
+BWD_ROWS = 64
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``a @ b`` accumulated in float32. ``DOT_UPCAST`` (interpreter with bfloat16 only) computes
+    it on float32 copies: the interpreter multiplies bfloat16 bit patterns (triton#11584).
+    Products of bfloat16 values are exact in float32, so the result is what tensor cores give."""
+    if DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def selected_fwd_kernel(
+    q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``
+    -> o ``[N, HQ, DV]``, lse ``[N, HQ]`` (natural log, -inf where nothing is visible)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    t0 = i_tc * BT
+    t_last = tl.minimum(t0 + BT, seq_len) - 1
+
+    o_r = tl.arange(0, BR)
+    o_rp = o_r // G  # position of the row inside the tile
+    o_rg = o_r % G  # query head of the row inside the group
+    i_t = t0 + o_rp  # [BR] query position in its sequence
+    m_r = (o_r < BT * G) & (i_t < seq_len)
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    o_s = tl.arange(0, SP)
+    o_k = tl.arange(0, BK)
+
+    o_row = (bos + i_t) * HQ + i_h * G + o_rg  # [BR] row of q/o/lse in [N * HQ]
+    b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
+    # [BR, SP] each row's block list (padding rows: all -1)
+    b_idx = tl.load(block_indices + ((bos + i_t) * H + i_h)[:, None] * S + o_s[None, :],
+                    mask=m_r[:, None] & (o_s < S)[None, :], other=-1)
+
+    qk_scale = scale * 1.4426950408889634  # softmax in base 2
+    b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BR], dtype=tl.float32)
+    b_acc = tl.zeros([BR, BDV], dtype=tl.float32)
+    for i_p in range(BT):
+        p_idx = block_indices + ((bos + t0 + i_p) * H + i_h) * S
+        for i_s in range(S):
+            # past the sequence end: -1, nothing to do
+            i_b = tl.load(p_idx + i_s, mask=t0 + i_p < seq_len, other=-1).to(tl.int64)
+            m_hit = b_idx == i_b  # [BR, SP]
+            n_seen = tl.sum(tl.where(m_hit & (o_rp < i_p)[:, None], 1, 0))
+            if (i_b >= 0) & (n_seen == 0) & (i_b * BS <= t_last):
+                m_sel = tl.sum(tl.where(m_hit, 1, 0), axis=1) > 0  # [BR] rows that selected i_b
+                i_k = i_b * BS + o_k  # [BK] key positions
+                m_k = (o_k < BS) & (i_k <= t_last)
+                o_kv = (bos + i_k) * H + i_h
+                b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :],
+                              mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)  # [BK, BDK]
+                b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :],
+                              mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)  # [BK, BDV]
+                b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
+                m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
+                b_s = tl.where(m_s, b_s, float("-inf"))
+                b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+                # rows that have seen no key yet keep m = -inf; shift them by 0 to avoid inf - inf
+                b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+                b_p = tl.exp2(b_s - b_m_safe[:, None])
+                b_alpha = tl.exp2(b_m - b_m_safe)
+                b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+                b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, DOT_UPCAST)
+                b_m = b_m_new
+
+    m_nonempty = b_l > 0
+    b_o = b_acc / tl.where(m_nonempty, b_l, 1.)[:, None]
+    b_lse = tl.where(m_nonempty, (b_m + tl.log2(tl.where(m_nonempty, b_l, 1.))) * 0.6931471805599453,
+                     float("-inf"))
+    tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty),
+             mask=m_r[:, None] & (o_dv < DV)[None, :])
+    tl.store(lse + o_row, b_lse, mask=m_r)
+
+
+@triton.jit
+def selected_bwd_dq_kernel(
+    q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """dq ``[N, HQ, DK]`` and delta ``[N, HQ]`` = rowsum(dO * O); same tiling as the forward."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    t0 = i_tc * BT
+    t_last = tl.minimum(t0 + BT, seq_len) - 1
+
+    o_r = tl.arange(0, BR)
+    o_rp = o_r // G
+    o_rg = o_r % G
+    i_t = t0 + o_rp
+    m_r = (o_r < BT * G) & (i_t < seq_len)
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    o_s = tl.arange(0, SP)
+    o_k = tl.arange(0, BK)
+
+    o_row = (bos + i_t) * HQ + i_h * G + o_rg
+    m_qd = m_r[:, None] & (o_dk < DK)[None, :]
+    m_vd = m_r[:, None] & (o_dv < DV)[None, :]
+    b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_qd, other=0.)
+    b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_vd, other=0.)
+    b_o = tl.load(o + o_row[:, None] * DV + o_dv[None, :], mask=m_vd, other=0.)
+    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), axis=1)  # [BR]
+    tl.store(delta + o_row, b_delta, mask=m_r)
+    qk_scale = scale * 1.4426950408889634
+    b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.) * 1.4426950408889634
+    b_idx = tl.load(block_indices + ((bos + i_t) * H + i_h)[:, None] * S + o_s[None, :],
+                    mask=m_r[:, None] & (o_s < S)[None, :], other=-1)
+
+    b_dq = tl.zeros([BR, BDK], dtype=tl.float32)
+    for i_p in range(BT):
+        p_idx = block_indices + ((bos + t0 + i_p) * H + i_h) * S
+        for i_s in range(S):
+            i_b = tl.load(p_idx + i_s, mask=t0 + i_p < seq_len, other=-1).to(tl.int64)
+            m_hit = b_idx == i_b
+            n_seen = tl.sum(tl.where(m_hit & (o_rp < i_p)[:, None], 1, 0))
+            if (i_b >= 0) & (n_seen == 0) & (i_b * BS <= t_last):
+                m_sel = tl.sum(tl.where(m_hit, 1, 0), axis=1) > 0
+                i_k = i_b * BS + o_k
+                m_k = (o_k < BS) & (i_k <= t_last)
+                o_kv = (bos + i_k) * H + i_h
+                b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :],
+                              mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)  # [BK, BDK]
+                b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :],
+                              mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)  # [BK, BDV]
+                b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
+                m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
+                b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
+                b_dp = _dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
+                b_ds = b_p * (b_dp - b_delta[:, None])
+                b_dq += _dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
+    tl.store(dq + o_row[:, None] * DK + o_dk[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_qd)
+
+
+@triton.jit
+def selected_bwd_dkv_kernel(
+    q, k, v, lse, do, delta, dk, dv, cu_seqlens, block_table, query_offsets, query_list, scale,
+    NBT, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """dk ``[N, H, DK]``, dv ``[N, H, DV]`` for the keys of one (block, KV head).
+
+    ``query_list[query_offsets[h * NBT + blk] : query_offsets[h * NBT + blk + 1]]`` are the
+    packed positions of the queries that selected global block ``blk`` for KV head ``h``.
+    """
+    i_blk, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(block_table + i_blk * 2).to(tl.int64)
+    i_j = tl.load(block_table + i_blk * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+
+    o_k = tl.arange(0, BK)
+    i_k = bos + i_j * BS + o_k  # [BK] packed key positions
+    m_k = (o_k < BS) & (i_j * BS + o_k < seq_len)
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    o_kv = i_k * H + i_h
+    m_kd = m_k[:, None] & (o_dk < DK)[None, :]
+    m_vd = m_k[:, None] & (o_dv < DV)[None, :]
+    b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :], mask=m_kd, other=0.)  # [BK, BDK]
+    b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_vd, other=0.)  # [BK, BDV]
+
+    o_r = tl.arange(0, BR)
+    o_rp = o_r // G
+    o_rg = o_r % G
+    qk_scale = scale * 1.4426950408889634
+    i_key = i_h.to(tl.int64) * NBT + i_blk
+    start = tl.load(query_offsets + i_key)
+    end = tl.load(query_offsets + i_key + 1)
+    b_dk = tl.zeros([BK, BDK], dtype=tl.float32)
+    b_dv = tl.zeros([BK, BDV], dtype=tl.float32)
+    for i0 in range(start, end, BQ):
+        i_e = i0 + o_rp  # [BR] entry of the query list
+        m_r = (o_r < BQ * G) & (i_e < end)
+        i_t = tl.load(query_list + i_e, mask=m_r, other=0).to(tl.int64)  # [BR] packed positions
+        o_row = i_t * HQ + i_h * G + o_rg
+        b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
+                      other=0.)
+        b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
+                       other=0.)
+        b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.) * 1.4426950408889634
+        b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
+        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
+        m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
+        b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
+        b_dv += _dot(tl.trans(b_p.to(b_do.dtype)), b_do, DOT_PRECISION, DOT_UPCAST)
+        b_dp = _dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dk += _dot(tl.trans(b_ds.to(b_q.dtype)), b_q, DOT_PRECISION, DOT_UPCAST)
+    tl.store(dk + o_kv[:, None] * DK + o_dk[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_kd)
+    tl.store(dv + o_kv[:, None] * DV + o_dv[None, :], b_dv.to(dv.dtype.element_ty), mask=m_vd)
+
+
+def _pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def _tile(G: int, rows: int):
+    """(positions per tile, padded rows per tile): as many positions as fit ``rows`` rows."""
+    bt = max(1, rows // G)
+    return bt, _pow2(bt * G)
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    # float32 inputs must match the float32 reference: no TF32 rounding
+    return dict(DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                DOT_UPCAST=dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+def _chunk_table(cu_seqlens, dense_shape, chunk: int, device) -> torch.Tensor:
+    """int32 ``[num_chunks, 2]`` rows of (sequence, chunk within sequence).
+
+    Dense input: built on the device from its shape, no host synchronization. Packed input:
+    one host copy of cu_seqlens (:func:`nsa.ops.utils.prepare_chunk_indices`).
+    """
+    if dense_shape is None:
+        return prepare_chunk_indices(cu_seqlens, chunk)
+    B, T = dense_shape
+    nc = triton.cdiv(T, chunk)
+    i = torch.arange(B * nc, dtype=torch.int32, device=device)
+    return torch.stack([i // nc, i % nc], 1)
+
+
+def _reverse_index(block_indices, cu_seqlens, block_table, block_size: int):
+    """For each (KV head h, global block b) the ascending packed positions of the queries that
+    selected b and can see one of its keys (block start <= query position).
+
+    Args:
+        block_indices: int32 ``[N, H, S]`` packed.
+        cu_seqlens: int32 ``[num_seqs + 1]``.
+        block_table: int32 ``[NBT, 2]`` rows (sequence, block within sequence), sequences in order.
+    Returns:
+        offsets int64 ``[H * NBT + 1]`` and int32 list ``[N * H * S]`` (entries past
+        ``offsets[-1]`` unused); bucket of (h, b) is ``list[offsets[h*NBT+b] : offsets[h*NBT+b+1]]``.
+    """
+    N, H, S = block_indices.shape
+    NBT = block_table.shape[0]
+    dev = block_indices.device
+    tok = torch.arange(N, device=dev)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), tok, right=True)  # [N]
+    t_rel = tok - cu_seqlens.long()[seq]
+    # first global block of every sequence: block_table rows are grouped by sequence in order
+    seq_blocks = -(-(cu_seqlens[1:] - cu_seqlens[:-1]).long() // block_size)
+    blk_off = torch.cumsum(seq_blocks, 0) - seq_blocks  # [num_seqs]
+    idx = block_indices.long()
+    valid = (idx >= 0) & (idx * block_size <= t_rel.view(N, 1, 1))
+    heads = torch.arange(H, device=dev).view(1, H, 1)
+    key = torch.where(valid, heads * NBT + blk_off[seq].view(N, 1, 1) + idx, H * NBT)
+    # stable: within a bucket, entries keep their (position, head, slot) order -> ascending positions
+    sorted_key, perm = torch.sort(key.flatten(), stable=True)
+    query_list = torch.div(perm, H * S, rounding_mode="floor").to(torch.int32)
+    offsets = torch.searchsorted(sorted_key, torch.arange(H * NBT + 1, device=dev))
+    return offsets, query_list
+
+
+def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_indices, BT, BR):
+    """Packed q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``."""
+    N, HQ, DK = q.shape
+    H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
+    o = new_output((N, HQ, DV), q.dtype, q.device)
+    lse = new_output((N, HQ), torch.float32, q.device)
+    grid = (chunk_indices.shape[0], H)
+    selected_fwd_kernel[grid](
+        q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
+        HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=block_size, BK=_pow2(block_size),
+        DK=DK, DV=DV, BDK=_pow2(DK), BDV=_pow2(DV), BT=BT, BR=BR, num_warps=4, **_dot_args(q.dtype),
+    )
+    return o, lse
+
+
+def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, chunk_indices,
+                block_table, BT, BR):
+    N, HQ, DK = q.shape
+    H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
+    G = HQ // H
+    common = dict(HQ=HQ, H=H, G=G, BS=block_size, BK=_pow2(block_size), DK=DK, DV=DV, BDK=_pow2(DK),
+                  BDV=_pow2(DV), **_dot_args(q.dtype))
+    dq = new_output(q.shape, q.dtype, q.device)
+    delta = new_output((N, HQ), torch.float32, q.device)
+    selected_bwd_dq_kernel[(chunk_indices.shape[0], H)](
+        q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
+        S=S, SP=triton.next_power_of_2(S), BT=BT, BR=BR, num_warps=4, **common,
+    )
+    NBT = block_table.shape[0]
+    offsets, query_list = _reverse_index(block_indices, cu_seqlens, block_table, block_size)
+    BQ, BRQ = _tile(G, BWD_ROWS)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    selected_bwd_dkv_kernel[(NBT, H)](
+        q, k, v, lse, do, delta, dk, dv, cu_seqlens, block_table, offsets, query_list, scale,
+        NBT, BQ=BQ, BR=BRQ, num_warps=4, **common,
+    )
+    return dq, dk, dv
+
+
+# The kernels are opaque to torch.compile: custom ops with fake (shape-only) implementations.
+@torch.library.custom_op("nsa::selected_attention_fwd", mutates_args=())
+def _selected_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
+                     block_size: int, scale: float, cu_seqlens: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T, HQ, DK = q.shape
+    H, DV = k.shape[2], v.shape[3]
+    dense = cu_seqlens is None
+    cu = uniform_cu_seqlens(B, T, q.device) if dense else cu_seqlens
+    BT, BR = _tile(HQ // H, FWD_ROWS)
+    chunks = _chunk_table(cu, (B, T) if dense else None, BT, q.device)
+    o, lse = _launch_fwd(q.reshape(B * T, HQ, DK).contiguous(), k.reshape(B * T, H, DK).contiguous(),
+                         v.reshape(B * T, H, DV).contiguous(), block_indices.reshape(B * T, H, -1).contiguous(),
+                         block_size, scale, cu, chunks, BT, BR)
+    return o.view(B, T, HQ, DV), lse.view(B, T, HQ)
+
+
+@_selected_fwd_op.register_fake
+def _(q, k, v, block_indices, block_size, scale, cu_seqlens):
+    B, T, HQ, _ = q.shape
+    return q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
+
+
+@torch.library.custom_op("nsa::selected_attention_bwd", mutates_args=())
+def _selected_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                     do: torch.Tensor, block_indices: torch.Tensor, block_size: int, scale: float,
+                     cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, HQ, DK = q.shape
+    H, DV = k.shape[2], v.shape[3]
+    dense = cu_seqlens is None
+    cu = uniform_cu_seqlens(B, T, q.device) if dense else cu_seqlens
+    BT, BR = _tile(HQ // H, FWD_ROWS)
+    chunks = _chunk_table(cu, (B, T) if dense else None, BT, q.device)
+    blocks = _chunk_table(cu, (B, T) if dense else None, block_size, q.device)
+    N = B * T
+    dq, dk, dv = _launch_bwd(q.reshape(N, HQ, DK).contiguous(), k.reshape(N, H, DK).contiguous(),
+                             v.reshape(N, H, DV).contiguous(), o.reshape(N, HQ, DV).contiguous(),
+                             lse.reshape(N, HQ).contiguous(), do.reshape(N, HQ, DV).contiguous(),
+                             block_indices.reshape(N, H, -1).contiguous(), block_size, scale, cu, chunks,
+                             blocks, BT, BR)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+
+
+@_selected_bwd_op.register_fake
+def _(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class SelectedAttentionFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_indices, block_size, scale, cu_seqlens):
+        o, lse = _selected_fwd_op(q, k, v, block_indices, block_size, scale, cu_seqlens)
+        ctx.save_for_backward(q, k, v, o, lse, block_indices, cu_seqlens)
+        ctx.block_size, ctx.scale = block_size, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, block_indices, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = _selected_bwd_op(q, k, v, o, lse, do, block_indices, ctx.block_size, ctx.scale, cu_seqlens)
+        return dq, dk, dv, None, None, None, None
+
+
+def selected_attention_triton(q, k, v, block_indices, block_size, scale, cu_seqlens=None):
+    """Triton selected attention; semantics of :func:`nsa.ops.selected_attention`.
+
+    Args:
+        q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``; fp16, bf16 or fp32
+            (float64 is computed in float32).
+        block_indices: int32 ``[B, T, H, S]``, validated by the caller.
+        block_size: int; scale: float; cu_seqlens: int32 ``[N+1]`` or None (B = 1 when given).
+    Returns:
+        o ``[B, T, HQ, Dv]`` in q's dtype.
+    """
+    if q.dtype == torch.float64:
+        o = SelectedAttentionFunction.apply(q.float(), k.float(), v.float(), block_indices, block_size,
+                                            scale, cu_seqlens)
+        return o.double()
+    return SelectedAttentionFunction.apply(q, k, v, block_indices, block_size, scale, cu_seqlens)

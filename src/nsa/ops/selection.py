@@ -1,0 +1,285 @@
+"""Top-n block selection (NSA's importance scores and top-k) in Triton, all on chip.
+
+For query ``t`` of KV head ``h`` the score of selection block ``j`` is
+``sum_g sum_i p_cmp[t, h*G+g, i] * W[i, j]`` with ``p_cmp = exp(scale * q.k_cmp - lse)``
+over the visible compressed tokens and ``W`` the stride-piece overlap matrix
+(:func:`nsa.ops.utils.overlap_matrix`). Neither the ``[T, Tc]`` probabilities nor the
+``[T, NB]`` block scores ever reach global memory.
+
+A program owns a query tile: ``BT`` consecutive positions of one sequence times the ``G``
+query heads of one KV head (rows = positions x heads, heads padded to a power of two ``GP``).
+It walks the causal blocks of the tile in chunks of ``BJ`` blocks. For a chunk it loads the
+compressed tokens that *start* inside its blocks (``CPB = block_size // stride`` per block,
+laid out ``[BJ, CPBP]``), scores them against the q tile on tensor cores, turns them into
+probabilities, sums over the heads of the group, and weighs them onto blocks: a token feeds
+the block it starts in and, when its span crosses a block boundary, up to ``SPILL`` later
+blocks. Spill into the next chunk is carried in registers, so a block's score is complete
+when its chunk is done (the tokens that reach back into a block always start in an earlier
+block, i.e. in this chunk or an earlier one).
+
+Each finished chunk becomes one sortable int64 key per (position, block):
+``float_bits(priority) << 32 | (2^31 - 1 - j)``. Priorities are >= 0 (probability sums) or
+``+inf`` for forced blocks, so their float bits order like integers, and the low word makes
+the lower block id win a tie, exactly like the reference's stable sort; non-causal blocks get
+key -1. A running top-``R`` per position (``R`` a power of two >= num_selected, sorted
+descending) absorbs each chunk with a bitonic sort of the chunk, an elementwise max against
+the running set (a bitonic half-cleaner: it leaves the top ``R`` of the union, in bitonic
+order) and a bitonic merge. The first ``num_selected`` keys are the answer; their ids are
+sorted ascending and padded with -1.
+
+Every input is handled as packed ``[1, N, ...]`` tokens: dense ``[B, T]`` batches are B
+sequences of T tokens (computed in-kernel, no index tensor), packed ones come with
+``cu_seqlens`` and a tile index table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import compressed_cu_seqlens, new_output, prepare_chunk_indices
+
+# Target rows (positions x heads) of a query tile: the height of the q.k_cmp tensor-core tile.
+ROWS = 64
+# Under the CPU interpreter the cost is per operation, not per element: fewer, larger tiles.
+ROWS_INTERPRET = 256
+# Blocks per chunk at least this many (also the smallest running top-n size): with 32/16/64
+# that is 64 compressed tokens per q.k_cmp tile.
+MIN_CHUNK_BLOCKS = 16
+_INT31 = tl.constexpr(2147483647)  # low word of a key: 2^31 - 1 - block id
+
+
+@triton.jit
+def _sort_rows(x, DESC: tl.constexpr, BT: tl.constexpr, LOG_R: tl.constexpr):
+    """Bitonic sort of every row of ``x`` ``[BT, 2^LOG_R]``.
+
+    The row is viewed as a hypercube ``[BT, 2, .., 2]``: bit ``b`` of the column index lives on
+    axis ``LOG_R - b``, so a compare-and-swap of the columns ``c`` and ``c ^ 2^b`` is a max/min
+    over that axis. (Inline loops: a device-function call per step is slow in the interpreter.)
+    """
+    h = tl.reshape(x, [BT] + [2] * LOG_R)
+    for stage in tl.static_range(1, LOG_R + 1):
+        # runs of length 2^stage; neighbouring runs go opposite ways, so that each pair is a
+        # bitonic sequence for the next stage; the last stage sorts the row in the final order.
+        if stage < LOG_R:
+            desc = tl.reshape(tl.arange(0, 2), [1] * (LOG_R - stage) + [2] + [1] * stage) ^ DESC
+        else:
+            desc = DESC
+        for i in tl.static_range(stage):
+            b: tl.constexpr = stage - 1 - i
+            mx = tl.max(h, axis=LOG_R - b, keep_dims=True)
+            mn = tl.min(h, axis=LOG_R - b, keep_dims=True)
+            is_left = 1 - tl.reshape(tl.arange(0, 2), [1] * (LOG_R - b) + [2] + [1] * b)
+            h = tl.where(is_left == desc, mx, mn)  # descending run: larger value on the left
+    return tl.reshape(h, [BT, 2 ** LOG_R])
+
+
+@triton.jit
+def _merge_top(a, c, BT: tl.constexpr, LOG_R: tl.constexpr):
+    """Top ``R`` of ``a`` (rows sorted descending) and ``c`` (any order), rows sorted descending."""
+    c = _sort_rows(c, 0, BT, LOG_R)
+    # a descending then c ascending is bitonic; the half-cleaner keeps the larger of each pair,
+    # which is the top R of the union in bitonic order; a bitonic merge sorts it.
+    h = tl.reshape(tl.maximum(a, c), [BT] + [2] * LOG_R)
+    for i in tl.static_range(LOG_R):
+        b: tl.constexpr = LOG_R - 1 - i
+        mx = tl.max(h, axis=LOG_R - b, keep_dims=True)
+        mn = tl.min(h, axis=LOG_R - b, keep_dims=True)
+        is_left = tl.reshape(tl.arange(0, 2), [1] * (LOG_R - b) + [2] + [1] * b) == 0
+        h = tl.where(is_left, mx, mn)
+    return tl.reshape(h, [BT, 2 ** LOG_R])
+
+
+@triton.jit
+def selection_fwd_kernel(
+    q, k, lse, o, cu_seqlens, ccu_seqlens, chunk_indices, qk_scale, T, TC, NT,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, BD: tl.constexpr,
+    KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr,
+    S: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+    CPB: tl.constexpr, CPBP: tl.constexpr, SPILL: tl.constexpr,
+    BT: tl.constexpr, BJ: tl.constexpr, LOG_R: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    """q ``[N, HQ, DK]``, k ``[NC, H, DK]``, lse ``[N, HQ]`` (float32) -> o int32 ``[N, H, S]``.
+
+    Dense input (``IS_VARLEN`` false): ``N = B * T`` and ``NC = B * TC``, ``NT`` tiles per sequence.
+    ``qk_scale`` = scale * log2(e). ``BJ == 2^LOG_R`` blocks per chunk.
+    """
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+        i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        cbos = tl.load(ccu_seqlens + i_n).to(tl.int64)
+        cmp_len = tl.load(ccu_seqlens + i_n + 1).to(tl.int64) - cbos
+    else:
+        i_n = (i_c // NT).to(tl.int64)
+        i_tc = (i_c % NT).to(tl.int64)
+        bos = i_n * T
+        seq_len = T
+        cbos = i_n * TC
+        cmp_len = TC
+    t0 = i_tc * BT
+    t_last = tl.minimum(t0 + BT, seq_len) - 1
+    BM: tl.constexpr = BT * GP
+    BC: tl.constexpr = BJ * CPBP
+
+    # rows: position r // GP of the tile, head r % GP of the group
+    o_m = tl.arange(0, BM)
+    i_t = t0 + o_m // GP  # [BM]
+    o_g = o_m % GP
+    m_row = (i_t < seq_len) & (o_g < G)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < DK
+    o_row = (bos + i_t) * HQ + i_h * G + o_g  # [BM] row of q / lse in [N * HQ]
+    b_q = tl.load(q + o_row[:, None] * DK + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.)
+    b_lse = tl.load(lse + o_row, mask=m_row, other=float("-inf"))
+    # p = 0 where nothing is visible (lse = -inf), as in the reference.
+    m_lse = b_lse > float("-inf")
+    b_lse2 = tl.where(m_lse, b_lse * 1.4426950408889634, 0.)
+
+    o_tp = t0 + tl.arange(0, BT)  # [BT] positions of the tile
+    i_tb = o_tp // BS  # [BT] each position's own block
+
+    # token slots of a chunk: [BJ, CPBP] -> block jj of the chunk, c-th token starting in it
+    o_cl = tl.arange(0, BC)
+    o_cj = o_cl // CPBP
+    o_cc = o_cl % CPBP
+    o_c = tl.arange(0, CPBP)
+    o_j = tl.arange(0, BJ)
+
+    b_top = tl.full([BT, BJ], -1, dtype=tl.int64)  # running top-R keys, descending
+    b_carry = tl.zeros([BT, BJ], dtype=tl.float32)  # spill of earlier chunks into this one
+    n_blk = t_last // BS + 1
+    for j0 in range(0, n_blk, BJ):
+        i_tok = (j0 + o_cj) * CPB + o_cc  # [BC] compressed token of each slot
+        m_tok = (o_cc < CPB) & (i_tok < cmp_len)
+        p_k = k + ((cbos + i_tok) * H + i_h)[None, :] * DK + o_d[:, None]
+        b_k = tl.load(p_k, mask=m_d[:, None] & m_tok[None, :], other=0.)  # [BD, BC]
+        if DOT_MODE == "ieee":
+            b_s = tl.dot(b_q, b_k, input_precision="ieee")
+        elif DOT_MODE == "upcast":
+            # the interpreter multiplies bfloat16 bit patterns (triton#11584); products of
+            # bfloat16 values are exact in float32, so this is what tensor cores compute.
+            b_s = tl.dot(b_q.to(tl.float32), b_k.to(tl.float32), input_precision="ieee")
+        else:
+            b_s = tl.dot(b_q, b_k)  # [BM, BC]
+        m_vis = (i_tok * STRIDE + KS - 1)[None, :] <= i_t[:, None]
+        m_p = m_vis & m_tok[None, :] & m_lse[:, None]
+        b_p = tl.where(m_p, tl.exp2(b_s * qk_scale - b_lse2[:, None]), 0.)
+        b_ps = tl.reshape(tl.sum(tl.reshape(b_p, [BT, GP, BC]), 1), [BT, BJ, CPBP])
+
+        b_sc = b_carry
+        b_carry = tl.zeros([BT, BJ], dtype=tl.float32)
+        for d in tl.static_range(SPILL + 1):
+            # stride-pieces shared by the c-th token of a block and the d-th block after it
+            lo = tl.maximum(o_c * STRIDE, d * BS)
+            hi = tl.minimum(o_c * STRIDE + KS, (d + 1) * BS)
+            w = tl.where(o_c < CPB, tl.maximum(hi - lo, 0) // STRIDE, 0).to(tl.float32)  # [CPBP]
+            b_w = tl.sum(b_ps * w[None, None, :], 2)  # [BT, BJ] for block jj + d
+            if d == 0:
+                b_sc += b_w
+            else:
+                # shift by d blocks: a one-hot [BJ, BJ] product (exact: adds zeros)
+                sh = (o_j[None, :] == o_j[:, None] + d).to(tl.float32)
+                b_sc += tl.sum(b_w[:, :, None] * sh[None, :, :], 1)
+                sh = (o_j[None, :] == o_j[:, None] + d - BJ).to(tl.float32)
+                b_carry += tl.sum(b_w[:, :, None] * sh[None, :, :], 1)
+
+        i_j = j0 + o_j  # [BJ] block ids of the chunk
+        m_causal = i_j[None, :] <= i_tb[:, None]
+        m_forced = (i_j[None, :] < NUM_INIT) | (i_j[None, :] > i_tb[:, None] - NUM_LOCAL)
+        b_pri = tl.where(m_forced, float("inf"), b_sc)
+        b_low = (2147483647 - i_j).to(tl.int64)  # ties: the lower block id wins
+        b_key = (b_pri.to(tl.int32, bitcast=True).to(tl.int64) << 32) + b_low[None, :]
+        b_key = tl.where(m_causal, b_key, -1)
+        b_top = _merge_top(b_top, b_key, BT, LOG_R)
+
+    # first S keys -> block ids, ascending, then -1
+    m_sel = (o_j[None, :] < S) & (b_top >= 0)
+    b_id = tl.where(m_sel, _INT31 - (b_top & _INT31), _INT31)
+    b_id = _sort_rows(b_id, 0, BT, LOG_R)
+    b_id = tl.where(b_id == _INT31, -1, b_id).to(tl.int32)
+    p_o = o + ((bos + o_tp) * H + i_h)[:, None] * S + o_j[None, :]
+    tl.store(p_o, b_id, mask=(o_tp < seq_len)[:, None] & (o_j < S)[None, :])
+
+
+def _dot_mode(q: torch.Tensor) -> str:
+    """float32 input: exact float32 products ('ieee', not tf32); bfloat16 under the interpreter:
+    'upcast' (see the kernel); otherwise tensor cores ('tc')."""
+    if q.dtype == torch.float32:
+        return "ieee"
+    if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "upcast"
+    return "tc"
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(x))) if x > 1 else 1
+
+
+def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local, scale,
+                  cu_seqlens):
+    """Launches :func:`selection_fwd_kernel`; returns int32 ``[B, T, H, num_selected]``."""
+    B, T, HQ, DK = q.shape
+    TC, H = k_cmp.shape[1], k_cmp.shape[2]
+    G = HQ // H
+    if q.dtype == torch.float64:
+        # the kernel scores in float32; float64 input is accepted and rounded
+        q, k_cmp = q.float(), k_cmp.float()
+    q, k_cmp = q.contiguous(), k_cmp.contiguous()
+    lse = lse.float().contiguous()
+    out = new_output((B, T, H, num_selected), torch.int32, q.device)
+    if T == 0:
+        return out
+
+    GP = _next_pow2(G)
+    rows = ROWS if q.is_cuda else ROWS_INTERPRET
+    BT = max(1, rows // GP)  # rows BT * GP >= 16, the smallest tensor-core tile height
+    CPB = block_size // stride
+    CPBP = _next_pow2(CPB)
+    spill = ((CPB - 1) * stride + kernel_size - 1) // block_size
+    BJ = max(MIN_CHUNK_BLOCKS, _next_pow2(num_selected), _next_pow2(spill + 1))
+    LOG_R = int(math.log2(BJ))
+    BD = max(16, _next_pow2(DK))
+    if cu_seqlens is not None:
+        ccu = compressed_cu_seqlens(cu_seqlens, kernel_size, stride)
+        chunk_indices = prepare_chunk_indices(cu_seqlens, BT)
+        n_tiles = chunk_indices.shape[0]
+        NT = 0
+    else:
+        ccu = chunk_indices = None
+        NT = triton.cdiv(T, BT)
+        n_tiles = B * NT
+    grid = (n_tiles, H)
+    selection_fwd_kernel[grid](
+        q, k_cmp, lse, out, cu_seqlens, ccu, chunk_indices, scale * 1.4426950408889634, T, TC, NT,
+        HQ=HQ, H=H, G=G, GP=GP, DK=DK, BD=BD, KS=kernel_size, STRIDE=stride, BS=block_size,
+        S=num_selected, NUM_INIT=num_initial, NUM_LOCAL=num_local, CPB=CPB, CPBP=CPBP, SPILL=spill,
+        BT=BT, BJ=BJ, LOG_R=LOG_R, IS_VARLEN=cu_seqlens is not None,
+        DOT_MODE=_dot_mode(q),
+    )
+    return out
+
+
+def select_blocks_triton(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,
+                         scale, cu_seqlens):
+    """Top-n selection blocks per query and KV head; see :func:`nsa.ops.select_blocks`.
+
+    Args:
+        q: ``[B, T, HQ, Dk]`` (fp16/bf16/fp32; float64 is scored in float32).
+        k_cmp: ``[B, Tc, H, Dk]`` compressed keys (packed per sequence when ``cu_seqlens`` is given).
+        lse: ``[B, T, HQ]`` log-sum-exp of the compressed attention (float32 or float64).
+        kernel_size, stride, block_size, num_selected, num_initial, num_local: as in the public op.
+        scale: float softmax scale.
+        cu_seqlens: int32 ``[N+1]`` or None.
+    Returns:
+        int32 ``[B, T, H, num_selected]``: selected block ids ascending, then -1.
+    """
+    return selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,
+                         scale, cu_seqlens)

@@ -1,0 +1,576 @@
+"""Compressed attention (NSA's coarse branch) in Triton: forward and backward.
+
+Semantics are exactly :func:`nsa.ops.reference.compressed_attention`: compressed token ``i``
+(raw positions ``[i*stride, i*stride + kernel_size)``) is visible to query ``t`` iff
+``i*stride + kernel_size - 1 <= t``; a query that sees nothing gets ``o = 0``, ``lse = -inf``.
+
+Layout of the work. Every input is handled as packed sequences (a dense ``[B, T]`` batch is
+packed ``[1, B*T]`` with :func:`nsa.ops.utils.uniform_cu_seqlens`). A query tile holds ``BT``
+consecutive positions of one sequence times the ``G`` query heads of one KV head
+(``BM = BT * GP`` rows, ``GP`` = G padded to a power of two, padded heads masked), so each
+compressed key/value tile is loaded once for the whole group.
+
+- forward: one program per (query tile, KV head); FlashAttention-2 online softmax in fp32 over
+  the compressed tokens up to the tile's horizon ``(t_last - kernel_size) // stride``; only the
+  last key tiles (those not visible to the tile's first row) apply the per-row mask.
+- backward: ``delta = rowsum(dO * O) - dlse`` (a gradient flowing into lse adds ``p * dlse`` to
+  ``ds``); dK/dV: one program per (compressed-key tile, KV head) walks the queries that can
+  see it, every head of the group, accumulating in registers; dQ: one program per query tile.
+  No atomics, so gradients are bitwise reproducible.
+
+Precision: fp16/bf16/fp32 inputs, fp32 accumulation (fp32 inputs use IEEE fp32 dots, not tf32);
+lse is float32. float64 inputs are computed in float32 and the results cast back to float64.
+Work is O(T * T / stride) per head (inherent to the branch); extra memory is O(T).
+"""
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import compressed_cu_seqlens, new_output, prepare_chunk_indices, uniform_cu_seqlens
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, b_q, p_k, p_v, o_t, i_lo, i_hi, n_vis, s_kt, s_vt, scale_log2,
+               KERNEL_SIZE, STRIDE, DK, DV,
+               BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASK: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Online-softmax update of a query tile over compressed tokens [i_lo, i_hi) of its sequence.
+
+    p_k/p_v point at the sequence's first compressed token (int64 offsets already applied);
+    MASK applies the per-row visibility (only the tiles near the tile's horizon need it).
+    """
+    o_c = tl.arange(0, BC)
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    m_dk = o_dk < DK
+    m_dv = o_dv < DV
+    for i0 in range(i_lo, i_hi, BC):
+        o_i = i0 + o_c
+        m_i_ok = o_i < n_vis
+        # [BC, BDK], [BC, BDV]
+        b_k = tl.load(p_k + o_i.to(tl.int64)[:, None] * s_kt + o_dk[None, :],
+                      mask=m_i_ok[:, None] & m_dk[None, :], other=0.)
+        b_v = tl.load(p_v + o_i.to(tl.int64)[:, None] * s_vt + o_dv[None, :],
+                      mask=m_i_ok[:, None] & m_dv[None, :], other=0.)
+        if UPCAST:
+            b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
+        # [BM, BC], log2 units
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2
+        if MASK:
+            m_vis = (o_i[None, :] * STRIDE + KERNEL_SIZE - 1) <= o_t[:, None]
+            b_s = tl.where(m_vis, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        # a row that has seen nothing yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0., m_new)
+        alpha = tl.exp2(m_i - m_use)
+        b_p = tl.exp2(b_s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        b_pc = b_p.to(p_v.dtype.element_ty)
+        if UPCAST:
+            b_pc = b_pc.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(b_pc, b_v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def compressed_fwd_kernel(q, k, v, o, lse, cu_seqlens, ccu_seqlens, chunk_indices, scale_log2,
+                          s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, HQ, H, G, DK, DV,
+                          KERNEL_SIZE, STRIDE,
+                          GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
+                          BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    BM: tl.constexpr = BT * GP
+    i_p = tl.program_id(0)
+    i_c, i_h = i_p // H, i_p % H
+    i_n = tl.load(chunk_indices + i_c * 2)
+    i_tile = tl.load(chunk_indices + i_c * 2 + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    cbos = tl.load(ccu_seqlens + i_n).to(tl.int64)
+
+    t0 = i_tile * BT
+    o_r = tl.arange(0, BM)
+    o_t = t0 + o_r // GP  # [BM] position of each row
+    o_g = o_r % GP  # [BM] head within the group
+    m_row = (o_t < seq_len) & (o_g < G)
+    o_hq = i_h * G + o_g
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    m_dk = o_dk < DK
+    m_dv = o_dv < DV
+    o_tok = bos + o_t  # int64 packed token index
+
+    p_q = q + o_tok[:, None] * s_qt + (o_hq * s_qh)[:, None] + o_dk[None, :]
+    b_q = tl.load(p_q, mask=m_row[:, None] & m_dk[None, :], other=0.)  # [BM, BDK]
+    if UPCAST:
+        b_q = b_q.to(tl.float32)
+
+    t_last = tl.minimum(t0 + BT, seq_len) - 1
+    # Token i is visible to position t iff i*stride + kernel_size - 1 <= t: the tile's last row sees
+    # n_vis tokens, its first row n_full (operands kept non-negative: no signed-division pitfalls).
+    n_vis = tl.where(t_last + 1 >= KERNEL_SIZE, tl.maximum(t_last + 1 - KERNEL_SIZE, 0) // STRIDE + 1, 0)
+    n_full = tl.where(t0 + 1 >= KERNEL_SIZE, tl.maximum(t0 + 1 - KERNEL_SIZE, 0) // STRIDE + 1, 0)
+    n_full = (n_full // BC) * BC
+
+    p_k = k + cbos * s_kt + i_h * s_kh
+    p_v = v + cbos * s_vt + i_h * s_vh
+    acc = tl.zeros([BM, BDV], dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, b_q, p_k, p_v, o_t, 0, n_full, n_vis, s_kt, s_vt, scale_log2,
+                               KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, False, PRECISION, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, b_q, p_k, p_v, o_t, n_full, n_vis, n_vis, s_kt, s_vt, scale_log2,
+                               KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, True, PRECISION, UPCAST)
+
+    seen = l_i > 0
+    b_o = acc / tl.where(seen, l_i, 1.)[:, None]
+    b_lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.))) / 1.4426950408889634, float("-inf"))
+    p_o = o + o_tok[:, None] * s_ot + (o_hq * s_oh)[:, None] + o_dv[None, :]
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_row[:, None] & m_dv[None, :])
+    tl.store(lse + o_tok * HQ + o_hq, b_lse, mask=m_row)
+
+
+@triton.jit
+def compressed_bwd_preprocess_kernel(o, do, dlse, delta, N, DV, HAS_DLSE: tl.constexpr, BR: tl.constexpr,
+                                     BDV: tl.constexpr):
+    """delta[r] = sum_d o[r, d] * do[r, d] - dlse[r] over the N = tokens * HQ rows (contiguous)."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BDV)
+    m_r = o_r < N
+    m = m_r[:, None] & (o_d < DV)[None, :]
+    b_o = tl.load(o + o_r[:, None] * DV + o_d[None, :], mask=m, other=0.).to(tl.float32)
+    b_do = tl.load(do + o_r[:, None] * DV + o_d[None, :], mask=m, other=0.).to(tl.float32)
+    b_delta = tl.sum(b_o * b_do, 1)
+    if HAS_DLSE:
+        b_delta -= tl.load(dlse + o_r, mask=m_r, other=0.)
+    tl.store(delta + o_r, b_delta, mask=m_r)
+
+
+@triton.jit
+def _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, i_lo, i_hi, n_vis, s_kt, s_vt, scale_log2,
+                  KERNEL_SIZE, STRIDE, DK, DV,
+                  BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASK: tl.constexpr,
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ of a query tile (unscaled) from compressed tokens [i_lo, i_hi); b_lse in log2 units."""
+    o_c = tl.arange(0, BC)
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    m_dk = o_dk < DK
+    m_dv = o_dv < DV
+    for i0 in range(i_lo, i_hi, BC):
+        o_i = i0 + o_c
+        m_i_ok = o_i < n_vis
+        b_k = tl.load(p_k + o_i.to(tl.int64)[:, None] * s_kt + o_dk[None, :],
+                      mask=m_i_ok[:, None] & m_dk[None, :], other=0.)  # [BC, BDK]
+        b_v = tl.load(p_v + o_i.to(tl.int64)[:, None] * s_vt + o_dv[None, :],
+                      mask=m_i_ok[:, None] & m_dv[None, :], other=0.)  # [BC, BDV]
+        if UPCAST:
+            b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2  # [BM, BC]
+        b_p = tl.exp2(b_s - b_lse[:, None])
+        if MASK:
+            m_vis = (o_i[None, :] * STRIDE + KERNEL_SIZE - 1) <= o_t[:, None]
+            b_p = tl.where(m_vis, b_p, 0.)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BC]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dsc = b_ds.to(p_k.dtype.element_ty)
+        if UPCAST:
+            b_dsc = b_dsc.to(tl.float32)
+        b_dq += tl.dot(b_dsc, b_k, input_precision=PRECISION)
+    return b_dq
+
+
+@triton.jit
+def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlens, chunk_indices, scale,
+                             scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, HQ, H, G, DK, DV,
+                             KERNEL_SIZE, STRIDE,
+                             GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
+                             BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dq has q's strides, do has o's strides; lse and delta are contiguous [tokens, HQ] fp32."""
+    BM: tl.constexpr = BT * GP
+    i_p = tl.program_id(0)
+    i_c, i_h = i_p // H, i_p % H
+    i_n = tl.load(chunk_indices + i_c * 2)
+    i_tile = tl.load(chunk_indices + i_c * 2 + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    cbos = tl.load(ccu_seqlens + i_n).to(tl.int64)
+
+    t0 = i_tile * BT
+    o_r = tl.arange(0, BM)
+    o_t = t0 + o_r // GP
+    o_g = o_r % GP
+    m_row = (o_t < seq_len) & (o_g < G)
+    o_hq = i_h * G + o_g
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    m_dk = o_dk < DK
+    m_dv = o_dv < DV
+    o_tok = bos + o_t
+
+    b_q = tl.load(q + o_tok[:, None] * s_qt + (o_hq * s_qh)[:, None] + o_dk[None, :],
+                  mask=m_row[:, None] & m_dk[None, :], other=0.)  # [BM, BDK]
+    b_do = tl.load(do + o_tok[:, None] * s_ot + (o_hq * s_oh)[:, None] + o_dv[None, :],
+                   mask=m_row[:, None] & m_dv[None, :], other=0.)  # [BM, BDV]
+    if UPCAST:
+        b_q, b_do = b_q.to(tl.float32), b_do.to(tl.float32)
+    b_lse = tl.load(lse + o_tok * HQ + o_hq, mask=m_row, other=float("inf"))
+    # +inf makes p = exp2(s - lse) vanish for padded rows and rows that see nothing (lse = -inf).
+    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+    b_delta = tl.load(delta + o_tok * HQ + o_hq, mask=m_row, other=0.)
+
+    t_last = tl.minimum(t0 + BT, seq_len) - 1
+    n_vis = tl.where(t_last + 1 >= KERNEL_SIZE, tl.maximum(t_last + 1 - KERNEL_SIZE, 0) // STRIDE + 1, 0)
+    n_full = tl.where(t0 + 1 >= KERNEL_SIZE, tl.maximum(t0 + 1 - KERNEL_SIZE, 0) // STRIDE + 1, 0)
+    n_full = (n_full // BC) * BC
+
+    p_k = k + cbos * s_kt + i_h * s_kh
+    p_v = v + cbos * s_vt + i_h * s_vh
+    b_dq = tl.zeros([BM, BDK], dtype=tl.float32)
+    b_dq = _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, 0, n_full, n_vis, s_kt, s_vt,
+                         scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, False, PRECISION, UPCAST)
+    b_dq = _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, n_full, n_vis, n_vis, s_kt, s_vt,
+                         scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, True, PRECISION, UPCAST)
+    tl.store(dq + o_tok[:, None] * s_qt + (o_hq * s_qh)[:, None] + o_dk[None, :],
+             (b_dq * scale).to(dq.dtype.element_ty), mask=m_row[:, None] & m_dk[None, :])
+
+
+@triton.jit
+def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_lo, t_hi,
+                   s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
+                   GP: tl.constexpr, BT: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                   MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dK/dV (unscaled dK) of a compressed tile from the query tiles starting at t_lo, t_lo+BT, .. < t_hi."""
+    BM: tl.constexpr = BT * GP
+    o_r = tl.arange(0, BM)
+    o_g = o_r % GP
+    o_hq = i_h * G + o_g
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    m_dk = o_dk < DK
+    m_dv = o_dv < DV
+    for t0 in range(t_lo, t_hi, BT):
+        o_t = t0 + o_r // GP
+        m_row = (o_t < seq_len) & (o_g < G)
+        o_tok = bos + o_t
+        b_q = tl.load(q + o_tok[:, None] * s_qt + (o_hq * s_qh)[:, None] + o_dk[None, :],
+                      mask=m_row[:, None] & m_dk[None, :], other=0.)  # [BM, BDK]
+        b_do = tl.load(do + o_tok[:, None] * s_ot + (o_hq * s_oh)[:, None] + o_dv[None, :],
+                       mask=m_row[:, None] & m_dv[None, :], other=0.)  # [BM, BDV]
+        if UPCAST:
+            b_q, b_do = b_q.to(tl.float32), b_do.to(tl.float32)
+        b_lse = tl.load(lse + o_tok * HQ + o_hq, mask=m_row, other=float("inf"))
+        b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+        b_delta = tl.load(delta + o_tok * HQ + o_hq, mask=m_row, other=0.)
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * scale_log2  # [BC, BM]
+        b_pt = tl.exp2(b_st - b_lse[None, :])
+        if MASK:
+            m_vis = (o_i[:, None] * STRIDE + KERNEL_SIZE - 1) <= o_t[None, :]
+            b_pt = tl.where(m_vis, b_pt, 0.)
+        b_ptc = b_pt.to(do.dtype.element_ty)
+        if UPCAST:
+            b_ptc = b_ptc.to(tl.float32)
+        b_dv += tl.dot(b_ptc, b_do, input_precision=PRECISION)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BC, BM]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dstc = b_dst.to(q.dtype.element_ty)
+        if UPCAST:
+            b_dstc = b_dstc.to(tl.float32)
+        b_dk += tl.dot(b_dstc, b_q, input_precision=PRECISION)
+    return b_dk, b_dv
+
+
+@triton.jit
+def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_seqlens, chunk_indices, scale,
+                              scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, HQ, H, G, DK, DV,
+                              KERNEL_SIZE, STRIDE,
+                              GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
+                              BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One program per (tile of BC compressed tokens, KV head); dk/dv have k/v's strides."""
+    i_p = tl.program_id(0)
+    i_c, i_h = i_p // H, i_p % H
+    i_n = tl.load(chunk_indices + i_c * 2)
+    i_tile = tl.load(chunk_indices + i_c * 2 + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    cbos = tl.load(ccu_seqlens + i_n).to(tl.int64)
+    n_cmp = (tl.load(ccu_seqlens + i_n + 1) - cbos).to(tl.int32)
+
+    i0 = i_tile * BC
+    o_i = i0 + tl.arange(0, BC)
+    m_i = o_i < n_cmp
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    m_dk = o_dk < DK
+    m_dv = o_dv < DV
+    o_ctok = cbos + o_i  # int64 packed compressed-token index
+    b_k = tl.load(k + o_ctok[:, None] * s_kt + i_h * s_kh + o_dk[None, :],
+                  mask=m_i[:, None] & m_dk[None, :], other=0.)  # [BC, BDK]
+    b_v = tl.load(v + o_ctok[:, None] * s_vt + i_h * s_vh + o_dv[None, :],
+                  mask=m_i[:, None] & m_dv[None, :], other=0.)  # [BC, BDV]
+    if UPCAST:
+        b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
+
+    # First query that sees token i0, and first one that sees the tile's last token; query tiles
+    # starting at or after t_full see the whole tile and skip the mask.
+    t_start = i0 * STRIDE + KERNEL_SIZE - 1
+    t_full = (tl.minimum(i0 + BC, n_cmp) - 1) * STRIDE + KERNEL_SIZE - 1
+    t_mid = t_start + tl.cdiv(t_full - t_start, BT) * BT
+
+    b_dk = tl.zeros([BC, BDK], dtype=tl.float32)
+    b_dv = tl.zeros([BC, BDV], dtype=tl.float32)
+    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_start, t_mid,
+                                s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
+                                GP, BT, BDK, BDV, True, PRECISION, UPCAST)
+    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_mid, seq_len,
+                                s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
+                                GP, BT, BDK, BDV, False, PRECISION, UPCAST)
+    tl.store(dk + o_ctok[:, None] * s_kt + i_h * s_kh + o_dk[None, :], (b_dk * scale).to(dk.dtype.element_ty),
+             mask=m_i[:, None] & m_dk[None, :])
+    tl.store(dv + o_ctok[:, None] * s_vt + i_h * s_vh + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=m_i[:, None] & m_dv[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers. They take validated [B, T, ...] tensors (B = 1 with cu_seqlens) and work on the
+# packed view; configs are fixed per shape so that results never depend on timing.
+# ----------------------------------------------------------------------------------------------
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
+def _pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def _precision(dtype):
+    # fp32 inputs get true fp32 products (tf32 would cost ~1e-3 relative error); 16-bit dtypes ignore it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(t: torch.Tensor) -> bool:
+    # The interpreter stores bf16 as raw uint16 bits and its tl.dot multiplies those bits
+    # (triton-lang/triton#11584); the kernels then upcast bf16 operands to fp32 (exact) and round
+    # p / ds through bf16 first, so the interpreter computes what the compiled kernel computes.
+    return _interpreting(t) and t.dtype == torch.bfloat16
+
+
+def _query_rows(G: int, rows: int) -> tuple[int, int]:
+    """(GP, BT): G padded to a power of two and positions per tile for about ``rows`` tile rows."""
+    gp = triton.next_power_of_2(G)
+    return gp, max(1, rows // gp)
+
+
+def _fwd_config(G, bdk, bdv, interpret):
+    if interpret:
+        return dict(rows=32, BC=16, num_warps=4, num_stages=1)
+    if bdk + bdv <= 256:
+        return dict(rows=128, BC=64, num_warps=8, num_stages=3)
+    return dict(rows=64, BC=64, num_warps=4, num_stages=2)
+
+
+def _dq_config(G, bdk, bdv, interpret):
+    if interpret:
+        return dict(rows=32, BC=16, num_warps=4, num_stages=1)
+    if bdk + bdv <= 256:
+        return dict(rows=64, BC=64, num_warps=4, num_stages=2)
+    return dict(rows=64, BC=32, num_warps=4, num_stages=2)
+
+
+def _dkv_config(G, bdk, bdv, interpret):
+    if interpret:
+        return dict(rows=32, BC=16, num_warps=4, num_stages=1)
+    if bdk + bdv <= 256:
+        return dict(rows=64, BC=64, num_warps=8, num_stages=2)
+    return dict(rows=64, BC=32, num_warps=8, num_stages=2)
+
+
+class _Packed:
+    """Packed bookkeeping of a call: sequence offsets and work orders for the tiled grids."""
+
+    def __init__(self, B, T, Tc, kernel_size, stride, cu_seqlens, device):
+        self.B, self.T, self.Tc = B, T, Tc
+        self.stride = stride
+        self.dense = cu_seqlens is None
+        if self.dense:
+            self.cu = uniform_cu_seqlens(B, T, device)
+            self.ccu = uniform_cu_seqlens(B, Tc, device)
+        else:
+            self.cu = cu_seqlens
+            self.ccu = compressed_cu_seqlens(cu_seqlens, kernel_size, stride)
+        self.device = device
+
+    def query_tiles(self, bt: int) -> torch.Tensor:
+        """int32 [N, 2] (sequence, tile) rows, latest tiles (most work) first."""
+        if self.dense:
+            n = triton.cdiv(self.T, bt)
+            tile = torch.arange(n - 1, -1, -1, dtype=torch.int32, device=self.device).repeat_interleave(self.B)
+            seq = torch.arange(self.B, dtype=torch.int32, device=self.device).repeat(n)
+            return torch.stack([seq, tile], 1).contiguous()
+        idx = prepare_chunk_indices(self.cu, bt)
+        order = torch.argsort(-idx[:, 1], stable=True)
+        return idx[order].contiguous()
+
+    def key_tiles(self, bc: int) -> torch.Tensor:
+        """int32 [N, 2] (sequence, compressed tile) rows, most queries to visit first."""
+        if self.dense:
+            n = triton.cdiv(self.Tc, bc)
+            tile = torch.arange(n, dtype=torch.int32, device=self.device).repeat_interleave(self.B)
+            seq = torch.arange(self.B, dtype=torch.int32, device=self.device).repeat(n)
+            return torch.stack([seq, tile], 1).contiguous()
+        idx = prepare_chunk_indices(self.ccu, bc)
+        lens = (self.cu[1:] - self.cu[:-1]).long()
+        work = lens[idx[:, 0].long()] - idx[:, 1].long() * bc * self.stride
+        order = torch.argsort(-work, stable=True)
+        return idx[order].contiguous()
+
+
+def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens):
+    """Returns o ``[B, T, HQ, Dv]`` (q's dtype) and lse ``[B, T, HQ]`` float32. 16/32-bit floats only."""
+    B, T, HQ, Dk = q.shape
+    Tc, H, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
+    G = HQ // H
+    o = new_output((B, T, HQ, Dv), q.dtype, q.device)
+    lse = new_output((B, T, HQ), torch.float32, q.device)
+    if B * T == 0:
+        return o, lse
+    if B * Tc == 0:  # nothing is visible anywhere
+        return o.zero_(), lse.fill_(float("-inf"))
+    q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
+    pk = _Packed(B, T, Tc, kernel_size, stride, cu_seqlens, q.device)
+    bdk, bdv = _pow2(Dk), _pow2(Dv)
+    cfg = _fwd_config(G, bdk, bdv, _interpreting(q))
+    gp, bt = _query_rows(G, cfg["rows"])
+    tiles = pk.query_tiles(bt)
+    grid = (tiles.shape[0] * H,)
+    compressed_fwd_kernel[grid](
+        q, k_cmp, v_cmp, o, lse, pk.cu, pk.ccu, tiles, scale * LOG2E,
+        q.stride(1), q.stride(2), k_cmp.stride(1), k_cmp.stride(2), v_cmp.stride(1), v_cmp.stride(2),
+        o.stride(1), o.stride(2), HQ, H, G, Dk, Dv, kernel_size, stride,
+        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=_precision(q.dtype),
+        UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return o, lse
+
+
+def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens):
+    """Returns dq, dk_cmp, dv_cmp (input dtypes). ``dlse`` ``[B, T, HQ]`` may be None (zero)."""
+    B, T, HQ, Dk = q.shape
+    Tc, H, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
+    G = HQ // H
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k_cmp.shape, k_cmp.dtype, k_cmp.device)
+    dv = new_output(v_cmp.shape, v_cmp.dtype, v_cmp.device)
+    if B * Tc == 0 or B * T == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
+    o, lse, do = o.contiguous(), lse.contiguous(), do.contiguous()
+    interpret = _interpreting(q)
+    bdk, bdv = _pow2(Dk), _pow2(Dv)
+
+    delta = torch.empty((B, T, HQ), dtype=torch.float32, device=q.device)
+    n_rows = B * T * HQ
+    br = 16 if interpret else 64
+    if dlse is not None:
+        dlse = dlse.to(torch.float32).contiguous()
+    compressed_bwd_preprocess_kernel[(triton.cdiv(n_rows, br),)](
+        o, do, dlse if dlse is not None else delta, delta, n_rows, Dv,
+        HAS_DLSE=dlse is not None, BR=br, BDV=bdv)
+
+    pk = _Packed(B, T, Tc, kernel_size, stride, cu_seqlens, q.device)
+    precision = _precision(q.dtype)
+    common = (q.stride(1), q.stride(2), k_cmp.stride(1), k_cmp.stride(2), v_cmp.stride(1), v_cmp.stride(2),
+              o.stride(1), o.stride(2), HQ, H, G, Dk, Dv, kernel_size, stride)
+
+    cfg = _dq_config(G, bdk, bdv, interpret)
+    gp, bt = _query_rows(G, cfg["rows"])
+    tiles = pk.query_tiles(bt)
+    compressed_bwd_dq_kernel[(tiles.shape[0] * H,)](
+        q, k_cmp, v_cmp, do, lse, delta, dq, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common,
+        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
+        UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    cfg = _dkv_config(G, bdk, bdv, interpret)
+    gp, bt = _query_rows(G, cfg["rows"])
+    tiles = pk.key_tiles(cfg["BC"])
+    compressed_bwd_dkv_kernel[(tiles.shape[0] * H,)](
+        q, k_cmp, v_cmp, do, lse, delta, dk, dv, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common,
+        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
+        UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile: the launchers as opaque custom ops with shape-only fake implementations.
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("nsa::compressed_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, kernel_size: int, stride: int,
+            scale: float, cu_seqlens: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens)
+
+
+@_fwd_op.register_fake
+def _(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens):
+    B, T, HQ, _ = q.shape
+    return (q.new_empty((B, T, HQ, v_cmp.shape[3])), q.new_empty((B, T, HQ), dtype=torch.float32))
+
+
+@torch.library.custom_op("nsa::compressed_attention_bwd", mutates_args=())
+def _bwd_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+            do: torch.Tensor, dlse: Optional[torch.Tensor], kernel_size: int, stride: int, scale: float,
+            cu_seqlens: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens)
+
+
+@_bwd_op.register_fake
+def _(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens):
+    return torch.empty_like(q), torch.empty_like(k_cmp), torch.empty_like(v_cmp)
+
+
+class CompressedAttentionFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens):
+        o, lse = _fwd_op(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens)
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, cu_seqlens)
+        ctx.kernel_size, ctx.stride, ctx.scale = kernel_size, stride, scale
+        ctx.set_materialize_grads(False)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k_cmp, v_cmp, o, lse, cu_seqlens = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = _bwd_op(q, k_cmp, v_cmp, o, lse, do, dlse, ctx.kernel_size, ctx.stride, ctx.scale,
+                             cu_seqlens)
+        return dq, dk, dv, None, None, None, None
+
+
+def compressed_attention_triton(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens=None):
+    """Triton compressed attention; same contract as :func:`nsa.ops.compressed_attention`.
+
+    Inputs arrive validated from :mod:`nsa.ops.api` (``scale`` a float).
+
+    Args:
+        q: ``[B, T, HQ, Dk]``.
+        k_cmp: ``[B, Tc, H, Dk]``; v_cmp: ``[B, Tc, H, Dv]``; ``G = HQ // H`` any positive int.
+        kernel_size, stride: compression block length and step.
+        scale: softmax scale (float).
+        cu_seqlens: optional int32 ``[N+1]`` offsets of packed sequences (B = 1).
+    Returns:
+        o ``[B, T, HQ, Dv]`` in q's dtype and lse ``[B, T, HQ]`` float32 (float64 inputs are
+        computed in float32; both outputs are then cast to float64). Both are differentiable.
+    """
+    if q.dtype == torch.float64:
+        o, lse = CompressedAttentionFunction.apply(q.float(), k_cmp.float(), v_cmp.float(), kernel_size, stride,
+                                                   float(scale), cu_seqlens)
+        return o.double(), lse.double()
+    return CompressedAttentionFunction.apply(q, k_cmp, v_cmp, kernel_size, stride, float(scale), cu_seqlens)

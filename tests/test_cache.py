@@ -1,0 +1,151 @@
+"""NSACache with the layer: prefill + token-by-token decode == the full forward."""
+
+import pytest
+import torch
+
+from nsa.cache import NSACache
+from nsa.layer import NSAConfig
+from nsa.ops.utils import num_compressed
+from tests.helpers import assert_close
+from tests.test_layer import make_layer, tiny
+
+T_FULL = 41  # tiny config: kernel 8, stride 4, block 8, 4 selected blocks, window 16
+
+
+def _decode(m, cache, x, start):
+    """Feed x[:, start:] one token per call; returns the outputs [N, T - start, hidden]."""
+    return torch.cat([m(x[:, t:t + 1], cache=cache) for t in range(start, x.shape[1])], 1)
+
+
+@pytest.mark.parametrize("prefill", [1, 7, 8, 13])
+@pytest.mark.parametrize("compression", ["mlp", "mean"])
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["indep_kv", "shared_kv"])
+def test_prefill_then_decode_equals_full(prefill, compression, shared_kv):
+    m = make_layer(tiny(compression=compression, shared_kv=shared_kv, v_head_dim=8))
+    x = torch.randn(2, T_FULL, 64, dtype=torch.float64)
+    full = m(x)
+    cache = m.new_cache()
+    y0 = m(x[:, :prefill], cache=cache)
+    assert cache.lengths == [prefill, prefill]
+    assert_close("prefill", full[:, :prefill], y0, 1e-12)
+    y1 = _decode(m, cache, x, prefill)
+    assert_close("decoded", full[:, prefill:], y1, 1e-12)
+    assert cache.seq_lens.tolist() == [T_FULL, T_FULL] and cache.capacity == 64
+
+
+def test_packed_prefill_of_different_lengths_then_decode():
+    """Sequences of different lengths, prefilled packed, decoded together == each run alone."""
+    m = make_layer(tiny())
+    lens, steps = [3, 13, 8, 1], 30
+    xs = [torch.randn(1, L + steps, 64, dtype=torch.float64) for L in lens]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    cache = m.new_cache()
+    y0 = m(torch.cat([xi[:, :L] for xi, L in zip(xs, lens)], 1), cache=cache, cu_seqlens=cu)
+    assert cache.lengths == lens
+    ys = [m(torch.cat([xi[:, L + s] for xi, L in zip(xs, lens)], 0).unsqueeze(1), cache=cache)
+          for s in range(steps)]
+    y1 = torch.cat(ys, 1)  # [N, steps, hidden]
+    for n, (xi, L) in enumerate(zip(xs, lens)):
+        alone = m(xi)
+        assert_close(f"prefill {n}", alone[0, :L], y0[0, int(cu[n]):int(cu[n + 1])], 1e-12)
+        assert_close(f"decode {n}", alone[0, L:], y1[n], 1e-12)
+    assert cache.lengths == [L + steps for L in lens]
+
+
+def test_cache_contents():
+    """Compressed tokens equal the layer's compression of the whole sequence; the ring holds
+    the last kernel_size raw compression keys."""
+    cfg = tiny()
+    m = make_layer(cfg)
+    x = torch.randn(1, 30, 64, dtype=torch.float64)
+    cache = m.new_cache()
+    m(x[:, :5], cache=cache)
+    _decode(m, cache, x, 5)
+    pos = torch.arange(30).unsqueeze(0)
+    _, branches = m._project(x, pos)
+    k_raw, v_raw = branches[0]
+    kc, vc = m.compress(k_raw, v_raw)
+    Tc = num_compressed(30, cfg.kernel_size, cfg.stride)
+    assert_close("k_cmp", kc[0], cache.k_cmp[0, :Tc], 1e-12)
+    assert_close("v_cmp", vc[0], cache.v_cmp[0, :Tc], 1e-12)
+    assert torch.all(cache.k_cmp[0, Tc:] == 0)
+    ks = cfg.kernel_size
+    ring = torch.stack([k_raw[0, p] for p in sorted(range(30 - ks, 30), key=lambda p: p % ks)])
+    assert_close("k_tail", ring, cache.k_tail[0], 1e-12)
+    assert_close("k_slc", branches[1][0][0], cache.k_slc[0, :30], 1e-12)
+
+
+def test_decode_compresses_only_new_blocks():
+    """phi only ever sees the blocks completed by the new tokens, one per crossing sequence."""
+    cfg = tiny()
+    m = make_layer(cfg)
+    lens, steps = [6, 9], 12
+    x = torch.randn(2, 9 + steps, 64, dtype=torch.float64)
+    cu = torch.tensor([0, 6, 15], dtype=torch.int32)
+    cache = m.new_cache()
+    m(torch.cat([x[0:1, :6], x[1:2, :9]], 1), cache=cache, cu_seqlens=cu)
+    calls = []
+    handle = m.compress_k.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
+    try:
+        for s in range(steps):
+            before = len(calls)
+            m(torch.stack([x[0, 6 + s], x[1, 9 + s]]).unsqueeze(1), cache=cache)
+            crossing = [L for L in cache.lengths if L >= cfg.kernel_size and (L - cfg.kernel_size) % cfg.stride == 0]
+            if crossing:
+                assert calls[before:] == [(1, len(crossing), cfg.kernel_size, cfg.num_kv_heads, cfg.head_dim)]
+            else:
+                assert len(calls) == before
+    finally:
+        handle.remove()
+    assert calls, "no compression happened during decoding"
+
+
+def test_dense_prefill_and_growth():
+    m = make_layer(tiny(window_size=5))
+    x = torch.randn(3, 70, 64, dtype=torch.float64)
+    cache = m.new_cache()
+    m(x[:, :10], cache=cache)
+    assert cache.capacity == 16 and cache.batch_size == 3
+    y = _decode(m, cache, x, 10)
+    assert cache.capacity == 128
+    assert cache.k_cmp.shape[1] == num_compressed(128, 8, 4)
+    assert_close("decoded", m(x)[:, 10:], y, 1e-12)
+
+
+def test_autocast_decode():
+    m = make_layer(tiny(), dtype=torch.float32)
+    x = torch.randn(2, 24, 64)
+    full = m(x)
+    cache = m.new_cache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.cat([m(x[:, :9], cache=cache), _decode(m, cache, x, 9)], 1)
+    assert cache.k_slc.dtype == torch.bfloat16
+    assert_close("autocast prefill+decode vs float32 full", full, y.float(), 2e-2)
+
+
+def test_errors():
+    m = make_layer(tiny())
+    x = torch.randn(2, 10, 64, dtype=torch.float64)
+    cache = m.new_cache()
+    with pytest.raises(ValueError, match="cache"):
+        cache.append(*(torch.zeros(2, 2, 16),) * 4)
+    m(x, cache=cache)
+    with pytest.raises(ValueError, match="x"):
+        m(x[:1, :1], cache=cache)  # wrong number of sequences
+    with pytest.raises(ValueError, match="x"):
+        m(x[:, :2], cache=cache)  # more than one token per step
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        m(x[:1, :2], cache=cache, cu_seqlens=torch.tensor([0, 1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cache"):
+        cache.prefill([10, 10], *(torch.zeros(20, 2, 16),) * 6)
+    other = make_layer(NSAConfig.preset("tiny", kernel_size=12, backend="reference"))
+    with pytest.raises(ValueError, match="cache"):
+        other(x[:, :1], cache=cache)
+    with pytest.raises(ValueError, match="kernel_size"):
+        NSACache(6, 4)
+    with pytest.raises(ValueError, match="stride"):
+        NSACache(8, 0)
+    cache.reset()
+    assert cache.is_empty and cache.capacity == 0
+    m(x[:, :3], cache=cache)  # prefill again after reset
+    assert cache.lengths == [3, 3]

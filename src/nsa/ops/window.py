@@ -1,0 +1,454 @@
+"""Sliding-window attention in Triton: forward, and a backward without atomics.
+
+Query ``t`` attends keys ``t - W < s <= t`` of its own sequence (``W = window_size``). Every
+input is handled as packed ``[N, ...]`` tokens: a dense ``[B, T]`` batch is B sequences of T
+tokens, which the kernels locate by arithmetic; packed input comes with ``cu_seqlens`` and a
+table of (sequence, tile) rows.
+
+Query tiles pack the ``G`` query heads of one KV head with ``BT`` consecutive positions into
+``BM >= BT * G`` rows (row ``r`` = position ``r // G``, head ``r % G``): each key/value tile is
+loaded once for the whole group and fills the tensor cores for any G (1, 3, 16, ...). A tile
+of positions ``[t0, t1]`` needs the keys ``[t0 - W + 1, t1]`` only, so the work is O(T * W).
+That band is walked in three phases so that only its edges pay for masking: key tiles cut by
+the window's lower edge for some rows, tiles every row sees whole, tiles cut by the diagonal.
+
+Forward and dQ are query-centric (one program per query tile and KV head). dK/dV are
+key-centric: one program per key tile and KV head walks the queries ``[s, s + W - 1]`` that see
+it, for all G heads, and accumulates in registers. No float atomics: the backward is bitwise
+deterministic. Softmax runs in base 2 in float32; the forward saves the base-2 log-sum-exp
+per row, and the dQ kernel computes ``delta = rowsum(dO * O)`` for the dK/dV kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import new_output, prepare_chunk_indices
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _prune_rows(configs, named_args, **kwargs):
+    """dK/dV configs whose query step holds at least one position of every head (BM >= G)."""
+    G = kwargs.get("G", named_args.get("G"))
+    kept = [c for c in configs if c.kwargs["BM"] >= G] or [max(configs, key=lambda c: c.kwargs["BM"])]
+    return kept[:1] if _INTERPRET else kept
+
+
+if _INTERPRET:
+    # the interpreter runs programs one by one on the CPU: one small config, no tuning
+    _Q_CONFIGS = [triton.Config({"BN": 16}, num_warps=4, num_stages=1)]
+    _KV_CONFIGS = [triton.Config({"BM": bm}, num_warps=4, num_stages=1) for bm in (32, 64)]
+else:
+    _Q_CONFIGS = [triton.Config({"BN": bn}, num_warps=w, num_stages=s)
+                  for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
+    _KV_CONFIGS = [triton.Config({"BM": bm}, num_warps=w, num_stages=s)
+                   for bm in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+
+
+@triton.jit
+def _tile_position(i_t, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Program ``i_t`` -> (tile index inside its sequence, first token of the sequence, length)."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_c = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
+    else:
+        NT = tl.cdiv(T, BT)
+        i_c = i_t % NT
+        bos = (i_t // NT).to(tl.int64) * T
+        seq_len = T + 0 * i_t
+    return i_c, bos, seq_len
+
+
+@triton.jit
+def _window_fwd_tiles(
+    b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_lo, s_hi, s_end, W, qk_scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """Online softmax over the key tiles starting at ``s_lo, s_lo + BN, ... < s_hi``. MASKED: apply
+    the band mask and never load keys ``>= s_end``; else every key is visible to every row."""
+    o_n = tl.arange(0, BN)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    for s0 in range(s_lo, s_hi, BN):
+        o_s = s0 + o_n  # [BN]
+        p_kv = (bos + o_s) * H + i_h  # [BN] int64 row of k/v
+        m_k = (o_k < K)[None, :]
+        m_v = (o_v < V)[None, :]
+        if MASKED:
+            m_k = m_k & (o_s < s_end)[:, None]
+            m_v = m_v & (o_s < s_end)[:, None]
+        b_k = tl.load(k + p_kv[:, None] * K + o_k[None, :], mask=m_k, other=0.).to(DOT_DTYPE)  # [BN, BK]
+        b_v = tl.load(v + p_kv[:, None] * V + o_v[None, :], mask=m_v, other=0.).to(DOT_DTYPE)  # [BN, BV]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+        if MASKED:
+            o_d = o_pos[:, None] - o_s[None, :]
+            b_s = tl.where((o_d >= 0) & (o_d < W), b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_alpha = tl.exp2(b_m - b_m_new)
+        b_p = tl.exp2(b_s - b_m_new[:, None])
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_pv = tl.dot(b_p.to(v.dtype.element_ty).to(DOT_DTYPE), b_v, input_precision=DOT_PRECISION)
+        b_acc = b_acc * b_alpha[:, None] + b_pv
+        b_m = b_m_new
+    return b_acc, b_m, b_l
+
+
+@triton.autotune(configs=_Q_CONFIGS, key=["G", "K", "V", "BM", "IS_VARLEN"])
+@triton.jit(do_not_specialize=["T", "W"])
+def window_fwd_kernel(
+    q, k, v, o, lse, cu_seqlens, chunk_indices, scale, T, W,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """q ``[N, HQ, K]``, k ``[N, H, K]``, v ``[N, H, V]`` -> o ``[N, HQ, V]``, lse ``[N, HQ]`` (base-2
+    log-sum-exp of the scaled scores). One program: BT positions x G heads of KV head i_h."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    t0 = i_c * BT
+    t1 = tl.minimum(t0 + BT, seq_len) - 1  # last position of the tile
+
+    o_r = tl.arange(0, BM)
+    m_r = (o_r < BT * G) & (t0 + o_r // G <= t1)
+    # padding rows take the tile's last position: finite scores, never stored
+    o_pos = tl.minimum(t0 + o_r // G, t1)  # [BM]
+    o_row = (bos + o_pos) * HQ + i_h * G + o_r % G  # [BM] int64 row of q/o/lse
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0.).to(DOT_DTYPE)
+
+    qk_scale = scale * 1.4426950408889634
+    # finite start: a row that sees nothing in a tile keeps alpha = 1 and p = 0 (no inf - inf)
+    b_m = tl.full([BM], -1e30, dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, BV], dtype=tl.float32)
+
+    # keys [s_lo, t1]: those < s_all are cut by the window for some rows, those > t0 by the diagonal
+    s_lo = tl.maximum(t0 - W + 1, 0)
+    s_all = t1 - W + 1
+    s_mid = s_lo + tl.cdiv(tl.maximum(s_all - s_lo, 0), BN) * BN
+    s_top = s_mid + (tl.maximum(t0 + 1 - s_mid, 0) // BN) * BN
+    b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_lo, tl.minimum(s_mid, t1 + 1),
+                                        t1 + 1, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
+    b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_mid, s_top,
+                                        t1 + 1, W, qk_scale, H, K, V, BK, BV, BN, False, DOT_PRECISION, DOT_DTYPE)
+    b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_top, t1 + 1,
+                                        t1 + 1, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
+
+    # every row sees at least its own position: b_l >= 1
+    b_o = b_acc / b_l[:, None]
+    tl.store(o + o_row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_r[:, None] & (o_v < V)[None, :])
+    tl.store(lse + o_row, b_m + tl.log2(b_l), mask=m_r)
+
+
+@triton.jit
+def _window_bwd_dq_tiles(
+    b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_lo, s_hi, s_end, W, qk_scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """dQ (unscaled) accumulated over the key tiles ``s_lo, s_lo + BN, ... < s_hi``; as _window_fwd_tiles."""
+    o_n = tl.arange(0, BN)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    for s0 in range(s_lo, s_hi, BN):
+        o_s = s0 + o_n
+        p_kv = (bos + o_s) * H + i_h
+        m_k = (o_k < K)[None, :]
+        m_v = (o_v < V)[None, :]
+        if MASKED:
+            m_k = m_k & (o_s < s_end)[:, None]
+            m_v = m_v & (o_s < s_end)[:, None]
+        b_k = tl.load(k + p_kv[:, None] * K + o_k[None, :], mask=m_k, other=0.).to(DOT_DTYPE)
+        b_v = tl.load(v + p_kv[:, None] * V + o_v[None, :], mask=m_v, other=0.).to(DOT_DTYPE)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+        if MASKED:
+            o_d = o_pos[:, None] - o_s[None, :]
+            b_s = tl.where((o_d >= 0) & (o_d < W), b_s, float("-inf"))
+        b_p = tl.exp2(b_s - b_lse[:, None])
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BM, BN]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(k.dtype.element_ty).to(DOT_DTYPE), b_k, input_precision=DOT_PRECISION)
+    return b_dq
+
+
+@triton.autotune(configs=_Q_CONFIGS, key=["G", "K", "V", "BM", "IS_VARLEN"])
+@triton.jit(do_not_specialize=["T", "W"])
+def window_bwd_dq_kernel(
+    q, k, v, o, lse, do, delta, dq, cu_seqlens, chunk_indices, scale, T, W,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """dq ``[N, HQ, K]`` and delta ``[N, HQ]`` = rowsum(do * o) (float32) for one query tile of
+    BT positions x G heads; the same band walk as the forward."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    t0 = i_c * BT
+    t1 = tl.minimum(t0 + BT, seq_len) - 1
+
+    o_r = tl.arange(0, BM)
+    m_r = (o_r < BT * G) & (t0 + o_r // G <= t1)
+    o_pos = tl.minimum(t0 + o_r // G, t1)
+    o_row = (bos + o_pos) * HQ + i_h * G + o_r % G
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_v = (o_v < V)[None, :]
+    b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0.).to(DOT_DTYPE)
+    b_do = tl.load(do + o_row[:, None] * V + o_v[None, :], mask=m_v, other=0.)
+    b_o = tl.load(o + o_row[:, None] * V + o_v[None, :], mask=m_v, other=0.)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)  # [BM]
+    tl.store(delta + o_row, b_delta, mask=m_r)
+    b_do = b_do.to(DOT_DTYPE)
+    b_lse = tl.load(lse + o_row)
+    b_dq = tl.zeros([BM, BK], dtype=tl.float32)
+
+    qk_scale = scale * 1.4426950408889634
+    s_lo = tl.maximum(t0 - W + 1, 0)
+    s_all = t1 - W + 1
+    s_mid = s_lo + tl.cdiv(tl.maximum(s_all - s_lo, 0), BN) * BN
+    s_top = s_mid + (tl.maximum(t0 + 1 - s_mid, 0) // BN) * BN
+    b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_lo, tl.minimum(s_mid, t1 + 1),
+                                t1 + 1, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
+    b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_mid, s_top,
+                                t1 + 1, W, qk_scale, H, K, V, BK, BV, BN, False, DOT_PRECISION, DOT_DTYPE)
+    b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_top, t1 + 1,
+                                t1 + 1, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
+    tl.store(dq + o_row[:, None] * K + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty),
+             mask=m_r[:, None] & (o_k < K)[None, :])
+
+
+@triton.jit
+def _window_bwd_dkv_tiles(
+    b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_lo, p_hi, W, qk_scale,
+    HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """dK (unscaled) and dV accumulated over the query steps ``p_lo, p_lo + BT, ... < p_hi`` of BT
+    positions x G heads. MASKED applies the band mask; else every (key, valid row) pair is visible."""
+    o_r = tl.arange(0, BM)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    for p0 in range(p_lo, p_hi, BT):
+        o_p = p0 + o_r // G  # [BM] query position of each row
+        m_r = (o_r < BT * G) & (o_p < seq_len)
+        # padding rows read a valid row; their lse = +inf makes p = 0, so they add nothing
+        o_row = (bos + tl.minimum(o_p, seq_len - 1)) * HQ + i_h * G + o_r % G  # [BM] int64
+        b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0.).to(DOT_DTYPE)
+        b_do = tl.load(do + o_row[:, None] * V + o_v[None, :], mask=(o_v < V)[None, :], other=0.).to(DOT_DTYPE)
+        b_lse = tl.load(lse + o_row, mask=m_r, other=float("inf"))
+        b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
+        if MASKED:
+            o_d = o_p[None, :] - o_s[:, None]
+            b_st = tl.where((o_d >= 0) & (o_d < W), b_st, float("-inf"))
+        b_pt = tl.exp2(b_st - b_lse[None, :])
+        b_dv += tl.dot(b_pt.to(do.dtype.element_ty).to(DOT_DTYPE), b_do, input_precision=DOT_PRECISION)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BN, BM]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(q.dtype.element_ty).to(DOT_DTYPE), b_q, input_precision=DOT_PRECISION)
+    return b_dk, b_dv
+
+
+@triton.autotune(configs=_KV_CONFIGS, key=["G", "K", "V", "BN", "IS_VARLEN"],
+                 prune_configs_by={"early_config_prune": _prune_rows})
+@triton.jit(do_not_specialize=["T", "W"])
+def window_bwd_dkv_kernel(
+    q, k, v, lse, do, delta, dk, dv, cu_seqlens, chunk_indices, scale, T, W,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """dk ``[N, H, K]``, dv ``[N, H, V]`` for one tile of BN keys of KV head i_h, from the queries
+    ``[s, s + W - 1]`` of its G heads, BM rows (BM // G positions x G heads) per step."""
+    BT: tl.constexpr = BM // G
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BN, IS_VARLEN)
+    s0 = i_c * BN
+    s1 = tl.minimum(s0 + BN, seq_len) - 1  # last key of the tile
+
+    o_s = s0 + tl.arange(0, BN)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k = (o_s <= s1)[:, None] & (o_k < K)[None, :]
+    m_v = (o_s <= s1)[:, None] & (o_v < V)[None, :]
+    p_kv = (bos + o_s) * H + i_h  # [BN] int64
+    b_k = tl.load(k + p_kv[:, None] * K + o_k[None, :], mask=m_k, other=0.).to(DOT_DTYPE)
+    b_v = tl.load(v + p_kv[:, None] * V + o_v[None, :], mask=m_v, other=0.).to(DOT_DTYPE)
+    b_dk = tl.zeros([BN, BK], dtype=tl.float32)
+    b_dv = tl.zeros([BN, BV], dtype=tl.float32)
+
+    qk_scale = scale * 1.4426950408889634
+    # queries [s0, p_end): those < s1 are cut by the diagonal for some keys, those >= s0 + W by the window
+    p_end = tl.minimum(s1 + W, seq_len)
+    p_mid = s0 + tl.cdiv(s1 - s0, BT) * BT
+    p_top = p_mid + (tl.maximum(tl.minimum(s0 + W, seq_len) - p_mid, 0) // BT) * BT
+    b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, s0,
+                                       tl.minimum(p_mid, p_end), W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, True,
+                                       DOT_PRECISION, DOT_DTYPE)
+    b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_mid,
+                                       p_top, W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, False,
+                                       DOT_PRECISION, DOT_DTYPE)
+    b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_top,
+                                       p_end, W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, True,
+                                       DOT_PRECISION, DOT_DTYPE)
+    tl.store(dk + p_kv[:, None] * K + o_k[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_k)
+    tl.store(dv + p_kv[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_v)
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """Matmul operand dtype and precision. float32 inputs must match the float32 reference: no
+    TF32. The interpreter multiplies bfloat16 operands as raw 16-bit integers, so there operands
+    go through float32 (products of bf16/fp16 values are exact in float32, as on tensor cores)."""
+    return dict(DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                DOT_DTYPE=tl.float32 if _INTERPRET else _TL_DTYPES[dtype])
+
+
+def _pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def _query_tile(G: int, BK: int, BV: int):
+    """(positions, rows) of a forward/dQ query tile: rows >= positions x G heads, a power of two."""
+    rows = 32 if _INTERPRET else (128 if max(BK, BV) <= 128 else 64)
+    BM = max(rows, triton.next_power_of_2(G))
+    return BM // G, BM
+
+
+def _key_tile(BK: int, BV: int) -> int:
+    """Keys per dK/dV program (its dK and dV accumulators live in registers)."""
+    return 16 if _INTERPRET else (64 if max(BK, BV) <= 128 else 32)
+
+
+def _tiles(cu_seqlens, B: int, T: int, chunk: int, device):
+    """(number of tiles, chunk table). Dense input needs no table (the kernels derive the
+    sequence from the tile index; a one-element placeholder keeps the pointer non-null);
+    packed input costs one host copy of cu_seqlens."""
+    if cu_seqlens is None:
+        return B * triton.cdiv(T, chunk), torch.empty(1, dtype=torch.int32, device=device)
+    table = prepare_chunk_indices(cu_seqlens, chunk)
+    return table.shape[0], table
+
+
+def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens):
+    """q ``[B, T, HQ, K]``, k ``[B, T, H, K]``, v ``[B, T, H, V]``, contiguous -> o ``[B, T, HQ, V]``,
+    lse ``[B, T, HQ]`` float32 (base 2)."""
+    B, T, HQ, K = q.shape
+    H, V = k.shape[2], v.shape[3]
+    G, BK, BV = HQ // H, _pow2(K), _pow2(V)
+    BT, BM = _query_tile(G, BK, BV)
+    n_tiles, table = _tiles(cu_seqlens, B, T, BT, q.device)
+    cu = cu_seqlens if cu_seqlens is not None else table
+    o = new_output((B, T, HQ, V), q.dtype, q.device)
+    lse = new_output((B, T, HQ), torch.float32, q.device)
+    window_fwd_kernel[(n_tiles, H)](
+        q, k, v, o, lse, cu, table, scale, T, window_size,
+        HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BV=BV, BT=BT, BM=BM, IS_VARLEN=cu_seqlens is not None,
+        **_dot_args(q.dtype),
+    )
+    return o, lse
+
+
+def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens):
+    """Gradients of :func:`_launch_fwd` (all inputs contiguous): dq, dk, dv shaped like q, k, v."""
+    B, T, HQ, K = q.shape
+    H, V = k.shape[2], v.shape[3]
+    G, BK, BV = HQ // H, _pow2(K), _pow2(V)
+    common = dict(HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None,
+                  **_dot_args(q.dtype))
+
+    BT, BM = _query_tile(G, BK, BV)
+    n_tiles, table = _tiles(cu_seqlens, B, T, BT, q.device)
+    cu = cu_seqlens if cu_seqlens is not None else table
+    dq = new_output(q.shape, q.dtype, q.device)
+    delta = new_output((B, T, HQ), torch.float32, q.device)
+    window_bwd_dq_kernel[(n_tiles, H)](
+        q, k, v, o, lse, do, delta, dq, cu, table, scale, T, window_size, BT=BT, BM=BM, **common)
+
+    BN = _key_tile(BK, BV)
+    n_tiles, table = _tiles(cu_seqlens, B, T, BN, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    window_bwd_dkv_kernel[(n_tiles, H)](
+        q, k, v, lse, do, delta, dk, dv, cu, table, scale, T, window_size, BN=BN, **common)
+    return dq, dk, dv
+
+
+# The kernels are opaque to torch.compile: custom ops with fake (shape-only) implementations.
+@torch.library.custom_op("nsa::sliding_window_attention_fwd", mutates_args=())
+def _window_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, scale: float,
+                   cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_fwd(q.contiguous(), k.contiguous(), v.contiguous(), window_size, scale, cu_seqlens)
+
+
+@_window_fwd_op.register_fake
+def _(q, k, v, window_size, scale, cu_seqlens):
+    B, T, HQ, _ = q.shape
+    return q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
+
+
+@torch.library.custom_op("nsa::sliding_window_attention_bwd", mutates_args=())
+def _window_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                   do: torch.Tensor, window_size: int, scale: float, cu_seqlens: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_bwd(q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), lse.contiguous(),
+                       do.contiguous(), window_size, scale, cu_seqlens)
+
+
+@_window_bwd_op.register_fake
+def _(q, k, v, o, lse, do, window_size, scale, cu_seqlens):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class SlidingWindowAttentionFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, window_size, scale, cu_seqlens):
+        o, lse = _window_fwd_op(q, k, v, window_size, scale, cu_seqlens)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+        ctx.window_size, ctx.scale = window_size, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = _window_bwd_op(q, k, v, o, lse, do, ctx.window_size, ctx.scale, cu_seqlens)
+        return dq, dk, dv, None, None, None
+
+
+def sliding_window_attention_triton(q, k, v, window_size, scale, cu_seqlens=None):
+    """Triton sliding-window attention; the semantics of :func:`nsa.ops.sliding_window_attention`.
+
+    Query ``t`` attends keys ``t - window_size < s <= t`` of its own sequence::
+
+        window_size = 3    keys s ->
+                      t=0  x . . . .
+                      t=1  x x . . .
+                      t=2  x x x . .
+                      t=3  . x x x .
+                      t=4  . . x x x
+
+    Args:
+        q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``; HQ a multiple of H; fp16,
+            bf16 or fp32 (float64 is computed in float32). Validated by the caller.
+        window_size: int >= 1 (may exceed T).
+        scale: float softmax scale.
+        cu_seqlens: int32 ``[N+1]`` offsets of packed sequences (then B = 1), or None.
+    Returns:
+        o ``[B, T, HQ, Dv]`` in q's dtype; differentiable in q, k and v.
+    """
+    if q.dtype == torch.float64:
+        o = SlidingWindowAttentionFunction.apply(q.float(), k.float(), v.float(), window_size, scale, cu_seqlens)
+        return o.double()
+    return SlidingWindowAttentionFunction.apply(q, k, v, window_size, scale, cu_seqlens)

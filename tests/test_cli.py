@@ -1,0 +1,88 @@
+"""The `nsa` command: help, the demo at a small size, forwarding to nsa.bench, the key arithmetic."""
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from nsa.cli import keys_per_query, main
+
+SMALL_DEMO = ["demo", "--tokens", "150", "--decode-steps", "6", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
+              "--head-dim", "16", "--backend", "reference", "--device", "cpu"]
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "bench" in out
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--help"])
+    assert e.value.code == 0
+    assert "--tokens" in capsys.readouterr().out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_console_entry_points():
+    r = subprocess.run([sys.executable, "-m", "nsa.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "demo" in r.stdout, r.stderr
+    script = Path(sys.executable).parent / "nsa"
+    if script.exists():  # the console script installed by `pip install -e .`
+        r = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "bench" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_demo_small(capsys, dtype):
+    assert main(SMALL_DEMO + ["--dtype", dtype]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "device: CPU" in out
+    assert "forward" in out and "backward" in out and "gradients finite: yes" in out
+    assert "-> match" in out
+    assert "64k" in out and "32768" in out and "3573" in out
+
+
+def test_demo_bad_arguments(capsys):
+    assert main(["demo", "--tokens", "10", "--decode-steps", "10"]) == 2
+    assert main(["demo", "--tokens", "128", "--kv-heads", "3"]) == 2  # 4 heads, 3 KV heads: ValueError -> 2
+    assert "num_heads" in capsys.readouterr().err
+
+
+def test_bench_forwards_arguments(monkeypatch):
+    seen = []
+    fake = types.ModuleType("nsa.bench")
+    fake.cli_main = lambda argv: seen.append(argv) or 7
+    monkeypatch.setitem(sys.modules, "nsa.bench", fake)
+    assert main(["bench", "--preset", "tiny", "--help"]) == 7
+    assert seen == [["--preset", "tiny", "--help"]]
+
+
+def test_keys_per_query_matches_nsa_md_table():
+    """NSA.md section 2: full attention T/2; NSA 1715, 2009, 2540, 3573, 5626 at 8k..128k (whole blocks)."""
+    for n, want in zip((8, 16, 32, 64, 128), (1715, 2009, 2540, 3573, 5626)):
+        k = keys_per_query(n * 1024, whole_blocks=True)
+        assert round(k["nsa"]) == want, n
+        assert k["full"] == n * 1024 / 2 + 0.5
+
+
+def test_keys_per_query_brute_force():
+    """The closed forms against counting keys one query at a time."""
+    T, ks, st, bs, n, w = 300, 8, 4, 16, 5, 20
+    got = keys_per_query(T, ks, st, bs, n, w)
+    cmp = slc = win = 0
+    for t in range(T):
+        cmp += sum(1 for i in range(T) if i * st + ks - 1 <= t)
+        blocks = list(range(t // bs + 1))[-n:]  # any n causal blocks incl. the own one: same count
+        slc += sum(1 for s in range(t + 1) if s // bs in blocks)
+        win += sum(1 for s in range(t + 1) if s > t - w)
+    assert got["cmp"] == pytest.approx(cmp / T)
+    assert got["slc"] == pytest.approx(slc / T)
+    assert got["win"] == pytest.approx(win / T)
+    assert got["full"] == pytest.approx((T + 1) / 2)

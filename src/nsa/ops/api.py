@@ -90,7 +90,7 @@ def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None,
         scores, ``-inf`` where nothing is visible.
     """
     checks.check_compression(kernel_size, stride)
-    B, T, HQ, H = checks.check_qkv(q, k_cmp, v_cmp, same_len=False)
+    B, T, HQ, H = checks.check_qkv(q, k_cmp, v_cmp, same_len=False, names=("q", "k_cmp", "v_cmp"))
     cu = checks.check_cu_seqlens(cu_seqlens, q)
     checks.check_compressed_kv(k_cmp, v_cmp, q, T, kernel_size, stride, cu_seqlens, cu)
     fn = resolve_backend(backend, "compressed_attention", q.device)
@@ -206,7 +206,7 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
     """
     checks.check_selection(kernel_size, stride, block_size, num_selected, num_initial, num_local)
     checks.check_positive_int("window_size", window_size)
-    B, T, HQ, H = checks.check_qkv(q, k_cmp, v_cmp, same_len=False)
+    B, T, HQ, H = checks.check_qkv(q, k_cmp, v_cmp, same_len=False, names=("q", "k_cmp", "v_cmp"))
     for name_k, kk, name_v, vv in (("k_slc", k_slc, "v_slc", v_slc), ("k_win", k_win, "v_win", v_win)):
         checks.check_tensor(name_k, kk, 4)
         checks.check_tensor(name_v, vv, 4)

@@ -41,29 +41,33 @@ def check_scale(scale):
         _fail(f"scale: expected None or a positive float, got {scale!r}")
 
 
-def check_qkv(q, k, v, same_len=True):
-    """q ``[B, T, HQ, Dk]``, k ``[B, S, H, Dk]``, v ``[B, S, H, Dv]``; returns (B, T, HQ, H)."""
-    check_tensor("q", q, 4)
-    check_tensor("k", k, 4)
-    check_tensor("v", v, 4)
-    check_same("k", k, "q", q)
-    check_same("v", v, "q", q)
+def check_qkv(q, k, v, same_len=True, names=("q", "k", "v")):
+    """q ``[B, T, HQ, Dk]``, k ``[B, S, H, Dk]``, v ``[B, S, H, Dv]``; returns (B, T, HQ, H).
+
+    ``names``: the caller's argument names for (q, k, v), used in the messages.
+    """
+    nq, nk, nv = names
+    check_tensor(nq, q, 4)
+    check_tensor(nk, k, 4)
+    check_tensor(nv, v, 4)
+    check_same(nk, k, nq, q)
+    check_same(nv, v, nq, q)
     B, T, HQ, Dk = q.shape
     if k.shape[0] != B or v.shape[0] != B:
-        _fail(f"k, v: expected batch size {B} like q, got {k.shape[0]} and {v.shape[0]}")
+        _fail(f"{nk}, {nv}: expected batch size {B} like {nq}, got {k.shape[0]} and {v.shape[0]}")
     if same_len and k.shape[1] != T:
-        _fail(f"k: expected {T} tokens like q, got {k.shape[1]}")
+        _fail(f"{nk}: expected {T} tokens like {nq}, got {k.shape[1]}")
     if v.shape[1] != k.shape[1]:
-        _fail(f"v: expected {k.shape[1]} tokens like k, got {v.shape[1]}")
+        _fail(f"{nv}: expected {k.shape[1]} tokens like {nk}, got {v.shape[1]}")
     H = k.shape[2]
     if H == 0 or HQ == 0 or HQ % H != 0:
-        _fail(f"q: number of query heads ({HQ}) must be a positive multiple of the KV heads of k ({H})")
+        _fail(f"{nq}: number of query heads ({HQ}) must be a positive multiple of the KV heads of {nk} ({H})")
     if v.shape[2] != H:
-        _fail(f"v: expected {H} heads like k, got {v.shape[2]}")
+        _fail(f"{nv}: expected {H} heads like {nk}, got {v.shape[2]}")
     if k.shape[3] != Dk:
-        _fail(f"k: expected head dim {Dk} like q, got {k.shape[3]}")
+        _fail(f"{nk}: expected head dim {Dk} like {nq}, got {k.shape[3]}")
     if Dk == 0 or v.shape[3] == 0:
-        _fail("q, v: head dims must be positive")
+        _fail(f"{nq}, {nv}: head dims must be positive")
     return B, T, HQ, H
 
 

@@ -82,6 +82,7 @@ SHAPES = {
     "T67-G16-H2-dk16dv24": (1, 67, 32, 2, 16, 24, 4, 16, True),
     "T48-G5-bs32-S2-noncausal": (1, 48, 5, 1, 16, 16, 2, 32, False),
     "T40-G2-bs5-dk24dv8": (1, 40, 2, 1, 24, 8, 4, 5, True),
+    "T170-G2-bs80-S2": (1, 170, 2, 1, 16, 16, 2, 80, True),  # dK/dV in two key sub-tiles per block
     "varlen-1-37-100-G3": (1, [1, 37, 100], 3, 1, 32, 16, 3, 16, True),
     "varlen-1-37-60-G16-noncausal": (1, [1, 37, 60], 16, 1, 16, 16, 4, 32, False),
 }

@@ -51,12 +51,13 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 def selected_fwd_kernel(
     q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
-    BS: tl.constexpr, BK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``
-    -> o ``[N, HQ, DV]``, lse ``[N, HQ]`` (natural log, -inf where nothing is visible)."""
+    -> o ``[N, HQ, DV]``, lse ``[N, HQ]`` (natural log, -inf where nothing is visible).
+    A block of ``BS`` keys is read in ``NKS`` sub-tiles of ``BK`` keys."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -94,24 +95,27 @@ def selected_fwd_kernel(
             n_seen = tl.sum(tl.where(m_hit & (o_rp < i_p)[:, None], 1, 0))
             if (i_b >= 0) & (n_seen == 0) & (i_b * BS <= t_last):
                 m_sel = tl.sum(tl.where(m_hit, 1, 0), axis=1) > 0  # [BR] rows that selected i_b
-                i_k = i_b * BS + o_k  # [BK] key positions
-                m_k = (o_k < BS) & (i_k <= t_last)
-                o_kv = (bos + i_k) * H + i_h
-                b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :],
-                              mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)  # [BK, BDK]
-                b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :],
-                              mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)  # [BK, BDV]
-                b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
-                m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
-                b_s = tl.where(m_s, b_s, float("-inf"))
-                b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-                # rows that have seen no key yet keep m = -inf; shift them by 0 to avoid inf - inf
-                b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
-                b_p = tl.exp2(b_s - b_m_safe[:, None])
-                b_alpha = tl.exp2(b_m - b_m_safe)
-                b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-                b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, DOT_UPCAST)
-                b_m = b_m_new
+                for i_ks in range(NKS):
+                    if i_b * BS + i_ks * BK <= t_last:
+                        i_k = i_b * BS + i_ks * BK + o_k  # [BK] key positions
+                        m_k = (i_ks * BK + o_k < BS) & (i_k <= t_last)
+                        o_kv = (bos + i_k) * H + i_h
+                        b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :],
+                                      mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)  # [BK, BDK]
+                        b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :],
+                                      mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)  # [BK, BDV]
+                        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
+                        m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
+                        b_s = tl.where(m_s, b_s, float("-inf"))
+                        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+                        # rows that have seen no key yet keep m = -inf; shift them by 0, not inf - inf
+                        b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+                        b_p = tl.exp2(b_s - b_m_safe[:, None])
+                        b_alpha = tl.exp2(b_m - b_m_safe)
+                        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+                        b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION,
+                                                                DOT_UPCAST)
+                        b_m = b_m_new
 
     m_nonempty = b_l > 0
     b_o = b_acc / tl.where(m_nonempty, b_l, 1.)[:, None]
@@ -126,7 +130,7 @@ def selected_fwd_kernel(
 def selected_bwd_dq_kernel(
     q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
-    BS: tl.constexpr, BK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
@@ -171,19 +175,21 @@ def selected_bwd_dq_kernel(
             n_seen = tl.sum(tl.where(m_hit & (o_rp < i_p)[:, None], 1, 0))
             if (i_b >= 0) & (n_seen == 0) & (i_b * BS <= t_last):
                 m_sel = tl.sum(tl.where(m_hit, 1, 0), axis=1) > 0
-                i_k = i_b * BS + o_k
-                m_k = (o_k < BS) & (i_k <= t_last)
-                o_kv = (bos + i_k) * H + i_h
-                b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :],
-                              mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)  # [BK, BDK]
-                b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :],
-                              mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)  # [BK, BDV]
-                b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
-                m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
-                b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
-                b_dp = _dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
-                b_ds = b_p * (b_dp - b_delta[:, None])
-                b_dq += _dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
+                for i_ks in range(NKS):
+                    if i_b * BS + i_ks * BK <= t_last:
+                        i_k = i_b * BS + i_ks * BK + o_k
+                        m_k = (i_ks * BK + o_k < BS) & (i_k <= t_last)
+                        o_kv = (bos + i_k) * H + i_h
+                        b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :],
+                                      mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)  # [BK, BDK]
+                        b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :],
+                                      mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)  # [BK, BDV]
+                        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
+                        m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
+                        b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
+                        b_dp = _dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
+                        b_ds = b_p * (b_dp - b_delta[:, None])
+                        b_dq += _dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
     tl.store(dq + o_row[:, None] * DK + o_dk[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_qd)
 
 
@@ -191,22 +197,24 @@ def selected_bwd_dq_kernel(
 def selected_bwd_dkv_kernel(
     q, k, v, lse, do, delta, dk, dv, cu_seqlens, block_table, query_offsets, query_list, scale,
     NBT, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
-    BS: tl.constexpr, BK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """dk ``[N, H, DK]``, dv ``[N, H, DV]`` for the keys of one (block, KV head).
+    """dk ``[N, H, DK]``, dv ``[N, H, DV]`` for ``BK`` keys (sub-tile ``pid0 % NKS``) of one
+    (block, KV head).
 
     ``query_list[query_offsets[h * NBT + blk] : query_offsets[h * NBT + blk + 1]]`` are the
     packed positions of the queries that selected global block ``blk`` for KV head ``h``.
     """
-    i_blk, i_h = tl.program_id(0), tl.program_id(1)
+    i_bk, i_h = tl.program_id(0), tl.program_id(1)
+    i_blk = i_bk // NKS
     i_n = tl.load(block_table + i_blk * 2).to(tl.int64)
     i_j = tl.load(block_table + i_blk * 2 + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
 
-    o_k = tl.arange(0, BK)
+    o_k = (i_bk % NKS) * BK + tl.arange(0, BK)  # [BK] key offsets inside the block
     i_k = bos + i_j * BS + o_k  # [BK] packed key positions
     m_k = (o_k < BS) & (i_j * BS + o_k < seq_len)
     o_dk = tl.arange(0, BDK)
@@ -256,6 +264,25 @@ def _tile(G: int, rows: int):
     """(positions per tile, padded rows per tile): as many positions as fit ``rows`` rows."""
     bt = max(1, rows // G)
     return bt, _pow2(bt * G)
+
+
+# Shared memory of one operand tile pair (K and V, or Q and dO) at most: an H200 block has 227 KB,
+# and dot-layout conversions need scratch space beside the tiles.
+_TILE_BYTES = 64 * 1024
+
+
+def _fit(n: int, row_bytes: int) -> int:
+    """Largest power of two <= n (at least 16) whose rows of ``row_bytes`` fit in _TILE_BYTES."""
+    p = 16
+    while 2 * p <= n and 2 * p * row_bytes <= _TILE_BYTES:
+        p *= 2
+    return p
+
+
+def _fwd_key_tile(block_size: int, DK: int, DV: int, esize: int) -> tuple[int, int]:
+    """(keys per sub-tile, sub-tiles per block) of the query-centric kernels."""
+    bk = _fit(min(_pow2(block_size), 64), (_pow2(DK) + _pow2(DV)) * esize)
+    return bk, triton.cdiv(block_size, bk)
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
@@ -316,11 +343,13 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     o = new_output((N, HQ, DV), q.dtype, q.device)
     lse = new_output((N, HQ), torch.float32, q.device)
-    grid = (chunk_indices.shape[0], H)
-    selected_fwd_kernel[grid](
+    BK, NKS = _fwd_key_tile(block_size, DK, DV, q.element_size())
+    # num_stages=1: the loads sit under data-dependent branches, which are not pipelined
+    selected_fwd_kernel[(chunk_indices.shape[0], H)](
         q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
-        HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=block_size, BK=_pow2(block_size),
-        DK=DK, DV=DV, BDK=_pow2(DK), BDV=_pow2(DV), BT=BT, BR=BR, num_warps=4, **_dot_args(q.dtype),
+        HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=block_size, BK=BK, NKS=NKS,
+        DK=DK, DV=DV, BDK=_pow2(DK), BDV=_pow2(DV), BT=BT, BR=BR, num_warps=4, num_stages=1,
+        **_dot_args(q.dtype),
     )
     return o, lse
 
@@ -330,22 +359,29 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     G = HQ // H
-    common = dict(HQ=HQ, H=H, G=G, BS=block_size, BK=_pow2(block_size), DK=DK, DV=DV, BDK=_pow2(DK),
-                  BDV=_pow2(DV), **_dot_args(q.dtype))
+    row_bytes = (_pow2(DK) + _pow2(DV)) * q.element_size()
+    common = dict(HQ=HQ, H=H, G=G, BS=block_size, DK=DK, DV=DV, BDK=_pow2(DK), BDV=_pow2(DV),
+                  **_dot_args(q.dtype))
     dq = new_output(q.shape, q.dtype, q.device)
     delta = new_output((N, HQ), torch.float32, q.device)
+    BK, NKS = _fwd_key_tile(block_size, DK, DV, q.element_size())
     selected_bwd_dq_kernel[(chunk_indices.shape[0], H)](
         q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
-        S=S, SP=triton.next_power_of_2(S), BT=BT, BR=BR, num_warps=4, **common,
+        S=S, SP=triton.next_power_of_2(S), BK=BK, NKS=NKS, BT=BT, BR=BR, num_warps=4, num_stages=1, **common,
     )
     NBT = block_table.shape[0]
     offsets, query_list = _reverse_index(block_indices, cu_seqlens, block_table, block_size)
-    BQ, BRQ = _tile(G, BWD_ROWS)
+    BQ, BRQ = _tile(G, _fit(BWD_ROWS, row_bytes))
+    # dK and dV of BK keys stay in float32 registers for the whole walk: split a block into key
+    # sub-tiles (separate programs) when head dims are large, so they fit without spilling.
+    BK = _fit(min(_pow2(block_size), 32 if _pow2(DK) + _pow2(DV) > 256 else 64), row_bytes)
+    NKS = triton.cdiv(block_size, BK)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    selected_bwd_dkv_kernel[(NBT, H)](
+    selected_bwd_dkv_kernel[(NBT * NKS, H)](
         q, k, v, lse, do, delta, dk, dv, cu_seqlens, block_table, offsets, query_list, scale,
-        NBT, BQ=BQ, BR=BRQ, num_warps=4, **common,
+        NBT, BK=BK, NKS=NKS, BQ=BQ, BR=BRQ, num_warps=8 if BK * (_pow2(DK) + _pow2(DV)) >= 64 * 256 else 4,
+        num_stages=2 if 2 * BRQ * row_bytes <= _TILE_BYTES else 1, **common,
     )
     return dq, dk, dv
 

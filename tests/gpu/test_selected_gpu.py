@@ -1,0 +1,185 @@
+"""Triton selected attention on the GPU at real sizes, against the float32 reference.
+
+The reference is dense masked attention, O(T^2) memory, so it is evaluated per chunk of queries
+(keys up to the chunk's end); summing the chunks' key/value gradients gives the full dK/dV.
+"""
+
+import pytest
+import torch
+
+from nsa.ops import reference, selected_attention
+from tests.helpers import assert_close, needs_cuda
+
+pytestmark = [pytest.mark.gpu, needs_cuda]
+
+# bfloat16 kernel vs float32 reference on the same (upcast) bf16 inputs. The difference comes from
+# rounding P and dS to bf16 before the second products and the outputs to bf16 (unit roundoff
+# 2^-9 ~ 2e-3 per element, independent across terms): measured on CPU at small sizes o ~4.5e-3,
+# gradients ~7e-3. It does not grow with T: every output is a normalized sum.
+RATIO_BF16 = 1e-2
+RATIO_FP32 = 1e-5
+
+
+def causal_selection(B, T, H, S, block_size, gen, device, rows=8192):
+    """int32 ``[B, T, H, S]``: each row holds the query's own block, up to S-1 other random causal
+    blocks, in random order, -1 where fewer than S causal blocks exist."""
+    NB = -(-T // block_size)
+    out = torch.empty(B, T, H, S, dtype=torch.int32, device=device)
+    blocks = torch.arange(NB, device=device)
+    for t0 in range(0, T, rows):
+        t = torch.arange(t0, min(T, t0 + rows), device=device)
+        own = (t // block_size).view(1, -1, 1, 1)
+        score = torch.rand(B, t.numel(), H, NB, generator=gen, device=device)
+        score = torch.where(blocks > own, -1.0, score)
+        score = torch.where(blocks == own, 2.0, score)
+        val, ids = score.topk(S, dim=-1)
+        ids = torch.where(val >= 0, ids, -1)
+        order = torch.rand(ids.shape, generator=gen, device=device).argsort(-1)
+        out[:, t0:t0 + t.numel()] = ids.gather(-1, order).to(torch.int32)
+    return out
+
+
+def inputs(B, T, HQ, H, Dk, Dv, S, block_size, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=dtype)  # noqa: E731
+    q, k, v = mk(B, T, HQ, Dk), mk(B, T, H, Dk), mk(B, T, H, Dv)
+    idx = causal_selection(B, T, H, S, block_size, gen, "cuda")
+    do = mk(B, T, HQ, Dv)
+    return q, k, v, idx, do
+
+
+def chunk_reference(q, k, v, idx, do, block_size, scale, a, b, grads=True):
+    """Float32 reference for query rows [a, b) of batch row 0..B-1 (keys 0..b-1).
+
+    Returns o rows, dq rows and this chunk's contribution to dk[:, :b], dv[:, :b] (None if not grads).
+    """
+    B, H, S = q.shape[0], k.shape[2], idx.shape[3]
+    NB = -(-b // block_size)
+    qc = q[:, a:b].float().requires_grad_(grads)
+    kc = k[:, :b].float().requires_grad_(grads)
+    vc = v[:, :b].float().requires_grad_(grads)
+    sel = idx[:, a:b].long()
+    sel = torch.where(sel < 0, NB, sel)
+    blk = torch.zeros(B, b - a, H, NB + 1, dtype=torch.bool, device=q.device)
+    blk.scatter_(-1, sel, True)
+    blk = blk[..., :NB].repeat_interleave(block_size, -1)[..., :b]  # [B, b-a, H, b]
+    pos_q = torch.arange(a, b, device=q.device).view(-1, 1)
+    pos_k = torch.arange(b, device=q.device).view(1, -1)
+    mask = blk.permute(0, 2, 1, 3) & (pos_k <= pos_q)  # [B, H, b-a, b]
+    o, _ = reference._masked_attention(qc, kc, vc, mask.unsqueeze(2), scale)
+    if not grads:
+        return o.detach(), None, None, None
+    dq, dk, dv = torch.autograd.grad(o, (qc, kc, vc), do[:, a:b].float())
+    return o.detach(), dq, dk, dv
+
+
+def run_triton(q, k, v, idx, do, block_size, backward=True):
+    leaves = [x.detach().requires_grad_(backward) for x in (q, k, v)]
+    o = selected_attention(*leaves, idx, block_size, backend="triton")
+    if not backward:
+        return o.detach(), None
+    return o.detach(), torch.autograd.grad(o, leaves, do)
+
+
+@pytest.mark.parametrize("T", [4096, 16384], ids=["T4k", "T16k"])
+def test_paper_shape_bf16(T):
+    """B=1, HQ=64, H=4 (G=16), D=128, block 64, S=16. Output and dq on four chunks of 256 queries;
+    dk/dv in full, as the sum of every query chunk's contribution."""
+    B, HQ, H, D, bs, S, C = 1, 64, 4, 128, 64, 16, 256
+    q, k, v, idx, do = inputs(B, T, HQ, H, D, D, S, bs, torch.bfloat16)
+    scale = D ** -0.5
+    o, (dq, dk, dv) = run_triton(q, k, v, idx, do, bs)
+    for a in (0, T // 3 // C * C, T // 2 + 7 * C, T - C):
+        o_r, dq_r, _, _ = chunk_reference(q, k, v, idx, do, bs, scale, a, a + C)
+        assert_close(f"o[{a}:{a + C}]", o_r, o[:, a:a + C], RATIO_BF16)
+        assert_close(f"dq[{a}:{a + C}]", dq_r, dq[:, a:a + C], RATIO_BF16)
+    # full dk/dv: every chunk of queries contributes to the keys before its end
+    dk_r = torch.zeros(B, T, H, D, device="cuda")
+    dv_r = torch.zeros(B, T, H, D, device="cuda")
+    for a in range(0, T, C):
+        _, _, dk_c, dv_c = chunk_reference(q, k, v, idx, do, bs, scale, a, a + C)
+        dk_r[:, :a + C] += dk_c
+        dv_r[:, :a + C] += dv_c
+    assert_close("dk", dk_r, dk, RATIO_BF16)
+    assert_close("dv", dv_r, dv, RATIO_BF16)
+
+
+# id: (HQ, H, Dk, Dv, block_size, S): every group size and head dim the kernels must compile for.
+GPU_SHAPES = {
+    "G1-d64": (4, 4, 64, 64, 64, 16),
+    "G2-dk192-dv128": (8, 4, 192, 128, 64, 16),
+    "G3-d128-bs32": (6, 2, 128, 128, 32, 8),
+    "G8-d256": (16, 2, 256, 256, 64, 8),
+    "G16-dk128-dv64": (32, 2, 128, 64, 64, 16),
+    "G32-d128-bs128": (32, 1, 128, 128, 128, 6),
+}
+
+
+@pytest.mark.parametrize("shape", list(GPU_SHAPES.values()), ids=list(GPU_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_group_sizes_and_head_dims(shape, dtype):
+    """T=1000 (not a multiple of any block), full reference (fits at this size)."""
+    HQ, H, Dk, Dv, bs, S = shape
+    T = 1000
+    q, k, v, idx, do = inputs(2, T, HQ, H, Dk, Dv, S, bs, dtype, seed=1)
+    o, g = run_triton(q, k, v, idx, do, bs)
+    leaves = [x.detach().float().requires_grad_(True) for x in (q, k, v)]
+    o_r = reference.selected_attention(*leaves, idx, bs, Dk ** -0.5)
+    g_r = torch.autograd.grad(o_r, leaves, do.float())
+    ratio = RATIO_BF16 if dtype == torch.bfloat16 else RATIO_FP32
+    assert_close("o", o_r, o, ratio)
+    for name, r, x in zip(("dq", "dk", "dv"), g_r, g):
+        assert_close(name, r, x, ratio)
+
+
+def test_backward_deterministic_gpu():
+    q, k, v, idx, do = inputs(1, 4096, 64, 4, 128, 128, 16, 64, torch.bfloat16, seed=2)
+    _, g1 = run_triton(q, k, v, idx, do, 64)
+    _, g2 = run_triton(q, k, v, idx, do, 64)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_varlen_gpu():
+    lens = [1, 700, 4096, 3001]
+    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+    T = sum(lens)
+    q, k, v, _, do = inputs(1, T, 32, 2, 128, 128, 8, 64, torch.bfloat16, seed=3)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    idx = torch.cat([causal_selection(1, n, 2, 8, 64, gen, "cuda") for n in lens], 1)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    o = selected_attention(*leaves, idx, 64, cu_seqlens=cu, backend="triton")
+    g = torch.autograd.grad(o, leaves, do)
+    ref = [x.detach().float().requires_grad_(True) for x in (q, k, v)]
+    o_r = reference.selected_attention(*ref, idx, 64, 128 ** -0.5, cu)
+    g_r = torch.autograd.grad(o_r, ref, do.float())
+    assert_close("o", o_r, o, RATIO_BF16)
+    for name, r, x in zip(("dq", "dk", "dv"), g_r, g):
+        assert_close(name, r, x, RATIO_BF16)
+
+
+def test_long_sequence_128k():
+    """T = 128k at B = 1: runs, all finite; the last 64 queries match the reference."""
+    T, HQ, H, D, bs, S, C = 131072, 64, 4, 128, 64, 16, 64
+    q, k, v, idx, do = inputs(1, T, HQ, H, D, D, S, bs, torch.bfloat16, seed=4)
+    o, (dq, dk, dv) = run_triton(q, k, v, idx, do, bs)
+    for name, x in (("o", o), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(x).all(), name
+    o_r, dq_r, _, _ = chunk_reference(q, k, v, idx, do, bs, D ** -0.5, T - C, T)
+    assert_close("o[-64:]", o_r, o[:, T - C:], RATIO_BF16)
+    assert_close("dq[-64:]", dq_r, dq[:, T - C:], RATIO_BF16)
+
+
+def test_more_than_2_pow_31_elements():
+    """B*T*HQ*D = 2 * 135168 * 64 * 128 > 2^31: offsets past 2^31 must not wrap. The last
+    sequence's last 64 queries match the reference (forward and dq)."""
+    B, T, HQ, H, D, bs, S, C = 2, 135168, 64, 4, 128, 64, 16, 64
+    assert B * T * HQ * D > 2 ** 31
+    q, k, v, idx, do = inputs(B, T, HQ, H, D, D, S, bs, torch.bfloat16, seed=5)
+    o, (dq, dk, dv) = run_triton(q, k, v, idx, do, bs)
+    for name, x in (("o", o), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(x).all(), name
+    last = [x[1:] for x in (q, k, v, idx, do)]
+    o_r, dq_r, _, _ = chunk_reference(*last[:4], last[4], bs, D ** -0.5, T - C, T)
+    assert_close("o[1, -64:]", o_r, o[1:, T - C:], RATIO_BF16)
+    assert_close("dq[1, -64:]", dq_r, dq[1:, T - C:], RATIO_BF16)

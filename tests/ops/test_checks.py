@@ -140,6 +140,7 @@ CASES = [
     ("scale-0", ALL, "scale", lambda a: dict(scale=0.0)),
     ("scale-negative", ALL, "scale", lambda a: dict(scale=-1.0)),
     ("scale-nan", ALL, "scale", lambda a: dict(scale=float("nan"))),
+    ("scale-inf", ALL, "scale", lambda a: dict(scale=float("inf"))),
     ("scale-str", ALL, "scale", lambda a: dict(scale="0.5")),
     ("scale-tensor", ALL, "scale", lambda a: dict(scale=torch.tensor(0.5))),
     ("backend-unknown", ALL, "backend", lambda a: dict(backend="cuda")),

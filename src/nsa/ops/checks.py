@@ -37,8 +37,8 @@ def check_positive_int(name, v, minimum=1):
 def check_scale(scale):
     if scale is None:
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or scale != scale:
-        _fail(f"scale: expected None or a positive float, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        _fail(f"scale: expected None or a positive finite float, got {scale!r}")
 
 
 def check_qkv(q, k, v, same_len=True, names=("q", "k", "v")):

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -355,19 +354,17 @@ class NativeSparseAttention(nn.Module):
         if cache is not None:
             if cu_seqlens is None:
                 lens = [T] * B
-                flat = lambda t: t.reshape(B * T, *t.shape[2:])  # noqa: E731
-                cmp_flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731
             else:
                 lens = [b - a for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
-                flat = cmp_flat = lambda t: t[0]  # noqa: E731
+            # [B, T, ...] and packed [1, total, ...] both flatten to the packed [total, ...] layout.
             shared = len(branches) == 2
             with torch.no_grad():
-                cache.prefill(lens, flat(k_raw), flat(v_raw), cmp_flat(k_cmp), cmp_flat(v_cmp), flat(k_s),
-                              flat(v_s), None if shared else flat(k_w), None if shared else flat(v_w))
+                cache.prefill(lens, k_raw.flatten(0, 1), v_raw.flatten(0, 1), k_cmp.flatten(0, 1),
+                              v_cmp.flatten(0, 1), k_s.flatten(0, 1), v_s.flatten(0, 1),
+                              None if shared else k_w.flatten(0, 1), None if shared else v_w.flatten(0, 1))
         return self.o_proj(o.flatten(-2))
 
     def _decode(self, x, cache: NSACache):
-        c = self.config
         N = cache.batch_size
         if tuple(x.shape[:2]) != (N, 1):
             raise ValueError(f"x: a decoding step takes one token per cached sequence, [N={N}, 1, hidden_size]; "
@@ -388,8 +385,7 @@ class NativeSparseAttention(nn.Module):
                 cache.store_compressed(done, kc[0], vc[0])
         g_cmp, g_slc, g_win = (g[:, 0] for g in self._gates(x))
         dt = q.dtype
-        kw = self._op_kwargs()
         o = nsa_decode(q[:, 0], cache.k_cmp.to(dt), cache.v_cmp.to(dt), cache.k_slc.to(dt), cache.v_slc.to(dt),
                        cache.k_win.to(dt), cache.v_win.to(dt), g_cmp.to(dt), g_slc.to(dt), g_win.to(dt),
-                       cache.seq_lens, **kw)
+                       cache.seq_lens, **self._op_kwargs())
         return self.o_proj(o.flatten(-2)).unsqueeze(1)

@@ -167,3 +167,19 @@ def test_opcheck_custom_ops():
     o, lse = cmp_mod._fwd_op(q, k, v, ks, st, 0.25, None)
     do, dlse = torch.randn_like(o), torch.randn_like(lse)
     torch.library.opcheck(cmp_mod._bwd_op, (q, k, v, o, lse, do, dlse, ks, st, 0.25, None))
+
+
+def test_dkv_split_into_query_segments(monkeypatch):
+    """The dK/dV kernel splits a tile's queries over several programs when there are few compressed
+    tiles (fp32 partials, summed in a fixed order); check that path is taken here and is exact."""
+    seen = []
+    orig = cmp_mod._dkv_segments
+
+    def record(*args):
+        seen.append(orig(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(cmp_mod, "_dkv_segments", record)
+    q, k, v = _inputs(1, 60, num_compressed(60, 8, 8), 1, 16, 16, 24, torch.float32)
+    _check("segments", q, k, v, 8, 8)
+    assert seen and max(seen) > 1

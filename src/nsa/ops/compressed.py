@@ -23,6 +23,7 @@ lse is float32. float64 inputs are computed in float32 and the results cast back
 Work is O(T * T / stride) per head (inherent to the branch); extra memory is O(T).
 """
 
+import functools
 import math
 from typing import Optional
 
@@ -42,22 +43,23 @@ def _fwd_tiles(acc, l_i, m_i, b_q, p_k, p_v, o_t, i_lo, i_hi, n_vis, s_kt, s_vt,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Online-softmax update of a query tile over compressed tokens [i_lo, i_hi) of its sequence.
 
-    p_k/p_v point at the sequence's first compressed token (int64 offsets already applied);
-    MASK applies the per-row visibility (only the tiles near the tile's horizon need it).
+    p_k/p_v point at the sequence's first compressed token of the KV head; MASK applies the
+    per-row visibility (only the key tiles near the query tile's horizon need it).
     """
     o_c = tl.arange(0, BC)
     o_dk = tl.arange(0, BDK)
     o_dv = tl.arange(0, BDV)
     m_dk = o_dk < DK
     m_dv = o_dv < DV
+    # small in-tile offsets in int32; the tile start is added as an int64 scalar below
+    p_kb = p_k + o_c[:, None] * s_kt + o_dk[None, :]
+    p_vb = p_v + o_c[:, None] * s_vt + o_dv[None, :]
     for i0 in range(i_lo, i_hi, BC):
         o_i = i0 + o_c
         m_i_ok = o_i < n_vis
         # [BC, BDK], [BC, BDV]
-        b_k = tl.load(p_k + o_i.to(tl.int64)[:, None] * s_kt + o_dk[None, :],
-                      mask=m_i_ok[:, None] & m_dk[None, :], other=0.)
-        b_v = tl.load(p_v + o_i.to(tl.int64)[:, None] * s_vt + o_dv[None, :],
-                      mask=m_i_ok[:, None] & m_dv[None, :], other=0.)
+        b_k = tl.load(p_kb + tl.cast(i0, tl.int64) * s_kt, mask=m_i_ok[:, None] & m_dk[None, :], other=0.)
+        b_v = tl.load(p_vb + tl.cast(i0, tl.int64) * s_vt, mask=m_i_ok[:, None] & m_dv[None, :], other=0.)
         if UPCAST:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         # [BM, BC], log2 units
@@ -85,6 +87,7 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu_seqlens, ccu_seqlens, chunk_indice
                           KERNEL_SIZE, STRIDE,
                           GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
                           BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One program per (query tile, KV head); chunk_indices rows are (sequence, tile)."""
     BM: tl.constexpr = BT * GP
     i_p = tl.program_id(0)
     i_c, i_h = i_p // H, i_p % H
@@ -104,7 +107,7 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu_seqlens, ccu_seqlens, chunk_indice
     o_dv = tl.arange(0, BDV)
     m_dk = o_dk < DK
     m_dv = o_dv < DV
-    o_tok = bos + o_t  # int64 packed token index
+    o_tok = bos + o_t  # [BM] int64 packed token index
 
     p_q = q + o_tok[:, None] * s_qt + (o_hq * s_qh)[:, None] + o_dk[None, :]
     b_q = tl.load(p_q, mask=m_row[:, None] & m_dk[None, :], other=0.)  # [BM, BDK]
@@ -163,13 +166,13 @@ def _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, i_lo, i_hi, n_
     o_dv = tl.arange(0, BDV)
     m_dk = o_dk < DK
     m_dv = o_dv < DV
+    p_kb = p_k + o_c[:, None] * s_kt + o_dk[None, :]
+    p_vb = p_v + o_c[:, None] * s_vt + o_dv[None, :]
     for i0 in range(i_lo, i_hi, BC):
         o_i = i0 + o_c
         m_i_ok = o_i < n_vis
-        b_k = tl.load(p_k + o_i.to(tl.int64)[:, None] * s_kt + o_dk[None, :],
-                      mask=m_i_ok[:, None] & m_dk[None, :], other=0.)  # [BC, BDK]
-        b_v = tl.load(p_v + o_i.to(tl.int64)[:, None] * s_vt + o_dv[None, :],
-                      mask=m_i_ok[:, None] & m_dv[None, :], other=0.)  # [BC, BDV]
+        b_k = tl.load(p_kb + tl.cast(i0, tl.int64) * s_kt, mask=m_i_ok[:, None] & m_dk[None, :], other=0.)  # [BC, BDK]
+        b_v = tl.load(p_vb + tl.cast(i0, tl.int64) * s_vt, mask=m_i_ok[:, None] & m_dv[None, :], other=0.)  # [BC, BDV]
         if UPCAST:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2  # [BM, BC]
@@ -192,7 +195,8 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlen
                              KERNEL_SIZE, STRIDE,
                              GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
                              BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dq has q's strides, do has o's strides; lse and delta are contiguous [tokens, HQ] fp32."""
+    """One program per (query tile, KV head). dq has q's strides, do has o's strides;
+    lse and delta are contiguous [tokens, HQ] fp32."""
     BM: tl.constexpr = BT * GP
     i_p = tl.program_id(0)
     i_c, i_h = i_p // H, i_p % H
@@ -246,28 +250,34 @@ def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i
                    s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
                    GP: tl.constexpr, BT: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dK/dV (unscaled dK) of a compressed tile from the query tiles starting at t_lo, t_lo+BT, .. < t_hi."""
+    """dK (unscaled) and dV of a compressed tile from the query tiles starting at t_lo, t_lo+BT, .. < t_hi
+    (rows past t_hi belong to the next program unless t_hi is the sequence end)."""
     BM: tl.constexpr = BT * GP
     o_r = tl.arange(0, BM)
+    o_dt = o_r // GP  # [BM] position within the query tile
     o_g = o_r % GP
+    m_g = o_g < G
     o_hq = i_h * G + o_g
     o_dk = tl.arange(0, BDK)
     o_dv = tl.arange(0, BDV)
     m_dk = o_dk < DK
     m_dv = o_dv < DV
+    # small in-tile offsets in int32; the tile start is added as an int64 scalar below
+    p_qb = q + bos * s_qt + (o_dt * s_qt + o_hq * s_qh)[:, None] + o_dk[None, :]
+    p_dob = do + bos * s_ot + (o_dt * s_ot + o_hq * s_oh)[:, None] + o_dv[None, :]
+    p_lb = lse + bos * HQ + o_dt * HQ + o_hq
+    p_db = delta + bos * HQ + o_dt * HQ + o_hq
     for t0 in range(t_lo, t_hi, BT):
-        o_t = t0 + o_r // GP
-        m_row = (o_t < seq_len) & (o_g < G)
-        o_tok = bos + o_t
-        b_q = tl.load(q + o_tok[:, None] * s_qt + (o_hq * s_qh)[:, None] + o_dk[None, :],
-                      mask=m_row[:, None] & m_dk[None, :], other=0.)  # [BM, BDK]
-        b_do = tl.load(do + o_tok[:, None] * s_ot + (o_hq * s_oh)[:, None] + o_dv[None, :],
-                       mask=m_row[:, None] & m_dv[None, :], other=0.)  # [BM, BDV]
+        o_t = t0 + o_dt
+        m_row = (o_t < seq_len) & m_g
+        t0_64 = tl.cast(t0, tl.int64)
+        b_q = tl.load(p_qb + t0_64 * s_qt, mask=m_row[:, None] & m_dk[None, :], other=0.)  # [BM, BDK]
+        b_do = tl.load(p_dob + t0_64 * s_ot, mask=m_row[:, None] & m_dv[None, :], other=0.)  # [BM, BDV]
         if UPCAST:
             b_q, b_do = b_q.to(tl.float32), b_do.to(tl.float32)
-        b_lse = tl.load(lse + o_tok * HQ + o_hq, mask=m_row, other=float("inf"))
+        b_lse = tl.load(p_lb + t0_64 * HQ, mask=m_row, other=float("inf"))
         b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
-        b_delta = tl.load(delta + o_tok * HQ + o_hq, mask=m_row, other=0.)
+        b_delta = tl.load(p_db + t0_64 * HQ, mask=m_row, other=0.)
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * scale_log2  # [BC, BM]
         b_pt = tl.exp2(b_st - b_lse[None, :])
         if MASK:
@@ -288,13 +298,20 @@ def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i
 
 @triton.jit
 def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_seqlens, chunk_indices, scale,
-                              scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, HQ, H, G, DK, DV,
-                              KERNEL_SIZE, STRIDE,
+                              scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_dks, s_dvs,
+                              HQ, H, G, DK, DV, KERNEL_SIZE, STRIDE, NSEG,
                               GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
                               BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One program per (tile of BC compressed tokens, KV head); dk/dv have k/v's strides."""
+    """One program per (tile of BC compressed tokens, KV head, query segment).
+
+    The queries that see the tile, [i0*stride + kernel_size - 1, seq_len), are cut into NSEG
+    segments of whole query tiles; program s writes its partial sums to dk + s*s_dks (resp. dv),
+    which hold k's (v's) strides otherwise. The host adds the segments in a fixed order.
+    """
     i_p = tl.program_id(0)
-    i_c, i_h = i_p // H, i_p % H
+    i_c = i_p // (H * NSEG)
+    i_h = (i_p // NSEG) % H
+    i_s = i_p % NSEG
     i_n = tl.load(chunk_indices + i_c * 2)
     i_tile = tl.load(chunk_indices + i_c * 2 + 1)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -309,7 +326,7 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_s
     o_dv = tl.arange(0, BDV)
     m_dk = o_dk < DK
     m_dv = o_dv < DV
-    o_ctok = cbos + o_i  # int64 packed compressed-token index
+    o_ctok = cbos + o_i  # [BC] int64 packed compressed-token index
     b_k = tl.load(k + o_ctok[:, None] * s_kt + i_h * s_kh + o_dk[None, :],
                   mask=m_i[:, None] & m_dk[None, :], other=0.)  # [BC, BDK]
     b_v = tl.load(v + o_ctok[:, None] * s_vt + i_h * s_vh + o_dv[None, :],
@@ -317,24 +334,27 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_s
     if UPCAST:
         b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
 
-    # First query that sees token i0, and first one that sees the tile's last token; query tiles
-    # starting at or after t_full see the whole tile and skip the mask.
+    # This program's queries [t_lo, t_hi); t_full: the first query that sees the whole tile, so
+    # query tiles from t_mid on skip the per-row mask.
     t_start = i0 * STRIDE + KERNEL_SIZE - 1
+    piece = tl.cdiv(tl.cdiv(seq_len - t_start, NSEG), BT) * BT
+    t_lo = t_start + i_s * piece
+    t_hi = tl.minimum(t_lo + piece, seq_len)
     t_full = (tl.minimum(i0 + BC, n_cmp) - 1) * STRIDE + KERNEL_SIZE - 1
-    t_mid = t_start + tl.cdiv(t_full - t_start, BT) * BT
+    t_mid = tl.minimum(t_lo + tl.cdiv(tl.maximum(t_full - t_lo, 0), BT) * BT, t_hi)
 
     b_dk = tl.zeros([BC, BDK], dtype=tl.float32)
     b_dv = tl.zeros([BC, BDV], dtype=tl.float32)
-    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_start, t_mid,
+    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_lo, t_mid,
                                 s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
                                 GP, BT, BDK, BDV, True, PRECISION, UPCAST)
-    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_mid, seq_len,
+    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_mid, t_hi,
                                 s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
                                 GP, BT, BDK, BDV, False, PRECISION, UPCAST)
-    tl.store(dk + o_ctok[:, None] * s_kt + i_h * s_kh + o_dk[None, :], (b_dk * scale).to(dk.dtype.element_ty),
-             mask=m_i[:, None] & m_dk[None, :])
-    tl.store(dv + o_ctok[:, None] * s_vt + i_h * s_vh + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
-             mask=m_i[:, None] & m_dv[None, :])
+    p_dk = dk + tl.cast(i_s, tl.int64) * s_dks + o_ctok[:, None] * s_kt + i_h * s_kh + o_dk[None, :]
+    p_dv = dv + tl.cast(i_s, tl.int64) * s_dvs + o_ctok[:, None] * s_vt + i_h * s_vh + o_dv[None, :]
+    tl.store(p_dk, (b_dk * scale).to(dk.dtype.element_ty), mask=m_i[:, None] & m_dk[None, :])
+    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_i[:, None] & m_dv[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,28 +388,46 @@ def _query_rows(G: int, rows: int) -> tuple[int, int]:
     return gp, max(1, rows // gp)
 
 
-def _fwd_config(G, bdk, bdv, interpret):
+# Tile configs, fixed per shape (never chosen by timing, so results are reproducible).
+# rows: query-tile rows (positions x padded group heads); BC: compressed tokens per tile.
+def _fwd_config(bdk, bdv, interpret):
     if interpret:
         return dict(rows=32, BC=16, num_warps=4, num_stages=1)
     if bdk + bdv <= 256:
         return dict(rows=128, BC=64, num_warps=8, num_stages=3)
-    return dict(rows=64, BC=64, num_warps=4, num_stages=2)
+    return dict(rows=128, BC=64, num_warps=8, num_stages=2)
 
 
-def _dq_config(G, bdk, bdv, interpret):
+def _dq_config(bdk, bdv, interpret):
     if interpret:
         return dict(rows=32, BC=16, num_warps=4, num_stages=1)
     if bdk + bdv <= 256:
-        return dict(rows=64, BC=64, num_warps=4, num_stages=2)
+        return dict(rows=128, BC=32, num_warps=8, num_stages=3)
     return dict(rows=64, BC=32, num_warps=4, num_stages=2)
 
 
-def _dkv_config(G, bdk, bdv, interpret):
+def _dkv_config(bdk, bdv, interpret):
     if interpret:
-        return dict(rows=32, BC=16, num_warps=4, num_stages=1)
+        return dict(rows=32, BC=16, num_warps=4, num_stages=1, programs=4, min_segment=8)
     if bdk + bdv <= 256:
-        return dict(rows=64, BC=64, num_warps=8, num_stages=2)
-    return dict(rows=64, BC=32, num_warps=8, num_stages=2)
+        return dict(rows=32, BC=128, num_warps=8, num_stages=3, programs=4 * _num_sms(), min_segment=256)
+    return dict(rows=32, BC=64, num_warps=4, num_stages=2, programs=4 * _num_sms(), min_segment=256)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_of(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms():
+    return _num_sms_of(torch.cuda.current_device())
+
+
+def _dkv_segments(n_tiles, H, T, programs, min_segment):
+    """Query segments per compressed tile: enough programs to fill the GPU even though there are
+    few compressed tokens (T / stride) per head; at most 16, so the fp32 partials stay O(T)."""
+    want = triton.cdiv(programs, max(1, n_tiles * H))
+    return max(1, min(16, want, triton.cdiv(T, min_segment)))
 
 
 class _Packed:
@@ -446,7 +484,7 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seq
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
     pk = _Packed(B, T, Tc, kernel_size, stride, cu_seqlens, q.device)
     bdk, bdv = _pow2(Dk), _pow2(Dv)
-    cfg = _fwd_config(G, bdk, bdv, _interpreting(q))
+    cfg = _fwd_config(bdk, bdv, _interpreting(q))
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
     grid = (tiles.shape[0] * H,)
@@ -488,7 +526,7 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
     common = (q.stride(1), q.stride(2), k_cmp.stride(1), k_cmp.stride(2), v_cmp.stride(1), v_cmp.stride(2),
               o.stride(1), o.stride(2), HQ, H, G, Dk, Dv, kernel_size, stride)
 
-    cfg = _dq_config(G, bdk, bdv, interpret)
+    cfg = _dq_config(bdk, bdv, interpret)
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
     compressed_bwd_dq_kernel[(tiles.shape[0] * H,)](
@@ -496,13 +534,23 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
         GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
         UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    cfg = _dkv_config(G, bdk, bdv, interpret)
+    cfg = _dkv_config(bdk, bdv, interpret)
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.key_tiles(cfg["BC"])
-    compressed_bwd_dkv_kernel[(tiles.shape[0] * H,)](
-        q, k_cmp, v_cmp, do, lse, delta, dk, dv, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common,
+    nseg = _dkv_segments(tiles.shape[0], H, B * T, cfg["programs"], cfg["min_segment"])
+    if nseg == 1:
+        dk_part, dv_part = dk, dv
+    else:
+        dk_part = new_output((nseg,) + tuple(k_cmp.shape), torch.float32, q.device)
+        dv_part = new_output((nseg,) + tuple(v_cmp.shape), torch.float32, q.device)
+    compressed_bwd_dkv_kernel[(tiles.shape[0] * H * nseg,)](
+        q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common[:8],
+        dk_part.stride(0) if nseg > 1 else 0, dv_part.stride(0) if nseg > 1 else 0, *common[8:], nseg,
         GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
         UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if nseg > 1:  # a fixed-order sum: deterministic
+        dk.copy_(dk_part.sum(0))
+        dv.copy_(dv_part.sum(0))
     return dq, dk, dv
 
 

@@ -1,0 +1,146 @@
+"""Backend selection: the ``backend`` argument, the ``NSA_BACKEND`` variable, and 'auto'."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import nsa.ops as ops
+from nsa.ops import api, reference
+
+from ..helpers import assert_close
+
+BRANCH_OPS = ("compressed_attention", "select_blocks", "selected_attention", "sliding_window_attention")
+ALL_OPS = BRANCH_OPS + ("nsa",)
+CPU = torch.device("cpu")
+KS, ST, BS = 8, 4, 8
+_compressed_reference = reference.compressed_attention  # unspied, for building inputs
+
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    T, HQ, H, D = 21, 4, 2, 8
+    tc = (T - KS) // ST + 1
+    a = dict(q=rnd(1, T, HQ, D), k_cmp=rnd(1, tc, H, D), v_cmp=rnd(1, tc, H, D), k=rnd(1, T, H, D),
+             v=rnd(1, T, H, D), gates=[rnd(1, T, HQ).sigmoid() for _ in range(3)])
+    a["lse"] = _compressed_reference(a["q"], a["k_cmp"], a["v_cmp"], KS, ST)[1]
+    a["idx"] = torch.tensor([0, 1, -1], dtype=torch.int32).expand(1, T, H, 3).contiguous()
+    return a
+
+
+def run(op, a, **kw):
+    if op == "compressed_attention":
+        return ops.compressed_attention(a["q"], a["k_cmp"], a["v_cmp"], KS, ST, **kw)
+    if op == "select_blocks":
+        return ops.select_blocks(a["q"], a["k_cmp"], a["lse"], KS, ST, BS, 3, 1, 1, **kw)
+    if op == "selected_attention":
+        return ops.selected_attention(a["q"], a["k"], a["v"], a["idx"], BS, **kw)
+    if op == "sliding_window_attention":
+        return ops.sliding_window_attention(a["q"], a["k"], a["v"], 5, **kw)
+    return ops.nsa(a["q"], a["k_cmp"], a["v_cmp"], a["k"], a["v"], a["k"], a["v"], *a["gates"], kernel_size=KS,
+                   stride=ST, block_size=BS, num_selected=3, num_initial=1, num_local=1, window_size=5, **kw)
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Wraps every reference function; returns the dict op -> number of calls."""
+    calls = {op: 0 for op in ALL_OPS}
+    for op in ALL_OPS:
+        fn = getattr(reference, op)
+
+        def spy(*args, _op=op, _fn=fn, **kwargs):
+            calls[_op] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(reference, op, spy)
+    return calls
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+@pytest.mark.parametrize("how", ["env-reference", "env-auto", "env-empty", "env-unset", "arg-reference",
+                                 "arg-auto", "arg-overrides-env"])
+def test_cpu_runs_the_reference(op, how, monkeypatch, spies):
+    """On CPU tensors, 'reference', 'auto' and None (whatever NSA_BACKEND says, if valid) run the reference."""
+    env, arg = {"env-reference": ("reference", None), "env-auto": ("auto", None), "env-empty": ("", None),
+                "env-unset": (None, None), "arg-reference": (None, "reference"), "arg-auto": (None, "auto"),
+                "arg-overrides-env": ("bogus", "reference")}[how]
+    if env is None:
+        monkeypatch.delenv("NSA_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("NSA_BACKEND", env)
+    a = inputs()
+    out = run(op, a, backend=arg)
+    # nsa with 'reference' calls reference.nsa; with 'auto' it composes the branch functions
+    if op == "nsa" and (arg or env or "auto") == "auto":
+        assert [spies[o] for o in BRANCH_OPS] == [1, 1, 1, 1] and spies["nsa"] == 0, spies
+    elif op == "nsa":
+        assert spies["nsa"] == 1, spies
+    else:
+        assert spies[op] == 1 and sum(spies.values()) == 1, spies
+    monkeypatch.undo()
+    want = run(op, a, backend="reference")
+    for o, w in zip(out if isinstance(out, tuple) else (out,), want if isinstance(want, tuple) else (want,)):
+        assert torch.equal(o, w)
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+@pytest.mark.parametrize("name", ["bogus", "Reference", "cuda", "ref", " auto"])
+def test_invalid_backend_env_raises(op, name, monkeypatch):
+    monkeypatch.setenv("NSA_BACKEND", name)
+    with pytest.raises(ValueError, match=r"^backend\W"):
+        run(op, inputs())
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+@pytest.mark.parametrize("name", ["bogus", "", "TRITON", 1, torch.float32])
+def test_invalid_backend_arg_raises(op, name, monkeypatch):
+    monkeypatch.setenv("NSA_BACKEND", "reference")
+    with pytest.raises(ValueError, match=r"^backend\W"):
+        run(op, inputs(), backend=name)
+
+
+def test_nsa_auto_composition_equals_reference_nsa():
+    a = inputs()
+    o_ref, idx_ref = run("nsa", a, backend="reference", return_block_indices=True)
+    o_auto, idx_auto = run("nsa", a, backend="auto", return_block_indices=True)
+    assert torch.equal(idx_ref, idx_auto)
+    assert_close("o", o_ref, o_auto, 1e-14)
+
+
+def _prime_kernel_modules():
+    """Imports the kernel modules under the environment the session set (TRITON_INTERPRET under CPU CI)
+    so that later environment changes in a test cannot alter how their kernels were built."""
+    pytest.importorskip("triton")
+    for op in BRANCH_OPS:
+        mod, fn = api._TRITON_IMPLS[op]
+        assert callable(getattr(importlib.import_module(mod), fn)), f"{mod}.{fn} missing"
+
+
+@pytest.mark.parametrize("op", BRANCH_OPS)
+def test_auto_on_cuda_picks_the_kernel(op):
+    _prime_kernel_modules()
+    mod, fn = api._TRITON_IMPLS[op]
+    impl = api.resolve_backend("auto", op, torch.device("cuda"))  # only the device type matters here
+    assert impl is getattr(importlib.import_module(mod), fn)
+    assert api.resolve_backend("auto", op, CPU) is getattr(reference, op)
+
+
+@pytest.mark.parametrize("op", BRANCH_OPS)
+def test_triton_on_cpu_needs_the_interpreter(op, monkeypatch):
+    _prime_kernel_modules()
+    mod, fn = api._TRITON_IMPLS[op]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert api.resolve_backend("triton", op, CPU) is getattr(importlib.import_module(mod), fn)
+    monkeypatch.setenv("NSA_BACKEND", "triton")
+    assert api.resolve_backend(None, op, CPU) is getattr(importlib.import_module(mod), fn)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"^backend\W"):
+        api.resolve_backend("triton", op, CPU)
+    with pytest.raises(ValueError, match=r"^backend\W"):
+        run(op, inputs(), backend="triton")

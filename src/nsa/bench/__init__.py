@@ -1,0 +1,117 @@
+"""`nsa bench`: check, then time NSA against full attention in the same process.
+
+Usage: ``python -m nsa.bench --preset paper --json out.json --plot out.png`` (or ``nsa bench ...``).
+Presets and conventions: :mod:`nsa.bench.harness`; output formats: :mod:`nsa.bench.report`;
+how to run and read it: benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["cli_main"]
+
+
+def _int_list(text: str) -> list[int]:
+    """'8k,16384' -> [8192, 16384]."""
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        mult = 1024 if item.endswith("k") else 1
+        try:
+            v = int(item[:-1] if mult > 1 else item) * mult
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected integers like 8192 or 8k, got {item!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"expected positive integers, got {item!r}")
+        out.append(v)
+    return out
+
+
+def _pairs(sep: str):
+    def parse(text: str) -> list[tuple[int, int]]:
+        out = []
+        for item in text.split(","):
+            parts = item.strip().split(sep)
+            try:
+                a, b = (int(parts[0]), int(parts[1])) if len(parts) == 2 else (int(parts[0]), int(parts[0]))
+            except (ValueError, IndexError):
+                raise argparse.ArgumentTypeError(f"expected A{sep}B pairs like 64{sep}4, got {item!r}") from None
+            if a < 1 or b < 1:
+                raise argparse.ArgumentTypeError(f"expected positive sizes, got {item!r}")
+            out.append((a, b))
+        return out
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .harness import DTYPES, PRESETS
+
+    presets = "; ".join(f"{k}: {v.about}" for k, v in PRESETS.items())
+    p = argparse.ArgumentParser(
+        prog="nsa bench",
+        description="Check NSA against the reference, then time it (forward, backward, per branch, decode) "
+                    "against SDPA, FlexAttention and fla in the same process. Presets: " + presets)
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="case list (default: quick)")
+    p.add_argument("--T", type=_int_list, help="override sequence lengths / decode contexts, e.g. 8k,16k")
+    p.add_argument("--B", type=_int_list, help="override batch sizes, e.g. 1,8")
+    p.add_argument("--heads", type=_pairs("/"), help="override (HQ/H) pairs, e.g. 64/4,16/4")
+    p.add_argument("--dims", type=_pairs("x"), help="override head dims (Dk x Dv), e.g. 128x128,192x128")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="override the preset's dtype")
+    p.add_argument("--device", help="cuda or cpu (default: the preset's, else cuda when available)")
+    p.add_argument("--backend", choices=("auto", "reference", "triton"),
+                   help="NSA backend (default: the preset's; $NSA_BACKEND if set)")
+    p.add_argument("--reps", type=int, default=3,
+                   help="timed repetitions: CPU wall-clock reps; on CUDA at least this many (do_bench budget "
+                        "max(100 ms, reps x one call)) (default 3)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for torch on a CPU run (default: the preset's; quick uses 1: on a shared "
+                        "machine more threads mostly measure contention)")
+    p.add_argument("--json", metavar="PATH", help="write header + records as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG: time vs T and speedup vs T")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="skip SDPA / FlexAttention / fla")
+    p.add_argument("--branches", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-branch breakdown (cmp, select, slc, win, gate, phi) (default: on)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``nsa bench`` / ``python -m nsa.bench``. Returns the exit status:
+    0 when nothing failed, 1 when an NSA check failed or an NSA measurement raised."""
+    args = _parser().parse_args(argv)
+    import torch
+
+    from . import harness, report
+
+    preset = harness.PRESETS[args.preset]
+    device = args.device or preset.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = args.backend or os.environ.get("NSA_BACKEND") or preset.backend
+    if args.reps < 1 or (args.threads is not None and args.threads < 1):
+        print("nsa bench: --reps and --threads must be >= 1", file=sys.stderr)
+        return 2
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        print("nsa bench: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    cases = harness.build_cases(args.preset, T=args.T, B=args.B, heads=args.heads, dims=args.dims, dtype=args.dtype)
+    head = report.header(device, args.preset, backend, sys.argv[1:] if argv is None else argv)
+    print(report.format_header(head), flush=True)
+    records = harness.run(cases, device, backend=backend, reps=args.reps, baselines=args.baselines,
+                          branches=args.branches, progress=args.progress,
+                          threads=args.threads if args.threads is not None else preset.threads)
+    print(report.format_table(records), flush=True)
+    if args.json:
+        report.write_json(args.json, head, records)
+        print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(args.plot, records, title=report.format_header(head))
+        print(f"wrote {args.plot}")
+    failed = [r for r in records if r["ok"] is False]
+    if failed:
+        print(f"nsa bench: {len(failed)} NSA measurement(s) failed their check or raised", file=sys.stderr)
+        return 1
+    return 0

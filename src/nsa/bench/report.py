@@ -1,0 +1,232 @@
+"""Reporting for `nsa bench`: run header, terminal table, JSON file, PNG plot.
+
+JSON format (``format: "nsa-bench/1"``), one top-level object::
+
+    {"format": "nsa-bench/1",
+     "header": {"date_utc", "device", "gpu", "driver", "cuda", "torch", "triton", "python", "nsa",
+                "git", "preset", "backend", "argv", "conventions"},
+     "records": [{"case", "impl", "pass", "T", "B", "HQ", "H", "D", "Dv", "dtype", "ms", "speedup",
+                  "tflops", "gbps", "ideal", "mem_mib", "ok", "backend", "note"}, ...]}
+
+One record per measurement (one impl, one pass, one case). ``ms`` is null for a
+measurement not run (``note`` starts with ``n/a:`` and says why) or failed (``ok`` false).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+
+import torch
+
+FORMAT = "nsa-bench/1"
+
+CONVENTIONS = (
+    "ms: median; bwd: backward call alone (graph built outside timing, retain_graph=True); "
+    "speedup: best SDPA time of the same case and pass / ms; tflops: work actually done, "
+    "2*(Dk+Dv) per attended key (NSA: exact key counts, + 2*Dk per visible compressed token for "
+    "selection scores in fwd; SDPA causal: half the matrix incl. diagonal), bwd = 2.5x; "
+    "gbps (decode): KV bytes read; ideal: full-attention / NSA work (train) or bytes (decode); "
+    "mem_mib (CUDA): peak allocated during one call minus allocated before it; "
+    "D: query/key head dim, Dv: value head dim"
+)
+
+
+def _run(cmd) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return out.splitlines()[0] if out else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def header(device, preset: str, backend: str, argv) -> dict:
+    """Where and when: hardware, driver and library versions, date (UTC)."""
+    device = torch.device(device)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        from nsa import __version__ as nsa_version
+    except ImportError:
+        nsa_version = None
+    gpu = driver = None
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    here = os.path.dirname(os.path.abspath(__file__))
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": str(device),
+        "gpu": gpu,
+        "driver": driver,
+        "cuda": torch.version.cuda,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "nsa": nsa_version,
+        "git": _run(["git", "-C", here, "rev-parse", "--short", "HEAD"]),
+        "preset": preset,
+        "backend": backend,
+        "argv": list(argv) if argv is not None else None,
+        "conventions": CONVENTIONS,
+    }
+
+
+def _fmt(v, spec):
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return format(v, spec)
+
+
+def _num(v) -> str:
+    """Three significant digits, without exponent for the usual range."""
+    if v is None:
+        return "-"
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _tk(t: int) -> str:
+    return f"{t // 1024}k" if t % 1024 == 0 else str(t)
+
+
+COLUMNS = (  # title, width, record -> text
+    ("case", 36, lambda r: r["case"]),
+    ("impl", 14, lambda r: r["impl"]),
+    ("pass", 6, lambda r: r["pass"]),
+    ("T", 5, lambda r: _tk(r["T"])),
+    ("B", 3, lambda r: str(r["B"])),
+    ("HQ", 3, lambda r: str(r["HQ"])),
+    ("H", 3, lambda r: str(r["H"])),
+    ("D", 7, lambda r: f"{r['D']}/{r['Dv']}" if r["Dv"] != r["D"] else str(r["D"])),
+    ("dtype", 5, lambda r: r["dtype"]),
+    ("ms", 9, lambda r: _fmt(r["ms"], ".3f") if r["ms"] is not None else ("FAIL" if r["ok"] is False else "n/a")),
+    ("speedup", 7, lambda r: _fmt(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else "")),
+    ("TFLOP/s", 7, lambda r: _num(r["tflops"])),
+    ("GB/s", 7, lambda r: _num(r["gbps"])),
+    ("ideal", 6, lambda r: _fmt(r["ideal"], ".1f") + ("x" if r["ideal"] is not None else "")),
+    ("MiB", 7, lambda r: _fmt(r["mem_mib"], ".0f")),
+    ("ok", 4, lambda r: {True: "ok", False: "FAIL", None: "-"}[r["ok"]]),
+)
+
+
+def format_table(records: list[dict], note_width: int = 70) -> str:
+    """Plain-text table, one row per record, with the note (truncated) last."""
+    cells = [[f(r) for _, _, f in COLUMNS] for r in records]
+    widths = [max([w, len(t)] + [len(c[i]) for c in cells]) for i, (t, w, _) in enumerate(COLUMNS)]
+    left = {"case", "impl", "pass", "dtype"}
+
+    def line(vals):
+        return "  ".join(v.ljust(w) if t in left else v.rjust(w)
+                         for v, w, (t, _, _) in zip(vals, widths, COLUMNS))
+
+    out = [line([t for t, _, _ in COLUMNS]) + "  note", "-" * (sum(widths) + 2 * len(widths) + 4)]
+    prev = None
+    for r, c in zip(records, cells):
+        if prev is not None and r["case"] != prev:
+            out.append("")
+        prev = r["case"]
+        note = r.get("note") or ""
+        if len(note) > note_width:
+            note = note[:note_width - 3] + "..."
+        out.append(line(c) + ("  " + note if note else ""))
+    return "\n".join(out)
+
+
+def format_header(h: dict) -> str:
+    where = h["gpu"] or h["cpu"] or h["device"]
+    parts = [f"{h['date_utc']}", f"{where}", f"driver {h['driver']}" if h.get("driver") else None,
+             f"torch {h['torch']}", f"triton {h['triton']}", f"cuda {h['cuda']}" if h.get("cuda") else None,
+             f"nsa {h['nsa']} ({h['git']})" if h.get("git") else f"nsa {h['nsa']}",
+             f"preset {h['preset']}", f"backend {h['backend']}"]
+    return " | ".join(p for p in parts if p)
+
+
+def write_json(path: str, head: dict, records: list[dict]):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+             for r in records]
+    with open(path, "w") as f:
+        json.dump({"format": FORMAT, "header": head, "records": clean}, f, indent=1, allow_nan=False)
+        f.write("\n")
+
+
+def _line_key(records, r):
+    """Label of the line a record belongs to: impl, pass, and any shape field that varies."""
+    same = [x for x in records if x["impl"] == r["impl"] and x["pass"] == r["pass"]]
+    extra = [f"{k}={r[k]}" for k in ("B", "HQ", "D", "Dv", "dtype") if len({x[k] for x in same}) > 1]
+    return " ".join([r["impl"], r["pass"]] + extra)
+
+
+def plot(path: str, records: list[dict], title: str = ""):
+    """PNG with two panels: time vs T (log-log) and speedup vs T, one line per impl and pass
+    (and per batch/heads/dims where those vary); colour = impl, line style = pass. NSA's
+    per-branch lines (thin) appear in the time panel only. When every record has the same T
+    (the gqa preset), the x axis is the group size HQ/H instead."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    done = [r for r in records if r["ms"] is not None and r["ok"]]
+    by_t = len({r["T"] for r in records}) > 1 or not records
+    xname = "T (tokens; decode: context length)" if by_t else "group size HQ/H"
+
+    def xval(r):
+        return r["T"] if by_t else r["HQ"] // r["H"]
+
+    lines = {}
+    for r in done:
+        lines.setdefault(_line_key(done, r), []).append(r)
+    impls = sorted({r["impl"] for r in done}, key=lambda i: (not i.startswith("nsa"), i))
+    cmap = plt.get_cmap("tab20")
+    color = {impl: cmap(i % 20) for i, impl in enumerate(impls)}
+    style = {"fwd": "-", "bwd": "--", "decode": "-."}
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(14, 5.5))
+    order = sorted(lines, key=lambda k: (impls.index(lines[k][0]["impl"]), k))
+    for label in order:
+        rs = lines[label]
+        impl, pass_ = rs[0]["impl"], rs[0]["pass"]
+        branch = impl.startswith("nsa.")
+        kw = dict(color=color[impl], ls=style.get(pass_, ":"), marker="o", ms=3 if branch else 4,
+                  lw=0.8 if branch else 1.8, alpha=0.75 if branch else 1.0, label=label)
+        pts = sorted((xval(r), r["ms"], r["speedup"]) for r in rs)
+        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], **kw)
+        sp = [(p[0], p[2]) for p in pts if p[2] is not None]
+        if sp and not branch:
+            ax_s.plot([p[0] for p in sp], [p[1] for p in sp], **kw)
+    ticks = FuncFormatter(lambda v, _: (f"{v / 1024:g}k" if v >= 1024 else f"{v:g}"))
+    for ax in (ax_t, ax_s):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(ticks)
+        ax.set_xlabel(xname)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.set_ylabel("time (ms, median)")
+    ax_t.set_title("time (thin: NSA branches)")
+    ax_s.axhline(1.0, color="grey", lw=0.8)
+    ax_s.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax_s.set_ylabel("speedup vs best SDPA of the same pass")
+    ax_s.set_title("speedup")
+    handles, labels = ax_t.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

@@ -189,6 +189,18 @@ def test_select_blocks_vs_bruteforce(c, sel):
     check_selection(q, k_cmp, lse, idx, **kw)
 
 
+def test_select_blocks_uses_the_given_lse():
+    """p_cmp = exp(scale * q.k_cmp - lse) with the lse passed in: shifting one head's lse reweights the group."""
+    c = CASES[3]
+    q, k_cmp, v_cmp = make_inputs(c)[:3]
+    _, lse = ops.compressed_attention(q, k_cmp, v_cmp, c.ks, c.st, **REF)
+    shifted = lse + torch.tensor([0.0, 2.0, -1.0], dtype=lse.dtype)  # per query head of the group
+    kw = sel_kwargs(c)
+    idx = ops.select_blocks(q, k_cmp, shifted, **kw, **REF)
+    assert torch.equal(idx, bf.select_blocks(q, k_cmp, c.ks, c.st, c.bs, *c.sel, lse=shifted))
+    assert not torch.equal(idx, ops.select_blocks(q, k_cmp, lse, **kw, **REF))
+
+
 def test_select_ties_go_to_lower_block():
     """All scores equal (no query sees a compressed token): the lowest free blocks win."""
     c = Case("ties", 1, 40, 2, 1, 8, 8, 64, 8, 8)  # T < kernel_size: every score is 0
@@ -327,9 +339,10 @@ def test_nsa_is_the_gated_sum_of_the_branches():
 
 # ---------------------------------------------------------------- packed sequences
 
-VARLEN = [Case("varlen-16-8-16", 1, 300, 4, 2, 8, 12, 16, 8, 16, sel=(4, 1, 2), window=20),
-          Case("varlen-32-16-64-G3", 1, 300, 3, 1, 8, 4, 32, 16, 64, sel=(2, 1, 1), window=33)]
-CU = [0, 1, 17, 64, 300]
+LENGTHS = [1, 17, 64, 300]  # incl. sequences without compressed tokens, and one with a single one
+CU = [0, 1, 18, 82, 382]
+VARLEN = [Case("varlen-16-8-16", 1, CU[-1], 4, 2, 8, 12, 16, 8, 16, sel=(4, 1, 2), window=20),
+          Case("varlen-32-16-64-G3", 1, CU[-1], 3, 1, 8, 4, 32, 16, 64, sel=(2, 1, 1), window=33)]
 
 
 @pytest.mark.parametrize("c", VARLEN, ids=[c.id for c in VARLEN])
@@ -340,7 +353,7 @@ def test_varlen_equals_each_sequence_alone(c):
     kw = dict(sel_kwargs(c), window_size=c.window)
     o_cmp, lse = ops.compressed_attention(q, k_cmp, v_cmp, c.ks, c.st, cu_seqlens=cu, **REF)
     idx = ops.select_blocks(q, k_cmp, lse, **sel_kwargs(c), cu_seqlens=cu, **REF)
-    ridx = random_block_indices(1, c.T, c.H, 3, c.bs, seed=3, lengths=[b - a for a, b in zip(CU[:-1], CU[1:])])
+    ridx = random_block_indices(1, c.T, c.H, 3, c.bs, seed=3, lengths=LENGTHS)
     o_rnd = ops.selected_attention(q, k_slc, v_slc, ridx, c.bs, cu_seqlens=cu, **REF)
     o_win = ops.sliding_window_attention(q, k_win, v_win, c.window, cu_seqlens=cu, **REF)
     o, idx_nsa = ops.nsa(*x, **kw, cu_seqlens=cu, return_block_indices=True, **REF)
@@ -503,3 +516,39 @@ def test_gradcheck_nsa(sel, T):
     if T > 11:
         assert math.isfinite(margin), "case must exercise a real top-n choice"
     assert torch.autograd.gradcheck(lambda *a: ops.nsa(*a, **kw, **REF), tuple(x), **GC)
+
+
+# ---------------------------------------------------------------- the selection checker itself
+
+SPOILS = ["future-block", "descending", "pad-not-trailing", "repeated", "wrong-pad-count", "forced-missing",
+          "lower-score-chosen"]
+
+
+@pytest.mark.parametrize("spoil", SPOILS)
+def test_check_selection_catches(spoil):
+    """check_selection is what kernel tests rely on: it must reject each kind of wrong row."""
+    c = CASES[3]  # 6 blocks of 8, 3 slots: initial 0, local = own block, one free choice
+    q, k_cmp, v_cmp = make_inputs(c)[:3]
+    _, lse = ops.compressed_attention(q, k_cmp, v_cmp, c.ks, c.st, **REF)
+    kw = sel_kwargs(c)
+    idx = ops.select_blocks(q, k_cmp, lse, **kw, **REF)
+    check_selection(q, k_cmp, lse, idx, **kw)
+    b, t, h = 1, 44, 0  # block 5: row [0, free, 5]
+    score = reference_scores(q, k_cmp, lse, kernel_size=c.ks, stride=c.st, block_size=c.bs)[b, t, h]
+    row = idx[b, t, h].tolist()
+    free = row[1]
+    assert row[0] == 0 and row[2] == 5
+    worst = min((j for j in range(1, 5) if j != free), key=lambda j: score[j])
+    pos, new_row, expect = {
+        "future-block": ((b, 10, h), [0, 1, 2], "non-causal"),
+        "descending": ((b, t, h), [5, free, 0], "ascending"),
+        "pad-not-trailing": ((b, 10, h), [0, -1, 1], "trailing"),
+        "repeated": ((b, t, h), [0, 5, 5], "repeated"),
+        "wrong-pad-count": ((b, t, h), [0, 5, -1], "trailing -1"),
+        "forced-missing": ((b, t, h), sorted([0, free, worst]), "forced"),
+        "lower-score-chosen": ((b, t, h), [0, worst, 5], "higher score"),
+    }[spoil]
+    bad = idx.clone()
+    bad[pos] = torch.tensor(new_row, dtype=torch.int32)
+    with pytest.raises(AssertionError, match=expect):
+        check_selection(q, k_cmp, lse, bad, **kw)

@@ -81,11 +81,16 @@ def _f64(*s):
     return torch.zeros(*s, dtype=torch.float64)
 
 
-# Spoilers: name -> (ops it applies to, argument name in the message, spoil dict or a function of valid()).
+def _cu(*offsets):
+    return torch.tensor(offsets, dtype=torch.int32)
+
+
+# Rows: (id, the ops it applies to, the argument name the message must carry, valid() -> spoiled arguments).
 QKV = ("compressed_attention", "selected_attention", "sliding_window_attention", "nsa")
 RAW = ("selected_attention", "sliding_window_attention", "nsa")
 CMP = ("compressed_attention", "select_blocks", "nsa")
 SEL = ("select_blocks", "nsa")
+SLC = ("selected_attention",)
 ALL = OPS
 META = torch.device("meta")
 
@@ -104,7 +109,7 @@ CASES = [
     ("v-wrong-T", RAW, "v", lambda a: dict(v=_f64(B, T + 1, H, DV))),
     ("k-wrong-batch", RAW, "k", lambda a: dict(k=_f64(B + 1, T, H, DK), v=_f64(B + 1, T, H, DV))),
     ("k_cmp-wrong-count", CMP, "k_cmp", lambda a: dict(k_cmp=_f64(B, TC + 1, H, DK), v_cmp=_f64(B, TC + 1, H, DV))),
-    ("k_cmp-wrong-packed-count", CMP, "k_cmp", lambda a: dict(cu_seqlens=torch.tensor([0, 9, 20], dtype=torch.int32),
+    ("k_cmp-wrong-packed-count", CMP, "k_cmp", lambda a: dict(cu_seqlens=_cu(0, 9, 20),
                                                                 lse=_f64(B, T, HQ))),
     ("v_cmp-wrong-count", ("compressed_attention", "nsa"), "v_cmp", lambda a: dict(v_cmp=_f64(B, TC - 1, H, DV))),
     # ranks, types, dtypes
@@ -146,19 +151,19 @@ CASES = [
     ("backend-unknown", ALL, "backend", lambda a: dict(backend="cuda")),
     ("backend-case", ALL, "backend", lambda a: dict(backend="Reference")),
     # cu_seqlens
-    ("cu_seqlens-not-from-0", ALL, "cu_seqlens", lambda a: dict(cu_seqlens=torch.tensor([1, T], dtype=torch.int32))),
+    ("cu_seqlens-not-from-0", ALL, "cu_seqlens", lambda a: dict(cu_seqlens=_cu(1, T))),
     ("cu_seqlens-not-increasing", ALL, "cu_seqlens",
-     lambda a: dict(cu_seqlens=torch.tensor([0, 10, 10, T], dtype=torch.int32))),
-    ("cu_seqlens-decreasing", ALL, "cu_seqlens", lambda a: dict(cu_seqlens=torch.tensor([0, 12, 8, T], dtype=torch.int32))),
-    ("cu_seqlens-last-not-T", ALL, "cu_seqlens", lambda a: dict(cu_seqlens=torch.tensor([0, T - 1], dtype=torch.int32))),
-    ("cu_seqlens-past-T", ALL, "cu_seqlens", lambda a: dict(cu_seqlens=torch.tensor([0, T + 1], dtype=torch.int32))),
+     lambda a: dict(cu_seqlens=_cu(0, 10, 10, T))),
+    ("cu_seqlens-decreasing", ALL, "cu_seqlens", lambda a: dict(cu_seqlens=_cu(0, 12, 8, T))),
+    ("cu_seqlens-last-not-T", ALL, "cu_seqlens", lambda a: dict(cu_seqlens=_cu(0, T - 1))),
+    ("cu_seqlens-past-T", ALL, "cu_seqlens", lambda a: dict(cu_seqlens=_cu(0, T + 1))),
     ("cu_seqlens-int64", ALL, "cu_seqlens", lambda a: dict(cu_seqlens=torch.tensor([0, T]))),
     ("cu_seqlens-float", ALL, "cu_seqlens", lambda a: dict(cu_seqlens=torch.tensor([0.0, T]))),
     ("cu_seqlens-2d", ALL, "cu_seqlens", lambda a: dict(cu_seqlens=torch.tensor([[0, T]], dtype=torch.int32))),
-    ("cu_seqlens-one-offset", ALL, "cu_seqlens", lambda a: dict(cu_seqlens=torch.tensor([0], dtype=torch.int32))),
+    ("cu_seqlens-one-offset", ALL, "cu_seqlens", lambda a: dict(cu_seqlens=_cu(0))),
     ("cu_seqlens-list", ALL, "cu_seqlens", lambda a: dict(cu_seqlens=[0, T])),
     ("cu_seqlens-with-batch-2", ALL, "cu_seqlens",
-     lambda a: dict(cu_seqlens=torch.tensor([0, T], dtype=torch.int32),
+     lambda a: dict(cu_seqlens=_cu(0, T),
                     **{n: torch.cat([a[n], a[n]]) for n in ("q", "k_cmp", "v_cmp", "k", "v", "lse", "g_cmp",
                                                             "g_slc", "g_win", "block_indices")})),
     # lse (select_blocks)
@@ -169,27 +174,27 @@ CASES = [
     ("lse-int", ("select_blocks",), "lse", lambda a: dict(lse=a["lse"].long())),
     ("lse-on-meta", ("select_blocks",), "lse", lambda a: dict(lse=a["lse"].to(META))),
     # block_indices (selected_attention)
-    ("block_indices-past-sequence", ("selected_attention",), "block_indices",
+    ("block_indices-past-sequence", SLC, "block_indices",
      lambda a: dict(block_indices=torch.where(a["block_indices"] == 2, NB, a["block_indices"]))),
-    ("block_indices-below-minus-1", ("selected_attention",), "block_indices",
+    ("block_indices-below-minus-1", SLC, "block_indices",
      lambda a: dict(block_indices=torch.where(a["block_indices"] == -1, -2, a["block_indices"]))),
-    ("block_indices-repeated", ("selected_attention",), "block_indices",
+    ("block_indices-repeated", SLC, "block_indices",
      lambda a: dict(block_indices=torch.where(a["block_indices"] == -1, 0, a["block_indices"]))),
-    ("block_indices-repeated-unsorted", ("selected_attention",), "block_indices",
+    ("block_indices-repeated-unsorted", SLC, "block_indices",
      lambda a: dict(block_indices=torch.tensor([1, -1, 0, 1], dtype=torch.int32).expand(B, T, H, 4))),
-    ("block_indices-other-sequence", ("selected_attention",), "block_indices",
-     lambda a: dict(cu_seqlens=torch.tensor([0, 4, T], dtype=torch.int32),
+    ("block_indices-other-sequence", SLC, "block_indices",
+     lambda a: dict(cu_seqlens=_cu(0, 4, T),
                     block_indices=torch.tensor([1, -1], dtype=torch.int32).expand(B, T, H, 2))),
-    ("block_indices-int64", ("selected_attention",), "block_indices", lambda a: dict(block_indices=a["block_indices"].long())),
-    ("block_indices-float", ("selected_attention",), "block_indices", lambda a: dict(block_indices=a["block_indices"].float())),
-    ("block_indices-wrong-heads", ("selected_attention",), "block_indices",
+    ("block_indices-int64", SLC, "block_indices", lambda a: dict(block_indices=a["block_indices"].long())),
+    ("block_indices-float", SLC, "block_indices", lambda a: dict(block_indices=a["block_indices"].float())),
+    ("block_indices-wrong-heads", SLC, "block_indices",
      lambda a: dict(block_indices=a["block_indices"][:, :, :1])),
-    ("block_indices-wrong-T", ("selected_attention",), "block_indices",
+    ("block_indices-wrong-T", SLC, "block_indices",
      lambda a: dict(block_indices=a["block_indices"][:, :-1])),
-    ("block_indices-no-slots", ("selected_attention",), "block_indices",
+    ("block_indices-no-slots", SLC, "block_indices",
      lambda a: dict(block_indices=a["block_indices"][..., :0])),
-    ("block_indices-3d", ("selected_attention",), "block_indices", lambda a: dict(block_indices=a["block_indices"][..., 0])),
-    ("block_indices-on-meta", ("selected_attention",), "block_indices",
+    ("block_indices-3d", SLC, "block_indices", lambda a: dict(block_indices=a["block_indices"][..., 0])),
+    ("block_indices-on-meta", SLC, "block_indices",
      lambda a: dict(block_indices=a["block_indices"].to(META))),
     # gates (nsa)
     ("g_cmp-wrong-shape", ("nsa",), "g_cmp", lambda a: dict(g_cmp=a["g_cmp"][..., :-1])),

@@ -259,3 +259,45 @@ def test_presets_and_table():
     rec["note"] = "n/a: sdpa.flash: not here"
     table = report.format_table([rec])
     assert "n/a" in table.splitlines()[2] and "not here" in table
+
+
+def test_backward_that_cannot_rerun_is_timed_as_difference():
+    class Once(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.used = False
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            if ctx.used:
+                raise RuntimeError("Trying to backward through the graph a second time")
+            ctx.used = True
+            return g * 2
+
+    x = torch.randn(64, requires_grad=True)
+    fn, grads, note = harness._backward_or_difference(lambda: Once.apply(x), [x], "once")
+    assert isinstance(fn, harness.Difference) and note == "once; bwd = (fwd+bwd) - fwd"
+    task = harness.Task(_quick_case(), "flex.window", "bwd", lambda: (fn, grads, note), False)
+    rec = harness.measure(task, harness.Timer(CPU, 2), "reference", None)
+    assert rec["ok"] is True and rec["ms"] >= 0 and "(fwd+bwd) - fwd" in rec["note"]
+    # a re-runnable backward is timed alone
+    fn, _, note = harness._backward_or_difference(lambda: x * 2, [x], "twice")
+    assert callable(fn) and not isinstance(fn, harness.Difference) and note == "twice"
+
+
+def test_plot_group_size_axis(tmp_path):
+    """One T and several group sizes (the gqa preset): x is HQ/H, one line per impl and pass."""
+    recs = []
+    for hq in (4, 16, 64):
+        for impl, ms in (("nsa", 10.0 / hq), ("sdpa.flash", 20.0)):
+            task = harness.Task(dataclasses.replace(_quick_case(), HQ=hq, H=4), impl, "fwd", None, impl == "nsa")
+            r = harness._record(task, "auto")
+            r.update(ms=ms, ok=True)
+            recs.append(r)
+    harness.add_speedups(recs)
+    assert [round(r["speedup"], 3) for r in recs if r["impl"] == "nsa"] == [8.0, 32.0, 128.0]
+    png = tmp_path / "g.png"
+    report.plot(str(png), recs)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert report._line_key(recs, recs[0], ("HQ", "H")) == "nsa fwd"

@@ -47,8 +47,19 @@ def _pairs(sep: str):
     return parse
 
 
+def _names(allowed):
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; expected a subset of {','.join(allowed)}")
+        return names
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-    from .harness import DTYPES, PRESETS
+    from .harness import BASELINES, DTYPES, PRESETS
 
     presets = "; ".join(f"{k}: {v.about}" for k, v in PRESETS.items())
     p = argparse.ArgumentParser(
@@ -72,7 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                         "machine more threads mostly measure contention)")
     p.add_argument("--json", metavar="PATH", help="write header + records as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: time vs T and speedup vs T")
-    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+    p.add_argument("--baselines", type=_names(BASELINES), default=list(BASELINES),
+                   help=f"comma-separated subset of {','.join(BASELINES)} (default: all; flex compiles "
+                        "once per shape, which takes a while)")
+    p.add_argument("--no-baselines", dest="baselines", action="store_const", const=[],
                    help="skip SDPA / FlexAttention / fla")
     p.add_argument("--branches", action=argparse.BooleanOptionalAction, default=True,
                    help="per-branch breakdown (cmp, select, slc, win, gate, phi) (default: on)")

@@ -424,7 +424,8 @@ def _decode_has_triton(device: torch.device) -> bool:
         return False
     key = str(device)
     if key not in _DECODE_TRITON:
-        case = Case("probe", "decode", 64, 1, 2, 1, 16, 16, "fp32", **QUICK_SETTINGS)
+        case = Case("probe", "decode", 256, 1, 16, 1, 64, 64, "bf16" if device.type == "cuda" else "fp32",
+                    **PAPER_SETTINGS)
         x = decode_inputs(case, device)
         try:
             _decode_module().nsa_decode(**x, **case.settings, backend="triton")
@@ -800,6 +801,36 @@ def _backward_of(out, grads):
     return fn, grads
 
 
+@dataclasses.dataclass
+class Difference:
+    """Time ``total`` minus time ``part`` (backward as fwd+bwd minus fwd, for a compiled function
+    whose graph cannot be backpropagated twice)."""
+
+    total: object
+    part: object
+
+
+def _backward_or_difference(fwd, grads, note):
+    """Backward alone when the graph can be re-run (tried twice here, untimed), else the
+    difference (fwd+bwd) - fwd, said in the note."""
+    out = fwd()
+    fn, _ = _backward_of(out, grads)
+    try:
+        fn()
+        fn()
+        return fn, grads, note
+    except RuntimeError:
+        del out, fn
+        outs_fn = fwd
+
+        def fwd_bwd():
+            out = outs_fn()
+            outs = list(out) if isinstance(out, (tuple, list)) else [out]
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+        return Difference(fwd_bwd, fwd), grads, (note + "; bwd = (fwd+bwd) - fwd").lstrip("; ")
+
+
 def _nsa_total(case, device, backend, pass_):
     why = nsa_not_runnable(backend, device, case.T)
     if why:
@@ -980,7 +1011,9 @@ def _flex_fn(device):
                      "accumulated_recompile_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
-        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+        # default dynamic=None: after the first recompile, T becomes a dynamic dimension, so a
+        # preset compiles flex about twice per head-dim pair instead of once per length.
+        _COMPILED_FLEX.append(torch.compile(flex_attention))
     return _COMPILED_FLEX[0]
 
 
@@ -997,7 +1030,9 @@ def _flex_train(case, device, pass_):
         return (q_idx >= kv_idx) & (q_idx - kv_idx < w)
 
     flex = _flex_fn(device)
-    block_mask = create_block_mask(window, None, None, case.T, case.T, device=str(device))
+    # uncompiled, create_block_mask materializes the dense T x T mask (16 GiB at 128k)
+    block_mask = create_block_mask(window, None, None, case.T, case.T, device=str(device),
+                                   _compile=device.type == "cuda")
     g = _generator(device, 8)
     dt = case.torch_dtype
     rg = device.type == "cuda"
@@ -1013,12 +1048,12 @@ def _flex_train(case, device, pass_):
 
     note = f"sliding window {w}, " + ("torch.compile'd" if rg else "eager (CPU)")
     try:
-        out = fn()
+        fn()
     except Exception as e:  # unsupported shape or dtype in this torch build
-        raise NotApplicable(f"flex_attention: {str(e).strip().splitlines()[0][:160]}") from None
+        raise NotApplicable(f"flex_attention: {_one_line(e)}") from None
     if pass_ == "fwd":
         return fn, [q, k, v] if rg else [], note
-    return (*_backward_of(out, [q, k, v]), note)
+    return _backward_or_difference(fn, [q, k, v], note)
 
 
 def _fla_train(case, device, pass_):
@@ -1040,14 +1075,14 @@ def _fla_train(case, device, pass_):
                             block_size=case.block_size, window_size=0)
 
     try:
-        out = fn()
+        fn()
     except Exception as e:
-        raise NotApplicable(f"fla parallel_nsa: {str(e).strip().splitlines()[0][:160]}") from None
+        raise NotApplicable(f"fla parallel_nsa: {_one_line(e)}") from None
     grads = [q, k, v, g_cmp, g_slc]
     note = "fla-core parallel_nsa: mean-pooled cmp + top-k + slc, no window"
     if pass_ == "fwd":
         return fn, grads, note
-    return (*_backward_of(out, grads), note)
+    return _backward_or_difference(fn, grads, note)
 
 
 def _nsa_decode(case, device, backend):
@@ -1078,12 +1113,19 @@ class Task:
     checked: bool  # gated by the NSA correctness check
 
 
-def tasks_for(case: Case, device, backend, baselines=True, branches=True) -> list[Task]:
-    """Every measurement of one case, in run order."""
+BASELINES = ("sdpa", "flex", "fla")
+
+
+def tasks_for(case: Case, device, backend, baselines=BASELINES, branches=True) -> list[Task]:
+    """Every measurement of one case, in run order. ``baselines``: a subset of :data:`BASELINES`
+    (True = all, False/None = none)."""
+    if baselines is True:
+        baselines = BASELINES
+    baselines = set(baselines or ())
     t = []
     if case.kind == "decode":
         t.append(Task(case, "nsa", "decode", lambda: _nsa_decode(case, device, backend), True))
-        if baselines:
+        if "sdpa" in baselines:
             for impl in _SDPA:
                 t.append(Task(case, impl, "decode", lambda impl=impl: _sdpa_decode(case, device, impl), False))
         return t
@@ -1097,12 +1139,14 @@ def tasks_for(case: Case, device, backend, baselines=True, branches=True) -> lis
                               lambda br=br, p=p: _nsa_branch(case, device, backend, br, p), br != "gate"))
         for p in ("fwd", "bwd"):
             t.append(Task(case, "nsa.phi", p, lambda p=p: _nsa_phi(case, device, p), False))
-    if baselines:
+    if "sdpa" in baselines:
         for impl in _SDPA:
             for p in ("fwd", "bwd"):
                 t.append(Task(case, impl, p, lambda impl=impl, p=p: _sdpa_train(case, device, impl, p), False))
+    if "flex" in baselines:
         for p in ("fwd", "bwd"):
             t.append(Task(case, "flex.window", p, lambda p=p: _flex_train(case, device, p), False))
+    if "fla" in baselines:
         for p in ("fwd", "bwd"):
             t.append(Task(case, "fla.nsa", p, lambda p=p: _fla_train(case, device, p), False))
     return t
@@ -1138,7 +1182,12 @@ def measure(task: Task, timer: Timer, backend: str, check: CheckResult | None) -
             return rec
     try:
         fn, grads, note = task.setup()
-        ms, mem = timer(fn, grads)
+        if isinstance(fn, Difference):
+            total, mem = timer(fn.total, grads)
+            part, _ = timer(fn.part, grads)
+            ms = max(total - part, 0.0)
+        else:
+            ms, mem = timer(fn, grads)
     except NotApplicable as e:
         rec["note"] = f"n/a: {e}"
         return rec
@@ -1184,7 +1233,7 @@ def add_speedups(records: list[dict]):
             r["speedup"] = b / r["ms"]
 
 
-def run(cases: list[Case], device, backend="auto", reps=3, baselines=True, branches=True, progress=True,
+def run(cases: list[Case], device, backend="auto", reps=3, baselines=BASELINES, branches=True, progress=True,
         threads=None, log=None) -> list[dict]:
     """Check and time every case; returns the records (dicts with :data:`FIELDS`).
 

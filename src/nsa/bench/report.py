@@ -162,10 +162,11 @@ def write_json(path: str, head: dict, records: list[dict]):
         f.write("\n")
 
 
-def _line_key(records, r):
-    """Label of the line a record belongs to: impl, pass, and any shape field that varies."""
+def _line_key(records, r, x_fields):
+    """Label of the line a record belongs to: impl, pass, and any other shape field that varies."""
     same = [x for x in records if x["impl"] == r["impl"] and x["pass"] == r["pass"]]
-    extra = [f"{k}={r[k]}" for k in ("B", "HQ", "D", "Dv", "dtype") if len({x[k] for x in same}) > 1]
+    extra = [f"{k}={r[k]}" for k in ("B", "HQ", "H", "D", "Dv", "dtype")
+             if k not in x_fields and len({x[k] for x in same}) > 1]
     return " ".join([r["impl"], r["pass"]] + extra)
 
 
@@ -189,7 +190,7 @@ def plot(path: str, records: list[dict], title: str = ""):
 
     lines = {}
     for r in done:
-        lines.setdefault(_line_key(done, r), []).append(r)
+        lines.setdefault(_line_key(done, r, ("T",) if by_t else ("HQ", "H")), []).append(r)
     impls = sorted({r["impl"] for r in done}, key=lambda i: (not i.startswith("nsa"), i))
     cmap = plt.get_cmap("tab20")
     color = {impl: cmap(i % 20) for i, impl in enumerate(impls)}

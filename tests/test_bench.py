@@ -301,3 +301,23 @@ def test_plot_group_size_axis(tmp_path):
     report.plot(str(png), recs)
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert report._line_key(recs, recs[0], ("HQ", "H")) == "nsa fwd"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_paper_and_decode_small(tmp_path):
+    """The CUDA paths (do_bench / event timing, peak memory, SDPA backends) on small shapes:
+    `pytest -m gpu tests/test_bench.py` on the H200."""
+    js = tmp_path / "gpu.json"
+    rc = cli_main(["--preset", "paper", "--T", "4k", "--dims", "128x128", "--baselines", "sdpa", "--reps", "2",
+                   "--json", str(js), "--no-progress"])
+    recs = json.loads(js.read_text())["records"]
+    nsa = [r for r in recs if r["impl"].startswith("nsa")]
+    assert rc == 0 and all(r["ok"] is True for r in nsa), [(r["impl"], r["pass"], r["note"]) for r in nsa]
+    assert all(r["mem_mib"] is not None and r["ms"] > 0 for r in nsa)
+    assert any(r["impl"].startswith("sdpa.") and r["ok"] for r in recs)
+    js2 = tmp_path / "dec.json"
+    assert cli_main(["--preset", "decode", "--T", "4k", "--B", "2", "--reps", "2", "--json", str(js2),
+                     "--no-progress"]) == 0
+    dec = json.loads(js2.read_text())["records"]
+    assert any(r["impl"] == "nsa" and r["ok"] and r["gbps"] > 0 for r in dec)

@@ -7,11 +7,14 @@ What one run does, per case (one shape):
    twin case with the same heads, dims and dtype and ``T = min(T, 2048)``: the output, the
    block selection (rows that differ from the reference's top-n) and every gradient. The
    selected branch of the reference uses the kernel's own block choice, so that a near-tie
-   in the top-n flips one row of the selection check, not the output check. When the case
-   is longer than its twin, one forward at full length is also checked on a random chunk of
-   64 consecutive queries (output and selection; a gathered per-chunk reference). A failing
-   case is reported with ``ok=False`` and not timed. Decode is checked the same way against
-   the last row of the reference on a twin of at most 2048 tokens.
+   in the top-n flips one row of the selection check, not the output check. Each branch op
+   is checked alone the same way (compressed attention with its lse, select_blocks given the
+   same lse, selected attention over the reference's blocks, window attention), so a wrong
+   kernel fails its own rows. When the case is longer than its twin, one forward at full
+   length is also checked on a random chunk of 64 consecutive queries (output and selection;
+   a gathered per-chunk reference). A failing measurement is reported with ``ok=False`` and
+   not timed. Decode is checked against the last row of the reference on two sequences of
+   different lengths (at most 2048 tokens) in one padded cache.
 2. **Timing.** Inputs are built outside the timed region. On CUDA the median of
    :func:`triton.testing.do_bench` (``return_mode='median'``, L2 flushed before every
    repetition); calls longer than 20 ms skip do_bench's fixed 5-call estimate and are timed
@@ -32,7 +35,8 @@ FLOP and byte conventions (work actually done, never the dense equivalent):
 - NSA attends, at query t: compressed tokens visible to t; the keys ``s <= t`` of its chosen
   blocks, counted **exactly** (the query's own block is always chosen, so the count is
   ``t + 1`` while there are at most ``num_selected`` causal blocks, else
-  ``(num_selected - 1) * block_size + t % block_size + 1``); the window ``min(t + 1, w)``.
+  ``(num_selected - 1) * block_size + t % block_size + 1``; this assumes ``num_local >= 1``,
+  true of every preset); the window ``min(t + 1, w)``.
   The forward adds the selection's second ``q . k_cmp`` pass (``2 * Dk`` FLOPs per visible
   compressed token); the backward is 2.5 times the three attention branches (selection has
   no backward). The paper-style table (NSA.md section 2) approximates the selected keys by
@@ -1250,14 +1254,18 @@ def run(cases: list[Case], device, backend="auto", reps=3, baselines=BASELINES, 
 
 
 def _run(cases, device, backend, reps, baselines, branches, progress, log):
+    import sys
+
     from tqdm.auto import tqdm
 
     timer = Timer(device, reps)
     plan = [(c, tasks_for(c, device, backend, baselines, branches)) for c in cases]
     records = []
-    with tqdm(total=sum(len(t) for _, t in plan), desc="nsa bench", unit="run", disable=not progress,
+    # disable=None: tqdm draws only on a terminal; elsewhere (a log file) one line per case instead
+    with tqdm(total=sum(len(t) for _, t in plan), desc="nsa bench", unit="run", disable=None if progress else True,
               dynamic_ncols=True) as bar:
-        for case, tasks in plan:
+        for i, (case, tasks) in enumerate(plan):
+            t0 = time.perf_counter()
             check = None
             if any(t.checked for t in tasks):
                 bar.set_postfix_str(f"{case.name} check", refresh=True)
@@ -1273,5 +1281,8 @@ def _run(cases, device, backend, reps, baselines, branches, progress, log):
                     log(records[-1])
                 bar.update()
                 _free(device)
+            if progress and bar.disable:
+                print(f"[{i + 1}/{len(plan)}] {case.name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+                      flush=True)
     add_speedups(records)
     return records

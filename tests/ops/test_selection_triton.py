@@ -14,6 +14,7 @@ import torch
 
 from nsa.ops import compressed_attention, select_blocks
 from nsa.ops.reference import block_scores
+from nsa.ops.selection import selection_fwd
 from nsa.ops.utils import compressed_cu_seqlens, num_compressed
 
 from .selection_check import check_selection
@@ -44,24 +45,28 @@ class Case:
     scale: float = None
 
 
+# Most cases leave free slots (more causal blocks than num_selected, beyond the forced ones):
+# only those test the scores. The rest are edges (nothing visible, fewer blocks than slots).
 CASES = [
     Case("T1-G1-32/16/64-n16", 1, 1, 1, 1, 16, 32, 16, 64, 16),
     Case("T31-G2-16/8/16-n3", 1, 31, 4, 2, 16, 16, 8, 16, 3),
-    Case("T64-G3-8/4/32-n8", 1, 64, 3, 1, 24, 8, 4, 32, 8),
-    Case("T65-G16-32/16/64-n1-nl0", 1, 65, 16, 1, 16, 32, 16, 64, 1, 1, 0),
-    Case("T200-G1-16/16/16-n32-B2", 2, 200, 2, 2, 16, 16, 16, 16, 32),
-    Case("T200-G16-8/4/32-n8-bf16", 1, 200, 16, 1, 32, 8, 4, 32, 8, dtype=torch.bfloat16),
-    Case("T333-G2-16/8/16-n8", 1, 333, 2, 1, 16, 16, 8, 16, 8),
-    Case("T333-G3-32/16/64-n3-bf16", 1, 333, 6, 2, 16, 32, 16, 64, 3, dtype=torch.bfloat16),
-    Case("T333-G1-16/16/16-n32-D40", 1, 333, 1, 1, 40, 16, 16, 16, 32),
-    Case("T333-G2-8/4/32-n1-ni1-nl0-fp16", 1, 333, 2, 1, 16, 8, 4, 32, 1, 1, 0, dtype=torch.float16),
+    Case("T64-G3-8/4/32-n1-ni0-nl0", 1, 64, 3, 1, 24, 8, 4, 32, 1, 0, 0),
+    Case("T65-G16-16/8/16-n1-ni1-nl0", 1, 65, 16, 1, 16, 16, 8, 16, 1, 1, 0),
+    Case("T200-G16-16/8/16-n3-nl1", 1, 200, 16, 1, 32, 16, 8, 16, 3, 1, 1),
+    Case("T200-G1-8/4/32-n3-ni0-nl1-B2", 2, 200, 2, 2, 16, 8, 4, 32, 3, 0, 1),
     Case("T200-G2-16/8/16-n4-ni0-nl0", 1, 200, 2, 1, 16, 16, 8, 16, 4, 0, 0),
-    Case("T200-G3-32/16/64-n3-ni2-nl1-scale", 1, 200, 3, 1, 16, 32, 16, 64, 3, 2, 1, scale=0.7),
-    Case("varlen-5/70/140-G2-32/16/64-n3", 1, [5, 70, 140], 4, 2, 16, 32, 16, 64, 3),
+    Case("T333-G2-16/8/16-n8", 1, 333, 2, 1, 16, 16, 8, 16, 8),
+    Case("T333-G3-8/4/32-n3-nl1-bf16", 1, 333, 6, 2, 16, 8, 4, 32, 3, 1, 1, dtype=torch.bfloat16),
+    Case("T333-G16-16/16/16-n8-bf16", 1, 333, 16, 1, 16, 16, 16, 16, 8, dtype=torch.bfloat16),
+    Case("T333-G3-32/16/64-n3-nl1-scale", 1, 333, 3, 1, 16, 32, 16, 64, 3, 1, 1, scale=0.7),
+    Case("T333-G2-8/4/32-n1-ni0-nl0-fp16", 1, 333, 2, 1, 16, 8, 4, 32, 1, 0, 0, dtype=torch.float16),
+    Case("T600-G1-16/16/16-n32-D40", 1, 600, 1, 1, 40, 16, 16, 16, 32),
+    Case("varlen-5/70/140-G2-16/8/16-n3-nl1", 1, [5, 70, 140], 4, 2, 16, 16, 8, 16, 3, 1, 1),
     Case("varlen-5/70/140-G3-16/8/16-n8-bf16", 1, [5, 70, 140], 3, 1, 16, 16, 8, 16, 8, dtype=torch.bfloat16),
     Case("varlen-40/1/97-G16-8/4/32-n32", 1, [40, 1, 97], 16, 1, 16, 8, 4, 32, 32),
     # more than one chunk of blocks per tile: scores that straddle the chunk boundary
-    Case("T1100-G2-32/16/64-n3-chunks", 1, 1100, 2, 1, 16, 32, 16, 64, 3),
+    Case("T1100-G2-32/16/64-n4-nl1-chunks", 1, 1100, 2, 1, 16, 32, 16, 64, 4, 1, 1),
+    Case("T2200-G1-32/16/64-n32-chunks", 1, 2200, 1, 1, 16, 32, 16, 64, 32),
     Case("varlen-600/530-G1-8/4/32-n8-chunks", 1, [600, 530], 2, 2, 16, 8, 4, 32, 8),
 ]
 
@@ -139,6 +144,22 @@ def test_selection_exact_float64(c):
     assert bad.numel() == 0, (f"{bad.shape[0]} rows differ from the reference without a near-tie; first "
                               f"(b, t, h) = {tuple(bad[0].tolist())}: {idx[tuple(bad[0])].tolist()} vs "
                               f"{ref[tuple(bad[0])].tolist()}")
+
+
+TILE_CASES = [c for c in CASES if c.id.endswith("-chunks")]
+
+
+@pytest.mark.parametrize("rows", [64])
+@pytest.mark.parametrize("c", TILE_CASES, ids=[c.id for c in TILE_CASES])
+def test_selection_tile_rows(c, rows):
+    """Shorter query tiles (GPU sizes) give the same selection. With them some tiles of these
+    cases start past a whole chunk of blocks visible to all their positions: the unmasked path."""
+    q, k_cmp, lse, cu = make_inputs(c)
+    scale = c.scale or c.D ** -0.5
+    idx = selection_fwd(q, k_cmp, lse, c.ks, c.st, c.bs, c.n, c.ni, c.nl, scale, cu, rows=rows)
+    check_selection(q, k_cmp, lse, idx, kernel_size=c.ks, stride=c.st, block_size=c.bs, num_selected=c.n,
+                    num_initial=c.ni, num_local=c.nl, scale=c.scale, cu_seqlens=cu, tol=TOL)
+    assert torch.equal(idx, run(c, q, k_cmp, lse, cu, "triton"))
 
 
 def test_selection_all_ties():

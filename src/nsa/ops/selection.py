@@ -44,7 +44,10 @@ import triton.language as tl
 from .utils import compressed_cu_seqlens, new_output, prepare_chunk_indices
 
 # Target rows (positions x heads) of a query tile: the height of the q.k_cmp tensor-core tile.
-ROWS = 64
+# Each tile reloads the compressed keys it scores (from L2), so taller tiles cut that traffic.
+ROWS = 128
+NUM_WARPS = 8
+NUM_STAGES = 2
 # Under the CPU interpreter the cost is per operation, not per element: fewer, larger tiles.
 ROWS_INTERPRET = 256
 # Blocks per chunk at least this many (also the smallest running top-n size): with 32/16/64
@@ -70,10 +73,10 @@ def _sort_rows(x, DESC: tl.constexpr, BT: tl.constexpr, LOG_R: tl.constexpr):
         else:
             desc = DESC
         for i in tl.static_range(stage):
-            b: tl.constexpr = stage - 1 - i
-            mx = tl.max(h, axis=LOG_R - b, keep_dims=True)
-            mn = tl.min(h, axis=LOG_R - b, keep_dims=True)
-            is_left = 1 - tl.reshape(tl.arange(0, 2), [1] * (LOG_R - b) + [2] + [1] * b)
+            # column bit stage - 1 - i, on axis LOG_R - stage + 1 + i
+            mx = tl.max(h, axis=LOG_R - stage + 1 + i, keep_dims=True)
+            mn = tl.min(h, axis=LOG_R - stage + 1 + i, keep_dims=True)
+            is_left = 1 - tl.reshape(tl.arange(0, 2), [1] * (LOG_R - stage + 1 + i) + [2] + [1] * (stage - 1 - i))
             h = tl.where(is_left == desc, mx, mn)  # descending run: larger value on the left
     return tl.reshape(h, [BT, 2 ** LOG_R])
 
@@ -86,12 +89,85 @@ def _merge_top(a, c, BT: tl.constexpr, LOG_R: tl.constexpr):
     # which is the top R of the union in bitonic order; a bitonic merge sorts it.
     h = tl.reshape(tl.maximum(a, c), [BT] + [2] * LOG_R)
     for i in tl.static_range(LOG_R):
-        b: tl.constexpr = LOG_R - 1 - i
-        mx = tl.max(h, axis=LOG_R - b, keep_dims=True)
-        mn = tl.min(h, axis=LOG_R - b, keep_dims=True)
-        is_left = tl.reshape(tl.arange(0, 2), [1] * (LOG_R - b) + [2] + [1] * b) == 0
+        # column bit LOG_R - 1 - i, on axis 1 + i
+        mx = tl.max(h, axis=1 + i, keep_dims=True)
+        mn = tl.min(h, axis=1 + i, keep_dims=True)
+        is_left = tl.reshape(tl.arange(0, 2), [1] * (1 + i) + [2] + [1] * (LOG_R - 1 - i)) == 0
         h = tl.where(is_left, mx, mn)
     return tl.reshape(h, [BT, 2 ** LOG_R])
+
+
+@triton.jit
+def _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
+                  H: tl.constexpr, DK: tl.constexpr, BD: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
+                  BS: tl.constexpr, CPB: tl.constexpr, CPBP: tl.constexpr, SPILL: tl.constexpr,
+                  BT: tl.constexpr, GP: tl.constexpr, BJ: tl.constexpr, MASKED: tl.constexpr,
+                  DOT_MODE: tl.constexpr):
+    """Scores ``[BT, BJ]`` of blocks ``j0 .. j0+BJ-1`` for the tile's positions, and the carry
+    ``[BT, BJ]`` of this chunk's tokens into the next chunk's blocks.
+
+    b_q ``[BT*GP, BD]``; b_lse2 ``[BT*GP]`` (lse in base 2, +inf for rows that must score 0);
+    i_t ``[BT*GP]`` row positions. ``MASKED`` false: every token of the chunk is known to be
+    visible to every row (no per-element masks).
+    """
+    BC: tl.constexpr = BJ * CPBP
+    # token slots: [BJ, CPBP] -> the c-th token starting in block jj of the chunk
+    o_cl = tl.arange(0, BC)
+    o_cc = o_cl % CPBP
+    i_tok = (j0 + o_cl // CPBP) * CPB + o_cc  # [BC]
+    o_d = tl.arange(0, BD)
+    p_k = k + ((cbos + i_tok) * H + i_h)[None, :] * DK + o_d[:, None]
+    if MASKED or BD != DK:
+        b_k = tl.load(p_k, mask=(o_d < DK)[:, None] & ((o_cc < CPB) & (i_tok < cmp_len))[None, :], other=0.)
+    else:
+        b_k = tl.load(p_k)  # [BD, BC]
+    if DOT_MODE == "ieee":
+        b_s = tl.dot(b_q, b_k, input_precision="ieee")
+    elif DOT_MODE == "upcast":
+        # the interpreter multiplies bfloat16 bit patterns (triton#11584); products of
+        # bfloat16 values are exact in float32, so this is what tensor cores compute.
+        b_s = tl.dot(b_q.to(tl.float32), b_k.to(tl.float32), input_precision="ieee")
+    else:
+        b_s = tl.dot(b_q, b_k)  # [BM, BC]
+    # rows with lse2 = +inf get exp2(-inf) = 0
+    b_p = tl.exp2(b_s * qk_scale - b_lse2[:, None])
+    if MASKED:
+        m_vis = ((i_tok * STRIDE + KS - 1)[None, :] <= i_t[:, None]) & (o_cc < CPB)[None, :]
+        b_p = tl.where(m_vis, b_p, 0.)
+    # sum over the heads of the group, then view the tokens per block
+    b_ps = tl.reshape(tl.sum(tl.reshape(b_p, [BT, GP, BC]), 1), [BT, BJ, CPBP])
+
+    o_c = tl.arange(0, CPBP)
+    o_j = tl.arange(0, BJ)
+    b_sc = b_carry
+    b_next = tl.zeros([BT, BJ], dtype=tl.float32)
+    for d in tl.static_range(SPILL + 1):
+        # stride-pieces shared by the c-th token of a block and the d-th block after it
+        lo = tl.maximum(o_c * STRIDE, d * BS)
+        hi = tl.minimum(o_c * STRIDE + KS, (d + 1) * BS)
+        w = tl.where(o_c < CPB, tl.maximum(hi - lo, 0) // STRIDE, 0).to(tl.float32)  # [CPBP]
+        b_w = tl.sum(b_ps * w[None, None, :], 2)  # [BT, BJ] for block jj + d
+        if d == 0:
+            b_sc += b_w
+        else:
+            # shift by d blocks: a one-hot [BJ, BJ] product (exact: adds zeros)
+            sh = (o_j[None, :] == o_j[:, None] + d).to(tl.float32)
+            b_sc += tl.sum(b_w[:, :, None] * sh[None, :, :], 1)
+            sh = (o_j[None, :] == o_j[:, None] + d - BJ).to(tl.float32)
+            b_next += tl.sum(b_w[:, :, None] * sh[None, :, :], 1)
+    return b_sc, b_next
+
+
+@triton.jit
+def _chunk_keys(b_sc, j0, i_tb, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, BJ: tl.constexpr):
+    """int64 keys ``[BT, BJ]`` of blocks ``j0 .. j0+BJ-1`` from their scores (see the module doc)."""
+    i_j = j0 + tl.arange(0, BJ)  # [BJ] block ids
+    m_causal = i_j[None, :] <= i_tb[:, None]
+    m_forced = (i_j[None, :] < NUM_INIT) | (i_j[None, :] > i_tb[:, None] - NUM_LOCAL)
+    b_pri = tl.where(m_forced, float("inf"), b_sc)
+    b_low = (2147483647 - i_j).to(tl.int64)  # ties: the lower block id wins
+    b_key = (b_pri.to(tl.int32, bitcast=True).to(tl.int64) << 32) + b_low[None, :]
+    return tl.where(m_causal, b_key, -1)
 
 
 @triton.jit
@@ -109,7 +185,8 @@ def selection_fwd_kernel(
     Dense input (``IS_VARLEN`` false): ``N = B * T`` and ``NC = B * TC``, ``NT`` tiles per sequence.
     ``qk_scale`` = scale * log2(e). ``BJ == 2^LOG_R`` blocks per chunk.
     """
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    # tiles in reverse order: the late (most expensive, causal) tiles start first
+    i_c, i_h = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     if IS_VARLEN:
         i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
         i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -127,7 +204,6 @@ def selection_fwd_kernel(
     t0 = i_tc * BT
     t_last = tl.minimum(t0 + BT, seq_len) - 1
     BM: tl.constexpr = BT * GP
-    BC: tl.constexpr = BJ * CPBP
 
     # rows: position r // GP of the tile, head r % GP of the group
     o_m = tl.arange(0, BM)
@@ -135,70 +211,33 @@ def selection_fwd_kernel(
     o_g = o_m % GP
     m_row = (i_t < seq_len) & (o_g < G)
     o_d = tl.arange(0, BD)
-    m_d = o_d < DK
     o_row = (bos + i_t) * HQ + i_h * G + o_g  # [BM] row of q / lse in [N * HQ]
-    b_q = tl.load(q + o_row[:, None] * DK + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.)
+    b_q = tl.load(q + o_row[:, None] * DK + o_d[None, :], mask=m_row[:, None] & (o_d < DK)[None, :], other=0.)
     b_lse = tl.load(lse + o_row, mask=m_row, other=float("-inf"))
-    # p = 0 where nothing is visible (lse = -inf), as in the reference.
-    m_lse = b_lse > float("-inf")
-    b_lse2 = tl.where(m_lse, b_lse * 1.4426950408889634, 0.)
+    # +inf makes p = 0: padding rows, and rows that see nothing (lse = -inf, as in the reference)
+    b_lse2 = tl.where(b_lse > float("-inf"), b_lse * 1.4426950408889634, float("inf"))
 
     o_tp = t0 + tl.arange(0, BT)  # [BT] positions of the tile
     i_tb = o_tp // BS  # [BT] each position's own block
-
-    # token slots of a chunk: [BJ, CPBP] -> block jj of the chunk, c-th token starting in it
-    o_cl = tl.arange(0, BC)
-    o_cj = o_cl // CPBP
-    o_cc = o_cl % CPBP
-    o_c = tl.arange(0, CPBP)
     o_j = tl.arange(0, BJ)
 
     b_top = tl.full([BT, BJ], -1, dtype=tl.int64)  # running top-R keys, descending
     b_carry = tl.zeros([BT, BJ], dtype=tl.float32)  # spill of earlier chunks into this one
     n_blk = t_last // BS + 1
-    for j0 in range(0, n_blk, BJ):
-        i_tok = (j0 + o_cj) * CPB + o_cc  # [BC] compressed token of each slot
-        m_tok = (o_cc < CPB) & (i_tok < cmp_len)
-        p_k = k + ((cbos + i_tok) * H + i_h)[None, :] * DK + o_d[:, None]
-        b_k = tl.load(p_k, mask=m_d[:, None] & m_tok[None, :], other=0.)  # [BD, BC]
-        if DOT_MODE == "ieee":
-            b_s = tl.dot(b_q, b_k, input_precision="ieee")
-        elif DOT_MODE == "upcast":
-            # the interpreter multiplies bfloat16 bit patterns (triton#11584); products of
-            # bfloat16 values are exact in float32, so this is what tensor cores compute.
-            b_s = tl.dot(b_q.to(tl.float32), b_k.to(tl.float32), input_precision="ieee")
-        else:
-            b_s = tl.dot(b_q, b_k)  # [BM, BC]
-        m_vis = (i_tok * STRIDE + KS - 1)[None, :] <= i_t[:, None]
-        m_p = m_vis & m_tok[None, :] & m_lse[:, None]
-        b_p = tl.where(m_p, tl.exp2(b_s * qk_scale - b_lse2[:, None]), 0.)
-        b_ps = tl.reshape(tl.sum(tl.reshape(b_p, [BT, GP, BC]), 1), [BT, BJ, CPBP])
-
-        b_sc = b_carry
-        b_carry = tl.zeros([BT, BJ], dtype=tl.float32)
-        for d in tl.static_range(SPILL + 1):
-            # stride-pieces shared by the c-th token of a block and the d-th block after it
-            lo = tl.maximum(o_c * STRIDE, d * BS)
-            hi = tl.minimum(o_c * STRIDE + KS, (d + 1) * BS)
-            w = tl.where(o_c < CPB, tl.maximum(hi - lo, 0) // STRIDE, 0).to(tl.float32)  # [CPBP]
-            b_w = tl.sum(b_ps * w[None, None, :], 2)  # [BT, BJ] for block jj + d
-            if d == 0:
-                b_sc += b_w
-            else:
-                # shift by d blocks: a one-hot [BJ, BJ] product (exact: adds zeros)
-                sh = (o_j[None, :] == o_j[:, None] + d).to(tl.float32)
-                b_sc += tl.sum(b_w[:, :, None] * sh[None, :, :], 1)
-                sh = (o_j[None, :] == o_j[:, None] + d - BJ).to(tl.float32)
-                b_carry += tl.sum(b_w[:, :, None] * sh[None, :, :], 1)
-
-        i_j = j0 + o_j  # [BJ] block ids of the chunk
-        m_causal = i_j[None, :] <= i_tb[:, None]
-        m_forced = (i_j[None, :] < NUM_INIT) | (i_j[None, :] > i_tb[:, None] - NUM_LOCAL)
-        b_pri = tl.where(m_forced, float("inf"), b_sc)
-        b_low = (2147483647 - i_j).to(tl.int64)  # ties: the lower block id wins
-        b_key = (b_pri.to(tl.int32, bitcast=True).to(tl.int64) << 32) + b_low[None, :]
-        b_key = tl.where(m_causal, b_key, -1)
-        b_top = _merge_top(b_top, b_key, BT, LOG_R)
+    # chunks whose tokens are all visible to the tile's first position need no masks
+    n_vis = tl.where(t0 >= KS - 1, (t0 - KS + 1) // STRIDE + 1, 0)  # tokens visible to t0
+    if CPB == CPBP:
+        j_full = tl.minimum((n_vis // CPB) // BJ * BJ, n_blk)
+    else:
+        j_full = 0  # padded token slots: always masked
+    for j0 in range(0, j_full, BJ):
+        b_sc, b_carry = _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
+                                      H, DK, BD, KS, STRIDE, BS, CPB, CPBP, SPILL, BT, GP, BJ, False, DOT_MODE)
+        b_top = _merge_top(b_top, _chunk_keys(b_sc, j0, i_tb, NUM_INIT, NUM_LOCAL, BJ), BT, LOG_R)
+    for j0 in range(j_full, n_blk, BJ):
+        b_sc, b_carry = _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
+                                      H, DK, BD, KS, STRIDE, BS, CPB, CPBP, SPILL, BT, GP, BJ, True, DOT_MODE)
+        b_top = _merge_top(b_top, _chunk_keys(b_sc, j0, i_tb, NUM_INIT, NUM_LOCAL, BJ), BT, LOG_R)
 
     # first S keys -> block ids, ascending, then -1
     m_sel = (o_j[None, :] < S) & (b_top >= 0)
@@ -224,8 +263,11 @@ def _next_pow2(x: int) -> int:
 
 
 def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local, scale,
-                  cu_seqlens):
-    """Launches :func:`selection_fwd_kernel`; returns int32 ``[B, T, H, num_selected]``."""
+                  cu_seqlens, rows=None, num_warps=None, num_stages=None):
+    """Launches :func:`selection_fwd_kernel`; returns int32 ``[B, T, H, num_selected]``.
+
+    ``rows``, ``num_warps``, ``num_stages`` override the tile configuration (for tuning).
+    """
     B, T, HQ, DK = q.shape
     TC, H = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // H
@@ -239,7 +281,8 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
         return out
 
     GP = _next_pow2(G)
-    rows = ROWS if q.is_cuda else ROWS_INTERPRET
+    if rows is None:
+        rows = ROWS if q.is_cuda else ROWS_INTERPRET
     BT = max(1, rows // GP)  # rows BT * GP >= 16, the smallest tensor-core tile height
     CPB = block_size // stride
     CPBP = _next_pow2(CPB)
@@ -263,6 +306,7 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
         S=num_selected, NUM_INIT=num_initial, NUM_LOCAL=num_local, CPB=CPB, CPBP=CPBP, SPILL=spill,
         BT=BT, BJ=BJ, LOG_R=LOG_R, IS_VARLEN=cu_seqlens is not None,
         DOT_MODE=_dot_mode(q),
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
     )
     return out
 

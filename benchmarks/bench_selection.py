@@ -1,0 +1,106 @@
+"""Time the Triton top-n block selection (nsa.ops.selection) on one GPU; sweep its tile config.
+
+Paper shapes: B=1, HQ=64, H=4, D=128, bf16, 32/16/64, n=16. For each T the script first checks
+the kernel against the reference at a small size, then reports the median time
+(``triton.testing.do_bench``, inputs built outside the timed region), the q.k_cmp TFLOP/s it
+implies (visible pairs only) and, as a yardstick with the same number of q.k_cmp products, the
+compressed-attention forward when its Triton kernel is importable.
+
+Usage (from the repository root, on the GPU machine):
+    PYTHONPATH=src python3 benchmarks/bench_selection.py                 # default config, T=8k..128k
+    PYTHONPATH=src python3 benchmarks/bench_selection.py --sweep --T 65536  # tile-config sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.ops.selection_check
+
+from nsa.ops import compressed_attention, select_blocks  # noqa: E402
+from nsa.ops import selection  # noqa: E402
+from nsa.ops.utils import num_compressed  # noqa: E402
+from tests.gpu.test_selection_gpu import chunked_lse  # noqa: E402
+
+HQ, H, D = 64, 4, 128
+KS, ST, BS, N = 32, 16, 64, 16
+
+
+def inputs(T, dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    Tc = num_compressed(T, KS, ST)
+    q = torch.randn(1, T, HQ, D, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(1, Tc, H, D, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(1, Tc, H, D, device="cuda", generator=gen).to(dtype)
+    lse = chunked_lse(q, k, D ** -0.5)  # the definition, chunked: no kernel needed
+    return q, k, v, lse
+
+
+def check_small():
+    from tests.ops.selection_check import check_selection
+    q, k, _, lse = inputs(4096)
+    idx = select_blocks(q, k, lse, KS, ST, BS, N, backend="triton")
+    check_selection(q, k, lse, idx, kernel_size=KS, stride=ST, block_size=BS, num_selected=N, num_initial=1,
+                    num_local=2, tol=1e-5)
+
+
+def visible_pairs(T):
+    """Number of (query, compressed token) pairs with the token visible, times HQ."""
+    Tc = num_compressed(T, KS, ST)
+    t_first = torch.arange(Tc, dtype=torch.float64) * ST + KS - 1
+    return float((T - t_first).clamp(min=0).sum()) * HQ
+
+
+def time_selection(q, k, lse, **cfg):
+    fn = lambda: selection.selection_fwd(q, k, lse, KS, ST, BS, N, 1, 2, D ** -0.5, None, **cfg)  # noqa: E731
+    fn()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--T", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--sweep", action="store_true", help="time every (rows, num_warps, num_stages)")
+    args = p.parse_args()
+    print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {torch.cuda.get_device_name()}  "
+          f"torch {torch.__version__}  triton {triton.__version__}")
+    print(f"# B=1 HQ={HQ} H={H} D={D} bf16, {KS}/{ST}/{BS}, n={N}; default rows={selection.ROWS} "
+          f"warps={selection.NUM_WARPS} stages={selection.NUM_STAGES}")
+    check_small()
+    print("# check at T=4096: ok")
+    configs = [{}]
+    if args.sweep:
+        configs = [dict(rows=r, num_warps=w, num_stages=s)
+                   for r, w, s in itertools.product((64, 128, 256), (4, 8), (1, 2, 3))]
+    for T in args.T:
+        q, k, v, lse = inputs(T)
+        flop = 2 * visible_pairs(T) * D
+        try:
+            from nsa.ops.compressed import compressed_attention_triton  # noqa: F401
+            t_cmp = triton.testing.do_bench(
+                lambda: compressed_attention(q, k, v, KS, ST, backend="triton"), warmup=25, rep=100,
+                return_mode="median")
+        except Exception as e:  # the yardstick is optional
+            t_cmp = float("nan")
+            print(f"# compressed attention not timed: {e!r}")
+        for cfg in configs:
+            try:
+                ms = time_selection(q, k, lse, **cfg)
+            except Exception as e:  # a config that does not compile (e.g. out of shared memory)
+                print(f"T={T:6d} {cfg}: failed: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            print(f"T={T:6d} {cfg or 'default'}: selection {ms:8.3f} ms  ({flop / ms / 1e9:6.1f} TFLOP/s q.k_cmp)"
+                  f"  | compressed fwd {t_cmp:8.3f} ms")
+        del q, k, v, lse
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -390,37 +390,49 @@ def _query_rows(G: int, rows: int) -> tuple[int, int]:
 
 # Tile configs, fixed per shape (never chosen by timing, so results are reproducible).
 # rows: query-tile rows (positions x padded group heads); BC: compressed tokens per tile.
-def _fwd_config(bdk, bdv, interpret):
+# Chosen by compiling for sm_90a (ptxas -v): no register spills for bf16/fp16 at Dk+Dv <= 384
+# (a few bytes in dK/dV at 256+256), shared memory within 228 KB. fp32 inputs use IEEE dots
+# (CUDA-core FMA, not tensor cores): correct, small tiles, not a fast path.
+def _fwd_config(bdk, bdv, itemsize, interpret):
     if interpret:
         return dict(rows=32, BC=16, num_warps=4, num_stages=1)
+    if itemsize == 4:
+        return dict(rows=32, BC=32, num_warps=4, num_stages=2)
     if bdk + bdv <= 256:
         return dict(rows=128, BC=64, num_warps=8, num_stages=3)
-    return dict(rows=128, BC=64, num_warps=8, num_stages=2)
+    if bdk + bdv <= 384:
+        return dict(rows=128, BC=64, num_warps=8, num_stages=2)
+    return dict(rows=128, BC=32, num_warps=8, num_stages=2)
 
 
-def _dq_config(bdk, bdv, interpret):
+def _dq_config(bdk, bdv, itemsize, interpret):
     if interpret:
         return dict(rows=32, BC=16, num_warps=4, num_stages=1)
+    if itemsize == 4:
+        return dict(rows=32, BC=32, num_warps=4, num_stages=2)
     if bdk + bdv <= 256:
         return dict(rows=128, BC=32, num_warps=8, num_stages=3)
-    return dict(rows=64, BC=32, num_warps=4, num_stages=2)
+    return dict(rows=64, BC=32, num_warps=8, num_stages=2)
 
 
-def _dkv_config(bdk, bdv, interpret):
-    if interpret:
+def _dkv_config(bdk, bdv, itemsize, device):
+    if device.type != "cuda":  # interpreter
         return dict(rows=32, BC=16, num_warps=4, num_stages=1, programs=4, min_segment=8)
+    sms = _num_sms(device)
+    if itemsize == 4:
+        return dict(rows=32, BC=32, num_warps=4, num_stages=2, programs=4 * sms, min_segment=256)
     if bdk + bdv <= 256:
-        return dict(rows=32, BC=128, num_warps=8, num_stages=3, programs=4 * _num_sms(), min_segment=256)
-    return dict(rows=32, BC=64, num_warps=4, num_stages=2, programs=4 * _num_sms(), min_segment=256)
+        return dict(rows=32, BC=128, num_warps=8, num_stages=3, programs=4 * sms, min_segment=256)
+    return dict(rows=32, BC=64, num_warps=8, num_stages=2, programs=4 * sms, min_segment=256)
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms_of(index):
+def _num_sms_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _num_sms():
-    return _num_sms_of(torch.cuda.current_device())
+def _num_sms(device: torch.device) -> int:
+    return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _dkv_segments(n_tiles, H, T, programs, min_segment):
@@ -484,7 +496,7 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seq
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
     pk = _Packed(B, T, Tc, kernel_size, stride, cu_seqlens, q.device)
     bdk, bdv = _pow2(Dk), _pow2(Dv)
-    cfg = _fwd_config(bdk, bdv, _interpreting(q))
+    cfg = _fwd_config(bdk, bdv, q.element_size(), _interpreting(q))
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
     grid = (tiles.shape[0] * H,)
@@ -526,7 +538,7 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
     common = (q.stride(1), q.stride(2), k_cmp.stride(1), k_cmp.stride(2), v_cmp.stride(1), v_cmp.stride(2),
               o.stride(1), o.stride(2), HQ, H, G, Dk, Dv, kernel_size, stride)
 
-    cfg = _dq_config(bdk, bdv, interpret)
+    cfg = _dq_config(bdk, bdv, q.element_size(), interpret)
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
     compressed_bwd_dq_kernel[(tiles.shape[0] * H,)](
@@ -534,7 +546,7 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
         GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
         UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    cfg = _dkv_config(bdk, bdv, interpret)
+    cfg = _dkv_config(bdk, bdv, q.element_size(), q.device)
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.key_tiles(cfg["BC"])
     nseg = _dkv_segments(tiles.shape[0], H, B * T, cfg["programs"], cfg["min_segment"])

@@ -57,12 +57,22 @@ _INT31 = tl.constexpr(2147483647)  # low word of a key: 2^31 - 1 - block id
 
 
 @triton.jit
+def _cas(h, AXIS: tl.constexpr, keep_max):
+    """Compare-and-swap along a size-2 ``AXIS`` of a hypercube of integers: each element keeps the
+    larger of itself and its partner where ``keep_max`` is true, the smaller elsewhere."""
+    # the partner is the pair's sum minus the element (wrapping integer arithmetic is exact);
+    # one comparison per element serves both halves of the pair.
+    y = tl.sum(h, axis=AXIS, keep_dims=True) - h
+    return tl.where((h > y) == keep_max, h, y)
+
+
+@triton.jit
 def _sort_rows(x, DESC: tl.constexpr, BT: tl.constexpr, LOG_R: tl.constexpr):
-    """Bitonic sort of every row of ``x`` ``[BT, 2^LOG_R]``.
+    """Bitonic sort of every row of the integers ``x`` ``[BT, 2^LOG_R]``.
 
     The row is viewed as a hypercube ``[BT, 2, .., 2]``: bit ``b`` of the column index lives on
-    axis ``LOG_R - b``, so a compare-and-swap of the columns ``c`` and ``c ^ 2^b`` is a max/min
-    over that axis. (Inline loops: a device-function call per step is slow in the interpreter.)
+    axis ``LOG_R - b``, so a compare-and-swap of the columns ``c`` and ``c ^ 2^b`` works along
+    that axis.
     """
     h = tl.reshape(x, [BT] + [2] * LOG_R)
     for stage in tl.static_range(1, LOG_R + 1):
@@ -73,11 +83,10 @@ def _sort_rows(x, DESC: tl.constexpr, BT: tl.constexpr, LOG_R: tl.constexpr):
         else:
             desc = DESC
         for i in tl.static_range(stage):
-            # column bit stage - 1 - i, on axis LOG_R - stage + 1 + i
-            mx = tl.max(h, axis=LOG_R - stage + 1 + i, keep_dims=True)
-            mn = tl.min(h, axis=LOG_R - stage + 1 + i, keep_dims=True)
+            # column bit stage - 1 - i, on axis LOG_R - stage + 1 + i; in a descending run the
+            # left element keeps the larger value
             is_left = 1 - tl.reshape(tl.arange(0, 2), [1] * (LOG_R - stage + 1 + i) + [2] + [1] * (stage - 1 - i))
-            h = tl.where(is_left == desc, mx, mn)  # descending run: larger value on the left
+            h = _cas(h, LOG_R - stage + 1 + i, is_left == desc)
     return tl.reshape(h, [BT, 2 ** LOG_R])
 
 
@@ -90,10 +99,8 @@ def _merge_top(a, c, BT: tl.constexpr, LOG_R: tl.constexpr):
     h = tl.reshape(tl.maximum(a, c), [BT] + [2] * LOG_R)
     for i in tl.static_range(LOG_R):
         # column bit LOG_R - 1 - i, on axis 1 + i
-        mx = tl.max(h, axis=1 + i, keep_dims=True)
-        mn = tl.min(h, axis=1 + i, keep_dims=True)
         is_left = tl.reshape(tl.arange(0, 2), [1] * (1 + i) + [2] + [1] * (LOG_R - 1 - i)) == 0
-        h = tl.where(is_left, mx, mn)
+        h = _cas(h, 1 + i, is_left)
     return tl.reshape(h, [BT, 2 ** LOG_R])
 
 
@@ -111,10 +118,11 @@ def _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale
     visible to every row (no per-element masks).
     """
     BC: tl.constexpr = BJ * CPBP
-    # token slots: [BJ, CPBP] -> the c-th token starting in block jj of the chunk
+    # token slots, c-major: slot c * BJ + jj holds the c-th token starting in block jj of the chunk
+    # (the per-block sums then stay inside a thread: fewer copies of the block scores per thread)
     o_cl = tl.arange(0, BC)
-    o_cc = o_cl % CPBP
-    i_tok = (j0 + o_cl // CPBP) * CPB + o_cc  # [BC]
+    o_cc = o_cl // BJ
+    i_tok = (j0 + o_cl % BJ) * CPB + o_cc  # [BC]
     o_d = tl.arange(0, BD)
     p_k = k + ((cbos + i_tok) * H + i_h)[None, :] * DK + o_d[:, None]
     if MASKED or BD != DK:
@@ -134,8 +142,7 @@ def _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale
     if MASKED:
         m_vis = ((i_tok * STRIDE + KS - 1)[None, :] <= i_t[:, None]) & (o_cc < CPB)[None, :]
         b_p = tl.where(m_vis, b_p, 0.)
-    # sum over the heads of the group, then view the tokens per block
-    b_ps = tl.reshape(tl.sum(tl.reshape(b_p, [BT, GP, BC]), 1), [BT, BJ, CPBP])
+    b_p = tl.reshape(b_p, [BT * GP, CPBP, BJ])
 
     o_c = tl.arange(0, CPBP)
     o_j = tl.arange(0, BJ)
@@ -146,7 +153,9 @@ def _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale
         lo = tl.maximum(o_c * STRIDE, d * BS)
         hi = tl.minimum(o_c * STRIDE + KS, (d + 1) * BS)
         w = tl.where(o_c < CPB, tl.maximum(hi - lo, 0) // STRIDE, 0).to(tl.float32)  # [CPBP]
-        b_w = tl.sum(b_ps * w[None, None, :], 2)  # [BT, BJ] for block jj + d
+        # weigh each row's tokens onto blocks (inside a thread), then sum the group's heads
+        b_w = tl.sum(b_p * w[None, :, None], 1)  # [BT * GP, BJ] for block jj + d
+        b_w = tl.sum(tl.reshape(b_w, [BT, GP, BJ]), 1)  # [BT, BJ]
         if d == 0:
             b_sc += b_w
         else:

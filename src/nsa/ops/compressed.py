@@ -14,9 +14,12 @@ compressed key/value tile is loaded once for the whole group.
   the compressed tokens up to the tile's horizon ``(t_last - kernel_size) // stride``; only the
   last key tiles (those not visible to the tile's first row) apply the per-row mask.
 - backward: ``delta = rowsum(dO * O) - dlse`` (a gradient flowing into lse adds ``p * dlse`` to
-  ``ds``); dK/dV: one program per (compressed-key tile, KV head) walks the queries that can
-  see it, every head of the group, accumulating in registers; dQ: one program per query tile.
-  No atomics, so gradients are bitwise reproducible.
+  ``ds``); dK/dV: one program per (compressed-key tile, KV head, query segment) walks the
+  queries of its segment that can see the tile, every head of the group, accumulating in
+  registers. There are few compressed tokens (T / stride), so when tiles x heads cannot fill
+  the GPU the queries are cut into up to 16 segments whose fp32 partials are summed in a fixed
+  order afterwards. dQ: one program per query tile. No atomics: gradients are bitwise
+  reproducible.
 
 Precision: fp16/bf16/fp32 inputs, fp32 accumulation (fp32 inputs use IEEE fp32 dots, not tf32);
 lse is float32. float64 inputs are computed in float32 and the results cast back to float64.

@@ -485,8 +485,10 @@ class _Packed:
         return idx[order].contiguous()
 
 
-def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens):
-    """Returns o ``[B, T, HQ, Dv]`` (q's dtype) and lse ``[B, T, HQ]`` float32. 16/32-bit floats only."""
+def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens, config=None):
+    """Returns o ``[B, T, HQ, Dv]`` (q's dtype) and lse ``[B, T, HQ]`` float32. 16/32-bit floats only.
+
+    ``config`` overrides the tile config (keys of :func:`_fwd_config`; for benchmark sweeps)."""
     B, T, HQ, Dk = q.shape
     Tc, H, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     G = HQ // H
@@ -499,7 +501,7 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seq
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
     pk = _Packed(B, T, Tc, kernel_size, stride, cu_seqlens, q.device)
     bdk, bdv = _pow2(Dk), _pow2(Dv)
-    cfg = _fwd_config(bdk, bdv, q.element_size(), _interpreting(q))
+    cfg = config or _fwd_config(bdk, bdv, q.element_size(), _interpreting(q))
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
     grid = (tiles.shape[0] * H,)
@@ -512,8 +514,11 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seq
     return o, lse
 
 
-def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens):
-    """Returns dq, dk_cmp, dv_cmp (input dtypes). ``dlse`` ``[B, T, HQ]`` may be None (zero)."""
+def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens,
+                             dq_config=None, dkv_config=None):
+    """Returns dq, dk_cmp, dv_cmp (input dtypes). ``dlse`` ``[B, T, HQ]`` may be None (zero).
+
+    ``dq_config`` / ``dkv_config`` override the tile configs (benchmark sweeps)."""
     B, T, HQ, Dk = q.shape
     Tc, H, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     G = HQ // H
@@ -541,7 +546,7 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
     common = (q.stride(1), q.stride(2), k_cmp.stride(1), k_cmp.stride(2), v_cmp.stride(1), v_cmp.stride(2),
               o.stride(1), o.stride(2), HQ, H, G, Dk, Dv, kernel_size, stride)
 
-    cfg = _dq_config(bdk, bdv, q.element_size(), interpret)
+    cfg = dq_config or _dq_config(bdk, bdv, q.element_size(), interpret)
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
     compressed_bwd_dq_kernel[(tiles.shape[0] * H,)](
@@ -549,7 +554,7 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
         GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
         UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    cfg = _dkv_config(bdk, bdv, q.element_size(), q.device)
+    cfg = dkv_config or _dkv_config(bdk, bdv, q.element_size(), q.device)
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.key_tiles(cfg["BC"])
     nseg = _dkv_segments(tiles.shape[0], H, B * T, cfg["programs"], cfg["min_segment"])

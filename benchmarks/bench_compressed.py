@@ -1,0 +1,134 @@
+"""Time the Triton compressed attention (nsa.ops.compressed) on one GPU; sweep its tile configs.
+
+Paper shapes: B=1, HQ=64, H=4, kernel_size/stride 32/16, bf16, D = 128 (or --dims 192x128).
+The kernels are first checked against the float32 reference at T=2048 (forward and every
+gradient). Times are medians of ``triton.testing.do_bench`` with inputs built outside the timed
+region: the forward launcher, and the backward launcher alone (delta preprocess, dQ, dK/dV,
+partial sums). TFLOP/s count visible (query head, compressed token) pairs only, 2*(Dk+Dv)
+FLOPs each in the forward and 2.5 times that in the backward (the usual convention; the
+kernels actually do 2*(4*Dk + 3*Dv) per pair in the backward, recomputing p).
+
+Usage (repository root, on the GPU machine):
+    PYTHONPATH=src python3 benchmarks/bench_compressed.py                        # T = 8k..128k
+    PYTHONPATH=src python3 benchmarks/bench_compressed.py --sweep --T 65536      # config sweep
+    PYTHONPATH=src python3 benchmarks/bench_compressed.py --dims 192x128
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers
+
+from nsa.ops import compressed_attention  # noqa: E402
+from nsa.ops import compressed as C  # noqa: E402
+from nsa.ops.utils import num_compressed  # noqa: E402
+from tests.helpers import assert_close, rel_err  # noqa: E402
+
+HQ, H = 64, 4
+KS, ST = 32, 16
+
+# Candidates (D=128) that compile for sm_90a without register spills (ptxas -v), default first.
+FWD_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s)
+             for r, bc, w, s in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3),
+                                 (64, 64, 4, 3), (256, 64, 16, 2)]]
+DQ_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s)
+            for r, bc, w, s in [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
+                                (64, 32, 8, 2)]]
+DKV_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s, programs=p, min_segment=256)
+             for r, bc, w, s, p in [(32, 128, 8, 3, 4), (32, 128, 8, 3, 2), (32, 128, 8, 3, 8), (64, 128, 8, 2, 4),
+                                    (32, 64, 8, 3, 4), (64, 64, 8, 3, 4), (16, 128, 8, 3, 4), (32, 64, 4, 3, 4)]]
+
+
+def inputs(T, Dk, Dv, seed=0, requires_grad=False):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    Tc = num_compressed(T, KS, ST)
+    q = torch.randn(1, T, HQ, Dk, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(1, Tc, H, Dk, device="cuda", generator=gen).bfloat16()
+    v = torch.randn(1, Tc, H, Dv, device="cuda", generator=gen).bfloat16()
+    return [x.requires_grad_(requires_grad) for x in (q, k, v)]
+
+
+def check_small(Dk, Dv):
+    q, k, v = inputs(2048, Dk, Dv, requires_grad=True)
+    do = torch.randn(1, 2048, HQ, Dv, device="cuda").bfloat16()
+    out = {}
+    for backend, args in (("triton", (q, k, v)), ("reference", [x.detach().float().requires_grad_() for x in (q, k, v)])):
+        o, lse = compressed_attention(*args, KS, ST, backend=backend)
+        out[backend] = (o, lse, torch.autograd.grad((o.float() * do.float()).sum(), args))
+    (o, lse, g), (ro, rlse, rg) = out["triton"], out["reference"]
+    fin = torch.isfinite(rlse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert_close("o", ro, o.float(), 1e-2)
+    assert_close("lse", rlse[fin], lse[fin], 2e-5)
+    for name, r, x in zip(("dq", "dk", "dv"), rg, g):
+        assert_close(name, r, x.float(), 2e-2)
+
+
+def visible_pairs(T):
+    """(query head, compressed token) pairs with the token visible to the query."""
+    Tc = num_compressed(T, KS, ST)
+    t_first = torch.arange(Tc, dtype=torch.float64) * ST + KS - 1
+    return float((T - t_first).clamp(min=0).sum()) * HQ
+
+
+def bench(fn):
+    fn()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def run_case(T, Dk, Dv, fwd_cfg=None, dq_cfg=None, dkv_cfg=None):
+    q, k, v = inputs(T, Dk, Dv)
+    scale = Dk ** -0.5
+    o, lse = C.compressed_attention_fwd(q, k, v, KS, ST, scale, None, config=fwd_cfg)
+    do = torch.randn_like(o)
+    t_f = bench(lambda: C.compressed_attention_fwd(q, k, v, KS, ST, scale, None, config=fwd_cfg))
+    t_b = bench(lambda: C.compressed_attention_bwd(q, k, v, o, lse, do, None, KS, ST, scale, None,
+                                                   dq_config=dq_cfg, dkv_config=dkv_cfg))
+    grads = C.compressed_attention_bwd(q, k, v, o, lse, do, None, KS, ST, scale, None, dq_config=dq_cfg,
+                                       dkv_config=dkv_cfg)
+    return t_f, t_b, o, grads
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--T", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--dims", default="128x128", help="DkxDv")
+    p.add_argument("--sweep", action="store_true", help="time each candidate config of each kernel")
+    args = p.parse_args()
+    Dk, Dv = (int(x) for x in args.dims.split("x"))
+    print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {torch.cuda.get_device_name()}  "
+          f"torch {torch.__version__}  triton {triton.__version__}")
+    print(f"# B=1 HQ={HQ} H={H} Dk={Dk} Dv={Dv} bf16 kernel_size={KS} stride={ST}")
+    check_small(Dk, Dv)
+    print("# check at T=2048 (o, lse, dq, dk, dv vs float32 reference): ok")
+    for T in args.T:
+        flop_f = visible_pairs(T) * 2 * (Dk + Dv)
+        t_f, t_b, o, grads = run_case(T, Dk, Dv)
+        print(f"T={T:7d}  fwd {t_f:8.3f} ms {flop_f / t_f * 1e-9:6.1f} TFLOP/s   "
+              f"bwd {t_b:8.3f} ms {2.5 * flop_f / t_b * 1e-9:6.1f} TFLOP/s", flush=True)
+        if not args.sweep:
+            continue
+        for kind, cands in (("fwd", FWD_SWEEP), ("dq", DQ_SWEEP), ("dkv", DKV_SWEEP)):
+            for cfg in cands:
+                c = dict(cfg)
+                if kind == "dkv":
+                    c["programs"] *= torch.cuda.get_device_properties(0).multi_processor_count
+                try:
+                    tf, tb, o2, g2 = run_case(T, Dk, Dv, **{f"{kind}_cfg": c})
+                except Exception as e:  # e.g. out of shared memory: report and go on
+                    print(f"  {kind:3s} {cfg}: failed ({type(e).__name__}: {str(e)[:80]})", flush=True)
+                    continue
+                err = max([rel_err(o.float(), o2.float())] + [rel_err(a.float(), b.float()) for a, b in zip(grads, g2)])
+                t = tf if kind == "fwd" else tb
+                print(f"  {kind:3s} {cfg}: {t:8.3f} ms (max rel diff to default {err:.1e})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,12 +16,15 @@ dK/dV are KV-block-centric through a reverse index: for each (KV head, block) th
 list of query positions that selected it and can see at least one of its keys, built on the
 device with a stable sort (no host synchronization). A program owns one (block, KV head),
 walks its list in chunks of queries x G heads, and accumulates dK/dV in registers; it writes
-them once. No float atomics: the backward is bitwise deterministic.
+them once. Lists longer than ``KV_SEGMENT`` (the first block's list spans the whole sequence)
+are cut into segments walked by separate programs, whose float32 partials a second kernel sums
+in segment order. No float atomics: the backward is bitwise deterministic.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -33,7 +36,11 @@ from .utils import new_output, prepare_chunk_indices, uniform_cu_seqlens
 # the dK/dV kernel. 16 is the smallest tensor-core tile height; a larger forward tile shares
 # each loaded block among more positions but also scores it for more rows that did not select it.
 FWD_ROWS = 16
-BWD_ROWS = 64
+BWD_ROWS = 32
+# Longest stretch of a block's query list that one dK/dV program walks. Every query selects the
+# first block, so its list is as long as the sequence; longer lists are cut into segments whose
+# partial sums a second kernel adds up in a fixed order (deterministic, no atomics).
+KV_SEGMENT = 4096
 
 
 @triton.jit
@@ -195,65 +202,122 @@ def selected_bwd_dq_kernel(
 
 @triton.jit
 def selected_bwd_dkv_kernel(
-    q, k, v, lse, do, delta, dk, dv, cu_seqlens, block_table, query_offsets, query_list, scale,
-    NBT, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    q, k, v, lse, do, delta, dk, dv, dk_part, dv_part, cu_seqlens, block_table, query_offsets, query_list,
+    seg_bucket, seg_first, part_first, scale, NBT, SEG,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """dk ``[N, H, DK]``, dv ``[N, H, DV]`` for ``BK`` keys (sub-tile ``pid0 % NKS``) of one
-    (block, KV head).
+    """dK/dV contribution of one segment (at most ``SEG`` queries) of one (KV head, block)'s
+    query list, for ``BK`` keys of the block (sub-tile ``pid % NKS``).
 
-    ``query_list[query_offsets[h * NBT + blk] : query_offsets[h * NBT + blk + 1]]`` are the
-    packed positions of the queries that selected global block ``blk`` for KV head ``h``.
+    Bucket ``b = h * NBT + blk`` lists the packed positions of the queries that selected global
+    block ``blk`` for KV head ``h``: ``query_list[query_offsets[b] : query_offsets[b + 1]]``; its
+    segments are ``seg_first[b] .. seg_first[b + 1] - 1`` and ``seg_bucket`` maps a segment back
+    (``H * NBT`` past the last one). A bucket with one segment writes dk ``[N, H, DK]`` and dv
+    ``[N, H, DV]`` directly; otherwise segment ``i`` writes float32 partials to slot
+    ``part_first[b] + i`` of dk_part ``[P, NKS * BK, DK]`` / dv_part, summed by the reduce kernel.
     """
-    i_bk, i_h = tl.program_id(0), tl.program_id(1)
-    i_blk = i_bk // NKS
-    i_n = tl.load(block_table + i_blk * 2).to(tl.int64)
-    i_j = tl.load(block_table + i_blk * 2 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_sk = tl.program_id(0)
+    i_seg = i_sk // NKS
+    i_key = tl.load(seg_bucket + i_seg).to(tl.int64)
+    if i_key < H * NBT:
+        i_h = i_key // NBT
+        i_blk = i_key % NBT
+        i_n = tl.load(block_table + i_blk * 2).to(tl.int64)
+        i_j = tl.load(block_table + i_blk * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
 
-    o_k = (i_bk % NKS) * BK + tl.arange(0, BK)  # [BK] key offsets inside the block
-    i_k = bos + i_j * BS + o_k  # [BK] packed key positions
-    m_k = (o_k < BS) & (i_j * BS + o_k < seq_len)
-    o_dk = tl.arange(0, BDK)
-    o_dv = tl.arange(0, BDV)
-    o_kv = i_k * H + i_h
-    m_kd = m_k[:, None] & (o_dk < DK)[None, :]
-    m_vd = m_k[:, None] & (o_dv < DV)[None, :]
-    b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :], mask=m_kd, other=0.)  # [BK, BDK]
-    b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_vd, other=0.)  # [BK, BDV]
+        o_k = (i_sk % NKS) * BK + tl.arange(0, BK)  # [BK] key offsets inside the block
+        i_k = bos + i_j * BS + o_k  # [BK] packed key positions
+        m_k = (o_k < BS) & (i_j * BS + o_k < seq_len)
+        o_dk = tl.arange(0, BDK)
+        o_dv = tl.arange(0, BDV)
+        o_kv = i_k * H + i_h
+        m_kd = m_k[:, None] & (o_dk < DK)[None, :]
+        m_vd = m_k[:, None] & (o_dv < DV)[None, :]
+        b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :], mask=m_kd, other=0.)  # [BK, BDK]
+        b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_vd, other=0.)  # [BK, BDV]
 
-    o_r = tl.arange(0, BR)
-    o_rp = o_r // G
-    o_rg = o_r % G
-    qk_scale = scale * 1.4426950408889634
-    i_key = i_h.to(tl.int64) * NBT + i_blk
-    start = tl.load(query_offsets + i_key)
-    end = tl.load(query_offsets + i_key + 1)
-    b_dk = tl.zeros([BK, BDK], dtype=tl.float32)
-    b_dv = tl.zeros([BK, BDV], dtype=tl.float32)
-    for i0 in range(start, end, BQ):
-        i_e = i0 + o_rp  # [BR] entry of the query list
-        m_r = (o_r < BQ * G) & (i_e < end)
-        i_t = tl.load(query_list + i_e, mask=m_r, other=0).to(tl.int64)  # [BR] packed positions
-        o_row = i_t * HQ + i_h * G + o_rg
-        b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
-                      other=0.)
-        b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
-                       other=0.)
-        b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.) * 1.4426950408889634
-        b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
-        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
-        m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
-        b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
-        b_dv += _dot(tl.trans(b_p.to(b_do.dtype)), b_do, DOT_PRECISION, DOT_UPCAST)
-        b_dp = _dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dk += _dot(tl.trans(b_ds.to(b_q.dtype)), b_q, DOT_PRECISION, DOT_UPCAST)
-    tl.store(dk + o_kv[:, None] * DK + o_dk[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_kd)
-    tl.store(dv + o_kv[:, None] * DV + o_dv[None, :], b_dv.to(dv.dtype.element_ty), mask=m_vd)
+        o_r = tl.arange(0, BR)
+        o_rp = o_r // G
+        o_rg = o_r % G
+        qk_scale = scale * 1.4426950408889634
+        i_seg0 = tl.load(seg_first + i_key)
+        n_seg = tl.load(seg_first + i_key + 1) - i_seg0
+        i_sub = i_seg - i_seg0  # segment index inside the bucket
+        start = tl.load(query_offsets + i_key) + i_sub * SEG
+        end = tl.minimum(tl.load(query_offsets + i_key + 1), start + SEG)
+        b_dk = tl.zeros([BK, BDK], dtype=tl.float32)
+        b_dv = tl.zeros([BK, BDV], dtype=tl.float32)
+        for i0 in range(start, end, BQ):
+            i_e = i0 + o_rp  # [BR] entry of the query list
+            m_r = (o_r < BQ * G) & (i_e < end)
+            i_t = tl.load(query_list + i_e, mask=m_r, other=0).to(tl.int64)  # [BR] packed positions
+            o_row = i_t * HQ + i_h * G + o_rg
+            b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
+                          other=0.)
+            b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
+                           other=0.)
+            b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.) * 1.4426950408889634
+            b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
+            b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
+            m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
+            b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
+            b_dv += _dot(tl.trans(b_p.to(b_do.dtype)), b_do, DOT_PRECISION, DOT_UPCAST)
+            b_dp = _dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dk += _dot(tl.trans(b_ds.to(b_q.dtype)), b_q, DOT_PRECISION, DOT_UPCAST)
+        b_dk = b_dk * scale
+        # compared as a [BK] vector: the interpreter turns (vector & scalar comparison) into integers
+        b_n_seg = tl.zeros([BK], dtype=tl.int64) + n_seg
+        m_one = m_k & (b_n_seg == 1)  # [BK] the only segment: final values
+        m_many = m_k & (b_n_seg > 1)  # [BK] one of several: float32 partials
+        tl.store(dk + o_kv[:, None] * DK + o_dk[None, :], b_dk.to(dk.dtype.element_ty),
+                 mask=m_one[:, None] & (o_dk < DK)[None, :])
+        tl.store(dv + o_kv[:, None] * DV + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
+                 mask=m_one[:, None] & (o_dv < DV)[None, :])
+        o_part = (tl.load(part_first + i_key) + i_sub) * (NKS * BK) + o_k  # [BK] rows of the partials
+        tl.store(dk_part + o_part[:, None] * DK + o_dk[None, :], b_dk, mask=m_many[:, None] & (o_dk < DK)[None, :])
+        tl.store(dv_part + o_part[:, None] * DV + o_dv[None, :], b_dv, mask=m_many[:, None] & (o_dv < DV)[None, :])
+
+
+@triton.jit
+def selected_bwd_dkv_reduce_kernel(
+    dk, dv, dk_part, dv_part, cu_seqlens, block_table, seg_first, part_first, NBT,
+    H: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+):
+    """dk, dv of the buckets split into several segments: their partials summed in segment order."""
+    i_sk = tl.program_id(0)
+    i_key = (i_sk // NKS).to(tl.int64)
+    i_seg0 = tl.load(seg_first + i_key)
+    n_seg = tl.load(seg_first + i_key + 1) - i_seg0
+    if n_seg > 1:
+        i_h = i_key // NBT
+        i_blk = i_key % NBT
+        i_n = tl.load(block_table + i_blk * 2).to(tl.int64)
+        i_j = tl.load(block_table + i_blk * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        o_k = (i_sk % NKS) * BK + tl.arange(0, BK)
+        m_k = (o_k < BS) & (i_j * BS + o_k < seq_len)
+        o_kv = (bos + i_j * BS + o_k) * H + i_h
+        o_dk = tl.arange(0, BDK)
+        o_dv = tl.arange(0, BDV)
+        m_kd = m_k[:, None] & (o_dk < DK)[None, :]
+        m_vd = m_k[:, None] & (o_dv < DV)[None, :]
+        i_slot0 = tl.load(part_first + i_key)
+        b_dk = tl.zeros([BK, BDK], dtype=tl.float32)
+        b_dv = tl.zeros([BK, BDV], dtype=tl.float32)
+        for i_sub in range(n_seg):
+            o_part = (i_slot0 + i_sub) * (NKS * BK) + o_k
+            b_dk += tl.load(dk_part + o_part[:, None] * DK + o_dk[None, :], mask=m_kd, other=0.)
+            b_dv += tl.load(dv_part + o_part[:, None] * DV + o_dv[None, :], mask=m_vd, other=0.)
+        tl.store(dk + o_kv[:, None] * DK + o_dk[None, :], b_dk.to(dk.dtype.element_ty), mask=m_kd)
+        tl.store(dv + o_kv[:, None] * DV + o_dv[None, :], b_dv.to(dv.dtype.element_ty), mask=m_vd)
 
 
 def _pow2(n: int, minimum: int = 16) -> int:
@@ -279,10 +343,39 @@ def _fit(n: int, row_bytes: int) -> int:
     return p
 
 
-def _fwd_key_tile(block_size: int, DK: int, DV: int, esize: int) -> tuple[int, int]:
-    """(keys per sub-tile, sub-tiles per block) of the query-centric kernels."""
-    bk = _fit(min(_pow2(block_size), 64), (_pow2(DK) + _pow2(DV)) * esize)
-    return bk, triton.cdiv(block_size, bk)
+class _Tiles(NamedTuple):
+    BT: int  # query positions per tile (forward, dQ)
+    BR: int  # rows per tile, BT * G padded to a power of two
+    BK: int  # keys per sub-tile (forward, dQ)
+    NKS: int  # sub-tiles per block (forward, dQ)
+    warps: int
+    BQ: int  # query positions per chunk of a dK/dV walk
+    BRQ: int  # rows per chunk, BQ * G padded
+    BK_KV: int  # keys per dK/dV program
+    NKS_KV: int  # dK/dV programs per block
+    warps_kv: int
+    stages_kv: int
+
+
+def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Tiles:
+    """Tile sizes: the largest that compile for sm_90 without register spills (checked with
+    ptxas for G in 1..32, head dims 64..256, bf16/fp16), and whose operand tiles stay within ~64 KB
+    of shared memory. float32 runs its products on FMA units (exact, not TF32), which needs more
+    registers: smaller tiles, and it is not the fast path."""
+    width = _pow2(DK) + _pow2(DV)
+    row_bytes = width * dtype.itemsize
+    fp32 = dtype.itemsize >= 4
+    bt, br = _tile(G, FWD_ROWS)
+    bk = _fit(min(_pow2(block_size), 32 if width > 256 or fp32 else 64), row_bytes)
+    bq, brq = _tile(G, _fit(16 if fp32 else BWD_ROWS, row_bytes))
+    bk_kv = _fit(min(_pow2(block_size), (16 if width > 256 else 32) if fp32 else (32 if width > 384 else 64)),
+                 row_bytes)
+    return _Tiles(
+        BT=bt, BR=br, BK=bk, NKS=triton.cdiv(block_size, bk), warps=8 if br >= 32 or fp32 else 4,
+        BQ=bq, BRQ=brq, BK_KV=bk_kv, NKS_KV=triton.cdiv(block_size, bk_kv),
+        warps_kv=8 if width >= 256 and not fp32 else 4,
+        stages_kv=2 if 2 * brq * row_bytes <= _TILE_BYTES and not fp32 else 1,
+    )
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
@@ -337,51 +430,88 @@ def _reverse_index(block_indices, cu_seqlens, block_table, block_size: int):
     return offsets, query_list
 
 
-def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_indices, BT, BR):
-    """Packed q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``."""
+class _Segments(NamedTuple):
+    first: torch.Tensor  # int64 [HB + 1]: first segment of every bucket, then the number of segments
+    part_first: torch.Tensor  # int64 [HB]: first partial slot of a bucket with several segments
+    bucket: torch.Tensor  # int32 [max_segments]: bucket of every segment, HB past the last one
+    max_segments: int
+    max_parts: int
+
+
+def _segments(offsets, num_entries: int, seg: int) -> _Segments:
+    """Cuts every bucket of the reverse index into segments of at most ``seg`` queries (at least
+    one segment per bucket, so that every key's gradient is written), on the device.
+
+    The grid and the partial buffer are sized by bounds the host knows without reading the
+    device: ``sum max(1, ceil(c / seg)) <= HB + entries / seg`` segments, and the buckets with
+    several segments (``c > seg``) hold ``ceil(c / seg) < 2 c / seg`` of them each.
+    """
+    HB = offsets.numel() - 1
+    counts = offsets[1:] - offsets[:-1]
+    n_seg = torch.clamp(torch.div(counts + seg - 1, seg, rounding_mode="floor"), min=1)
+    first = torch.zeros(HB + 1, dtype=torch.int64, device=offsets.device)
+    first[1:] = torch.cumsum(n_seg, 0)
+    multi = torch.where(n_seg > 1, n_seg, 0)
+    part_first = torch.cumsum(multi, 0) - multi
+    max_segments = HB + num_entries // seg
+    max_parts = max(1, 2 * num_entries // seg)
+    seg_ids = torch.arange(max_segments, device=offsets.device)
+    bucket = torch.searchsorted(first[1:], seg_ids, right=True).to(torch.int32)
+    return _Segments(first, part_first, bucket, max_segments, max_parts)
+
+
+def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_indices, cfg: _Tiles):
+    """Packed q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``;
+    chunk_indices from :func:`_chunk_table` with ``cfg.BT``. Returns o ``[N, HQ, DV]``, lse ``[N, HQ]``."""
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     o = new_output((N, HQ, DV), q.dtype, q.device)
     lse = new_output((N, HQ), torch.float32, q.device)
-    BK, NKS = _fwd_key_tile(block_size, DK, DV, q.element_size())
     # num_stages=1: the loads sit under data-dependent branches, which are not pipelined
     selected_fwd_kernel[(chunk_indices.shape[0], H)](
         q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
-        HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=block_size, BK=BK, NKS=NKS,
-        DK=DK, DV=DV, BDK=_pow2(DK), BDV=_pow2(DV), BT=BT, BR=BR, num_warps=4, num_stages=1,
+        HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=block_size, BK=cfg.BK, NKS=cfg.NKS,
+        DK=DK, DV=DV, BDK=_pow2(DK), BDV=_pow2(DV), BT=cfg.BT, BR=cfg.BR, num_warps=cfg.warps, num_stages=1,
         **_dot_args(q.dtype),
     )
     return o, lse
 
 
 def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, chunk_indices,
-                block_table, BT, BR):
+                block_table, cfg: _Tiles):
+    """Packed tensors as in :func:`_launch_fwd`, plus o, do ``[N, HQ, DV]``, lse ``[N, HQ]`` and
+    block_table ``[NBT, 2]`` (:func:`_chunk_table` with the block size). Returns dq, dk, dv."""
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
-    G = HQ // H
-    row_bytes = (_pow2(DK) + _pow2(DV)) * q.element_size()
-    common = dict(HQ=HQ, H=H, G=G, BS=block_size, DK=DK, DV=DV, BDK=_pow2(DK), BDV=_pow2(DV),
+    common = dict(HQ=HQ, H=H, G=HQ // H, BS=block_size, DK=DK, DV=DV, BDK=_pow2(DK), BDV=_pow2(DV),
                   **_dot_args(q.dtype))
     dq = new_output(q.shape, q.dtype, q.device)
     delta = new_output((N, HQ), torch.float32, q.device)
-    BK, NKS = _fwd_key_tile(block_size, DK, DV, q.element_size())
     selected_bwd_dq_kernel[(chunk_indices.shape[0], H)](
         q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
-        S=S, SP=triton.next_power_of_2(S), BK=BK, NKS=NKS, BT=BT, BR=BR, num_warps=4, num_stages=1, **common,
+        S=S, SP=triton.next_power_of_2(S), BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR,
+        num_warps=cfg.warps, num_stages=1, **common,
     )
     NBT = block_table.shape[0]
     offsets, query_list = _reverse_index(block_indices, cu_seqlens, block_table, block_size)
-    BQ, BRQ = _tile(G, _fit(BWD_ROWS, row_bytes))
-    # dK and dV of BK keys stay in float32 registers for the whole walk: split a block into key
-    # sub-tiles (separate programs) when head dims are large, so they fit without spilling.
-    BK = _fit(min(_pow2(block_size), 32 if _pow2(DK) + _pow2(DV) > 256 else 64), row_bytes)
-    NKS = triton.cdiv(block_size, BK)
+    seg = _segments(offsets, N * H * S, KV_SEGMENT)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    selected_bwd_dkv_kernel[(NBT * NKS, H)](
-        q, k, v, lse, do, delta, dk, dv, cu_seqlens, block_table, offsets, query_list, scale,
-        NBT, BK=BK, NKS=NKS, BQ=BQ, BR=BRQ, num_warps=8 if BK * (_pow2(DK) + _pow2(DV)) >= 64 * 256 else 4,
-        num_stages=2 if 2 * BRQ * row_bytes <= _TILE_BYTES else 1, **common,
+    # dK and dV of BK_KV keys stay in float32 registers for the whole walk; a block is split into
+    # key sub-tiles (separate programs) when that would not fit
+    BSP = cfg.BK_KV * cfg.NKS_KV
+    dk_part = new_output((seg.max_parts, BSP, DK), torch.float32, q.device)
+    dv_part = new_output((seg.max_parts, BSP, DV), torch.float32, q.device)
+    kv = dict(common, BK=cfg.BK_KV, NKS=cfg.NKS_KV)
+    selected_bwd_dkv_kernel[(seg.max_segments * cfg.NKS_KV,)](
+        q, k, v, lse, do, delta, dk, dv, dk_part, dv_part, cu_seqlens, block_table, offsets, query_list,
+        seg.bucket, seg.first, seg.part_first, scale, NBT, KV_SEGMENT, BQ=cfg.BQ, BR=cfg.BRQ,
+        num_warps=cfg.warps_kv, num_stages=cfg.stages_kv, **kv,
+    )
+    for key in ("HQ", "G", "DOT_PRECISION", "DOT_UPCAST"):
+        del kv[key]
+    selected_bwd_dkv_reduce_kernel[(H * NBT * cfg.NKS_KV,)](
+        dk, dv, dk_part, dv_part, cu_seqlens, block_table, seg.first, seg.part_first, NBT, num_warps=8, **kv,
     )
     return dq, dk, dv
 
@@ -393,13 +523,15 @@ def _selected_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_in
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, HQ, DK = q.shape
     H, DV = k.shape[2], v.shape[3]
+    if B * T == 0:
+        return q.new_zeros(B, T, HQ, DV), q.new_zeros(B, T, HQ, dtype=torch.float32)
     dense = cu_seqlens is None
     cu = uniform_cu_seqlens(B, T, q.device) if dense else cu_seqlens
-    BT, BR = _tile(HQ // H, FWD_ROWS)
-    chunks = _chunk_table(cu, (B, T) if dense else None, BT, q.device)
+    cfg = _tiles(HQ // H, block_size, DK, DV, q.dtype)
+    chunks = _chunk_table(cu, (B, T) if dense else None, cfg.BT, q.device)
     o, lse = _launch_fwd(q.reshape(B * T, HQ, DK).contiguous(), k.reshape(B * T, H, DK).contiguous(),
                          v.reshape(B * T, H, DV).contiguous(), block_indices.reshape(B * T, H, -1).contiguous(),
-                         block_size, scale, cu, chunks, BT, BR)
+                         block_size, scale, cu, chunks, cfg)
     return o.view(B, T, HQ, DV), lse.view(B, T, HQ)
 
 
@@ -415,17 +547,19 @@ def _selected_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
                      cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, HQ, DK = q.shape
     H, DV = k.shape[2], v.shape[3]
+    if B * T == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dense = cu_seqlens is None
     cu = uniform_cu_seqlens(B, T, q.device) if dense else cu_seqlens
-    BT, BR = _tile(HQ // H, FWD_ROWS)
-    chunks = _chunk_table(cu, (B, T) if dense else None, BT, q.device)
+    cfg = _tiles(HQ // H, block_size, DK, DV, q.dtype)
+    chunks = _chunk_table(cu, (B, T) if dense else None, cfg.BT, q.device)
     blocks = _chunk_table(cu, (B, T) if dense else None, block_size, q.device)
     N = B * T
     dq, dk, dv = _launch_bwd(q.reshape(N, HQ, DK).contiguous(), k.reshape(N, H, DK).contiguous(),
                              v.reshape(N, H, DV).contiguous(), o.reshape(N, HQ, DV).contiguous(),
                              lse.reshape(N, HQ).contiguous(), do.reshape(N, HQ, DV).contiguous(),
                              block_indices.reshape(N, H, -1).contiguous(), block_size, scale, cu, chunks,
-                             blocks, BT, BR)
+                             blocks, cfg)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 

@@ -87,7 +87,7 @@ def run_case(T, Dk, Dv, fwd_cfg=None, dq_cfg=None, dkv_cfg=None):
     q, k, v = inputs(T, Dk, Dv)
     scale = Dk ** -0.5
     o, lse = C.compressed_attention_fwd(q, k, v, KS, ST, scale, None, config=fwd_cfg)
-    do = torch.randn_like(o)
+    do = torch.randn(o.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(o.dtype)
     t_f = bench(lambda: C.compressed_attention_fwd(q, k, v, KS, ST, scale, None, config=fwd_cfg))
     t_b = bench(lambda: C.compressed_attention_bwd(q, k, v, o, lse, do, None, KS, ST, scale, None,
                                                    dq_config=dq_cfg, dkv_config=dkv_cfg))

@@ -67,18 +67,18 @@ def time_selection(q, k, lse, **cfg):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
-    p.add_argument("--sweep", action="store_true", help="time every (rows, num_warps, num_stages)")
+    p.add_argument("--sweep", action="store_true", help="time (positions, num_warps, num_stages, maxnreg) variants")
     args = p.parse_args()
     print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {torch.cuda.get_device_name()}  "
           f"torch {torch.__version__}  triton {triton.__version__}")
-    print(f"# B=1 HQ={HQ} H={H} D={D} bf16, {KS}/{ST}/{BS}, n={N}; default rows={selection.ROWS} "
+    print(f"# B=1 HQ={HQ} H={H} D={D} bf16, {KS}/{ST}/{BS}, n={N}; default positions={selection.POSITIONS} "
           f"warps={selection.NUM_WARPS} stages={selection.NUM_STAGES}")
     check_small()
     print("# check at T=4096: ok")
     configs = [{}]
     if args.sweep:
-        configs = [dict(rows=r, num_warps=w, num_stages=s)
-                   for r, w, s in itertools.product((64, 128, 256), (4, 8), (1, 2, 3))]
+        configs = [dict(positions=p, num_warps=w, num_stages=s, maxnreg=r)
+                   for p, w, s, r in itertools.product((8, 16, 32), (4, 8), (1, 2, 3), (None, 128))]
     for T in args.T:
         q, k, v, lse = inputs(T)
         flop = 2 * visible_pairs(T) * D

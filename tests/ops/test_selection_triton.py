@@ -149,14 +149,14 @@ def test_selection_exact_float64(c):
 TILE_CASES = [c for c in CASES if c.id.endswith("-chunks")]
 
 
-@pytest.mark.parametrize("rows", [64])
+@pytest.mark.parametrize("positions", [32])
 @pytest.mark.parametrize("c", TILE_CASES, ids=[c.id for c in TILE_CASES])
-def test_selection_tile_rows(c, rows):
+def test_selection_tile_positions(c, positions):
     """Shorter query tiles (GPU sizes) give the same selection. With them some tiles of these
     cases start past a whole chunk of blocks visible to all their positions: the unmasked path."""
     q, k_cmp, lse, cu = make_inputs(c)
     scale = c.scale or c.D ** -0.5
-    idx = selection_fwd(q, k_cmp, lse, c.ks, c.st, c.bs, c.n, c.ni, c.nl, scale, cu, rows=rows)
+    idx = selection_fwd(q, k_cmp, lse, c.ks, c.st, c.bs, c.n, c.ni, c.nl, scale, cu, positions=positions)
     check_selection(q, k_cmp, lse, idx, kernel_size=c.ks, stride=c.st, block_size=c.bs, num_selected=c.n,
                     num_initial=c.ni, num_local=c.nl, scale=c.scale, cu_seqlens=cu, tol=TOL)
     assert torch.equal(idx, run(c, q, k_cmp, lse, cu, "triton"))

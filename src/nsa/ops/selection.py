@@ -43,9 +43,12 @@ import triton.language as tl
 
 from .utils import compressed_cu_seqlens, new_output, prepare_chunk_indices
 
-# Target rows (positions x heads) of a query tile: the height of the q.k_cmp tensor-core tile.
-# Each tile reloads the compressed keys it scores (from L2), so taller tiles cut that traffic.
-ROWS = 128
+# Query positions per tile on the GPU. The tile's [positions, blocks] keys then number at least
+# 16 x 16 = 256, one per thread of 8 warps: the bitonic network runs without copies of the keys
+# in every lane (with fewer positions each warp would sort redundant copies of one row).
+# Rows of the q.k_cmp product: positions x heads (padded), capped at MAX_ROWS for registers.
+POSITIONS = 16
+MAX_ROWS = 512
 NUM_WARPS = 8
 NUM_STAGES = 2
 # Under the CPU interpreter the cost is per operation, not per element: fewer, larger tiles.
@@ -272,10 +275,11 @@ def _next_pow2(x: int) -> int:
 
 
 def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local, scale,
-                  cu_seqlens, rows=None, num_warps=None, num_stages=None):
+                  cu_seqlens, positions=None, num_warps=None, num_stages=None, maxnreg=None):
     """Launches :func:`selection_fwd_kernel`; returns int32 ``[B, T, H, num_selected]``.
 
-    ``rows``, ``num_warps``, ``num_stages`` override the tile configuration (for tuning).
+    ``positions`` (query positions per tile), ``num_warps``, ``num_stages``, ``maxnreg`` override
+    the tile configuration (for tuning and tests).
     """
     B, T, HQ, DK = q.shape
     TC, H = k_cmp.shape[1], k_cmp.shape[2]
@@ -286,13 +290,18 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     q, k_cmp = q.contiguous(), k_cmp.contiguous()
     lse = lse.float().contiguous()
     out = new_output((B, T, H, num_selected), torch.int32, q.device)
-    if T == 0:
+    if B * T == 0:
         return out
 
     GP = _next_pow2(G)
-    if rows is None:
-        rows = ROWS if q.is_cuda else ROWS_INTERPRET
-    BT = max(1, rows // GP)  # rows BT * GP >= 16, the smallest tensor-core tile height
+    if positions is not None:
+        assert positions > 0 and positions & (positions - 1) == 0, "positions must be a power of two"
+        BT = positions
+    elif q.is_cuda:
+        BT = max(1, min(POSITIONS, MAX_ROWS // GP))
+    else:
+        BT = max(1, ROWS_INTERPRET // GP)
+    BT = max(BT, 16 // GP)  # rows BT * GP >= 16, the smallest tensor-core tile height
     CPB = block_size // stride
     CPBP = _next_pow2(CPB)
     spill = ((CPB - 1) * stride + kernel_size - 1) // block_size
@@ -316,6 +325,7 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
         BT=BT, BJ=BJ, LOG_R=LOG_R, IS_VARLEN=cu_seqlens is not None,
         DOT_MODE=_dot_mode(q),
         num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nsa.ops import reference, selected_attention
+from nsa.ops.selected import selected_attention_triton
 from tests.helpers import assert_close, needs_cuda
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
@@ -138,6 +139,26 @@ def test_backward_deterministic_gpu():
     _, g2 = run_triton(q, k, v, idx, do, 64)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "varlen"])
+def test_no_host_synchronization(packed):
+    """Forward and backward never wait for the device (the public op's input checks do, so the
+    kernel entry is called directly)."""
+    lens = [100, 3000, 1000]
+    q, k, v, _, do = inputs(1, sum(lens), 16, 2, 64, 64, 8, 64, torch.bfloat16, seed=6)
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    idx = torch.cat([causal_selection(1, n, 2, 8, 64, gen, "cuda") for n in lens], 1)
+    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32) if packed else None
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    selected_attention_triton(*leaves, idx, 64, 0.125, cu).backward(do)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o = selected_attention_triton(*leaves, idx, 64, 0.125, cu)
+        o.backward(do)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_varlen_gpu():

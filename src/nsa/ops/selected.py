@@ -14,7 +14,8 @@ masked out. Online softmax in float32; the forward also writes the log-sum-exp p
 
 dK/dV are KV-block-centric through a reverse index: for each (KV head, block) the ascending
 list of query positions that selected it and can see at least one of its keys, built on the
-device with a stable sort (no host synchronization). A program owns one (block, KV head),
+device with a stable sort. No host synchronization anywhere (grids are sized by bounds the host
+knows; surplus programs do nothing). A program owns one (block, KV head),
 walks its list in chunks of queries x G heads, and accumulates dK/dV in registers; it writes
 them once. Lists longer than ``KV_SEGMENT`` (the first block's list spans the whole sequence)
 are cut into segments walked by separate programs, whose float32 partials a second kernel sums
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import new_output, prepare_chunk_indices, uniform_cu_seqlens
+from .utils import new_output, uniform_cu_seqlens
 
 # Rows (positions x heads) per query tile in the forward/dQ kernels, and per query chunk in
 # the dK/dV kernel. 16 is the smallest tensor-core tile height; a larger forward tile shares
@@ -384,18 +385,22 @@ def _dot_args(dtype: torch.dtype) -> dict:
                 DOT_UPCAST=dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-def _chunk_table(cu_seqlens, dense_shape, chunk: int, device) -> torch.Tensor:
-    """int32 ``[num_chunks, 2]`` rows of (sequence, chunk within sequence).
+def _chunk_table(cu_seqlens, num_tokens: int, chunk: int) -> torch.Tensor:
+    """int32 ``[num_tokens // chunk + num_seqs, 2]`` rows of (sequence, chunk within sequence),
+    chunks of every sequence in order, built on the device without host synchronization.
 
-    Dense input: built on the device from its shape, no host synchronization. Packed input:
-    one host copy of cu_seqlens (:func:`nsa.ops.utils.prepare_chunk_indices`).
+    The row count is a bound the host knows (``sum ceil(len / chunk) <= num_tokens // chunk +
+    num_seqs``); rows past the last chunk name chunks past the end of the last sequence, and the
+    programs given them do nothing. Row ``r`` of sequence ``n`` is ``first[n] + chunk id`` with
+    ``first`` the exclusive cumsum of the per-sequence chunk counts (what ``_reverse_index`` uses).
     """
-    if dense_shape is None:
-        return prepare_chunk_indices(cu_seqlens, chunk)
-    B, T = dense_shape
-    nc = triton.cdiv(T, chunk)
-    i = torch.arange(B * nc, dtype=torch.int32, device=device)
-    return torch.stack([i // nc, i % nc], 1)
+    num_seqs = cu_seqlens.numel() - 1
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    n_chunks = torch.div(lens + chunk - 1, chunk, rounding_mode="floor")
+    end = torch.cumsum(n_chunks, 0)
+    rows = torch.arange(num_tokens // chunk + num_seqs, device=cu_seqlens.device)
+    seq = torch.clamp(torch.searchsorted(end, rows, right=True), max=num_seqs - 1)
+    return torch.stack([seq, rows - (end - n_chunks)[seq]], 1).to(torch.int32)
 
 
 def _reverse_index(block_indices, cu_seqlens, block_table, block_size: int):
@@ -405,7 +410,7 @@ def _reverse_index(block_indices, cu_seqlens, block_table, block_size: int):
     Args:
         block_indices: int32 ``[N, H, S]`` packed.
         cu_seqlens: int32 ``[num_seqs + 1]``.
-        block_table: int32 ``[NBT, 2]`` rows (sequence, block within sequence), sequences in order.
+        block_table: int32 ``[NBT, 2]`` from :func:`_chunk_table` with the block size.
     Returns:
         offsets int64 ``[H * NBT + 1]`` and int32 list ``[N * H * S]`` (entries past
         ``offsets[-1]`` unused); bucket of (h, b) is ``list[offsets[h*NBT+b] : offsets[h*NBT+b+1]]``.
@@ -416,17 +421,19 @@ def _reverse_index(block_indices, cu_seqlens, block_table, block_size: int):
     tok = torch.arange(N, device=dev)
     seq = torch.searchsorted(cu_seqlens[1:].long(), tok, right=True)  # [N]
     t_rel = tok - cu_seqlens.long()[seq]
-    # first global block of every sequence: block_table rows are grouped by sequence in order
+    # first global block of every sequence, as numbered by block_table
     seq_blocks = -(-(cu_seqlens[1:] - cu_seqlens[:-1]).long() // block_size)
     blk_off = torch.cumsum(seq_blocks, 0) - seq_blocks  # [num_seqs]
     idx = block_indices.long()
     valid = (idx >= 0) & (idx * block_size <= t_rel.view(N, 1, 1))
     heads = torch.arange(H, device=dev).view(1, H, 1)
     key = torch.where(valid, heads * NBT + blk_off[seq].view(N, 1, 1) + idx, H * NBT)
+    if H * NBT < 2 ** 31:
+        key = key.to(torch.int32)  # half the bytes to sort
     # stable: within a bucket, entries keep their (position, head, slot) order -> ascending positions
     sorted_key, perm = torch.sort(key.flatten(), stable=True)
     query_list = torch.div(perm, H * S, rounding_mode="floor").to(torch.int32)
-    offsets = torch.searchsorted(sorted_key, torch.arange(H * NBT + 1, device=dev))
+    offsets = torch.searchsorted(sorted_key, torch.arange(H * NBT + 1, device=dev, dtype=sorted_key.dtype))
     return offsets, query_list
 
 
@@ -525,10 +532,9 @@ def _selected_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_in
     H, DV = k.shape[2], v.shape[3]
     if B * T == 0:
         return q.new_zeros(B, T, HQ, DV), q.new_zeros(B, T, HQ, dtype=torch.float32)
-    dense = cu_seqlens is None
-    cu = uniform_cu_seqlens(B, T, q.device) if dense else cu_seqlens
+    cu = uniform_cu_seqlens(B, T, q.device) if cu_seqlens is None else cu_seqlens
     cfg = _tiles(HQ // H, block_size, DK, DV, q.dtype)
-    chunks = _chunk_table(cu, (B, T) if dense else None, cfg.BT, q.device)
+    chunks = _chunk_table(cu, B * T, cfg.BT)
     o, lse = _launch_fwd(q.reshape(B * T, HQ, DK).contiguous(), k.reshape(B * T, H, DK).contiguous(),
                          v.reshape(B * T, H, DV).contiguous(), block_indices.reshape(B * T, H, -1).contiguous(),
                          block_size, scale, cu, chunks, cfg)
@@ -549,11 +555,10 @@ def _selected_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
     H, DV = k.shape[2], v.shape[3]
     if B * T == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dense = cu_seqlens is None
-    cu = uniform_cu_seqlens(B, T, q.device) if dense else cu_seqlens
+    cu = uniform_cu_seqlens(B, T, q.device) if cu_seqlens is None else cu_seqlens
     cfg = _tiles(HQ // H, block_size, DK, DV, q.dtype)
-    chunks = _chunk_table(cu, (B, T) if dense else None, cfg.BT, q.device)
-    blocks = _chunk_table(cu, (B, T) if dense else None, block_size, q.device)
+    chunks = _chunk_table(cu, B * T, cfg.BT)
+    blocks = _chunk_table(cu, B * T, block_size)
     N = B * T
     dq, dk, dv = _launch_bwd(q.reshape(N, HQ, DK).contiguous(), k.reshape(N, H, DK).contiguous(),
                              v.reshape(N, H, DV).contiguous(), o.reshape(N, HQ, DV).contiguous(),

@@ -13,16 +13,15 @@ with independent rounding errors, so the relative error stays at a few u. fp32 1
 products (no TF32), only the summation order differs from the reference.
 
 Timing (not a test), from the repository root on the GPU machine:
-    PYTHONPATH=src:. python3 tests/gpu/test_window_gpu.py [T ...]
+    PYTHONPATH=src:. python3 tests/gpu/test_window_gpu.py [--T 8192 65536]
+    PYTHONPATH=src:. python3 tests/gpu/test_window_gpu.py --sweep --T 65536   # launch configs
 """
-
-import sys
 
 import pytest
 import torch
 
 from nsa.ops import reference, sliding_window_attention
-from tests.helpers import assert_close, needs_cuda
+from tests.helpers import assert_close, needs_cuda, rel_err
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 
@@ -198,28 +197,72 @@ def test_more_than_2_pow_31_elements_varlen():
 
 
 def _bench(Ts, B=1, HQ=64, H=4, D=128, W=512):
-    """Median times (ms) of forward and backward at the paper shape, and what they imply."""
+    """Median times (ms) of forward and backward through the public op at the paper shape."""
     import triton
 
-    from nsa.ops import window
-
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
-    print(f"# B={B} HQ={HQ} H={H} D={D} window={W} bf16; TFLOP/s count visible pairs only")
+    print(f"# B={B} HQ={HQ} H={H} D={D} window={W} bf16; TFLOP/s count visible (query, key) pairs only")
     for T in Ts:
         q, k, v, do = inputs(B, T, HQ, H, D, D, torch.bfloat16, seed=8)
         leaves = [x.requires_grad_(True) for x in (q, k, v)]
         fwd = lambda: sliding_window_attention(*leaves, W, backend="triton")  # noqa: E731
         o = fwd()
-        torch.autograd.grad(o, leaves, do)  # autotune outside the timed region
+        torch.autograd.grad(o, leaves, do, retain_graph=True)  # compile outside the timed region
         t_f = triton.testing.do_bench(fwd)
         t_b = triton.testing.do_bench(lambda: torch.autograd.grad(o, leaves, do, retain_graph=True))
         pairs = B * HQ * sum(min(t + 1, W) for t in range(T))
-        fl_f, fl_b = 4 * pairs * D, 10 * pairs * D
-        print(f"T={T:6d}  fwd {t_f:7.3f} ms ({fl_f / t_f * 1e-9:5.0f} TFLOP/s)   "
-              f"bwd {t_b:7.3f} ms ({fl_b / t_b * 1e-9:5.0f} TFLOP/s)")
-        for kern in (window.window_fwd_kernel, window.window_bwd_dq_kernel, window.window_bwd_dkv_kernel):
-            print(f"    {kern.base_fn.__name__}: {kern.best_config}")
+        print(f"T={T:6d}  fwd {t_f:7.3f} ms ({4 * pairs * D / t_f * 1e-9:4.0f} TFLOP/s)   "
+              f"bwd {t_b:7.3f} ms ({10 * pairs * D / t_b * 1e-9:4.0f} TFLOP/s)", flush=True)
+
+
+def _sweep(T, B=1, HQ=64, H=4, D=128, W=512):
+    """Times the forward, dQ and dK/dV launch configs one family at a time (the others at their
+    defaults) through the launchers; each config's output is checked against the default's."""
+    import itertools
+
+    import triton
+
+    from nsa.ops import window
+
+    q, k, v, do = inputs(B, T, HQ, H, D, D, torch.bfloat16, seed=9)
+    scale = D ** -0.5
+    o0, lse0 = window._launch_fwd(q, k, v, W, scale, None)
+    g0 = window._launch_bwd(q, k, v, o0, lse0, do, W, scale, None)
+    q_default, kv_default = window._q_config, window._kv_config
+    G = HQ // H
+    print(f"# sweep T={T} B={B} HQ={HQ} H={H} D={D} window={W} bf16; defaults "
+          f"{q_default(G, D, D, torch.bfloat16)} {kv_default(G, D, D, torch.bfloat16)}")
+    q_cfgs = [dict(BT=r // G, BM=r, BN=bn, num_warps=w, num_stages=s)
+              for r, bn, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))]
+    kv_cfgs = [dict(BN=bn, BM=r, num_warps=w, num_stages=s)
+               for bn, r, w, s in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3))]
+    for family, cfgs in (("fwd", q_cfgs), ("dq", q_cfgs), ("dkv", kv_cfgs)):
+        for cfg in cfgs:
+            window._q_config = (lambda *a, c=cfg: dict(c)) if family in ("fwd", "dq") else q_default
+            window._kv_config = (lambda *a, c=cfg: dict(c)) if family == "dkv" else kv_default
+            try:
+                if family == "fwd":
+                    run = lambda: window._launch_fwd(q, k, v, W, scale, None)  # noqa: E731
+                    err = rel_err(o0, run()[0])
+                else:
+                    run = lambda: window._launch_bwd(q, k, v, o0, lse0, do, W, scale, None)  # noqa: E731
+                    err = max(rel_err(a, b) for a, b in zip(g0, run()))
+                ms = triton.testing.do_bench(run)
+                print(f"{family:3s} {cfg}: {ms:7.3f} ms  (diff vs default {err:.1e})", flush=True)
+            except Exception as e:  # out of shared memory or registers: not a candidate
+                print(f"{family:3s} {cfg}: failed ({type(e).__name__})", flush=True)
+            finally:
+                window._q_config, window._kv_config = q_default, kv_default
 
 
 if __name__ == "__main__":
-    _bench([int(a) for a in sys.argv[1:]] or [8192, 16384, 65536])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--T", type=int, nargs="*", default=[8192, 16384, 65536])
+    parser.add_argument("--sweep", action="store_true", help="time every launch config at the first T")
+    args = parser.parse_args()
+    if args.sweep:
+        _sweep(args.T[0])
+    else:
+        _bench(args.T)

@@ -32,24 +32,6 @@ from .utils import new_output, prepare_chunk_indices
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _prune_rows(configs, named_args, **kwargs):
-    """dK/dV configs whose query step holds at least one position of every head (BM >= G)."""
-    G = kwargs.get("G", named_args.get("G"))
-    kept = [c for c in configs if c.kwargs["BM"] >= G] or [max(configs, key=lambda c: c.kwargs["BM"])]
-    return kept[:1] if _INTERPRET else kept
-
-
-if _INTERPRET:
-    # the interpreter runs programs one by one on the CPU: one small config, no tuning
-    _Q_CONFIGS = [triton.Config({"BN": 16}, num_warps=4, num_stages=1)]
-    _KV_CONFIGS = [triton.Config({"BM": bm}, num_warps=4, num_stages=1) for bm in (32, 64)]
-else:
-    _Q_CONFIGS = [triton.Config({"BN": bn}, num_warps=w, num_stages=s)
-                  for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
-    _KV_CONFIGS = [triton.Config({"BM": bm}, num_warps=w, num_stages=s)
-                   for bm in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
-
-
 @triton.jit
 def _tile_position(i_t, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Program ``i_t`` -> (tile index inside its sequence, first token of the sequence, length)."""
@@ -101,7 +83,6 @@ def _window_fwd_tiles(
     return b_acc, b_m, b_l
 
 
-@triton.autotune(configs=_Q_CONFIGS, key=["G", "K", "V", "BM", "IS_VARLEN"])
 @triton.jit(do_not_specialize=["T", "W"])
 def window_fwd_kernel(
     q, k, v, o, lse, cu_seqlens, chunk_indices, scale, T, W,
@@ -180,7 +161,6 @@ def _window_bwd_dq_tiles(
     return b_dq
 
 
-@triton.autotune(configs=_Q_CONFIGS, key=["G", "K", "V", "BM", "IS_VARLEN"])
 @triton.jit(do_not_specialize=["T", "W"])
 def window_bwd_dq_kernel(
     q, k, v, o, lse, do, delta, dq, cu_seqlens, chunk_indices, scale, T, W,
@@ -258,8 +238,6 @@ def _window_bwd_dkv_tiles(
     return b_dk, b_dv
 
 
-@triton.autotune(configs=_KV_CONFIGS, key=["G", "K", "V", "BN", "IS_VARLEN"],
-                 prune_configs_by={"early_config_prune": _prune_rows})
 @triton.jit(do_not_specialize=["T", "W"])
 def window_bwd_dkv_kernel(
     q, k, v, lse, do, delta, dk, dv, cu_seqlens, chunk_indices, scale, T, W,
@@ -319,16 +297,42 @@ def _pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
-def _query_tile(G: int, BK: int, BV: int):
-    """(positions, rows) of a forward/dQ query tile: rows >= positions x G heads, a power of two."""
-    rows = 32 if _INTERPRET else (128 if max(BK, BV) <= 128 else 64)
+def _q_config(G: int, BK: int, BV: int, dtype: torch.dtype) -> dict:
+    """Launch config of the forward and dQ kernels: BM rows = BT positions x G heads (a power of
+    two), BN keys per step. Hopper-oriented; fp32 (IEEE products, no tensor cores) and wide
+    heads take smaller tiles to stay within shared memory and registers."""
+    # sizes checked against sm_90 register and shared-memory use (ptxas, no spills for 16-bit
+    # inputs with heads <= 128; IEEE fp32 products take registers, hence its small tiles)
+    if _INTERPRET:  # programs run one by one on the CPU: few, small steps
+        rows, BN, warps, stages = 32, 16, 4, 1
+    elif dtype == torch.float32:
+        rows, BN, warps, stages = 16, 32, 4, 2
+    elif max(BK, BV) <= 128:
+        rows, BN, warps, stages = 128, 64, 8, 2
+    else:
+        rows, BN, warps, stages = 64, 32, 4, 2
     BM = max(rows, triton.next_power_of_2(G))
-    return BM // G, BM
+    return dict(BT=BM // G, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
 
 
-def _key_tile(BK: int, BV: int) -> int:
-    """Keys per dK/dV program (its dK and dV accumulators live in registers)."""
-    return 16 if _INTERPRET else (64 if max(BK, BV) <= 128 else 32)
+def _kv_config(G: int, BK: int, BV: int, dtype: torch.dtype) -> dict:
+    """Launch config of the dK/dV kernel: BN keys per program (their dK and dV accumulate in
+    registers), BM rows = BM // G positions x G heads per step."""
+    if _INTERPRET:
+        BN, rows, warps, stages = 16, 32, 4, 1
+    elif dtype == torch.float32:
+        BN, rows, warps, stages = 16, 16, 4, 2
+    elif max(BK, BV) <= 128:
+        BN, rows, warps, stages = 64, 64, 8, 2
+    else:
+        BN, rows, warps, stages = 32, 64, 8, 2
+    return dict(BN=BN, BM=max(rows, triton.next_power_of_2(G)), num_warps=warps, num_stages=stages)
+
+
+def _window(window_size: int, q) -> int:
+    """A window longer than every sequence means plain causal attention: clamp it, so that
+    position arithmetic in the kernels stays within int32."""
+    return min(window_size, q.shape[1])
 
 
 def _tiles(cu_seqlens, B: int, T: int, chunk: int, device):
@@ -347,15 +351,14 @@ def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens):
     B, T, HQ, K = q.shape
     H, V = k.shape[2], v.shape[3]
     G, BK, BV = HQ // H, _pow2(K), _pow2(V)
-    BT, BM = _query_tile(G, BK, BV)
-    n_tiles, table = _tiles(cu_seqlens, B, T, BT, q.device)
+    cfg = _q_config(G, BK, BV, q.dtype)
+    n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BT"], q.device)
     cu = cu_seqlens if cu_seqlens is not None else table
     o = new_output((B, T, HQ, V), q.dtype, q.device)
     lse = new_output((B, T, HQ), torch.float32, q.device)
     window_fwd_kernel[(n_tiles, H)](
-        q, k, v, o, lse, cu, table, scale, T, window_size,
-        HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BV=BV, BT=BT, BM=BM, IS_VARLEN=cu_seqlens is not None,
-        **_dot_args(q.dtype),
+        q, k, v, o, lse, cu, table, scale, T, _window(window_size, q),
+        HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None, **_dot_args(q.dtype), **cfg,
     )
     return o, lse
 
@@ -365,23 +368,24 @@ def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens)
     B, T, HQ, K = q.shape
     H, V = k.shape[2], v.shape[3]
     G, BK, BV = HQ // H, _pow2(K), _pow2(V)
+    W = _window(window_size, q)
     common = dict(HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None,
                   **_dot_args(q.dtype))
 
-    BT, BM = _query_tile(G, BK, BV)
-    n_tiles, table = _tiles(cu_seqlens, B, T, BT, q.device)
+    cfg = _q_config(G, BK, BV, q.dtype)
+    n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BT"], q.device)
     cu = cu_seqlens if cu_seqlens is not None else table
     dq = new_output(q.shape, q.dtype, q.device)
     delta = new_output((B, T, HQ), torch.float32, q.device)
     window_bwd_dq_kernel[(n_tiles, H)](
-        q, k, v, o, lse, do, delta, dq, cu, table, scale, T, window_size, BT=BT, BM=BM, **common)
+        q, k, v, o, lse, do, delta, dq, cu, table, scale, T, W, **common, **cfg)
 
-    BN = _key_tile(BK, BV)
-    n_tiles, table = _tiles(cu_seqlens, B, T, BN, q.device)
+    cfg = _kv_config(G, BK, BV, q.dtype)
+    n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BN"], q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     window_bwd_dkv_kernel[(n_tiles, H)](
-        q, k, v, lse, do, delta, dk, dv, cu, table, scale, T, window_size, BN=BN, **common)
+        q, k, v, lse, do, delta, dk, dv, cu, table, scale, T, W, **common, **cfg)
     return dq, dk, dv
 
 

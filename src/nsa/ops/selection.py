@@ -111,13 +111,14 @@ def _merge_top(a, c, BT: tl.constexpr, LOG_R: tl.constexpr):
 def _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
                   H: tl.constexpr, DK: tl.constexpr, BD: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
                   BS: tl.constexpr, CPB: tl.constexpr, CPBP: tl.constexpr, SPILL: tl.constexpr,
-                  BT: tl.constexpr, GP: tl.constexpr, BJ: tl.constexpr, MASKED: tl.constexpr,
+                  BT: tl.constexpr, BJ: tl.constexpr, LOG_BM: tl.constexpr, LOG_GP: tl.constexpr,
+                  HEAD_AXES: tl.constexpr, N_EARLY: tl.constexpr, MASKED: tl.constexpr,
                   DOT_MODE: tl.constexpr):
     """Scores ``[BT, BJ]`` of blocks ``j0 .. j0+BJ-1`` for the tile's positions, and the carry
     ``[BT, BJ]`` of this chunk's tokens into the next chunk's blocks.
 
-    b_q ``[BT*GP, BD]``; b_lse2 ``[BT*GP]`` (lse in base 2, +inf for rows that must score 0);
-    i_t ``[BT*GP]`` row positions. ``MASKED`` false: every token of the chunk is known to be
+    b_q ``[BM, BD]``; b_lse2 ``[BM]`` (lse in base 2, +inf for rows that must score 0);
+    i_t ``[BM]`` row positions; rows as in :func:`selection_fwd_kernel`. ``MASKED`` false: every token of the chunk is known to be
     visible to every row (no per-element masks).
     """
     BC: tl.constexpr = BJ * CPBP
@@ -145,7 +146,12 @@ def _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale
     if MASKED:
         m_vis = ((i_tok * STRIDE + KS - 1)[None, :] <= i_t[:, None]) & (o_cc < CPB)[None, :]
         b_p = tl.where(m_vis, b_p, 0.)
-    b_p = tl.reshape(b_p, [BT * GP, CPBP, BJ])
+    # sum the heads held in registers first (HEAD_AXES: head bits of the row index, the in-register
+    # ones first, see _head_mask), weigh tokens onto blocks, then sum the remaining heads.
+    b_p = tl.reshape(b_p, [2] * LOG_BM + [CPBP, BJ])
+    for i in tl.static_range(N_EARLY):
+        b_p = tl.sum(b_p, (HEAD_AXES >> (4 * i)) & 15)
+    b_p = tl.reshape(b_p, [2 ** (LOG_BM - N_EARLY), CPBP, BJ])
 
     o_c = tl.arange(0, CPBP)
     o_j = tl.arange(0, BJ)
@@ -156,9 +162,11 @@ def _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale
         lo = tl.maximum(o_c * STRIDE, d * BS)
         hi = tl.minimum(o_c * STRIDE + KS, (d + 1) * BS)
         w = tl.where(o_c < CPB, tl.maximum(hi - lo, 0) // STRIDE, 0).to(tl.float32)  # [CPBP]
-        # weigh each row's tokens onto blocks (inside a thread), then sum the group's heads
-        b_w = tl.sum(b_p * w[None, :, None], 1)  # [BT * GP, BJ] for block jj + d
-        b_w = tl.sum(tl.reshape(b_w, [BT, GP, BJ]), 1)  # [BT, BJ]
+        b_w = tl.sum(b_p * w[None, :, None], 1)  # [rows, BJ] for block jj + d
+        b_w = tl.reshape(b_w, [2] * (LOG_BM - N_EARLY) + [BJ])
+        for i in tl.static_range(N_EARLY, LOG_GP):
+            b_w = tl.sum(b_w, (HEAD_AXES >> (4 * i)) & 15)
+        b_w = tl.reshape(b_w, [BT, BJ])
         if d == 0:
             b_sc += b_w
         else:
@@ -189,13 +197,17 @@ def selection_fwd_kernel(
     KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr,
     S: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
     CPB: tl.constexpr, CPBP: tl.constexpr, SPILL: tl.constexpr,
-    BT: tl.constexpr, BJ: tl.constexpr, LOG_R: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
+    BT: tl.constexpr, BJ: tl.constexpr, LOG_R: tl.constexpr, LOG_BM: tl.constexpr, LOG_GP: tl.constexpr,
+    HEAD_MASK: tl.constexpr, HEAD_AXES: tl.constexpr, N_EARLY: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """q ``[N, HQ, DK]``, k ``[NC, H, DK]``, lse ``[N, HQ]`` (float32) -> o int32 ``[N, H, S]``.
 
     Dense input (``IS_VARLEN`` false): ``N = B * T`` and ``NC = B * TC``, ``NT`` tiles per sequence.
-    ``qk_scale`` = scale * log2(e). ``BJ == 2^LOG_R`` blocks per chunk.
+    ``qk_scale`` = scale * log2(e). ``BJ == 2^LOG_R`` blocks per chunk. Row ``r`` of the
+    ``2^LOG_BM = BT * GP`` rows of a tile is head ``pext(r, HEAD_MASK)`` at position
+    ``pext(r, ~HEAD_MASK)`` (bits gathered in order), see :func:`_head_mask`; ``HEAD_AXES`` packs
+    4 bits per head bit: the axes of the ``[2] * LOG_BM`` row hypercube to sum, in order; the first
+    ``N_EARLY`` are summed before the token weighting.
     """
     # tiles in reverse order: the late (most expensive, causal) tiles start first
     i_c, i_h = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
@@ -217,10 +229,20 @@ def selection_fwd_kernel(
     t_last = tl.minimum(t0 + BT, seq_len) - 1
     BM: tl.constexpr = BT * GP
 
-    # rows: position r // GP of the tile, head r % GP of the group
+    # rows: the bits of the row index named by HEAD_MASK number the head, the others the position
     o_m = tl.arange(0, BM)
-    i_t = t0 + o_m // GP  # [BM]
-    o_g = o_m % GP
+    o_g = o_m * 0
+    o_t = o_m * 0
+    n_g = 0
+    n_t = 0
+    for b in tl.static_range(LOG_BM):
+        if (HEAD_MASK >> b) & 1:
+            o_g += ((o_m >> b) & 1) << n_g
+            n_g += 1
+        else:
+            o_t += ((o_m >> b) & 1) << n_t
+            n_t += 1
+    i_t = t0 + o_t  # [BM]
     m_row = (i_t < seq_len) & (o_g < G)
     o_d = tl.arange(0, BD)
     o_row = (bos + i_t) * HQ + i_h * G + o_g  # [BM] row of q / lse in [N * HQ]
@@ -244,11 +266,13 @@ def selection_fwd_kernel(
         j_full = 0  # padded token slots: always masked
     for j0 in range(0, j_full, BJ):
         b_sc, b_carry = _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
-                                      H, DK, BD, KS, STRIDE, BS, CPB, CPBP, SPILL, BT, GP, BJ, False, DOT_MODE)
+                                      H, DK, BD, KS, STRIDE, BS, CPB, CPBP, SPILL, BT, BJ, LOG_BM, LOG_GP, HEAD_AXES, N_EARLY, False,
+                                      DOT_MODE)
         b_top = _merge_top(b_top, _chunk_keys(b_sc, j0, i_tb, NUM_INIT, NUM_LOCAL, BJ), BT, LOG_R)
     for j0 in range(j_full, n_blk, BJ):
         b_sc, b_carry = _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
-                                      H, DK, BD, KS, STRIDE, BS, CPB, CPBP, SPILL, BT, GP, BJ, True, DOT_MODE)
+                                      H, DK, BD, KS, STRIDE, BS, CPB, CPBP, SPILL, BT, BJ, LOG_BM, LOG_GP, HEAD_AXES, N_EARLY, True,
+                                      DOT_MODE)
         b_top = _merge_top(b_top, _chunk_keys(b_sc, j0, i_tb, NUM_INIT, NUM_LOCAL, BJ), BT, LOG_R)
 
     # first S keys -> block ids, ascending, then -1
@@ -268,6 +292,33 @@ def _dot_mode(q: torch.Tensor) -> str:
     if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
         return "upcast"
     return "tc"
+
+
+def _head_mask(log_rows: int, log_heads: int) -> int:
+    """Which bits of a tile's row index number the head (the rest number the position).
+
+    The head sum is cheapest when a thread holds all heads of its rows. In the tensor-core
+    accumulator of 8 warps, row bits 0-2 select the lane, bit 3 a register, bits 4-6 the warp and
+    bits 7+ further registers: heads take the register bits first, then the lane bits.
+    Any choice is correct; this one only saves shuffles.
+    """
+    order = [3] + list(range(7, log_rows)) + [0, 1, 2, 4, 5, 6]
+    bits = [b for b in order if b < log_rows][:log_heads]
+    return sum(1 << b for b in bits)
+
+
+def _head_axes(head_mask: int, log_rows: int) -> int:
+    """The axes of the ``[2] * log_rows`` row hypercube (bit b on axis log_rows - 1 - b) to sum one
+    after the other to remove the head bits, highest bit first (the in-register ones under
+    :func:`_head_mask`), each shifted by the axes already removed before it; packed 4 bits each."""
+    bits = [b for b in range(log_rows - 1, -1, -1) if (head_mask >> b) & 1]
+    axes = [log_rows - 1 - b - n for n, b in enumerate(bits)]
+    return sum(a << (4 * i) for i, a in enumerate(axes))
+
+
+def _n_register_bits(head_mask: int) -> int:
+    """How many head bits are in-register row bits (3, 7, 8, ...) under :func:`_head_mask`'s layout."""
+    return sum(1 for b in range(32) if (head_mask >> b) & 1 and (b == 3 or b >= 7))
 
 
 def _next_pow2(x: int) -> int:
@@ -302,6 +353,8 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     else:
         BT = max(1, ROWS_INTERPRET // GP)
     BT = max(BT, 16 // GP)  # rows BT * GP >= 16, the smallest tensor-core tile height
+    LOG_GP, LOG_BM = int(math.log2(GP)), int(math.log2(BT * GP))
+    head_mask = _head_mask(LOG_BM, LOG_GP)
     CPB = block_size // stride
     CPBP = _next_pow2(CPB)
     spill = ((CPB - 1) * stride + kernel_size - 1) // block_size
@@ -322,7 +375,9 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
         q, k_cmp, lse, out, cu_seqlens, ccu, chunk_indices, scale * 1.4426950408889634, T, TC, NT,
         HQ=HQ, H=H, G=G, GP=GP, DK=DK, BD=BD, KS=kernel_size, STRIDE=stride, BS=block_size,
         S=num_selected, NUM_INIT=num_initial, NUM_LOCAL=num_local, CPB=CPB, CPBP=CPBP, SPILL=spill,
-        BT=BT, BJ=BJ, LOG_R=LOG_R, IS_VARLEN=cu_seqlens is not None,
+        BT=BT, BJ=BJ, LOG_R=LOG_R, LOG_BM=LOG_BM, LOG_GP=LOG_GP, HEAD_MASK=head_mask,
+        HEAD_AXES=_head_axes(head_mask, LOG_BM), N_EARLY=_n_register_bits(head_mask),
+        IS_VARLEN=cu_seqlens is not None,
         DOT_MODE=_dot_mode(q),
         num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
         **({"maxnreg": maxnreg} if maxnreg else {}),

@@ -51,7 +51,7 @@ def _tile_position(i_t, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLE
 @triton.jit
 def _window_fwd_tiles(
     b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_lo, s_hi, s_end, W, qk_scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
+    H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Online softmax over the key tiles starting at ``s_lo, s_lo + BN, ... < s_hi``. MASKED: apply
@@ -86,7 +86,7 @@ def _window_fwd_tiles(
 @triton.jit(do_not_specialize=["T", "W"])
 def window_fwd_kernel(
     q, k, v, o, lse, cu_seqlens, chunk_indices, scale, T, W,
-    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
@@ -133,7 +133,7 @@ def window_fwd_kernel(
 @triton.jit
 def _window_bwd_dq_tiles(
     b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_lo, s_hi, s_end, W, qk_scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
+    H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """dQ (unscaled) accumulated over the key tiles ``s_lo, s_lo + BN, ... < s_hi``; as _window_fwd_tiles."""
@@ -164,7 +164,7 @@ def _window_bwd_dq_tiles(
 @triton.jit(do_not_specialize=["T", "W"])
 def window_bwd_dq_kernel(
     q, k, v, o, lse, do, delta, dq, cu_seqlens, chunk_indices, scale, T, W,
-    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
@@ -209,7 +209,7 @@ def window_bwd_dq_kernel(
 @triton.jit
 def _window_bwd_dkv_tiles(
     b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_lo, p_hi, W, qk_scale,
-    HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HQ, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """dK (unscaled) and dV accumulated over the query steps ``p_lo, p_lo + BT, ... < p_hi`` of BT
@@ -241,7 +241,7 @@ def _window_bwd_dkv_tiles(
 @triton.jit(do_not_specialize=["T", "W"])
 def window_bwd_dkv_kernel(
     q, k, v, lse, do, delta, dk, dv, cu_seqlens, chunk_indices, scale, T, W,
-    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):

@@ -78,7 +78,7 @@ def main():
     configs = [{}]
     if args.sweep:
         configs = [dict(positions=p, num_warps=w, num_stages=s, maxnreg=r)
-                   for p, w, s, r in itertools.product((8, 16, 32), (4, 8), (1, 2, 3), (None, 128))]
+                   for p, w, s, r in itertools.product((8, 16, 32), (4, 8), (1, 2, 3), (0, 128))]
     for T in args.T:
         q, k, v, lse = inputs(T)
         flop = 2 * visible_pairs(T) * D

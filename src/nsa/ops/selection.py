@@ -51,6 +51,10 @@ POSITIONS = 16
 MAX_ROWS = 512
 NUM_WARPS = 8
 NUM_STAGES = 2
+# Register cap for 16-bit inputs with Dk <= 128, n <= 16 and <= 256 rows: 2 CTAs of 8 warps fit
+# an SM, so one CTA's tensor-core products overlap the other's exponentials and sorting. For
+# these shapes ptxas (sm_90) keeps the chunk loops free of spills at 128 registers.
+MAXNREG = 128
 # Under the CPU interpreter the cost is per operation, not per element: fewer, larger tiles.
 ROWS_INTERPRET = 256
 # Blocks per chunk at least this many (also the smallest running top-n size): with 32/16/64
@@ -329,8 +333,8 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
                   cu_seqlens, positions=None, num_warps=None, num_stages=None, maxnreg=None):
     """Launches :func:`selection_fwd_kernel`; returns int32 ``[B, T, H, num_selected]``.
 
-    ``positions`` (query positions per tile), ``num_warps``, ``num_stages``, ``maxnreg`` override
-    the tile configuration (for tuning and tests).
+    ``positions`` (query positions per tile), ``num_warps``, ``num_stages``, ``maxnreg`` (0: no
+    register cap) override the tile configuration (for tuning and tests).
     """
     B, T, HQ, DK = q.shape
     TC, H = k_cmp.shape[1], k_cmp.shape[2]
@@ -361,6 +365,9 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     BJ = max(MIN_CHUNK_BLOCKS, _next_pow2(num_selected), _next_pow2(spill + 1))
     LOG_R = int(math.log2(BJ))
     BD = max(16, _next_pow2(DK))
+    if maxnreg is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and BD <= 128 \
+            and BJ <= 16 and BT * GP <= 256:
+        maxnreg = MAXNREG
     if cu_seqlens is not None:
         ccu = compressed_cu_seqlens(cu_seqlens, kernel_size, stride)
         chunk_indices = prepare_chunk_indices(cu_seqlens, BT)

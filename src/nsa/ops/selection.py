@@ -7,15 +7,18 @@ over the visible compressed tokens and ``W`` the stride-piece overlap matrix
 ``[T, NB]`` block scores ever reach global memory.
 
 A program owns a query tile: ``BT`` consecutive positions of one sequence times the ``G``
-query heads of one KV head (rows = positions x heads, heads padded to a power of two ``GP``).
-It walks the causal blocks of the tile in chunks of ``BJ`` blocks. For a chunk it loads the
-compressed tokens that *start* inside its blocks (``CPB = block_size // stride`` per block,
-laid out ``[BJ, CPBP]``), scores them against the q tile on tensor cores, turns them into
-probabilities, sums over the heads of the group, and weighs them onto blocks: a token feeds
-the block it starts in and, when its span crosses a block boundary, up to ``SPILL`` later
-blocks. Spill into the next chunk is carried in registers, so a block's score is complete
-when its chunk is done (the tokens that reach back into a block always start in an earlier
-block, i.e. in this chunk or an earlier one).
+query heads of one KV head (``BT * GP`` rows, heads padded to a power of two ``GP``). It walks
+the causal blocks of the tile in chunks of ``BJ`` blocks. For a chunk it loads the compressed
+tokens that *start* inside its blocks (``CPB = block_size // stride`` per block, in slots laid
+out ``[CPBP, BJ]``), scores them against the q tile on tensor cores, turns them into
+probabilities, sums over the heads of the group and weighs them onto blocks: a token feeds the
+block it starts in and, when its span crosses a block boundary, up to ``SPILL`` later blocks.
+Spill into the next chunk is carried in registers, so a block's score is complete when its
+chunk is done (the tokens that reach back into a block always start in an earlier block, i.e.
+in this chunk or an earlier one). Chunks whose tokens are all visible to the whole tile skip
+the per-element masks. The row index is split into position and head bits so that a thread
+holds several heads of one position (see :func:`_head_mask`): most of the head sum happens in
+registers, before the token weighting.
 
 Each finished chunk becomes one sortable int64 key per (position, block):
 ``float_bits(priority) << 32 | (2^31 - 1 - j)``. Priorities are >= 0 (probability sums) or
@@ -122,8 +125,8 @@ def _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale
     ``[BT, BJ]`` of this chunk's tokens into the next chunk's blocks.
 
     b_q ``[BM, BD]``; b_lse2 ``[BM]`` (lse in base 2, +inf for rows that must score 0);
-    i_t ``[BM]`` row positions; rows as in :func:`selection_fwd_kernel`. ``MASKED`` false: every token of the chunk is known to be
-    visible to every row (no per-element masks).
+    i_t ``[BM]`` row positions; rows as in :func:`selection_fwd_kernel`. ``MASKED`` false: every
+    token of the chunk is known to be visible to every row (no per-element masks).
     """
     BC: tl.constexpr = BJ * CPBP
     # token slots, c-major: slot c * BJ + jj holds the c-th token starting in block jj of the chunk
@@ -202,7 +205,8 @@ def selection_fwd_kernel(
     S: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
     CPB: tl.constexpr, CPBP: tl.constexpr, SPILL: tl.constexpr,
     BT: tl.constexpr, BJ: tl.constexpr, LOG_R: tl.constexpr, LOG_BM: tl.constexpr, LOG_GP: tl.constexpr,
-    HEAD_MASK: tl.constexpr, HEAD_AXES: tl.constexpr, N_EARLY: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
+    HEAD_MASK: tl.constexpr, HEAD_AXES: tl.constexpr, N_EARLY: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     """q ``[N, HQ, DK]``, k ``[NC, H, DK]``, lse ``[N, HQ]`` (float32) -> o int32 ``[N, H, S]``.
 
@@ -268,16 +272,12 @@ def selection_fwd_kernel(
         j_full = tl.minimum((n_vis // CPB) // BJ * BJ, n_blk)
     else:
         j_full = 0  # padded token slots: always masked
-    for j0 in range(0, j_full, BJ):
-        b_sc, b_carry = _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
-                                      H, DK, BD, KS, STRIDE, BS, CPB, CPBP, SPILL, BT, BJ, LOG_BM, LOG_GP, HEAD_AXES, N_EARLY, False,
-                                      DOT_MODE)
-        b_top = _merge_top(b_top, _chunk_keys(b_sc, j0, i_tb, NUM_INIT, NUM_LOCAL, BJ), BT, LOG_R)
-    for j0 in range(j_full, n_blk, BJ):
-        b_sc, b_carry = _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
-                                      H, DK, BD, KS, STRIDE, BS, CPB, CPBP, SPILL, BT, BJ, LOG_BM, LOG_GP, HEAD_AXES, N_EARLY, True,
-                                      DOT_MODE)
-        b_top = _merge_top(b_top, _chunk_keys(b_sc, j0, i_tb, NUM_INIT, NUM_LOCAL, BJ), BT, LOG_R)
+    for masked in tl.static_range(2):
+        for j0 in range(j_full if masked else 0, n_blk if masked else j_full, BJ):
+            b_sc, b_carry = _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
+                                          H, DK, BD, KS, STRIDE, BS, CPB, CPBP, SPILL, BT, BJ, LOG_BM, LOG_GP,
+                                          HEAD_AXES, N_EARLY, masked == 1, DOT_MODE)
+            b_top = _merge_top(b_top, _chunk_keys(b_sc, j0, i_tb, NUM_INIT, NUM_LOCAL, BJ), BT, LOG_R)
 
     # first S keys -> block ids, ascending, then -1
     m_sel = (o_j[None, :] < S) & (b_top >= 0)

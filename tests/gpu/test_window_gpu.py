@@ -142,6 +142,25 @@ def test_varlen_gpu():
         assert_close(name, r, x, RATIO_BF16)
 
 
+def test_no_host_synchronization():
+    """The kernels' entry point (inputs already validated) never waits for the device, for dense
+    and packed input, forward and backward."""
+    from nsa.ops.window import sliding_window_attention_triton
+
+    lens = [100, 3000, 1]
+    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+    q, k, v, do = inputs(1, sum(lens), 8, 2, 64, 64, torch.bfloat16, seed=10)
+    leaves = [x.requires_grad_(True) for x in (q, k, v)]
+    for cu_seqlens in (None, cu):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            o = sliding_window_attention_triton(*leaves, 300, 0.125, cu_seqlens)
+            torch.autograd.grad(o, leaves, do)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def test_backward_deterministic_gpu():
     q, k, v, do = inputs(1, 4096, 64, 4, 128, 128, torch.bfloat16, seed=4)
     _, g1 = run_triton(q, k, v, do, 512)

@@ -3,7 +3,7 @@
 Query ``t`` attends keys ``t - W < s <= t`` of its own sequence (``W = window_size``). Every
 input is handled as packed ``[N, ...]`` tokens: a dense ``[B, T]`` batch is B sequences of T
 tokens, which the kernels locate by arithmetic; packed input comes with ``cu_seqlens`` and a
-table of (sequence, tile) rows.
+table of (sequence, tile) rows built on the device. Nothing synchronizes with the host.
 
 Query tiles pack the ``G`` query heads of one KV head with ``BT`` consecutive positions into
 ``BM >= BT * G`` rows (row ``r`` = position ``r // G``, head ``r % G``): each key/value tile is
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import new_output, prepare_chunk_indices
+from .utils import new_output
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -46,6 +46,19 @@ def _tile_position(i_t, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLE
         bos = (i_t // NT).to(tl.int64) * T
         seq_len = T + 0 * i_t
     return i_c, bos, seq_len
+
+
+@triton.jit
+def _key_band(t0, t1, W, BN: tl.constexpr):
+    """Key tiles for query positions ``[t0, t1]``: keys ``[s_lo, s_end)`` with ``s_end = t1 + 1``;
+    tiles from ``s_lo`` up to ``s_mid`` are cut by the window's lower edge for some rows, tiles
+    ``[s_mid, s_top)`` are seen whole by every row, tiles from ``s_top`` on cross the diagonal.
+    A tile past its sequence's end (t0 > t1) gets an empty band."""
+    s_lo = tl.maximum(t0 - W + 1, 0)
+    s_end = tl.where(t0 <= t1, t1 + 1, 0)
+    s_mid = s_lo + tl.cdiv(tl.maximum(t1 - W + 1 - s_lo, 0), BN) * BN
+    s_top = s_mid + (tl.maximum(tl.minimum(t0 + 1, s_end) - s_mid, 0) // BN) * BN
+    return s_lo, s_mid, s_top, s_end
 
 
 @triton.jit
@@ -99,7 +112,8 @@ def window_fwd_kernel(
 
     o_r = tl.arange(0, BM)
     m_r = (o_r < BT * G) & (t0 + o_r // G <= t1)
-    # padding rows take the tile's last position: finite scores, never stored
+    # padding rows (and every row of a tile past its sequence's end) take the sequence's last
+    # valid position at or before t1: finite scores, never stored
     o_pos = tl.minimum(t0 + o_r // G, t1)  # [BM]
     o_row = (bos + o_pos) * HQ + i_h * G + o_r % G  # [BM] int64 row of q/o/lse
     o_k = tl.arange(0, BK)
@@ -112,19 +126,17 @@ def window_fwd_kernel(
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BV], dtype=tl.float32)
 
-    # keys [s_lo, t1]: those < s_all are cut by the window for some rows, those > t0 by the diagonal
-    s_lo = tl.maximum(t0 - W + 1, 0)
-    s_all = t1 - W + 1
-    s_mid = s_lo + tl.cdiv(tl.maximum(s_all - s_lo, 0), BN) * BN
-    s_top = s_mid + (tl.maximum(t0 + 1 - s_mid, 0) // BN) * BN
-    b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_lo, tl.minimum(s_mid, t1 + 1),
-                                        t1 + 1, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
+    s_lo, s_mid, s_top, s_end = _key_band(t0, t1, W, BN)
+    b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_lo, tl.minimum(s_mid, s_end),
+                                        s_end, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
     b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_mid, s_top,
-                                        t1 + 1, W, qk_scale, H, K, V, BK, BV, BN, False, DOT_PRECISION, DOT_DTYPE)
-    b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_top, t1 + 1,
-                                        t1 + 1, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
+                                        s_end, W, qk_scale, H, K, V, BK, BV, BN, False, DOT_PRECISION, DOT_DTYPE)
+    b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_top, s_end,
+                                        s_end, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
 
-    # every row sees at least its own position: b_l >= 1
+    # a valid row sees its own position, and the maximum's term is exp2(0) = 1: b_l >= 1. Rows of
+    # a tile past its sequence's end saw nothing; they are not stored, the clamp keeps them finite.
+    b_l = tl.maximum(b_l, 1.)
     b_o = b_acc / b_l[:, None]
     tl.store(o + o_row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_r[:, None] & (o_v < V)[None, :])
     tl.store(lse + o_row, b_m + tl.log2(b_l), mask=m_r)
@@ -192,16 +204,13 @@ def window_bwd_dq_kernel(
     b_dq = tl.zeros([BM, BK], dtype=tl.float32)
 
     qk_scale = scale * 1.4426950408889634
-    s_lo = tl.maximum(t0 - W + 1, 0)
-    s_all = t1 - W + 1
-    s_mid = s_lo + tl.cdiv(tl.maximum(s_all - s_lo, 0), BN) * BN
-    s_top = s_mid + (tl.maximum(t0 + 1 - s_mid, 0) // BN) * BN
-    b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_lo, tl.minimum(s_mid, t1 + 1),
-                                t1 + 1, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
+    s_lo, s_mid, s_top, s_end = _key_band(t0, t1, W, BN)
+    b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_lo, tl.minimum(s_mid, s_end),
+                                s_end, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
     b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_mid, s_top,
-                                t1 + 1, W, qk_scale, H, K, V, BK, BV, BN, False, DOT_PRECISION, DOT_DTYPE)
-    b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_top, t1 + 1,
-                                t1 + 1, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
+                                s_end, W, qk_scale, H, K, V, BK, BV, BN, False, DOT_PRECISION, DOT_DTYPE)
+    b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_top, s_end,
+                                s_end, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
     tl.store(dq + o_row[:, None] * K + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty),
              mask=m_r[:, None] & (o_k < K)[None, :])
 
@@ -265,9 +274,10 @@ def window_bwd_dkv_kernel(
     b_dv = tl.zeros([BN, BV], dtype=tl.float32)
 
     qk_scale = scale * 1.4426950408889634
-    # queries [s0, p_end): those < s1 are cut by the diagonal for some keys, those >= s0 + W by the window
+    # queries [s0, p_end): those < s1 are cut by the diagonal for some keys, those >= s0 + W by the
+    # window; a tile past its sequence's end (s1 < s0) gets no queries
     p_end = tl.minimum(s1 + W, seq_len)
-    p_mid = s0 + tl.cdiv(s1 - s0, BT) * BT
+    p_mid = s0 + tl.cdiv(tl.maximum(s1 - s0, 0), BT) * BT
     p_top = p_mid + (tl.maximum(tl.minimum(s0 + W, seq_len) - p_mid, 0) // BT) * BT
     b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, s0,
                                        tl.minimum(p_mid, p_end), W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, True,
@@ -336,12 +346,23 @@ def _window(window_size: int, q) -> int:
 
 
 def _tiles(cu_seqlens, B: int, T: int, chunk: int, device):
-    """(number of tiles, chunk table). Dense input needs no table (the kernels derive the
-    sequence from the tile index; a one-element placeholder keeps the pointer non-null);
-    packed input costs one host copy of cu_seqlens."""
+    """(number of programs, chunk table) for tiles of ``chunk`` positions, without host sync.
+
+    Dense input needs no table: the kernels derive the sequence from the program index (a
+    one-element placeholder keeps the pointer valid). Packed input: int32 ``[n, 2]`` rows of
+    (sequence, chunk within the sequence) built on the device, with ``n = T // chunk + num_seqs``
+    a bound the host knows (each sequence adds at most one partial chunk); the rows past the last
+    real chunk name chunks past the end of the last sequence, and their programs do nothing.
+    """
     if cu_seqlens is None:
         return B * triton.cdiv(T, chunk), torch.empty(1, dtype=torch.int32, device=device)
-    table = prepare_chunk_indices(cu_seqlens, chunk)
+    num_seqs = cu_seqlens.numel() - 1
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    n_chunks = torch.div(lens + chunk - 1, chunk, rounding_mode="floor")
+    end = torch.cumsum(n_chunks, 0)
+    rows = torch.arange(T // chunk + num_seqs, device=device)
+    seq = torch.clamp(torch.searchsorted(end, rows, right=True), max=num_seqs - 1)
+    table = torch.stack([seq, rows - (end - n_chunks)[seq]], 1).to(torch.int32)
     return table.shape[0], table
 
 

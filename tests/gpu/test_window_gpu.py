@@ -14,7 +14,7 @@ products (no TF32), only the summation order differs from the reference.
 
 Timing (not a test), from the repository root on the GPU machine:
     PYTHONPATH=src:. python3 tests/gpu/test_window_gpu.py [--T 8192 65536]
-    PYTHONPATH=src:. python3 tests/gpu/test_window_gpu.py --sweep --T 65536   # launch configs
+    PYTHONPATH=src:. python3 tests/gpu/test_window_gpu.py --sweep [fwd dq dkv] --T 65536   # launch configs
 """
 
 import pytest
@@ -234,7 +234,7 @@ def _bench(Ts, B=1, HQ=64, H=4, D=128, W=512):
               f"bwd {t_b:7.3f} ms ({10 * pairs * D / t_b * 1e-9:4.0f} TFLOP/s)", flush=True)
 
 
-def _sweep(T, B=1, HQ=64, H=4, D=128, W=512):
+def _sweep(T, families=("fwd", "dq", "dkv"), B=1, HQ=64, H=4, D=128, W=512):
     """Times the forward, dQ and dK/dV launch configs one family at a time (the others at their
     defaults) through the launchers; each config's output is checked against the default's."""
     import itertools
@@ -252,10 +252,12 @@ def _sweep(T, B=1, HQ=64, H=4, D=128, W=512):
     print(f"# sweep T={T} B={B} HQ={HQ} H={H} D={D} window={W} bf16; defaults "
           f"{q_default(G, D, D, torch.bfloat16)} {kv_default(G, D, D, torch.bfloat16)}")
     q_cfgs = [dict(BT=r // G, BM=r, BN=bn, num_warps=w, num_stages=s)
-              for r, bn, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))]
+              for r, bn, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
     kv_cfgs = [dict(BN=bn, BM=r, num_warps=w, num_stages=s)
-               for bn, r, w, s in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3))]
+               for bn, r, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))]
     for family, cfgs in (("fwd", q_cfgs), ("dq", q_cfgs), ("dkv", kv_cfgs)):
+        if family not in families:
+            continue
         for cfg in cfgs:
             window._q_config = (lambda *a, c=cfg: dict(c)) if family in ("fwd", "dq") else q_default
             window._kv_config = (lambda *a, c=cfg: dict(c)) if family == "dkv" else kv_default
@@ -279,9 +281,10 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--T", type=int, nargs="*", default=[8192, 16384, 65536])
-    parser.add_argument("--sweep", action="store_true", help="time every launch config at the first T")
+    parser.add_argument("--sweep", nargs="*", choices=["fwd", "dq", "dkv"],
+                        help="time the launch configs of these kernels (default all) at the first T")
     args = parser.parse_args()
-    if args.sweep:
-        _sweep(args.T[0])
+    if args.sweep is not None:
+        _sweep(args.T[0], args.sweep or ("fwd", "dq", "dkv"))
     else:
         _bench(args.T)

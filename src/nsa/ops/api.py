@@ -28,15 +28,28 @@ _TRITON_IMPLS = {
 }
 
 
+def _load_triton_impls() -> dict:
+    """Imports the kernel modules once, at import time: torch.compile cannot trace an import,
+    and a dict lookup keeps the dispatch traceable. Without triton, no op has a kernel."""
+    impls = {}
+    for op, (mod_name, fn_name) in _TRITON_IMPLS.items():
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name in (mod_name, "triton"):
+                continue
+            raise
+        fn = getattr(mod, fn_name, None)
+        if fn is not None:
+            impls[op] = fn
+    return impls
+
+
+_TRITON_FUNCS = _load_triton_impls()
+
+
 def _triton_impl(op):
-    mod_name, fn_name = _TRITON_IMPLS[op]
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        if e.name in (mod_name, "triton"):
-            return None
-        raise
-    return getattr(mod, fn_name, None)
+    return _TRITON_FUNCS.get(op)
 
 
 def _interpret() -> bool:

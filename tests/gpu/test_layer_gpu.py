@@ -17,6 +17,12 @@ RATIO_FP32 = 1e-4
 # moves a few rows more).
 RATIO_BF16 = 2e-2
 
+# The exact comparisons select every causal block (block 128, 20 slots >= ceil(2500 / 128)): top-n
+# then has a unique answer, so fp32 summation-order differences between the Triton scoring and
+# the reference cannot flip a near-tie and move a whole block. Top-n itself is tested with the
+# tie-aware checker (tests/gpu/test_selection_gpu.py, tests/ops/test_selection_triton.py).
+EXACT = dict(block_size=128, num_selected=20)
+
 
 def _layer(cfg, seed=0):
     torch.manual_seed(seed)
@@ -29,7 +35,7 @@ def _layer(cfg, seed=0):
 
 @pytest.mark.parametrize("shared_kv", [False, True], ids=["indep_kv", "shared_kv"])
 def test_layer_triton_matches_reference(shared_kv):
-    cfg = NSAConfig.preset("small", backend="reference", shared_kv=shared_kv)
+    cfg = NSAConfig.preset("small", backend="reference", shared_kv=shared_kv, **EXACT)
     m = _layer(cfg)
     lens = [700, 2500]  # packed; neither a multiple of the block or stride
     cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
@@ -48,7 +54,7 @@ def test_layer_triton_matches_reference(shared_kv):
 
 
 def test_prefill_then_decode_equals_full_forward():
-    cfg = NSAConfig.preset("small")  # backend from NSA_BACKEND / auto: the kernels for the prefill
+    cfg = NSAConfig.preset("small", **EXACT)  # backend from NSA_BACKEND / auto: kernels for the prefill
     m = _layer(cfg)
     B, T, steps = 2, 2100, 70
     x = torch.randn(B, T, cfg.hidden_size, device="cuda")

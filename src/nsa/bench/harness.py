@@ -867,12 +867,13 @@ def _nsa_branch(case, device, backend, branch, pass_):
         gates = [torch.sigmoid(_randn(g, device, dt, case.B, case.T, case.HQ)).requires_grad_(True)
                  for _ in range(3)]
 
+        gate_fn = api.resolve_backend(backend, "gate_combine", device)
+
         def fwd():
-            return (gates[0].unsqueeze(-1) * o3[0] + gates[1].unsqueeze(-1) * o3[1]
-                    + gates[2].unsqueeze(-1) * o3[2]).to(dt)
+            return gate_fn(*o3, *gates, dt)
 
         if pass_ == "fwd":
-            return fwd, o3 + gates, "g_cmp*o_cmp + g_slc*o_slc + g_win*o_win as in nsa.ops.nsa"
+            return fwd, o3 + gates, f"g_cmp*o_cmp + g_slc*o_slc + g_win*o_win ({gate_fn.__module__})"
         return (*_backward_of(fwd(), o3 + gates), "")
     x = train_inputs(case, device)
     if branch == "cmp":

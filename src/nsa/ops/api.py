@@ -25,6 +25,8 @@ _TRITON_IMPLS = {
     "select_blocks": ("nsa.ops.selection", "select_blocks_triton"),
     "selected_attention": ("nsa.ops.selected", "selected_attention_triton"),
     "sliding_window_attention": ("nsa.ops.window", "sliding_window_attention_triton"),
+    # internal: the gated sum of the three branches inside nsa()
+    "gate_combine": ("nsa.ops.gate", "gate_combine_triton"),
 }
 
 
@@ -254,5 +256,6 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
                      cu_seqlens)
     o_slc = slc_fn(q, k_slc, v_slc, idx, block_size, s, cu_seqlens)
     o_win = win_fn(q, k_win, v_win, window_size, s, cu_seqlens)
-    o = (g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc + g_win.unsqueeze(-1) * o_win).to(q.dtype)
+    gate_fn = resolve_backend(backend, "gate_combine", q.device)
+    o = gate_fn(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, q.dtype)
     return (o, idx) if return_block_indices else o

@@ -192,6 +192,12 @@ def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=No
     return _masked_attention(q, k, v, mask, scale)[0]
 
 
+def gate_combine(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, out_dtype):
+    """``g_cmp*o_cmp + g_slc*o_slc + g_win*o_win`` with gates ``[B, T, HQ]`` broadcast over the
+    value dim of the branch outputs ``[B, T, HQ, Dv]``; result in ``out_dtype``."""
+    return (g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc + g_win.unsqueeze(-1) * o_win).to(out_dtype)
+
+
 def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, kernel_size=32, stride=16,
         block_size=64, num_selected=16, num_initial=1, num_local=2, window_size=512, scale=None,
         cu_seqlens=None, return_block_indices=False):
@@ -201,5 +207,5 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
                         num_local, scale, cu_seqlens)
     o_slc = selected_attention(q, k_slc, v_slc, idx, block_size, scale, cu_seqlens)
     o_win = sliding_window_attention(q, k_win, v_win, window_size, scale, cu_seqlens)
-    o = (g_cmp.unsqueeze(-1) * o_cmp + g_slc.unsqueeze(-1) * o_slc + g_win.unsqueeze(-1) * o_win).to(q.dtype)
+    o = gate_combine(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, q.dtype)
     return (o, idx) if return_block_indices else o

@@ -7,7 +7,7 @@
 #   NSA_BUDGET=570          seconds for the whole script (the device tool allows 600 per call)
 #   NSA_TEST_RESERVE=150    seconds kept for the GPU tests after the benchmarks
 #   NSA_BENCH_ARGS=""       extra arguments for every `nsa bench` run (e.g. "--dims 128x128")
-#   NSA_GPU_TESTS=1         0 skips the tests;  NSA_GPU_WORKERS=4 pytest-xdist workers
+#   NSA_GPU_TESTS=1         0 skips the tests;  NSA_GPU_WORKERS=3 pytest-xdist workers
 #   NSA_GPU_TEST_ARGS=""    extra pytest arguments (e.g. -k selection)
 # Results in $OUT (at most 8 files come back): env.txt, bench_<preset>.{json,png,log}, gpu_tests.log
 set -uo pipefail
@@ -50,7 +50,7 @@ if [ "${NSA_GPU_TESTS:-1}" = "1" ]; then
     # Compilation is CPU-bound: spread the tests over a few workers (pytest-xdist is on the image);
     # more workers than that run the big-memory tests into each other.
     # shellcheck disable=SC2086
-    timeout "$t" python3 -m pytest -v -p no:cacheprovider -n "${NSA_GPU_WORKERS:-4}" -m gpu tests/gpu \
+    timeout "$t" python3 -m pytest -v -p no:cacheprovider -n "${NSA_GPU_WORKERS:-3}" -m gpu tests/gpu \
       ${NSA_GPU_TEST_ARGS:-} -rfE > "$OUT/gpu_tests.log" 2>&1
     rc=$?
     [ $rc -eq 124 ] && echo "gpu tests: killed at their ${t}s budget" >> "$OUT/gpu_tests.log"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 __all__ = ["cli_main"]
@@ -94,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(Exception):
+    pass
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
 def cli_main(argv: list[str] | None = None) -> int:
     """Entry point of ``nsa bench`` / ``python -m nsa.bench``. Returns the exit status:
     0 when nothing failed, 1 when an NSA check failed or an NSA measurement raised."""
@@ -114,9 +123,20 @@ def cli_main(argv: list[str] | None = None) -> int:
     cases = harness.build_cases(args.preset, T=args.T, B=args.B, heads=args.heads, dims=args.dims, dtype=args.dtype)
     head = report.header(device, args.preset, backend, sys.argv[1:] if argv is None else argv)
     print(report.format_header(head), flush=True)
-    records = harness.run(cases, device, backend=backend, reps=args.reps, baselines=args.baselines,
-                          branches=args.branches, progress=args.progress,
-                          threads=args.threads if args.threads is not None else preset.threads)
+    # A run stopped by SIGTERM (e.g. `timeout` on a lent GPU) still writes what it measured.
+    done: list[dict] = []
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        records = harness.run(cases, device, backend=backend, reps=args.reps, baselines=args.baselines,
+                              branches=args.branches, progress=args.progress,
+                              threads=args.threads if args.threads is not None else preset.threads,
+                              log=done.append)
+    except _Terminated:
+        records = done
+        harness.add_speedups(records)
+        print(f"nsa bench: terminated; writing the {len(records)} measurements made so far", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(report.format_table(records), flush=True)
     if args.json:
         report.write_json(args.json, head, records)

@@ -1,8 +1,8 @@
 """NSA for one new query per sequence against a padded KV cache (decoding).
 
-The reference here is plain PyTorch, batched over sequences with masks; a Triton decode
-kernel does not exist yet. Its result is the last row of :func:`nsa.ops.nsa` on each
-sequence, with the same selection rule (:func:`nsa.ops.select_blocks`).
+The reference here is plain PyTorch, batched over sequences with masks; the Triton kernels
+live in :mod:`nsa.ops.decode_triton`. The result is the last row of :func:`nsa.ops.nsa` on
+each sequence, with the same selection rule (:func:`nsa.ops.select_blocks`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,16 @@ import os
 import torch
 
 from . import checks
-from .api import BACKENDS
+from .api import BACKENDS, _interpret
 from .reference import _compute_dtype, _masked_attention
 from .utils import num_blocks, num_compressed, overlap_matrix
+
+try:  # resolved at import, like the other ops' kernels (see nsa.ops.api)
+    from .decode_triton import nsa_decode_triton
+except ModuleNotFoundError as e:
+    if e.name != "triton":
+        raise
+    nsa_decode_triton = None
 
 __all__ = ["nsa_decode"]
 
@@ -133,8 +140,11 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
             as in :func:`nsa.ops.nsa`.
         return_block_indices: also return the int32 ``[N, H, num_selected]`` selected blocks
             (ascending, then -1), as in :func:`nsa.ops.select_blocks`.
-        backend: None (reads ``NSA_BACKEND``, default 'auto') | 'auto' | 'reference'. There is
-            no Triton decode kernel yet: 'triton' raises ValueError.
+        backend: None (reads ``NSA_BACKEND``, default 'auto') | 'auto' | 'reference' | 'triton'.
+            'auto' runs the Triton kernels on CUDA tensors and the reference otherwise; 'triton'
+            forces the kernels (CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``). The
+            Triton path is inference only: its outputs do not require grad (use 'reference' to
+            differentiate).
     Returns:
         o ``[N, HQ, Dv]`` in q's dtype, or ``(o, block_indices)``.
     """
@@ -179,9 +189,14 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected None or one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
-        raise ValueError("backend: 'triton' requested but no Triton decode kernel exists yet; "
-                         "use 'auto' or 'reference'")
+        if nsa_decode_triton is None:
+            raise ValueError("backend: 'triton' requested but triton is not installed")
+        if q.device.type != "cuda" and not _interpret():
+            raise ValueError(f"backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors; "
+                             f"got {q.device}")
+    use_triton = backend == "triton" or (backend == "auto" and nsa_decode_triton is not None
+                                         and q.device.type == "cuda")
     s = Dk ** -0.5 if scale is None else float(scale)
-    return nsa_decode_reference(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens,
-                                kernel_size, stride, block_size, num_selected, num_initial, num_local,
-                                window_size, s, return_block_indices)
+    fn = nsa_decode_triton if use_triton else nsa_decode_reference
+    return fn(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens, kernel_size, stride,
+              block_size, num_selected, num_initial, num_local, window_size, s, return_block_indices)

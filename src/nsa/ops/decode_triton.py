@@ -1,0 +1,407 @@
+"""NSA decoding in Triton: one new query per sequence against a padded KV cache.
+
+With one query per sequence the only way to fill a tensor-core tile is GQA packing: the ``G``
+query heads of one KV head are the rows of every tile, padded to ``GP = max(16, 2^k >= G)``
+rows. Every program below owns one (sequence, KV head) pair ``nh`` and, where the work is long,
+one split of it (flash-decoding style), so that batch 1 still spreads over the whole GPU.
+
+Four launches, no host synchronization (every size comes from a tensor shape; ``seq_lens`` stays
+on the device, so a decode step can be captured in a CUDA graph):
+
+1. ``decode_fwd_kernel`` (compressed + window): a program attends to one split of the visible
+   compressed tokens or of the window keys and writes an unnormalized partial ``(m, l, acc)``
+   (base-2 running max, sum of exponentials, weighted value sum) per row.
+2. ``decode_score_kernel``: a program owns ``BJ`` selection blocks. It merges the compressed
+   partials' ``(m, l)`` into the final log-sum-exp (fixed split order), recomputes
+   ``p = exp(scale * q.k_cmp - lse)`` over the compressed tokens that overlap its blocks, sums
+   it over the group's heads and weighs tokens onto blocks by their overlap (the stride-piece
+   count of :func:`nsa.ops.utils.overlap_matrix`), writing float32 block scores to a workspace.
+3. ``decode_topk_kernel``: one program per ``nh`` picks the top ``num_selected`` causal blocks
+   (forced blocks first, lower id first among equal scores, the rule of the reference) from
+   sortable int64 keys ``float_bits(priority) << 32 | (2^31 - 1 - j)``, walking the blocks in
+   chunks and keeping a running top set, and writes the ids ascending, then -1.
+4. ``decode_fwd_kernel`` again (selected): a program attends to a split of the selected blocks.
+
+``decode_combine_kernel`` then merges each branch's partials in split order (deterministic),
+normalizes, applies the three gates and writes ``o`` in q's dtype. Only positions below
+``seq_lens[n]`` (and compressed tokens below ``num_compressed(seq_lens[n])``) are ever read:
+the padding of the caches may hold anything.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import new_output
+
+# Keys per attention tile and compressed tokens per scoring tile.
+TILE = 64
+# Programs wanted per launch before a branch is split further (about 2 per SM of an H200).
+TARGET_PROGRAMS = 264
+# Most splits of one branch: the combine kernel walks the splits of a (sequence, KV head) serially.
+MAX_SPLITS = 32
+# Causal blocks per top-n chunk: the running top set absorbs one chunk per iteration.
+TOPK_CHUNK = 1024
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``a @ b`` accumulated in float32. ``DOT_UPCAST`` (interpreter with bfloat16 only) computes
+    it on float32 copies: the interpreter multiplies bfloat16 bit patterns (triton#11584)."""
+    if DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale,
+            H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+            BK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Online-softmax update of ``(b_m, b_l, b_acc)`` ``[GP], [GP], [GP, BDV]`` with the keys at
+    positions ``[lo, hi)`` of the cache row starting at token ``row0`` (int64)."""
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    for i0 in range(lo, hi, BK):
+        i_k = i0 + tl.arange(0, BK)  # [BK] key positions
+        m_k = i_k < hi
+        o_kv = (row0 + i_k) * H + i_h  # [BK] int64 rows of [N * cap * H]
+        b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :], mask=m_k[:, None] & (o_dk < DK)[None, :],
+                      other=0.)  # [BK, BDK]
+        b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & (o_dv < DV)[None, :],
+                      other=0.)  # [BK, BDV]
+        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [GP, BK]
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        # a row that has seen no key yet keeps m = -inf: shift by 0, never inf - inf
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+        b_p = tl.exp2(b_s - b_m_safe[:, None])
+        b_alpha = tl.exp2(b_m - b_m_safe)
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, DOT_UPCAST)
+        b_m = b_m_new
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def _merge(ws_m, ws_l, ws_acc, i_nh, p0, p1, P: tl.constexpr, GP: tl.constexpr, BDV: tl.constexpr,
+           WITH_ACC: tl.constexpr):
+    """Merges partials ``p0 .. p1-1`` of ``nh`` in that order: ``(m, l, acc)`` ``[GP], [GP], [GP, BDV]``
+    (acc all zeros unless ``WITH_ACC``)."""
+    o_r = tl.arange(0, GP)
+    o_dv = tl.arange(0, BDV)
+    b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([GP], dtype=tl.float32)
+    b_acc = tl.zeros([GP, BDV], dtype=tl.float32)
+    for i_p in range(p0, p1):
+        o_w = (i_nh * P + i_p) * GP + o_r  # [GP] int64 rows of the workspace
+        b_mp = tl.load(ws_m + o_w)
+        b_lp = tl.load(ws_l + o_w)
+        b_m_new = tl.maximum(b_m, b_mp)
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+        b_a = tl.exp2(b_m - b_m_safe)
+        b_ap = tl.exp2(b_mp - b_m_safe)
+        b_l = b_l * b_a + b_lp * b_ap
+        if WITH_ACC:
+            b_accp = tl.load(ws_acc + o_w[:, None] * BDV + o_dv[None, :])
+            b_acc = b_acc * b_a[:, None] + b_accp * b_ap[:, None]
+        b_m = b_m_new
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def decode_fwd_kernel(
+    q, k_a, v_a, k_b, v_b, seq_lens, block_indices, ws_m, ws_l, ws_acc, qk_scale,
+    CAP_A, CAP_B, NS_A, SPLIT_A, SPLIT_B, P_OFF,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
+    MODE: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
+    W: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """One split of one branch for one (sequence n, KV head h) -> partial ``(m, l, acc)`` of the
+    ``GP`` rows (query heads ``h*G + r``; rows ``r >= G`` are zero padding) at workspace slot
+    ``P_OFF + program_id(0)``.
+
+    MODE 0 (compressed + window): splits ``< NS_A`` take ``SPLIT_A`` compressed tokens each
+    from ``k_a/v_a`` ``[N, CAP_A, H, D]``; the others ``SPLIT_B`` window keys each from
+    ``k_b/v_b`` ``[N, CAP_B, H, D]``. MODE 1 (selected): ``SPLIT_A`` entries of
+    ``block_indices`` ``[N, H, S]`` each, keys from ``k_a/v_a``."""
+    i_s, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_n, i_h = i_nh // H, i_nh % H
+    seq_len = tl.load(seq_lens + i_n).to(tl.int64)
+
+    o_r = tl.arange(0, GP)
+    o_dk = tl.arange(0, BDK)
+    m_r = o_r < G
+    b_q = tl.load(q + (i_nh * G + o_r)[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
+                  other=0.)  # [GP, BDK]
+    b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([GP], dtype=tl.float32)
+    b_acc = tl.zeros([GP, BDV], dtype=tl.float32)
+    if MODE == 0:
+        if i_s < NS_A:
+            # compressed token i is visible to the query at seq_len - 1 iff i < num_compressed(seq_len)
+            n_cmp = tl.where(seq_len >= KS, (seq_len - KS) // ST + 1, 0)
+            lo = i_s * SPLIT_A
+            hi = tl.minimum(lo + SPLIT_A, n_cmp)
+            b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_a, v_a, i_n * CAP_A, i_h, lo, hi, qk_scale,
+                                      H, DK, DV, BDK, BDV, BK, DOT_PRECISION, DOT_UPCAST)
+        else:
+            lo = tl.maximum(seq_len - W, 0) + (i_s - NS_A) * SPLIT_B
+            hi = tl.minimum(lo + SPLIT_B, seq_len)
+            b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_b, v_b, i_n * CAP_B, i_h, lo, hi, qk_scale,
+                                      H, DK, DV, BDK, BDV, BK, DOT_PRECISION, DOT_UPCAST)
+    else:
+        e_lo = i_s * SPLIT_A
+        e_hi = tl.minimum(e_lo + SPLIT_A, S)
+        for i_e in range(e_lo, e_hi):
+            i_b = tl.load(block_indices + i_nh * S + i_e).to(tl.int64)
+            lo = i_b * BS
+            # an unused slot (-1) gives an empty range
+            hi = tl.where(i_b >= 0, tl.minimum(lo + BS, seq_len), lo)
+            b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_a, v_a, i_n * CAP_A, i_h, lo, hi, qk_scale,
+                                      H, DK, DV, BDK, BDV, BK, DOT_PRECISION, DOT_UPCAST)
+
+    o_w = (i_nh * P + P_OFF + i_s) * GP + o_r  # [GP] int64
+    o_dv = tl.arange(0, BDV)
+    tl.store(ws_m + o_w, b_m)
+    tl.store(ws_l + o_w, b_l)
+    tl.store(ws_acc + o_w[:, None] * BDV + o_dv[None, :], b_acc)
+
+
+@triton.jit
+def decode_score_kernel(
+    q, k_cmp, seq_lens, ws_m, ws_l, score, qk_scale, CAP_C, NB_CAP, NS_C,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, DK: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
+    KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Scores of blocks ``[j0, j0 + BJ)`` (``j0 = program_id(0) * BJ``) for one (n, h):
+    ``score[nh, j] = sum_{r < G} sum_i exp2(s2[r, i] - lse2[r]) * W[i, j]`` over the visible
+    compressed tokens i, written to ``score`` ``[N * H, NB_CAP]`` float32 for causal blocks."""
+    i_c, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_n, i_h = i_nh // H, i_nh % H
+    seq_len = tl.load(seq_lens + i_n).to(tl.int64)
+    n_cmp = tl.where(seq_len >= KS, (seq_len - KS) // ST + 1, 0)
+    j0 = i_c * BJ
+    o_j = j0 + tl.arange(0, BJ)  # [BJ] block ids
+    m_j = (o_j <= (seq_len - 1) // BS) & (o_j < NB_CAP)
+
+    # the final base-2 log-sum-exp of each row, from the compressed splits in order
+    b_m, b_l, b_acc = _merge(ws_m, ws_l, ws_m, i_nh, 0, NS_C, P, GP, BDV, False)
+    b_lse2 = b_m + tl.log2(tl.where(b_l > 0, b_l, 1.))  # [GP]
+
+    o_r = tl.arange(0, GP)
+    o_dk = tl.arange(0, BDK)
+    m_r = o_r < G
+    b_q = tl.load(q + (i_nh * G + o_r)[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
+                  other=0.)  # [GP, BDK]
+    # tokens whose span [i*ST, i*ST + KS) meets the blocks' span [j0*BS, (j0+BJ)*BS)
+    i_lo = tl.maximum(j0 * BS - KS + ST, 0) // ST
+    i_hi = tl.minimum((j0 + BJ) * BS // ST, n_cmp)
+    b_sc = tl.zeros([BJ], dtype=tl.float32)
+    for i0 in range(i_lo, i_hi, BC):
+        i_k = i0 + tl.arange(0, BC)  # [BC] compressed tokens
+        m_k = i_k < i_hi
+        o_kv = (i_n * CAP_C + i_k) * H + i_h
+        b_k = tl.load(k_cmp + o_kv[:, None] * DK + o_dk[None, :], mask=m_k[:, None] & (o_dk < DK)[None, :],
+                      other=0.)  # [BC, BDK]
+        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [GP, BC]
+        b_p = tl.where(m_r[:, None] & m_k[None, :], tl.exp2(b_s - b_lse2[:, None]), 0.)
+        b_pg = tl.sum(b_p, axis=0)  # [BC] summed over the group's heads
+        # W[i, j]: stride-sized pieces shared by token i and block j
+        w_lo = tl.maximum(i_k[:, None] * ST, o_j[None, :] * BS)
+        w_hi = tl.minimum(i_k[:, None] * ST + KS, (o_j[None, :] + 1) * BS)
+        b_w = (tl.maximum(w_hi - w_lo, 0) // ST).to(tl.float32)  # [BC, BJ]
+        b_sc += tl.sum(b_pg[:, None] * b_w, axis=0)
+    tl.store(score + i_nh * NB_CAP + o_j, b_sc, mask=m_j)
+
+
+@triton.jit
+def decode_topk_kernel(
+    score, seq_lens, block_indices, NB_CAP,
+    H: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, CT: tl.constexpr,
+    BS: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+):
+    """Top-``S`` causal blocks of one (n, h) from ``score`` ``[N * H, NB_CAP]`` ->
+    ``block_indices`` ``[N, H, S]`` int32, ascending then -1."""
+    i_nh = tl.program_id(0).to(tl.int64)
+    i_n = i_nh // H
+    seq_len = tl.load(seq_lens + i_n).to(tl.int64)
+    t_blk = (seq_len - 1) // BS
+    o_s = tl.arange(0, SP)
+    o_c = tl.arange(0, CT)
+    b_top = tl.full([SP], -1, dtype=tl.int64)  # running top keys, descending; -1 = empty
+    for j0 in range(0, t_blk + 1, CT):
+        o_j = j0 + o_c
+        m_j = (o_j <= t_blk) & (o_j < NB_CAP)
+        b_sc = tl.load(score + i_nh * NB_CAP + o_j, mask=m_j, other=0.)
+        forced = (o_j < NUM_INIT) | (o_j > t_blk - NUM_LOCAL)
+        # priorities are >= 0 or +inf: their float bits order like integers
+        b_bits = tl.where(forced, 0x7F800000, b_sc.to(tl.int32, bitcast=True)).to(tl.int64)
+        b_key = tl.where(m_j, (b_bits << 32) | (2147483647 - o_j), -1)  # [CT]
+        b_new = tl.full([SP], -1, dtype=tl.int64)
+        for i_r in range(S):
+            b_best = tl.maximum(tl.max(b_key, axis=0), tl.max(b_top, axis=0))
+            b_new = tl.where(o_s == i_r, b_best, b_new)
+            # keys are unique (they hold the block id): remove the winner from whichever set has it
+            b_key = tl.where(b_key == b_best, -1, b_key)
+            b_top = tl.where(b_top == b_best, -1, b_top)
+        b_top = b_new
+    b_id = tl.where(b_top >= 0, 2147483647 - (b_top & 0xFFFFFFFF), 2147483647)  # [SP], empty -> 2^31-1
+    # ascending order: rank = number of smaller ids (ties among the empty ones by slot)
+    b_lt = (b_id[None, :] < b_id[:, None]) | ((b_id[None, :] == b_id[:, None]) & (o_s[None, :] < o_s[:, None]))
+    b_rank = tl.sum(b_lt.to(tl.int32), axis=1)  # [SP]
+    b_out = tl.where(b_id == 2147483647, -1, b_id).to(tl.int32)
+    tl.store(block_indices + i_nh * S + b_rank, b_out, mask=o_s < S)
+
+
+@triton.jit
+def decode_combine_kernel(
+    ws_m, ws_l, ws_acc, g_cmp, g_slc, g_win, o, NS_C, NS_W, NS_S,
+    G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+):
+    """Merges each branch's partials of one (n, h), normalizes and gates:
+    ``o[n, h*G + r] = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` in o's dtype."""
+    i_nh = tl.program_id(0).to(tl.int64)
+    o_r = tl.arange(0, GP)
+    o_dv = tl.arange(0, BDV)
+    m_r = o_r < G
+    o_row = i_nh * G + o_r  # [GP] rows of [N * HQ]
+    b_o = tl.zeros([GP, BDV], dtype=tl.float32)
+    for i_br in tl.static_range(3):
+        if i_br == 0:
+            p0, p1, g = 0, NS_C, g_cmp
+        elif i_br == 1:
+            p0, p1, g = NS_C, NS_C + NS_W, g_win
+        else:
+            p0, p1, g = NS_C + NS_W, NS_C + NS_W + NS_S, g_slc
+        b_m, b_l, b_acc = _merge(ws_m, ws_l, ws_acc, i_nh, p0, p1, P, GP, BDV, True)
+        # a branch that saw no key (compressed, early in a sequence) contributes zeros
+        b_g = tl.load(g + o_row, mask=m_r, other=0.).to(tl.float32)
+        b_o += b_acc * (b_g / tl.where(b_l > 0, b_l, 1.))[:, None]
+    tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty),
+             mask=m_r[:, None] & (o_dv < DV)[None, :])
+
+
+class DecodePlan(NamedTuple):
+    """Tiling of one decode step: keys per attention tile, keys per split of each branch,
+    blocks per scoring program, blocks per top-n chunk."""
+    tile: int
+    cmp_split: int
+    win_split: int
+    slc_split: int
+    score_blocks: int
+    topk_chunk: int
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def default_plan(N: int, H: int, Tc_cap: int, NB_cap: int, window_keys: int, block_size: int,
+                 num_selected: int) -> DecodePlan:
+    """Splits sized from shapes only: each branch is cut until about ``TARGET_PROGRAMS``
+    programs run (at most ``MAX_SPLITS`` per (sequence, KV head)), in whole tiles."""
+    want = max(1, min(MAX_SPLITS, _cdiv(TARGET_PROGRAMS, N * H)))
+    cmp_split = TILE * max(1, _cdiv(_cdiv(max(Tc_cap, 1), want), TILE))
+    win_split = TILE * max(1, _cdiv(_cdiv(window_keys, want), TILE))
+    slc_split = max(1, _cdiv(num_selected, want))
+    score_blocks = min(64, max(16, _next_pow2(_cdiv(NB_cap * N * H, 4 * TARGET_PROGRAMS))))
+    return DecodePlan(TILE, cmp_split, win_split, slc_split, score_blocks, TOPK_CHUNK)
+
+
+def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens, kernel_size, stride,
+               block_size, num_selected, num_initial, num_local, window_size, scale, plan=None):
+    """Launches the decode kernels; returns o ``[N, HQ, Dv]`` (q's dtype) and int32 block indices
+    ``[N, H, num_selected]``. Inputs validated; 16-bit or float32."""
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens = (
+        t.contiguous() for t in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens))
+    N, HQ, Dk = q.shape
+    Tc_cap, H, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
+    L_cap, Lw_cap = k_slc.shape[1], k_win.shape[1]
+    G = HQ // H
+    GP = max(16, _next_pow2(G))
+    BDK, BDV = max(16, _next_pow2(Dk)), max(16, _next_pow2(Dv))
+    S = num_selected
+    NB_cap = _cdiv(L_cap, block_size)
+    window_keys = min(window_size, Lw_cap)
+    if plan is None:
+        plan = default_plan(N, H, Tc_cap, NB_cap, window_keys, block_size, S)
+    NS_C = max(1, _cdiv(Tc_cap, plan.cmp_split))
+    NS_W = _cdiv(window_keys, plan.win_split)
+    NS_S = _cdiv(S, plan.slc_split)
+    P = NS_C + NS_W + NS_S
+    dev = q.device
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    dot = dict(DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+               DOT_UPCAST=interp and q.dtype == torch.bfloat16)
+    qk_scale = float(scale) * _LOG2E
+
+    ws_m = torch.empty(N * H, P, GP, dtype=torch.float32, device=dev)
+    ws_l = torch.empty(N * H, P, GP, dtype=torch.float32, device=dev)
+    ws_acc = torch.empty(N * H, P, GP, BDV, dtype=torch.float32, device=dev)
+    score = torch.empty(N * H, NB_cap, dtype=torch.float32, device=dev)
+    block_indices = torch.empty(N, H, S, dtype=torch.int32, device=dev)
+    o = new_output((N, HQ, Dv), q.dtype, dev)
+    shape = dict(H=H, G=G, GP=GP, P=P)
+    heads = dict(DK=Dk, DV=Dv, BDK=BDK, BDV=BDV)
+    sel = dict(KS=kernel_size, ST=stride, BS=block_size)
+
+    # the compressed cache may have capacity 0 (no sequence is long enough yet): point at any
+    # tensor, the kernel reads nothing from it
+    k_c, v_c = (k_cmp, v_cmp) if Tc_cap > 0 else (k_slc, v_slc)
+    decode_fwd_kernel[(NS_C + NS_W, N * H)](
+        q, k_c, v_c, k_win, v_win, seq_lens, block_indices, ws_m, ws_l, ws_acc, qk_scale,
+        Tc_cap, Lw_cap, NS_C, plan.cmp_split, plan.win_split, 0,
+        **shape, **heads, BK=plan.tile, MODE=0, S=S, W=window_size, **sel, **dot)
+    decode_score_kernel[(_cdiv(NB_cap, plan.score_blocks), N * H)](
+        q, k_c, seq_lens, ws_m, ws_l, score, qk_scale, Tc_cap, NB_cap, NS_C,
+        **shape, DK=Dk, BDK=BDK, BDV=BDV, BC=plan.tile, BJ=plan.score_blocks, **sel, **dot)
+    decode_topk_kernel[(N * H,)](
+        score, seq_lens, block_indices, NB_cap, H=H, S=S, SP=_next_pow2(S),
+        CT=min(plan.topk_chunk, _next_pow2(NB_cap)), BS=block_size, NUM_INIT=num_initial, NUM_LOCAL=num_local)
+    decode_fwd_kernel[(NS_S, N * H)](
+        q, k_slc, v_slc, k_slc, v_slc, seq_lens, block_indices, ws_m, ws_l, ws_acc, qk_scale,
+        L_cap, L_cap, NS_S, plan.slc_split, plan.slc_split, NS_C + NS_W,
+        **shape, **heads, BK=max(16, min(plan.tile, _next_pow2(block_size))), MODE=1, S=S, W=window_size,
+        **sel, **dot)
+    decode_combine_kernel[(N * H,)](
+        ws_m, ws_l, ws_acc, g_cmp, g_slc, g_win, o, NS_C, NS_W, NS_S, G=G, GP=GP, P=P, DV=Dv, BDV=BDV)
+    return o, block_indices
+
+
+def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens,
+                      kernel_size, stride, block_size, num_selected, num_initial, num_local, window_size, scale,
+                      return_block_indices=False):
+    """Triton NSA decoding; same contract as :func:`nsa.ops.decode.nsa_decode` (inputs validated
+    there, ``scale`` a float). Inference only: no autograd graph is recorded and the results do
+    not require grad.
+
+    Args:
+        q: ``[N, HQ, Dk]``; k_cmp/v_cmp ``[N, Tc_cap, H, Dk|Dv]``; k_slc/v_slc ``[N, L_cap, H, Dk|Dv]``;
+            k_win/v_win ``[N, Lw_cap, H, Dk|Dv]``; gates ``[N, HQ]``; seq_lens int32 ``[N]``.
+            float16, bfloat16 or float32 (float64 is computed in float32 and cast back).
+    Returns:
+        o ``[N, HQ, Dv]`` in q's dtype, or ``(o, block_indices)`` with int32 ``[N, H, num_selected]``.
+    """
+    with torch.no_grad():
+        args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win)
+        if q.dtype == torch.float64:
+            args = tuple(t.float() for t in args)
+        o, idx = decode_fwd(*args, seq_lens, kernel_size, stride, block_size, num_selected, num_initial,
+                            num_local, window_size, scale)
+        o = o.to(q.dtype)
+    return (o, idx) if return_block_indices else o

@@ -1,0 +1,134 @@
+"""Triton NSA decoding on the GPU at the paper size, against the float32 decode reference.
+
+bf16, HQ=64, H=4, Dk=Dv=128, l=32, d=16, l'=64, n=16 (1 initial + 2 local), w=512; contexts 8k
+and 64k, batch 1 and 8 with different lengths per sequence. The caches are padded past every
+sequence with NaN, so any read of the padding makes the output non-finite; the reference runs
+on the same values upcast to float32 (padding zeroed, it masks it anyway).
+
+Tolerances. Output: relative error 1e-2 against the float32 reference. The kernel rounds the
+probabilities to bf16 before the P.V product (as flash attention does) and the output once to
+bf16 (2^-9 relative on average, 2^-8 at most per element); the three branch sums are float32.
+Selections: the kernel's block scores are float32 sums in another order than the reference's,
+so a block within ~1e-6 relative of the n-th best may swap: >= 99% of rows must equal the
+reference's and every row must be a valid top-n of the float64 scores (to 1e-5 relative).
+
+Timing (not a test), from the repository root on the GPU machine:
+    PYTHONPATH=src:. python3 tests/gpu/test_decode_gpu.py [--ctx 8192 65536 131072] [--batch 1 8 64]
+prints the decode step time against cuDNN/flash SDPA on the same cache, with bytes read.
+"""
+
+import pytest
+import torch
+
+from nsa.ops.decode import nsa_decode, nsa_decode_reference
+from nsa.ops.decode_triton import nsa_decode_triton
+from nsa.ops.utils import num_compressed
+from tests.helpers import assert_close, needs_cuda
+from tests.ops.test_decode_triton import _check_rows, _scores64
+
+pytestmark = [pytest.mark.gpu, needs_cuda]
+
+PAPER = dict(kernel_size=32, stride=16, block_size=64, num_selected=16, num_initial=1, num_local=2,
+             window_size=512)
+RATIO = 1e-2
+
+
+def make_cache(lens, cap, HQ=64, H=4, D=128, dtype=torch.bfloat16, seed=0, pad=float("nan"), cfg=PAPER):
+    """Decode inputs (ORDER of nsa_decode) with sequence n valid up to lens[n], ``pad`` beyond; seq_lens."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    N = len(lens)
+    Tc_cap = num_compressed(cap, cfg["kernel_size"], cfg["stride"])
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda", dtype=torch.float32).to(dtype)  # noqa: E731
+    q = r(N, HQ, D)
+    caches = [r(N, Tc_cap, H, D), r(N, Tc_cap, H, D), r(N, cap, H, D), r(N, cap, H, D), r(N, cap, H, D),
+              r(N, cap, H, D)]
+    for n, L in enumerate(lens):
+        Tc = num_compressed(L, cfg["kernel_size"], cfg["stride"])
+        for i, c in enumerate(caches):
+            c[n, (Tc if i < 2 else L):] = pad
+    gates = [torch.rand(N, HQ, generator=gen, device="cuda").to(dtype) for _ in range(3)]
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    return [q, *caches, *gates], seq_lens
+
+
+CASES = [
+    ("ctx8k_b1", [8192], 8192),
+    ("ctx8k_b8", [8192, 1, 31, 32, 4097, 6000, 8000, 8191], 8192 + 100),
+    ("ctx64k_b1", [65536], 65536),
+    ("ctx64k_b8", [65536, 65535, 50000, 33333, 20000, 4096, 777, 64], 65536 + 64),
+]
+
+
+@pytest.mark.parametrize("lens,cap", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_paper_decode(lens, cap):
+    args, seq_lens = make_cache(lens, cap)
+    scale = 128 ** -0.5
+    o, idx = nsa_decode(*args, seq_lens, return_block_indices=True, backend="triton", **PAPER)
+    ref_args = [torch.nan_to_num(a.float(), nan=0.0) for a in args]
+    o_ref, idx_ref = nsa_decode_reference(*ref_args, seq_lens, **PAPER, scale=scale, return_block_indices=True)
+    assert o.dtype == torch.bfloat16
+    assert_close("o", o_ref, o, RATIO)
+    same = (idx == idx_ref).all(-1)
+    assert same.sum() >= 0.99 * same.numel(), f"only {int(same.sum())} of {same.numel()} rows equal the reference"
+    _check_rows(idx.cpu(), _scores64(ref_args, seq_lens, PAPER, scale).cpu(), seq_lens.cpu(), PAPER)
+    o2, idx2 = nsa_decode(*args, seq_lens, return_block_indices=True, backend="triton", **PAPER)
+    assert torch.equal(o, o2) and torch.equal(idx, idx2), "two identical decode steps differ"
+
+
+def test_cuda_graph_capture():
+    """No host synchronization: a decode step captures in a CUDA graph and replays with new
+    sequence lengths (a token appended) to the same result as an eager call."""
+    lens = [4096, 1000, 64, 3000]
+    args, seq_lens = make_cache(lens, 4096 + 64, pad=0.0)
+    call = lambda: nsa_decode_triton(*args, seq_lens, **PAPER, scale=128 ** -0.5)  # noqa: E731
+    call()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_graph = call()
+    seq_lens.copy_(torch.tensor([4097, 1001, 65, 3001], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(o_graph, call())
+
+
+def _bench(ctxs, batches, HQ=64, H=4, D=128):
+    import triton
+    import torch.nn.functional as F
+
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    print(f"# decode, one token per sequence, bf16, HQ={HQ} H={H} D={D}, paper NSA settings; "
+          "GB/s = KV bytes the step must read / time")
+    cfg = PAPER
+    for L in ctxs:
+        for N in batches:
+            args, seq_lens = make_cache([L] * N, L, HQ, H, D, pad=0.0)
+            args[5], args[6] = args[3], args[4]  # window shares the selection cache, as SDPA reads one
+            scale = D ** -0.5
+            nsa_fn = lambda: nsa_decode_triton(*args, seq_lens, **cfg, scale=scale)  # noqa: E731
+            q4 = args[0].view(N, 1, HQ, D).transpose(1, 2)  # [N, HQ, 1, D]
+            k4, v4 = args[3].transpose(1, 2), args[4].transpose(1, 2)  # [N, H, L, D]
+            sdpa = lambda: F.scaled_dot_product_attention(q4, k4, v4, enable_gqa=True)  # noqa: E731
+            nsa_fn()
+            sdpa()
+            t_nsa = triton.testing.do_bench(nsa_fn)
+            t_sdpa = triton.testing.do_bench(sdpa)
+            Tc = num_compressed(L, cfg["kernel_size"], cfg["stride"])
+            keys = 2 * Tc + min(cfg["num_selected"] * cfg["block_size"], L) + min(cfg["window_size"], L)
+            b_nsa = N * H * keys * 2 * D * 2 - N * H * Tc * D * 2  # k_cmp read twice, v_cmp once
+            b_sdpa = N * H * L * 2 * D * 2
+            print(f"ctx={L:6d} N={N:3d}  nsa {t_nsa:7.3f} ms ({b_nsa / t_nsa * 1e-6:6.0f} GB/s)   "
+                  f"sdpa {t_sdpa:7.3f} ms ({b_sdpa / t_sdpa * 1e-6:6.0f} GB/s)   speedup {t_sdpa / t_nsa:5.2f}x",
+                  flush=True)
+            del args, q4, k4, v4
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ctx", type=int, nargs="*", default=[8192, 65536, 131072])
+    parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64])
+    a = parser.parse_args()
+    _bench(a.ctx, a.batch)

@@ -5,14 +5,14 @@ query heads of one KV head are the rows of every tile, padded to ``GP = max(16, 
 rows. Every program below owns one (sequence, KV head) pair ``nh`` and, where the work is long,
 one split of it (flash-decoding style), so that batch 1 still spreads over the whole GPU.
 
-Four launches, no host synchronization (every size comes from a tensor shape; ``seq_lens`` stays
+Five launches, no host synchronization (every size comes from a tensor shape; ``seq_lens`` stays
 on the device, so a decode step can be captured in a CUDA graph):
 
 1. ``decode_fwd_kernel`` (compressed + window): a program attends to one split of the visible
    compressed tokens or of the window keys and writes an unnormalized partial ``(m, l, acc)``
    (base-2 running max, sum of exponentials, weighted value sum) per row.
 2. ``decode_score_kernel``: a program owns ``BJ`` selection blocks. It merges the compressed
-   partials' ``(m, l)`` into the final log-sum-exp (fixed split order), recomputes
+   partials' ``(m, l)`` into the final log-sum-exp, recomputes
    ``p = exp(scale * q.k_cmp - lse)`` over the compressed tokens that overlap its blocks, sums
    it over the group's heads and weighs tokens onto blocks by their overlap (the stride-piece
    count of :func:`nsa.ops.utils.overlap_matrix`), writing float32 block scores to a workspace.
@@ -21,11 +21,14 @@ on the device, so a decode step can be captured in a CUDA graph):
    sortable int64 keys ``float_bits(priority) << 32 | (2^31 - 1 - j)``, walking the blocks in
    chunks and keeping a running top set, and writes the ids ascending, then -1.
 4. ``decode_fwd_kernel`` again (selected): a program attends to a split of the selected blocks.
+5. ``decode_combine_kernel``: a program per query head merges each branch's partials (all at
+   once, one fixed reduction tree: deterministic), normalizes, applies the three gates and
+   writes ``o`` in q's dtype.
 
-``decode_combine_kernel`` then merges each branch's partials in split order (deterministic),
-normalizes, applies the three gates and writes ``o`` in q's dtype. Only positions below
-``seq_lens[n]`` (and compressed tokens below ``num_compressed(seq_lens[n])``) are ever read:
-the padding of the caches may hold anything.
+Partials are reduced with vector loads, never a loop over splits: a serial loop would pay one
+memory latency per split, which dominates at batch 1. Only positions below ``seq_lens[n]`` (and
+compressed tokens below ``num_compressed(seq_lens[n])``) are ever read: the padding of the
+caches may hold anything.
 """
 
 from __future__ import annotations
@@ -91,29 +94,19 @@ def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale,
 
 
 @triton.jit
-def _merge(ws_m, ws_l, ws_acc, i_nh, p0, p1, P: tl.constexpr, GP: tl.constexpr, BDV: tl.constexpr,
-           WITH_ACC: tl.constexpr):
-    """Merges partials ``p0 .. p1-1`` of ``nh`` in that order: ``(m, l, acc)`` ``[GP], [GP], [GP, BDV]``
-    (acc all zeros unless ``WITH_ACC``)."""
+def _merge_lse2(ws_m, ws_l, i_nh, NS_C, P: tl.constexpr, GP: tl.constexpr, PC: tl.constexpr):
+    """Base-2 log-sum-exp ``[GP]`` of the compressed branch from its partials ``0 .. NS_C-1``
+    (all loaded at once: a loop over them would pay one memory latency per split)."""
+    o_p = tl.arange(0, PC)
     o_r = tl.arange(0, GP)
-    o_dv = tl.arange(0, BDV)
-    b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([GP], dtype=tl.float32)
-    b_acc = tl.zeros([GP, BDV], dtype=tl.float32)
-    for i_p in range(p0, p1):
-        o_w = (i_nh * P + i_p) * GP + o_r  # [GP] int64 rows of the workspace
-        b_mp = tl.load(ws_m + o_w)
-        b_lp = tl.load(ws_l + o_w)
-        b_m_new = tl.maximum(b_m, b_mp)
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
-        b_a = tl.exp2(b_m - b_m_safe)
-        b_ap = tl.exp2(b_mp - b_m_safe)
-        b_l = b_l * b_a + b_lp * b_ap
-        if WITH_ACC:
-            b_accp = tl.load(ws_acc + o_w[:, None] * BDV + o_dv[None, :])
-            b_acc = b_acc * b_a[:, None] + b_accp * b_ap[:, None]
-        b_m = b_m_new
-    return b_m, b_l, b_acc
+    m_p = o_p < NS_C
+    o_w = (i_nh * P + o_p)[:, None] * GP + o_r[None, :]  # [PC, GP] int64
+    b_mp = tl.load(ws_m + o_w, mask=m_p[:, None], other=float("-inf"))
+    b_lp = tl.load(ws_l + o_w, mask=m_p[:, None], other=0.)
+    b_m = tl.max(b_mp, axis=0)  # [GP]
+    b_m_safe = tl.where(b_m == float("-inf"), 0., b_m)
+    b_l = tl.sum(b_lp * tl.exp2(b_mp - b_m_safe[None, :]), axis=0)
+    return b_m + tl.log2(tl.where(b_l > 0, b_l, 1.))
 
 
 @triton.jit
@@ -123,7 +116,7 @@ def decode_fwd_kernel(
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
     MODE: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
-    W: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    SP: tl.constexpr, W: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """One split of one branch for one (sequence n, KV head h) -> partial ``(m, l, acc)`` of the
     ``GP`` rows (query heads ``h*G + r``; rows ``r >= G`` are zero padding) at workspace slot
@@ -161,8 +154,11 @@ def decode_fwd_kernel(
     else:
         e_lo = i_s * SPLIT_A
         e_hi = tl.minimum(e_lo + SPLIT_A, S)
+        # the whole list at once: a load per entry would put a memory latency before every block
+        o_e = tl.arange(0, SP)
+        b_ids = tl.load(block_indices + i_nh * S + o_e, mask=o_e < S, other=-1)  # [SP]
         for i_e in range(e_lo, e_hi):
-            i_b = tl.load(block_indices + i_nh * S + i_e).to(tl.int64)
+            i_b = tl.sum(tl.where(o_e == i_e, b_ids, 0)).to(tl.int64)
             lo = i_b * BS
             # an unused slot (-1) gives an empty range
             hi = tl.where(i_b >= 0, tl.minimum(lo + BS, seq_len), lo)
@@ -179,8 +175,8 @@ def decode_fwd_kernel(
 @triton.jit
 def decode_score_kernel(
     q, k_cmp, seq_lens, ws_m, ws_l, score, qk_scale, CAP_C, NB_CAP, NS_C,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, DK: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, PC: tl.constexpr, DK: tl.constexpr,
+    BDK: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
     KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
@@ -195,9 +191,7 @@ def decode_score_kernel(
     o_j = j0 + tl.arange(0, BJ)  # [BJ] block ids
     m_j = (o_j <= (seq_len - 1) // BS) & (o_j < NB_CAP)
 
-    # the final base-2 log-sum-exp of each row, from the compressed splits in order
-    b_m, b_l, b_acc = _merge(ws_m, ws_l, ws_m, i_nh, 0, NS_C, P, GP, BDV, False)
-    b_lse2 = b_m + tl.log2(tl.where(b_l > 0, b_l, 1.))  # [GP]
+    b_lse2 = _merge_lse2(ws_m, ws_l, i_nh, NS_C, P, GP, PC)  # [GP] the final one, from all splits
 
     o_r = tl.arange(0, GP)
     o_dk = tl.arange(0, BDK)
@@ -266,30 +260,41 @@ def decode_topk_kernel(
 
 @triton.jit
 def decode_combine_kernel(
-    ws_m, ws_l, ws_acc, g_cmp, g_slc, g_win, o, NS_C, NS_W, NS_S,
-    G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+    ws_m, ws_l, ws_acc, g_cmp, g_slc, g_win, o, NS_C, NS_W,
+    G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Merges each branch's partials of one (n, h), normalizes and gates:
-    ``o[n, h*G + r] = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` in o's dtype."""
-    i_nh = tl.program_id(0).to(tl.int64)
-    o_r = tl.arange(0, GP)
+    """One query head ``h*G + r`` (program ``(nh, r)``): merges each branch's partials, normalizes
+    and gates, ``o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` in o's dtype. All ``P``
+    partials are loaded at once and reduced in one fixed tree (deterministic)."""
+    i_nh, i_r = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    o_p = tl.arange(0, PP)
     o_dv = tl.arange(0, BDV)
-    m_r = o_r < G
-    o_row = i_nh * G + o_r  # [GP] rows of [N * HQ]
-    b_o = tl.zeros([GP, BDV], dtype=tl.float32)
-    for i_br in tl.static_range(3):
-        if i_br == 0:
-            p0, p1, g = 0, NS_C, g_cmp
-        elif i_br == 1:
-            p0, p1, g = NS_C, NS_C + NS_W, g_win
+    m_p = o_p < P
+    o_w = (i_nh * P + o_p) * GP + i_r  # [PP] int64
+    b_mp = tl.load(ws_m + o_w, mask=m_p, other=float("-inf"))
+    b_lp = tl.load(ws_l + o_w, mask=m_p, other=0.)
+    b_acc = tl.load(ws_acc + o_w[:, None] * BDV + o_dv[None, :], mask=m_p[:, None], other=0.)  # [PP, BDV]
+    # partials 0 .. NS_C-1: compressed; then NS_W window; then selected
+    i_br = tl.where(o_p < NS_C, 0, tl.where(o_p < NS_C + NS_W, 1, 2))
+    o_head = i_nh * G + i_r
+    b_coef = tl.zeros([PP], dtype=tl.float32)
+    for i_b in tl.static_range(3):
+        if i_b == 0:
+            g = g_cmp
+        elif i_b == 1:
+            g = g_win
         else:
-            p0, p1, g = NS_C + NS_W, NS_C + NS_W + NS_S, g_slc
-        b_m, b_l, b_acc = _merge(ws_m, ws_l, ws_acc, i_nh, p0, p1, P, GP, BDV, True)
+            g = g_slc
+        m_b = (i_br == i_b) & m_p
+        b_m = tl.max(tl.where(m_b, b_mp, float("-inf")), axis=0)
+        b_m_safe = tl.where(b_m == float("-inf"), 0., b_m)
+        b_a = tl.where(m_b, tl.exp2(b_mp - b_m_safe), 0.)  # [PP]
+        b_l = tl.sum(b_a * b_lp, axis=0)
         # a branch that saw no key (compressed, early in a sequence) contributes zeros
-        b_g = tl.load(g + o_row, mask=m_r, other=0.).to(tl.float32)
-        b_o += b_acc * (b_g / tl.where(b_l > 0, b_l, 1.))[:, None]
-    tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty),
-             mask=m_r[:, None] & (o_dv < DV)[None, :])
+        b_g = tl.load(g + o_head).to(tl.float32)
+        b_coef += b_a * (b_g / tl.where(b_l > 0, b_l, 1.))
+    b_o = tl.sum(b_coef[:, None] * b_acc, axis=0)  # [BDV]
+    tl.store(o + o_head * DV + o_dv, b_o.to(o.dtype.element_ty), mask=o_dv < DV)
 
 
 class DecodePlan(NamedTuple):
@@ -336,6 +341,7 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     GP = max(16, _next_pow2(G))
     BDK, BDV = max(16, _next_pow2(Dk)), max(16, _next_pow2(Dv))
     S = num_selected
+    SP = max(2, _next_pow2(S))
     NB_cap = _cdiv(L_cap, block_size)
     window_keys = min(window_size, Lw_cap)
     if plan is None:
@@ -366,20 +372,23 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     decode_fwd_kernel[(NS_C + NS_W, N * H)](
         q, k_c, v_c, k_win, v_win, seq_lens, block_indices, ws_m, ws_l, ws_acc, qk_scale,
         Tc_cap, Lw_cap, NS_C, plan.cmp_split, plan.win_split, 0,
-        **shape, **heads, BK=plan.tile, MODE=0, S=S, W=window_size, **sel, **dot)
+        **shape, **heads, BK=plan.tile, MODE=0, S=S, SP=SP, W=window_size, **sel, **dot)
+    # compressed tokens meeting score_blocks blocks: one tile when they fit in 128
+    n_tok = plan.score_blocks * block_size // stride + kernel_size // stride - 1
     decode_score_kernel[(_cdiv(NB_cap, plan.score_blocks), N * H)](
         q, k_c, seq_lens, ws_m, ws_l, score, qk_scale, Tc_cap, NB_cap, NS_C,
-        **shape, DK=Dk, BDK=BDK, BDV=BDV, BC=plan.tile, BJ=plan.score_blocks, **sel, **dot)
+        **shape, PC=max(2, _next_pow2(NS_C)), DK=Dk, BDK=BDK, BC=max(16, min(128, _next_pow2(n_tok))),
+        BJ=plan.score_blocks, **sel, **dot)
     decode_topk_kernel[(N * H,)](
-        score, seq_lens, block_indices, NB_cap, H=H, S=S, SP=_next_pow2(S),
+        score, seq_lens, block_indices, NB_cap, H=H, S=S, SP=SP,
         CT=min(plan.topk_chunk, _next_pow2(NB_cap)), BS=block_size, NUM_INIT=num_initial, NUM_LOCAL=num_local)
     decode_fwd_kernel[(NS_S, N * H)](
         q, k_slc, v_slc, k_slc, v_slc, seq_lens, block_indices, ws_m, ws_l, ws_acc, qk_scale,
         L_cap, L_cap, NS_S, plan.slc_split, plan.slc_split, NS_C + NS_W,
-        **shape, **heads, BK=max(16, min(plan.tile, _next_pow2(block_size))), MODE=1, S=S, W=window_size,
-        **sel, **dot)
-    decode_combine_kernel[(N * H,)](
-        ws_m, ws_l, ws_acc, g_cmp, g_slc, g_win, o, NS_C, NS_W, NS_S, G=G, GP=GP, P=P, DV=Dv, BDV=BDV)
+        **shape, **heads, BK=max(16, min(plan.tile, _next_pow2(block_size))), MODE=1, S=S, SP=SP,
+        W=window_size, **sel, **dot)
+    decode_combine_kernel[(N * H, G)](
+        ws_m, ws_l, ws_acc, g_cmp, g_slc, g_win, o, NS_C, NS_W, G=G, GP=GP, P=P, PP=_next_pow2(P), DV=Dv, BDV=BDV)
     return o, block_indices
 
 

@@ -42,8 +42,10 @@ import triton.language as tl
 
 from .utils import new_output
 
-# Keys per attention tile and compressed tokens per scoring tile.
+# Keys per attention tile (float32: 32, so that the staged K/V tiles fit shared memory and
+# the registers do not spill; sm_90 compile checks).
 TILE = 64
+TILE_FP32 = 32
 # Programs wanted per launch before a branch is split further (about 2 per SM of an H200).
 TARGET_PROGRAMS = 264
 # Most splits of one branch: the combine kernel walks the splits of a (sequence, KV head) serially.
@@ -126,7 +128,7 @@ def decode_fwd_kernel(
     from ``k_a/v_a`` ``[N, CAP_A, H, D]``; the others ``SPLIT_B`` window keys each from
     ``k_b/v_b`` ``[N, CAP_B, H, D]``. MODE 1 (selected): ``SPLIT_A`` entries of
     ``block_indices`` ``[N, H, S]`` each, keys from ``k_a/v_a``."""
-    i_s, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_s, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     seq_len = tl.load(seq_lens + i_n).to(tl.int64)
 
@@ -317,15 +319,16 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def default_plan(N: int, H: int, Tc_cap: int, NB_cap: int, window_keys: int, block_size: int,
-                 num_selected: int) -> DecodePlan:
+                 num_selected: int, dtype: torch.dtype = torch.bfloat16) -> DecodePlan:
     """Splits sized from shapes only: each branch is cut until about ``TARGET_PROGRAMS``
     programs run (at most ``MAX_SPLITS`` per (sequence, KV head)), in whole tiles."""
+    tile = TILE_FP32 if dtype == torch.float32 else TILE
     want = max(1, min(MAX_SPLITS, _cdiv(TARGET_PROGRAMS, N * H)))
-    cmp_split = TILE * max(1, _cdiv(_cdiv(max(Tc_cap, 1), want), TILE))
-    win_split = TILE * max(1, _cdiv(_cdiv(window_keys, want), TILE))
+    cmp_split = tile * max(1, _cdiv(_cdiv(max(Tc_cap, 1), want), tile))
+    win_split = tile * max(1, _cdiv(_cdiv(window_keys, want), tile))
     slc_split = max(1, _cdiv(num_selected, want))
     score_blocks = min(64, max(16, _next_pow2(_cdiv(NB_cap * N * H, 4 * TARGET_PROGRAMS))))
-    return DecodePlan(TILE, cmp_split, win_split, slc_split, score_blocks, TOPK_CHUNK)
+    return DecodePlan(tile, cmp_split, win_split, slc_split, score_blocks, TOPK_CHUNK)
 
 
 def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens, kernel_size, stride,
@@ -345,15 +348,17 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     NB_cap = _cdiv(L_cap, block_size)
     window_keys = min(window_size, Lw_cap)
     if plan is None:
-        plan = default_plan(N, H, Tc_cap, NB_cap, window_keys, block_size, S)
+        plan = default_plan(N, H, Tc_cap, NB_cap, window_keys, block_size, S, q.dtype)
     NS_C = max(1, _cdiv(Tc_cap, plan.cmp_split))
     NS_W = _cdiv(window_keys, plan.win_split)
     NS_S = _cdiv(S, plan.slc_split)
     P = NS_C + NS_W + NS_S
     dev = q.device
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    dot = dict(DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-               DOT_UPCAST=interp and q.dtype == torch.bfloat16)
+    fp32 = q.dtype == torch.float32
+    dot = dict(DOT_PRECISION="ieee" if fp32 else "tf32", DOT_UPCAST=interp and q.dtype == torch.bfloat16)
+    # launch settings checked on sm_90 for no register spills and shared memory within the limit
+    fwd_launch = dict(num_warps=8, num_stages=2) if fp32 else dict(num_warps=4, num_stages=3)
     qk_scale = float(scale) * _LOG2E
 
     ws_m = torch.empty(N * H, P, GP, dtype=torch.float32, device=dev)
@@ -372,13 +377,14 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     decode_fwd_kernel[(NS_C + NS_W, N * H)](
         q, k_c, v_c, k_win, v_win, seq_lens, block_indices, ws_m, ws_l, ws_acc, qk_scale,
         Tc_cap, Lw_cap, NS_C, plan.cmp_split, plan.win_split, 0,
-        **shape, **heads, BK=plan.tile, MODE=0, S=S, SP=SP, W=window_size, **sel, **dot)
-    # compressed tokens meeting score_blocks blocks: one tile when they fit in 128
+        **shape, **heads, BK=plan.tile, MODE=0, S=S, SP=SP, W=window_size, **sel, **dot, **fwd_launch)
+    # compressed tokens meeting score_blocks blocks: one tile when they fit in 128 (64 for float32)
     n_tok = plan.score_blocks * block_size // stride + kernel_size // stride - 1
+    BC = max(16, min(64 if fp32 else 128, _next_pow2(n_tok)))
     decode_score_kernel[(_cdiv(NB_cap, plan.score_blocks), N * H)](
         q, k_c, seq_lens, ws_m, ws_l, score, qk_scale, Tc_cap, NB_cap, NS_C,
-        **shape, PC=max(2, _next_pow2(NS_C)), DK=Dk, BDK=BDK, BC=max(16, min(128, _next_pow2(n_tok))),
-        BJ=plan.score_blocks, **sel, **dot)
+        **shape, PC=max(2, _next_pow2(NS_C)), DK=Dk, BDK=BDK, BC=BC, BJ=plan.score_blocks, **sel, **dot,
+        num_warps=8 if BDK * BC > 128 * 128 else 4, num_stages=2 if fp32 else 3)
     decode_topk_kernel[(N * H,)](
         score, seq_lens, block_indices, NB_cap, H=H, S=S, SP=SP,
         CT=min(plan.topk_chunk, _next_pow2(NB_cap)), BS=block_size, NUM_INIT=num_initial, NUM_LOCAL=num_local)
@@ -386,9 +392,10 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
         q, k_slc, v_slc, k_slc, v_slc, seq_lens, block_indices, ws_m, ws_l, ws_acc, qk_scale,
         L_cap, L_cap, NS_S, plan.slc_split, plan.slc_split, NS_C + NS_W,
         **shape, **heads, BK=max(16, min(plan.tile, _next_pow2(block_size))), MODE=1, S=S, SP=SP,
-        W=window_size, **sel, **dot)
+        W=window_size, **sel, **dot, **fwd_launch)
     decode_combine_kernel[(N * H, G)](
-        ws_m, ws_l, ws_acc, g_cmp, g_slc, g_win, o, NS_C, NS_W, G=G, GP=GP, P=P, PP=_next_pow2(P), DV=Dv, BDV=BDV)
+        ws_m, ws_l, ws_acc, g_cmp, g_slc, g_win, o, NS_C, NS_W, G=G, GP=GP, P=P, PP=_next_pow2(P), DV=Dv, BDV=BDV,
+        num_warps=8)
     return o, block_indices
 
 

@@ -14,7 +14,8 @@ reference's and every row must be a valid top-n of the float64 scores (to 1e-5 r
 
 Timing (not a test), from the repository root on the GPU machine:
     PYTHONPATH=src:. python3 tests/gpu/test_decode_gpu.py [--ctx 8192 65536 131072] [--batch 1 8 64]
-prints the decode step time against cuDNN/flash SDPA on the same cache, with bytes read.
+prints the decode step time (eager, and replayed from a CUDA graph) against SDPA on the same
+cache, with bytes read; ``--profile`` adds per-kernel CUDA times.
 """
 
 import pytest
@@ -76,11 +77,12 @@ def test_paper_decode(lens, cap):
 
 
 def test_cuda_graph_capture():
-    """No host synchronization: a decode step captures in a CUDA graph and replays with new
-    sequence lengths (a token appended) to the same result as an eager call."""
+    """No host synchronization: a decode step (the public nsa_decode, whose seq_lens range check
+    is skipped while capturing) captures in a CUDA graph and replays with new sequence lengths
+    (a token appended) to the same result as an eager call."""
     lens = [4096, 1000, 64, 3000]
     args, seq_lens = make_cache(lens, 4096 + 64, pad=0.0)
-    call = lambda: nsa_decode_triton(*args, seq_lens, **PAPER, scale=128 ** -0.5)  # noqa: E731
+    call = lambda: nsa_decode(*args, seq_lens, **PAPER, backend="triton")  # noqa: E731
     call()  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -92,7 +94,7 @@ def test_cuda_graph_capture():
     assert torch.equal(o_graph, call())
 
 
-def _bench(ctxs, batches, HQ=64, H=4, D=128):
+def _bench(ctxs, batches, HQ=64, H=4, D=128, profile=False):
     import triton
     import torch.nn.functional as F
 
@@ -113,14 +115,26 @@ def _bench(ctxs, batches, HQ=64, H=4, D=128):
             sdpa()
             t_nsa = triton.testing.do_bench(nsa_fn)
             t_sdpa = triton.testing.do_bench(sdpa)
+            # the same step replayed from a CUDA graph: no Python launch overhead
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                nsa_fn()
+            t_graph = triton.testing.do_bench(graph.replay)
             Tc = num_compressed(L, cfg["kernel_size"], cfg["stride"])
             keys = 2 * Tc + min(cfg["num_selected"] * cfg["block_size"], L) + min(cfg["window_size"], L)
             b_nsa = N * H * keys * 2 * D * 2 - N * H * Tc * D * 2  # k_cmp read twice, v_cmp once
             b_sdpa = N * H * L * 2 * D * 2
-            print(f"ctx={L:6d} N={N:3d}  nsa {t_nsa:7.3f} ms ({b_nsa / t_nsa * 1e-6:6.0f} GB/s)   "
-                  f"sdpa {t_sdpa:7.3f} ms ({b_sdpa / t_sdpa * 1e-6:6.0f} GB/s)   speedup {t_sdpa / t_nsa:5.2f}x",
-                  flush=True)
-            del args, q4, k4, v4
+            print(f"ctx={L:6d} N={N:3d}  nsa {t_nsa:7.3f} ms ({b_nsa / t_nsa * 1e-6:6.0f} GB/s)  "
+                  f"graph {t_graph:7.3f} ms   sdpa {t_sdpa:7.3f} ms ({b_sdpa / t_sdpa * 1e-6:6.0f} GB/s)  "
+                  f"speedup {t_sdpa / t_nsa:5.2f}x (graph {t_sdpa / t_graph:5.2f}x)", flush=True)
+            if profile:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(20):
+                        graph.replay()
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
+            del args, q4, k4, v4, graph
             torch.cuda.empty_cache()
 
 
@@ -130,5 +144,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ctx", type=int, nargs="*", default=[8192, 65536, 131072])
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64])
+    parser.add_argument("--profile", action="store_true", help="per-kernel CUDA times of each case")
     a = parser.parse_args()
-    _bench(a.ctx, a.batch)
+    _bench(a.ctx, a.batch, profile=a.profile)

@@ -106,6 +106,12 @@ def nsa_decode_reference(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_s
     return o, ids.to(torch.int32)
 
 
+def _deferred_value_checks() -> bool:
+    """The seq_lens range check reads the device on the host: skipped under torch.compile and
+    while a CUDA graph is being captured (a decode step is captured after an eager, checked one)."""
+    return checks._compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def _check_cache_pair(name_k, k, name_v, v, q, N, H, Dk, Dv):
     checks.check_tensor(name_k, k, 4)
     checks.check_tensor(name_v, v, 4)
@@ -177,13 +183,14 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
         raise ValueError(f"seq_lens: expected device {q.device} like q, got {seq_lens.device}")
     if seq_lens.shape[0] != N:
         raise ValueError(f"seq_lens: expected {N} entries (one per query), got {seq_lens.shape[0]}")
-    lo, hi = (int(v) for v in torch.stack([seq_lens.min(), seq_lens.max()]).tolist())
-    cap = min(k_slc.shape[1], k_win.shape[1])
-    if lo < 1 or hi > cap:
-        raise ValueError(f"seq_lens: entries must lie in [1, {cap}] (the cache capacity), got range [{lo}, {hi}]")
-    if num_compressed(hi, kernel_size, stride) > k_cmp.shape[1]:
-        raise ValueError(f"k_cmp: capacity {k_cmp.shape[1]} cannot hold the "
-                         f"{num_compressed(hi, kernel_size, stride)} compressed tokens of a length-{hi} sequence")
+    if not _deferred_value_checks():
+        lo, hi = (int(v) for v in torch.stack([seq_lens.min(), seq_lens.max()]).tolist())
+        cap = min(k_slc.shape[1], k_win.shape[1])
+        if lo < 1 or hi > cap:
+            raise ValueError(f"seq_lens: entries must lie in [1, {cap}] (the cache capacity), got range [{lo}, {hi}]")
+        if num_compressed(hi, kernel_size, stride) > k_cmp.shape[1]:
+            raise ValueError(f"k_cmp: capacity {k_cmp.shape[1]} cannot hold the "
+                             f"{num_compressed(hi, kernel_size, stride)} compressed tokens of a length-{hi} sequence")
     if backend is None:
         backend = os.environ.get("NSA_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:

@@ -76,6 +76,12 @@ def test_paper_decode(lens, cap):
     assert torch.equal(o, o2) and torch.equal(idx, idx2), "two identical decode steps differ"
 
 
+def test_auto_backend_runs_the_kernel():
+    args, seq_lens = make_cache([3000, 77], 3100)
+    o = nsa_decode(*args, seq_lens, backend="triton", **PAPER)
+    assert torch.equal(o, nsa_decode(*args, seq_lens, backend="auto", **PAPER))
+
+
 def test_cuda_graph_capture():
     """No host synchronization: a decode step (the public nsa_decode, whose seq_lens range check
     is skipped while capturing) captures in a CUDA graph and replays with new sequence lengths

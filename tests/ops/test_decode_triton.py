@@ -96,11 +96,13 @@ def _run(args, seq_lens, cfg, plan):
 
 
 @pytest.mark.parametrize("plan", [None, SPLIT_PLAN], ids=["default_plan", "split_plan"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)],
+                         ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_decode_triton_matches_reference(case, dtype, tol, plan):
-    """Output within ``tol`` of the float32 reference (bf16: the reference runs on the same
-    bf16 values upcast to float32); every selection row valid, and >= 99% of rows identical."""
+    """Output within ``tol`` of the float32 reference (16-bit: the reference runs on the same
+    values upcast to float32; the kernel rounds probabilities before P.V and the output once,
+    2^-8 / 2^-11 relative at most); every selection row valid, and >= 99% of rows identical."""
     cfg = case[6]
     ref_args, args, seq_lens = _inputs(case, dtype)
     scale = args[0].shape[-1] ** -0.5

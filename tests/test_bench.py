@@ -99,6 +99,13 @@ def test_quick_preset_end_to_end(tmp_path):
     assert any(r["impl"].startswith("sdpa.") and r["ok"] for r in recs)
     assert all(r["speedup"] > 0 for r in nsa if r["pass"] in ("fwd", "bwd"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # the README summary: one training row per case and one decode row per context and batch
+    md = report.markdown_summary(data["header"], recs)
+    train_rows = [ln for ln in md.splitlines() if ln.startswith("| 32/32 |")]
+    assert len(train_rows) == len({r["case"] for r in nsa if r["pass"] == "fwd"})
+    assert all("**" in ln and "FAIL" not in ln for ln in train_rows)
+    assert sum(ln.startswith("| 256 |") or ln.startswith("| 512 |") for ln in md.splitlines()) == \
+        len({r["case"] for r in nsa if r["pass"] == "decode"})
 
 
 def _quick_case(T=256, dtype="fp32", B=1, kind="train"):

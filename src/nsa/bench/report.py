@@ -231,3 +231,71 @@ def plot(path: str, records: list[dict], title: str = ""):
     os.makedirs(d, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def markdown_summary(head: dict, records: list[dict]) -> str:
+    """The README table: per head-dim pair and T, NSA against the fastest SDPA backend of the same
+    pass (forward, backward, decode), with the ideal ratio and peak memory."""
+    lines = [f"{head.get('gpu', head.get('device'))}, driver {head.get('driver')}, torch {head.get('torch')}, "
+             f"triton {head.get('triton')}, {head.get('date_utc')}; preset {head.get('preset')}, "
+             f"backend {head.get('backend')}.", ""]
+    nsa = {(r["case"], r["pass"]): r for r in records if r["impl"] == "nsa"}
+    best = {}
+    for r in records:
+        if r["impl"].startswith("sdpa") and r["ms"] is not None:
+            key = (r["case"], r["pass"])
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = r
+
+    def cell(r):
+        if r is None:
+            return "-"
+        if r["ms"] is None:
+            return "FAIL" if r["ok"] is False else "n/a"
+        return f"{r['ms']:.3g}" if r["ms"] < 1 else f"{r['ms']:.1f}"
+
+    def ratio(a, b):
+        if a is None or b is None or a["ms"] is None or b["ms"] is None:
+            return "-"
+        return f"**{b['ms'] / a['ms']:.2f}x**"
+
+    train = sorted({(r["D"], r["Dv"], r["B"], r["HQ"], r["H"], r["T"], r["case"]) for r in records
+                    if r["pass"] in ("fwd", "bwd") and r["impl"] == "nsa"})
+    if train:
+        lines += ["| D (k/v) | T | NSA fwd ms | best SDPA fwd ms | fwd speedup | NSA bwd ms | best SDPA bwd ms "
+                  "| bwd speedup | ideal (keys) | peak MiB NSA / SDPA (bwd) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for D, Dv, B, HQ, H, T, case in train:
+            f, b = nsa.get((case, "fwd")), nsa.get((case, "bwd"))
+            sf, sb = best.get((case, "fwd")), best.get((case, "bwd"))
+            ideal = f["ideal"] if f and f["ideal"] else None
+            mem = f"{_fmt(b['mem_mib'] if b else None, '.0f')} / {_fmt(sb['mem_mib'] if sb else None, '.0f')}"
+            lines.append(f"| {D}/{Dv} | {_tk(T)} | {cell(f)} | {cell(sf)} ({sf['impl'][5:] if sf else '-'}) | "
+                         f"{ratio(f, sf)} | {cell(b)} | {cell(sb)} ({sb['impl'][5:] if sb else '-'}) | {ratio(b, sb)} "
+                         f"| {_fmt(ideal, '.1f')}x | {mem} |")
+        lines.append("")
+    dec = sorted({(r["T"], r["B"], r["case"]) for r in records if r["pass"] == "decode" and r["impl"] == "nsa"})
+    if dec:
+        lines += ["| context | batch | NSA decode ms | best SDPA ms | speedup | NSA GB/s | ideal (bytes) |",
+                  "|---|---|---|---|---|---|---|"]
+        for T, B, case in dec:
+            n, s = nsa.get((case, "decode")), best.get((case, "decode"))
+            lines.append(f"| {_tk(T)} | {B} | {cell(n)} | {cell(s)} | {ratio(n, s)} | {_num(n['gbps']) if n else '-'} "
+                         f"| {_fmt(n['ideal'] if n else None, '.1f')}x |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """``python -m nsa.bench.report RESULT.json ...``: print the markdown summary of saved runs."""
+    import sys
+
+    for path in (sys.argv[1:] if argv is None else argv):
+        with open(path) as f:
+            d = json.load(f)
+        print(markdown_summary(d["header"], d["records"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -76,6 +76,27 @@ def test_paper_decode(lens, cap):
     assert torch.equal(o, o2) and torch.equal(idx, idx2), "two identical decode steps differ"
 
 
+def test_cache_past_2_pow_31_elements():
+    """600 sequences of capacity 8192: each raw cache holds 600*8192*4*128 = 2.5e9 > 2^31 elements,
+    and the last 88 sequences lie wholly past 2^31; their outputs and selections match the
+    reference run on copies of just those sequences."""
+    N, cap = 600, 8192
+    assert N * cap * 4 * 128 > 2 ** 31 and 512 * cap * 4 * 128 >= 2 ** 31
+    lens = [cap - (n % 7) * 301 for n in range(N)]
+    args, seq_lens = make_cache(lens, cap, seed=3)
+    o, idx = nsa_decode(*args, seq_lens, return_block_indices=True, backend="triton", **PAPER)
+    tail = slice(N - 8, N)
+    ref_args = [torch.nan_to_num(a[tail].float(), nan=0.0) for a in args]
+    o_ref, idx_ref = nsa_decode_reference(*ref_args, seq_lens[tail], **PAPER, scale=128 ** -0.5,
+                                          return_block_indices=True)
+    assert torch.isfinite(o).all()
+    assert_close("o[tail]", o_ref, o[tail], RATIO)
+    same = (idx[tail] == idx_ref).all(-1)
+    assert same.sum() >= 0.99 * same.numel(), f"only {int(same.sum())} of {same.numel()} rows equal"
+    _check_rows(idx[tail].cpu(), _scores64(ref_args, seq_lens[tail], PAPER, 128 ** -0.5).cpu(),
+                seq_lens[tail].cpu(), PAPER)
+
+
 def test_auto_backend_runs_the_kernel():
     args, seq_lens = make_cache([3000, 77], 3100)
     o = nsa_decode(*args, seq_lens, backend="triton", **PAPER)

@@ -122,13 +122,13 @@ def decode_fwd_kernel(
 ):
     """One split of one branch for one (sequence n, KV head h) -> partial ``(m, l, acc)`` of the
     ``GP`` rows (query heads ``h*G + r``; rows ``r >= G`` are zero padding) at workspace slot
-    ``P_OFF + program_id(0)``.
+    ``P_OFF + program_id(1)``; ``program_id(0)`` is ``nh`` (the grid's long axis).
 
     MODE 0 (compressed + window): splits ``< NS_A`` take ``SPLIT_A`` compressed tokens each
     from ``k_a/v_a`` ``[N, CAP_A, H, D]``; the others ``SPLIT_B`` window keys each from
     ``k_b/v_b`` ``[N, CAP_B, H, D]``. MODE 1 (selected): ``SPLIT_A`` entries of
     ``block_indices`` ``[N, H, S]`` each, keys from ``k_a/v_a``."""
-    i_s, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_nh, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     seq_len = tl.load(seq_lens + i_n).to(tl.int64)
 
@@ -182,10 +182,10 @@ def decode_score_kernel(
     KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """Scores of blocks ``[j0, j0 + BJ)`` (``j0 = program_id(0) * BJ``) for one (n, h):
+    """Scores of blocks ``[j0, j0 + BJ)`` (``j0 = program_id(1) * BJ``) for one (n, h) = program_id(0):
     ``score[nh, j] = sum_{r < G} sum_i exp2(s2[r, i] - lse2[r]) * W[i, j]`` over the visible
     compressed tokens i, written to ``score`` ``[N * H, NB_CAP]`` float32 for causal blocks."""
-    i_c, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_nh, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     seq_len = tl.load(seq_lens + i_n).to(tl.int64)
     n_cmp = tl.where(seq_len >= KS, (seq_len - KS) // ST + 1, 0)
@@ -374,21 +374,21 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     # the compressed cache may have capacity 0 (no sequence is long enough yet): point at any
     # tensor, the kernel reads nothing from it
     k_c, v_c = (k_cmp, v_cmp) if Tc_cap > 0 else (k_slc, v_slc)
-    decode_fwd_kernel[(NS_C + NS_W, N * H)](
+    decode_fwd_kernel[(N * H, NS_C + NS_W)](
         q, k_c, v_c, k_win, v_win, seq_lens, block_indices, ws_m, ws_l, ws_acc, qk_scale,
         Tc_cap, Lw_cap, NS_C, plan.cmp_split, plan.win_split, 0,
         **shape, **heads, BK=plan.tile, MODE=0, S=S, SP=SP, W=window_size, **sel, **dot, **fwd_launch)
     # compressed tokens meeting score_blocks blocks: one tile when they fit in 128 (64 for float32)
     n_tok = plan.score_blocks * block_size // stride + kernel_size // stride - 1
     BC = max(16, min(64 if fp32 else 128, _next_pow2(n_tok)))
-    decode_score_kernel[(_cdiv(NB_cap, plan.score_blocks), N * H)](
+    decode_score_kernel[(N * H, _cdiv(NB_cap, plan.score_blocks))](
         q, k_c, seq_lens, ws_m, ws_l, score, qk_scale, Tc_cap, NB_cap, NS_C,
         **shape, PC=max(2, _next_pow2(NS_C)), DK=Dk, BDK=BDK, BC=BC, BJ=plan.score_blocks, **sel, **dot,
         num_warps=8 if BDK * BC > 128 * 128 else 4, num_stages=2 if fp32 else 3)
     decode_topk_kernel[(N * H,)](
         score, seq_lens, block_indices, NB_cap, H=H, S=S, SP=SP,
         CT=min(plan.topk_chunk, _next_pow2(NB_cap)), BS=block_size, NUM_INIT=num_initial, NUM_LOCAL=num_local)
-    decode_fwd_kernel[(NS_S, N * H)](
+    decode_fwd_kernel[(N * H, NS_S)](
         q, k_slc, v_slc, k_slc, v_slc, seq_lens, block_indices, ws_m, ws_l, ws_acc, qk_scale,
         L_cap, L_cap, NS_S, plan.slc_split, plan.slc_split, NS_C + NS_W,
         **shape, **heads, BK=max(16, min(plan.tile, _next_pow2(block_size))), MODE=1, S=S, SP=SP,

@@ -101,6 +101,11 @@ def test_auto_backend_runs_the_kernel():
     args, seq_lens = make_cache([3000, 77], 3100)
     o = nsa_decode(*args, seq_lens, backend="triton", **PAPER)
     assert torch.equal(o, nsa_decode(*args, seq_lens, backend="auto", **PAPER))
+    # inference only: when autograd needs a graph, 'auto' takes the (differentiable) reference
+    args[0].requires_grad_()
+    o_grad = nsa_decode(*args, seq_lens, backend="auto", **PAPER)
+    assert o_grad.requires_grad and not nsa_decode(*args, seq_lens, backend="triton", **PAPER).requires_grad
+    assert_close("o", o_grad.detach().float(), o.float(), RATIO)
 
 
 def test_cuda_graph_capture():

@@ -147,10 +147,10 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
         return_block_indices: also return the int32 ``[N, H, num_selected]`` selected blocks
             (ascending, then -1), as in :func:`nsa.ops.select_blocks`.
         backend: None (reads ``NSA_BACKEND``, default 'auto') | 'auto' | 'reference' | 'triton'.
-            'auto' runs the Triton kernels on CUDA tensors and the reference otherwise; 'triton'
-            forces the kernels (CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``). The
-            Triton path is inference only: its outputs do not require grad (use 'reference' to
-            differentiate).
+            'auto' runs the Triton kernels on CUDA tensors and the reference otherwise, and also
+            when autograd needs a graph (grad enabled and an input requires grad); 'triton' forces
+            the kernels (CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``). The Triton
+            path is inference only: its outputs never require grad.
     Returns:
         o ``[N, HQ, Dv]`` in q's dtype, or ``(o, block_indices)``.
     """
@@ -201,8 +201,10 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
         if q.device.type != "cuda" and not _interpret():
             raise ValueError(f"backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors; "
                              f"got {q.device}")
+    tensors = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     use_triton = backend == "triton" or (backend == "auto" and nsa_decode_triton is not None
-                                         and q.device.type == "cuda")
+                                         and q.device.type == "cuda" and not needs_grad)
     s = Dk ** -0.5 if scale is None else float(scale)
     fn = nsa_decode_triton if use_triton else nsa_decode_reference
     return fn(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens, kernel_size, stride,

@@ -48,7 +48,7 @@ TILE = 64
 TILE_FP32 = 32
 # Programs wanted per launch before a branch is split further (about 2 per SM of an H200).
 TARGET_PROGRAMS = 264
-# Most splits of one branch: the combine kernel walks the splits of a (sequence, KV head) serially.
+# Most splits of one branch: the combine kernel holds all partials of a head in registers.
 MAX_SPLITS = 32
 # Causal blocks per top-n chunk: the running top set absorbs one chunk per iteration.
 TOPK_CHUNK = 1024
@@ -96,7 +96,7 @@ def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale,
 
 
 @triton.jit
-def _merge_lse2(ws_m, ws_l, i_nh, NS_C, P: tl.constexpr, GP: tl.constexpr, PC: tl.constexpr):
+def _merge_lse2(ws_m, ws_l, i_nh, NS_C, P, GP: tl.constexpr, PC: tl.constexpr):
     """Base-2 log-sum-exp ``[GP]`` of the compressed branch from its partials ``0 .. NS_C-1``
     (all loaded at once: a loop over them would pay one memory latency per split)."""
     o_p = tl.arange(0, PC)
@@ -114,8 +114,8 @@ def _merge_lse2(ws_m, ws_l, i_nh, NS_C, P: tl.constexpr, GP: tl.constexpr, PC: t
 @triton.jit
 def decode_fwd_kernel(
     q, k_a, v_a, k_b, v_b, seq_lens, block_indices, ws_m, ws_l, ws_acc, qk_scale,
-    CAP_A, CAP_B, NS_A, SPLIT_A, SPLIT_B, P_OFF,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr,
+    CAP_A, CAP_B, NS_A, SPLIT_A, SPLIT_B, P_OFF, P,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
     MODE: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
     SP: tl.constexpr, W: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -176,8 +176,8 @@ def decode_fwd_kernel(
 
 @triton.jit
 def decode_score_kernel(
-    q, k_cmp, seq_lens, ws_m, ws_l, score, qk_scale, CAP_C, NB_CAP, NS_C,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, PC: tl.constexpr, DK: tl.constexpr,
+    q, k_cmp, seq_lens, ws_m, ws_l, score, qk_scale, CAP_C, NB_CAP, NS_C, P,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, PC: tl.constexpr, DK: tl.constexpr,
     BDK: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
     KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -262,8 +262,8 @@ def decode_topk_kernel(
 
 @triton.jit
 def decode_combine_kernel(
-    ws_m, ws_l, ws_acc, g_cmp, g_slc, g_win, o, NS_C, NS_W,
-    G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+    ws_m, ws_l, ws_acc, g_cmp, g_slc, g_win, o, NS_C, NS_W, P,
+    G: tl.constexpr, GP: tl.constexpr, PP: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
 ):
     """One query head ``h*G + r`` (program ``(nh, r)``): merges each branch's partials, normalizes
     and gates, ``o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` in o's dtype. All ``P``

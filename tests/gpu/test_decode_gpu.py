@@ -154,8 +154,8 @@ def _bench(ctxs, batches, HQ=64, H=4, D=128, profile=False):
                 nsa_fn()
             t_graph = triton.testing.do_bench(graph.replay)
             Tc = num_compressed(L, cfg["kernel_size"], cfg["stride"])
-            keys = 2 * Tc + min(cfg["num_selected"] * cfg["block_size"], L) + min(cfg["window_size"], L)
-            b_nsa = N * H * keys * 2 * D * 2 - N * H * Tc * D * 2  # k_cmp read twice, v_cmp once
+            keys = Tc + min(cfg["num_selected"] * cfg["block_size"], L) + min(cfg["window_size"], L)
+            b_nsa = N * H * keys * 2 * D * 2 + N * HQ * Tc * 4 * 2  # KV, and the kept scores written + read
             b_sdpa = N * H * L * 2 * D * 2
             print(f"ctx={L:6d} N={N:3d}  nsa {t_nsa:7.3f} ms ({b_nsa / t_nsa * 1e-6:6.0f} GB/s)  "
                   f"graph {t_graph:7.3f} ms   sdpa {t_sdpa:7.3f} ms ({b_sdpa / t_sdpa * 1e-6:6.0f} GB/s)  "

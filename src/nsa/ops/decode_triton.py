@@ -10,12 +10,14 @@ on the device, so a decode step can be captured in a CUDA graph):
 
 1. ``decode_fwd_kernel`` (compressed + window): a program attends to one split of the visible
    compressed tokens or of the window keys and writes an unnormalized partial ``(m, l, acc)``
-   (base-2 running max, sum of exponentials, weighted value sum) per row.
+   (base-2 running max, sum of exponentials, weighted value sum) per row. The compressed
+   splits also keep their scaled scores ``q.k_cmp`` (float32, ``G`` per token: 64 bytes for
+   G = 16 where a second pass would read a 256-byte key again).
 2. ``decode_score_kernel``: a program owns ``BJ`` selection blocks. It merges the compressed
-   partials' ``(m, l)`` into the final log-sum-exp, recomputes
-   ``p = exp(scale * q.k_cmp - lse)`` over the compressed tokens that overlap its blocks, sums
-   it over the group's heads and weighs tokens onto blocks by their overlap (the stride-piece
-   count of :func:`nsa.ops.utils.overlap_matrix`), writing float32 block scores to a workspace.
+   partials' ``(m, l)`` into the final log-sum-exp, turns the kept scores of the compressed
+   tokens that overlap its blocks into ``p = exp(s - lse)``, sums them over the group's heads
+   and weighs tokens onto blocks by their overlap (the stride-piece count of
+   :func:`nsa.ops.utils.overlap_matrix`), writing float32 block scores to a workspace.
 3. ``decode_topk_kernel``: one program per ``nh`` picks the top ``num_selected`` causal blocks
    (forced blocks first, lower id first among equal scores, the rule of the reference) from
    sortable int64 keys ``float_bits(priority) << 32 | (2^31 - 1 - j)``, walking the blocks in
@@ -67,11 +69,14 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale,
-            H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-            BK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_s, s_stride,
+            H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+            BDK: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr, STORE_S: tl.constexpr,
+            DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """Online-softmax update of ``(b_m, b_l, b_acc)`` ``[GP], [GP], [GP, BDV]`` with the keys at
-    positions ``[lo, hi)`` of the cache row starting at token ``row0`` (int64)."""
+    positions ``[lo, hi)`` of the cache row starting at token ``row0`` (int64). ``STORE_S``: also
+    write the base-2 scaled scores of the ``G`` real rows to ``p_s + r * s_stride + position``."""
+    o_r = tl.arange(0, GP)
     o_dk = tl.arange(0, BDK)
     o_dv = tl.arange(0, BDV)
     for i0 in range(lo, hi, BK):
@@ -83,6 +88,8 @@ def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale,
         b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & (o_dv < DV)[None, :],
                       other=0.)  # [BK, BDV]
         b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [GP, BK]
+        if STORE_S:
+            tl.store(p_s + o_r[:, None] * s_stride + i_k[None, :], b_s, mask=(o_r < G)[:, None] & m_k[None, :])
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
         # a row that has seen no key yet keeps m = -inf: shift by 0, never inf - inf
@@ -113,7 +120,7 @@ def _merge_lse2(ws_m, ws_l, i_nh, NS_C, P, GP: tl.constexpr, PC: tl.constexpr):
 
 @triton.jit
 def decode_fwd_kernel(
-    q, k_a, v_a, k_b, v_b, seq_lens, block_indices, ws_m, ws_l, ws_acc, qk_scale,
+    q, k_a, v_a, k_b, v_b, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_s, qk_scale,
     CAP_A, CAP_B, NS_A, SPLIT_A, SPLIT_B, P_OFF, P,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
@@ -125,7 +132,8 @@ def decode_fwd_kernel(
     ``P_OFF + program_id(1)``; ``program_id(0)`` is ``nh`` (the grid's long axis).
 
     MODE 0 (compressed + window): splits ``< NS_A`` take ``SPLIT_A`` compressed tokens each
-    from ``k_a/v_a`` ``[N, CAP_A, H, D]``; the others ``SPLIT_B`` window keys each from
+    from ``k_a/v_a`` ``[N, CAP_A, H, D]`` and keep their scores in ``ws_s`` ``[N * H, G, CAP_A]``
+    (base 2, scaled) for the block scoring; the others ``SPLIT_B`` window keys each from
     ``k_b/v_b`` ``[N, CAP_B, H, D]``. MODE 1 (selected): ``SPLIT_A`` entries of
     ``block_indices`` ``[N, H, S]`` each, keys from ``k_a/v_a``."""
     i_nh, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -147,12 +155,13 @@ def decode_fwd_kernel(
             lo = i_s * SPLIT_A
             hi = tl.minimum(lo + SPLIT_A, n_cmp)
             b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_a, v_a, i_n * CAP_A, i_h, lo, hi, qk_scale,
-                                      H, DK, DV, BDK, BDV, BK, DOT_PRECISION, DOT_UPCAST)
+                                      ws_s + i_nh * G * CAP_A, CAP_A, H, G, GP, DK, DV, BDK, BDV, BK, True,
+                                      DOT_PRECISION, DOT_UPCAST)
         else:
             lo = tl.maximum(seq_len - W, 0) + (i_s - NS_A) * SPLIT_B
             hi = tl.minimum(lo + SPLIT_B, seq_len)
             b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_b, v_b, i_n * CAP_B, i_h, lo, hi, qk_scale,
-                                      H, DK, DV, BDK, BDV, BK, DOT_PRECISION, DOT_UPCAST)
+                                      ws_s, 0, H, G, GP, DK, DV, BDK, BDV, BK, False, DOT_PRECISION, DOT_UPCAST)
     else:
         e_lo = i_s * SPLIT_A
         e_hi = tl.minimum(e_lo + SPLIT_A, S)
@@ -165,7 +174,7 @@ def decode_fwd_kernel(
             # an unused slot (-1) gives an empty range
             hi = tl.where(i_b >= 0, tl.minimum(lo + BS, seq_len), lo)
             b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_a, v_a, i_n * CAP_A, i_h, lo, hi, qk_scale,
-                                      H, DK, DV, BDK, BDV, BK, DOT_PRECISION, DOT_UPCAST)
+                                      ws_s, 0, H, G, GP, DK, DV, BDK, BDV, BK, False, DOT_PRECISION, DOT_UPCAST)
 
     o_w = (i_nh * P + P_OFF + i_s) * GP + o_r  # [GP] int64
     o_dv = tl.arange(0, BDV)
@@ -176,18 +185,16 @@ def decode_fwd_kernel(
 
 @triton.jit
 def decode_score_kernel(
-    q, k_cmp, seq_lens, ws_m, ws_l, score, qk_scale, CAP_C, NB_CAP, NS_C, P,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, PC: tl.constexpr, DK: tl.constexpr,
-    BDK: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
+    ws_s, seq_lens, ws_m, ws_l, score, CAP_C, NB_CAP, NS_C, P,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, PC: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
     KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Scores of blocks ``[j0, j0 + BJ)`` (``j0 = program_id(1) * BJ``) for one (n, h) = program_id(0):
     ``score[nh, j] = sum_{r < G} sum_i exp2(s2[r, i] - lse2[r]) * W[i, j]`` over the visible
-    compressed tokens i, written to ``score`` ``[N * H, NB_CAP]`` float32 for causal blocks."""
+    compressed tokens i, with the base-2 scores ``s2`` kept by the compressed pass in ``ws_s``
+    ``[N * H, G, CAP_C]``; written to ``score`` ``[N * H, NB_CAP]`` float32 for causal blocks."""
     i_nh, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    seq_len = tl.load(seq_lens + i_n).to(tl.int64)
+    seq_len = tl.load(seq_lens + i_nh // H).to(tl.int64)
     n_cmp = tl.where(seq_len >= KS, (seq_len - KS) // ST + 1, 0)
     j0 = i_c * BJ
     o_j = j0 + tl.arange(0, BJ)  # [BJ] block ids
@@ -196,10 +203,8 @@ def decode_score_kernel(
     b_lse2 = _merge_lse2(ws_m, ws_l, i_nh, NS_C, P, GP, PC)  # [GP] the final one, from all splits
 
     o_r = tl.arange(0, GP)
-    o_dk = tl.arange(0, BDK)
     m_r = o_r < G
-    b_q = tl.load(q + (i_nh * G + o_r)[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
-                  other=0.)  # [GP, BDK]
+    p_s = ws_s + (i_nh * G + o_r) * CAP_C  # [GP] row starts
     # tokens whose span [i*ST, i*ST + KS) meets the blocks' span [j0*BS, (j0+BJ)*BS)
     i_lo = tl.maximum(j0 * BS - KS + ST, 0) // ST
     i_hi = tl.minimum((j0 + BJ) * BS // ST, n_cmp)
@@ -207,11 +212,9 @@ def decode_score_kernel(
     for i0 in range(i_lo, i_hi, BC):
         i_k = i0 + tl.arange(0, BC)  # [BC] compressed tokens
         m_k = i_k < i_hi
-        o_kv = (i_n * CAP_C + i_k) * H + i_h
-        b_k = tl.load(k_cmp + o_kv[:, None] * DK + o_dk[None, :], mask=m_k[:, None] & (o_dk < DK)[None, :],
-                      other=0.)  # [BC, BDK]
-        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [GP, BC]
-        b_p = tl.where(m_r[:, None] & m_k[None, :], tl.exp2(b_s - b_lse2[:, None]), 0.)
+        m_rk = m_r[:, None] & m_k[None, :]
+        b_s = tl.load(p_s[:, None] + i_k[None, :], mask=m_rk, other=0.)  # [GP, BC]
+        b_p = tl.where(m_rk, tl.exp2(b_s - b_lse2[:, None]), 0.)
         b_pg = tl.sum(b_p, axis=0)  # [BC] summed over the group's heads
         # W[i, j]: stride-sized pieces shared by token i and block j
         w_lo = tl.maximum(i_k[:, None] * ST, o_j[None, :] * BS)
@@ -219,8 +222,6 @@ def decode_score_kernel(
         b_w = (tl.maximum(w_hi - w_lo, 0) // ST).to(tl.float32)  # [BC, BJ]
         b_sc += tl.sum(b_pg[:, None] * b_w, axis=0)
     tl.store(score + i_nh * NB_CAP + o_j, b_sc, mask=m_j)
-
-
 @triton.jit
 def decode_topk_kernel(
     score, seq_lens, block_indices, NB_CAP,
@@ -358,12 +359,13 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     fp32 = q.dtype == torch.float32
     dot = dict(DOT_PRECISION="ieee" if fp32 else "tf32", DOT_UPCAST=interp and q.dtype == torch.bfloat16)
     # launch settings checked on sm_90 for no register spills and shared memory within the limit
-    fwd_launch = dict(num_warps=8, num_stages=2) if fp32 else dict(num_warps=4, num_stages=3)
+    fwd_launch = dict(num_warps=8, num_stages=2) if fp32 else dict(num_warps=8 if BDK > 128 else 4, num_stages=3)
     qk_scale = float(scale) * _LOG2E
 
     ws_m = torch.empty(N * H, P, GP, dtype=torch.float32, device=dev)
     ws_l = torch.empty(N * H, P, GP, dtype=torch.float32, device=dev)
     ws_acc = torch.empty(N * H, P, GP, BDV, dtype=torch.float32, device=dev)
+    ws_s = torch.empty(N * H, G, max(Tc_cap, 1), dtype=torch.float32, device=dev)
     score = torch.empty(N * H, NB_cap, dtype=torch.float32, device=dev)
     block_indices = torch.empty(N, H, S, dtype=torch.int32, device=dev)
     o = new_output((N, HQ, Dv), q.dtype, dev)
@@ -375,21 +377,20 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     # tensor, the kernel reads nothing from it
     k_c, v_c = (k_cmp, v_cmp) if Tc_cap > 0 else (k_slc, v_slc)
     decode_fwd_kernel[(N * H, NS_C + NS_W)](
-        q, k_c, v_c, k_win, v_win, seq_lens, block_indices, ws_m, ws_l, ws_acc, qk_scale,
+        q, k_c, v_c, k_win, v_win, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_s, qk_scale,
         Tc_cap, Lw_cap, NS_C, plan.cmp_split, plan.win_split, 0,
         **shape, **heads, BK=plan.tile, MODE=0, S=S, SP=SP, W=window_size, **sel, **dot, **fwd_launch)
-    # compressed tokens meeting score_blocks blocks: one tile when they fit in 128 (64 for float32)
+    # compressed tokens meeting score_blocks blocks: one tile when they fit in 128
     n_tok = plan.score_blocks * block_size // stride + kernel_size // stride - 1
-    BC = max(16, min(64 if fp32 else 128, _next_pow2(n_tok)))
+    BC = max(16, min(128, _next_pow2(n_tok)))
     decode_score_kernel[(N * H, _cdiv(NB_cap, plan.score_blocks))](
-        q, k_c, seq_lens, ws_m, ws_l, score, qk_scale, Tc_cap, NB_cap, NS_C,
-        **shape, PC=max(2, _next_pow2(NS_C)), DK=Dk, BDK=BDK, BC=BC, BJ=plan.score_blocks, **sel, **dot,
-        num_warps=8 if BDK * BC > 128 * 128 else 4, num_stages=2 if fp32 else 3)
+        ws_s, seq_lens, ws_m, ws_l, score, Tc_cap, NB_cap, NS_C, P, H=H, G=G, GP=GP,
+        PC=max(2, _next_pow2(NS_C)), BC=BC, BJ=plan.score_blocks, **sel)
     decode_topk_kernel[(N * H,)](
         score, seq_lens, block_indices, NB_cap, H=H, S=S, SP=SP,
         CT=min(plan.topk_chunk, _next_pow2(NB_cap)), BS=block_size, NUM_INIT=num_initial, NUM_LOCAL=num_local)
     decode_fwd_kernel[(N * H, NS_S)](
-        q, k_slc, v_slc, k_slc, v_slc, seq_lens, block_indices, ws_m, ws_l, ws_acc, qk_scale,
+        q, k_slc, v_slc, k_slc, v_slc, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_s, qk_scale,
         L_cap, L_cap, NS_S, plan.slc_split, plan.slc_split, NS_C + NS_W,
         **shape, **heads, BK=max(16, min(plan.tile, _next_pow2(block_size))), MODE=1, S=S, SP=SP,
         W=window_size, **sel, **dot, **fwd_launch)

@@ -997,7 +997,29 @@ def _sdpa_decode(case, device, impl):
         with torch.no_grad():
             return fn()
 
-    return step, [], ("one query over the full KV cache; " + note).rstrip("; ")
+    step, graph_note = _graphed(step, device)
+    return step, [], ("one query over the full KV cache; " + note + graph_note).rstrip("; ")
+
+
+def _graphed(step, device):
+    """A decoding step as a CUDA-graph replay (how a server runs it: no launch gaps, no host
+    work between steps), for NSA and the baselines alike; eager on a CPU or if capture fails."""
+    if device.type != "cuda":
+        return step, ""
+    try:
+        step()  # warm-up: compile and autotune outside the capture
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        torch.cuda.synchronize()
+    except RuntimeError as e:
+        return step, f"; eager (graph capture failed: {_one_line(e)})"
+    return graph.replay, "; CUDA-graph replay"
 
 
 _COMPILED_FLEX = []
@@ -1102,8 +1124,10 @@ def _nsa_decode(case, device, backend):
         with torch.no_grad():
             return nsa_decode(**x, **kw)
 
-    note = "" if _decode_has_triton(device) and backend != "reference" else "reference decode (no triton kernel)"
-    return step, [], note
+    if _decode_has_triton(device) and backend != "reference":
+        fn, note = _graphed(step, device)
+        return fn, [], note.lstrip("; ")
+    return step, [], "reference decode (no triton kernel)"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@
 # Results in $OUT (at most 8 files come back): env.txt, bench_<preset>.{json,png,log}, gpu_tests.log
 set -uo pipefail
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -50,7 +49,8 @@ if [ "${NSA_GPU_TESTS:-1}" = "1" ]; then
     # Compilation is CPU-bound: spread the tests over a few workers (pytest-xdist is on the image);
     # more workers than that run the big-memory tests into each other.
     # shellcheck disable=SC2086
-    timeout "$t" python3 -m pytest -v -p no:cacheprovider -n "${NSA_GPU_WORKERS:-3}" -m gpu tests/gpu \
+    PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}" \
+      timeout "$t" python3 -m pytest -v -p no:cacheprovider -n "${NSA_GPU_WORKERS:-3}" -m gpu tests/gpu \
       ${NSA_GPU_TEST_ARGS:-} -rfE > "$OUT/gpu_tests.log" 2>&1
     rc=$?
     [ $rc -eq 124 ] && echo "gpu tests: killed at their ${t}s budget" >> "$OUT/gpu_tests.log"

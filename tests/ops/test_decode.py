@@ -171,3 +171,23 @@ def test_bad_inputs(mutate, name):
     args = [a.pop(k) for k in ORDER] + [a.pop("seq_lens")]
     with pytest.raises(ValueError, match=name):
         nsa_decode(*args, backend="reference", **a)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_reference_ignores_cache_padding(bad):
+    """Rows past a sequence's length are never attended: NaN or inf there changes nothing."""
+    _, HQ, H, Dk, Dv, lens, cfg = CASES[0]
+    pad, _, seq_lens = _build(HQ, H, Dk, Dv, lens, cfg, torch.float64)
+    o, idx = nsa_decode(*(pad[k] for k in ORDER), seq_lens, return_block_indices=True, backend="reference", **cfg)
+    poisoned = dict(pad)
+    for name in ("k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"):
+        t = pad[name].clone()
+        for n, L in enumerate(lens):
+            valid = num_compressed(L, cfg["kernel_size"], cfg["stride"]) if name.endswith("cmp") else L
+            t[n, valid:] = bad
+        poisoned[name] = t
+    o2, idx2 = nsa_decode(*(poisoned[k] for k in ORDER), seq_lens, return_block_indices=True, backend="reference",
+                          **cfg)
+    assert torch.isfinite(o2).all()
+    assert torch.equal(idx, idx2)
+    assert_close("o", o, o2, 1e-12)

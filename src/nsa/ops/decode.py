@@ -46,6 +46,12 @@ def _select_decode(score, t, num_selected, num_initial, num_local, block_size):
     return sel.scatter_(-1, order, chosen)
 
 
+def _valid_rows(x, n_valid):
+    """``x`` ``[N, cap, H, D]`` with rows ``>= n_valid[n]`` of sequence n replaced by zeros."""
+    pos = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+    return torch.where(pos < n_valid.view(-1, 1, 1, 1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def nsa_decode_reference(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens,
                          kernel_size, stride, block_size, num_selected, num_initial, num_local, window_size,
                          scale, return_block_indices=False):
@@ -57,6 +63,13 @@ def nsa_decode_reference(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_s
     dev = q.device
     t = seq_lens.long() - 1  # [N] position of the new query
     q1 = q.unsqueeze(1)  # [N, 1, HQ, Dk]
+    # Cache rows past a sequence's length are never attended, but a masked probability times a
+    # NaN or inf left there would still poison the products: zero them first.
+    n_cmp = torch.where(seq_lens >= kernel_size, torch.div(seq_lens - kernel_size, stride, rounding_mode="floor") + 1,
+                        torch.zeros_like(seq_lens))
+    k_cmp, v_cmp = _valid_rows(k_cmp, n_cmp), _valid_rows(v_cmp, n_cmp)
+    k_slc, v_slc = _valid_rows(k_slc, seq_lens), _valid_rows(v_slc, seq_lens)
+    k_win, v_win = _valid_rows(k_win, seq_lens), _valid_rows(v_win, seq_lens)
     if k_cmp.shape[1] == 0:
         # A single always-masked token keeps every reduction non-empty.
         k_cmp = k_cmp.new_zeros(N, 1, H, Dk)

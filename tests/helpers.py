@@ -22,3 +22,16 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float):
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def assert_compile_matches_eager(f, inputs, names, ratio=1e-6):
+    """``torch.compile(f, fullgraph=True)`` (aot_eager) gives the eager scalar loss ``f(*inputs)``
+    and its gradients with respect to ``inputs`` (named ``names``)."""
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    loss = compiled(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
+    loss_ref = f(*inputs)
+    grads_ref = torch.autograd.grad(loss_ref, inputs)
+    assert_close("compiled loss", loss_ref, loss, ratio)
+    for name, r, x in zip(names, grads_ref, grads):
+        assert_close(f"compiled {name}", r, x, ratio)

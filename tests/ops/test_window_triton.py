@@ -20,7 +20,7 @@ import torch
 
 import nsa.ops as ops
 from nsa.ops import window as win
-from tests.helpers import assert_close
+from tests.helpers import assert_close, assert_compile_matches_eager
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RATIO = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float64: 1e-5}
@@ -145,14 +145,7 @@ def test_torch_compile_traces_custom_ops():
         o = win.sliding_window_attention_triton(q, k, v, 9, 0.25, None)
         return (o * o).sum()
 
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    loss = compiled(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    loss_ref = f(q, k, v)
-    grads_ref = torch.autograd.grad(loss_ref, (q, k, v))
-    assert_close("compiled loss", loss_ref, loss, 1e-6)
-    for name, r, x in zip(("dq", "dk", "dv"), grads_ref, grads):
-        assert_close(f"compiled {name}", r, x, 1e-6)
+    assert_compile_matches_eager(f, (q, k, v), ("dq", "dk", "dv"))
 
 
 def test_opcheck_custom_ops():

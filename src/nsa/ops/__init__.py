@@ -7,6 +7,7 @@ from .api import (
     selected_attention,
     sliding_window_attention,
 )
+from .decode import nsa_decode
 
 __all__ = [
     "compressed_attention",
@@ -14,4 +15,5 @@ __all__ = [
     "selected_attention",
     "sliding_window_attention",
     "nsa",
+    "nsa_decode",
 ]

@@ -53,7 +53,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-import os
 import statistics
 import time
 import warnings
@@ -61,6 +60,7 @@ import warnings
 import torch
 
 from nsa.ops import api, reference
+from nsa.ops.utils import interpreting
 from nsa.ops.utils import num_compressed, overlap_matrix
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
@@ -379,10 +379,6 @@ def decode_inputs(case: Case, device, seed=0, seq_lens=None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Which backend runs where
 # ---------------------------------------------------------------------------------------------
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def op_not_runnable(op: str, backend: str, device: torch.device, T: int) -> str | None:
     """None when ``op`` may run at length T with ``backend`` on ``device``, else why not.
 
@@ -393,7 +389,7 @@ def op_not_runnable(op: str, backend: str, device: torch.device, T: int) -> str 
     if backend == "triton":
         if impl is None:
             return f"no triton kernel for {op}"
-        if device.type != "cuda" and not _interpret():
+        if device.type != "cuda" and not interpreting():
             return "triton backend needs CUDA tensors or TRITON_INTERPRET=1"
         return None
     uses_reference = backend == "reference" or impl is None or device.type != "cuda"
@@ -424,7 +420,7 @@ def _decode_module():
 
 def _decode_has_triton(device: torch.device) -> bool:
     """Whether nsa_decode accepts backend='triton' here: probed once on a tiny input."""
-    if device.type != "cuda" and not _interpret():
+    if device.type != "cuda" and not interpreting():
         return False
     key = str(device)
     if key not in _DECODE_TRITON:

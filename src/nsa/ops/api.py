@@ -15,6 +15,7 @@ import os
 import torch
 
 from . import checks, reference
+from .utils import interpreting
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -25,6 +26,7 @@ _TRITON_IMPLS = {
     "select_blocks": ("nsa.ops.selection", "select_blocks_triton"),
     "selected_attention": ("nsa.ops.selected", "selected_attention_triton"),
     "sliding_window_attention": ("nsa.ops.window", "sliding_window_attention_triton"),
+    "nsa_decode": ("nsa.ops.decode_triton", "nsa_decode_triton"),
     # internal: the gated sum of the three branches inside nsa()
     "gate_combine": ("nsa.ops.gate", "gate_combine_triton"),
 }
@@ -54,16 +56,18 @@ def _triton_impl(op):
     return _TRITON_FUNCS.get(op)
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def resolve_backend(backend, op, device: torch.device):
-    """Returns the callable implementing ``op`` for tensors on ``device``."""
+def backend_name(backend) -> str:
+    """``backend`` checked, with None replaced by ``$NSA_BACKEND`` (default 'auto')."""
     if backend is None:
         backend = os.environ.get("NSA_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected None or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend, op, device: torch.device):
+    """Returns the callable implementing ``op`` for tensors on ``device``."""
+    backend = backend_name(backend)
     if backend == "reference":
         return getattr(reference, op)
     impl = _triton_impl(op)
@@ -72,7 +76,7 @@ def resolve_backend(backend, op, device: torch.device):
     if impl is None:
         raise ValueError(f"backend: 'triton' requested but {op} has no Triton kernel here "
                          "(is triton installed?)")
-    if device.type != "cuda" and not _interpret():
+    if device.type != "cuda" and not interpreting():
         raise ValueError(f"backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors; got {device}")
     return impl
 
@@ -236,10 +240,7 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
     cu = checks.check_cu_seqlens(cu_seqlens, q)
     checks.check_compressed_kv(k_cmp, v_cmp, q, T, kernel_size, stride, cu_seqlens, cu)
     s = _scale(scale, q)
-    if backend is None:
-        backend = os.environ.get("NSA_BACKEND", "auto") or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected None or one of {BACKENDS}, got {backend!r}")
+    backend = backend_name(backend)
     if backend == "reference":
         return reference.nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
                              kernel_size=kernel_size, stride=stride, block_size=block_size,

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_utils import pow2
 from .utils import compressed_cu_seqlens, new_output, prepare_chunk_indices, uniform_cu_seqlens
 
 LOG2E = math.log2(math.e)
@@ -369,10 +370,6 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
-def _pow2(n: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(n))
-
-
 def _precision(dtype):
     # fp32 inputs get true fp32 products (tf32 would cost ~1e-3 relative error); 16-bit dtypes ignore it.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -500,7 +497,7 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seq
         return o.zero_(), lse.fill_(float("-inf"))
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
     pk = _Packed(B, T, Tc, kernel_size, stride, cu_seqlens, q.device)
-    bdk, bdv = _pow2(Dk), _pow2(Dv)
+    bdk, bdv = pow2(Dk), pow2(Dv)
     cfg = config or _fwd_config(bdk, bdv, q.element_size(), _interpreting(q))
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
@@ -530,7 +527,7 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
     o, lse, do = o.contiguous(), lse.contiguous(), do.contiguous()
     interpret = _interpreting(q)
-    bdk, bdv = _pow2(Dk), _pow2(Dv)
+    bdk, bdv = pow2(Dk), pow2(Dv)
 
     delta = torch.empty((B, T, HQ), dtype=torch.float32, device=q.device)
     n_rows = B * T * HQ

@@ -35,13 +35,13 @@ caches may hold anything.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .triton_utils import dot, dot_args, pow2
 from .utils import new_output
 
 # Keys per attention tile (float32: 32, so that the staged K/V tiles fit shared memory and
@@ -56,16 +56,6 @@ MAX_SPLITS = 32
 TOPK_CHUNK = 1024
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """``a @ b`` accumulated in float32. ``DOT_UPCAST`` (interpreter with bfloat16 only) computes
-    it on float32 copies: the interpreter multiplies bfloat16 bit patterns (triton#11584)."""
-    if DOT_UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -87,7 +77,7 @@ def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_s, s_stri
                       other=0.)  # [BK, BDK]
         b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & (o_dv < DV)[None, :],
                       other=0.)  # [BK, BDV]
-        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [GP, BK]
+        b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [GP, BK]
         if STORE_S:
             tl.store(p_s + o_r[:, None] * s_stride + i_k[None, :], b_s, mask=(o_r < G)[:, None] & m_k[None, :])
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
@@ -97,7 +87,7 @@ def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_s, s_stri
         b_p = tl.exp2(b_s - b_m_safe[:, None])
         b_alpha = tl.exp2(b_m - b_m_safe)
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, DOT_UPCAST)
+        b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, DOT_UPCAST)
         b_m = b_m_new
     return b_m, b_l, b_acc
 
@@ -311,10 +301,6 @@ class DecodePlan(NamedTuple):
     topk_chunk: int
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -328,7 +314,7 @@ def default_plan(N: int, H: int, Tc_cap: int, NB_cap: int, window_keys: int, blo
     cmp_split = tile * max(1, _cdiv(_cdiv(max(Tc_cap, 1), want), tile))
     win_split = tile * max(1, _cdiv(_cdiv(window_keys, want), tile))
     slc_split = max(1, _cdiv(num_selected, want))
-    score_blocks = min(64, max(16, _next_pow2(_cdiv(NB_cap * N * H, 4 * TARGET_PROGRAMS))))
+    score_blocks = min(64, max(16, pow2(_cdiv(NB_cap * N * H, 4 * TARGET_PROGRAMS), 1)))
     return DecodePlan(tile, cmp_split, win_split, slc_split, score_blocks, TOPK_CHUNK)
 
 
@@ -342,10 +328,10 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     Tc_cap, H, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     L_cap, Lw_cap = k_slc.shape[1], k_win.shape[1]
     G = HQ // H
-    GP = max(16, _next_pow2(G))
-    BDK, BDV = max(16, _next_pow2(Dk)), max(16, _next_pow2(Dv))
+    GP = pow2(G)
+    BDK, BDV = pow2(Dk), pow2(Dv)
     S = num_selected
-    SP = max(2, _next_pow2(S))
+    SP = max(2, pow2(S, 1))
     NB_cap = _cdiv(L_cap, block_size)
     window_keys = min(window_size, Lw_cap)
     if plan is None:
@@ -355,9 +341,8 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     NS_S = _cdiv(S, plan.slc_split)
     P = NS_C + NS_W + NS_S
     dev = q.device
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     fp32 = q.dtype == torch.float32
-    dot = dict(DOT_PRECISION="ieee" if fp32 else "tf32", DOT_UPCAST=interp and q.dtype == torch.bfloat16)
+    dot_kw = dot_args(q.dtype)
     # launch settings checked on sm_90 for no register spills and shared memory within the limit
     fwd_launch = dict(num_warps=8, num_stages=2) if fp32 else dict(num_warps=8 if BDK > 128 else 4, num_stages=3)
     qk_scale = float(scale) * _LOG2E
@@ -379,23 +364,23 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     decode_fwd_kernel[(N * H, NS_C + NS_W)](
         q, k_c, v_c, k_win, v_win, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_s, qk_scale,
         Tc_cap, Lw_cap, NS_C, plan.cmp_split, plan.win_split, 0,
-        **shape, **heads, BK=plan.tile, MODE=0, S=S, SP=SP, W=window_size, **sel, **dot, **fwd_launch)
+        **shape, **heads, BK=plan.tile, MODE=0, S=S, SP=SP, W=window_size, **sel, **dot_kw, **fwd_launch)
     # compressed tokens meeting score_blocks blocks: one tile when they fit in 128
     n_tok = plan.score_blocks * block_size // stride + kernel_size // stride - 1
-    BC = max(16, min(128, _next_pow2(n_tok)))
+    BC = max(16, min(128, pow2(n_tok, 1)))
     decode_score_kernel[(N * H, _cdiv(NB_cap, plan.score_blocks))](
         ws_s, seq_lens, ws_m, ws_l, score, Tc_cap, NB_cap, NS_C, P, H=H, G=G, GP=GP,
-        PC=max(2, _next_pow2(NS_C)), BC=BC, BJ=plan.score_blocks, **sel)
+        PC=max(2, pow2(NS_C, 1)), BC=BC, BJ=plan.score_blocks, **sel)
     decode_topk_kernel[(N * H,)](
         score, seq_lens, block_indices, NB_cap, H=H, S=S, SP=SP,
-        CT=min(plan.topk_chunk, _next_pow2(NB_cap)), BS=block_size, NUM_INIT=num_initial, NUM_LOCAL=num_local)
+        CT=min(plan.topk_chunk, pow2(NB_cap, 1)), BS=block_size, NUM_INIT=num_initial, NUM_LOCAL=num_local)
     decode_fwd_kernel[(N * H, NS_S)](
         q, k_slc, v_slc, k_slc, v_slc, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_s, qk_scale,
         L_cap, L_cap, NS_S, plan.slc_split, plan.slc_split, NS_C + NS_W,
-        **shape, **heads, BK=max(16, min(plan.tile, _next_pow2(block_size))), MODE=1, S=S, SP=SP,
-        W=window_size, **sel, **dot, **fwd_launch)
+        **shape, **heads, BK=max(16, min(plan.tile, pow2(block_size, 1))), MODE=1, S=S, SP=SP,
+        W=window_size, **sel, **dot_kw, **fwd_launch)
     decode_combine_kernel[(N * H, G)](
-        ws_m, ws_l, ws_acc, g_cmp, g_slc, g_win, o, NS_C, NS_W, G=G, GP=GP, P=P, PP=_next_pow2(P), DV=Dv, BDV=BDV,
+        ws_m, ws_l, ws_acc, g_cmp, g_slc, g_win, o, NS_C, NS_W, G=G, GP=GP, P=P, PP=pow2(P, 1), DV=Dv, BDV=BDV,
         num_warps=8)
     return o, block_indices
 

@@ -24,13 +24,13 @@ in segment order. No float atomics: the backward is bitwise deterministic.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .triton_utils import dot, dot_args, pow2
 from .utils import new_output, uniform_cu_seqlens
 
 # Rows (positions x heads) per query tile in the forward/dQ kernels, and per query chunk in
@@ -42,17 +42,6 @@ BWD_ROWS = 32
 # first block, so its list is as long as the sequence; longer lists are cut into segments whose
 # partial sums a second kernel adds up in a fixed order (deterministic, no atomics).
 KV_SEGMENT = 4096
-
-
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """``a @ b`` accumulated in float32. ``DOT_UPCAST`` (interpreter with bfloat16 only) computes
-    it on float32 copies: the interpreter multiplies bfloat16 bit patterns (triton#11584).
-    Products of bfloat16 values are exact in float32, so the result is what tensor cores give."""
-    if DOT_UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -112,7 +101,7 @@ def selected_fwd_kernel(
                                       mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)  # [BK, BDK]
                         b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :],
                                       mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)  # [BK, BDV]
-                        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
+                        b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
                         m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
                         b_s = tl.where(m_s, b_s, float("-inf"))
                         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
@@ -121,7 +110,7 @@ def selected_fwd_kernel(
                         b_p = tl.exp2(b_s - b_m_safe[:, None])
                         b_alpha = tl.exp2(b_m - b_m_safe)
                         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-                        b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION,
+                        b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION,
                                                                 DOT_UPCAST)
                         b_m = b_m_new
 
@@ -192,12 +181,12 @@ def selected_bwd_dq_kernel(
                                       mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)  # [BK, BDK]
                         b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :],
                                       mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)  # [BK, BDV]
-                        b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
+                        b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
                         m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
                         b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
-                        b_dp = _dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
+                        b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
                         b_ds = b_p * (b_dp - b_delta[:, None])
-                        b_dq += _dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
+                        b_dq += dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
     tl.store(dq + o_row[:, None] * DK + o_dk[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_qd)
 
 
@@ -264,13 +253,13 @@ def selected_bwd_dkv_kernel(
                            other=0.)
             b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.) * 1.4426950408889634
             b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
-            b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
+            b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
             m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
             b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
-            b_dv += _dot(tl.trans(b_p.to(b_do.dtype)), b_do, DOT_PRECISION, DOT_UPCAST)
-            b_dp = _dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
+            b_dv += dot(tl.trans(b_p.to(b_do.dtype)), b_do, DOT_PRECISION, DOT_UPCAST)
+            b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
             b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dk += _dot(tl.trans(b_ds.to(b_q.dtype)), b_q, DOT_PRECISION, DOT_UPCAST)
+            b_dk += dot(tl.trans(b_ds.to(b_q.dtype)), b_q, DOT_PRECISION, DOT_UPCAST)
         b_dk = b_dk * scale
         # compared as a [BK] vector: the interpreter turns (vector & scalar comparison) into integers
         b_n_seg = tl.zeros([BK], dtype=tl.int64) + n_seg
@@ -321,14 +310,10 @@ def selected_bwd_dkv_reduce_kernel(
         tl.store(dv + o_kv[:, None] * DV + o_dv[None, :], b_dv.to(dv.dtype.element_ty), mask=m_vd)
 
 
-def _pow2(n: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(n))
-
-
 def _tile(G: int, rows: int):
     """(positions per tile, padded rows per tile): as many positions as fit ``rows`` rows."""
     bt = max(1, rows // G)
-    return bt, _pow2(bt * G)
+    return bt, pow2(bt * G)
 
 
 # Shared memory of one operand tile pair (K and V, or Q and dO) at most: an H200 block has 227 KB,
@@ -363,13 +348,13 @@ def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Ti
     ptxas for G in 1..32, head dims 64..256, bf16/fp16), and whose operand tiles stay within ~64 KB
     of shared memory. float32 runs its products on FMA units (exact, not TF32), which needs more
     registers: smaller tiles, and it is not the fast path."""
-    width = _pow2(DK) + _pow2(DV)
+    width = pow2(DK) + pow2(DV)
     row_bytes = width * dtype.itemsize
     fp32 = dtype.itemsize >= 4
     bt, br = _tile(G, FWD_ROWS)
-    bk = _fit(min(_pow2(block_size), 32 if width > 256 or fp32 else 64), row_bytes)
+    bk = _fit(min(pow2(block_size), 32 if width > 256 or fp32 else 64), row_bytes)
     bq, brq = _tile(G, _fit(16 if fp32 else BWD_ROWS, row_bytes))
-    bk_kv = _fit(min(_pow2(block_size), (16 if width > 256 else 32) if fp32 else (32 if width > 384 else 64)),
+    bk_kv = _fit(min(pow2(block_size), (16 if width > 256 else 32) if fp32 else (32 if width > 384 else 64)),
                  row_bytes)
     return _Tiles(
         BT=bt, BR=br, BK=bk, NKS=triton.cdiv(block_size, bk), warps=8 if br >= 32 or fp32 else 4,
@@ -377,12 +362,6 @@ def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Ti
         warps_kv=8 if width >= 256 and not fp32 else 4,
         stages_kv=2 if 2 * brq * row_bytes <= _TILE_BYTES and not fp32 else 1,
     )
-
-
-def _dot_args(dtype: torch.dtype) -> dict:
-    # float32 inputs must match the float32 reference: no TF32 rounding
-    return dict(DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                DOT_UPCAST=dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 def _chunk_table(cu_seqlens, num_tokens: int, chunk: int) -> torch.Tensor:
@@ -478,8 +457,8 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
     selected_fwd_kernel[(chunk_indices.shape[0], H)](
         q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
         HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=block_size, BK=cfg.BK, NKS=cfg.NKS,
-        DK=DK, DV=DV, BDK=_pow2(DK), BDV=_pow2(DV), BT=cfg.BT, BR=cfg.BR, num_warps=cfg.warps, num_stages=1,
-        **_dot_args(q.dtype),
+        DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV), BT=cfg.BT, BR=cfg.BR, num_warps=cfg.warps, num_stages=1,
+        **dot_args(q.dtype),
     )
     return o, lse
 
@@ -490,8 +469,8 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
     block_table ``[NBT, 2]`` (:func:`_chunk_table` with the block size). Returns dq, dk, dv."""
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
-    common = dict(HQ=HQ, H=H, G=HQ // H, BS=block_size, DK=DK, DV=DV, BDK=_pow2(DK), BDV=_pow2(DV),
-                  **_dot_args(q.dtype))
+    common = dict(HQ=HQ, H=H, G=HQ // H, BS=block_size, DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV),
+                  **dot_args(q.dtype))
     dq = new_output(q.shape, q.dtype, q.device)
     delta = new_output((N, HQ), torch.float32, q.device)
     selected_bwd_dq_kernel[(chunk_indices.shape[0], H)](

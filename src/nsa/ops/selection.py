@@ -38,12 +38,12 @@ sequences of T tokens (computed in-kernel, no index tensor), packed ones come wi
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .triton_utils import interpreting, pow2
 from .utils import compressed_cu_seqlens, new_output, prepare_chunk_indices
 
 # Query positions per tile on the GPU. The tile's [positions, blocks] keys then number at least
@@ -293,7 +293,7 @@ def _dot_mode(q: torch.Tensor) -> str:
     'upcast' (see the kernel); otherwise tensor cores ('tc')."""
     if q.dtype == torch.float32:
         return "ieee"
-    if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if q.dtype == torch.bfloat16 and interpreting():
         return "upcast"
     return "tc"
 
@@ -325,10 +325,6 @@ def _n_register_bits(head_mask: int) -> int:
     return sum(1 for b in range(32) if (head_mask >> b) & 1 and (b == 3 or b >= 7))
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(x))) if x > 1 else 1
-
-
 def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local, scale,
                   cu_seqlens, positions=None, num_warps=None, num_stages=None, maxnreg=None):
     """Launches :func:`selection_fwd_kernel`; returns int32 ``[B, T, H, num_selected]``.
@@ -348,7 +344,7 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     if B * T == 0:
         return out
 
-    GP = _next_pow2(G)
+    GP = pow2(G, 1)
     if positions is not None:
         assert positions > 0 and positions & (positions - 1) == 0, "positions must be a power of two"
         BT = positions
@@ -360,11 +356,11 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     LOG_GP, LOG_BM = int(math.log2(GP)), int(math.log2(BT * GP))
     head_mask = _head_mask(LOG_BM, LOG_GP)
     CPB = block_size // stride
-    CPBP = _next_pow2(CPB)
+    CPBP = pow2(CPB, 1)
     spill = ((CPB - 1) * stride + kernel_size - 1) // block_size
-    BJ = max(MIN_CHUNK_BLOCKS, _next_pow2(num_selected), _next_pow2(spill + 1))
+    BJ = max(MIN_CHUNK_BLOCKS, pow2(num_selected, 1), pow2(spill + 1, 1))
     LOG_R = int(math.log2(BJ))
-    BD = max(16, _next_pow2(DK))
+    BD = pow2(DK)
     if maxnreg is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and BD <= 128 \
             and BJ <= 16 and BT * GP <= 256:
         maxnreg = MAXNREG

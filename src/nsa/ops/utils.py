@@ -13,6 +13,11 @@ import os
 import torch
 
 
+def interpreting() -> bool:
+    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def num_compressed(seq_len: int, kernel_size: int, stride: int) -> int:
     """Number of compressed tokens of a length-``seq_len`` sequence.
 
@@ -54,10 +59,15 @@ def uniform_cu_seqlens(batch: int, seq_len: int, device: torch.device | str) -> 
 
 def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """For tiling queries without crossing a sequence boundary: int32 ``[num_chunks, 2]``
-    rows of (sequence id, chunk id within that sequence). One device->host copy."""
-    lens = seqlens_from_cu(cu_seqlens)
-    rows = [(i, c) for i, n in enumerate(lens) for c in range(math.ceil(n / chunk_size))]
-    return torch.tensor(rows, dtype=torch.int32, device=cu_seqlens.device).view(-1, 2)
+    rows of (sequence id, chunk id within that sequence), sequences in order. One device->host
+    copy (the number of rows)."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    n = torch.div(lens + chunk_size - 1, chunk_size, rounding_mode="floor")
+    total = int(n.sum().item())
+    seq = torch.repeat_interleave(torch.arange(n.numel(), device=n.device), n, output_size=total)
+    first = torch.cumsum(n, 0) - n
+    chunk = torch.arange(total, device=n.device) - first[seq]
+    return torch.stack([seq, chunk], 1).to(torch.int32)
 
 
 def overlap_matrix(num_cmp: int, num_blk: int, kernel_size: int, stride: int, block_size: int,

@@ -21,15 +21,12 @@ per row, and the dQ kernel computes ``delta = rowsum(dO * O)`` for the dK/dV ker
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .triton_utils import interpreting, pow2
 from .utils import new_output
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -300,11 +297,7 @@ def _dot_args(dtype: torch.dtype) -> dict:
     TF32. The interpreter multiplies bfloat16 operands as raw 16-bit integers, so there operands
     go through float32 (products of bf16/fp16 values are exact in float32, as on tensor cores)."""
     return dict(DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                DOT_DTYPE=tl.float32 if _INTERPRET else _TL_DTYPES[dtype])
-
-
-def _pow2(n: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(n))
+                DOT_DTYPE=tl.float32 if interpreting() else _TL_DTYPES[dtype])
 
 
 def _q_config(G: int, BK: int, BV: int, dtype: torch.dtype) -> dict:
@@ -313,7 +306,7 @@ def _q_config(G: int, BK: int, BV: int, dtype: torch.dtype) -> dict:
     heads take smaller tiles to stay within shared memory and registers."""
     # sizes checked against sm_90 register and shared-memory use (ptxas, no spills for 16-bit
     # inputs with heads <= 128; IEEE fp32 products take registers, hence its small tiles)
-    if _INTERPRET:  # programs run one by one on the CPU: few, small steps
+    if interpreting():  # programs run one by one on the CPU: few, small steps
         rows, BN, warps, stages = 32, 16, 4, 1
     elif dtype == torch.float32:
         rows, BN, warps, stages = 16, 32, 4, 2
@@ -328,7 +321,7 @@ def _q_config(G: int, BK: int, BV: int, dtype: torch.dtype) -> dict:
 def _kv_config(G: int, BK: int, BV: int, dtype: torch.dtype) -> dict:
     """Launch config of the dK/dV kernel: BN keys per program (their dK and dV accumulate in
     registers), BM rows = BM // G positions x G heads per step."""
-    if _INTERPRET:
+    if interpreting():
         BN, rows, warps, stages = 16, 32, 4, 1
     elif dtype == torch.float32:
         BN, rows, warps, stages = 16, 16, 4, 2
@@ -371,7 +364,7 @@ def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens):
     lse ``[B, T, HQ]`` float32 (base 2)."""
     B, T, HQ, K = q.shape
     H, V = k.shape[2], v.shape[3]
-    G, BK, BV = HQ // H, _pow2(K), _pow2(V)
+    G, BK, BV = HQ // H, pow2(K), pow2(V)
     cfg = _q_config(G, BK, BV, q.dtype)
     n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BT"], q.device)
     cu = cu_seqlens if cu_seqlens is not None else table
@@ -388,7 +381,7 @@ def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens)
     """Gradients of :func:`_launch_fwd` (all inputs contiguous): dq, dk, dv shaped like q, k, v."""
     B, T, HQ, K = q.shape
     H, V = k.shape[2], v.shape[3]
-    G, BK, BV = HQ // H, _pow2(K), _pow2(V)
+    G, BK, BV = HQ // H, pow2(K), pow2(V)
     W = _window(window_size, q)
     common = dict(HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None,
                   **_dot_args(q.dtype))

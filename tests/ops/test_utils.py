@@ -1,0 +1,24 @@
+"""Sequence bookkeeping helpers against their definitions."""
+
+import math
+
+import pytest
+import torch
+
+from nsa.ops.utils import compressed_cu_seqlens, num_compressed, prepare_chunk_indices
+
+
+@pytest.mark.parametrize("lens", [[64], [1, 36, 100], [5, 1, 1, 293]], ids=["one", "three", "ones"])
+@pytest.mark.parametrize("chunk", [1, 4, 16, 64])
+def test_prepare_chunk_indices(lens, chunk):
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    want = [(n, c) for n, L in enumerate(lens) for c in range(math.ceil(L / chunk))]
+    got = prepare_chunk_indices(cu, chunk)
+    assert got.dtype == torch.int32 and got.tolist() == [list(r) for r in want]
+
+
+def test_compressed_cu_seqlens():
+    lens = [1, 31, 32, 33, 48, 200]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    want = [0] + list(torch.tensor([num_compressed(L, 32, 16) for L in lens]).cumsum(0).tolist())
+    assert compressed_cu_seqlens(cu, 32, 16).tolist() == want

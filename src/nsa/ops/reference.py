@@ -23,6 +23,7 @@ __all__ = [
     "selected_attention",
     "sliding_window_attention",
     "nsa",
+    "nsa_decode",
 ]
 
 
@@ -209,3 +210,96 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
     o_win = sliding_window_attention(q, k_win, v_win, window_size, scale, cu_seqlens)
     o = gate_combine(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, q.dtype)
     return (o, idx) if return_block_indices else o
+
+
+def _select_decode(score, t, num_selected, num_initial, num_local, block_size):
+    """Selected-block mask ``[N, H, NB]`` from scores ``[N, H, NB]`` for queries at positions t ``[N]``.
+
+    The rule of :func:`nsa.ops.reference._topk_blocks` with a per-sequence query position:
+    forced blocks first, then the highest scores, lower block id first among equals.
+    """
+    N, H, NB = score.shape
+    t_blk = (t // block_size).view(N, 1, 1)
+    j = torch.arange(NB, device=score.device).view(1, 1, NB)
+    causal = j <= t_blk
+    forced = (j < num_initial) | ((j > t_blk - num_local) & causal)
+    pri = torch.where(forced, float("inf"), score)
+    pri = torch.where(causal, pri, float("-inf"))
+    k = min(num_selected, NB)
+    order = torch.sort(pri, dim=-1, descending=True, stable=True).indices[..., :k]  # [N, H, k]
+    chosen = torch.gather(pri, -1, order) > float("-inf")
+    sel = torch.zeros(N, H, NB, dtype=torch.bool, device=score.device)
+    return sel.scatter_(-1, order, chosen)
+
+
+def _valid_rows(x, n_valid):
+    """``x`` ``[N, cap, H, D]`` with rows ``>= n_valid[n]`` of sequence n replaced by zeros."""
+    pos = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+    return torch.where(pos < n_valid.view(-1, 1, 1, 1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens,
+                         kernel_size, stride, block_size, num_selected, num_initial, num_local, window_size,
+                         scale, return_block_indices=False):
+    """See :func:`nsa_decode`; inputs assumed valid, ``scale`` a float."""
+    N, HQ, Dk = q.shape
+    H = k_cmp.shape[2]
+    G = HQ // H
+    ct = _compute_dtype(q)
+    dev = q.device
+    t = seq_lens.long() - 1  # [N] position of the new query
+    q1 = q.unsqueeze(1)  # [N, 1, HQ, Dk]
+    # Cache rows past a sequence's length are never attended, but a masked probability times a
+    # NaN or inf left there would still poison the products: zero them first.
+    n_cmp = torch.where(seq_lens >= kernel_size, torch.div(seq_lens - kernel_size, stride, rounding_mode="floor") + 1,
+                        torch.zeros_like(seq_lens))
+    k_cmp, v_cmp = _valid_rows(k_cmp, n_cmp), _valid_rows(v_cmp, n_cmp)
+    k_slc, v_slc = _valid_rows(k_slc, seq_lens), _valid_rows(v_slc, seq_lens)
+    k_win, v_win = _valid_rows(k_win, seq_lens), _valid_rows(v_win, seq_lens)
+    if k_cmp.shape[1] == 0:
+        # A single always-masked token keeps every reduction non-empty.
+        k_cmp = k_cmp.new_zeros(N, 1, H, Dk)
+        v_cmp = v_cmp.new_zeros(N, 1, H, v_cmp.shape[3])
+    Tc = k_cmp.shape[1]
+
+    # Compressed branch: token i is visible once i*stride + kernel_size - 1 <= t.
+    i = torch.arange(Tc, device=dev)
+    vis = (i.view(1, Tc) * stride + kernel_size - 1) <= t.view(N, 1)  # [N, Tc]
+    o_cmp, lse = _masked_attention(q1, k_cmp, v_cmp, vis.view(N, 1, 1, 1, Tc), scale)
+
+    # Block importance: each head's compressed probabilities, summed over the group, mapped to blocks.
+    with torch.no_grad():
+        qg = q.detach().to(ct).view(N, H, G, Dk)
+        s = torch.einsum("nhgd,nchd->nhgc", qg, k_cmp.detach().to(ct)) * scale
+        lse_g = lse.detach().to(ct).view(N, H, G, 1)
+        ok = vis.view(N, 1, 1, Tc) & torch.isfinite(lse_g)
+        p = torch.where(ok, torch.exp(s - torch.where(torch.isfinite(lse_g), lse_g, 0)), 0)
+        L = k_slc.shape[1]
+        NB = num_blocks(L, block_size)
+        w = overlap_matrix(Tc, NB, kernel_size, stride, block_size, dev, ct)  # [Tc, NB]
+        score = torch.einsum("nhgc,cj->nhj", p, w)
+        sel = _select_decode(score, t, num_selected, num_initial, num_local, block_size)  # [N, H, NB]
+
+    # Selected branch: keys s <= t inside the chosen blocks.
+    s_pos = torch.arange(L, device=dev)
+    causal = s_pos.view(1, L) <= t.view(N, 1)  # [N, L]
+    m_slc = sel.repeat_interleave(block_size, -1)[..., :L] & causal.view(N, 1, L)  # [N, H, L]
+    o_slc = _masked_attention(q1, k_slc, v_slc, m_slc.view(N, H, 1, 1, L), scale)[0]
+
+    # Window branch: keys t - window_size < s <= t.
+    Lw = k_win.shape[1]
+    w_pos = torch.arange(Lw, device=dev).view(1, Lw)
+    m_win = (w_pos <= t.view(N, 1)) & (w_pos > t.view(N, 1) - window_size)  # [N, Lw]
+    o_win = _masked_attention(q1, k_win, v_win, m_win.view(N, 1, 1, 1, Lw), scale)[0]
+
+    o = (g_cmp.unsqueeze(-1) * o_cmp[:, 0] + g_slc.unsqueeze(-1) * o_slc[:, 0]
+         + g_win.unsqueeze(-1) * o_win[:, 0]).to(q.dtype)
+    if not return_block_indices:
+        return o
+    # Rows like select_blocks: ascending block ids, then -1.
+    ids = torch.where(sel, torch.arange(NB, device=dev), NB)
+    ids = torch.sort(ids, dim=-1).values[..., :min(num_selected, NB)]
+    ids = torch.where(ids == NB, -1, ids)
+    if ids.shape[-1] < num_selected:
+        ids = torch.cat([ids, ids.new_full((N, H, num_selected - ids.shape[-1]), -1)], -1)
+    return o, ids.to(torch.int32)

@@ -36,10 +36,10 @@ KS, ST = 32, 16
 
 # Candidates (D=128) that compile for sm_90a without register spills (ptxas -v), default first.
 FWD_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s)
-             for r, bc, w, s in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3),
-                                 (64, 64, 4, 3), (256, 64, 16, 2)]]
+             for r, bc, w, s in [(256, 64, 16, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2),
+                                 (128, 32, 8, 3), (64, 64, 4, 3)]]
 DQ_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s)
-            for r, bc, w, s in [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
+            for r, bc, w, s in [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
                                 (64, 32, 8, 2)]]
 DKV_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s, programs=p, min_segment=256)
              for r, bc, w, s, p in [(32, 128, 8, 3, 4), (32, 128, 8, 3, 2), (32, 128, 8, 3, 8), (64, 128, 8, 2, 4),

@@ -1,0 +1,132 @@
+"""Diagnostics on one GPU that the benchmark does not give: where the time of the selected
+branch goes, and how exact tensor-core products are (for the selection tie tolerance).
+
+Usage (repository root, on the GPU machine):
+    PYTHONPATH=src python3 benchmarks/probe.py [--T 65536] [--parts dot selected]
+
+``dot``: a Triton ``tl.dot`` of bf16 tiles with float32 accumulation against float64 and against
+float32 FMA products (torch, TF32 off), errors relative to ``sum |a_i b_i|`` (the scale of any
+summation-order error). ``selected``: the selected-attention forward and the pieces of its
+backward (reverse index, dQ kernel, dK/dV kernel, reduce) timed one by one on the benchmark's
+inputs (B=1, HQ=64, H=4, D=128, bf16, blocks of 64, 16 selected, selections from the kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.ops import compressed_attention, select_blocks
+from nsa.ops import selected as SL
+from nsa.ops.utils import num_compressed, uniform_cu_seqlens
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run under TRITON_INTERPRET=1
+
+
+@triton.jit
+def _dot_kernel(a, b, c, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    o_m, o_n, o_k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    x = tl.load(a + o_m[:, None] * K + o_k[None, :])
+    y = tl.load(b + o_k[:, None] * N + o_n[None, :])
+    tl.store(c + o_m[:, None] * N + o_n[None, :], tl.dot(x, y))
+
+
+def probe_dot():
+    M = N = 64
+    for K in (64, 128, 256):
+        worst, worst32 = 0.0, 0.0
+        for seed in range(20):
+            g = torch.Generator(device=DEV).manual_seed(seed)
+            a = torch.randn(M, K, device=DEV, generator=g).bfloat16()
+            b = torch.randn(K, N, device=DEV, generator=g).bfloat16()
+            c = torch.empty(M, N, device=DEV, dtype=torch.float32)
+            _dot_kernel[(1,)](a, b, c, M=M, N=N, K=K)
+            exact = a.double() @ b.double()
+            absum = a.double().abs() @ b.double().abs()
+            torch.backends.cuda.matmul.allow_tf32 = False
+            c32 = (a.float() @ b.float()).double()
+            worst = max(worst, ((c.double() - exact).abs() / absum).max().item())
+            worst32 = max(worst32, ((c32 - exact).abs() / absum).max().item())
+        print(f"dot K={K}: max |err| / sum|a b|: tl.dot bf16->fp32 {worst:.2e}   torch fp32 FMA {worst32:.2e}   "
+              f"(fp32 eps {2 ** -24:.2e})", flush=True)
+
+
+def _ms(fn, reps=20):
+    fn()
+    if DEV == "cpu":
+        return float("nan")
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=5, rep=reps * 5, return_mode="median")
+
+
+def probe_selected(T):
+    HQ, H, D, KS, ST, BS, S = 64, 4, 128, 32, 16, 64, 16
+    g = torch.Generator(device=DEV).manual_seed(0)
+    Tc = num_compressed(T, KS, ST)
+    q = torch.randn(1, T, HQ, D, device=DEV, generator=g).bfloat16()
+    kc = torch.randn(1, Tc, H, D, device=DEV, generator=g).bfloat16()
+    vc = torch.randn(1, Tc, H, D, device=DEV, generator=g).bfloat16()
+    k = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
+    v = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
+    do = torch.randn(1, T, HQ, D, device=DEV, generator=g).bfloat16()
+    _, lse_c = compressed_attention(q, kc, vc, KS, ST, backend="triton")
+    idx = select_blocks(q, kc, lse_c, KS, ST, BS, S, 1, 2, backend="triton")
+    # how much neighbouring positions share: distinct blocks per tile of 4 / 16 / 64 positions
+    flat = idx[0].permute(1, 0, 2)  # [H, T, S]
+    for tile in (4, 16, 64):
+        x = flat[:, : T // tile * tile].reshape(H, T // tile, tile * S).sort(-1).values
+        distinct = ((x[..., 1:] != x[..., :-1]) & (x[..., 1:] >= 0)).sum(-1) + (x[..., 0] >= 0)
+        print(f"selections: tile of {tile:2d} positions lists {distinct.float().mean().item():6.1f} distinct "
+              f"blocks (of {tile * S} entries)", flush=True)
+    N = T
+    cu = uniform_cu_seqlens(1, T, q.device)
+    scale = D ** -0.5
+    cfg = SL._tiles(HQ // H, BS, D, D, q.dtype)
+    chunks = SL._chunk_table(cu, N, cfg.BT)
+    blocks = SL._chunk_table(cu, N, BS)
+    qp, kp, vp = q.view(N, HQ, D), k.view(N, H, D), v.view(N, H, D)
+    ip = idx.view(N, H, S).contiguous()
+    o, lse = SL._launch_fwd(qp, kp, vp, ip, BS, scale, cu, chunks, cfg)
+    t_fwd = _ms(lambda: SL._launch_fwd(qp, kp, vp, ip, BS, scale, cu, chunks, cfg))
+    t_bwd = _ms(lambda: SL._launch_bwd(qp, kp, vp, o, lse, do.view(N, HQ, D), ip, BS, scale, cu, chunks,
+                                       blocks, cfg))
+    t_rev = _ms(lambda: SL._reverse_index(ip, cu, blocks, BS))
+    offsets, qlist = SL._reverse_index(ip, cu, blocks, BS)
+    t_seg = _ms(lambda: SL._segments(offsets, N * H * S, SL.KV_SEGMENT))
+    dq = torch.empty_like(qp)
+    delta = torch.empty(N, HQ, device=DEV)
+    common = dict(HQ=HQ, H=H, G=HQ // H, BS=BS, DK=D, DV=D, BDK=D, BDV=D, **SL.dot_args(q.dtype))
+
+    def dq_kernel():
+        SL.selected_bwd_dq_kernel[(chunks.shape[0], H)](
+            qp, kp, vp, o, lse, do.view(N, HQ, D), dq, delta, ip, cu, chunks, scale,
+            S=S, SP=S, BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR, num_warps=cfg.warps, num_stages=1, **common)
+
+    t_dq = _ms(dq_kernel)
+    print(f"selected T={T}: fwd {t_fwd:.2f} ms; bwd {t_bwd:.2f} ms = reverse index {t_rev:.2f} + segments "
+          f"{t_seg:.2f} + dQ kernel {t_dq:.2f} + dK/dV and reduce (rest {t_bwd - t_rev - t_seg - t_dq:.2f})",
+          flush=True)
+    counts = (offsets[1:] - offsets[:-1]).float()
+    print(f"reverse index: {int(offsets[-1])} entries, bucket sizes mean {counts.mean().item():.0f} "
+          f"max {counts.max().item():.0f}", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--T", type=int, default=65536)
+    p.add_argument("--parts", nargs="*", default=["dot", "selected"])
+    args = p.parse_args()
+    print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu'}  "
+          f"torch {torch.__version__}  triton {triton.__version__}")
+    if "dot" in args.parts:
+        probe_dot()
+    if "selected" in args.parts:
+        probe_selected(args.T)
+
+
+if __name__ == "__main__":
+    main()

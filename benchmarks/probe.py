@@ -115,10 +115,58 @@ def probe_selected(T):
           f"max {counts.max().item():.0f}", flush=True)
 
 
+def random_selection(T, H, S, BS, gen):
+    """int32 ``[1, T, H, S]``: blocks 0, t // BS and t // BS - 1 forced, the rest drawn uniformly
+    among the other causal blocks (distinct), ascending then -1 (the benchmark's kind of input)."""
+    NB = -(-T // BS)
+    out = torch.empty(1, T, H, S, dtype=torch.int32, device=DEV)
+    j = torch.arange(NB, device=DEV)
+    for a in range(0, T, 8192):
+        b = min(T, a + 8192)
+        tb = (torch.arange(a, b, device=DEV) // BS).view(-1, 1, 1)
+        score = torch.rand(b - a, H, NB, device=DEV, generator=gen)
+        score = torch.where((j == 0) | (j == tb) | (j == tb - 1), 2.0, score)
+        score = torch.where(j <= tb, score, -1.0)
+        top = score.topk(min(S, NB), -1)
+        idx = torch.where(top.values >= 0, top.indices, NB)
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], S - idx.shape[-1]), NB)], -1).sort(-1).values
+        out[0, a:b] = torch.where(idx == NB, -1, idx).to(torch.int32)
+    return out
+
+
+def probe_fwd_modes(Ts):
+    """Gather vs scatter forward of the selected branch (random causal selections), G = 16, 4, 1."""
+    from nsa.ops.selected import _selected_fwd_op
+    D, BS, S = 128, 64, 16
+    for HQ, H in ((64, 4), (16, 4), (4, 4)):
+        for T in Ts:
+            g = torch.Generator(device=DEV).manual_seed(T)
+            q = torch.randn(1, T, HQ, D, device=DEV, generator=g).bfloat16()
+            k = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
+            v = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
+            idx = random_selection(T, H, S, BS, g)
+            res = {}
+            for mode in ("gather", "scatter"):
+                SL.FWD_MODE = mode
+                res[mode] = (_ms(lambda: _selected_fwd_op(q, k, v, idx, BS, D ** -0.5, None)),
+                             _selected_fwd_op(q, k, v, idx, BS, D ** -0.5, None))
+            SL.FWD_MODE = "auto"
+            (tg, (og, lg)), (ts, (os_, ls)) = res["gather"], res["scatter"]
+            err = ((os_.float() - og.float()).norm() / og.float().norm()).item()
+            lerr = (ls - lg).abs().max().item()
+            flop = 4 * T * HQ * D * min(S * BS, T)  # upper bound on work (keys visible <= S * BS)
+            print(f"fwd G={HQ // H:2d} HQ={HQ} T={T:6d}: gather {tg:7.2f} ms  scatter {ts:7.2f} ms  "
+                  f"(x{tg / ts:4.2f}; {flop / ts * 1e-9:5.0f} TFLOP/s bound)  |o diff| {err:.1e}  |lse diff| {lerr:.1e}",
+                  flush=True)
+            del q, k, v, idx, res
+            torch.cuda.empty_cache()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)
-    p.add_argument("--parts", nargs="*", default=["dot", "selected"])
+    p.add_argument("--parts", nargs="*", default=["dot", "selected"], help="dot selected fwdmodes")
+    p.add_argument("--Ts", type=int, nargs="*", default=[8192, 32768, 65536], help="lengths for fwdmodes")
     args = p.parse_args()
     print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu'}  "
           f"torch {torch.__version__}  triton {triton.__version__}")
@@ -126,6 +174,8 @@ def main():
         probe_dot()
     if "selected" in args.parts:
         probe_selected(args.T)
+    if "fwdmodes" in args.parts:
+        probe_fwd_modes(args.Ts)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ RATIO_FP32 = 1e-5
 RATIO_BF16 = 1e-2
 
 
+@pytest.fixture(params=["gather", "scatter"])
+def fwd_mode(request, monkeypatch):
+    """Both forward algorithms of the kernel file (query-centric gather, KV-block-centric scatter
+    with its merge); the backward is the same for both."""
+    monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", request.param)
+    return request.param
+
+
 def random_block_indices(lens, H, S, block_size, causal, gen, empty_rows=0.1):
     """int32 ``[1, sum(lens), H, S]``: per row, distinct block ids of the query's own sequence in
     random order, then -1 padding; about ``empty_rows`` of the rows hold only -1. Causal rows
@@ -90,7 +98,7 @@ SHAPES = {
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-def test_fp32_matches_reference(shape):
+def test_fp32_matches_reference(shape, fwd_mode):
     B, lens, HQ, H, Dk, Dv, S, bs, causal = shape
     q, k, v, idx, cu, do = make_inputs(B, lens, HQ, H, Dk, Dv, S, bs, causal, torch.float32)
     o_ref, g_ref = run("reference", q, k, v, idx, bs, cu, do)
@@ -105,7 +113,7 @@ BF16_SHAPES = {k: SHAPES[k] for k in ("T65-G3-dk32dv16-noncausal", "T67-G16-H2-d
 
 
 @pytest.mark.parametrize("shape", list(BF16_SHAPES.values()), ids=list(BF16_SHAPES))
-def test_bf16_matches_float32_reference(shape):
+def test_bf16_matches_float32_reference(shape, fwd_mode):
     B, lens, HQ, H, Dk, Dv, S, bs, causal = shape
     q, k, v, idx, cu, do = make_inputs(B, lens, HQ, H, Dk, Dv, S, bs, causal, torch.bfloat16, seed=1)
     o_ref, g_ref = run("reference", q, k, v, idx, bs, cu, do, upcast=True)
@@ -114,6 +122,48 @@ def test_bf16_matches_float32_reference(shape):
     assert_close("o", o_ref, o, RATIO_BF16)
     for name, r, x in zip(("dq", "dk", "dv"), g_ref, g):
         assert_close(name, r, x, RATIO_BF16)
+
+
+@pytest.mark.parametrize("segment_rows", [1, 6], ids=["rows1", "rows6"])
+def test_scatter_chunks_and_segments(monkeypatch, segment_rows):
+    """The scatter forward in many chunks of positions (a partials budget of 3 positions) and with
+    its query lists split over many programs (``segment_rows`` rows each; every query lists block 0,
+    so block 0's list spans every chunk); the forward's lse feeds the backward, so the gradients
+    check it too."""
+    monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", "scatter")
+    HQ, S, Dv = 6, 3, 24
+    monkeypatch.setattr(nsa.ops.selected, "PARTIAL_BYTES", 3 * HQ * S * Dv * 4)
+    monkeypatch.setattr(nsa.ops.selected, "SCATTER_ROWS", segment_rows)
+    q, k, v, idx, cu, do = make_inputs(1, [37, 30], HQ, 2, 16, Dv, S, 16, True, torch.float32, seed=6)
+    has0 = (idx == 0).any(-1)
+    idx[..., 0] = torch.where(has0, idx[..., 0], 0)
+    o_ref, g_ref = run("reference", q, k, v, idx, 16, cu, do)
+    o, g = run("triton", q, k, v, idx, 16, cu, do)
+    assert_close("o", o_ref, o, RATIO_FP32)
+    for name, r, x in zip(("dq", "dk", "dv"), g_ref, g):
+        assert_close(name, r, x, RATIO_FP32)
+
+
+def test_scatter_equals_gather_forward(monkeypatch):
+    """Both forward algorithms agree on o and lse (float32: summation order only)."""
+    from nsa.ops.selected import _selected_fwd_op
+    q, k, v, idx, cu, _ = make_inputs(1, [50, 77], 8, 2, 32, 16, 4, 16, False, torch.float32, seed=8)
+    out = {}
+    for mode in ("gather", "scatter"):
+        monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", mode)
+        out[mode] = _selected_fwd_op(q, k, v, idx, 16, 0.2, cu)
+    (o1, l1), (o2, l2) = out["gather"], out["scatter"]
+    assert_close("o", o1, o2, RATIO_FP32)
+    assert torch.equal(torch.isfinite(l1), torch.isfinite(l2))
+    fin = torch.isfinite(l1)
+    assert_close("lse", l1[fin], l2[fin], RATIO_FP32)
+
+
+def test_fwd_mode_is_checked(monkeypatch):
+    monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", "fast")
+    q, k, v, idx, cu, _ = make_inputs(1, 20, 2, 1, 16, 16, 2, 16, True, torch.float32)
+    with pytest.raises(ValueError, match="FWD_MODE"):
+        selected_attention(q, k, v, idx, 16, backend="triton")
 
 
 def test_backward_is_deterministic():
@@ -142,7 +192,7 @@ def test_long_query_lists_are_split(monkeypatch, segment):
         assert torch.equal(a, b)
 
 
-def test_unselected_is_exact_zero():
+def test_unselected_is_exact_zero(fwd_mode):
     """Rows with no visible key give o = 0 and dq = 0; keys no query selected get dk = dv = 0.
     Outputs are NaN-poisoned before the kernels run, so this also checks that they are written."""
     q, k, v, idx, cu, do = make_inputs(1, 40, 2, 1, 16, 16, 2, 16, True, torch.float32, seed=3)
@@ -161,7 +211,7 @@ def test_unselected_is_exact_zero():
         assert_close(name, r, x, RATIO_FP32)
 
 
-def test_dense_equals_packed():
+def test_dense_equals_packed(fwd_mode):
     q, k, v, idx, _, do = make_inputs(2, 33, 4, 2, 16, 16, 3, 16, True, torch.float32, seed=4)
     o, g = run("triton", q, k, v, idx, 16, None, do)
     flat = [x.reshape(1, -1, *x.shape[2:]) for x in (q, k, v, idx, do)]

@@ -42,6 +42,15 @@ BWD_ROWS = 32
 # first block, so its list is as long as the sequence; longer lists are cut into segments whose
 # partial sums a second kernel adds up in a fixed order (deterministic, no atomics).
 KV_SEGMENT = 4096
+# Forward algorithm: "gather" (query-centric: each query tile loads the blocks it selected),
+# "scatter" (KV-block-centric: each block loads once and serves every query that selected it,
+# then a merge), or "auto" (scatter on GPUs; see benchmarks/NOTES.md for the measurements).
+FWD_MODE = "auto"
+# Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
+# split over several programs), and the memory bound of its per-slot partials.
+SCATTER_TILE_ROWS = 64
+SCATTER_ROWS = 4096
+PARTIAL_BYTES = 1 << 30
 
 
 @triton.jit
@@ -120,6 +129,131 @@ def selected_fwd_kernel(
                      float("-inf"))
     tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty),
              mask=m_r[:, None] & (o_dv < DV)[None, :])
+    tl.store(lse + o_row, b_lse, mask=m_r)
+
+
+@triton.jit
+def selected_fwd_scatter_kernel(
+    q, k, v, o_part, lse_part, cu_seqlens, block_table, offsets, entries, seg_first, seg_bucket, scale,
+    NBT, key0, c0,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, SEG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Forward partials of one segment (at most ``SEG`` entries) of one (KV head, block)'s query
+    list, for the queries of one chunk of positions ``[c0, c0 + C)``.
+
+    Bucket ``key0 + h * NBT + blk`` (chunk's first bucket ``key0``) lists the entries
+    ``e = t * H * S + h * S + s`` (packed position t, slot s of t's block list) that selected global
+    block ``blk`` for KV head h and see at least one of its keys:
+    ``entries[offsets[b] : offsets[b + 1]]``, cut into segments ``seg_first[b] ..
+    seg_first[b + 1] - 1``; ``seg_bucket`` maps a segment back to its bucket. The program loads
+    the block's keys once and, for every entry and every one of the G query heads, writes
+    attention over the block alone: the normalized output to ``o_part[((t - c0) * HQ + hq) * S + s]``
+    (input dtype: a convex combination of rows of v) and the log-sum-exp in base 2 to ``lse_part``.
+    """
+    i_seg = tl.load(seg_first + key0).to(tl.int64) + tl.program_id(0)
+    if i_seg < tl.load(seg_first + key0 + H * NBT):
+        i_key = tl.load(seg_bucket + i_seg).to(tl.int64)
+        i_h = (i_key - key0) // NBT
+        i_blk = (i_key - key0) % NBT
+        i_n = tl.load(block_table + i_blk * 2).to(tl.int64)
+        i_j = tl.load(block_table + i_blk * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        start = tl.load(offsets + i_key) + (i_seg - tl.load(seg_first + i_key)) * SEG
+        end = tl.minimum(tl.load(offsets + i_key + 1), start + SEG)
+
+        o_r = tl.arange(0, BR)
+        o_rp = o_r // G
+        o_rg = o_r % G
+        o_dk = tl.arange(0, BDK)
+        o_dv = tl.arange(0, BDV)
+        o_k = tl.arange(0, BK)
+        qk_scale = scale * 1.4426950408889634
+        if NKS == 1:  # the whole block fits one tile: load it once for the whole list
+            i_k0 = bos + i_j * BS + o_k
+            m_k0 = (o_k < BS) & (i_j * BS + o_k < seq_len)
+            b_k0 = tl.load(k + (i_k0 * H + i_h)[:, None] * DK + o_dk[None, :],
+                           mask=m_k0[:, None] & (o_dk < DK)[None, :], other=0.)  # [BK, BDK]
+            b_v0 = tl.load(v + (i_k0 * H + i_h)[:, None] * DV + o_dv[None, :],
+                           mask=m_k0[:, None] & (o_dv < DV)[None, :], other=0.)  # [BK, BDV]
+        for i0 in range(start, end, BQ):
+            i_e = i0 + o_rp  # [BR] entry of the list
+            m_r = (o_r < BQ * G) & (i_e < end)
+            e = tl.load(entries + i_e, mask=m_r, other=0).to(tl.int64)
+            i_t = e // (H * S)  # [BR] packed query positions
+            i_s = e % S  # [BR] slot of the block in the query's list
+            o_row = i_t * HQ + i_h * G + o_rg
+            b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
+                          other=0.)
+            b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
+            b_l = tl.zeros([BR], dtype=tl.float32)
+            b_acc = tl.zeros([BR, BDV], dtype=tl.float32)
+            for i_ks in tl.static_range(NKS):
+                if NKS == 1:
+                    i_k = i_k0
+                    m_k = m_k0
+                    b_k = b_k0
+                    b_v = b_v0
+                else:
+                    i_k = bos + i_j * BS + i_ks * BK + o_k
+                    m_k = (i_ks * BK + o_k < BS) & (i_j * BS + i_ks * BK + o_k < seq_len)
+                    b_k = tl.load(k + (i_k * H + i_h)[:, None] * DK + o_dk[None, :],
+                                  mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)
+                    b_v = tl.load(v + (i_k * H + i_h)[:, None] * DV + o_dv[None, :],
+                                  mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)
+                b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
+                b_s = tl.where(m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None]), b_s, float("-inf"))
+                b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+                b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+                b_p = tl.exp2(b_s - b_m_safe[:, None])
+                b_alpha = tl.exp2(b_m - b_m_safe)
+                b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+                b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, DOT_UPCAST)
+                b_m = b_m_new
+            # every listed entry sees the block's first key: l > 0 on the rows that are stored
+            b_l = tl.where(b_l > 0, b_l, 1.)
+            o_part_row = ((i_t - c0) * HQ + i_h * G + o_rg) * S + i_s  # [BR]
+            tl.store(o_part + o_part_row[:, None] * DV + o_dv[None, :], (b_acc / b_l[:, None]).to(
+                o_part.dtype.element_ty), mask=m_r[:, None] & (o_dv < DV)[None, :])
+            tl.store(lse_part + o_part_row, b_m + tl.log2(b_l), mask=m_r)
+
+
+@triton.jit
+def selected_fwd_merge_kernel(
+    o_part, lse_part, o, lse, c0, n_rows,
+    HQ: tl.constexpr, S: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
+):
+    """o ``[N, HQ, DV]`` and lse ``[N, HQ]`` (natural log) of the chunk's ``n_rows`` = positions x HQ
+    rows starting at position ``c0``, from the per-slot partials of
+    :func:`selected_fwd_scatter_kernel`; slots never written hold lse -inf and are skipped."""
+    o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # [BM] chunk rows
+    m_r = o_m < n_rows
+    o_dv = tl.arange(0, BDV)
+    m_d = o_dv < DV
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, BDV], dtype=tl.float32)
+    for i_s in range(S):
+        b_ls = tl.load(lse_part + o_m * S + i_s, mask=m_r, other=float("-inf"))  # [BM] base 2
+        m_w = b_ls > float("-inf")
+        b_o = tl.load(o_part + (o_m * S + i_s)[:, None] * DV + o_dv[None, :], mask=m_w[:, None] & m_d[None, :],
+                      other=0.).to(tl.float32)
+        b_m_new = tl.maximum(b_m, b_ls)
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+        b_alpha = tl.exp2(b_m - b_m_safe)
+        b_w = tl.exp2(b_ls - b_m_safe)  # 0 for unwritten slots
+        b_l = b_l * b_alpha + b_w
+        b_acc = b_acc * b_alpha[:, None] + b_w[:, None] * b_o
+        b_m = b_m_new
+    m_nonempty = b_l > 0
+    b_out = b_acc / tl.where(m_nonempty, b_l, 1.)[:, None]
+    b_lse = tl.where(m_nonempty, (b_m + tl.log2(tl.where(m_nonempty, b_l, 1.))) * 0.6931471805599453,
+                     float("-inf"))
+    o_row = c0 * HQ + o_m
+    tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_out.to(o.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
     tl.store(lse + o_row, b_lse, mask=m_r)
 
 
@@ -341,6 +475,11 @@ class _Tiles(NamedTuple):
     NKS_KV: int  # dK/dV programs per block
     warps_kv: int
     stages_kv: int
+    BR_SC: int  # rows (entries x G heads) per tile of the scatter forward
+    BK_SC: int  # keys per sub-tile of the scatter forward
+    NKS_SC: int
+    warps_sc: int
+    stages_sc: int
 
 
 def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Tiles:
@@ -361,6 +500,8 @@ def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Ti
         BQ=bq, BRQ=brq, BK_KV=bk_kv, NKS_KV=triton.cdiv(block_size, bk_kv),
         warps_kv=8 if width >= 256 and not fp32 else 4,
         stages_kv=2 if 2 * brq * row_bytes <= _TILE_BYTES and not fp32 else 1,
+        BR_SC=16 if fp32 else SCATTER_TILE_ROWS, BK_SC=bk_kv, NKS_SC=triton.cdiv(block_size, bk_kv),
+        warps_sc=4, stages_sc=1 if fp32 else 2,
     )
 
 
@@ -382,7 +523,7 @@ def _chunk_table(cu_seqlens, num_tokens: int, chunk: int) -> torch.Tensor:
     return torch.stack([seq, rows - (end - n_chunks)[seq]], 1).to(torch.int32)
 
 
-def _reverse_index(block_indices, cu_seqlens, block_table, block_size: int):
+def _reverse_index(block_indices, cu_seqlens, block_table, block_size: int, chunk: int | None = None):
     """For each (KV head h, global block b) the ascending packed positions of the queries that
     selected b and can see one of its keys (block start <= query position).
 
@@ -390,9 +531,13 @@ def _reverse_index(block_indices, cu_seqlens, block_table, block_size: int):
         block_indices: int32 ``[N, H, S]`` packed.
         cu_seqlens: int32 ``[num_seqs + 1]``.
         block_table: int32 ``[NBT, 2]`` from :func:`_chunk_table` with the block size.
+        chunk: None, or cut the lists by chunks of ``chunk`` packed positions: bucket
+            ``c * H * NBT + h * NBT + b`` holds the queries of chunk c only.
     Returns:
-        offsets int64 ``[H * NBT + 1]`` and int32 list ``[N * H * S]`` (entries past
-        ``offsets[-1]`` unused); bucket of (h, b) is ``list[offsets[h*NBT+b] : offsets[h*NBT+b+1]]``.
+        offsets int64 ``[H * NBT + 1]`` (``[num_chunks * H * NBT + 1]`` with chunks), an int32 list
+        ``[N * H * S]`` (entries past ``offsets[-1]`` unused; bucket k is ``list[offsets[k] :
+        offsets[k + 1]]``) and, in the same order, the int64 entries ``t * H * S + h * S + s``
+        (position t, slot s of its block list).
     """
     N, H, S = block_indices.shape
     NBT = block_table.shape[0]
@@ -406,14 +551,19 @@ def _reverse_index(block_indices, cu_seqlens, block_table, block_size: int):
     idx = block_indices.long()
     valid = (idx >= 0) & (idx * block_size <= t_rel.view(N, 1, 1))
     heads = torch.arange(H, device=dev).view(1, H, 1)
-    key = torch.where(valid, heads * NBT + blk_off[seq].view(N, 1, 1) + idx, H * NBT)
-    if H * NBT < 2 ** 31:
+    n_keys = H * NBT
+    key = heads * NBT + blk_off[seq].view(N, 1, 1) + idx
+    if chunk is not None:
+        n_keys *= -(-N // chunk)
+        key = key + torch.div(tok, chunk, rounding_mode="floor").view(N, 1, 1) * (H * NBT)
+    key = torch.where(valid, key, n_keys)
+    if n_keys < 2 ** 31:
         key = key.to(torch.int32)  # half the bytes to sort
     # stable: within a bucket, entries keep their (position, head, slot) order -> ascending positions
     sorted_key, perm = torch.sort(key.flatten(), stable=True)
     query_list = torch.div(perm, H * S, rounding_mode="floor").to(torch.int32)
-    offsets = torch.searchsorted(sorted_key, torch.arange(H * NBT + 1, device=dev, dtype=sorted_key.dtype))
-    return offsets, query_list
+    offsets = torch.searchsorted(sorted_key, torch.arange(n_keys + 1, device=dev, dtype=sorted_key.dtype))
+    return offsets, query_list, perm
 
 
 class _Segments(NamedTuple):
@@ -463,6 +613,60 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
     return o, lse
 
 
+def _fwd_chunk(N: int, HQ: int, S: int, DV: int, itemsize: int) -> int:
+    """Query positions per chunk of the scatter forward: its partials (``HQ * S`` rows of ``DV``
+    values per position) stay within ``PARTIAL_BYTES``."""
+    return max(1, min(N, PARTIAL_BYTES // (HQ * S * DV * itemsize)))
+
+
+def _launch_fwd_scatter(q, k, v, block_indices, block_size, scale, cu_seqlens, block_table, cfg: _Tiles):
+    """The KV-block-centric forward: same arguments and results as :func:`_launch_fwd`, with
+    block_table ``[NBT, 2]`` (:func:`_chunk_table` with the block size) instead of the tile table.
+
+    Each (KV head, block) is loaded once per chunk of queries and scored against every query
+    (x G heads) that selected it, through the reverse index; a query's S per-block results are
+    merged in slot order by a second kernel. K/V bytes no longer scale with the number of queries:
+    what moves is q once per (query, selected block) and the partials (input dtype, written once,
+    read once), in chunks of positions that bound the partials' memory."""
+    N, HQ, DK = q.shape
+    H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
+    G = HQ // H
+    NBT = block_table.shape[0]
+    HB = H * NBT
+    C = _fwd_chunk(N, HQ, S, DV, q.element_size())
+    n_chunks = triton.cdiv(N, C)
+    offsets, _, entries = _reverse_index(block_indices, cu_seqlens, block_table, block_size, chunk=C)
+    seg = max(1, SCATTER_ROWS // G)  # entries per program
+    counts = offsets[1:] - offsets[:-1]
+    n_seg = torch.div(counts + seg - 1, seg, rounding_mode="floor")
+    first = torch.zeros(n_chunks * HB + 1, dtype=torch.int64, device=q.device)
+    first[1:] = torch.cumsum(n_seg, 0)
+    # per chunk at most HB + entries / seg segments (ceil adds < 1 per bucket)
+    per_chunk = HB + C * H * S // seg + 1
+    bucket = torch.searchsorted(first[1:], torch.arange(n_chunks * per_chunk, device=q.device),
+                                right=True).to(torch.int32)
+    bq, br = _tile(G, cfg.BR_SC)
+    o = new_output((N, HQ, DV), q.dtype, q.device)
+    lse = new_output((N, HQ), torch.float32, q.device)
+    o_part = new_output((C * HQ * S, DV), q.dtype, q.device)
+    lse_part = torch.empty(C * HQ * S, dtype=torch.float32, device=q.device)
+    bm = 64
+    for c in range(n_chunks):
+        c0 = c * C
+        rows = min(C, N - c0)
+        lse_part.fill_(float("-inf"))  # slots no program writes: skipped by the merge
+        selected_fwd_scatter_kernel[(HB + rows * H * S // seg + 1,)](
+            q, k, v, o_part, lse_part, cu_seqlens, block_table, offsets, entries, first, bucket, scale,
+            NBT, c * HB, c0, HQ=HQ, H=H, G=G, S=S, BS=block_size, BK=cfg.BK_SC, NKS=cfg.NKS_SC, DK=DK, DV=DV,
+            BDK=pow2(DK), BDV=pow2(DV), BQ=bq, BR=br, SEG=seg, num_warps=cfg.warps_sc, num_stages=cfg.stages_sc,
+            **dot_args(q.dtype),
+        )
+        selected_fwd_merge_kernel[(triton.cdiv(rows * HQ, bm),)](
+            o_part, lse_part, o, lse, c0, rows * HQ, HQ=HQ, S=S, DV=DV, BDV=pow2(DV), BM=bm, num_warps=4,
+        )
+    return o, lse
+
+
 def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, chunk_indices,
                 block_table, cfg: _Tiles):
     """Packed tensors as in :func:`_launch_fwd`, plus o, do ``[N, HQ, DV]``, lse ``[N, HQ]`` and
@@ -479,7 +683,7 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
         num_warps=cfg.warps, num_stages=1, **common,
     )
     NBT = block_table.shape[0]
-    offsets, query_list = _reverse_index(block_indices, cu_seqlens, block_table, block_size)
+    offsets, query_list, _ = _reverse_index(block_indices, cu_seqlens, block_table, block_size)
     seg = _segments(offsets, N * H * S, KV_SEGMENT)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
@@ -513,11 +717,22 @@ def _selected_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_in
         return q.new_zeros(B, T, HQ, DV), q.new_zeros(B, T, HQ, dtype=torch.float32)
     cu = uniform_cu_seqlens(B, T, q.device) if cu_seqlens is None else cu_seqlens
     cfg = _tiles(HQ // H, block_size, DK, DV, q.dtype)
-    chunks = _chunk_table(cu, B * T, cfg.BT)
-    o, lse = _launch_fwd(q.reshape(B * T, HQ, DK).contiguous(), k.reshape(B * T, H, DK).contiguous(),
-                         v.reshape(B * T, H, DV).contiguous(), block_indices.reshape(B * T, H, -1).contiguous(),
-                         block_size, scale, cu, chunks, cfg)
+    args = (q.reshape(B * T, HQ, DK).contiguous(), k.reshape(B * T, H, DK).contiguous(),
+            v.reshape(B * T, H, DV).contiguous(), block_indices.reshape(B * T, H, -1).contiguous(),
+            block_size, scale, cu)
+    if _fwd_mode(q) == "scatter":
+        o, lse = _launch_fwd_scatter(*args, _chunk_table(cu, B * T, block_size), cfg)
+    else:
+        o, lse = _launch_fwd(*args, _chunk_table(cu, B * T, cfg.BT), cfg)
     return o.view(B, T, HQ, DV), lse.view(B, T, HQ)
+
+
+def _fwd_mode(q) -> str:
+    if FWD_MODE not in ("auto", "gather", "scatter"):
+        raise ValueError(f"nsa.ops.selected.FWD_MODE: expected 'auto', 'gather' or 'scatter', got {FWD_MODE!r}")
+    if FWD_MODE != "auto":
+        return FWD_MODE
+    return "scatter" if q.is_cuda else "gather"
 
 
 @_selected_fwd_op.register_fake

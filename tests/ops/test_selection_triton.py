@@ -7,7 +7,11 @@ reference scores are exact enough to tell near-ties apart, every row without a n
 equal the reference selection exactly.
 """
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,6 +164,76 @@ def test_selection_tile_positions(c, positions):
     check_selection(q, k_cmp, lse, idx, kernel_size=c.ks, stride=c.st, block_size=c.bs, num_selected=c.n,
                     num_initial=c.ni, num_local=c.nl, scale=c.scale, cu_seqlens=cu, tol=TOL)
     assert torch.equal(idx, run(c, q, k_cmp, lse, cu, "triton"))
+
+
+# Compiles (never launches) the kernel for sm_90 with the launch arguments selection_fwd builds for
+# the paper shapes on the GPU (bf16, G=16, 16 positions per tile, 32/16/64, n=16) and prints the
+# Triton IR after the frontend passes. Runs in a fresh interpreter: under TRITON_INTERPRET=1 the
+# kernels are interpreter objects that cannot be compiled.
+_COMPILE_SM90 = r"""
+import sys
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nsa.ops import selection as S
+
+kernel, launch = S.selection_fwd_kernel, {}
+
+
+class _Capture:
+    def __getitem__(self, grid):
+        return lambda *args, **kw: launch.update(args=args, kw=kw)
+
+
+S.selection_fwd_kernel = _Capture()
+B, T, HQ, H, D, KS, ST, BS, N = 1, 256, 64, 4, 128, 32, 16, 64, 16
+Tc = (T - KS) // ST + 1
+q = torch.zeros(B, T, HQ, D, dtype=torch.bfloat16)
+k = torch.zeros(B, Tc, H, D, dtype=torch.bfloat16)
+S.selection_fwd(q, k, torch.zeros(B, T, HQ), KS, ST, BS, N, 1, 2, D ** -0.5, None, positions=S.POSITIONS,
+                num_warps=S.NUM_WARPS, num_stages=S.NUM_STAGES, maxnreg=S.MAXNREG)
+names = kernel.arg_names
+types = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
+sig, const = {}, {}
+for name, a in zip(names, launch["args"]):
+    if a is None:
+        sig[name], const[name] = "constexpr", None
+    elif isinstance(a, torch.Tensor):
+        sig[name] = types[a.dtype]
+    else:
+        sig[name] = "fp32" if isinstance(a, float) else "i32"
+opts = {o: launch["kw"].pop(o) for o in ("num_warps", "num_stages", "maxnreg")}
+for name, v in launch["kw"].items():
+    sig[name], const[name] = "constexpr", v
+sig = {n: sig[n] for n in names}
+ck = triton.compile(ASTSource(kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32), options=opts)
+sys.stdout.write(ck.asm["ttir"])
+"""
+
+
+def test_selection_scores_stay_out_of_tensor_cores(tmp_path):
+    """Regression (H200, Triton 3.6): the only dot of the kernel is q . k_cmp. The one-hot shift of
+    the spill scores was written as ``sum(x[:, :, None] * y[None, :, :], 1)``, which Triton's
+    combine pass turns into a ``tl.dot``; Triton 3.6 builds it with TF32 inputs, so on the GPU the
+    spill scores were truncated to 10 mantissa bits (up to ~1e-4 relative error in block scores,
+    near-ties decided wrongly) while the interpreter, which runs no compiler pass, computed them
+    exactly. Compiling for sm_90 needs no GPU."""
+    import triton.backends
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend to compile with")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    dots = [line.strip() for line in res.stdout.splitlines() if " tt.dot " in line]
+    assert dots, "no tt.dot in the kernel's IR: is the q . k_cmp product gone?"
+    # q . k_cmp: bf16 [rows, Dk] x [Dk, tokens]; anything on float32 operands is a rewritten reduction
+    bad = [d for d in dots if "xf32> *" in d or "xf32>*" in d]
+    assert not bad, "float32 operands reach a tl.dot (TF32 tensor cores on Triton 3.6):\n" + "\n".join(bad)
 
 
 def test_selection_all_ties():

@@ -177,11 +177,15 @@ def _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale
         if d == 0:
             b_sc += b_w
         else:
-            # shift by d blocks: a one-hot [BJ, BJ] product (exact: adds zeros)
-            sh = (o_j[None, :] == o_j[:, None] + d).to(tl.float32)
-            b_sc += tl.sum(b_w[:, :, None] * sh[None, :, :], 1)
-            sh = (o_j[None, :] == o_j[:, None] + d - BJ).to(tl.float32)
-            b_next += tl.sum(b_w[:, :, None] * sh[None, :, :], 1)
+            # shift by d blocks: select through a one-hot [BJ, BJ] mask and sum (exact: adds zeros).
+            # Not a product with a 0/1 matrix: Triton's combine pass turns sum(x[:, :, None] *
+            # y[None, :, :], 1) into a tl.dot, which Triton 3.6 builds with TF32 inputs (fixed
+            # upstream by triton-lang/triton#9831): on the GPU the spill scores then go through
+            # tensor cores truncated to 10 mantissa bits, up to ~1e-4 off relative to the score.
+            m_sh = o_j[None, :] == o_j[:, None] + d  # [from block jj, to block jj + d]
+            b_sc += tl.sum(tl.where(m_sh[None, :, :], b_w[:, :, None], 0.), 1)
+            m_sh = o_j[None, :] == o_j[:, None] + d - BJ
+            b_next += tl.sum(tl.where(m_sh[None, :, :], b_w[:, :, None], 0.), 1)
     return b_sc, b_next
 
 

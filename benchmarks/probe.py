@@ -95,18 +95,35 @@ def probe_selected(T):
     t_bwd = _ms(lambda: SL._launch_bwd(qp, kp, vp, o, lse, do.view(N, HQ, D), ip, BS, scale, cu, chunks,
                                        blocks, cfg))
     t_rev = _ms(lambda: SL._reverse_index(ip, cu, blocks, BS))
-    offsets, qlist = SL._reverse_index(ip, cu, blocks, BS)
+    offsets, qlist, _ = SL._reverse_index(ip, cu, blocks, BS)
     t_seg = _ms(lambda: SL._segments(offsets, N * H * S, SL.KV_SEGMENT))
     dq = torch.empty_like(qp)
     delta = torch.empty(N, HQ, device=DEV)
     common = dict(HQ=HQ, H=H, G=HQ // H, BS=BS, DK=D, DV=D, BDK=D, BDV=D, **SL.dot_args(q.dtype))
 
-    def dq_kernel():
+    def dq_kernel(stages=SL.DQ_STAGES, warps=cfg.warps):
         SL.selected_bwd_dq_kernel[(chunks.shape[0], H)](
             qp, kp, vp, o, lse, do.view(N, HQ, D), dq, delta, ip, cu, chunks, scale,
-            S=S, SP=S, BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR, num_warps=cfg.warps, num_stages=1, **common)
+            S=S, SP=S, BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR, STAGES=stages, num_warps=warps,
+            num_stages=stages, **common)
 
     t_dq = _ms(dq_kernel)
+    for st, w in ((1, 4), (2, 4), (3, 4), (2, 8), (3, 8)):
+        print(f"dQ kernel (BT={cfg.BT}) stages {st} warps {w}: {_ms(lambda: dq_kernel(st, w)):.2f} ms", flush=True)
+    blocks = SL._chunk_table(cu, N, BS)
+    args = (qp, kp, vp, ip, BS, scale, cu, blocks)
+    C = SL._fwd_chunk(N, HQ, S, D, 2)
+    t_ri = _ms(lambda: SL._reverse_index(ip, cu, blocks, BS, chunk=C))
+    print(f"scatter forward: reverse index (chunks of {C}) {t_ri:.2f} ms", flush=True)
+    for rows, w, st in ((64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2), (128, 8, 3), (128, 4, 2), (32, 4, 2)):
+        c2 = cfg._replace(BR_SC=rows, warps_sc=w, stages_sc=st)
+        try:
+            t = _ms(lambda: SL._launch_fwd_scatter(*args, c2))
+            err = ((SL._launch_fwd_scatter(*args, c2)[0].float() - o.float()).norm() / o.float().norm()).item()
+            print(f"scatter forward rows {rows} warps {w} stages {st}: {t:.2f} ms (diff to gather {err:.1e})",
+                  flush=True)
+        except Exception as e:
+            print(f"scatter forward rows {rows} warps {w} stages {st}: failed {type(e).__name__}", flush=True)
     print(f"selected T={T}: fwd {t_fwd:.2f} ms; bwd {t_bwd:.2f} ms = reverse index {t_rev:.2f} + segments "
           f"{t_seg:.2f} + dQ kernel {t_dq:.2f} + dK/dV and reduce (rest {t_bwd - t_rev - t_seg - t_dq:.2f})",
           flush=True)

@@ -46,6 +46,8 @@ KV_SEGMENT = 4096
 # "scatter" (KV-block-centric: each block loads once and serves every query that selected it,
 # then a merge), or "auto" (scatter on GPUs; see benchmarks/NOTES.md for the measurements).
 FWD_MODE = "auto"
+# Pipeline depth of the dQ kernel's block loop when a tile holds one position (G >= 16).
+DQ_STAGES = 2
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
 # split over several programs), and the memory bound of its per-slot partials.
 SCATTER_TILE_ROWS = 64
@@ -262,7 +264,7 @@ def selected_bwd_dq_kernel(
     q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """dq ``[N, HQ, DK]`` and delta ``[N, HQ]`` = rowsum(dO * O); same tiling as the forward."""
@@ -298,7 +300,29 @@ def selected_bwd_dq_kernel(
                     mask=m_r[:, None] & (o_s < S)[None, :], other=-1)
 
     b_dq = tl.zeros([BR, BDK], dtype=tl.float32)
-    for i_p in range(BT):
+    if BT == 1:
+        # one position per tile (G >= the tile's rows): its own list, no union to walk; a
+        # branch-free loop whose loads the compiler can pipeline (STAGES)
+        p_idx = block_indices + ((bos + t0) * H + i_h) * S
+        for i_s in tl.range(0, S, num_stages=STAGES):
+            i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
+            # as a [BK] vector: the interpreter turns (scalar & vector comparison) into integers
+            b_b = tl.zeros([BK], dtype=tl.int64) + i_b
+            for i_ks in tl.static_range(NKS):
+                i_k = b_b * BS + i_ks * BK + o_k
+                m_k = (b_b >= 0) & (i_ks * BK + o_k < BS) & (i_k <= t_last)
+                o_kv = (bos + i_k) * H + i_h
+                b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :], mask=m_k[:, None] & (o_dk < DK)[None, :],
+                              other=0.)
+                b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & (o_dv < DV)[None, :],
+                              other=0.)
+                b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
+                m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
+                b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
+                b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)
+                b_ds = b_p * (b_dp - b_delta[:, None])
+                b_dq += dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
+    for i_p in range(BT if BT > 1 else 0):
         p_idx = block_indices + ((bos + t0 + i_p) * H + i_h) * S
         for i_s in range(S):
             i_b = tl.load(p_idx + i_s, mask=t0 + i_p < seq_len, other=-1).to(tl.int64)
@@ -677,10 +701,12 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
                   **dot_args(q.dtype))
     dq = new_output(q.shape, q.dtype, q.device)
     delta = new_output((N, HQ), torch.float32, q.device)
+    # num_stages 1 for union walks: their loads sit under data-dependent branches
+    stages = DQ_STAGES if cfg.BT == 1 and q.is_cuda else 1
     selected_bwd_dq_kernel[(chunk_indices.shape[0], H)](
         q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
         S=S, SP=triton.next_power_of_2(S), BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR,
-        num_warps=cfg.warps, num_stages=1, **common,
+        STAGES=stages, num_warps=cfg.warps, num_stages=stages, **common,
     )
     NBT = block_table.shape[0]
     offsets, query_list, _ = _reverse_index(block_indices, cu_seqlens, block_table, block_size)

@@ -63,7 +63,7 @@ def _ms(fn, reps=20):
     return triton.testing.do_bench(fn, warmup=5, rep=reps * 5, return_mode="median")
 
 
-def probe_selected(T):
+def probe_selected(T, sweep=False):
     HQ, H, D, KS, ST, BS, S = 64, 4, 128, 32, 16, 64, 16
     g = torch.Generator(device=DEV).manual_seed(0)
     Tc = num_compressed(T, KS, ST)
@@ -101,29 +101,25 @@ def probe_selected(T):
     delta = torch.empty(N, HQ, device=DEV)
     common = dict(HQ=HQ, H=H, G=HQ // H, BS=BS, DK=D, DV=D, BDK=D, BDV=D, **SL.dot_args(q.dtype))
 
-    def dq_kernel(stages=SL.DQ_STAGES, warps=cfg.warps):
+    def dq_kernel(stages=SL.GATHER_STAGES, warps=cfg.warps):
         SL.selected_bwd_dq_kernel[(chunks.shape[0], H)](
             qp, kp, vp, o, lse, do.view(N, HQ, D), dq, delta, ip, cu, chunks, scale,
             S=S, SP=S, BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR, STAGES=stages, num_warps=warps,
             num_stages=stages, **common)
 
     t_dq = _ms(dq_kernel)
-    for st, w in ((1, 4), (2, 4), (3, 4), (2, 8), (3, 8)):
-        print(f"dQ kernel (BT={cfg.BT}) stages {st} warps {w}: {_ms(lambda: dq_kernel(st, w)):.2f} ms", flush=True)
-    blocks = SL._chunk_table(cu, N, BS)
-    args = (qp, kp, vp, ip, BS, scale, cu, blocks)
-    C = SL._fwd_chunk(N, HQ, S, D, 2)
-    t_ri = _ms(lambda: SL._reverse_index(ip, cu, blocks, BS, chunk=C))
-    print(f"scatter forward: reverse index (chunks of {C}) {t_ri:.2f} ms", flush=True)
-    for rows, w, st in ((64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2), (128, 8, 3), (128, 4, 2), (32, 4, 2)):
-        c2 = cfg._replace(BR_SC=rows, warps_sc=w, stages_sc=st)
-        try:
-            t = _ms(lambda: SL._launch_fwd_scatter(*args, c2))
-            err = ((SL._launch_fwd_scatter(*args, c2)[0].float() - o.float()).norm() / o.float().norm()).item()
-            print(f"scatter forward rows {rows} warps {w} stages {st}: {t:.2f} ms (diff to gather {err:.1e})",
-                  flush=True)
-        except Exception as e:
-            print(f"scatter forward rows {rows} warps {w} stages {st}: failed {type(e).__name__}", flush=True)
+    if sweep:
+        base = _ms(lambda: SL._launch_bwd(qp, kp, vp, o, lse, do.view(N, HQ, D), ip, BS, scale, cu, chunks,
+                                          blocks, cfg))
+        for bq, w, st in ((2, 8, 2), (4, 8, 2), (4, 8, 1), (1, 4, 2), (2, 4, 2), (2, 8, 3), (4, 4, 2), (8, 8, 1)):
+            c2 = cfg._replace(BQ=bq, BRQ=bq * (HQ // H), warps_kv=w, stages_kv=st)
+            try:
+                t = _ms(lambda: SL._launch_bwd(qp, kp, vp, o, lse, do.view(N, HQ, D), ip, BS, scale, cu, chunks,
+                                               blocks, c2))
+                print(f"dK/dV rows {bq * HQ // H} warps {w} stages {st}: whole backward {t:.2f} ms "
+                      f"(default {base:.2f})", flush=True)
+            except Exception as e:
+                print(f"dK/dV rows {bq * HQ // H} warps {w} stages {st}: failed {type(e).__name__}", flush=True)
     print(f"selected T={T}: fwd {t_fwd:.2f} ms; bwd {t_bwd:.2f} ms = reverse index {t_rev:.2f} + segments "
           f"{t_seg:.2f} + dQ kernel {t_dq:.2f} + dK/dV and reduce (rest {t_bwd - t_rev - t_seg - t_dq:.2f})",
           flush=True)
@@ -183,6 +179,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)
     p.add_argument("--parts", nargs="*", default=["dot", "selected"], help="dot selected fwdmodes")
+    p.add_argument("--sweep", action="store_true", help="selected: time dK/dV tile configs")
     p.add_argument("--Ts", type=int, nargs="*", default=[8192, 32768, 65536], help="lengths for fwdmodes")
     args = p.parse_args()
     print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu'}  "
@@ -190,7 +187,7 @@ def main():
     if "dot" in args.parts:
         probe_dot()
     if "selected" in args.parts:
-        probe_selected(args.T)
+        probe_selected(args.T, args.sweep)
     if "fwdmodes" in args.parts:
         probe_fwd_modes(args.Ts)
 

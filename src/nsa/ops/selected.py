@@ -37,17 +37,18 @@ from .utils import new_output, uniform_cu_seqlens
 # the dK/dV kernel. 16 is the smallest tensor-core tile height; a larger forward tile shares
 # each loaded block among more positions but also scores it for more rows that did not select it.
 FWD_ROWS = 16
-BWD_ROWS = 32
+BWD_ROWS = 64
 # Longest stretch of a block's query list that one dK/dV program walks. Every query selects the
 # first block, so its list is as long as the sequence; longer lists are cut into segments whose
 # partial sums a second kernel adds up in a fixed order (deterministic, no atomics).
 KV_SEGMENT = 4096
 # Forward algorithm: "gather" (query-centric: each query tile loads the blocks it selected),
 # "scatter" (KV-block-centric: each block loads once and serves every query that selected it,
-# then a merge), or "auto" (scatter on GPUs; see benchmarks/NOTES.md for the measurements).
+# then a merge), or "auto" (on GPUs, gather when a tile holds one position, G >= 16, and scatter
+# for smaller groups; gather on the CPU; see benchmarks/NOTES.md for the measurements).
 FWD_MODE = "auto"
-# Pipeline depth of the dQ kernel's block loop when a tile holds one position (G >= 16).
-DQ_STAGES = 2  # H200 64k, G=16: 18.4 ms (1 stage: 27.9, 3 stages: 19.1)
+# Pipeline depth of the forward/dQ block loop when a tile holds one position (G >= 16).
+GATHER_STAGES = 2  # H200 64k, G=16, dQ: 18.4 ms (1 stage: 27.9, 3 stages: 19.1)
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
 # split over several programs), and the memory bound of its per-slot partials.
 SCATTER_TILE_ROWS = 64
@@ -60,7 +61,7 @@ def selected_fwd_kernel(
     q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``
@@ -94,7 +95,31 @@ def selected_fwd_kernel(
     b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BR], dtype=tl.float32)
     b_acc = tl.zeros([BR, BDV], dtype=tl.float32)
-    for i_p in range(BT):
+    if BT == 1:
+        # one position per tile (G >= the tile's rows): its own list, no union to walk; a
+        # branch-free loop whose loads the compiler can pipeline (STAGES)
+        p_idx = block_indices + ((bos + t0) * H + i_h) * S
+        for i_s in tl.range(0, S, num_stages=STAGES):
+            i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
+            b_b = tl.zeros([BK], dtype=tl.int64) + i_b  # a vector: see the dQ kernel
+            for i_ks in tl.static_range(NKS):
+                i_k = b_b * BS + i_ks * BK + o_k
+                m_k = (b_b >= 0) & (i_ks * BK + o_k < BS) & (i_k <= t_last)
+                o_kv = (bos + i_k) * H + i_h
+                b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :], mask=m_k[:, None] & (o_dk < DK)[None, :],
+                              other=0.)
+                b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & (o_dv < DV)[None, :],
+                              other=0.)
+                b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
+                b_s = tl.where(m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None]), b_s, float("-inf"))
+                b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+                b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+                b_p = tl.exp2(b_s - b_m_safe[:, None])
+                b_alpha = tl.exp2(b_m - b_m_safe)
+                b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+                b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, DOT_UPCAST)
+                b_m = b_m_new
+    for i_p in range(BT if BT > 1 else 0):
         p_idx = block_indices + ((bos + t0 + i_p) * H + i_h) * S
         for i_s in range(S):
             # past the sequence end: -1, nothing to do
@@ -516,13 +541,15 @@ def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Ti
     fp32 = dtype.itemsize >= 4
     bt, br = _tile(G, FWD_ROWS)
     bk = _fit(min(pow2(block_size), 32 if width > 256 or fp32 else 64), row_bytes)
-    bq, brq = _tile(G, _fit(16 if fp32 else BWD_ROWS, row_bytes))
+    # dK/dV walk: 64 rows, 4 warps at width <= 256 (H200 64k, G=16: whole backward 32.7 ms against
+    # 48.2 with 32 rows, 8 warps); wider heads keep 32 rows, 8 warps (not measured)
+    bq, brq = _tile(G, _fit(16 if fp32 else (BWD_ROWS if width <= 256 else 32), row_bytes))
     bk_kv = _fit(min(pow2(block_size), (16 if width > 256 else 32) if fp32 else (32 if width > 384 else 64)),
                  row_bytes)
     return _Tiles(
         BT=bt, BR=br, BK=bk, NKS=triton.cdiv(block_size, bk), warps=8 if br >= 32 or fp32 else 4,
         BQ=bq, BRQ=brq, BK_KV=bk_kv, NKS_KV=triton.cdiv(block_size, bk_kv),
-        warps_kv=8 if width >= 256 and not fp32 else 4,
+        warps_kv=8 if width > 256 and not fp32 else 4,
         stages_kv=2 if 2 * brq * row_bytes <= _TILE_BYTES and not fp32 else 1,
         BR_SC=16 if fp32 else SCATTER_TILE_ROWS, BK_SC=bk_kv, NKS_SC=triton.cdiv(block_size, bk_kv),
         warps_sc=4, stages_sc=1 if fp32 else 3,  # H200 64k: 19.5 ms (2 stages 20.8, 8 warps 32.6)
@@ -627,12 +654,13 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     o = new_output((N, HQ, DV), q.dtype, q.device)
     lse = new_output((N, HQ), torch.float32, q.device)
-    # num_stages=1: the loads sit under data-dependent branches, which are not pipelined
+    # num_stages 1 for union walks: their loads sit under data-dependent branches
+    stages = GATHER_STAGES if cfg.BT == 1 and q.is_cuda else 1
     selected_fwd_kernel[(chunk_indices.shape[0], H)](
         q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
         HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=block_size, BK=cfg.BK, NKS=cfg.NKS,
-        DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV), BT=cfg.BT, BR=cfg.BR, num_warps=cfg.warps, num_stages=1,
-        **dot_args(q.dtype),
+        DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV), BT=cfg.BT, BR=cfg.BR, STAGES=stages, num_warps=cfg.warps,
+        num_stages=stages, **dot_args(q.dtype),
     )
     return o, lse
 
@@ -702,7 +730,7 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
     dq = new_output(q.shape, q.dtype, q.device)
     delta = new_output((N, HQ), torch.float32, q.device)
     # num_stages 1 for union walks: their loads sit under data-dependent branches
-    stages = DQ_STAGES if cfg.BT == 1 and q.is_cuda else 1
+    stages = GATHER_STAGES if cfg.BT == 1 and q.is_cuda else 1
     selected_bwd_dq_kernel[(chunk_indices.shape[0], H)](
         q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
         S=S, SP=triton.next_power_of_2(S), BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR,
@@ -746,19 +774,21 @@ def _selected_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_in
     args = (q.reshape(B * T, HQ, DK).contiguous(), k.reshape(B * T, H, DK).contiguous(),
             v.reshape(B * T, H, DV).contiguous(), block_indices.reshape(B * T, H, -1).contiguous(),
             block_size, scale, cu)
-    if _fwd_mode(q) == "scatter":
+    if _fwd_mode(q, cfg) == "scatter":
         o, lse = _launch_fwd_scatter(*args, _chunk_table(cu, B * T, block_size), cfg)
     else:
         o, lse = _launch_fwd(*args, _chunk_table(cu, B * T, cfg.BT), cfg)
     return o.view(B, T, HQ, DV), lse.view(B, T, HQ)
 
 
-def _fwd_mode(q) -> str:
+def _fwd_mode(q, cfg: _Tiles) -> str:
     if FWD_MODE not in ("auto", "gather", "scatter"):
         raise ValueError(f"nsa.ops.selected.FWD_MODE: expected 'auto', 'gather' or 'scatter', got {FWD_MODE!r}")
     if FWD_MODE != "auto":
         return FWD_MODE
-    return "scatter" if q.is_cuda else "gather"
+    # H200, 64k, random selections: G=16 (one position per tile) gather 17.4 ms, scatter 19.2;
+    # G=4 gather 22.8, scatter 5.4; G=1 gather 18.4, scatter 1.8 (benchmarks/NOTES.md)
+    return "scatter" if q.is_cuda and cfg.BT > 1 else "gather"
 
 
 @_selected_fwd_op.register_fake

@@ -158,7 +158,7 @@ def test_backward_deterministic_gpu():
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "varlen"])
-def test_no_host_synchronization(packed):
+def test_no_host_synchronization(packed, fwd_mode):
     """Forward and backward never wait for the device (the public op's input checks do, so the
     kernel entry is called directly)."""
     lens = [100, 3000, 1000]
@@ -207,7 +207,7 @@ def test_long_sequence_128k():
     assert_close("dq[-64:]", dq_r, dq[:, T - C:], RATIO_BF16)
 
 
-def test_more_than_2_pow_31_elements():
+def test_more_than_2_pow_31_elements(fwd_mode):
     """B*T*HQ*D = 2 * 135168 * 64 * 128 > 2^31: offsets past 2^31 must not wrap. The last
     sequence's last 64 queries match the reference (forward and dq)."""
     B, T, HQ, H, D, bs, S, C = 2, 135168, 64, 4, 128, 64, 16, 64

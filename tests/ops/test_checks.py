@@ -180,6 +180,8 @@ CASES = [
      lambda a: dict(block_indices=torch.where(a["block_indices"] == -1, -2, a["block_indices"]))),
     ("block_indices-repeated", SLC, "block_indices",
      lambda a: dict(block_indices=torch.where(a["block_indices"] == -1, 0, a["block_indices"]))),
+    ("block_indices-repeated-adjacent", SLC, "block_indices",
+     lambda a: dict(block_indices=torch.tensor([0, 1, 1, -1], dtype=torch.int32).expand(B, T, H, 4))),
     ("block_indices-repeated-unsorted", SLC, "block_indices",
      lambda a: dict(block_indices=torch.tensor([1, -1, 0, 1], dtype=torch.int32).expand(B, T, H, 4))),
     ("block_indices-other-sequence", SLC, "block_indices",

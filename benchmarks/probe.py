@@ -175,10 +175,35 @@ def probe_fwd_modes(Ts):
             torch.cuda.empty_cache()
 
 
+def probe_dq_modes(Ts):
+    """Gather vs scatter dQ (whole selected backward) on random causal selections, G = 16, 4, 1."""
+    from nsa.ops.selected import _selected_bwd_op, _selected_fwd_op
+    D, BS, S = 128, 64, 16
+    for HQ, H in ((64, 4), (16, 4), (4, 4)):
+        for T in Ts:
+            g = torch.Generator(device=DEV).manual_seed(T)
+            q, do = (torch.randn(1, T, HQ, D, device=DEV, generator=g).bfloat16() for _ in range(2))
+            k, v = (torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16() for _ in range(2))
+            idx = random_selection(T, H, S, BS, g)
+            o, lse = _selected_fwd_op(q, k, v, idx, BS, D ** -0.5, None)
+            res = {}
+            for mode in ("gather", "scatter"):
+                SL.DQ_MODE = mode
+                res[mode] = (_ms(lambda: _selected_bwd_op(q, k, v, o, lse, do, idx, BS, D ** -0.5, None)),
+                             _selected_bwd_op(q, k, v, o, lse, do, idx, BS, D ** -0.5, None)[0])
+            SL.DQ_MODE = "gather"
+            (tg, dg), (ts, ds) = res["gather"], res["scatter"]
+            err = ((ds.float() - dg.float()).norm() / dg.float().norm()).item()
+            print(f"bwd G={HQ // H:2d} HQ={HQ} T={T:6d}: dQ gather {tg:7.2f} ms  dQ scatter {ts:7.2f} ms "
+                  f"(whole backward; x{tg / ts:4.2f})  |dq diff| {err:.1e}", flush=True)
+            del q, k, v, do, idx, o, lse, res
+            torch.cuda.empty_cache() if DEV == "cuda" else None
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)
-    p.add_argument("--parts", nargs="*", default=["dot", "selected"], help="dot selected fwdmodes")
+    p.add_argument("--parts", nargs="*", default=["dot", "selected"], help="dot selected fwdmodes dqmodes")
     p.add_argument("--sweep", action="store_true", help="selected: time dK/dV tile configs")
     p.add_argument("--Ts", type=int, nargs="*", default=[8192, 32768, 65536], help="lengths for fwdmodes")
     args = p.parse_args()
@@ -190,6 +215,8 @@ def main():
         probe_selected(args.T, args.sweep)
     if "fwdmodes" in args.parts:
         probe_fwd_modes(args.Ts)
+    if "dqmodes" in args.parts:
+        probe_dq_modes(args.Ts)
 
 
 if __name__ == "__main__":

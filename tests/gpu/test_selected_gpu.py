@@ -95,8 +95,15 @@ def fwd_mode(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["gather", "scatter"])
+def dq_mode(request, monkeypatch):
+    """Both dQ algorithms (query-centric gather, KV-block-centric scatter)."""
+    monkeypatch.setattr(nsa.ops.selected, "DQ_MODE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("T", [4096, 16384], ids=["T4k", "T16k"])
-def test_paper_shape_bf16(T, fwd_mode):
+def test_paper_shape_bf16(T, fwd_mode, dq_mode):
     """B=1, HQ=64, H=4 (G=16), D=128, block 64, S=16. Output and dq on four chunks of 256 queries;
     dk/dv in full, as the sum of every query chunk's contribution."""
     B, HQ, H, D, bs, S, C = 1, 64, 4, 128, 64, 16, 256
@@ -134,7 +141,7 @@ CASES = [(k, torch.bfloat16) for k in GPU_SHAPES] + [(k, torch.float32) for k in
 
 
 @pytest.mark.parametrize("name,dtype", CASES, ids=[f"{k}-{str(d)[6:]}" for k, d in CASES])
-def test_group_sizes_and_head_dims(name, dtype, fwd_mode):
+def test_group_sizes_and_head_dims(name, dtype, fwd_mode, dq_mode):
     """T=1000 (not a multiple of any block), B=2, full reference (fits at this size)."""
     HQ, H, Dk, Dv, bs, S = GPU_SHAPES[name]
     T = 1000

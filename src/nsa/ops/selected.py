@@ -47,6 +47,10 @@ KV_SEGMENT = 4096
 # then a merge), or "auto" (on GPUs, gather when a tile holds one position, G >= 16, and scatter
 # for smaller groups; gather on the CPU; see benchmarks/NOTES.md for the measurements).
 FWD_MODE = "auto"
+# dQ algorithm: "gather" (query-centric, like the forward's gather) or "scatter" (KV-block-centric:
+# per-slot float32 partials, summed in slot order). Scatter is written and tested but not yet
+# timed on a GPU: gather stays the default until it is (benchmarks/NOTES.md).
+DQ_MODE = "gather"
 # Pipeline depth of the forward/dQ block loop when a tile holds one position (G >= 16).
 GATHER_STAGES = 2  # H200 64k, G=16, dQ: 18.4 ms (1 stage: 27.9, 3 stages: 19.1)
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
@@ -282,6 +286,91 @@ def selected_fwd_merge_kernel(
     o_row = c0 * HQ + o_m
     tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_out.to(o.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
     tl.store(lse + o_row, b_lse, mask=m_r)
+
+
+@triton.jit
+def selected_bwd_dq_scatter_kernel(
+    q, k, v, lse, do, delta, dq_part, flag, cu_seqlens, block_table, offsets, entries, seg_first, seg_bucket,
+    scale, NBT, key0, c0,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, SEG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """dQ of one segment of one (KV head, block)'s query list (chunk and lists as in
+    :func:`selected_fwd_scatter_kernel`): every (entry, head) row's gradient through this block
+    alone, float32, to ``dq_part[((t - c0) * HQ + hq) * S + s]``, and 1 to the same slot of
+    ``flag`` (int8). The forward's lse (natural log) and delta = rowsum(dO * O) are inputs."""
+    i_seg = tl.load(seg_first + key0).to(tl.int64) + tl.program_id(0)
+    if i_seg < tl.load(seg_first + key0 + H * NBT):
+        i_key = tl.load(seg_bucket + i_seg).to(tl.int64)
+        i_h = (i_key - key0) // NBT
+        i_blk = (i_key - key0) % NBT
+        i_n = tl.load(block_table + i_blk * 2).to(tl.int64)
+        i_j = tl.load(block_table + i_blk * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        start = tl.load(offsets + i_key) + (i_seg - tl.load(seg_first + i_key)) * SEG
+        end = tl.minimum(tl.load(offsets + i_key + 1), start + SEG)
+
+        o_r = tl.arange(0, BR)
+        o_rp = o_r // G
+        o_rg = o_r % G
+        o_dk = tl.arange(0, BDK)
+        o_dv = tl.arange(0, BDV)
+        o_k = tl.arange(0, BK)
+        qk_scale = scale * 1.4426950408889634
+        for i0 in range(start, end, BQ):
+            i_e = i0 + o_rp
+            m_r = (o_r < BQ * G) & (i_e < end)
+            e = tl.load(entries + i_e, mask=m_r, other=0).to(tl.int64)
+            i_t = e // (H * S)
+            i_s = e % S
+            o_row = i_t * HQ + i_h * G + o_rg
+            b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
+                          other=0.)
+            b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
+                           other=0.)
+            b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.) * 1.4426950408889634
+            b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
+            b_dq = tl.zeros([BR, BDK], dtype=tl.float32)
+            for i_ks in tl.static_range(NKS):
+                i_k = bos + i_j * BS + i_ks * BK + o_k
+                m_k = (i_ks * BK + o_k < BS) & (i_j * BS + i_ks * BK + o_k < seq_len)
+                b_k = tl.load(k + (i_k * H + i_h)[:, None] * DK + o_dk[None, :],
+                              mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)
+                b_v = tl.load(v + (i_k * H + i_h)[:, None] * DV + o_dv[None, :],
+                              mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)
+                b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
+                m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
+                b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
+                b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)
+                b_ds = b_p * (b_dp - b_delta[:, None])
+                b_dq += dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
+            o_part_row = ((i_t - c0) * HQ + i_h * G + o_rg) * S + i_s
+            tl.store(dq_part + o_part_row[:, None] * DK + o_dk[None, :], b_dq * scale,
+                     mask=m_r[:, None] & (o_dk < DK)[None, :])
+            tl.store(flag + o_part_row, tl.full([BR], 1, dtype=tl.int8), mask=m_r)
+
+
+@triton.jit
+def selected_bwd_dq_reduce_kernel(
+    dq_part, flag, dq, c0, n_rows,
+    HQ: tl.constexpr, S: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, BM: tl.constexpr,
+):
+    """dq of the chunk's rows: the flagged slots' partials summed in slot order (deterministic);
+    rows with no flagged slot get 0."""
+    o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    m_r = o_m < n_rows
+    o_dk = tl.arange(0, BDK)
+    m_d = o_dk < DK
+    b_dq = tl.zeros([BM, BDK], dtype=tl.float32)
+    for i_s in range(S):
+        m_w = tl.load(flag + o_m * S + i_s, mask=m_r, other=0) != 0
+        b_dq += tl.load(dq_part + (o_m * S + i_s)[:, None] * DK + o_dk[None, :], mask=m_w[:, None] & m_d[None, :],
+                        other=0.)
+    o_row = c0 * HQ + o_m
+    tl.store(dq + o_row[:, None] * DK + o_dk[None, :], b_dq.to(dq.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
 
 
 @triton.jit
@@ -671,6 +760,42 @@ def _fwd_chunk(N: int, HQ: int, S: int, DV: int, itemsize: int) -> int:
     return max(1, min(N, PARTIAL_BYTES // (HQ * S * DV * itemsize)))
 
 
+class _ScatterPlan(NamedTuple):
+    NBT: int
+    HB: int  # buckets per chunk: H * NBT
+    n_chunks: int
+    offsets: torch.Tensor  # int64 [n_chunks * HB + 1]
+    entries: torch.Tensor  # int64 t * H * S + h * S + s, bucket by bucket
+    first: torch.Tensor  # int64 [n_chunks * HB + 1]: first segment of every bucket
+    bucket: torch.Tensor  # int32: bucket of every segment
+    seg: int  # entries per segment
+
+
+def _scatter_plan(block_indices, cu_seqlens, block_table, block_size: int, chunk: int, G: int) -> _ScatterPlan:
+    """The chunked reverse index of the KV-block-centric kernels, cut into segments of at most
+    ``SCATTER_ROWS // G`` entries (one program each), built on the device. A chunk's programs are
+    ``first[c * HB] ..``; the host-known bound on their number is :func:`_scatter_grid`."""
+    N, H, S = block_indices.shape
+    NBT = block_table.shape[0]
+    HB = H * NBT
+    n_chunks = triton.cdiv(N, chunk)
+    offsets, _, entries = _reverse_index(block_indices, cu_seqlens, block_table, block_size, chunk=chunk)
+    seg = max(1, SCATTER_ROWS // G)
+    counts = offsets[1:] - offsets[:-1]
+    n_seg = torch.div(counts + seg - 1, seg, rounding_mode="floor")
+    first = torch.zeros(n_chunks * HB + 1, dtype=torch.int64, device=block_indices.device)
+    first[1:] = torch.cumsum(n_seg, 0)
+    bucket = torch.searchsorted(first[1:], torch.arange(n_chunks * _scatter_grid(HB, chunk, H, S, seg),
+                                                        device=block_indices.device), right=True).to(torch.int32)
+    return _ScatterPlan(NBT, HB, n_chunks, offsets, entries, first, bucket, seg)
+
+
+def _scatter_grid(HB: int, rows: int, H: int, S: int, seg: int) -> int:
+    """Programs for a chunk of ``rows`` positions: at most HB + entries / seg segments (the ceil
+    of each bucket adds less than one)."""
+    return HB + rows * H * S // seg + 1
+
+
 def _launch_fwd_scatter(q, k, v, block_indices, block_size, scale, cu_seqlens, block_table, cfg: _Tiles):
     """The KV-block-centric forward: same arguments and results as :func:`_launch_fwd`, with
     block_table ``[NBT, 2]`` (:func:`_chunk_table` with the block size) instead of the tile table.
@@ -683,20 +808,9 @@ def _launch_fwd_scatter(q, k, v, block_indices, block_size, scale, cu_seqlens, b
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     G = HQ // H
-    NBT = block_table.shape[0]
-    HB = H * NBT
     C = _fwd_chunk(N, HQ, S, DV, q.element_size())
-    n_chunks = triton.cdiv(N, C)
-    offsets, _, entries = _reverse_index(block_indices, cu_seqlens, block_table, block_size, chunk=C)
-    seg = max(1, SCATTER_ROWS // G)  # entries per program
-    counts = offsets[1:] - offsets[:-1]
-    n_seg = torch.div(counts + seg - 1, seg, rounding_mode="floor")
-    first = torch.zeros(n_chunks * HB + 1, dtype=torch.int64, device=q.device)
-    first[1:] = torch.cumsum(n_seg, 0)
-    # per chunk at most HB + entries / seg segments (ceil adds < 1 per bucket)
-    per_chunk = HB + C * H * S // seg + 1
-    bucket = torch.searchsorted(first[1:], torch.arange(n_chunks * per_chunk, device=q.device),
-                                right=True).to(torch.int32)
+    plan = _scatter_plan(block_indices, cu_seqlens, block_table, block_size, C, G)
+    NBT, HB, n_chunks, offsets, entries, first, bucket, seg = plan
     bq, br = _tile(G, cfg.BR_SC)
     o = new_output((N, HQ, DV), q.dtype, q.device)
     lse = new_output((N, HQ), torch.float32, q.device)
@@ -707,7 +821,7 @@ def _launch_fwd_scatter(q, k, v, block_indices, block_size, scale, cu_seqlens, b
         c0 = c * C
         rows = min(C, N - c0)
         lse_part.fill_(float("-inf"))  # slots no program writes: skipped by the merge
-        selected_fwd_scatter_kernel[(HB + rows * H * S // seg + 1,)](
+        selected_fwd_scatter_kernel[(_scatter_grid(HB, rows, H, S, seg),)](
             q, k, v, o_part, lse_part, cu_seqlens, block_table, offsets, entries, first, bucket, scale,
             NBT, c * HB, c0, HQ=HQ, H=H, G=G, S=S, BS=block_size, BK=cfg.BK_SC, NKS=cfg.NKS_SC, DK=DK, DV=DV,
             BDK=pow2(DK), BDV=pow2(DV), BQ=bq, BR=br, SEG=seg, num_warps=cfg.warps_sc, num_stages=cfg.stages_sc,
@@ -719,6 +833,44 @@ def _launch_fwd_scatter(q, k, v, block_indices, block_size, scale, cu_seqlens, b
     return o, lse
 
 
+def _dq_mode() -> str:
+    if DQ_MODE not in ("gather", "scatter"):
+        raise ValueError(f"nsa.ops.selected.DQ_MODE: expected 'gather' or 'scatter', got {DQ_MODE!r}")
+    return DQ_MODE
+
+
+def _launch_dq_scatter(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, block_table,
+                       cfg: _Tiles):
+    """dQ (and delta) KV-block-centric, like :func:`_launch_fwd_scatter`: per-slot float32
+    partials (chunks of positions within ``PARTIAL_BYTES``) summed in slot order."""
+    N, HQ, DK = q.shape
+    H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
+    G = HQ // H
+    delta = (do.float() * o.float()).sum(-1)  # [N, HQ]
+    C = _fwd_chunk(N, HQ, S, DK, 4)
+    NBT, HB, n_chunks, offsets, entries, first, bucket, seg = _scatter_plan(
+        block_indices, cu_seqlens, block_table, block_size, C, G)
+    bq, br = _tile(G, cfg.BR_SC)
+    dq = new_output(q.shape, q.dtype, q.device)
+    dq_part = new_output((C * HQ * S, DK), torch.float32, q.device)
+    flag = torch.empty(C * HQ * S, dtype=torch.int8, device=q.device)
+    bm = 64
+    for c in range(n_chunks):
+        c0 = c * C
+        rows = min(C, N - c0)
+        flag.zero_()  # slots no program writes: skipped by the reduce
+        selected_bwd_dq_scatter_kernel[(_scatter_grid(HB, rows, H, S, seg),)](
+            q, k, v, lse, do, delta, dq_part, flag, cu_seqlens, block_table, offsets, entries, first, bucket,
+            scale, NBT, c * HB, c0, HQ=HQ, H=H, G=G, S=S, BS=block_size, BK=cfg.BK_SC, NKS=cfg.NKS_SC, DK=DK,
+            DV=DV, BDK=pow2(DK), BDV=pow2(DV), BQ=bq, BR=br, SEG=seg, num_warps=cfg.warps_sc,
+            num_stages=cfg.stages_sc, **dot_args(q.dtype),
+        )
+        selected_bwd_dq_reduce_kernel[(triton.cdiv(rows * HQ, bm),)](
+            dq_part, flag, dq, c0, rows * HQ, HQ=HQ, S=S, DK=DK, BDK=pow2(DK), BM=bm, num_warps=4,
+        )
+    return dq, delta
+
+
 def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, chunk_indices,
                 block_table, cfg: _Tiles):
     """Packed tensors as in :func:`_launch_fwd`, plus o, do ``[N, HQ, DV]``, lse ``[N, HQ]`` and
@@ -727,15 +879,19 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     common = dict(HQ=HQ, H=H, G=HQ // H, BS=block_size, DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV),
                   **dot_args(q.dtype))
-    dq = new_output(q.shape, q.dtype, q.device)
-    delta = new_output((N, HQ), torch.float32, q.device)
-    # num_stages 1 for union walks: their loads sit under data-dependent branches
-    stages = GATHER_STAGES if cfg.BT == 1 and q.is_cuda else 1
-    selected_bwd_dq_kernel[(chunk_indices.shape[0], H)](
-        q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
-        S=S, SP=triton.next_power_of_2(S), BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR,
-        STAGES=stages, num_warps=cfg.warps, num_stages=stages, **common,
-    )
+    if _dq_mode() == "scatter":
+        dq, delta = _launch_dq_scatter(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens,
+                                       block_table, cfg)
+    else:
+        dq = new_output(q.shape, q.dtype, q.device)
+        delta = new_output((N, HQ), torch.float32, q.device)
+        # num_stages 1 for union walks: their loads sit under data-dependent branches
+        stages = GATHER_STAGES if cfg.BT == 1 and q.is_cuda else 1
+        selected_bwd_dq_kernel[(chunk_indices.shape[0], H)](
+            q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
+            S=S, SP=triton.next_power_of_2(S), BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR,
+            STAGES=stages, num_warps=cfg.warps, num_stages=stages, **common,
+        )
     NBT = block_table.shape[0]
     offsets, query_list, _ = _reverse_index(block_indices, cu_seqlens, block_table, block_size)
     seg = _segments(offsets, N * H * S, KV_SEGMENT)

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import dot, dot_args, pow2
+from .triton_utils import dot, dot_args, pow2, softmax_step
 from .utils import new_output
 
 # Keys per attention tile (float32: 32, so that the staged K/V tiles fit shared memory and
@@ -81,14 +81,7 @@ def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_s, s_stri
         if STORE_S:
             tl.store(p_s + o_r[:, None] * s_stride + i_k[None, :], b_s, mask=(o_r < G)[:, None] & m_k[None, :])
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        # a row that has seen no key yet keeps m = -inf: shift by 0, never inf - inf
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
-        b_p = tl.exp2(b_s - b_m_safe[:, None])
-        b_alpha = tl.exp2(b_m - b_m_safe)
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, DOT_UPCAST)
-        b_m = b_m_new
+        b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
     return b_m, b_l, b_acc
 
 

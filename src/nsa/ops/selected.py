@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import dot, dot_args, pow2
+from .triton_utils import dot, dot_args, pow2, softmax_step
 from .utils import new_output, uniform_cu_seqlens
 
 # Rows (positions x heads) per query tile in the forward/dQ kernels, and per query chunk in
@@ -58,6 +58,22 @@ GATHER_STAGES = 2  # H200 64k, G=16, dQ: 18.4 ms (1 stage: 27.9, 3 stages: 19.1)
 SCATTER_TILE_ROWS = 64
 SCATTER_ROWS = 4096
 PARTIAL_BYTES = 1 << 30
+
+
+@triton.jit
+def _scatter_segment(i_seg, seg_bucket, seg_first, offsets, block_table, cu_seqlens, key0, NBT, SEG: tl.constexpr):
+    """(KV head, block within its sequence, sequence start, sequence length, first entry, end entry)
+    of segment ``i_seg`` of the chunked reverse index (see :func:`selected_fwd_scatter_kernel`)."""
+    i_key = tl.load(seg_bucket + i_seg).to(tl.int64)
+    i_h = (i_key - key0) // NBT
+    i_blk = (i_key - key0) % NBT
+    i_n = tl.load(block_table + i_blk * 2).to(tl.int64)
+    i_j = tl.load(block_table + i_blk * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    start = tl.load(offsets + i_key) + (i_seg - tl.load(seg_first + i_key)) * SEG
+    end = tl.minimum(tl.load(offsets + i_key + 1), start + SEG)
+    return i_h, i_j, bos, seq_len, start, end
 
 
 @triton.jit
@@ -116,13 +132,7 @@ def selected_fwd_kernel(
                               other=0.)
                 b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
                 b_s = tl.where(m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None]), b_s, float("-inf"))
-                b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-                b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
-                b_p = tl.exp2(b_s - b_m_safe[:, None])
-                b_alpha = tl.exp2(b_m - b_m_safe)
-                b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-                b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, DOT_UPCAST)
-                b_m = b_m_new
+                b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
     for i_p in range(BT if BT > 1 else 0):
         p_idx = block_indices + ((bos + t0 + i_p) * H + i_h) * S
         for i_s in range(S):
@@ -144,15 +154,7 @@ def selected_fwd_kernel(
                         b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
                         m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
                         b_s = tl.where(m_s, b_s, float("-inf"))
-                        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-                        # rows that have seen no key yet keep m = -inf; shift them by 0, not inf - inf
-                        b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
-                        b_p = tl.exp2(b_s - b_m_safe[:, None])
-                        b_alpha = tl.exp2(b_m - b_m_safe)
-                        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-                        b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION,
-                                                                DOT_UPCAST)
-                        b_m = b_m_new
+                        b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
 
     m_nonempty = b_l > 0
     b_o = b_acc / tl.where(m_nonempty, b_l, 1.)[:, None]
@@ -186,15 +188,8 @@ def selected_fwd_scatter_kernel(
     """
     i_seg = tl.load(seg_first + key0).to(tl.int64) + tl.program_id(0)
     if i_seg < tl.load(seg_first + key0 + H * NBT):
-        i_key = tl.load(seg_bucket + i_seg).to(tl.int64)
-        i_h = (i_key - key0) // NBT
-        i_blk = (i_key - key0) % NBT
-        i_n = tl.load(block_table + i_blk * 2).to(tl.int64)
-        i_j = tl.load(block_table + i_blk * 2 + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-        start = tl.load(offsets + i_key) + (i_seg - tl.load(seg_first + i_key)) * SEG
-        end = tl.minimum(tl.load(offsets + i_key + 1), start + SEG)
+        i_h, i_j, bos, seq_len, start, end = _scatter_segment(i_seg, seg_bucket, seg_first, offsets, block_table,
+                                                              cu_seqlens, key0, NBT, SEG)
 
         o_r = tl.arange(0, BR)
         o_rp = o_r // G
@@ -237,13 +232,7 @@ def selected_fwd_scatter_kernel(
                                   mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)
                 b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
                 b_s = tl.where(m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None]), b_s, float("-inf"))
-                b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-                b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
-                b_p = tl.exp2(b_s - b_m_safe[:, None])
-                b_alpha = tl.exp2(b_m - b_m_safe)
-                b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-                b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, DOT_UPCAST)
-                b_m = b_m_new
+                b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
             # every listed entry sees the block's first key: l > 0 on the rows that are stored
             b_l = tl.where(b_l > 0, b_l, 1.)
             o_part_row = ((i_t - c0) * HQ + i_h * G + o_rg) * S + i_s  # [BR]
@@ -303,15 +292,8 @@ def selected_bwd_dq_scatter_kernel(
     ``flag`` (int8). The forward's lse (natural log) and delta = rowsum(dO * O) are inputs."""
     i_seg = tl.load(seg_first + key0).to(tl.int64) + tl.program_id(0)
     if i_seg < tl.load(seg_first + key0 + H * NBT):
-        i_key = tl.load(seg_bucket + i_seg).to(tl.int64)
-        i_h = (i_key - key0) // NBT
-        i_blk = (i_key - key0) % NBT
-        i_n = tl.load(block_table + i_blk * 2).to(tl.int64)
-        i_j = tl.load(block_table + i_blk * 2 + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-        start = tl.load(offsets + i_key) + (i_seg - tl.load(seg_first + i_key)) * SEG
-        end = tl.minimum(tl.load(offsets + i_key + 1), start + SEG)
+        i_h, i_j, bos, seq_len, start, end = _scatter_segment(i_seg, seg_bucket, seg_first, offsets, block_table,
+                                                              cu_seqlens, key0, NBT, SEG)
 
         o_r = tl.arange(0, BR)
         o_rp = o_r // G

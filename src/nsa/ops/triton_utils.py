@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .utils import interpreting
 
-__all__ = ["dot", "dot_args", "interpreting", "pow2"]
+__all__ = ["dot", "dot_args", "interpreting", "pow2", "softmax_step"]
 
 
 def pow2(n: int, minimum: int = 16) -> int:
@@ -34,3 +34,17 @@ def dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """One online-softmax step over a key tile: scores ``b_s`` [rows, keys] (base 2, -inf where
+    masked) and values ``b_v`` [keys, dv] into the running max, sum and output. A row that has
+    seen no key yet keeps m = -inf and is shifted by 0, never inf - inf."""
+    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+    b_p = tl.exp2(b_s - b_m_safe[:, None])
+    b_alpha = tl.exp2(b_m - b_m_safe)
+    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+    b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, DOT_UPCAST)
+    return b_m_new, b_l, b_acc

@@ -125,6 +125,21 @@ def test_bf16_matches_float32_reference(shape, fwd_mode):
         assert_close(name, r, x, RATIO_BF16)
 
 
+def check_with_block0_everywhere(lens, HQ, Dv, S):
+    """Packed float32 inputs (H=2, Dk=16, blocks of 16) where every query lists block 0 (NSA's
+    initial block: its query list spans every sequence), checked against the reference. Returns
+    the kernel's gradients and the inputs."""
+    q, k, v, idx, cu, do = make_inputs(1, lens, HQ, 2, 16, Dv, S, 16, True, torch.float32, seed=6)
+    has0 = (idx == 0).any(-1)
+    idx[..., 0] = torch.where(has0, idx[..., 0], 0)
+    o_ref, g_ref = run("reference", q, k, v, idx, 16, cu, do)
+    o, g = run("triton", q, k, v, idx, 16, cu, do)
+    assert_close("o", o_ref, o, RATIO_FP32)
+    for name, r, x in zip(("dq", "dk", "dv"), g_ref, g):
+        assert_close(name, r, x, RATIO_FP32)
+    return g, (q, k, v, idx, cu, do)
+
+
 @pytest.mark.parametrize("segment_rows", [1, 6], ids=["rows1", "rows6"])
 def test_scatter_chunks_and_segments(monkeypatch, segment_rows):
     """The scatter forward in many chunks of positions (a partials budget of 3 positions) and with
@@ -135,14 +150,7 @@ def test_scatter_chunks_and_segments(monkeypatch, segment_rows):
     HQ, S, Dv = 6, 3, 24
     monkeypatch.setattr(nsa.ops.selected, "PARTIAL_BYTES", 3 * HQ * S * Dv * 4)
     monkeypatch.setattr(nsa.ops.selected, "SCATTER_ROWS", segment_rows)
-    q, k, v, idx, cu, do = make_inputs(1, [37, 30], HQ, 2, 16, Dv, S, 16, True, torch.float32, seed=6)
-    has0 = (idx == 0).any(-1)
-    idx[..., 0] = torch.where(has0, idx[..., 0], 0)
-    o_ref, g_ref = run("reference", q, k, v, idx, 16, cu, do)
-    o, g = run("triton", q, k, v, idx, 16, cu, do)
-    assert_close("o", o_ref, o, RATIO_FP32)
-    for name, r, x in zip(("dq", "dk", "dv"), g_ref, g):
-        assert_close(name, r, x, RATIO_FP32)
+    check_with_block0_everywhere([37, 30], HQ, Dv, S)
 
 
 def test_scatter_equals_gather_forward(monkeypatch):
@@ -180,14 +188,7 @@ def test_long_query_lists_are_split(monkeypatch, segment):
     """Every query selects block 0 (NSA's initial block), so its list is as long as the sequence;
     with tiny segments every list is cut, and the partial dK/dV sums go through the reduce kernel."""
     monkeypatch.setattr(nsa.ops.selected, "KV_SEGMENT", segment)
-    q, k, v, idx, cu, do = make_inputs(1, [37, 60], 6, 2, 16, 24, 3, 16, True, torch.float32, seed=6)
-    has0 = (idx == 0).any(-1)
-    idx[..., 0] = torch.where(has0, idx[..., 0], 0)
-    o_ref, g_ref = run("reference", q, k, v, idx, 16, cu, do)
-    o, g = run("triton", q, k, v, idx, 16, cu, do)
-    assert_close("o", o_ref, o, RATIO_FP32)
-    for name, r, x in zip(("dq", "dk", "dv"), g_ref, g):
-        assert_close(name, r, x, RATIO_FP32)
+    g, (q, k, v, idx, cu, do) = check_with_block0_everywhere([37, 60], 6, 24, 3)
     _, g2 = run("triton", q, k, v, idx, 16, cu, do)
     for a, b in zip(g, g2):
         assert torch.equal(a, b)

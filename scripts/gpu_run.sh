@@ -5,18 +5,19 @@
 #   bash scripts/gpu_run.sh [preset ...]            default presets: paper
 # Environment:
 #   NSA_BUDGET=570          seconds for the whole script (the device tool allows 600 per call)
-#   NSA_TEST_RESERVE=150    seconds kept for the GPU tests after the benchmarks
+#   NSA_TEST_RESERVE=240    seconds kept for the GPU tests after the benchmarks (2026-11-28: 80 tests took 151 s; the suite has grown since)
 #   NSA_BENCH_ARGS=""       extra arguments for every `nsa bench` run (e.g. "--dims 128x128")
 #   NSA_GPU_TESTS=1         0 skips the tests;  NSA_GPU_WORKERS=3 pytest-xdist workers
 #   NSA_GPU_TEST_ARGS=""    extra pytest arguments (e.g. -k selection)
-# Results in $OUT (at most 8 files come back): env.txt, bench_<preset>.{json,png,log}, gpu_tests.log
+#   NSA_PROBE=""            parts of benchmarks/probe.py to run first at T=64k (e.g. "fwdmodes dqmodes")
+# Results in $OUT: env.txt, probe.log, bench_<preset>.{json,png,log}, gpu_tests.log
 set -uo pipefail
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 START=$(date +%s)
 BUDGET="${NSA_BUDGET:-570}"
-RESERVE="${NSA_TEST_RESERVE:-150}"
+RESERVE="${NSA_TEST_RESERVE:-240}"
 [ "${NSA_GPU_TESTS:-1}" = "1" ] || RESERVE=0
 PRESETS=("$@")
 [ ${#PRESETS[@]} -gt 0 ] || PRESETS=(paper)
@@ -31,6 +32,12 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 cat "$OUT/env.txt"
 
 status=0
+if [ -n "${NSA_PROBE:-}" ]; then
+  # shellcheck disable=SC2086
+  timeout $(( $(left) - RESERVE - 30 )) python3 benchmarks/probe.py --parts ${NSA_PROBE} --Ts 65536 \
+    > "$OUT/probe.log" 2>&1 || status=1
+  cat "$OUT/probe.log"
+fi
 for preset in "${PRESETS[@]}"; do
   t=$(( $(left) - RESERVE ))
   if [ "$t" -lt 30 ]; then echo "skip bench $preset: budget spent"; status=1; continue; fi

@@ -12,6 +12,7 @@ Usage (repository root, on the GPU machine):
     PYTHONPATH=src python3 benchmarks/bench_compressed.py                        # T = 8k..128k
     PYTHONPATH=src python3 benchmarks/bench_compressed.py --sweep --T 65536      # config sweep
     PYTHONPATH=src python3 benchmarks/bench_compressed.py --dims 192x128
+    PYTHONPATH=src python3 benchmarks/bench_compressed.py --sweep --T 65536 --dims 192x128  # *_SWEEP_WIDE
 """
 
 from __future__ import annotations
@@ -44,6 +45,29 @@ DQ_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s)
 DKV_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s, programs=p, min_segment=256)
              for r, bc, w, s, p in [(32, 128, 8, 3, 4), (32, 128, 8, 3, 2), (32, 128, 8, 3, 8), (64, 128, 8, 2, 4),
                                     (32, 64, 8, 3, 4), (64, 64, 8, 3, 4), (16, 128, 8, 3, 4), (32, 64, 4, 3, 4)]]
+
+# Candidates for padded Dk+Dv > 256 (Dk=192 pads to 256), default first. Compiled for sm_90a with
+# Triton 3.6 (ptxas -v, 2026-11-28): regs / spill bytes / smem / blocks per SM, and the tensor-core
+# work issued per useful multiply-add (192 padded to 256 alone gives 1.2-1.25). The defaults
+# until 2026-11-28 (rows 64 in dQ, BC 64 in dK/dV, 8 warps) put a 64-row chained dot on 8 warps: Triton lays it out
+# warpsPerCTA=[8,1], so both warpgroups compute the same S / dP tile (m64n16 wgmmas), 2.0x (dQ)
+# and 1.8x (dK/dV) the useful work. Fixes: 128 rows on 8 warps, or one warpgroup (4 warps); for
+# dK/dV every wgmma config without that duplication spills (fp32 dk [BC, 256] + dv [BC, 128]), so
+# BC=32 (mma.sync, M < 64 cannot use wgmma) is in the list too.
+DQ_SWEEP_WIDE = [dict(rows=r, BC=bc, num_warps=w, num_stages=s)
+                 for r, bc, w, s in [(128, 32, 8, 2),   # default: 228 regs, 0 spill, 144 KB, 1/SM, 1.25x (m64n32)
+                                     (64, 32, 8, 2),    # the default until 2026-11-28: 186 regs, 0 spill, 96 KB, 2.0x
+                                     (128, 32, 8, 3),   # 242 regs, 0 spill, 168 KB, 1/SM, 1.25x
+                                     (128, 64, 8, 2),   # 255 regs, 28 B spill, 192 KB, 1/SM, 1.25x (m64n64)
+                                     (64, 32, 4, 3),    # 255 regs, 0 spill, 120 KB, 1/SM (4 warps), 1.25x
+                                     (64, 16, 4, 2)]]   # 232 regs, 0 spill, 72 KB, 2/SM (4 warps each), 1.25x
+DKV_SWEEP_WIDE = [dict(rows=r, BC=bc, num_warps=w, num_stages=s, programs=p, min_segment=256)
+                  for r, bc, w, s, p in [(32, 64, 8, 2, 4),     # default: 255 regs, 32 B spill, 97 KB, 1/SM, 1.8x
+                                         (64, 32, 8, 2, 4),     # mma.sync: 180 regs, 0 spill, 76 KB, 1/SM, 1.2x
+                                         (128, 32, 8, 2, 4),    # mma.sync: 255 regs, 0 spill, 129 KB, 1/SM, 1.2x
+                                         (128, 32, 16, 3, 4),   # mma.sync: 128 regs, 0 spill, 226 KB, 1/SM, 1.2x
+                                         (32, 128, 8, 2, 4),    # wgmma m64n32: 255 regs, 460 B spill, 144 KB, 1.2x
+                                         (32, 64, 4, 1, 4)]]    # wgmma 4 warps: 255 regs, 1112 B spill, 72 KB, 2/SM
 
 
 def inputs(T, Dk, Dv, seed=0, requires_grad=False):
@@ -115,7 +139,9 @@ def main():
               f"bwd {t_b:8.3f} ms {2.5 * flop_f / t_b * 1e-9:6.1f} TFLOP/s", flush=True)
         if not args.sweep:
             continue
-        for kind, cands in (("fwd", FWD_SWEEP), ("dq", DQ_SWEEP), ("dkv", DKV_SWEEP)):
+        wide = C.pow2(Dk) + C.pow2(Dv) > 256
+        for kind, cands in (("fwd", FWD_SWEEP), ("dq", DQ_SWEEP_WIDE if wide else DQ_SWEEP),
+                            ("dkv", DKV_SWEEP_WIDE if wide else DKV_SWEEP)):
             for cfg in cands:
                 c = dict(cfg)
                 if kind == "dkv":

@@ -412,6 +412,12 @@ def _dq_config(bdk, bdv, itemsize, interpret):
         return dict(rows=32, BC=32, num_warps=4, num_stages=2)
     if bdk + bdv <= 256:  # H200 sweep 2026-11-28, 64k: whole backward 37.2 ms (128/32/8/3: 39.4 ms)
         return dict(rows=128, BC=64, num_warps=8, num_stages=2)
+    if bdk + bdv <= 384:
+        # Dk=192 (padded 256) / Dv=128. Chosen from compiling for sm_90a with Triton 3.6, NOT yet
+        # timed: 64 rows on 8 warps laid both warpgroups on the same 64-row S/dP tiles (2.0x the
+        # useful tensor work); 128 rows: 228 registers, no spill, 144 KB, 1.25x (padding only).
+        # benchmarks/bench_compressed.py --sweep --dims 192x128 times both.
+        return dict(rows=128, BC=32, num_warps=8, num_stages=2)
     return dict(rows=64, BC=32, num_warps=8, num_stages=2)
 
 

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .compressed import compressed_bwd_preprocess_kernel
 from .triton_utils import dot, dot_args, pow2, softmax_step
 from .utils import new_output, uniform_cu_seqlens
 
@@ -828,7 +829,10 @@ def _launch_dq_scatter(q, k, v, o, lse, do, block_indices, block_size, scale, cu
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     G = HQ // H
-    delta = (do.float() * o.float()).sum(-1)  # [N, HQ]
+    delta = new_output((N, HQ), torch.float32, q.device)
+    br = 64  # rows of rowsum(dO * O) per program
+    compressed_bwd_preprocess_kernel[(triton.cdiv(N * HQ, br),)](o, do, delta, delta, N * HQ, DV, HAS_DLSE=False,
+                                                                  BR=br, BDV=pow2(DV))
     C = _fwd_chunk(N, HQ, S, DK, 4)
     NBT, HB, n_chunks, offsets, entries, first, bucket, seg = _scatter_plan(
         block_indices, cu_seqlens, block_table, block_size, C, G)

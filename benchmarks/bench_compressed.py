@@ -37,13 +37,15 @@ KS, ST = 32, 16
 
 # Candidates (D=128) that compile for sm_90a without register spills (ptxas -v), default first.
 FWD_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s)
-             for r, bc, w, s in [(256, 64, 16, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2),
-                                 (128, 32, 8, 3), (64, 64, 4, 3)]]
+             for r, bc, w, s in [(256, 64, 16, 2), (256, 32, 16, 2), (128, 64, 8, 3), (128, 64, 8, 2),
+                                 (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)]]
+# (256, 32, 16, 2): no spill at sm_90a (the default spills 72-108 B; compile audit 2026-11-28), untimed
 DQ_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s)
             for r, bc, w, s in [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
                                 (64, 32, 8, 2)]]
 DKV_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s, programs=p, min_segment=256)
-             for r, bc, w, s, p in [(32, 128, 8, 3, 4), (32, 128, 8, 3, 2), (32, 128, 8, 3, 8), (64, 128, 8, 2, 4),
+             for r, bc, w, s, p in [(32, 128, 8, 3, 4), (32, 128, 8, 2, 4), (32, 128, 8, 3, 2), (32, 128, 8, 3, 8),
+                                    (64, 128, 8, 2, 4),
                                     (32, 64, 8, 3, 4), (64, 64, 8, 3, 4), (16, 128, 8, 3, 4), (32, 64, 4, 3, 4)]]
 
 # Candidates for padded Dk+Dv > 256 (Dk=192 pads to 256), default first. Compiled for sm_90a with

@@ -111,15 +111,19 @@ def probe_selected(T, sweep=False):
     if sweep:
         base = _ms(lambda: SL._launch_bwd(qp, kp, vp, o, lse, do.view(N, HQ, D), ip, BS, scale, cu, chunks,
                                           blocks, cfg))
-        for bq, w, st in ((2, 8, 2), (4, 8, 2), (4, 8, 1), (1, 4, 2), (2, 4, 2), (2, 8, 3), (4, 4, 2), (8, 8, 1)):
-            c2 = cfg._replace(BQ=bq, BRQ=bq * (HQ // H), warps_kv=w, stages_kv=st)
+        # (rows, warps, stages, keys per program): the default spills at sm_90a; keys 32 (two programs
+        # per block) with 1 stage, or 32 rows, do not (compile audit 2026-11-28)
+        for rows, w, st, bk in ((64, 4, 2, 64), (64, 4, 1, 32), (32, 4, 2, 32), (64, 4, 2, 32), (64, 4, 1, 64),
+                                (128, 4, 1, 64), (32, 4, 2, 64)):
+            bq = max(1, rows // (HQ // H))
+            c2 = cfg._replace(BQ=bq, BRQ=bq * (HQ // H), warps_kv=w, stages_kv=st, BK_KV=bk, NKS_KV=BS // bk)
             try:
                 t = _ms(lambda: SL._launch_bwd(qp, kp, vp, o, lse, do.view(N, HQ, D), ip, BS, scale, cu, chunks,
                                                blocks, c2))
-                print(f"dK/dV rows {bq * HQ // H} warps {w} stages {st}: whole backward {t:.2f} ms "
+                print(f"dK/dV rows {rows} warps {w} stages {st} keys {bk}: whole backward {t:.2f} ms "
                       f"(default {base:.2f})", flush=True)
             except Exception as e:
-                print(f"dK/dV rows {bq * HQ // H} warps {w} stages {st}: failed {type(e).__name__}", flush=True)
+                print(f"dK/dV rows {rows} warps {w} stages {st} keys {bk}: failed {type(e).__name__}", flush=True)
     print(f"selected T={T}: fwd {t_fwd:.2f} ms; bwd {t_bwd:.2f} ms = reverse index {t_rev:.2f} + segments "
           f"{t_seg:.2f} + dQ kernel {t_dq:.2f} + dK/dV and reduce (rest {t_bwd - t_rev - t_seg - t_dq:.2f})",
           flush=True)

@@ -78,6 +78,54 @@ def _scatter_segment(i_seg, seg_bucket, seg_first, offsets, block_table, cu_seql
 
 
 @triton.jit
+def _scatter_rows(entries, i0, end, i_h, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
+                  BQ: tl.constexpr, BR: tl.constexpr):
+    """Rows of one step of a scatter kernel's walk: entries ``i0 .. i0 + BQ - 1`` (before ``end``)
+    times the G heads of KV head ``i_h``. Returns the row mask, packed positions, slots, q/o rows."""
+    o_r = tl.arange(0, BR)
+    i_e = i0 + o_r // G
+    m_r = (o_r < BQ * G) & (i_e < end)
+    e = tl.load(entries + i_e, mask=m_r, other=0).to(tl.int64)
+    i_t = e // (H * S)
+    return m_r, i_t, e % S, i_t * HQ + i_h * G + o_r % G
+
+
+@triton.jit
+def _block_kv(k, v, bos, i_j, i_ks, i_h, seq_len, H: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+              DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+    """Sub-tile ``i_ks`` (BK keys) of block ``i_j`` of the sequence starting at ``bos``: packed key
+    positions, their mask, K ``[BK, BDK]`` and V ``[BK, BDV]``."""
+    o_k = tl.arange(0, BK)
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    i_k = bos + i_j * BS + i_ks * BK + o_k
+    m_k = (i_ks * BK + o_k < BS) & (i_j * BS + i_ks * BK + o_k < seq_len)
+    b_k = tl.load(k + (i_k * H + i_h)[:, None] * DK + o_dk[None, :], mask=m_k[:, None] & (o_dk < DK)[None, :],
+                  other=0.)
+    b_v = tl.load(v + (i_k * H + i_h)[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & (o_dv < DV)[None, :],
+                  other=0.)
+    return i_k, m_k, b_k, b_v
+
+
+@triton.jit
+def _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+                     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+    """Sub-tile ``i_ks`` of listed block ``i_b`` (-1: nothing) for a tile whose last position is
+    ``t_last``: key positions in the sequence, their mask, K ``[BK, BDK]`` and V ``[BK, BDV]``."""
+    o_k = tl.arange(0, BK)
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    # as a [BK] vector: the interpreter turns (scalar & vector comparison) into integers
+    b_b = tl.zeros([BK], dtype=tl.int64) + i_b
+    i_k = b_b * BS + i_ks * BK + o_k
+    m_k = (b_b >= 0) & (i_ks * BK + o_k < BS) & (i_k <= t_last)
+    o_kv = (bos + i_k) * H + i_h
+    b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :], mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)
+    b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)
+    return i_k, m_k, b_k, b_v
+
+
+@triton.jit
 def selected_fwd_kernel(
     q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
@@ -122,15 +170,8 @@ def selected_fwd_kernel(
         p_idx = block_indices + ((bos + t0) * H + i_h) * S
         for i_s in tl.range(0, S, num_stages=STAGES):
             i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
-            b_b = tl.zeros([BK], dtype=tl.int64) + i_b  # a vector: see the dQ kernel
             for i_ks in tl.static_range(NKS):
-                i_k = b_b * BS + i_ks * BK + o_k
-                m_k = (b_b >= 0) & (i_ks * BK + o_k < BS) & (i_k <= t_last)
-                o_kv = (bos + i_k) * H + i_h
-                b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :], mask=m_k[:, None] & (o_dk < DK)[None, :],
-                              other=0.)
-                b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & (o_dv < DV)[None, :],
-                              other=0.)
+                i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV, BDK, BDV)
                 b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
                 b_s = tl.where(m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None]), b_s, float("-inf"))
                 b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
@@ -192,27 +233,13 @@ def selected_fwd_scatter_kernel(
         i_h, i_j, bos, seq_len, start, end = _scatter_segment(i_seg, seg_bucket, seg_first, offsets, block_table,
                                                               cu_seqlens, key0, NBT, SEG)
 
-        o_r = tl.arange(0, BR)
-        o_rp = o_r // G
-        o_rg = o_r % G
         o_dk = tl.arange(0, BDK)
         o_dv = tl.arange(0, BDV)
-        o_k = tl.arange(0, BK)
         qk_scale = scale * 1.4426950408889634
         if NKS == 1:  # the whole block fits one tile: load it once for the whole list
-            i_k0 = bos + i_j * BS + o_k
-            m_k0 = (o_k < BS) & (i_j * BS + o_k < seq_len)
-            b_k0 = tl.load(k + (i_k0 * H + i_h)[:, None] * DK + o_dk[None, :],
-                           mask=m_k0[:, None] & (o_dk < DK)[None, :], other=0.)  # [BK, BDK]
-            b_v0 = tl.load(v + (i_k0 * H + i_h)[:, None] * DV + o_dv[None, :],
-                           mask=m_k0[:, None] & (o_dv < DV)[None, :], other=0.)  # [BK, BDV]
+            i_k0, m_k0, b_k0, b_v0 = _block_kv(k, v, bos, i_j, 0, i_h, seq_len, H, BS, BK, DK, DV, BDK, BDV)
         for i0 in range(start, end, BQ):
-            i_e = i0 + o_rp  # [BR] entry of the list
-            m_r = (o_r < BQ * G) & (i_e < end)
-            e = tl.load(entries + i_e, mask=m_r, other=0).to(tl.int64)
-            i_t = e // (H * S)  # [BR] packed query positions
-            i_s = e % S  # [BR] slot of the block in the query's list
-            o_row = i_t * HQ + i_h * G + o_rg
+            m_r, i_t, i_s, o_row = _scatter_rows(entries, i0, end, i_h, HQ, H, G, S, BQ, BR)
             b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
                           other=0.)
             b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
@@ -225,18 +252,13 @@ def selected_fwd_scatter_kernel(
                     b_k = b_k0
                     b_v = b_v0
                 else:
-                    i_k = bos + i_j * BS + i_ks * BK + o_k
-                    m_k = (i_ks * BK + o_k < BS) & (i_j * BS + i_ks * BK + o_k < seq_len)
-                    b_k = tl.load(k + (i_k * H + i_h)[:, None] * DK + o_dk[None, :],
-                                  mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)
-                    b_v = tl.load(v + (i_k * H + i_h)[:, None] * DV + o_dv[None, :],
-                                  mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)
+                    i_k, m_k, b_k, b_v = _block_kv(k, v, bos, i_j, i_ks, i_h, seq_len, H, BS, BK, DK, DV, BDK, BDV)
                 b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
                 b_s = tl.where(m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None]), b_s, float("-inf"))
                 b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
             # every listed entry sees the block's first key: l > 0 on the rows that are stored
             b_l = tl.where(b_l > 0, b_l, 1.)
-            o_part_row = ((i_t - c0) * HQ + i_h * G + o_rg) * S + i_s  # [BR]
+            o_part_row = (o_row - c0 * HQ) * S + i_s  # [BR]
             tl.store(o_part + o_part_row[:, None] * DV + o_dv[None, :], (b_acc / b_l[:, None]).to(
                 o_part.dtype.element_ty), mask=m_r[:, None] & (o_dv < DV)[None, :])
             tl.store(lse_part + o_part_row, b_m + tl.log2(b_l), mask=m_r)
@@ -296,20 +318,11 @@ def selected_bwd_dq_scatter_kernel(
         i_h, i_j, bos, seq_len, start, end = _scatter_segment(i_seg, seg_bucket, seg_first, offsets, block_table,
                                                               cu_seqlens, key0, NBT, SEG)
 
-        o_r = tl.arange(0, BR)
-        o_rp = o_r // G
-        o_rg = o_r % G
         o_dk = tl.arange(0, BDK)
         o_dv = tl.arange(0, BDV)
-        o_k = tl.arange(0, BK)
         qk_scale = scale * 1.4426950408889634
         for i0 in range(start, end, BQ):
-            i_e = i0 + o_rp
-            m_r = (o_r < BQ * G) & (i_e < end)
-            e = tl.load(entries + i_e, mask=m_r, other=0).to(tl.int64)
-            i_t = e // (H * S)
-            i_s = e % S
-            o_row = i_t * HQ + i_h * G + o_rg
+            m_r, i_t, i_s, o_row = _scatter_rows(entries, i0, end, i_h, HQ, H, G, S, BQ, BR)
             b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
                           other=0.)
             b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
@@ -318,19 +331,14 @@ def selected_bwd_dq_scatter_kernel(
             b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
             b_dq = tl.zeros([BR, BDK], dtype=tl.float32)
             for i_ks in tl.static_range(NKS):
-                i_k = bos + i_j * BS + i_ks * BK + o_k
-                m_k = (i_ks * BK + o_k < BS) & (i_j * BS + i_ks * BK + o_k < seq_len)
-                b_k = tl.load(k + (i_k * H + i_h)[:, None] * DK + o_dk[None, :],
-                              mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)
-                b_v = tl.load(v + (i_k * H + i_h)[:, None] * DV + o_dv[None, :],
-                              mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)
+                i_k, m_k, b_k, b_v = _block_kv(k, v, bos, i_j, i_ks, i_h, seq_len, H, BS, BK, DK, DV, BDK, BDV)
                 b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
                 m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
                 b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
                 b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)
                 b_ds = b_p * (b_dp - b_delta[:, None])
                 b_dq += dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
-            o_part_row = ((i_t - c0) * HQ + i_h * G + o_rg) * S + i_s
+            o_part_row = (o_row - c0 * HQ) * S + i_s
             tl.store(dq_part + o_part_row[:, None] * DK + o_dk[None, :], b_dq * scale,
                      mask=m_r[:, None] & (o_dk < DK)[None, :])
             tl.store(flag + o_part_row, tl.full([BR], 1, dtype=tl.int8), mask=m_r)
@@ -403,16 +411,8 @@ def selected_bwd_dq_kernel(
         p_idx = block_indices + ((bos + t0) * H + i_h) * S
         for i_s in tl.range(0, S, num_stages=STAGES):
             i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
-            # as a [BK] vector: the interpreter turns (scalar & vector comparison) into integers
-            b_b = tl.zeros([BK], dtype=tl.int64) + i_b
             for i_ks in tl.static_range(NKS):
-                i_k = b_b * BS + i_ks * BK + o_k
-                m_k = (b_b >= 0) & (i_ks * BK + o_k < BS) & (i_k <= t_last)
-                o_kv = (bos + i_k) * H + i_h
-                b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :], mask=m_k[:, None] & (o_dk < DK)[None, :],
-                              other=0.)
-                b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & (o_dv < DV)[None, :],
-                              other=0.)
+                i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV, BDK, BDV)
                 b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
                 m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
                 b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
@@ -737,10 +737,10 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
     return o, lse
 
 
-def _fwd_chunk(N: int, HQ: int, S: int, DV: int, itemsize: int) -> int:
-    """Query positions per chunk of the scatter forward: its partials (``HQ * S`` rows of ``DV``
-    values per position) stay within ``PARTIAL_BYTES``."""
-    return max(1, min(N, PARTIAL_BYTES // (HQ * S * DV * itemsize)))
+def _partial_chunk(N: int, HQ: int, S: int, D: int, itemsize: int) -> int:
+    """Query positions per chunk of a scatter kernel: its partials (``HQ * S`` rows of ``D``
+    values of ``itemsize`` bytes per position) stay within ``PARTIAL_BYTES``."""
+    return max(1, min(N, PARTIAL_BYTES // (HQ * S * D * itemsize)))
 
 
 class _ScatterPlan(NamedTuple):
@@ -791,7 +791,7 @@ def _launch_fwd_scatter(q, k, v, block_indices, block_size, scale, cu_seqlens, b
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     G = HQ // H
-    C = _fwd_chunk(N, HQ, S, DV, q.element_size())
+    C = _partial_chunk(N, HQ, S, DV, q.element_size())
     plan = _scatter_plan(block_indices, cu_seqlens, block_table, block_size, C, G)
     NBT, HB, n_chunks, offsets, entries, first, bucket, seg = plan
     bq, br = _tile(G, cfg.BR_SC)
@@ -833,7 +833,7 @@ def _launch_dq_scatter(q, k, v, o, lse, do, block_indices, block_size, scale, cu
     br = 64  # rows of rowsum(dO * O) per program
     compressed_bwd_preprocess_kernel[(triton.cdiv(N * HQ, br),)](o, do, delta, delta, N * HQ, DV, HAS_DLSE=False,
                                                                   BR=br, BDV=pow2(DV))
-    C = _fwd_chunk(N, HQ, S, DK, 4)
+    C = _partial_chunk(N, HQ, S, DK, 4)
     NBT, HB, n_chunks, offsets, entries, first, bucket, seg = _scatter_plan(
         block_indices, cu_seqlens, block_table, block_size, C, G)
     bq, br = _tile(G, cfg.BR_SC)

@@ -2,7 +2,7 @@
 # One device call on the H200: the benchmark presets, then the GPU test suite, inside a time budget.
 #
 # Usage (device tool, from the repository root):
-#   bash scripts/gpu_run.sh [preset ...]            default presets: paper
+#   bash scripts/gpu_run.sh [preset ...]            default presets: paper; "none" runs no benchmark
 # Environment:
 #   NSA_BUDGET=570          seconds for the whole script (the device tool allows 600 per call)
 #   NSA_TEST_RESERVE=240    seconds kept for the GPU tests after the benchmarks (2026-11-28: 80 tests took 151 s; the suite has grown since)
@@ -21,6 +21,7 @@ RESERVE="${NSA_TEST_RESERVE:-240}"
 [ "${NSA_GPU_TESTS:-1}" = "1" ] || RESERVE=0
 PRESETS=("$@")
 [ ${#PRESETS[@]} -gt 0 ] || PRESETS=(paper)
+[ "${PRESETS[*]}" = "none" ] && PRESETS=()
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
 {

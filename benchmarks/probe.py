@@ -195,7 +195,7 @@ def probe_dq_modes(Ts):
                 SL.DQ_MODE = mode
                 res[mode] = (_ms(lambda: _selected_bwd_op(q, k, v, o, lse, do, idx, BS, D ** -0.5, None)),
                              _selected_bwd_op(q, k, v, o, lse, do, idx, BS, D ** -0.5, None)[0])
-            SL.DQ_MODE = "gather"
+            SL.DQ_MODE = "auto"
             (tg, dg), (ts, ds) = res["gather"], res["scatter"]
             err = ((ds.float() - dg.float()).norm() / dg.float().norm()).item()
             print(f"bwd G={HQ // H:2d} HQ={HQ} T={T:6d}: dQ gather {tg:7.2f} ms  dQ scatter {ts:7.2f} ms "

@@ -97,7 +97,7 @@ def fwd_mode(request, monkeypatch):
 
 @pytest.fixture(params=["gather", "scatter"])
 def dq_mode(request, monkeypatch):
-    """Both dQ algorithms (query-centric gather, KV-block-centric scatter)."""
+    """Both dQ algorithms (query-centric gather, KV-block-centric scatter), whatever 'auto' picks."""
     monkeypatch.setattr(nsa.ops.selected, "DQ_MODE", request.param)
     return request.param
 

@@ -48,10 +48,10 @@ KV_SEGMENT = 4096
 # then a merge), or "auto" (on GPUs, gather when a tile holds one position, G >= 16, and scatter
 # for smaller groups; gather on the CPU; see benchmarks/NOTES.md for the measurements).
 FWD_MODE = "auto"
-# dQ algorithm: "gather" (query-centric, like the forward's gather) or "scatter" (KV-block-centric:
-# per-slot float32 partials, summed in slot order). Scatter is written and tested but not yet
-# timed on a GPU: gather stays the default until it is (benchmarks/NOTES.md).
-DQ_MODE = "gather"
+# dQ algorithm: "gather" (query-centric, like the forward's gather), "scatter" (KV-block-centric:
+# per-slot float32 partials, summed in slot order) or "auto" (the forward's rule: on GPUs, gather
+# for G >= 16 and scatter for smaller groups; gather on the CPU; benchmarks/NOTES.md).
+DQ_MODE = "auto"
 # Pipeline depth of the forward/dQ block loop when a tile holds one position (G >= 16).
 GATHER_STAGES = 2  # H200 64k, G=16, dQ: 18.4 ms (1 stage: 27.9, 3 stages: 19.1)
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
@@ -601,6 +601,8 @@ class _Tiles(NamedTuple):
     NKS_SC: int
     warps_sc: int
     stages_sc: int
+    warps_dq_sc: int  # scatter dQ
+    stages_dq_sc: int
 
 
 def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Tiles:
@@ -625,6 +627,9 @@ def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Ti
         stages_kv=2 if 2 * brq * row_bytes <= _TILE_BYTES and not fp32 else 1,
         BR_SC=16 if fp32 else SCATTER_TILE_ROWS, BK_SC=bk_kv, NKS_SC=triton.cdiv(block_size, bk_kv),
         warps_sc=4, stages_sc=1 if fp32 else 3,  # H200 64k: 19.5 ms (2 stages 20.8, 8 warps 32.6)
+        # scatter dQ: wider heads do not fit sm_90's shared memory when pipelined (3 stages at
+        # 256/256: 329 KB of 227; 1 stage: 98 KB) and spill less on 8 warps (ptxas, Triton 3.6)
+        warps_dq_sc=8 if width > 256 and not fp32 else 4, stages_dq_sc=1 if fp32 or width > 256 else 3,
     )
 
 
@@ -816,10 +821,14 @@ def _launch_fwd_scatter(q, k, v, block_indices, block_size, scale, cu_seqlens, b
     return o, lse
 
 
-def _dq_mode() -> str:
-    if DQ_MODE not in ("gather", "scatter"):
-        raise ValueError(f"nsa.ops.selected.DQ_MODE: expected 'gather' or 'scatter', got {DQ_MODE!r}")
-    return DQ_MODE
+def _dq_mode(q, cfg: _Tiles) -> str:
+    if DQ_MODE not in ("auto", "gather", "scatter"):
+        raise ValueError(f"nsa.ops.selected.DQ_MODE: expected 'auto', 'gather' or 'scatter', got {DQ_MODE!r}")
+    if DQ_MODE != "auto":
+        return DQ_MODE
+    # H200, 64k, random selections, whole selected backward: G=16 gather 32.5 ms, scatter 57.3;
+    # G=4 gather 28.7, scatter 15.7; G=1 gather 21.4, scatter 5.1 (benchmarks/NOTES.md)
+    return "scatter" if q.is_cuda and cfg.BT > 1 else "gather"
 
 
 def _launch_dq_scatter(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, block_table,
@@ -848,8 +857,8 @@ def _launch_dq_scatter(q, k, v, o, lse, do, block_indices, block_size, scale, cu
         selected_bwd_dq_scatter_kernel[(_scatter_grid(HB, rows, H, S, seg),)](
             q, k, v, lse, do, delta, dq_part, flag, cu_seqlens, block_table, offsets, entries, first, bucket,
             scale, NBT, c * HB, c0, HQ=HQ, H=H, G=G, S=S, BS=block_size, BK=cfg.BK_SC, NKS=cfg.NKS_SC, DK=DK,
-            DV=DV, BDK=pow2(DK), BDV=pow2(DV), BQ=bq, BR=br, SEG=seg, num_warps=cfg.warps_sc,
-            num_stages=cfg.stages_sc, **dot_args(q.dtype),
+            DV=DV, BDK=pow2(DK), BDV=pow2(DV), BQ=bq, BR=br, SEG=seg, num_warps=cfg.warps_dq_sc,
+            num_stages=cfg.stages_dq_sc, **dot_args(q.dtype),
         )
         selected_bwd_dq_reduce_kernel[(triton.cdiv(rows * HQ, bm),)](
             dq_part, flag, dq, c0, rows * HQ, HQ=HQ, S=S, DK=DK, BDK=pow2(DK), BM=bm, num_warps=4,
@@ -865,7 +874,7 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     common = dict(HQ=HQ, H=H, G=HQ // H, BS=block_size, DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV),
                   **dot_args(q.dtype))
-    if _dq_mode() == "scatter":
+    if _dq_mode(q, cfg) == "scatter":
         dq, delta = _launch_dq_scatter(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens,
                                        block_table, cfg)
     else:

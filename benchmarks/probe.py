@@ -204,10 +204,39 @@ def probe_dq_modes(Ts):
             torch.cuda.empty_cache() if DEV == "cuda" else None
 
 
+def probe_gates(Ts):
+    """The whole nsa() backward with the gates applied inside the branch kernels (nsa.ops.fused)
+    against the composed path (one autograd node per branch and one for the gates), paper shape."""
+    from nsa.ops import api, nsa
+    HQ, H, D, KS, ST = 64, 4, 128, 32, 16
+    for T in Ts:
+        g = torch.Generator(device=DEV).manual_seed(T)
+        Tc = num_compressed(T, KS, ST)
+        mk = lambda *s: torch.randn(*s, device=DEV, generator=g).bfloat16().requires_grad_(True)  # noqa: E731
+        x = [mk(1, T, HQ, D), mk(1, Tc, H, D), mk(1, Tc, H, D)] + [mk(1, T, H, D) for _ in range(4)]
+        x += [torch.rand(1, T, HQ, device=DEV, generator=g).bfloat16().requires_grad_(True) for _ in range(3)]
+        do = torch.randn(1, T, HQ, D, device=DEV, generator=g).bfloat16()
+        res = {}
+        for fused in (True, False):
+            api.FUSED_GATES = fused
+            o = nsa(*x, backend="triton")
+            fwd = _ms(lambda: nsa(*x, backend="triton"), reps=5)
+            bwd = _ms(lambda: torch.autograd.grad(o, x, do, retain_graph=True), reps=5)
+            res[fused] = (fwd, bwd, torch.autograd.grad(o, x, do, retain_graph=True))
+            del o
+        api.FUSED_GATES = True
+        (ff, bf, gf), (fc, bc, gc) = res[True], res[False]
+        err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(gf, gc))
+        print(f"nsa T={T:6d}: fwd fused {ff:6.2f} ms composed {fc:6.2f}   bwd fused {bf:6.2f} ms composed {bc:6.2f} "
+              f"(x{bc / bf:4.2f})   max rel grad diff {err:.1e}", flush=True)
+        del x, do, res
+        torch.cuda.empty_cache() if DEV == "cuda" else None
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)
-    p.add_argument("--parts", nargs="*", default=["dot", "selected"], help="dot selected fwdmodes dqmodes")
+    p.add_argument("--parts", nargs="*", default=["dot", "selected"], help="dot selected fwdmodes dqmodes gates")
     p.add_argument("--sweep", action="store_true", help="selected: time dK/dV tile configs")
     p.add_argument("--Ts", type=int, nargs="*", default=[8192, 32768, 65536], help="lengths for fwdmodes")
     args = p.parse_args()
@@ -221,6 +250,8 @@ def main():
         probe_fwd_modes(args.Ts)
     if "dqmodes" in args.parts:
         probe_dq_modes(args.Ts)
+    if "gates" in args.parts:
+        probe_gates(args.Ts)
 
 
 if __name__ == "__main__":

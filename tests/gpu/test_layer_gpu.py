@@ -4,6 +4,7 @@ parameter gradient), prefill + decoding == full forward, and bf16 autocast at a 
 import pytest
 import torch
 
+import nsa.ops.api
 from nsa.layer import NativeSparseAttention, NSAConfig
 from tests.helpers import assert_close, needs_cuda
 
@@ -33,8 +34,11 @@ def _layer(cfg, seed=0):
     return m
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_gates", "composed"])
 @pytest.mark.parametrize("shared_kv", [False, True], ids=["indep_kv", "shared_kv"])
-def test_layer_triton_matches_reference(shared_kv):
+def test_layer_triton_matches_reference(shared_kv, fused, monkeypatch):
+    """Both Triton paths of nsa(): gates inside the branch kernels (nsa.ops.fused) and composed."""
+    monkeypatch.setattr(nsa.ops.api, "FUSED_GATES", fused)
     cfg = NSAConfig.preset("small", backend="reference", shared_kv=shared_kv, **EXACT)
     m = _layer(cfg)
     lens = [700, 2500]  # packed; neither a multiple of the block or stride

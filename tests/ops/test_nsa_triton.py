@@ -1,10 +1,12 @@
 """The whole NSA pipeline with the Triton backend (compressed attention, selection, selected and
 window attention, gate combination) against the reference: output, every gradient (q, the three
-key/value pairs, the three gates) and the selection (tie-aware)."""
+key/value pairs, the three gates) and the selection (tie-aware). Both Triton paths: the gates
+applied inside the branch kernels (one autograd node, ``nsa.ops.fused``) and the composed one."""
 
 import pytest
 import torch
 
+from nsa.ops import api as ops_api
 from nsa.ops import nsa, reference
 from tests.helpers import assert_close
 from tests.ops.selection_check import check_selection
@@ -39,14 +41,25 @@ def _inputs(B, T, HQ, H, Dk, Dv, ks, st, lens, dtype, seed=0):
     return [q, kc, vc, ks_, vs_, kw, vw, *gates], cu
 
 
+@pytest.fixture(params=[True, False], ids=["fused", "composed"])
+def fused(request, monkeypatch):
+    monkeypatch.setattr(ops_api, "FUSED_GATES", request.param)
+    return request.param
+
+
+def _path(o) -> str:
+    return "fused" if type(o.grad_fn).__name__.startswith("NSAFunction") else "composed"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_nsa_triton_matches_reference(case, dtype):
+def test_nsa_triton_matches_reference(case, dtype, fused):
     B, T, HQ, H, Dk, Dv, ks, st, bs, n, w, lens = CASES[case]
     x, cu = _inputs(B, T, HQ, H, Dk, Dv, ks, st, lens, dtype)
     kw = dict(kernel_size=ks, stride=st, block_size=bs, num_selected=n, num_initial=1, num_local=1,
               window_size=w, cu_seqlens=cu)
     o, idx = nsa(*x, **kw, return_block_indices=True, backend="triton")
+    assert _path(o) == ("fused" if fused else "composed")
     dout = torch.randn_like(o)
     grads = torch.autograd.grad(o, x, dout)
 
@@ -79,3 +92,39 @@ def test_nsa_triton_selection_equals_reference_fp32():
     _, idx_t = nsa(*x, **kw, return_block_indices=True, backend="triton")
     _, idx_r = nsa(*x, **kw, return_block_indices=True, backend="reference")
     assert (idx_t == idx_r).all(-1).float().mean().item() >= 0.99
+
+
+def _grads(x, kw, dout):
+    o = nsa(*x, **kw, backend="triton")
+    return o, torch.autograd.grad(o, [t for t in x if t.requires_grad], dout)
+
+
+def test_fused_gates_match_composed_and_are_deterministic(monkeypatch):
+    """The fused backward against the composed one (float32: only delta's rounding differs), run
+    twice for bitwise reproducibility; keys shared by the selected and window branches (one
+    tensor in two arguments) and inputs that need no gradient."""
+    B, T, HQ, H, Dk, Dv, ks, st, bs, n, w, lens = CASES["B2-G2-DkDv"]
+    x, cu = _inputs(B, T, HQ, H, Dk, Dv, ks, st, lens, torch.float32, seed=5)
+    x[5], x[6] = x[3], x[4]  # k_win = k_slc, v_win = v_slc
+    x[1] = x[1].detach()  # k_cmp needs no gradient
+    kw = dict(kernel_size=ks, stride=st, block_size=bs, num_selected=n, num_initial=1, num_local=1, window_size=w)
+    dout = torch.randn(B, T, HQ, Dv, generator=torch.Generator().manual_seed(1)).to(DEV)
+    o_f, g_f = _grads(x, kw, dout)
+    assert _path(o_f) == "fused"
+    _, g_f2 = _grads(x, kw, dout)
+    for a, b in zip(g_f, g_f2):
+        assert torch.equal(a, b), "fused backward not bitwise reproducible"
+    monkeypatch.setattr(ops_api, "FUSED_GATES", False)
+    o_c, g_c = _grads(x, kw, dout)
+    assert _path(o_c) == "composed"
+    assert torch.equal(o_f, o_c)
+    names = ["q", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "g_cmp", "g_slc", "g_win"]
+    for name, a, b in zip(names, g_c, g_f):
+        assert_close(f"d{name}", a, b, 1e-5)
+
+
+def test_fused_gates_float64_takes_the_composed_path():
+    B, T, HQ, H, Dk, Dv, ks, st, bs, n, w, lens = CASES["odd-G3"]
+    x, cu = _inputs(B, T, HQ, H, Dk, Dv, ks, st, lens, torch.float64)
+    kw = dict(kernel_size=ks, stride=st, block_size=bs, num_selected=n, num_initial=1, num_local=1, window_size=w)
+    assert _path(nsa(*x, **kw, backend="triton")) == "composed"

@@ -18,6 +18,10 @@ from . import checks, reference
 from .utils import interpreting
 
 BACKENDS = ("auto", "reference", "triton")
+# nsa() on the Triton backend applies the gates inside the branch kernels' backward
+# (nsa.ops.fused: one autograd node); False composes one autograd node per branch and one for
+# the gates (float64 always does). Both match the reference; kept for comparisons.
+FUSED_GATES = True
 
 # op name -> (module, function) of its Triton implementation. Same arguments as the
 # reference function; inputs arrive validated and ``scale`` arrives as a float.
@@ -27,8 +31,10 @@ _TRITON_IMPLS = {
     "selected_attention": ("nsa.ops.selected", "selected_attention_triton"),
     "sliding_window_attention": ("nsa.ops.window", "sliding_window_attention_triton"),
     "nsa_decode": ("nsa.ops.decode_triton", "nsa_decode_triton"),
-    # internal: the gated sum of the three branches inside nsa()
+    # internal: the gated sum of the three branches inside nsa(), and the whole of nsa() with the
+    # gates applied inside the branch kernels (nsa.ops.fused)
     "gate_combine": ("nsa.ops.gate", "gate_combine_triton"),
+    "nsa_fused": ("nsa.ops.fused", "nsa_triton"),
 }
 
 
@@ -248,6 +254,12 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
                              window_size=window_size, scale=s, cu_seqlens=cu_seqlens,
                              return_block_indices=return_block_indices)
     cmp_fn = resolve_backend(backend, "compressed_attention", q.device)
+    fused_fn = _triton_impl("nsa_fused")
+    if (FUSED_GATES and fused_fn is not None and cmp_fn is not reference.compressed_attention
+            and all(t.dtype != torch.float64 for t in (q, g_cmp, g_slc, g_win))):
+        o, idx = fused_fn(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, kernel_size, stride,
+                          block_size, num_selected, num_initial, num_local, window_size, s, cu_seqlens)
+        return (o, idx) if return_block_indices else o
     sel_fn = resolve_backend(backend, "select_blocks", q.device)
     slc_fn = resolve_backend(backend, "selected_attention", q.device)
     win_fn = resolve_backend(backend, "sliding_window_attention", q.device)

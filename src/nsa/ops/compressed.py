@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .triton_utils import pow2
-from .utils import compressed_cu_seqlens, new_output, prepare_chunk_indices, uniform_cu_seqlens
+from .utils import compressed_cu_seqlens, interpreting, new_output, prepare_chunk_indices, uniform_cu_seqlens
 
 LOG2E = math.log2(math.e)
 
@@ -160,6 +160,16 @@ def compressed_bwd_preprocess_kernel(o, do, dlse, delta, N, DV, HAS_DLSE: tl.con
 
 
 @triton.jit
+def _gated(b_do, gate, o_rows, m_rows, GATED: tl.constexpr):
+    """With GATED, the branch's output gradient ``gate[row] * dO`` of NSA's gated sum, formed in
+    float32 and rounded once to dO's dtype (what the separate gate backward writes)."""
+    if GATED:
+        b_g = tl.load(gate + o_rows, mask=m_rows, other=0.).to(tl.float32)
+        b_do = (b_do.to(tl.float32) * b_g[:, None]).to(b_do.dtype)
+    return b_do
+
+
+@triton.jit
 def _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, i_lo, i_hi, n_vis, s_kt, s_vt, scale_log2,
                   KERNEL_SIZE, STRIDE, DK, DV,
                   BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASK: tl.constexpr,
@@ -194,13 +204,14 @@ def _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, i_lo, i_hi, n_
 
 
 @triton.jit
-def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlens, chunk_indices, scale,
+def compressed_bwd_dq_kernel(q, k, v, do, gate, lse, delta, dq, cu_seqlens, ccu_seqlens, chunk_indices, scale,
                              scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, HQ, H, G, DK, DV,
                              KERNEL_SIZE, STRIDE,
                              GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
-                             BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                             BDV: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
+                             UPCAST: tl.constexpr):
     """One program per (query tile, KV head). dq has q's strides, do has o's strides;
-    lse and delta are contiguous [tokens, HQ] fp32."""
+    lse and delta are contiguous [tokens, HQ] fp32, and so is gate (any float dtype) when GATED."""
     BM: tl.constexpr = BT * GP
     i_p = tl.program_id(0)
     i_c, i_h = i_p // H, i_p % H
@@ -226,6 +237,7 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlen
                   mask=m_row[:, None] & m_dk[None, :], other=0.)  # [BM, BDK]
     b_do = tl.load(do + o_tok[:, None] * s_ot + (o_hq * s_oh)[:, None] + o_dv[None, :],
                    mask=m_row[:, None] & m_dv[None, :], other=0.)  # [BM, BDV]
+    b_do = _gated(b_do, gate, o_tok * HQ + o_hq, m_row, GATED)
     if UPCAST:
         b_q, b_do = b_q.to(tl.float32), b_do.to(tl.float32)
     b_lse = tl.load(lse + o_tok * HQ + o_hq, mask=m_row, other=float("inf"))
@@ -250,10 +262,10 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlen
 
 
 @triton.jit
-def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_lo, t_hi,
+def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, gate, lse, delta, bos, seq_len, o_i, i_h, t_lo, t_hi,
                    s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
                    GP: tl.constexpr, BT: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                   MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   MASK: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """dK (unscaled) and dV of a compressed tile from the query tiles starting at t_lo, t_lo+BT, .. < t_hi
     (rows past t_hi belong to the next program unless t_hi is the sequence end)."""
     BM: tl.constexpr = BT * GP
@@ -277,6 +289,7 @@ def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i
         t0_64 = tl.cast(t0, tl.int64)
         b_q = tl.load(p_qb + t0_64 * s_qt, mask=m_row[:, None] & m_dk[None, :], other=0.)  # [BM, BDK]
         b_do = tl.load(p_dob + t0_64 * s_ot, mask=m_row[:, None] & m_dv[None, :], other=0.)  # [BM, BDV]
+        b_do = _gated(b_do, gate + t0_64 * HQ, bos * HQ + o_dt * HQ + o_hq, m_row, GATED)
         if UPCAST:
             b_q, b_do = b_q.to(tl.float32), b_do.to(tl.float32)
         b_lse = tl.load(p_lb + t0_64 * HQ, mask=m_row, other=float("inf"))
@@ -301,11 +314,12 @@ def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i
 
 
 @triton.jit
-def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_seqlens, chunk_indices, scale,
-                              scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_dks, s_dvs,
+def compressed_bwd_dkv_kernel(q, k, v, do, gate, lse, delta, dk, dv, cu_seqlens, ccu_seqlens, chunk_indices,
+                              scale, scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_dks, s_dvs,
                               HQ, H, G, DK, DV, KERNEL_SIZE, STRIDE, NSEG,
                               GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
-                              BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                              BDV: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
+                              UPCAST: tl.constexpr):
     """One program per (tile of BC compressed tokens, KV head, query segment).
 
     The queries that see the tile, [i0*stride + kernel_size - 1, seq_len), are cut into NSEG
@@ -349,12 +363,12 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_s
 
     b_dk = tl.zeros([BC, BDK], dtype=tl.float32)
     b_dv = tl.zeros([BC, BDV], dtype=tl.float32)
-    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_lo, t_mid,
+    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, gate, lse, delta, bos, seq_len, o_i, i_h, t_lo, t_mid,
                                 s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
-                                GP, BT, BDK, BDV, True, PRECISION, UPCAST)
-    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_mid, t_hi,
+                                GP, BT, BDK, BDV, True, GATED, PRECISION, UPCAST)
+    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, gate, lse, delta, bos, seq_len, o_i, i_h, t_mid, t_hi,
                                 s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
-                                GP, BT, BDK, BDV, False, PRECISION, UPCAST)
+                                GP, BT, BDK, BDV, False, GATED, PRECISION, UPCAST)
     p_dk = dk + tl.cast(i_s, tl.int64) * s_dks + o_ctok[:, None] * s_kt + i_h * s_kh + o_dk[None, :]
     p_dv = dv + tl.cast(i_s, tl.int64) * s_dvs + o_ctok[:, None] * s_vt + i_h * s_vh + o_dv[None, :]
     tl.store(p_dk, (b_dk * scale).to(dk.dtype.element_ty), mask=m_i[:, None] & m_dk[None, :])
@@ -366,10 +380,6 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_s
 # packed view; configs are fixed per shape so that results never depend on timing.
 # ----------------------------------------------------------------------------------------------
 
-def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda"
-
-
 def _precision(dtype):
     # fp32 inputs get true fp32 products (tf32 would cost ~1e-3 relative error); 16-bit dtypes ignore it.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -379,7 +389,7 @@ def _upcast(t: torch.Tensor) -> bool:
     # The interpreter stores bf16 as raw uint16 bits and its tl.dot multiplies those bits
     # (triton-lang/triton#11584); the kernels then upcast bf16 operands to fp32 (exact) and round
     # p / ds through bf16 first, so the interpreter computes what the compiled kernel computes.
-    return _interpreting(t) and t.dtype == torch.bfloat16
+    return interpreting() and t.dtype == torch.bfloat16
 
 
 def _query_rows(G: int, rows: int) -> tuple[int, int]:
@@ -422,7 +432,7 @@ def _dq_config(bdk, bdv, itemsize, interpret):
 
 
 def _dkv_config(bdk, bdv, itemsize, device):
-    if device.type != "cuda":  # interpreter
+    if interpreting():
         return dict(rows=32, BC=16, num_warps=4, num_stages=1, programs=4, min_segment=8)
     sms = _num_sms(device)
     if itemsize == 4:
@@ -504,7 +514,7 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seq
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
     pk = _Packed(B, T, Tc, kernel_size, stride, cu_seqlens, q.device)
     bdk, bdv = pow2(Dk), pow2(Dv)
-    cfg = config or _fwd_config(bdk, bdv, q.element_size(), _interpreting(q))
+    cfg = config or _fwd_config(bdk, bdv, q.element_size(), interpreting())
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
     grid = (tiles.shape[0] * H,)
@@ -518,10 +528,17 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seq
 
 
 def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens,
-                             dq_config=None, dkv_config=None):
+                             dq_config=None, dkv_config=None, gate=None, delta=None):
     """Returns dq, dk_cmp, dv_cmp (input dtypes). ``dlse`` ``[B, T, HQ]`` may be None (zero).
 
-    ``dq_config`` / ``dkv_config`` override the tile configs (benchmark sweeps)."""
+    ``dq_config`` / ``dkv_config`` override the tile configs (benchmark sweeps). With ``gate``
+    ``[B, T, HQ]``, ``do`` is the gradient of NSA's gated sum and the branch's gradient
+    ``gate * do`` is formed inside the kernels; ``delta`` ``[B, T, HQ]`` float32 (rowsum of the
+    branch's dO * o, minus dlse), when given, is not recomputed (required with ``gate``)."""
+    if gate is not None and delta is None:
+        raise ValueError("compressed backward: a gate needs its delta (rowsum of the gated dO * o)")
+    if delta is not None and dlse is not None:
+        raise ValueError("compressed backward: give dlse or a precomputed delta, not both")
     B, T, HQ, Dk = q.shape
     Tc, H, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     G = HQ // H
@@ -532,17 +549,22 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
         return dq.zero_(), dk.zero_(), dv.zero_()
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
     o, lse, do = o.contiguous(), lse.contiguous(), do.contiguous()
-    interpret = _interpreting(q)
+    interpret = interpreting()
     bdk, bdv = pow2(Dk), pow2(Dv)
 
-    delta = torch.empty((B, T, HQ), dtype=torch.float32, device=q.device)
-    n_rows = B * T * HQ
-    br = 16 if interpret else 64
-    if dlse is not None:
-        dlse = dlse.to(torch.float32).contiguous()
-    compressed_bwd_preprocess_kernel[(triton.cdiv(n_rows, br),)](
-        o, do, dlse if dlse is not None else delta, delta, n_rows, Dv,
-        HAS_DLSE=dlse is not None, BR=br, BDV=bdv)
+    if delta is None:
+        delta = torch.empty((B, T, HQ), dtype=torch.float32, device=q.device)
+        n_rows = B * T * HQ
+        br = 16 if interpret else 64
+        if dlse is not None:
+            dlse = dlse.to(torch.float32).contiguous()
+        compressed_bwd_preprocess_kernel[(triton.cdiv(n_rows, br),)](
+            o, do, dlse if dlse is not None else delta, delta, n_rows, Dv,
+            HAS_DLSE=dlse is not None, BR=br, BDV=bdv)
+    else:
+        delta = delta.contiguous()
+    gated = gate is not None
+    gate = gate.contiguous() if gated else delta
 
     pk = _Packed(B, T, Tc, kernel_size, stride, cu_seqlens, q.device)
     precision = _precision(q.dtype)
@@ -553,8 +575,8 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
     compressed_bwd_dq_kernel[(tiles.shape[0] * H,)](
-        q, k_cmp, v_cmp, do, lse, delta, dq, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common,
-        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
+        q, k_cmp, v_cmp, do, gate, lse, delta, dq, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common,
+        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, GATED=gated, PRECISION=precision,
         UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     cfg = dkv_config or _dkv_config(bdk, bdv, q.element_size(), q.device)
@@ -567,9 +589,9 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
         dk_part = new_output((nseg,) + tuple(k_cmp.shape), torch.float32, q.device)
         dv_part = new_output((nseg,) + tuple(v_cmp.shape), torch.float32, q.device)
     compressed_bwd_dkv_kernel[(tiles.shape[0] * H * nseg,)](
-        q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common[:8],
-        dk_part.stride(0) if nseg > 1 else 0, dv_part.stride(0) if nseg > 1 else 0, *common[8:], nseg,
-        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
+        q, k_cmp, v_cmp, do, gate, lse, delta, dk_part, dv_part, pk.cu, pk.ccu, tiles, scale, scale * LOG2E,
+        *common[:8], dk_part.stride(0) if nseg > 1 else 0, dv_part.stride(0) if nseg > 1 else 0, *common[8:], nseg,
+        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, GATED=gated, PRECISION=precision,
         UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if nseg > 1:  # a fixed-order sum: deterministic
         dk.copy_(dk_part.sum(0))
@@ -596,12 +618,14 @@ def _(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens):
 @torch.library.custom_op("nsa::compressed_attention_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
             do: torch.Tensor, dlse: Optional[torch.Tensor], kernel_size: int, stride: int, scale: float,
-            cu_seqlens: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens)
+            cu_seqlens: Optional[torch.Tensor], gate: Optional[torch.Tensor] = None,
+            delta: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens,
+                                    gate=gate, delta=delta)
 
 
 @_bwd_op.register_fake
-def _(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens):
+def _(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens, gate=None, delta=None):
     return torch.empty_like(q), torch.empty_like(k_cmp), torch.empty_like(v_cmp)
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import new_output
+from .utils import interpreting, new_output
 
 
 @triton.jit
@@ -88,6 +88,32 @@ def gate_bwd_kernel(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win,
     _bwd_branch(b_do, o_win, g_win, do_win, dg_win, o_r, o_x, m_r, m, DO_WIN, DG_WIN, FP64)
 
 
+@triton.jit
+def _fused_branch(b_do, p_o, p_g, p_dg, p_delta, o_r, o_x, m_r, m):
+    """dg = sum over the row of dO * o_x (rounded to g's dtype) and the branch's
+    delta = g * dg (float32) = rowsum(g * dO * o_x), what its attention backward needs."""
+    b_dg = tl.sum(b_do * _load(p_o, o_x, m, False), 1)
+    tl.store(p_dg + o_r, b_dg.to(p_dg.dtype.element_ty), mask=m_r)
+    tl.store(p_delta + o_r, _load(p_g, o_r, m_r, False) * b_dg, mask=m_r)
+
+
+@triton.jit
+def gate_bwd_fused_kernel(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, dg_cmp, dg_slc, dg_win, delta, N, DV,
+                          BR: tl.constexpr, BDV: tl.constexpr):
+    """The gates' backward when the branches' attention kernels take dO and their gate
+    themselves (:func:`nsa.ops.fused.nsa_triton`): dg_x and delta_x = g_x * dg_x for the three
+    branches, no dO_x written. delta: float32 ``[3, N]``; others as in :func:`gate_bwd_kernel`."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BDV)
+    m_r = o_r < N
+    m = m_r[:, None] & (o_d < DV)[None, :]
+    o_x = o_r[:, None] * DV + o_d[None, :]
+    b_do = _load(do, o_x, m, False)
+    _fused_branch(b_do, o_cmp, g_cmp, dg_cmp, delta, o_r, o_x, m_r, m)
+    _fused_branch(b_do, o_slc, g_slc, dg_slc, delta + N, o_r, o_x, m_r, m)
+    _fused_branch(b_do, o_win, g_win, dg_win, delta + 2 * N, o_r, o_x, m_r, m)
+
+
 # ----------------------------------------------------------------------------------------------
 # Host launchers. They take validated tensors: o_* of one shape [B, T, HQ, Dv], g_* [B, T, HQ].
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +142,7 @@ def gate_combine_fwd(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, out_dtype, config
         return o
     xs = [x.contiguous() for x in (o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)]
     bdv = triton.next_power_of_2(DV)
-    cfg = config or _config(bdv, o_cmp.device.type != "cuda")
+    cfg = config or _config(bdv, interpreting())
     gate_fwd_kernel[(triton.cdiv(N, cfg["rows"]),)](
         *xs, o, N, DV, BR=cfg["rows"], BDV=bdv, FP64=_fp64(out_dtype, *(x.dtype for x in xs)),
         num_warps=cfg["num_warps"])
@@ -149,13 +175,30 @@ def gate_combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, needs, config
     xs = [x.contiguous() if r else do for x, r in zip(inputs, reads)]
     ptrs = [g if need else do for g, need in zip(grads, needs)]
     bdv = triton.next_power_of_2(DV)
-    cfg = config or _config(bdv, do.device.type != "cuda")
+    cfg = config or _config(bdv, interpreting())
     gate_bwd_kernel[(triton.cdiv(N, cfg["rows"]),)](
         do, *xs, *ptrs, N, DV, BR=cfg["rows"], BDV=bdv,
         FP64=_fp64(do.dtype, *(x.dtype for x in inputs)),
         DO_CMP=needs[0], DO_SLC=needs[1], DO_WIN=needs[2], DG_CMP=needs[3], DG_SLC=needs[4], DG_WIN=needs[5],
         num_warps=cfg["num_warps"])
     return grads
+
+
+def gate_bwd_fused(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
+    """Returns dg_cmp, dg_slc, dg_win (the gates' shapes and dtypes) and float32 delta
+    ``[3, B, T, HQ]``: ``delta[x] = g_x * rowsum(dO * o_x)``. float64 is not supported here (the
+    composed path serves it)."""
+    grads = [new_output(g.shape, g.dtype, g.device) for g in (g_cmp, g_slc, g_win)]
+    delta = new_output((3,) + tuple(g_cmp.shape), torch.float32, do.device)
+    N, DV = o_cmp.shape[:-1].numel(), o_cmp.shape[-1]
+    if N * DV == 0:
+        return (*(g.zero_() for g in grads), delta.zero_())
+    xs = [x.contiguous() for x in (do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)]
+    bdv = triton.next_power_of_2(DV)
+    cfg = _config(bdv, interpreting())
+    gate_bwd_fused_kernel[(triton.cdiv(N, cfg["rows"]),)](
+        *xs, *grads, delta, N, DV, BR=cfg["rows"], BDV=bdv, num_warps=cfg["num_warps"])
+    return (*grads, delta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,6 +228,19 @@ def _bwd_op(do: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: t
 def _(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, needs):
     return tuple(x.new_empty(x.shape) if need else x.new_empty(0)
                  for x, need in zip((o_cmp, o_slc, o_win, g_cmp, g_slc, g_win), needs))
+
+
+@torch.library.custom_op("nsa::gate_bwd_fused", mutates_args=())
+def _bwd_fused_op(do: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor,
+                  g_cmp: torch.Tensor, g_slc: torch.Tensor, g_win: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gate_bwd_fused(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
+
+
+@_bwd_fused_op.register_fake
+def _(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
+    return (g_cmp.new_empty(g_cmp.shape), g_slc.new_empty(g_slc.shape), g_win.new_empty(g_win.shape),
+            g_cmp.new_empty((3,) + tuple(g_cmp.shape), dtype=torch.float32))
 
 
 class GateCombineFunction(torch.autograd.Function):

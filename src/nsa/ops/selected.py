@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from .compressed import compressed_bwd_preprocess_kernel
-from .triton_utils import dot, dot_args, pow2, softmax_step
-from .utils import new_output, uniform_cu_seqlens
+from .triton_utils import dot, dot_args, load_do, pow2, softmax_step
+from .utils import interpreting, new_output, uniform_cu_seqlens
 
 # Rows (positions x heads) per query tile in the forward/dQ kernels, and per query chunk in
 # the dK/dV kernel. 16 is the smallest tensor-core tile height; a larger forward tile shares
@@ -302,17 +302,18 @@ def selected_fwd_merge_kernel(
 
 @triton.jit
 def selected_bwd_dq_scatter_kernel(
-    q, k, v, lse, do, delta, dq_part, flag, cu_seqlens, block_table, offsets, entries, seg_first, seg_bucket,
+    q, k, v, lse, do, gate, delta, dq_part, flag, cu_seqlens, block_table, offsets, entries, seg_first, seg_bucket,
     scale, NBT, key0, c0,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, SEG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    GATED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """dQ of one segment of one (KV head, block)'s query list (chunk and lists as in
     :func:`selected_fwd_scatter_kernel`): every (entry, head) row's gradient through this block
     alone, float32, to ``dq_part[((t - c0) * HQ + hq) * S + s]``, and 1 to the same slot of
-    ``flag`` (int8). The forward's lse (natural log) and delta = rowsum(dO * O) are inputs."""
+    ``flag`` (int8). The forward's lse (natural log) and delta = rowsum(dO * O) are inputs; dO is
+    gated per row by ``gate`` when GATED (:func:`load_do`)."""
     i_seg = tl.load(seg_first + key0).to(tl.int64) + tl.program_id(0)
     if i_seg < tl.load(seg_first + key0 + H * NBT):
         i_h, i_j, bos, seq_len, start, end = _scatter_segment(i_seg, seg_bucket, seg_first, offsets, block_table,
@@ -325,8 +326,7 @@ def selected_bwd_dq_scatter_kernel(
             m_r, i_t, i_s, o_row = _scatter_rows(entries, i0, end, i_h, HQ, H, G, S, BQ, BR)
             b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
                           other=0.)
-            b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
-                           other=0.)
+            b_do = load_do(do, o_row, m_r, o_dv, DV, gate, GATED)
             b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.) * 1.4426950408889634
             b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
             b_dq = tl.zeros([BR, BDK], dtype=tl.float32)
@@ -366,13 +366,14 @@ def selected_bwd_dq_reduce_kernel(
 
 @triton.jit
 def selected_bwd_dq_kernel(
-    q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
+    q, k, v, o, lse, do, gate, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    GATED: tl.constexpr, HAS_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """dq ``[N, HQ, DK]`` and delta ``[N, HQ]`` = rowsum(dO * O); same tiling as the forward."""
+    """dq ``[N, HQ, DK]``; same tiling as the forward. delta ``[N, HQ]`` = rowsum(dO * O) is an
+    input when HAS_DELTA, else computed here and stored; dO gated per row when GATED."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -395,10 +396,13 @@ def selected_bwd_dq_kernel(
     m_qd = m_r[:, None] & (o_dk < DK)[None, :]
     m_vd = m_r[:, None] & (o_dv < DV)[None, :]
     b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_qd, other=0.)
-    b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_vd, other=0.)
-    b_o = tl.load(o + o_row[:, None] * DV + o_dv[None, :], mask=m_vd, other=0.)
-    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), axis=1)  # [BR]
-    tl.store(delta + o_row, b_delta, mask=m_r)
+    b_do = load_do(do, o_row, m_r, o_dv, DV, gate, GATED)
+    if HAS_DELTA:
+        b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
+    else:
+        b_o = tl.load(o + o_row[:, None] * DV + o_dv[None, :], mask=m_vd, other=0.)
+        b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), axis=1)  # [BR]
+        tl.store(delta + o_row, b_delta, mask=m_r)
     qk_scale = scale * 1.4426950408889634
     b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.) * 1.4426950408889634
     b_idx = tl.load(block_indices + ((bos + i_t) * H + i_h)[:, None] * S + o_s[None, :],
@@ -447,12 +451,12 @@ def selected_bwd_dq_kernel(
 
 @triton.jit
 def selected_bwd_dkv_kernel(
-    q, k, v, lse, do, delta, dk, dv, dk_part, dv_part, cu_seqlens, block_table, query_offsets, query_list,
+    q, k, v, lse, do, gate, delta, dk, dv, dk_part, dv_part, cu_seqlens, block_table, query_offsets, query_list,
     seg_bucket, seg_first, part_first, scale, NBT, SEG,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    GATED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """dK/dV contribution of one segment (at most ``SEG`` queries) of one (KV head, block)'s
     query list, for ``BK`` keys of the block (sub-tile ``pid % NKS``).
@@ -504,8 +508,7 @@ def selected_bwd_dkv_kernel(
             o_row = i_t * HQ + i_h * G + o_rg
             b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
                           other=0.)
-            b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
-                           other=0.)
+            b_do = load_do(do, o_row, m_r, o_dv, DV, gate, GATED)
             b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.) * 1.4426950408889634
             b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
             b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
@@ -732,7 +735,7 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
     o = new_output((N, HQ, DV), q.dtype, q.device)
     lse = new_output((N, HQ), torch.float32, q.device)
     # num_stages 1 for union walks: their loads sit under data-dependent branches
-    stages = GATHER_STAGES if cfg.BT == 1 and q.is_cuda else 1
+    stages = GATHER_STAGES if cfg.BT == 1 and not interpreting() else 1
     selected_fwd_kernel[(chunk_indices.shape[0], H)](
         q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
         HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=block_size, BK=cfg.BK, NKS=cfg.NKS,
@@ -828,20 +831,21 @@ def _dq_mode(q, cfg: _Tiles) -> str:
         return DQ_MODE
     # H200, 64k, random selections, whole selected backward: G=16 gather 32.5 ms, scatter 57.3;
     # G=4 gather 28.7, scatter 15.7; G=1 gather 21.4, scatter 5.1 (benchmarks/NOTES.md)
-    return "scatter" if q.is_cuda and cfg.BT > 1 else "gather"
+    return "scatter" if not interpreting() and cfg.BT > 1 else "gather"
 
 
-def _launch_dq_scatter(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, block_table,
-                       cfg: _Tiles):
-    """dQ (and delta) KV-block-centric, like :func:`_launch_fwd_scatter`: per-slot float32
-    partials (chunks of positions within ``PARTIAL_BYTES``) summed in slot order."""
+def _launch_dq_scatter(q, k, v, o, lse, do, gate, delta, block_indices, block_size, scale, cu_seqlens,
+                       block_table, cfg: _Tiles):
+    """dQ (and delta, unless given) KV-block-centric, like :func:`_launch_fwd_scatter`: per-slot
+    float32 partials (chunks of positions within ``PARTIAL_BYTES``) summed in slot order."""
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     G = HQ // H
-    delta = new_output((N, HQ), torch.float32, q.device)
-    br = 64  # rows of rowsum(dO * O) per program
-    compressed_bwd_preprocess_kernel[(triton.cdiv(N * HQ, br),)](o, do, delta, delta, N * HQ, DV, HAS_DLSE=False,
-                                                                  BR=br, BDV=pow2(DV))
+    if delta is None:
+        delta = new_output((N, HQ), torch.float32, q.device)
+        br = 64  # rows of rowsum(dO * O) per program
+        compressed_bwd_preprocess_kernel[(triton.cdiv(N * HQ, br),)](
+            o, do, delta, delta, N * HQ, DV, HAS_DLSE=False, BR=br, BDV=pow2(DV))
     C = _partial_chunk(N, HQ, S, DK, 4)
     NBT, HB, n_chunks, offsets, entries, first, bucket, seg = _scatter_plan(
         block_indices, cu_seqlens, block_table, block_size, C, G)
@@ -855,9 +859,10 @@ def _launch_dq_scatter(q, k, v, o, lse, do, block_indices, block_size, scale, cu
         rows = min(C, N - c0)
         flag.zero_()  # slots no program writes: skipped by the reduce
         selected_bwd_dq_scatter_kernel[(_scatter_grid(HB, rows, H, S, seg),)](
-            q, k, v, lse, do, delta, dq_part, flag, cu_seqlens, block_table, offsets, entries, first, bucket,
-            scale, NBT, c * HB, c0, HQ=HQ, H=H, G=G, S=S, BS=block_size, BK=cfg.BK_SC, NKS=cfg.NKS_SC, DK=DK,
-            DV=DV, BDK=pow2(DK), BDV=pow2(DV), BQ=bq, BR=br, SEG=seg, num_warps=cfg.warps_dq_sc,
+            q, k, v, lse, do, do if gate is None else gate, delta, dq_part, flag, cu_seqlens, block_table, offsets,
+            entries, first, bucket, scale, NBT, c * HB, c0, HQ=HQ, H=H, G=G, S=S, BS=block_size, BK=cfg.BK_SC,
+            NKS=cfg.NKS_SC, DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV), BQ=bq, BR=br, SEG=seg,
+            GATED=gate is not None, num_warps=cfg.warps_dq_sc,
             num_stages=cfg.stages_dq_sc, **dot_args(q.dtype),
         )
         selected_bwd_dq_reduce_kernel[(triton.cdiv(rows * HQ, bm),)](
@@ -867,25 +872,34 @@ def _launch_dq_scatter(q, k, v, o, lse, do, block_indices, block_size, scale, cu
 
 
 def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, chunk_indices,
-                block_table, cfg: _Tiles):
+                block_table, cfg: _Tiles, gate=None, delta=None):
     """Packed tensors as in :func:`_launch_fwd`, plus o, do ``[N, HQ, DV]``, lse ``[N, HQ]`` and
-    block_table ``[NBT, 2]`` (:func:`_chunk_table` with the block size). Returns dq, dk, dv."""
+    block_table ``[NBT, 2]`` (:func:`_chunk_table` with the block size). Returns dq, dk, dv.
+
+    With ``gate`` ``[N, HQ]`` (contiguous), ``do`` is the gradient of NSA's gated sum and the
+    branch's gradient ``gate * do`` is formed inside the kernels; ``delta`` ``[N, HQ]`` float32 =
+    rowsum(branch dO * o), when given, is not recomputed (and is required with ``gate``)."""
+    if gate is not None and delta is None:
+        raise ValueError("selected backward: a gate needs its delta (rowsum of the gated dO * o)")
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     common = dict(HQ=HQ, H=H, G=HQ // H, BS=block_size, DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV),
                   **dot_args(q.dtype))
     if _dq_mode(q, cfg) == "scatter":
-        dq, delta = _launch_dq_scatter(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens,
-                                       block_table, cfg)
+        dq, delta = _launch_dq_scatter(q, k, v, o, lse, do, gate, delta, block_indices, block_size, scale,
+                                       cu_seqlens, block_table, cfg)
     else:
         dq = new_output(q.shape, q.dtype, q.device)
-        delta = new_output((N, HQ), torch.float32, q.device)
+        has_delta = delta is not None
+        if not has_delta:
+            delta = new_output((N, HQ), torch.float32, q.device)
         # num_stages 1 for union walks: their loads sit under data-dependent branches
-        stages = GATHER_STAGES if cfg.BT == 1 and q.is_cuda else 1
+        stages = GATHER_STAGES if cfg.BT == 1 and not interpreting() else 1
         selected_bwd_dq_kernel[(chunk_indices.shape[0], H)](
-            q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
-            S=S, SP=triton.next_power_of_2(S), BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR,
-            STAGES=stages, num_warps=cfg.warps, num_stages=stages, **common,
+            q, k, v, o, lse, do, do if gate is None else gate, dq, delta, block_indices, cu_seqlens, chunk_indices,
+            scale, S=S, SP=triton.next_power_of_2(S), BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR,
+            STAGES=stages, GATED=gate is not None, HAS_DELTA=has_delta, num_warps=cfg.warps, num_stages=stages,
+            **common,
         )
     NBT = block_table.shape[0]
     offsets, query_list, _ = _reverse_index(block_indices, cu_seqlens, block_table, block_size)
@@ -899,8 +913,9 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
     dv_part = new_output((seg.max_parts, BSP, DV), torch.float32, q.device)
     kv = dict(common, BK=cfg.BK_KV, NKS=cfg.NKS_KV)
     selected_bwd_dkv_kernel[(seg.max_segments * cfg.NKS_KV,)](
-        q, k, v, lse, do, delta, dk, dv, dk_part, dv_part, cu_seqlens, block_table, offsets, query_list,
-        seg.bucket, seg.first, seg.part_first, scale, NBT, KV_SEGMENT, BQ=cfg.BQ, BR=cfg.BRQ,
+        q, k, v, lse, do, do if gate is None else gate, delta, dk, dv, dk_part, dv_part, cu_seqlens, block_table,
+        offsets, query_list, seg.bucket, seg.first, seg.part_first, scale, NBT, KV_SEGMENT, BQ=cfg.BQ, BR=cfg.BRQ,
+        GATED=gate is not None,
         num_warps=cfg.warps_kv, num_stages=cfg.stages_kv, **kv,
     )
     for key in ("HQ", "G", "DOT_PRECISION", "DOT_UPCAST"):
@@ -939,7 +954,7 @@ def _fwd_mode(q, cfg: _Tiles) -> str:
         return FWD_MODE
     # H200, 64k, random selections: G=16 (one position per tile) gather 17.4 ms, scatter 19.2;
     # G=4 gather 22.8, scatter 5.4; G=1 gather 18.4, scatter 1.8 (benchmarks/NOTES.md)
-    return "scatter" if q.is_cuda and cfg.BT > 1 else "gather"
+    return "scatter" if not interpreting() and cfg.BT > 1 else "gather"
 
 
 @_selected_fwd_op.register_fake
@@ -951,7 +966,10 @@ def _(q, k, v, block_indices, block_size, scale, cu_seqlens):
 @torch.library.custom_op("nsa::selected_attention_bwd", mutates_args=())
 def _selected_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                      do: torch.Tensor, block_indices: torch.Tensor, block_size: int, scale: float,
-                     cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     cu_seqlens: torch.Tensor | None, gate: torch.Tensor | None = None,
+                     delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of selected attention; with ``gate`` and ``delta`` (``[B, T, HQ]``, see
+    :func:`_launch_bwd`) ``do`` is the gradient of NSA's gated sum."""
     B, T, HQ, DK = q.shape
     H, DV = k.shape[2], v.shape[3]
     if B * T == 0:
@@ -965,12 +983,13 @@ def _selected_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
                              v.reshape(N, H, DV).contiguous(), o.reshape(N, HQ, DV).contiguous(),
                              lse.reshape(N, HQ).contiguous(), do.reshape(N, HQ, DV).contiguous(),
                              block_indices.reshape(N, H, -1).contiguous(), block_size, scale, cu, chunks,
-                             blocks, cfg)
+                             blocks, cfg, gate=None if gate is None else gate.reshape(N, HQ).contiguous(),
+                             delta=None if delta is None else delta.reshape(N, HQ).contiguous())
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
 @_selected_bwd_op.register_fake
-def _(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens):
+def _(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, gate=None, delta=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 

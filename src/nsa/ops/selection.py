@@ -354,7 +354,7 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     if positions is not None:
         assert positions > 0 and positions & (positions - 1) == 0, "positions must be a power of two"
         BT = positions
-    elif q.is_cuda:
+    elif not interpreting():
         BT = max(1, min(POSITIONS, MAX_ROWS // GP))
     else:
         BT = max(1, ROWS_INTERPRET // GP)
@@ -367,7 +367,7 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     BJ = max(MIN_CHUNK_BLOCKS, pow2(num_selected, 1), pow2(spill + 1, 1))
     LOG_R = int(math.log2(BJ))
     BD = pow2(DK)
-    if maxnreg is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and BD <= 128 \
+    if maxnreg is None and not interpreting() and q.dtype in (torch.float16, torch.bfloat16) and BD <= 128 \
             and BJ <= 16 and BT * GP <= 256:
         maxnreg = MAXNREG
     if cu_seqlens is not None:

@@ -160,16 +160,6 @@ def compressed_bwd_preprocess_kernel(o, do, dlse, delta, N, DV, HAS_DLSE: tl.con
 
 
 @triton.jit
-def _gated(b_do, gate, o_rows, m_rows, GATED: tl.constexpr):
-    """With GATED, the branch's output gradient ``gate[row] * dO`` of NSA's gated sum, formed in
-    float32 and rounded once to dO's dtype (what the separate gate backward writes)."""
-    if GATED:
-        b_g = tl.load(gate + o_rows, mask=m_rows, other=0.).to(tl.float32)
-        b_do = (b_do.to(tl.float32) * b_g[:, None]).to(b_do.dtype)
-    return b_do
-
-
-@triton.jit
 def _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, i_lo, i_hi, n_vis, s_kt, s_vt, scale_log2,
                   KERNEL_SIZE, STRIDE, DK, DV,
                   BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASK: tl.constexpr,
@@ -204,14 +194,13 @@ def _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, i_lo, i_hi, n_
 
 
 @triton.jit
-def compressed_bwd_dq_kernel(q, k, v, do, gate, lse, delta, dq, cu_seqlens, ccu_seqlens, chunk_indices, scale,
+def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlens, chunk_indices, scale,
                              scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, HQ, H, G, DK, DV,
                              KERNEL_SIZE, STRIDE,
                              GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
-                             BDV: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
-                             UPCAST: tl.constexpr):
+                             BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (query tile, KV head). dq has q's strides, do has o's strides;
-    lse and delta are contiguous [tokens, HQ] fp32, and so is gate (any float dtype) when GATED."""
+    lse and delta are contiguous [tokens, HQ] fp32."""
     BM: tl.constexpr = BT * GP
     i_p = tl.program_id(0)
     i_c, i_h = i_p // H, i_p % H
@@ -237,7 +226,6 @@ def compressed_bwd_dq_kernel(q, k, v, do, gate, lse, delta, dq, cu_seqlens, ccu_
                   mask=m_row[:, None] & m_dk[None, :], other=0.)  # [BM, BDK]
     b_do = tl.load(do + o_tok[:, None] * s_ot + (o_hq * s_oh)[:, None] + o_dv[None, :],
                    mask=m_row[:, None] & m_dv[None, :], other=0.)  # [BM, BDV]
-    b_do = _gated(b_do, gate, o_tok * HQ + o_hq, m_row, GATED)
     if UPCAST:
         b_q, b_do = b_q.to(tl.float32), b_do.to(tl.float32)
     b_lse = tl.load(lse + o_tok * HQ + o_hq, mask=m_row, other=float("inf"))
@@ -262,10 +250,10 @@ def compressed_bwd_dq_kernel(q, k, v, do, gate, lse, delta, dq, cu_seqlens, ccu_
 
 
 @triton.jit
-def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, gate, lse, delta, bos, seq_len, o_i, i_h, t_lo, t_hi,
+def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_lo, t_hi,
                    s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
                    GP: tl.constexpr, BT: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                   MASK: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """dK (unscaled) and dV of a compressed tile from the query tiles starting at t_lo, t_lo+BT, .. < t_hi
     (rows past t_hi belong to the next program unless t_hi is the sequence end)."""
     BM: tl.constexpr = BT * GP
@@ -289,7 +277,6 @@ def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, gate, lse, delta, bos, seq_len, 
         t0_64 = tl.cast(t0, tl.int64)
         b_q = tl.load(p_qb + t0_64 * s_qt, mask=m_row[:, None] & m_dk[None, :], other=0.)  # [BM, BDK]
         b_do = tl.load(p_dob + t0_64 * s_ot, mask=m_row[:, None] & m_dv[None, :], other=0.)  # [BM, BDV]
-        b_do = _gated(b_do, gate + t0_64 * HQ, bos * HQ + o_dt * HQ + o_hq, m_row, GATED)
         if UPCAST:
             b_q, b_do = b_q.to(tl.float32), b_do.to(tl.float32)
         b_lse = tl.load(p_lb + t0_64 * HQ, mask=m_row, other=float("inf"))
@@ -314,12 +301,11 @@ def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, gate, lse, delta, bos, seq_len, 
 
 
 @triton.jit
-def compressed_bwd_dkv_kernel(q, k, v, do, gate, lse, delta, dk, dv, cu_seqlens, ccu_seqlens, chunk_indices,
-                              scale, scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_dks, s_dvs,
+def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_seqlens, chunk_indices, scale,
+                              scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_dks, s_dvs,
                               HQ, H, G, DK, DV, KERNEL_SIZE, STRIDE, NSEG,
                               GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
-                              BDV: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
-                              UPCAST: tl.constexpr):
+                              BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (tile of BC compressed tokens, KV head, query segment).
 
     The queries that see the tile, [i0*stride + kernel_size - 1, seq_len), are cut into NSEG
@@ -363,12 +349,12 @@ def compressed_bwd_dkv_kernel(q, k, v, do, gate, lse, delta, dk, dv, cu_seqlens,
 
     b_dk = tl.zeros([BC, BDK], dtype=tl.float32)
     b_dv = tl.zeros([BC, BDV], dtype=tl.float32)
-    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, gate, lse, delta, bos, seq_len, o_i, i_h, t_lo, t_mid,
+    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_lo, t_mid,
                                 s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
-                                GP, BT, BDK, BDV, True, GATED, PRECISION, UPCAST)
-    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, gate, lse, delta, bos, seq_len, o_i, i_h, t_mid, t_hi,
+                                GP, BT, BDK, BDV, True, PRECISION, UPCAST)
+    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_mid, t_hi,
                                 s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
-                                GP, BT, BDK, BDV, False, GATED, PRECISION, UPCAST)
+                                GP, BT, BDK, BDV, False, PRECISION, UPCAST)
     p_dk = dk + tl.cast(i_s, tl.int64) * s_dks + o_ctok[:, None] * s_kt + i_h * s_kh + o_dk[None, :]
     p_dv = dv + tl.cast(i_s, tl.int64) * s_dvs + o_ctok[:, None] * s_vt + i_h * s_vh + o_dv[None, :]
     tl.store(p_dk, (b_dk * scale).to(dk.dtype.element_ty), mask=m_i[:, None] & m_dk[None, :])
@@ -410,8 +396,8 @@ def _fwd_config(bdk, bdv, itemsize, interpret):
         return dict(rows=32, BC=32, num_warps=4, num_stages=2)
     if bdk + bdv <= 256:  # H200 sweep 2026-11-28, 64k: 10.4 ms (128/64/8/3: 11.7 ms)
         return dict(rows=256, BC=64, num_warps=16, num_stages=2)
-    if bdk + bdv <= 384:
-        return dict(rows=128, BC=64, num_warps=8, num_stages=2)
+    if bdk + bdv <= 384:  # H200 sweep 2026-11-28, 64k, 192/128: 13.5 ms (128/64/8/2: 17.3 ms)
+        return dict(rows=256, BC=64, num_warps=16, num_stages=2)
     return dict(rows=128, BC=32, num_warps=8, num_stages=2)
 
 
@@ -423,11 +409,10 @@ def _dq_config(bdk, bdv, itemsize, interpret):
     if bdk + bdv <= 256:  # H200 sweep 2026-11-28, 64k: whole backward 37.2 ms (128/32/8/3: 39.4 ms)
         return dict(rows=128, BC=64, num_warps=8, num_stages=2)
     if bdk + bdv <= 384:
-        # Dk=192 (padded 256) / Dv=128. Chosen from compiling for sm_90a with Triton 3.6, NOT yet
-        # timed: 64 rows on 8 warps laid both warpgroups on the same 64-row S/dP tiles (2.0x the
-        # useful tensor work); 128 rows: 228 registers, no spill, 144 KB, 1.25x (padding only).
-        # benchmarks/bench_compressed.py --sweep --dims 192x128 times both.
-        return dict(rows=128, BC=32, num_warps=8, num_stages=2)
+        # Dk=192 (padded 256) / Dv=128: 64 rows on 8 warps laid both warpgroups on the same 64-row
+        # S/dP tiles (2.0x the useful tensor work: whole backward 144 ms at 64k); H200 sweep
+        # 2026-11-28, 64k: 128 rows x 64 tokens 92.2 ms, 128 x 32 99.4, 64 x 32 142.7
+        return dict(rows=128, BC=64, num_warps=8, num_stages=2)
     return dict(rows=64, BC=32, num_warps=8, num_stages=2)
 
 
@@ -439,6 +424,8 @@ def _dkv_config(bdk, bdv, itemsize, device):
         return dict(rows=32, BC=32, num_warps=4, num_stages=2, programs=4 * sms, min_segment=256)
     if bdk + bdv <= 256:
         return dict(rows=32, BC=128, num_warps=8, num_stages=3, programs=4 * sms, min_segment=256)
+    if bdk + bdv <= 384:  # H200 sweep 2026-11-28, 64k, 192/128: whole backward 72.4 ms (32/64/8/2: 99.7)
+        return dict(rows=32, BC=128, num_warps=8, num_stages=2, programs=4 * sms, min_segment=256)
     return dict(rows=32, BC=64, num_warps=8, num_stages=2, programs=4 * sms, min_segment=256)
 
 
@@ -528,15 +515,12 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seq
 
 
 def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens,
-                             dq_config=None, dkv_config=None, gate=None, delta=None):
+                             dq_config=None, dkv_config=None, delta=None):
     """Returns dq, dk_cmp, dv_cmp (input dtypes). ``dlse`` ``[B, T, HQ]`` may be None (zero).
 
-    ``dq_config`` / ``dkv_config`` override the tile configs (benchmark sweeps). With ``gate``
-    ``[B, T, HQ]``, ``do`` is the gradient of NSA's gated sum and the branch's gradient
-    ``gate * do`` is formed inside the kernels; ``delta`` ``[B, T, HQ]`` float32 (rowsum of the
-    branch's dO * o, minus dlse), when given, is not recomputed (required with ``gate``)."""
-    if gate is not None and delta is None:
-        raise ValueError("compressed backward: a gate needs its delta (rowsum of the gated dO * o)")
+    ``dq_config`` / ``dkv_config`` override the tile configs (benchmark sweeps). ``delta``
+    ``[B, T, HQ]`` float32 = rowsum(dO * o) - dlse, when given (:mod:`nsa.ops.fused`), is not
+    recomputed; ``o`` and ``dlse`` are then not read."""
     if delta is not None and dlse is not None:
         raise ValueError("compressed backward: give dlse or a precomputed delta, not both")
     B, T, HQ, Dk = q.shape
@@ -563,8 +547,6 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
             HAS_DLSE=dlse is not None, BR=br, BDV=bdv)
     else:
         delta = delta.contiguous()
-    gated = gate is not None
-    gate = gate.contiguous() if gated else delta
 
     pk = _Packed(B, T, Tc, kernel_size, stride, cu_seqlens, q.device)
     precision = _precision(q.dtype)
@@ -575,8 +557,8 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
     compressed_bwd_dq_kernel[(tiles.shape[0] * H,)](
-        q, k_cmp, v_cmp, do, gate, lse, delta, dq, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common,
-        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, GATED=gated, PRECISION=precision,
+        q, k_cmp, v_cmp, do, lse, delta, dq, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common,
+        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
         UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     cfg = dkv_config or _dkv_config(bdk, bdv, q.element_size(), q.device)
@@ -589,9 +571,9 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
         dk_part = new_output((nseg,) + tuple(k_cmp.shape), torch.float32, q.device)
         dv_part = new_output((nseg,) + tuple(v_cmp.shape), torch.float32, q.device)
     compressed_bwd_dkv_kernel[(tiles.shape[0] * H * nseg,)](
-        q, k_cmp, v_cmp, do, gate, lse, delta, dk_part, dv_part, pk.cu, pk.ccu, tiles, scale, scale * LOG2E,
-        *common[:8], dk_part.stride(0) if nseg > 1 else 0, dv_part.stride(0) if nseg > 1 else 0, *common[8:], nseg,
-        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, GATED=gated, PRECISION=precision,
+        q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common[:8],
+        dk_part.stride(0) if nseg > 1 else 0, dv_part.stride(0) if nseg > 1 else 0, *common[8:], nseg,
+        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
         UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if nseg > 1:  # a fixed-order sum: deterministic
         dk.copy_(dk_part.sum(0))
@@ -618,14 +600,14 @@ def _(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens):
 @torch.library.custom_op("nsa::compressed_attention_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
             do: torch.Tensor, dlse: Optional[torch.Tensor], kernel_size: int, stride: int, scale: float,
-            cu_seqlens: Optional[torch.Tensor], gate: Optional[torch.Tensor] = None,
-            delta: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            cu_seqlens: Optional[torch.Tensor], delta: Optional[torch.Tensor] = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens,
-                                    gate=gate, delta=delta)
+                                    delta=delta)
 
 
 @_bwd_op.register_fake
-def _(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens, gate=None, delta=None):
+def _(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens, delta=None):
     return torch.empty_like(q), torch.empty_like(k_cmp), torch.empty_like(v_cmp)
 
 

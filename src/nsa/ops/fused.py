@@ -1,18 +1,22 @@
-"""NSA's Triton fast path as one autograd function: the gates applied inside the branch kernels.
+"""NSA's Triton fast path as one autograd node: the gates folded into the branch backward.
 
 The composed path (:func:`nsa.ops.nsa` with one autograd node per branch) runs the gates'
 backward as its own pass: it writes each branch's gradient ``dO_x = g_x * dO`` (three tensors
-of the output's size), and every branch backward then reads its ``dO_x`` and ``o_x`` again to
-form ``delta_x = rowsum(dO_x * o_x)``. Here one kernel reads dO and the three branch outputs
-once and writes only per-row numbers: the gate gradients ``dg_x = rowsum(dO * o_x)`` and
-``delta_x = g_x * dg_x``; each branch's backward kernels read dO and scale it by their gate per
-row when they load it (rounded to dO's dtype exactly as the gate backward rounds ``dO_x``).
-Forward: the same kernels as the composed path.
+of the output's size), and every branch backward then reads ``dO_x`` and ``o_x`` again to form
+``delta_x = rowsum(dO_x * o_x)``. Here, when every gate is >= 0 (NSA's gates are sigmoid
+outputs), one kernel reads dO and the three branch outputs once and writes per-row numbers
+only: ``dg_x = rowsum(dO * o_x)`` and ``lse'_x = lse_x - log(g_x)``. With ``P' = g_x * P =
+exp(s - lse'_x)`` the branch's gradients are the plain attention backward on ``(dO, lse',
+delta = dg_x)``, unchanged kernels::
 
-Semantics are those of :func:`nsa.ops.reference.nsa` (tested against it). Rounding differs from
-the composed path (``nsa.ops.api.FUSED_GATES = False``) only in delta: here ``g_x * rowsum(dO *
-o_x)`` in float32, there the rowsum of the rounded ``dO_x * o_x``. float64 inputs take the
-composed path (its kernels compute in float32 and the gates in float64).
+    dV = P^T (g_x dO) = P'^T dO        dS = P * (g_x dO V^T - g_x dg_x) = P' * (dO V^T - dg_x)
+
+A negative gate (no logarithm) takes the composed backward inside the same node; the choice
+reads the gates' sign on the host once per backward (skipped, composed, while a CUDA graph is
+captured). The forward runs the same kernels as the composed path.
+
+Semantics are those of :func:`nsa.ops.reference.nsa` (tested against it). float64 inputs take
+the composed path (its kernels compute in float32 and the gates in float64).
 """
 
 from __future__ import annotations
@@ -20,6 +24,42 @@ from __future__ import annotations
 import torch
 
 from . import compressed, gate, selected, selection, window
+
+
+@torch.library.custom_op("nsa::nsa_fused_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor,
+            v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor,
+            g_win: torch.Tensor, o_cmp: torch.Tensor, lse_cmp: torch.Tensor, idx: torch.Tensor, o_slc: torch.Tensor,
+            lse_slc: torch.Tensor, o_win: torch.Tensor, lse_win: torch.Tensor, cu_seqlens: torch.Tensor | None,
+            kernel_size: int, stride: int, block_size: int, window_size: int, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    do = do.contiguous()
+    capturing = do.is_cuda and torch.cuda.is_current_stream_capturing()
+    fold = not capturing and not bool(((g_cmp < 0).any() | (g_slc < 0).any() | (g_win < 0).any()).item())
+    if fold:
+        dg_cmp, dg_slc, dg_win, lse2, delta = gate.gate_bwd_fused(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win,
+                                                                  lse_cmp, lse_slc, lse_win)
+        do_cmp = do_slc = do_win = do
+        lse_cmp, lse_slc, lse_win = lse2.unbind(0)
+        delta_cmp, delta_slc, delta_win = delta.unbind(0)
+    else:
+        do_cmp, do_slc, do_win, dg_cmp, dg_slc, dg_win = gate.gate_combine_bwd(
+            do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, [True] * 6)
+        delta_cmp = delta_slc = delta_win = None
+    dq, dk_cmp, dv_cmp = compressed.compressed_attention_bwd(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, None,
+                                                             kernel_size, stride, scale, cu_seqlens, delta=delta_cmp)
+    dq_slc, dk_slc, dv_slc = selected._selected_bwd_op(q, k_slc, v_slc, o_slc, lse_slc, do_slc, idx, block_size,
+                                                       scale, cu_seqlens, delta=delta_slc)
+    # the window's dQ kernel adds the other two branches' dq (float32, one rounding)
+    dq, dk_win, dv_win = window._window_bwd_op(q, k_win, v_win, o_win, lse_win, do_win, window_size, scale,
+                                               cu_seqlens, delta=delta_win, dq_a=dq, dq_b=dq_slc)
+    return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, dg_cmp, dg_slc, dg_win
+
+
+@_bwd_op.register_fake
+def _(do, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *rest):
+    return tuple(torch.empty_like(t) for t in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win))
 
 
 class NSAFunction(torch.autograd.Function):
@@ -44,17 +84,9 @@ class NSAFunction(torch.autograd.Function):
         (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
          o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, cu) = ctx.saved_tensors
         kernel_size, stride, block_size, window_size, scale = ctx.args
-        do = do.contiguous()
-        dg_cmp, dg_slc, dg_win, delta = gate._bwd_fused_op(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
-        dq, dk_cmp, dv_cmp = compressed._bwd_op(q, k_cmp, v_cmp, o_cmp, lse_cmp, do, None, kernel_size, stride,
-                                                scale, cu, gate=g_cmp, delta=delta[0])
-        dq_slc, dk_slc, dv_slc = selected._selected_bwd_op(q, k_slc, v_slc, o_slc, lse_slc, do, idx, block_size,
-                                                           scale, cu, gate=g_slc, delta=delta[1])
-        dq_win, dk_win, dv_win = window._window_bwd_op(q, k_win, v_win, o_win, lse_win, do, window_size, scale,
-                                                       cu, gate=g_win, delta=delta[2])
-        dq = dq + dq_slc + dq_win
-        return (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, dg_cmp, dg_slc, dg_win,
-                None, None, None, None, None, None, None, None, None)
+        grads = _bwd_op(do, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, o_cmp, lse_cmp, idx,
+                        o_slc, lse_slc, o_win, lse_win, cu, kernel_size, stride, block_size, window_size, scale)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, kernel_size, stride, block_size,

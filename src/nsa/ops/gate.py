@@ -89,29 +89,41 @@ def gate_bwd_kernel(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win,
 
 
 @triton.jit
-def _fused_branch(b_do, p_o, p_g, p_dg, p_delta, o_r, o_x, m_r, m):
-    """dg = sum over the row of dO * o_x (rounded to g's dtype) and the branch's
-    delta = g * dg (float32) = rowsum(g * dO * o_x), what its attention backward needs."""
-    b_dg = tl.sum(b_do * _load(p_o, o_x, m, False), 1)
+def _fused_branch(b_do, p_o, p_g, p_lse, p_dg, p_lse_out, p_delta, o_r, o_x, m_r, m, LOG2: tl.constexpr):
+    """One branch of :func:`gate_bwd_fused_kernel`."""
+    b_dg = tl.sum(b_do * _load(p_o, o_x, m, False), 1)  # [BR] rowsum(dO * o_x)
     tl.store(p_dg + o_r, b_dg.to(p_dg.dtype.element_ty), mask=m_r)
-    tl.store(p_delta + o_r, _load(p_g, o_r, m_r, False) * b_dg, mask=m_r)
+    tl.store(p_delta + o_r, b_dg, mask=m_r)
+    b_g = _load(p_g, o_r, m_r, False)
+    b_lse = tl.load(p_lse + o_r, mask=m_r, other=0.)
+    if LOG2:
+        b_shift = tl.log2(b_g)
+    else:
+        b_shift = tl.log(b_g)
+    # a row that saw no key keeps lse = -inf (the kernels skip it); g = 0 gives +inf (p' = 0)
+    tl.store(p_lse_out + o_r, tl.where(b_lse == float("-inf"), b_lse, b_lse - b_shift), mask=m_r)
 
 
 @triton.jit
-def gate_bwd_fused_kernel(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, dg_cmp, dg_slc, dg_win, delta, N, DV,
+def gate_bwd_fused_kernel(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, lse_cmp, lse_slc, lse_win,
+                          dg_cmp, dg_slc, dg_win, lse_out, delta, N, DV,
                           BR: tl.constexpr, BDV: tl.constexpr):
-    """The gates' backward when the branches' attention kernels take dO and their gate
-    themselves (:func:`nsa.ops.fused.nsa_triton`): dg_x and delta_x = g_x * dg_x for the three
-    branches, no dO_x written. delta: float32 ``[3, N]``; others as in :func:`gate_bwd_kernel`."""
+    """The gates' backward for :mod:`nsa.ops.fused`, gates >= 0: per row and branch x,
+    dg_x = rowsum(dO * o_x) (rounded to g's dtype), delta_x = the same in float32 and
+    lse'_x = lse_x - log(g_x) (log2 for the window branch, whose lse is base 2), into the
+    float32 ``[3, N]`` tensors delta and lse_out. With P' = g_x * P = exp(s - lse'_x), the
+    branch's gradients through dO_x = g_x * dO are exactly the plain attention backward on
+    (dO, lse', delta'): dV = P^T dO_x = P'^T dO, and dS = P * (dP_x - delta_x) =
+    P' * (dO V^T - rowsum(dO * o_x)). Others as in :func:`gate_bwd_kernel`."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BDV)
     m_r = o_r < N
     m = m_r[:, None] & (o_d < DV)[None, :]
     o_x = o_r[:, None] * DV + o_d[None, :]
     b_do = _load(do, o_x, m, False)
-    _fused_branch(b_do, o_cmp, g_cmp, dg_cmp, delta, o_r, o_x, m_r, m)
-    _fused_branch(b_do, o_slc, g_slc, dg_slc, delta + N, o_r, o_x, m_r, m)
-    _fused_branch(b_do, o_win, g_win, dg_win, delta + 2 * N, o_r, o_x, m_r, m)
+    _fused_branch(b_do, o_cmp, g_cmp, lse_cmp, dg_cmp, lse_out, delta, o_r, o_x, m_r, m, False)
+    _fused_branch(b_do, o_slc, g_slc, lse_slc, dg_slc, lse_out + N, delta + N, o_r, o_x, m_r, m, False)
+    _fused_branch(b_do, o_win, g_win, lse_win, dg_win, lse_out + 2 * N, delta + 2 * N, o_r, o_x, m_r, m, True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,21 +196,23 @@ def gate_combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, needs, config
     return grads
 
 
-def gate_bwd_fused(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
-    """Returns dg_cmp, dg_slc, dg_win (the gates' shapes and dtypes) and float32 delta
-    ``[3, B, T, HQ]``: ``delta[x] = g_x * rowsum(dO * o_x)``. float64 is not supported here (the
-    composed path serves it)."""
+def gate_bwd_fused(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, lse_cmp, lse_slc, lse_win):
+    """The gates' backward when every gate is >= 0 (:func:`gate_bwd_fused_kernel`). lse_cmp and
+    lse_slc natural-log, lse_win base-2 (as the branch kernels store them), float32 ``[B, T, HQ]``.
+    Returns dg_cmp, dg_slc, dg_win (the gates' shapes and dtypes) and float32 ``[3, B, T, HQ]``
+    lse' and delta. Not for float64 (the composed path serves it)."""
     grads = [new_output(g.shape, g.dtype, g.device) for g in (g_cmp, g_slc, g_win)]
+    lse_out = new_output((3,) + tuple(g_cmp.shape), torch.float32, do.device)
     delta = new_output((3,) + tuple(g_cmp.shape), torch.float32, do.device)
     N, DV = o_cmp.shape[:-1].numel(), o_cmp.shape[-1]
-    if N * DV == 0:
-        return (*(g.zero_() for g in grads), delta.zero_())
-    xs = [x.contiguous() for x in (do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)]
-    bdv = triton.next_power_of_2(DV)
+    if N == 0:
+        return (*grads, lse_out, delta)
+    xs = [x.contiguous() for x in (do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, lse_cmp, lse_slc, lse_win)]
+    bdv = triton.next_power_of_2(max(DV, 1))
     cfg = _config(bdv, interpreting())
     gate_bwd_fused_kernel[(triton.cdiv(N, cfg["rows"]),)](
-        *xs, *grads, delta, N, DV, BR=cfg["rows"], BDV=bdv, num_warps=cfg["num_warps"])
-    return (*grads, delta)
+        *xs, *grads, lse_out, delta, N, DV, BR=cfg["rows"], BDV=bdv, num_warps=cfg["num_warps"])
+    return (*grads, lse_out, delta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,19 +242,6 @@ def _bwd_op(do: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: t
 def _(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, needs):
     return tuple(x.new_empty(x.shape) if need else x.new_empty(0)
                  for x, need in zip((o_cmp, o_slc, o_win, g_cmp, g_slc, g_win), needs))
-
-
-@torch.library.custom_op("nsa::gate_bwd_fused", mutates_args=())
-def _bwd_fused_op(do: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor,
-                  g_cmp: torch.Tensor, g_slc: torch.Tensor, g_win: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gate_bwd_fused(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
-
-
-@_bwd_fused_op.register_fake
-def _(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
-    return (g_cmp.new_empty(g_cmp.shape), g_slc.new_empty(g_slc.shape), g_win.new_empty(g_win.shape),
-            g_cmp.new_empty((3,) + tuple(g_cmp.shape), dtype=torch.float32))
 
 
 class GateCombineFunction(torch.autograd.Function):

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .compressed import compressed_bwd_preprocess_kernel
-from .triton_utils import dot, dot_args, load_do, pow2, softmax_step
+from .triton_utils import dot, dot_args, pow2, softmax_step
 from .utils import interpreting, new_output, uniform_cu_seqlens
 
 # Rows (positions x heads) per query tile in the forward/dQ kernels, and per query chunk in
@@ -302,18 +302,17 @@ def selected_fwd_merge_kernel(
 
 @triton.jit
 def selected_bwd_dq_scatter_kernel(
-    q, k, v, lse, do, gate, delta, dq_part, flag, cu_seqlens, block_table, offsets, entries, seg_first, seg_bucket,
+    q, k, v, lse, do, delta, dq_part, flag, cu_seqlens, block_table, offsets, entries, seg_first, seg_bucket,
     scale, NBT, key0, c0,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, SEG: tl.constexpr,
-    GATED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """dQ of one segment of one (KV head, block)'s query list (chunk and lists as in
     :func:`selected_fwd_scatter_kernel`): every (entry, head) row's gradient through this block
     alone, float32, to ``dq_part[((t - c0) * HQ + hq) * S + s]``, and 1 to the same slot of
-    ``flag`` (int8). The forward's lse (natural log) and delta = rowsum(dO * O) are inputs; dO is
-    gated per row by ``gate`` when GATED (:func:`load_do`)."""
+    ``flag`` (int8). The forward's lse (natural log) and delta = rowsum(dO * O) are inputs."""
     i_seg = tl.load(seg_first + key0).to(tl.int64) + tl.program_id(0)
     if i_seg < tl.load(seg_first + key0 + H * NBT):
         i_h, i_j, bos, seq_len, start, end = _scatter_segment(i_seg, seg_bucket, seg_first, offsets, block_table,
@@ -326,7 +325,8 @@ def selected_bwd_dq_scatter_kernel(
             m_r, i_t, i_s, o_row = _scatter_rows(entries, i0, end, i_h, HQ, H, G, S, BQ, BR)
             b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
                           other=0.)
-            b_do = load_do(do, o_row, m_r, o_dv, DV, gate, GATED)
+            b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
+                           other=0.)
             b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.) * 1.4426950408889634
             b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
             b_dq = tl.zeros([BR, BDK], dtype=tl.float32)
@@ -366,14 +366,14 @@ def selected_bwd_dq_reduce_kernel(
 
 @triton.jit
 def selected_bwd_dq_kernel(
-    q, k, v, o, lse, do, gate, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
+    q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-    GATED: tl.constexpr, HAS_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """dq ``[N, HQ, DK]``; same tiling as the forward. delta ``[N, HQ]`` = rowsum(dO * O) is an
-    input when HAS_DELTA, else computed here and stored; dO gated per row when GATED."""
+    input when HAS_DELTA, else computed here and stored."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -396,7 +396,7 @@ def selected_bwd_dq_kernel(
     m_qd = m_r[:, None] & (o_dk < DK)[None, :]
     m_vd = m_r[:, None] & (o_dv < DV)[None, :]
     b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_qd, other=0.)
-    b_do = load_do(do, o_row, m_r, o_dv, DV, gate, GATED)
+    b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_vd, other=0.)
     if HAS_DELTA:
         b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
     else:
@@ -451,12 +451,12 @@ def selected_bwd_dq_kernel(
 
 @triton.jit
 def selected_bwd_dkv_kernel(
-    q, k, v, lse, do, gate, delta, dk, dv, dk_part, dv_part, cu_seqlens, block_table, query_offsets, query_list,
+    q, k, v, lse, do, delta, dk, dv, dk_part, dv_part, cu_seqlens, block_table, query_offsets, query_list,
     seg_bucket, seg_first, part_first, scale, NBT, SEG,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
-    GATED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """dK/dV contribution of one segment (at most ``SEG`` queries) of one (KV head, block)'s
     query list, for ``BK`` keys of the block (sub-tile ``pid % NKS``).
@@ -508,7 +508,8 @@ def selected_bwd_dkv_kernel(
             o_row = i_t * HQ + i_h * G + o_rg
             b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
                           other=0.)
-            b_do = load_do(do, o_row, m_r, o_dv, DV, gate, GATED)
+            b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
+                           other=0.)
             b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.) * 1.4426950408889634
             b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
             b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
@@ -834,8 +835,8 @@ def _dq_mode(q, cfg: _Tiles) -> str:
     return "scatter" if not interpreting() and cfg.BT > 1 else "gather"
 
 
-def _launch_dq_scatter(q, k, v, o, lse, do, gate, delta, block_indices, block_size, scale, cu_seqlens,
-                       block_table, cfg: _Tiles):
+def _launch_dq_scatter(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens, block_table,
+                       cfg: _Tiles):
     """dQ (and delta, unless given) KV-block-centric, like :func:`_launch_fwd_scatter`: per-slot
     float32 partials (chunks of positions within ``PARTIAL_BYTES``) summed in slot order."""
     N, HQ, DK = q.shape
@@ -859,10 +860,9 @@ def _launch_dq_scatter(q, k, v, o, lse, do, gate, delta, block_indices, block_si
         rows = min(C, N - c0)
         flag.zero_()  # slots no program writes: skipped by the reduce
         selected_bwd_dq_scatter_kernel[(_scatter_grid(HB, rows, H, S, seg),)](
-            q, k, v, lse, do, do if gate is None else gate, delta, dq_part, flag, cu_seqlens, block_table, offsets,
-            entries, first, bucket, scale, NBT, c * HB, c0, HQ=HQ, H=H, G=G, S=S, BS=block_size, BK=cfg.BK_SC,
-            NKS=cfg.NKS_SC, DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV), BQ=bq, BR=br, SEG=seg,
-            GATED=gate is not None, num_warps=cfg.warps_dq_sc,
+            q, k, v, lse, do, delta, dq_part, flag, cu_seqlens, block_table, offsets, entries, first, bucket,
+            scale, NBT, c * HB, c0, HQ=HQ, H=H, G=G, S=S, BS=block_size, BK=cfg.BK_SC, NKS=cfg.NKS_SC, DK=DK,
+            DV=DV, BDK=pow2(DK), BDV=pow2(DV), BQ=bq, BR=br, SEG=seg, num_warps=cfg.warps_dq_sc,
             num_stages=cfg.stages_dq_sc, **dot_args(q.dtype),
         )
         selected_bwd_dq_reduce_kernel[(triton.cdiv(rows * HQ, bm),)](
@@ -872,22 +872,18 @@ def _launch_dq_scatter(q, k, v, o, lse, do, gate, delta, block_indices, block_si
 
 
 def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, chunk_indices,
-                block_table, cfg: _Tiles, gate=None, delta=None):
+                block_table, cfg: _Tiles, delta=None):
     """Packed tensors as in :func:`_launch_fwd`, plus o, do ``[N, HQ, DV]``, lse ``[N, HQ]`` and
     block_table ``[NBT, 2]`` (:func:`_chunk_table` with the block size). Returns dq, dk, dv.
-
-    With ``gate`` ``[N, HQ]`` (contiguous), ``do`` is the gradient of NSA's gated sum and the
-    branch's gradient ``gate * do`` is formed inside the kernels; ``delta`` ``[N, HQ]`` float32 =
-    rowsum(branch dO * o), when given, is not recomputed (and is required with ``gate``)."""
-    if gate is not None and delta is None:
-        raise ValueError("selected backward: a gate needs its delta (rowsum of the gated dO * o)")
+    ``delta`` ``[N, HQ]`` float32 = rowsum(dO * o), when given (:mod:`nsa.ops.fused`), is not
+    recomputed and ``o`` is not read."""
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     common = dict(HQ=HQ, H=H, G=HQ // H, BS=block_size, DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV),
                   **dot_args(q.dtype))
     if _dq_mode(q, cfg) == "scatter":
-        dq, delta = _launch_dq_scatter(q, k, v, o, lse, do, gate, delta, block_indices, block_size, scale,
-                                       cu_seqlens, block_table, cfg)
+        dq, delta = _launch_dq_scatter(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens,
+                                       block_table, cfg)
     else:
         dq = new_output(q.shape, q.dtype, q.device)
         has_delta = delta is not None
@@ -896,10 +892,9 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
         # num_stages 1 for union walks: their loads sit under data-dependent branches
         stages = GATHER_STAGES if cfg.BT == 1 and not interpreting() else 1
         selected_bwd_dq_kernel[(chunk_indices.shape[0], H)](
-            q, k, v, o, lse, do, do if gate is None else gate, dq, delta, block_indices, cu_seqlens, chunk_indices,
-            scale, S=S, SP=triton.next_power_of_2(S), BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR,
-            STAGES=stages, GATED=gate is not None, HAS_DELTA=has_delta, num_warps=cfg.warps, num_stages=stages,
-            **common,
+            q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
+            S=S, SP=triton.next_power_of_2(S), BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR,
+            STAGES=stages, HAS_DELTA=has_delta, num_warps=cfg.warps, num_stages=stages, **common,
         )
     NBT = block_table.shape[0]
     offsets, query_list, _ = _reverse_index(block_indices, cu_seqlens, block_table, block_size)
@@ -913,9 +908,8 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
     dv_part = new_output((seg.max_parts, BSP, DV), torch.float32, q.device)
     kv = dict(common, BK=cfg.BK_KV, NKS=cfg.NKS_KV)
     selected_bwd_dkv_kernel[(seg.max_segments * cfg.NKS_KV,)](
-        q, k, v, lse, do, do if gate is None else gate, delta, dk, dv, dk_part, dv_part, cu_seqlens, block_table,
-        offsets, query_list, seg.bucket, seg.first, seg.part_first, scale, NBT, KV_SEGMENT, BQ=cfg.BQ, BR=cfg.BRQ,
-        GATED=gate is not None,
+        q, k, v, lse, do, delta, dk, dv, dk_part, dv_part, cu_seqlens, block_table, offsets, query_list,
+        seg.bucket, seg.first, seg.part_first, scale, NBT, KV_SEGMENT, BQ=cfg.BQ, BR=cfg.BRQ,
         num_warps=cfg.warps_kv, num_stages=cfg.stages_kv, **kv,
     )
     for key in ("HQ", "G", "DOT_PRECISION", "DOT_UPCAST"):
@@ -966,10 +960,8 @@ def _(q, k, v, block_indices, block_size, scale, cu_seqlens):
 @torch.library.custom_op("nsa::selected_attention_bwd", mutates_args=())
 def _selected_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                      do: torch.Tensor, block_indices: torch.Tensor, block_size: int, scale: float,
-                     cu_seqlens: torch.Tensor | None, gate: torch.Tensor | None = None,
-                     delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of selected attention; with ``gate`` and ``delta`` (``[B, T, HQ]``, see
-    :func:`_launch_bwd`) ``do`` is the gradient of NSA's gated sum."""
+                     cu_seqlens: torch.Tensor | None, delta: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, HQ, DK = q.shape
     H, DV = k.shape[2], v.shape[3]
     if B * T == 0:
@@ -983,13 +975,12 @@ def _selected_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch
                              v.reshape(N, H, DV).contiguous(), o.reshape(N, HQ, DV).contiguous(),
                              lse.reshape(N, HQ).contiguous(), do.reshape(N, HQ, DV).contiguous(),
                              block_indices.reshape(N, H, -1).contiguous(), block_size, scale, cu, chunks,
-                             blocks, cfg, gate=None if gate is None else gate.reshape(N, HQ).contiguous(),
-                             delta=None if delta is None else delta.reshape(N, HQ).contiguous())
+                             blocks, cfg, delta=None if delta is None else delta.reshape(N, HQ).contiguous())
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
 @_selected_bwd_op.register_fake
-def _(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, gate=None, delta=None):
+def _(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, delta=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 

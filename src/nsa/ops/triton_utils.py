@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .utils import interpreting
 
-__all__ = ["dot", "dot_args", "interpreting", "load_do", "pow2", "softmax_step"]
+__all__ = ["dot", "dot_args", "interpreting", "pow2", "softmax_step"]
 
 
 def pow2(n: int, minimum: int = 16) -> int:
@@ -48,18 +48,3 @@ def softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION: tl.constexpr, DOT_UPC
     b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
     b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, DOT_UPCAST)
     return b_m_new, b_l, b_acc
-
-
-@triton.jit
-def load_do(do, o_row, m_r, o_dv, DV: tl.constexpr, gate, GATED: tl.constexpr):
-    """Rows ``o_row`` of the output gradient ``do`` ``[rows, DV]`` (0 where ``m_r`` is false).
-
-    With ``GATED`` the kernel is one branch of NSA's gate combination ``o = sum_x g_x * o_x`` and
-    ``do`` is the combined output's gradient: the branch's gradient ``g_x * dO`` is formed here,
-    in float32 and rounded once to dO's dtype, exactly what the separate gate backward writes
-    (``gate`` holds g_x per row, ``[rows]`` indexed like lse)."""
-    b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :], other=0.)
-    if GATED:
-        b_g = tl.load(gate + o_row, mask=m_r, other=0.).to(tl.float32)
-        b_do = (b_do.to(tl.float32) * b_g[:, None]).to(do.dtype.element_ty)
-    return b_do

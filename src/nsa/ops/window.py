@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import interpreting, load_do, pow2
+from .triton_utils import interpreting, pow2
 from .utils import new_output
 
 
@@ -172,15 +172,16 @@ def _window_bwd_dq_tiles(
 
 @triton.jit(do_not_specialize=["T", "W"])
 def window_bwd_dq_kernel(
-    q, k, v, o, lse, do, gate, delta, dq, cu_seqlens, chunk_indices, scale, T, W,
+    q, k, v, o, lse, do, delta, dq, dq_a, dq_b, cu_seqlens, chunk_indices, scale, T, W,
     HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    IS_VARLEN: tl.constexpr, GATED: tl.constexpr, HAS_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_DELTA: tl.constexpr, N_ADD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
     """dq ``[N, HQ, K]`` for one query tile of BT positions x G heads; the same band walk as the
     forward. delta ``[N, HQ]`` = rowsum(do * o) (float32) is an input when HAS_DELTA, else
-    computed and stored here; dO gated per row when GATED (:func:`load_do`)."""
+    computed and stored here. N_ADD (0, 1 or 2) of the gradients dq_a, dq_b (``[N, HQ, K]``
+    each: NSA's other branches) are added in float32 before the one rounding to dq's dtype."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     t0 = i_c * BT
@@ -194,7 +195,7 @@ def window_bwd_dq_kernel(
     o_v = tl.arange(0, BV)
     m_v = (o_v < V)[None, :]
     b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0.).to(DOT_DTYPE)
-    b_do = load_do(do, o_row, m_r, o_v, V, gate, GATED)
+    b_do = tl.load(do + o_row[:, None] * V + o_v[None, :], mask=m_v, other=0.)
     if HAS_DELTA:
         b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
     else:
@@ -213,16 +214,20 @@ def window_bwd_dq_kernel(
                                 s_end, W, qk_scale, H, K, V, BK, BV, BN, False, DOT_PRECISION, DOT_DTYPE)
     b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_top, s_end,
                                 s_end, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
-    tl.store(dq + o_row[:, None] * K + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty),
-             mask=m_r[:, None] & (o_k < K)[None, :])
+    b_dq = b_dq * scale
+    m_dq = m_r[:, None] & (o_k < K)[None, :]
+    if N_ADD >= 1:
+        b_dq += tl.load(dq_a + o_row[:, None] * K + o_k[None, :], mask=m_dq, other=0.).to(tl.float32)
+    if N_ADD >= 2:
+        b_dq += tl.load(dq_b + o_row[:, None] * K + o_k[None, :], mask=m_dq, other=0.).to(tl.float32)
+    tl.store(dq + o_row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_dq)
 
 
 @triton.jit
 def _window_bwd_dkv_tiles(
-    b_k, b_v, b_dk, b_dv, q, do, gate, lse, delta, bos, seq_len, i_h, o_s, p_lo, p_hi, W, qk_scale,
+    b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_lo, p_hi, W, qk_scale,
     HQ, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BT: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr, GATED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    BT: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """dK (unscaled) and dV accumulated over the query steps ``p_lo, p_lo + BT, ... < p_hi`` of BT
     positions x G heads. MASKED applies the band mask; else every (key, valid row) pair is visible."""
@@ -235,7 +240,7 @@ def _window_bwd_dkv_tiles(
         # padding rows read a valid row; their lse = +inf makes p = 0, so they add nothing
         o_row = (bos + tl.minimum(o_p, seq_len - 1)) * HQ + i_h * G + o_r % G  # [BM] int64
         b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0.).to(DOT_DTYPE)
-        b_do = load_do(do, o_row, m_r, o_v, V, gate, GATED).to(DOT_DTYPE)
+        b_do = tl.load(do + o_row[:, None] * V + o_v[None, :], mask=(o_v < V)[None, :], other=0.).to(DOT_DTYPE)
         b_lse = tl.load(lse + o_row, mask=m_r, other=float("inf"))
         b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
@@ -252,10 +257,10 @@ def _window_bwd_dkv_tiles(
 
 @triton.jit(do_not_specialize=["T", "W"])
 def window_bwd_dkv_kernel(
-    q, k, v, lse, do, gate, delta, dk, dv, cu_seqlens, chunk_indices, scale, T, W,
+    q, k, v, lse, do, delta, dk, dv, cu_seqlens, chunk_indices, scale, T, W,
     HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-    IS_VARLEN: tl.constexpr, GATED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """dk ``[N, H, K]``, dv ``[N, H, V]`` for one tile of BN keys of KV head i_h, from the queries
     ``[s, s + W - 1]`` of its G heads, BM rows (BM // G positions x G heads) per step."""
@@ -282,14 +287,14 @@ def window_bwd_dkv_kernel(
     p_end = tl.minimum(s1 + W, seq_len)
     p_mid = s0 + tl.cdiv(tl.maximum(s1 - s0, 0), BT) * BT
     p_top = p_mid + (tl.maximum(tl.minimum(s0 + W, seq_len) - p_mid, 0) // BT) * BT
-    b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, gate, lse, delta, bos, seq_len, i_h, o_s, s0,
-                                       tl.minimum(p_mid, p_end), W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, True, GATED,
+    b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, s0,
+                                       tl.minimum(p_mid, p_end), W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, True,
                                        DOT_PRECISION, DOT_DTYPE)
-    b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, gate, lse, delta, bos, seq_len, i_h, o_s, p_mid,
-                                       p_top, W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, False, GATED,
+    b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_mid,
+                                       p_top, W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, False,
                                        DOT_PRECISION, DOT_DTYPE)
-    b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, gate, lse, delta, bos, seq_len, i_h, o_s, p_top,
-                                       p_end, W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, True, GATED,
+    b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_top,
+                                       p_end, W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, True,
                                        DOT_PRECISION, DOT_DTYPE)
     tl.store(dk + p_kv[:, None] * K + o_k[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_k)
     tl.store(dv + p_kv[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_v)
@@ -385,14 +390,13 @@ def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens):
     return o, lse
 
 
-def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens, gate=None, delta=None):
+def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens, delta=None, dq_add=()):
     """Gradients of :func:`_launch_fwd` (all inputs contiguous): dq, dk, dv shaped like q, k, v.
-
-    With ``gate`` ``[B, T, HQ]``, ``do`` is the gradient of NSA's gated sum and the branch's
-    gradient ``gate * do`` is formed inside the kernels; ``delta`` ``[B, T, HQ]`` float32 =
-    rowsum(branch dO * o), when given, is not recomputed (and is required with ``gate``)."""
-    if gate is not None and delta is None:
-        raise ValueError("window backward: a gate needs its delta (rowsum of the gated dO * o)")
+    ``delta`` ``[B, T, HQ]`` float32 = rowsum(dO * o), when given (:mod:`nsa.ops.fused`), is not
+    recomputed and ``o`` is not read. ``dq_add``: up to two contiguous gradients shaped like q,
+    added to dq (NSA's other branches)."""
+    if len(dq_add) > 2:
+        raise ValueError(f"window backward: dq_add takes at most 2 tensors, got {len(dq_add)}")
     B, T, HQ, K = q.shape
     H, V = k.shape[2], v.shape[3]
     G, BK, BV = HQ // H, pow2(K), pow2(V)
@@ -407,17 +411,16 @@ def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens,
     has_delta = delta is not None
     if not has_delta:
         delta = new_output((B, T, HQ), torch.float32, q.device)
-    gated = dict(GATED=gate is not None)
-    gate = do if gate is None else gate
     window_bwd_dq_kernel[(n_tiles, H)](
-        q, k, v, o, lse, do, gate, delta, dq, cu, table, scale, T, W, HAS_DELTA=has_delta, **gated, **common, **cfg)
+        q, k, v, o, lse, do, delta, dq, *(list(dq_add) + [dq, dq])[:2], cu, table, scale, T, W,
+        HAS_DELTA=has_delta, N_ADD=len(dq_add), **common, **cfg)
 
     cfg = _kv_config(G, BK, BV, q.dtype)
     n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BN"], q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     window_bwd_dkv_kernel[(n_tiles, H)](
-        q, k, v, lse, do, gate, delta, dk, dv, cu, table, scale, T, W, **gated, **common, **cfg)
+        q, k, v, lse, do, delta, dk, dv, cu, table, scale, T, W, **common, **cfg)
     return dq, dk, dv
 
 
@@ -437,17 +440,17 @@ def _(q, k, v, window_size, scale, cu_seqlens):
 @torch.library.custom_op("nsa::sliding_window_attention_bwd", mutates_args=())
 def _window_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                    do: torch.Tensor, window_size: int, scale: float, cu_seqlens: torch.Tensor | None,
-                   gate: torch.Tensor | None = None, delta: torch.Tensor | None = None
+                   delta: torch.Tensor | None = None, dq_a: torch.Tensor | None = None,
+                   dq_b: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients; with ``gate`` and ``delta`` see :func:`_launch_bwd`."""
     return _launch_bwd(q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), lse.contiguous(),
                        do.contiguous(), window_size, scale, cu_seqlens,
-                       gate=None if gate is None else gate.contiguous(),
-                       delta=None if delta is None else delta.contiguous())
+                       delta=None if delta is None else delta.contiguous(),
+                       dq_add=[t.contiguous() for t in (dq_a, dq_b) if t is not None])
 
 
 @_window_bwd_op.register_fake
-def _(q, k, v, o, lse, do, window_size, scale, cu_seqlens, gate=None, delta=None):
+def _(q, k, v, o, lse, do, window_size, scale, cu_seqlens, delta=None, dq_a=None, dq_b=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 

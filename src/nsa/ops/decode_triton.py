@@ -336,8 +336,10 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     dev = q.device
     fp32 = q.dtype == torch.float32
     dot_kw = dot_args(q.dtype)
-    # launch settings checked on sm_90 for no register spills and shared memory within the limit
-    fwd_launch = dict(num_warps=8, num_stages=2) if fp32 else dict(num_warps=8 if BDK > 128 else 4, num_stages=3)
+    # launch settings checked on sm_90 (tests/ops/test_launch_resources.py): no register spills and
+    # shared memory within the limit; 3 stages at 256/256 would need 270336 B of 232448 (2: 139264)
+    fwd_launch = dict(num_warps=8, num_stages=2) if fp32 else dict(
+        num_warps=8 if BDK > 128 else 4, num_stages=2 if BDK + BDV > 384 else 3)
     qk_scale = float(scale) * _LOG2E
 
     ws_m = torch.empty(N * H, P, GP, dtype=torch.float32, device=dev)

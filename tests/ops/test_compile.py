@@ -25,6 +25,10 @@ CASES = {
     "selected": lambda q, k, v, kc, vc: ops.selected_attention(
         q, k, v, torch.tensor([0, 1, -1], dtype=torch.int32, device=DEV).expand(1, q.shape[1], k.shape[2], 3)
         .contiguous(), 16, backend="triton"),
+    # the whole mechanism: one autograd node (nsa.ops.fused) whose backward is one custom op
+    "nsa": lambda q, k, v, kc, vc: ops.nsa(
+        q, kc, vc, k, v, k, v, *(torch.sigmoid(q[..., 0] * (i + 1)) for i in range(3)), kernel_size=8, stride=4,
+        block_size=8, num_selected=3, num_initial=1, num_local=1, window_size=7, backend="triton"),
 }
 
 

@@ -67,6 +67,11 @@ class NSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, kernel_size, stride,
                 block_size, num_selected, num_initial, num_local, window_size, scale, cu_seqlens):
+        # k_win / v_win None: the window branch shares the selected branch's keys / values
+        # (torch.compile cannot trace one tensor passed as two inputs)
+        ctx.share = (k_win is None, v_win is None)
+        k_win = k_slc if k_win is None else k_win
+        v_win = v_slc if v_win is None else v_win
         o_cmp, lse_cmp = compressed._fwd_op(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens)
         idx = selection.select_blocks_triton(q, k_cmp, lse_cmp, kernel_size, stride, block_size, num_selected,
                                              num_initial, num_local, scale, cu_seqlens)
@@ -84,14 +89,21 @@ class NSAFunction(torch.autograd.Function):
         (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
          o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, cu) = ctx.saved_tensors
         kernel_size, stride, block_size, window_size, scale = ctx.args
-        grads = _bwd_op(do, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, o_cmp, lse_cmp, idx,
-                        o_slc, lse_slc, o_win, lse_win, cu, kernel_size, stride, block_size, window_size, scale)
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, dg_cmp, dg_slc, dg_win = _bwd_op(
+            do, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, o_cmp, lse_cmp, idx, o_slc, lse_slc,
+            o_win, lse_win, cu, kernel_size, stride, block_size, window_size, scale)
+        if ctx.share[0]:
+            dk_slc, dk_win = dk_slc + dk_win, None
+        if ctx.share[1]:
+            dv_slc, dv_win = dv_slc + dv_win, None
+        return (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, dg_cmp, dg_slc, dg_win,
+                None, None, None, None, None, None, None, None, None)
 
 
 def nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, kernel_size, stride, block_size,
                num_selected, num_initial, num_local, window_size, scale, cu_seqlens):
     """Validated inputs from :func:`nsa.ops.nsa` (no float64; ``scale`` a float). Returns
     ``(o, block_indices)``; o is differentiable in the seven key/value/query tensors and the gates."""
-    return NSAFunction.apply(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, kernel_size, stride,
+    return NSAFunction.apply(q, k_cmp, v_cmp, k_slc, v_slc, None if k_win is k_slc else k_win,
+                             None if v_win is v_slc else v_win, g_cmp, g_slc, g_win, kernel_size, stride,
                              block_size, num_selected, num_initial, num_local, window_size, scale, cu_seqlens)

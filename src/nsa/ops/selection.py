@@ -408,5 +408,19 @@ def select_blocks_triton(q, k_cmp, lse, kernel_size, stride, block_size, num_sel
     Returns:
         int32 ``[B, T, H, num_selected]``: selected block ids ascending, then -1.
     """
+    return _select_op(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,
+                      float(scale), cu_seqlens)
+
+
+# Opaque to torch.compile: a custom op with a shape-only fake implementation.
+@torch.library.custom_op("nsa::select_blocks", mutates_args=())
+def _select_op(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, kernel_size: int, stride: int,
+               block_size: int, num_selected: int, num_initial: int, num_local: int, scale: float,
+               cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     return selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,
                          scale, cu_seqlens)
+
+
+@_select_op.register_fake
+def _(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local, scale, cu_seqlens):
+    return q.new_empty((q.shape[0], q.shape[1], k_cmp.shape[2], num_selected), dtype=torch.int32)

@@ -825,13 +825,16 @@ def _launch_fwd_scatter(q, k, v, block_indices, block_size, scale, cu_seqlens, b
     return o, lse
 
 
-def _dq_mode(q, cfg: _Tiles) -> str:
-    if DQ_MODE not in ("auto", "gather", "scatter"):
-        raise ValueError(f"nsa.ops.selected.DQ_MODE: expected 'auto', 'gather' or 'scatter', got {DQ_MODE!r}")
-    if DQ_MODE != "auto":
-        return DQ_MODE
-    # H200, 64k, random selections, whole selected backward: G=16 gather 32.5 ms, scatter 57.3;
-    # G=4 gather 28.7, scatter 15.7; G=1 gather 21.4, scatter 5.1 (benchmarks/NOTES.md)
+def _algorithm(name: str, mode: str, cfg: _Tiles) -> str:
+    """FWD_MODE / DQ_MODE (``name``) resolved. "auto": on GPUs, gather when a tile holds one
+    position (G >= 16), scatter for smaller groups; gather under the interpreter. H200, 64k,
+    random selections (benchmarks/NOTES.md): forward G=16 gather 17.4 ms, scatter 19.2; G=4 22.8
+    vs 5.4; G=1 18.4 vs 1.8. Whole backward by dQ algorithm: G=16 32.5 vs 57.3; G=4 28.7 vs 15.7;
+    G=1 21.4 vs 5.1."""
+    if mode not in ("auto", "gather", "scatter"):
+        raise ValueError(f"nsa.ops.selected.{name}: expected 'auto', 'gather' or 'scatter', got {mode!r}")
+    if mode != "auto":
+        return mode
     return "scatter" if not interpreting() and cfg.BT > 1 else "gather"
 
 
@@ -881,7 +884,7 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     common = dict(HQ=HQ, H=H, G=HQ // H, BS=block_size, DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV),
                   **dot_args(q.dtype))
-    if _dq_mode(q, cfg) == "scatter":
+    if _algorithm("DQ_MODE", DQ_MODE, cfg) == "scatter":
         dq, delta = _launch_dq_scatter(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens,
                                        block_table, cfg)
     else:
@@ -934,21 +937,11 @@ def _selected_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_in
     args = (q.reshape(B * T, HQ, DK).contiguous(), k.reshape(B * T, H, DK).contiguous(),
             v.reshape(B * T, H, DV).contiguous(), block_indices.reshape(B * T, H, -1).contiguous(),
             block_size, scale, cu)
-    if _fwd_mode(q, cfg) == "scatter":
+    if _algorithm("FWD_MODE", FWD_MODE, cfg) == "scatter":
         o, lse = _launch_fwd_scatter(*args, _chunk_table(cu, B * T, block_size), cfg)
     else:
         o, lse = _launch_fwd(*args, _chunk_table(cu, B * T, cfg.BT), cfg)
     return o.view(B, T, HQ, DV), lse.view(B, T, HQ)
-
-
-def _fwd_mode(q, cfg: _Tiles) -> str:
-    if FWD_MODE not in ("auto", "gather", "scatter"):
-        raise ValueError(f"nsa.ops.selected.FWD_MODE: expected 'auto', 'gather' or 'scatter', got {FWD_MODE!r}")
-    if FWD_MODE != "auto":
-        return FWD_MODE
-    # H200, 64k, random selections: G=16 (one position per tile) gather 17.4 ms, scatter 19.2;
-    # G=4 gather 22.8, scatter 5.4; G=1 gather 18.4, scatter 1.8 (benchmarks/NOTES.md)
-    return "scatter" if not interpreting() and cfg.BT > 1 else "gather"
 
 
 @_selected_fwd_op.register_fake

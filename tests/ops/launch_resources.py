@@ -114,7 +114,7 @@ def _fused_kwargs(fn, available: dict) -> dict:
 def run_case(op: str, c: dict) -> list:
     """Calls the host launchers of ``op`` (forward and backward) at shape ``c``; returns the
     recorded launches as (label, kernel, args, kw). The backward launchers run as the composed
-    path calls them and, where they take its extra arguments (``delta``, ``dq_add``), as the fused
+    path calls them and, where they take its extra arguments (``delta``, ``dq_a``/``dq_b``), as the fused
     NSA path calls them (other kernel specializations: delta given, not computed; dq of the other
     branches added)."""
     from nsa.ops import compressed, decode_triton, gate, selected, selection, window
@@ -127,7 +127,7 @@ def run_case(op: str, c: dict) -> list:
     q, do = z(1, T, HQ, Dk), z(1, T, HQ, Dv)
     lse = z(1, T, HQ, dtype=torch.float32)
     # what the fused NSA path (nsa.ops.fused) passes the backward launchers beyond the composed path
-    fused = dict(delta=z(1, T, HQ, dtype=torch.float32), dq_add=[z(1, T, HQ, Dk), z(1, T, HQ, Dk)])
+    fused = dict(delta=z(1, T, HQ, dtype=torch.float32), dq_a=z(1, T, HQ, Dk), dq_b=z(1, T, HQ, Dk))
     labels = []
 
     def mark(label):

@@ -18,8 +18,8 @@ from . import checks, reference
 from .utils import interpreting
 
 BACKENDS = ("auto", "reference", "triton")
-# nsa() on the Triton backend applies the gates inside the branch kernels' backward
-# (nsa.ops.fused: one autograd node); False composes one autograd node per branch and one for
+# nsa() on the Triton backend is one autograd node whose backward folds the gates into the branch
+# kernels' lse and delta (nsa.ops.fused); False composes one autograd node per branch and one for
 # the gates (float64 always does). Both match the reference; kept for comparisons.
 FUSED_GATES = True
 
@@ -31,8 +31,8 @@ _TRITON_IMPLS = {
     "selected_attention": ("nsa.ops.selected", "selected_attention_triton"),
     "sliding_window_attention": ("nsa.ops.window", "sliding_window_attention_triton"),
     "nsa_decode": ("nsa.ops.decode_triton", "nsa_decode_triton"),
-    # internal: the gated sum of the three branches inside nsa(), and the whole of nsa() with the
-    # gates applied inside the branch kernels (nsa.ops.fused)
+    # internal: the gated sum of the three branches inside nsa(), and the whole of nsa() as one
+    # autograd node (nsa.ops.fused)
     "gate_combine": ("nsa.ops.gate", "gate_combine_triton"),
     "nsa_fused": ("nsa.ops.fused", "nsa_triton"),
 }
@@ -255,6 +255,7 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
                              return_block_indices=return_block_indices)
     cmp_fn = resolve_backend(backend, "compressed_attention", q.device)
     fused_fn = _triton_impl("nsa_fused")
+    # the fused node when the branches resolve to their kernels (not 'auto' on a CPU tensor)
     if (FUSED_GATES and fused_fn is not None and cmp_fn is not reference.compressed_attention
             and all(t.dtype != torch.float64 for t in (q, g_cmp, g_slc, g_win))):
         o, idx = fused_fn(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, kernel_size, stride,

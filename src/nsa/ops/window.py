@@ -390,13 +390,13 @@ def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens):
     return o, lse
 
 
-def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens, delta=None, dq_add=()):
+def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens, delta=None, dq_a=None,
+                dq_b=None):
     """Gradients of :func:`_launch_fwd` (all inputs contiguous): dq, dk, dv shaped like q, k, v.
     ``delta`` ``[B, T, HQ]`` float32 = rowsum(dO * o), when given (:mod:`nsa.ops.fused`), is not
-    recomputed and ``o`` is not read. ``dq_add``: up to two contiguous gradients shaped like q,
-    added to dq (NSA's other branches)."""
-    if len(dq_add) > 2:
-        raise ValueError(f"window backward: dq_add takes at most 2 tensors, got {len(dq_add)}")
+    recomputed and ``o`` is not read. ``dq_a``, ``dq_b``: contiguous gradients shaped like q added
+    to dq (NSA's other branches), or None."""
+    dq_add = [t for t in (dq_a, dq_b) if t is not None]  # N_ADD of them, then placeholders
     B, T, HQ, K = q.shape
     H, V = k.shape[2], v.shape[3]
     G, BK, BV = HQ // H, pow2(K), pow2(V)
@@ -412,7 +412,7 @@ def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens,
     if not has_delta:
         delta = new_output((B, T, HQ), torch.float32, q.device)
     window_bwd_dq_kernel[(n_tiles, H)](
-        q, k, v, o, lse, do, delta, dq, *(list(dq_add) + [dq, dq])[:2], cu, table, scale, T, W,
+        q, k, v, o, lse, do, delta, dq, *(dq_add + [dq] * (2 - len(dq_add))), cu, table, scale, T, W,
         HAS_DELTA=has_delta, N_ADD=len(dq_add), **common, **cfg)
 
     cfg = _kv_config(G, BK, BV, q.dtype)
@@ -446,7 +446,8 @@ def _window_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.T
     return _launch_bwd(q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), lse.contiguous(),
                        do.contiguous(), window_size, scale, cu_seqlens,
                        delta=None if delta is None else delta.contiguous(),
-                       dq_add=[t.contiguous() for t in (dq_a, dq_b) if t is not None])
+                       dq_a=None if dq_a is None else dq_a.contiguous(),
+                       dq_b=None if dq_b is None else dq_b.contiguous())
 
 
 @_window_bwd_op.register_fake

@@ -233,10 +233,107 @@ def probe_gates(Ts):
         torch.cuda.empty_cache() if DEV == "cuda" else None
 
 
+def _concurrent(*fns, priorities=None):
+    """A callable that launches each fn on its own CUDA stream (after the current stream's work)
+    and makes the current stream wait for all of them: timed by events on the current stream."""
+    if DEV == "cpu":
+        return lambda: [f() for f in fns]
+    prios = priorities or [0] * len(fns)
+    streams = [torch.cuda.Stream(priority=p) for p in prios]
+
+    def run():
+        cur = torch.cuda.current_stream()
+        for s, f in zip(streams, fns):
+            s.wait_stream(cur)
+            with torch.cuda.stream(s):
+                f()
+        for s in streams:
+            cur.wait_stream(s)
+    return run
+
+
+def probe_streams(T):
+    """Do the branches overlap when launched on separate CUDA streams? Paper shape at T, each
+    branch alone, serial and concurrent (both launch orders, with and without stream priorities),
+    forward and backward (the fused node's branch backwards on the folded lse/delta)."""
+    from nsa.ops import compressed as CM, gate as GT, selection as SE, window as WI
+    HQ, H, D, KS, ST, BS, S, W = 64, 4, 128, 32, 16, 64, 16, 512
+    scale = D ** -0.5
+    g = torch.Generator(device=DEV).manual_seed(1)
+    Tc = num_compressed(T, KS, ST)
+    mk = lambda *s: torch.randn(*s, device=DEV, generator=g).bfloat16()  # noqa: E731
+    q, kc, vc, k, v, kw, vw = mk(1, T, HQ, D), mk(1, Tc, H, D), mk(1, Tc, H, D), mk(1, T, H, D), mk(1, T, H, D), \
+        mk(1, T, H, D), mk(1, T, H, D)
+    do = mk(1, T, HQ, D)
+    gs = [torch.rand(1, T, HQ, device=DEV, generator=g).bfloat16() for _ in range(3)]
+    cmp = lambda: CM._fwd_op(q, kc, vc, KS, ST, scale, None)  # noqa: E731
+    o_c, lse_c = cmp()
+    sel = lambda: SE.select_blocks_triton(q, kc, lse_c, KS, ST, BS, S, 1, 2, scale, None)  # noqa: E731
+    idx = sel()
+    slc = lambda: SL._selected_fwd_op(q, k, v, idx, BS, scale, None)  # noqa: E731
+    o_s, lse_s = slc()
+    win = lambda: WI._window_fwd_op(q, kw, vw, W, scale, None)  # noqa: E731
+    o_w, lse_w = win()
+
+    def chain():
+        o1, l1 = CM._fwd_op(q, kc, vc, KS, ST, scale, None)
+        i1 = SE.select_blocks_triton(q, kc, l1, KS, ST, BS, S, 1, 2, scale, None)
+        return SL._selected_fwd_op(q, k, v, i1, BS, scale, None)
+
+    def cmp_sel():
+        o1, l1 = CM._fwd_op(q, kc, vc, KS, ST, scale, None)
+        return SE.select_blocks_triton(q, kc, l1, KS, ST, BS, S, 1, 2, scale, None)
+
+    t = {name: _ms(f, reps=5) for name, f in
+         (("cmp", cmp), ("select", sel), ("slc", slc), ("win", win), ("chain", chain), ("cmp+select", cmp_sel))}
+    print(f"streams T={T}: alone fwd " + "  ".join(f"{n} {x:.2f}" for n, x in t.items()), flush=True)
+    cases = [("cmp | slc", (cmp, slc)), ("slc | cmp", (slc, cmp)), ("win | slc", (win, slc)),
+             ("cmp+select | slc", (cmp_sel, slc)), ("slc | cmp+select", (slc, cmp_sel)),
+             ("chain | win", (chain, win)), ("win | chain", (win, chain))]
+    for name, fns in cases:
+        for prios in (None, [-1, 0], [0, -1]):
+            ms = _ms(_concurrent(*fns, priorities=prios), reps=5)
+            ser = _ms(lambda: [f() for f in fns], reps=5)
+            print(f"  fwd {name:20s} prio {str(prios):8s}: serial {ser:6.2f} ms  concurrent {ms:6.2f} ms "
+                  f"(x{ser / ms:4.2f})", flush=True)
+    # backward pieces on the folded lse/delta, as the fused node runs them
+    dg_c, dg_s, dg_w, lse2, delta = GT.gate_bwd_fused(do, o_c, o_s, o_w, *gs, lse_c, lse_s, lse_w)
+    bc = lambda: CM.compressed_attention_bwd(q, kc, vc, o_c, lse2[0], do, None, KS, ST, scale, None,  # noqa: E731
+                                             delta=delta[0])
+    bs = lambda: SL._selected_bwd_op(q, k, v, o_s, lse2[1], do, idx, BS, scale, None, delta=delta[1])  # noqa: E731
+    bw = lambda: WI._window_bwd_op(q, kw, vw, o_w, lse2[2], do, W, scale, None, delta=delta[2])  # noqa: E731
+    tb = {name: _ms(f, reps=5) for name, f in (("cmp", bc), ("slc", bs), ("win", bw))}
+    print(f"streams T={T}: alone bwd " + "  ".join(f"{n} {x:.2f}" for n, x in tb.items()), flush=True)
+    for name, fns in [("cmp | slc", (bc, bs)), ("slc | cmp", (bs, bc)), ("cmp | slc | win", (bc, bs, bw)),
+                      ("slc | cmp | win", (bs, bc, bw)), ("win | slc", (bw, bs)), ("cmp | win", (bc, bw))]:
+        for prios in (None, [-1] + [0] * (len(fns) - 1)):
+            ms = _ms(_concurrent(*fns, priorities=prios), reps=5)
+            ser = _ms(lambda: [f() for f in fns], reps=5)
+            print(f"  bwd {name:20s} prio {str(prios):12s}: serial {ser:6.2f} ms  concurrent {ms:6.2f} ms "
+                  f"(x{ser / ms:4.2f})", flush=True)
+    del q, kc, vc, k, v, kw, vw, do
+    torch.cuda.empty_cache() if DEV == "cuda" else None
+
+
+def probe_checks(T):
+    """The host-side validation of block_indices (public selected_attention): the Triton pass
+    against the torch ops (sort of every row), random unsorted selections at T, H=4, S=16."""
+    from nsa.ops import checks
+    g = torch.Generator(device=DEV).manual_seed(2)
+    idx = random_selection(T, 4, 16, 64, g)
+    tk = _ms(lambda: checks._block_indices_flags(idx, 64, None))
+    tt = _ms(lambda: checks._block_indices_flags_torch(idx, 64, None))
+    shuf = idx[..., torch.randperm(16, device=DEV)].contiguous()  # rows not in ascending form
+    tk2 = _ms(lambda: checks._block_indices_flags(shuf, 64, None))
+    tt2 = _ms(lambda: checks._block_indices_flags_torch(shuf, 64, None))
+    print(f"checks T={T}: block_indices ascending rows: Triton pass {tk:.3f} ms  torch ops {tt:.3f} ms; "
+          f"shuffled rows: Triton {tk2:.3f} ms  torch (sort) {tt2:.3f} ms", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)
-    p.add_argument("--parts", nargs="*", default=["dot", "selected"], help="dot selected fwdmodes dqmodes gates")
+    p.add_argument("--parts", nargs="*", default=["dot", "selected"], help="dot selected fwdmodes dqmodes gates streams checks")
     p.add_argument("--sweep", action="store_true", help="selected: time dK/dV tile configs")
     p.add_argument("--Ts", type=int, nargs="*", default=[8192, 32768, 65536], help="lengths for fwdmodes")
     args = p.parse_args()
@@ -252,6 +349,12 @@ def main():
         probe_dq_modes(args.Ts)
     if "gates" in args.parts:
         probe_gates(args.Ts)
+    if "checks" in args.parts:
+        for T in args.Ts:
+            probe_checks(T)
+    if "streams" in args.parts:
+        for T in args.Ts:
+            probe_streams(T)
 
 
 if __name__ == "__main__":

@@ -238,3 +238,53 @@ def test_nsa_branch_kv_named(name, bad):
         ops.nsa(a["q"], a["k_cmp"], a["v_cmp"], x["k_slc"], x["v_slc"], x["k_win"], x["v_win"], a["g_cmp"],
                 a["g_slc"], a["g_win"], kernel_size=KS, stride=ST, block_size=BS, num_selected=3, num_initial=1,
                 num_local=1, window_size=5, backend="reference")
+
+
+def _flags_by_rows(bi, limits):
+    """Brute force over every row: [an entry out of range, a row with a repeated block]."""
+    out, rep = False, False
+    B, T, H, S = bi.shape
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                row = bi[b, t, h].tolist()
+                out |= any(x < -1 or x >= limits[t] for x in row)
+                valid = [x for x in row if x >= 0]
+                rep |= len(set(valid)) != len(valid)
+    return [out, rep]
+
+
+@pytest.mark.parametrize("S", [1, 3, 16, 33])
+@pytest.mark.parametrize("packed", [False, True])
+def test_block_indices_check_paths_agree(S, packed):
+    """The Triton check (one pass, the path for CUDA tensors; here under the interpreter) and
+    the torch check give the brute-force flags on random rows, spoiled one row at a time."""
+    from nsa.ops import checks
+    g = torch.Generator().manual_seed(S)
+    Bn, Tn, Hn, bs = (1, 37, 3, 4) if packed else (2, 19, 2, 4)
+    cu = [0, 10, 11, 37] if packed else None
+    limits = [-(-(b - a) // bs) for a, b in zip(cu[:-1], cu[1:]) for _ in range(b - a)] if packed \
+        else [-(-Tn // bs)] * Tn
+    base = torch.full((Bn, Tn, Hn, S), -1, dtype=torch.int32)
+    for t in range(Tn):  # distinct valid ids in random order, some -1
+        perm = torch.randperm(limits[t], generator=g)[:S]
+        base[:, t, :, :perm.numel()] = perm.to(torch.int32)
+    cases = [base]
+    for kind in ("past", "below", "repeat"):
+        x = base.clone()
+        t = int(torch.randint(Tn, (1,), generator=g))
+        if kind == "past":
+            x[-1, t, -1, S - 1] = limits[t]
+        elif kind == "below":
+            x[0, t, 0, 0] = -2
+        elif S > 1:
+            x[0, t, Hn - 1, S - 1] = max(int(x[0, t, Hn - 1, 0]), 0)
+            x[0, t, Hn - 1, 0] = x[0, t, Hn - 1, S - 1]
+        cases.append(x)
+    for x in cases:
+        want = _flags_by_rows(x, limits)
+        assert checks._block_indices_flags(x, bs, cu) == want
+        assert checks._block_indices_flags_torch(x, bs, cu) == want
+    assert checks._block_indices_flags(cases[1], bs, cu)[0] and checks._block_indices_flags(cases[2], bs, cu)[0]
+    if S > 1:
+        assert checks._block_indices_flags(cases[3], bs, cu)[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import compressed_cu_seqlens, num_compressed
+from .utils import compressed_cu_seqlens, interpreting, num_compressed
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -163,22 +163,46 @@ def check_block_indices(block_indices, q, H, block_size, cu):
         _fail(f"block_indices: expected shape [B={B}, T={T}, H={H}, S>=1], got {tuple(block_indices.shape)}")
     if skip_value_checks():
         return
-    if cu is None:
-        limit = torch.full((T,), -(-T // block_size), device=q.device)
+    if block_indices.is_cuda or (interpreting() and block_indices.device.type == "cpu"):
+        bad = _block_indices_flags(block_indices, block_size, cu)
     else:
-        lens = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], device=q.device)
-        limit = torch.repeat_interleave(-(-lens // block_size), lens)
-    bi = block_indices
-    out_of_range = (bi < -1) | (bi >= limit.view(1, T, 1, 1))
-    # Rows in select_blocks' form (valid ids strictly ascending, then -1) cannot repeat an id:
-    # only the other rows need a sort (one host read when every row has that form).
-    a, b = bi[..., :-1], bi[..., 1:]
-    other_form = ~(((a >= 0) & (b > a)) | (b == -1))
-    bad = torch.stack([out_of_range.any(), other_form.any()]).tolist()
+        bad = _block_indices_flags_torch(block_indices, block_size, cu)
     if bad[0]:
         _fail("block_indices: entries must be -1 or a block index in [0, ceil(seq_len / block_size)) "
               "of the query's own sequence")
     if bad[1]:
+        _fail("block_indices: a row lists the same block twice; entries must be distinct")
+
+
+def _block_limits(T, block_size, cu, device):
+    """Per position: the number of blocks of its sequence (``cu`` a host list, or None: one
+    sequence of length T per batch row)."""
+    if cu is None:
+        return torch.full((T,), -(-T // block_size), device=device, dtype=torch.int32)
+    lens = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], device=device)
+    return torch.repeat_interleave(-(-lens // block_size), lens).to(torch.int32)
+
+
+def _block_indices_flags_torch(bi, block_size, cu):
+    """[any entry out of range, any row with a repeated block] with torch ops (CPU tensors)."""
+    T = bi.shape[1]
+    limit = _block_limits(T, block_size, cu, bi.device)
+    out_of_range = (bi < -1) | (bi >= limit.view(1, T, 1, 1))
+    # Rows in select_blocks' form (valid ids strictly ascending, then -1) cannot repeat an id:
+    # only the other rows need a sort (one more host read when some row has another form).
+    a, b = bi[..., :-1], bi[..., 1:]
+    other_form = ~(((a >= 0) & (b > a)) | (b == -1))
+    bad = torch.stack([out_of_range.any(), other_form.any()]).tolist()
+    if bad[1]:
         srt = torch.sort(bi, dim=-1).values
-        if ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any().item():
-            _fail("block_indices: a row lists the same block twice; entries must be distinct")
+        bad[1] = bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any())
+    return bad
+
+
+def _block_indices_flags(bi, block_size, cu):
+    """The same two flags from one Triton pass over the rows (GPU, or CPU under the
+    interpreter) and one host read: ~50x fewer bytes moved than sorting every row."""
+    from ._validate import block_indices_flags
+    B, T, H, S = bi.shape
+    limit = None if cu is None else _block_limits(T, block_size, cu, bi.device)
+    return block_indices_flags(bi.contiguous(), limit, -(-T // block_size))

@@ -314,6 +314,8 @@ def main():
         name, js = o.split(":", 1)
         overrides[name] = json.loads(js)
     _install_recorder()
+    import nsa.ops.triton_utils
+    nsa.ops.triton_utils.COMPILE_AUDIT = True  # the GPU paths (TMA) for these CPU tensors
     t0 = time.time()
     launches, keys = [], {}
     for op in a.ops.split(","):

@@ -176,3 +176,39 @@ def test_dkv_split_into_query_segments(monkeypatch):
     q, k, v = _inputs(1, 60, num_compressed(60, 8, 8), 1, 16, 16, 24, torch.float32)
     _check("segments", q, k, v, 8, 8)
     assert seen and max(seen) > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-tma"])
+def test_forward_never_reads_other_sequences(dtype):
+    """NaN in the compressed keys/values of the next packed sequence leaves the first sequence's
+    output and lse bit for bit as with finite values there: the kernels must not read them, not
+    only give them zero weight (0 * NaN = NaN). bf16 runs the TMA path (tensor descriptors sized
+    to the tile's visible tokens, rows past them zero-filled)."""
+    lens, H, G, Dk, Dv, ks, st = [70, 53], 1, 4, 32, 24, 16, 8
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    ccu = compressed_cu_seqlens(cu, ks, st)
+    q, k, v = [x.detach() for x in _inputs(1, sum(lens), int(ccu[-1]), H, G, Dk, Dv, dtype)]
+    o, lse = ops.compressed_attention(q, k, v, ks, st, cu_seqlens=cu, backend="triton")
+    kp, vp = k.clone(), v.clone()
+    kp[0, int(ccu[1]):] = float("nan")
+    vp[0, int(ccu[1]):] = float("nan")
+    o2, lse2 = ops.compressed_attention(q, kp, vp, ks, st, cu_seqlens=cu, backend="triton")
+    assert torch.isfinite(o[0, :lens[0]]).all()
+    assert torch.equal(o2[0, :lens[0]], o[0, :lens[0]]) and torch.equal(lse2[0, :lens[0]], lse[0, :lens[0]])
+    assert torch.isnan(o2[0, lens[0] + ks:]).all()  # sequence 1 reads its own (NaN) tokens
+
+
+def test_tma_forward_used_for_16_bit_inputs(monkeypatch):
+    """The interpreter runs the TMA forward for 16-bit inputs (so CI tests it) and the pointer
+    forward for float32."""
+    seen = []
+    launch = cmp_mod.compressed_fwd_kernel.run
+
+    def spy(*args, **kw):
+        seen.append(kw["TMA"])
+        return launch(*args, **kw)
+    monkeypatch.setattr(cmp_mod.compressed_fwd_kernel, "run", spy)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        q, k, v = [x.detach() for x in _inputs(1, 40, num_compressed(40, 16, 8), 1, 2, 24, 40, dtype)]
+        ops.compressed_attention(q, k, v, 16, 8, backend="triton")
+    assert seen == [True, True, False]

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import pow2
+from .triton_utils import ensure_allocator, pow2, tma_ok
 from .utils import compressed_cu_seqlens, interpreting, new_output, prepare_chunk_indices, uniform_cu_seqlens
 
 LOG2E = math.log2(math.e)
@@ -44,26 +44,33 @@ LOG2E = math.log2(math.e)
 def _fwd_tiles(acc, l_i, m_i, b_q, p_k, p_v, o_t, i_lo, i_hi, n_vis, s_kt, s_vt, scale_log2,
                KERNEL_SIZE, STRIDE, DK, DV,
                BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASK: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """Online-softmax update of a query tile over compressed tokens [i_lo, i_hi) of its sequence.
 
-    p_k/p_v point at the sequence's first compressed token of the KV head; MASK applies the
-    per-row visibility (only the key tiles near the query tile's horizon need it).
+    p_k/p_v point at the sequence's first compressed token of the KV head, or (TMA) are tensor
+    descriptors of its visible tokens ``[n_vis, D]`` (TMA zero-fills rows >= n_vis and columns
+    >= D, as the masked pointer loads do); MASK applies the per-row visibility (only the key
+    tiles near the query tile's horizon need it).
     """
     o_c = tl.arange(0, BC)
     o_dk = tl.arange(0, BDK)
     o_dv = tl.arange(0, BDV)
     m_dk = o_dk < DK
     m_dv = o_dv < DV
-    # small in-tile offsets in int32; the tile start is added as an int64 scalar below
-    p_kb = p_k + o_c[:, None] * s_kt + o_dk[None, :]
-    p_vb = p_v + o_c[:, None] * s_vt + o_dv[None, :]
+    if not TMA:
+        # small in-tile offsets in int32; the tile start is added as an int64 scalar below
+        p_kb = p_k + o_c[:, None] * s_kt + o_dk[None, :]
+        p_vb = p_v + o_c[:, None] * s_vt + o_dv[None, :]
     for i0 in range(i_lo, i_hi, BC):
         o_i = i0 + o_c
-        m_i_ok = o_i < n_vis
         # [BC, BDK], [BC, BDV]
-        b_k = tl.load(p_kb + tl.cast(i0, tl.int64) * s_kt, mask=m_i_ok[:, None] & m_dk[None, :], other=0.)
-        b_v = tl.load(p_vb + tl.cast(i0, tl.int64) * s_vt, mask=m_i_ok[:, None] & m_dv[None, :], other=0.)
+        if TMA:
+            b_k = p_k.load([i0, 0])
+            b_v = p_v.load([i0, 0])
+        else:
+            m_i_ok = o_i < n_vis
+            b_k = tl.load(p_kb + tl.cast(i0, tl.int64) * s_kt, mask=m_i_ok[:, None] & m_dk[None, :], other=0.)
+            b_v = tl.load(p_vb + tl.cast(i0, tl.int64) * s_vt, mask=m_i_ok[:, None] & m_dv[None, :], other=0.)
         if UPCAST:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         # [BM, BC], log2 units
@@ -77,9 +84,10 @@ def _fwd_tiles(acc, l_i, m_i, b_q, p_k, p_v, o_t, i_lo, i_hi, n_vis, s_kt, s_vt,
         alpha = tl.exp2(m_i - m_use)
         b_p = tl.exp2(b_s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(b_p, 1)
-        b_pc = b_p.to(p_v.dtype.element_ty)
-        if UPCAST:
-            b_pc = b_pc.to(tl.float32)
+        if UPCAST:  # bf16 under the interpreter: round p as the compiled kernel does
+            b_pc = b_p.to(tl.bfloat16).to(tl.float32)
+        else:
+            b_pc = b_p.to(b_q.dtype)
         acc = acc * alpha[:, None] + tl.dot(b_pc, b_v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -90,11 +98,13 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu_seqlens, ccu_seqlens, chunk_indice
                           s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, HQ, H, G, DK, DV,
                           KERNEL_SIZE, STRIDE,
                           GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
-                          BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One program per (query tile, KV head); chunk_indices rows are (sequence, tile)."""
+                          BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """One program per (query tile, KV head); chunk_indices rows are (sequence, tile), taken last
+    row first (a sequence's late tiles see the most tokens: the longest programs start first).
+    TMA: compressed K/V tiles through tensor descriptors (16-bit inputs, 16-byte aligned rows)."""
     BM: tl.constexpr = BT * GP
     i_p = tl.program_id(0)
-    i_c, i_h = i_p // H, i_p % H
+    i_c, i_h = tl.num_programs(0) // H - 1 - i_p // H, i_p % H
     i_n = tl.load(chunk_indices + i_c * 2)
     i_tile = tl.load(chunk_indices + i_c * 2 + 1)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -127,13 +137,19 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu_seqlens, ccu_seqlens, chunk_indice
 
     p_k = k + cbos * s_kt + i_h * s_kh
     p_v = v + cbos * s_vt + i_h * s_vh
+    if TMA:
+        # the tile's visible tokens only: rows past n_vis (later tokens, the next sequence's) read 0
+        p_k = tl.make_tensor_descriptor(p_k, shape=[tl.maximum(n_vis, 1), DK], strides=[s_kt, 1],
+                                        block_shape=[BC, BDK])
+        p_v = tl.make_tensor_descriptor(p_v, shape=[tl.maximum(n_vis, 1), DV], strides=[s_vt, 1],
+                                        block_shape=[BC, BDV])
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, b_q, p_k, p_v, o_t, 0, n_full, n_vis, s_kt, s_vt, scale_log2,
-                               KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, False, PRECISION, UPCAST)
+                               KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, False, PRECISION, UPCAST, TMA)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, b_q, p_k, p_v, o_t, n_full, n_vis, n_vis, s_kt, s_vt, scale_log2,
-                               KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, True, PRECISION, UPCAST)
+                               KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, True, PRECISION, UPCAST, TMA)
 
     seen = l_i > 0
     b_o = acc / tl.where(seen, l_i, 1.)[:, None]
@@ -390,12 +406,15 @@ def _query_rows(G: int, rows: int) -> tuple[int, int]:
 # (a few bytes in dK/dV at 256+256), shared memory within 228 KB. fp32 inputs use IEEE dots
 # (CUDA-core FMA, not tensor cores): correct, small tiles, not a fast path.
 def _fwd_config(bdk, bdv, itemsize, interpret):
+    # tma: compressed K/V through tensor descriptors (16-bit inputs only; checked at launch)
     if interpret:
-        return dict(rows=32, BC=16, num_warps=4, num_stages=1)
+        return dict(rows=32, BC=16, num_warps=4, num_stages=1, tma=itemsize == 2)
     if itemsize == 4:
         return dict(rows=32, BC=32, num_warps=4, num_stages=2)
-    if bdk + bdv <= 256:  # H200 sweep 2026-11-28, 64k: 10.4 ms (128/64/8/3: 11.7 ms)
-        return dict(rows=256, BC=64, num_warps=16, num_stages=2)
+    if bdk + bdv <= 256:
+        # H200 2026-11-29 (run6, exp_cmp_fwd), 64k: TMA 256 rows / 8 warps / 3 stages 9.22 ms; pointer
+        # loads at the same config 10.60, at 256 / 16 warps / 2 stages 10.52 (the sweep of 2026-11-28)
+        return dict(rows=256, BC=64, num_warps=8, num_stages=3, tma=True)
     if bdk + bdv <= 384:  # H200 sweep 2026-11-28, 64k, 192/128: 13.5 ms (128/64/8/2: 17.3 ms)
         return dict(rows=256, BC=64, num_warps=16, num_stages=2)
     return dict(rows=128, BC=32, num_warps=8, num_stages=2)
@@ -505,12 +524,15 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seq
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
     grid = (tiles.shape[0] * H,)
+    tma = cfg.get("tma", False) and tma_ok(k_cmp, v_cmp)
+    if tma:
+        ensure_allocator()
     compressed_fwd_kernel[grid](
         q, k_cmp, v_cmp, o, lse, pk.cu, pk.ccu, tiles, scale * LOG2E,
         q.stride(1), q.stride(2), k_cmp.stride(1), k_cmp.stride(2), v_cmp.stride(1), v_cmp.stride(2),
         o.stride(1), o.stride(2), HQ, H, G, Dk, Dv, kernel_size, stride,
         GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=_precision(q.dtype),
-        UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        UPCAST=_upcast(q), TMA=tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o, lse
 
 

@@ -9,12 +9,46 @@ import triton.language as tl
 
 from .utils import interpreting
 
-__all__ = ["dot", "dot_args", "interpreting", "pow2", "softmax_step"]
+__all__ = ["dot", "dot_args", "ensure_allocator", "interpreting", "pow2", "softmax_step", "tma_ok"]
 
 
 def pow2(n: int, minimum: int = 16) -> int:
     """The power of two >= n (and >= ``minimum``): a padded tile extent."""
     return max(minimum, triton.next_power_of_2(n))
+
+
+# Set by tests/ops/launch_resources.py, which compiles the launches of CPU tensors for sm_90
+# without running them: the launchers then take the paths they take on a GPU.
+COMPILE_AUDIT = False
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether kernels may read these tensors through TMA tensor descriptors: 16-bit floats, on
+    CUDA (or the interpreter), unit last stride, 16-byte aligned base and other strides."""
+    for t in tensors:
+        if t.dtype not in (torch.float16, torch.bfloat16) or not (t.is_cuda or interpreting() or COMPILE_AUDIT):
+            return False
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _scratch(size: int, alignment: int, stream):
+    device = "cpu" if interpreting() else torch.device("cuda", torch.cuda.current_device())
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def ensure_allocator():
+    """Kernels that build tensor descriptors on the device need Triton's scratch allocator. It is
+    a context variable (per thread: autograd runs backward in its own threads), so this is called
+    before every such launch; an allocator the user set is kept."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # another Triton layout: set ours
+        pass
+    triton.set_allocator(_scratch)
 
 
 def dot_args(dtype: torch.dtype) -> dict:

@@ -45,9 +45,10 @@ FWD_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s, tma=t)
 FWD_SWEEP_WIDE = [dict(rows=r, BC=bc, num_warps=w, num_stages=s, tma=t)
                   for r, bc, w, s, t in [(256, 64, 16, 2, False), (256, 64, 16, 2, True), (256, 64, 8, 2, True),
                                          (128, 64, 8, 3, True), (128, 64, 8, 2, True), (256, 32, 8, 3, True)]]
-DQ_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s)
-            for r, bc, w, s in [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-                                (64, 32, 8, 2)]]
+DQ_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s, tma=t)
+            for r, bc, w, s, t in [(128, 64, 8, 2, False), (128, 64, 8, 2, True), (128, 64, 8, 3, True),
+                                   (128, 32, 8, 3, True), (256, 64, 16, 2, True), (128, 32, 8, 3, False),
+                                   (64, 64, 4, 3, False)]]
 DKV_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s, programs=p, min_segment=256)
              for r, bc, w, s, p in [(32, 128, 8, 3, 4), (32, 128, 8, 2, 4), (32, 128, 8, 3, 2), (32, 128, 8, 3, 8),
                                     (64, 128, 8, 2, 4),
@@ -68,6 +69,8 @@ DQ_SWEEP_WIDE = [dict(rows=r, BC=bc, num_warps=w, num_stages=s)
                                      (128, 64, 8, 2),   # 255 regs, 28 B spill, 192 KB, 1/SM, 1.25x (m64n64)
                                      (64, 32, 4, 3),    # 255 regs, 0 spill, 120 KB, 1/SM (4 warps), 1.25x
                                      (64, 16, 4, 2)]]   # 232 regs, 0 spill, 72 KB, 2/SM (4 warps each), 1.25x
+DQ_SWEEP_WIDE += [dict(rows=128, BC=64, num_warps=8, num_stages=2, tma=True),
+                  dict(rows=128, BC=32, num_warps=8, num_stages=3, tma=True)]
 DKV_SWEEP_WIDE = [dict(rows=r, BC=bc, num_warps=w, num_stages=s, programs=p, min_segment=256)
                   for r, bc, w, s, p in [(32, 64, 8, 2, 4),     # default: 255 regs, 32 B spill, 97 KB, 1/SM, 1.8x
                                          (64, 32, 8, 2, 4),     # mma.sync: 180 regs, 0 spill, 76 KB, 1/SM, 1.2x

@@ -330,6 +330,74 @@ def probe_checks(T):
           f"shuffled rows: Triton {tk2:.3f} ms  torch (sort) {tt2:.3f} ms", flush=True)
 
 
+def probe_slc_tma(T):
+    """The selected forward (gather, G=16) with K/V sub-tiles through TMA tensor descriptors
+    (nsa.ops.selected.FWD_TMA) against the pointer loads, on the benchmark's inputs (as in
+    probe_selected: B=1, HQ=64, H=4, D=128, bf16, blocks of 64, 16 selected, selections from the
+    kernels); then both at (keys per sub-tile, warps, stages) settings through _launch_fwd. Prints
+    ms and the max |difference| of o and lse against the default pointer path."""
+    HQ, H, D, KS, ST, BS, S = 64, 4, 128, 32, 16, 64, 16
+    g = torch.Generator(device=DEV).manual_seed(0)
+    Tc = num_compressed(T, KS, ST)
+    q = torch.randn(1, T, HQ, D, device=DEV, generator=g).bfloat16()
+    kc = torch.randn(1, Tc, H, D, device=DEV, generator=g).bfloat16()
+    vc = torch.randn(1, Tc, H, D, device=DEV, generator=g).bfloat16()
+    k = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
+    v = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
+    _, lse_c = compressed_attention(q, kc, vc, KS, ST, backend="triton")
+    idx = select_blocks(q, kc, lse_c, KS, ST, BS, S, 1, 2, backend="triton")
+    scale = D ** -0.5
+    N = T
+    cu = uniform_cu_seqlens(1, T, q.device)
+    cfg = SL._tiles(HQ // H, BS, D, D, q.dtype)
+    chunks = SL._chunk_table(cu, N, cfg.BT)
+    qp, kp, vp = q.view(N, HQ, D), k.view(N, H, D), v.view(N, H, D)
+    ip = idx.view(N, H, S).contiguous()
+    saved = SL.FWD_MODE, SL.FWD_TMA, SL.GATHER_STAGES
+    SL.FWD_MODE = "gather"
+    SL.FWD_TMA = False
+    o0, l0 = SL._selected_fwd_op(q, k, v, idx, BS, scale, None)
+    fin = torch.isfinite(l0)
+
+    def one(name, fn, tma):
+        try:
+            SL.FWD_TMA = tma
+            on = SL._fwd_tma(kp, vp, cfg)
+            if on != tma:
+                print(f"slctma T={T} {name:44s}: TMA={tma} does not apply here (resolved {on})", flush=True)
+                return
+            o, lse = fn()
+            do_ = (o.float().view_as(o0) - o0.float()).abs().max().item()
+            lse = lse.view_as(l0)
+            same = torch.equal(torch.isfinite(lse), fin)
+            dl = (lse[fin] - l0[fin]).abs().max().item() if fin.any() else 0.0
+            ms = _ms(fn)
+            print(f"slctma T={T} {name:44s}: {ms:7.2f} ms   max|do| {do_:.2e}  max|dlse| {dl:.2e}"
+                  f"{'' if same else '  (-inf lse rows differ!)'}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            msg = str(e).strip().splitlines()
+            print(f"slctma T={T} {name:44s}: failed {type(e).__name__}: {msg[0][:200] if msg else ''}", flush=True)
+
+    try:
+        print(f"slctma T={T}: default tiles BK={cfg.BK} NKS={cfg.NKS} warps={cfg.warps} "
+              f"stages={SL.GATHER_STAGES}", flush=True)
+        for tma in (False, True):
+            one(f"_selected_fwd_op tma={int(tma)}", lambda: SL._selected_fwd_op(q, k, v, idx, BS, scale, None), tma)
+        settings = [(bk, w, st) for bk in (64, 32) for w in (4, 8) for st in (2, 3, 4)]
+        if DEV == "cpu":
+            settings = settings[:1] + [(32, 4, 2)]
+        for bk, w, st in settings:
+            c2 = cfg._replace(BK=bk, NKS=triton.cdiv(BS, bk), warps=w)
+            SL.GATHER_STAGES = st
+            for tma in (False, True):
+                one(f"_launch_fwd BK={bk} warps={w} stages={st} tma={int(tma)}",
+                    lambda: SL._launch_fwd(qp, kp, vp, ip, BS, scale, cu, chunks, c2), tma)
+    finally:
+        SL.FWD_MODE, SL.FWD_TMA, SL.GATHER_STAGES = saved
+    del q, k, v, kc, vc, idx, o0, l0
+    torch.cuda.empty_cache() if DEV == "cuda" else None
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)
@@ -355,6 +423,8 @@ def main():
     if "streams" in args.parts:
         for T in args.Ts:
             probe_streams(T)
+    if "slctma" in args.parts:
+        probe_slc_tma(args.T)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def run_case(op: str, c: dict) -> list:
     path calls them and, where they take its extra arguments (``delta``, ``dq_a``/``dq_b``), as the fused
     NSA path calls them (other kernel specializations: delta given, not computed; dq of the other
     branches added)."""
-    from nsa.ops import compressed, decode_triton, gate, selected, selection, window
+    from nsa.ops import checks, compressed, decode_triton, gate, selected, selection, window
     dt = getattr(torch, c["dtype"])
     G, Dk, Dv = c["G"], c["Dk"], c["Dv"]
     HQ = H * G
@@ -151,12 +151,19 @@ def run_case(op: str, c: dict) -> list:
         mark("fwd")
     elif op == "selected":
         k, v, bi = z(1, T, H, Dk), z(1, T, H, Dv), _causal_block_indices(H)
-        saved = selected.FWD_MODE, selected.DQ_MODE
+        saved = selected.FWD_MODE, selected.DQ_MODE, selected.FWD_TMA
         try:
             for mode in ("gather", "scatter"):
                 selected.FWD_MODE = selected.DQ_MODE = mode
                 selected._selected_fwd_op(q, k, v, bi, BS, scale, None)
                 mark(f"fwd {mode}")
+                if mode == "gather":
+                    # "auto" (above) takes the TMA loads of the one-position tiles (G = 16, 16-bit);
+                    # the pointer loads, its fallback (e.g. misaligned k/v), too
+                    selected.FWD_TMA = False
+                    selected._selected_fwd_op(q, k, v, bi, BS, scale, None)
+                    mark("fwd gather no-tma")
+                    selected.FWD_TMA = saved[2]
                 selected._selected_bwd_op(q, k, v, do, lse, do, bi, BS, scale, None)
                 mark(f"bwd dq={mode}")
                 kw = _fused_kwargs(selected._launch_bwd, fused)
@@ -164,7 +171,9 @@ def run_case(op: str, c: dict) -> list:
                     selected._selected_bwd_op(q, k, v, do, lse, do, bi, BS, scale, None, **kw)
                     mark(f"bwd dq={mode} fused")
         finally:
-            selected.FWD_MODE, selected.DQ_MODE = saved
+            selected.FWD_MODE, selected.DQ_MODE, selected.FWD_TMA = saved
+        checks._block_indices_flags(bi, BS, None)  # the public op's validation pass
+        mark("checks")
     elif op == "window":
         k, v = z(1, T, H, Dk), z(1, T, H, Dv)
         window._launch_fwd(q, k, v, WIN, scale, None)

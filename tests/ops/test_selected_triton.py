@@ -274,3 +274,143 @@ def test_dq_mode_is_checked(monkeypatch):
     q, k, v, idx, cu, do = make_inputs(1, 20, 2, 1, 16, 16, 2, 16, True, torch.float32)
     with pytest.raises(ValueError, match="DQ_MODE"):
         run("triton", q, k, v, idx, 16, cu, do)
+
+
+# The gather forward's TMA path (FWD_TMA; one position per tile, G >= 16, fp16/bf16, head rows of
+# 16-byte multiples): K/V through tensor descriptors, which the interpreter also runs (zero fill
+# out of bounds, like TMA). id: (B, T or packed lengths, HQ, H, Dk, Dv, S, block_size, causal)
+TMA_SHAPES = {
+    "T67-B2-G16-H2-dk64dv32": (2, 67, 32, 2, 64, 32, 4, 16, True),  # odd T, dense
+    "varlen-1-37-60-19-G16-dk64dv32": (1, [1, 37, 60, 19], 16, 1, 64, 32, 4, 16, True),  # blocks past ends
+    "varlen-37-60-19-G16-noncausal": (1, [37, 60, 19], 16, 1, 64, 32, 4, 16, False),  # future blocks
+    "varlen-23-50-G32-dk32dv64": (1, [23, 50], 32, 1, 32, 64, 3, 16, True),
+    "varlen-40-29-G16-dk24dv8": (1, [40, 29], 16, 1, 24, 8, 3, 16, True),  # padded head widths
+    "T90-G16-bs24": (1, 90, 16, 1, 64, 32, 3, 24, True),  # sub-tile of 32 keys reaches into the next block
+    "varlen-100-70-G16-bs80": (1, [100, 70], 16, 1, 32, 32, 2, 80, True),  # 2 sub-tiles of 64, last one past
+}
+TMA_CASES = [(name, torch.bfloat16) for name in TMA_SHAPES] + [
+    (name, torch.float16) for name in ("varlen-1-37-60-19-G16-dk64dv32", "varlen-23-50-G32-dk32dv64",
+                                       "T90-G16-bs24")]
+
+
+def fwd_both_paths(monkeypatch, q, k, v, idx, bs, cu):
+    """(o, lse) of the gather forward with FWD_TMA False and True; skips when TMA is not available
+    here (neither CUDA nor an interpreter with tensor descriptors)."""
+    from nsa.ops.selected import _fwd_tma, _selected_fwd_op, _tiles
+    monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", "gather")
+    cfg = _tiles(q.shape[2] // k.shape[2], bs, k.shape[3], v.shape[3], q.dtype)
+    assert cfg.BT == 1
+    out = {}
+    for tma in (False, True):
+        monkeypatch.setattr(nsa.ops.selected, "FWD_TMA", tma)
+        assert _fwd_tma(k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), cfg) == tma
+        out[tma] = _selected_fwd_op(q, k, v, idx, bs, q.shape[-1] ** -0.5, cu)
+    monkeypatch.setattr(nsa.ops.selected, "FWD_TMA", "auto")
+    if not _fwd_tma(k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), cfg):
+        pytest.skip("no TMA here (no CUDA, and the interpreter has no tensor descriptors)")
+    return out[False], out[True]
+
+
+def assert_same_forward(ptr, tma, rows=None):
+    """The TMA forward gives the pointer path's o and lse: bitwise under the interpreter (same
+    tiles, same operations), within bf16 rounding on a GPU (the products may be ordered differently)."""
+    (o1, l1), (o2, l2) = ptr, tma
+    if rows is not None:
+        o1, l1, o2, l2 = o1[:, rows], l1[:, rows], o2[:, rows], l2[:, rows]
+    assert torch.equal(torch.isfinite(l1), torch.isfinite(l2))
+    if DEVICE == "cpu":
+        assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    else:
+        assert_close("o tma vs pointer", o1.float(), o2.float(), RATIO_BF16)
+        fin = torch.isfinite(l1)
+        assert_close("lse tma vs pointer", l1[fin], l2[fin], RATIO_FP32)
+
+
+@pytest.mark.parametrize("name,dtype", TMA_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in TMA_CASES])
+def test_fwd_tma_matches_reference(monkeypatch, name, dtype):
+    """Odd T, varlen (descriptor rows past a sequence end: the next sequence's keys), -1 padding and
+    empty rows, blocks in any order, future blocks (non-causal lists), blocks partly past the
+    sequence end, G = 16 and 32, Dk != Dv, head widths padded to a power of two, sub-tiles that
+    run past their block: the TMA forward against the float32 reference and the pointer path."""
+    B, lens, HQ, H, Dk, Dv, S, bs, causal = TMA_SHAPES[name]
+    q, k, v, idx, cu, do = make_inputs(B, lens, HQ, H, Dk, Dv, S, bs, causal, dtype, seed=11)
+    ptr, tma = fwd_both_paths(monkeypatch, q, k, v, idx, bs, cu)
+    o_ref, _ = run("reference", q, k, v, idx, bs, cu, do, upcast=True)
+    assert tma[0].dtype == dtype
+    assert_close("o", o_ref, tma[0].float(), RATIO_BF16)
+    assert_close("o pointer", o_ref, ptr[0].float(), RATIO_BF16)
+    assert_same_forward(ptr, tma)
+
+
+@pytest.mark.parametrize("dtype,bs", [(torch.bfloat16, 24), (torch.float16, 24), (torch.bfloat16, 16)],
+                         ids=["bf16-bs24", "fp16-bs24", "bf16-bs16"])
+def test_fwd_tma_never_reads_invisible_values(monkeypatch, dtype, bs):
+    """inf / NaN in k and v at positions that a query may not see leave every query that cannot
+    see them finite and equal to the reference on clean inputs (the pointer path: the same).
+    Sequence 0's last block reaches past its end into sequence 1 (poisoned at its position 3);
+    sequence 1's rows 36..41 list only the block of their future key 45 (poisoned). Blocks of 24
+    keys are read in sub-tiles of 32: sequence 2's rows 24..29 that list only block 0 then have
+    keys 24..31 of block 1 (poisoned at 26) in their tile; blocks of 16 keys fill their sub-tile
+    (no masking but the descriptor's bounds)."""
+    lens, HQ, Dk, Dv, S = [40, 50, 30], 16, 64, 32, 3
+    q, k, v, idx, cu, do = make_inputs(1, lens, HQ, 1, Dk, Dv, S, bs, True, dtype, seed=12)
+    starts = [0, 40, 90]
+    idx[0, 90 + 24: 90 + 30, 0] = torch.tensor([-1, 0, -1], dtype=torch.int32)
+    idx[0, 40 + 36: 40 + 42, 0] = torch.tensor([45 // bs, -1, -1], dtype=torch.int32)
+    bad = [(1, 3, float("inf")), (1, 45, float("-inf")), (2, 26, float("nan"))]  # (sequence, position, value)
+    kb, vb = k.clone(), v.clone()
+    for n, t, x in bad:
+        kb[0, starts[n] + t], vb[0, starts[n] + t] = x, x
+    # rows that may see a poisoned key: same sequence, its block listed, position >= the key's
+    seq = torch.repeat_interleave(torch.arange(3), torch.tensor(lens))
+    local = torch.arange(sum(lens)) - torch.tensor(starts)[seq]
+    sel = idx[0, :, 0].cpu().long()  # [N, S] (H = 1)
+    sees = torch.zeros(sum(lens), dtype=torch.bool)
+    for n, t, _ in bad:
+        sees |= (seq == n) & (sel == t // bs).any(-1) & (local >= t)
+    clean = ~sees
+    # the cases this test is about are present
+    assert clean[seq == 0].all() and ((seq == 0) & (sel == 39 // bs).any(-1) & (local >= 39 // bs * bs)).any()
+    assert (clean & (seq == 2) & (sel == 0).any(-1) & (local >= 26)).any()
+    assert (clean & (seq == 1) & (sel == 45 // bs).any(-1) & (local < 45)).any()
+    ptr, tma = fwd_both_paths(monkeypatch, q, kb, vb, idx, bs, cu)
+    o_ref, _ = run("reference", q, k, v, idx, bs, cu, do, upcast=True)
+    rows = clean.nonzero().squeeze(1).to(DEVICE)
+    for name, (o, lse) in (("tma", tma), ("pointer", ptr)):
+        assert torch.isfinite(o[:, rows]).all(), f"{name}: non-finite output on rows that see no poisoned key"
+        assert_close(f"o {name}", o_ref[:, rows], o[:, rows].float(), RATIO_BF16)
+    assert_same_forward(ptr, tma, rows)
+
+
+def test_fwd_tma_resolution(monkeypatch):
+    """FWD_TMA is checked; TMA only where its rules hold (else the pointer path, same results)."""
+    from nsa.ops.selected import _fwd_tma, _tiles
+    k = torch.zeros(8, 2, 64, dtype=torch.bfloat16, device=DEVICE)
+    cfg16, cfg4 = _tiles(16, 16, 64, 64, k.dtype), _tiles(4, 16, 64, 64, k.dtype)
+    monkeypatch.setattr(nsa.ops.selected, "FWD_TMA", True)
+    assert _fwd_tma(k, k, cfg16)
+    assert not _fwd_tma(k, k, cfg4)  # several positions per tile: union walk, pointer loads
+    assert not _fwd_tma(k.float(), k.float(), _tiles(16, 16, 64, 64, torch.float32))
+    k20 = torch.zeros(8, 2, 20, dtype=torch.bfloat16, device=DEVICE)  # 40-byte rows
+    assert not _fwd_tma(k20, k20, _tiles(16, 16, 20, 20, k.dtype))
+    shifted = torch.zeros(8 * 2 * 64 + 8, dtype=torch.bfloat16, device=DEVICE)[8:].view(8, 2, 64)  # base 16 bytes off
+    assert _fwd_tma(shifted, shifted, cfg16)
+    odd = torch.zeros(8 * 2 * 64 + 1, dtype=torch.bfloat16, device=DEVICE)[1:].view(8, 2, 64)  # base 2 bytes off
+    assert not _fwd_tma(odd, k, cfg16) and not _fwd_tma(k, odd, cfg16)
+    monkeypatch.setattr(nsa.ops.selected, "FWD_TMA", False)
+    assert not _fwd_tma(k, k, cfg16)
+    monkeypatch.setattr(nsa.ops.selected, "FWD_TMA", "fast")
+    with pytest.raises(ValueError, match="FWD_TMA"):
+        _fwd_tma(k, k, cfg16)
+
+
+def test_fwd_tma_misaligned_falls_back(monkeypatch):
+    """k and v at a base that is not 16-byte aligned: the forward takes the pointer loads (TMA
+    would fault) and still matches the reference."""
+    q, k, v, idx, cu, do = make_inputs(1, [30, 21], 16, 1, 32, 32, 3, 16, True, torch.bfloat16, seed=13)
+    monkeypatch.setattr(nsa.ops.selected, "FWD_TMA", True)
+    k2 = torch.empty(k.numel() + 1, dtype=k.dtype, device=DEVICE)[1:].view(k.shape).copy_(k)
+    v2 = torch.empty(v.numel() + 1, dtype=v.dtype, device=DEVICE)[1:].view(v.shape).copy_(v)
+    o, _ = run("triton", q, k2, v2, idx, 16, cu, do)
+    o_ref, _ = run("reference", q, k, v, idx, 16, cu, do, upcast=True)
+    assert_close("o", o_ref, o.float(), RATIO_BF16)

@@ -179,20 +179,26 @@ def compressed_bwd_preprocess_kernel(o, do, dlse, delta, N, DV, HAS_DLSE: tl.con
 def _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, i_lo, i_hi, n_vis, s_kt, s_vt, scale_log2,
                   KERNEL_SIZE, STRIDE, DK, DV,
                   BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASK: tl.constexpr,
-                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dQ of a query tile (unscaled) from compressed tokens [i_lo, i_hi); b_lse in log2 units."""
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """dQ of a query tile (unscaled) from compressed tokens [i_lo, i_hi); b_lse in log2 units.
+    p_k/p_v as in :func:`_fwd_tiles` (pointers, or TMA descriptors of the visible tokens)."""
     o_c = tl.arange(0, BC)
     o_dk = tl.arange(0, BDK)
     o_dv = tl.arange(0, BDV)
     m_dk = o_dk < DK
     m_dv = o_dv < DV
-    p_kb = p_k + o_c[:, None] * s_kt + o_dk[None, :]
-    p_vb = p_v + o_c[:, None] * s_vt + o_dv[None, :]
+    if not TMA:
+        p_kb = p_k + o_c[:, None] * s_kt + o_dk[None, :]
+        p_vb = p_v + o_c[:, None] * s_vt + o_dv[None, :]
     for i0 in range(i_lo, i_hi, BC):
         o_i = i0 + o_c
-        m_i_ok = o_i < n_vis
-        b_k = tl.load(p_kb + tl.cast(i0, tl.int64) * s_kt, mask=m_i_ok[:, None] & m_dk[None, :], other=0.)  # [BC, BDK]
-        b_v = tl.load(p_vb + tl.cast(i0, tl.int64) * s_vt, mask=m_i_ok[:, None] & m_dv[None, :], other=0.)  # [BC, BDV]
+        if TMA:
+            b_k = p_k.load([i0, 0])  # [BC, BDK]
+            b_v = p_v.load([i0, 0])  # [BC, BDV]
+        else:
+            m_i_ok = o_i < n_vis
+            b_k = tl.load(p_kb + tl.cast(i0, tl.int64) * s_kt, mask=m_i_ok[:, None] & m_dk[None, :], other=0.)
+            b_v = tl.load(p_vb + tl.cast(i0, tl.int64) * s_vt, mask=m_i_ok[:, None] & m_dv[None, :], other=0.)
         if UPCAST:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2  # [BM, BC]
@@ -202,9 +208,10 @@ def _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, i_lo, i_hi, n_
             b_p = tl.where(m_vis, b_p, 0.)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BC]
         b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dsc = b_ds.to(p_k.dtype.element_ty)
-        if UPCAST:
-            b_dsc = b_dsc.to(tl.float32)
+        if UPCAST:  # bf16 under the interpreter: round ds as the compiled kernel does
+            b_dsc = b_ds.to(tl.bfloat16).to(tl.float32)
+        else:
+            b_dsc = b_ds.to(b_q.dtype)
         b_dq += tl.dot(b_dsc, b_k, input_precision=PRECISION)
     return b_dq
 
@@ -214,12 +221,13 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlen
                              scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, HQ, H, G, DK, DV,
                              KERNEL_SIZE, STRIDE,
                              GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
-                             BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One program per (query tile, KV head). dq has q's strides, do has o's strides;
-    lse and delta are contiguous [tokens, HQ] fp32."""
+                             BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                             TMA: tl.constexpr):
+    """One program per (query tile, KV head), latest tiles first. dq has q's strides, do has o's
+    strides; lse and delta are contiguous [tokens, HQ] fp32. TMA as in the forward."""
     BM: tl.constexpr = BT * GP
     i_p = tl.program_id(0)
-    i_c, i_h = i_p // H, i_p % H
+    i_c, i_h = tl.num_programs(0) // H - 1 - i_p // H, i_p % H
     i_n = tl.load(chunk_indices + i_c * 2)
     i_tile = tl.load(chunk_indices + i_c * 2 + 1)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -256,11 +264,16 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlen
 
     p_k = k + cbos * s_kt + i_h * s_kh
     p_v = v + cbos * s_vt + i_h * s_vh
+    if TMA:
+        p_k = tl.make_tensor_descriptor(p_k, shape=[tl.maximum(n_vis, 1), DK], strides=[s_kt, 1],
+                                        block_shape=[BC, BDK])
+        p_v = tl.make_tensor_descriptor(p_v, shape=[tl.maximum(n_vis, 1), DV], strides=[s_vt, 1],
+                                        block_shape=[BC, BDV])
     b_dq = tl.zeros([BM, BDK], dtype=tl.float32)
     b_dq = _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, 0, n_full, n_vis, s_kt, s_vt,
-                         scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, False, PRECISION, UPCAST)
+                         scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, False, PRECISION, UPCAST, TMA)
     b_dq = _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, n_full, n_vis, n_vis, s_kt, s_vt,
-                         scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, True, PRECISION, UPCAST)
+                         scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, True, PRECISION, UPCAST, TMA)
     tl.store(dq + o_tok[:, None] * s_qt + (o_hq * s_qh)[:, None] + o_dk[None, :],
              (b_dq * scale).to(dq.dtype.element_ty), mask=m_row[:, None] & m_dk[None, :])
 
@@ -412,8 +425,9 @@ def _fwd_config(bdk, bdv, itemsize, interpret):
     if itemsize == 4:
         return dict(rows=32, BC=32, num_warps=4, num_stages=2)
     if bdk + bdv <= 256:
-        # H200 2026-11-29 (run6, exp_cmp_fwd), 64k: TMA 256 rows / 8 warps / 3 stages 9.22 ms; pointer
-        # loads at the same config 10.60, at 256 / 16 warps / 2 stages 10.52 (the sweep of 2026-11-28)
+        # H200 sweep 2026-11-29 (run7), 64k: TMA 256 rows / 64 tokens / 8 warps / 3 stages 9.05-9.13 ms,
+        # 4 stages 9.21, 16 warps 10.25; pointer loads 256/64/16/2 10.01 (10.52 before the tiles were
+        # taken latest first), 128/64/8/3 11.93
         return dict(rows=256, BC=64, num_warps=8, num_stages=3, tma=True)
     if bdk + bdv <= 384:  # H200 sweep 2026-11-28, 64k, 192/128: 13.5 ms (128/64/8/2: 17.3 ms)
         return dict(rows=256, BC=64, num_warps=16, num_stages=2)
@@ -422,11 +436,13 @@ def _fwd_config(bdk, bdv, itemsize, interpret):
 
 def _dq_config(bdk, bdv, itemsize, interpret):
     if interpret:
-        return dict(rows=32, BC=16, num_warps=4, num_stages=1)
+        return dict(rows=32, BC=16, num_warps=4, num_stages=1, tma=itemsize == 2)
     if itemsize == 4:
         return dict(rows=32, BC=32, num_warps=4, num_stages=2)
-    if bdk + bdv <= 256:  # H200 sweep 2026-11-28, 64k: whole backward 37.2 ms (128/32/8/3: 39.4 ms)
-        return dict(rows=128, BC=64, num_warps=8, num_stages=2)
+    if bdk + bdv <= 256:
+        # H200 sweep 2026-11-29 (run7), 64k, whole backward: TMA 128/64/8/3 33.8 ms, TMA 128/64/8/2 34.6,
+        # pointer loads 128/64/8/2 37.3 (the default until then), 128/32/8/3 39.4
+        return dict(rows=128, BC=64, num_warps=8, num_stages=3, tma=True)
     if bdk + bdv <= 384:
         # Dk=192 (padded 256) / Dv=128: 64 rows on 8 warps laid both warpgroups on the same 64-row
         # S/dP tiles (2.0x the useful tensor work: whole backward 144 ms at 64k); H200 sweep
@@ -578,10 +594,13 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
     cfg = dq_config or _dq_config(bdk, bdv, q.element_size(), interpret)
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
+    tma = cfg.get("tma", False) and tma_ok(k_cmp, v_cmp)
+    if tma:
+        ensure_allocator()
     compressed_bwd_dq_kernel[(tiles.shape[0] * H,)](
         q, k_cmp, v_cmp, do, lse, delta, dq, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common,
         GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
-        UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        UPCAST=_upcast(q), TMA=tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     cfg = dkv_config or _dkv_config(bdk, bdv, q.element_size(), q.device)
     gp, bt = _query_rows(G, cfg["rows"])

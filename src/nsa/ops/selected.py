@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .compressed import compressed_bwd_preprocess_kernel
-from .triton_utils import dot, dot_args, pow2, softmax_step
+from .triton_utils import dot, dot_args, ensure_allocator, pow2, softmax_step, tma_ok
 from .utils import interpreting, new_output, uniform_cu_seqlens
 
 # Rows (positions x heads) per query tile in the forward/dQ kernels, and per query chunk in
@@ -54,6 +54,14 @@ FWD_MODE = "auto"
 DQ_MODE = "auto"
 # Pipeline depth of the forward/dQ block loop when a tile holds one position (G >= 16).
 GATHER_STAGES = 2  # H200 64k, G=16, dQ: 18.4 ms (1 stage: 27.9, 3 stages: 19.1)
+# K/V loads of the gather forward with one position per tile (G >= 16) through TMA (on-device
+# tensor descriptors) instead of masked pointer loads: "auto" (where triton_utils.tma_ok allows
+# it: fp16/bf16, 16-byte aligned k and v whose head rows are multiples of 16 bytes; on CUDA
+# devices of compute capability >= 9, under the interpreter and in the sm_90 compile audit),
+# True (the same on any CUDA device: for probes) or False. H200 2026-11-29 (run7, probe.py
+# --parts slctma), 64k, G=16: 16.2 ms against 17.3 with pointer loads (BK 64, 4 warps, 2 stages;
+# 3 stages 16.5, 8 warps or BK 32 slower on both paths).
+FWD_TMA = "auto"
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
 # split over several programs), and the memory bound of its per-slot partials.
 SCATTER_TILE_ROWS = 64
@@ -126,16 +134,39 @@ def _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H: tl.constexpr, BS: tl.
 
 
 @triton.jit
+def _listed_block_kv_tma(k_desc, v_desc, i_b, i_ks: tl.constexpr, t_last, n_key, BS: tl.constexpr,
+                         BK: tl.constexpr):
+    """:func:`_listed_block_kv` through tensor descriptors over the keys ``0 .. n_key - 1`` of the
+    sequence (one KV head; ``n_key = t_last + 1`` for a real query position): TMA zero-fills the
+    rows at or past ``n_key`` (future keys, other sequences) and the columns past DK / DV, which
+    is what the masked pointer loads give. A -1 entry loads at row ``n_key``: entirely out of
+    bounds, all zeros. Only a last sub-tile that runs past the block (BS not a multiple of BK)
+    reads real rows of the next block: its V rows are zeroed here (0 * inf would be NaN)."""
+    o_k = tl.arange(0, BK)
+    b_b = tl.zeros([BK], dtype=tl.int64) + i_b
+    i_k = b_b * BS + i_ks * BK + o_k
+    m_k = (b_b >= 0) & (i_ks * BK + o_k < BS) & (i_k <= t_last)
+    row = tl.where(i_b >= 0, i_b * BS + i_ks * BK, n_key).to(tl.int32)
+    b_k = k_desc.load([row, 0])
+    b_v = v_desc.load([row, 0])
+    if (i_ks + 1) * BK > BS:
+        b_v = tl.where(m_k[:, None], b_v, 0.)
+    return i_k, m_k, b_k, b_v
+
+
+@triton.jit
 def selected_fwd_kernel(
     q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``
     -> o ``[N, HQ, DV]``, lse ``[N, HQ]`` (natural log, -inf where nothing is visible).
-    A block of ``BS`` keys is read in ``NKS`` sub-tiles of ``BK`` keys."""
+    A block of ``BS`` keys is read in ``NKS`` sub-tiles of ``BK`` keys. ``TMA`` (``BT == 1`` only;
+    16-byte aligned k/v whose rows are multiples of 16 bytes): K/V sub-tiles through on-device
+    tensor descriptors (:func:`_listed_block_kv_tma`) instead of masked pointer loads."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -168,10 +199,22 @@ def selected_fwd_kernel(
         # one position per tile (G >= the tile's rows): its own list, no union to walk; a
         # branch-free loop whose loads the compiler can pipeline (STAGES)
         p_idx = block_indices + ((bos + t0) * H + i_h) * S
+        if TMA:
+            # this KV head's keys 0 .. t0 of the sequence (at least one row: a surplus program past
+            # the end, whose entries are all -1, still gets a valid descriptor)
+            n_key = tl.maximum(t_last + 1, 1).to(tl.int32)
+            k_desc = tl.make_tensor_descriptor(k + (bos * H + i_h) * DK, shape=[n_key, DK], strides=[H * DK, 1],
+                                               block_shape=[BK, BDK])
+            v_desc = tl.make_tensor_descriptor(v + (bos * H + i_h) * DV, shape=[n_key, DV], strides=[H * DV, 1],
+                                               block_shape=[BK, BDV])
         for i_s in tl.range(0, S, num_stages=STAGES):
             i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
             for i_ks in tl.static_range(NKS):
-                i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV, BDK, BDV)
+                if TMA:
+                    i_k, m_k, b_k, b_v = _listed_block_kv_tma(k_desc, v_desc, i_b, i_ks, t_last, n_key, BS, BK)
+                else:
+                    i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV,
+                                                          BDK, BDV)
                 b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
                 b_s = tl.where(m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None]), b_s, float("-inf"))
                 b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
@@ -728,6 +771,23 @@ def _segments(offsets, num_entries: int, seg: int) -> _Segments:
     return _Segments(first, part_first, bucket, max_segments, max_parts)
 
 
+def _fwd_tma(k: torch.Tensor, v: torch.Tensor, cfg: _Tiles) -> bool:
+    """FWD_TMA resolved for packed contiguous k ``[N, H, DK]``, v ``[N, H, DV]``: TMA loads only in
+    the one-position tiles (``cfg.BT == 1``), where :func:`tma_ok` allows them (fp16/bf16, 16-byte
+    aligned base and rows; CUDA, the interpreter or the sm_90 compile audit), for padded head
+    widths of at most 256 (one TMA box dimension); "auto" on CUDA also needs compute capability
+    >= 9 (TMA hardware)."""
+    if not (FWD_TMA == "auto" or isinstance(FWD_TMA, bool)):
+        raise ValueError(f"nsa.ops.selected.FWD_TMA: expected 'auto', True or False, got {FWD_TMA!r}")
+    if FWD_TMA is False or cfg.BT != 1 or v.dtype != k.dtype or not tma_ok(k, v):
+        return False
+    if max(pow2(k.shape[-1]), pow2(v.shape[-1])) > 256:
+        return False
+    if FWD_TMA is True or not k.is_cuda:  # the interpreter, or the sm_90 compile audit
+        return True
+    return torch.cuda.get_device_capability(k.device)[0] >= 9
+
+
 def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_indices, cfg: _Tiles):
     """Packed q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``;
     chunk_indices from :func:`_chunk_table` with ``cfg.BT``. Returns o ``[N, HQ, DV]``, lse ``[N, HQ]``."""
@@ -737,11 +797,14 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
     lse = new_output((N, HQ), torch.float32, q.device)
     # num_stages 1 for union walks: their loads sit under data-dependent branches
     stages = GATHER_STAGES if cfg.BT == 1 and not interpreting() else 1
+    tma = _fwd_tma(k, v, cfg)
+    if tma:
+        ensure_allocator()
     selected_fwd_kernel[(chunk_indices.shape[0], H)](
         q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
         HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=block_size, BK=cfg.BK, NKS=cfg.NKS,
-        DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV), BT=cfg.BT, BR=cfg.BR, STAGES=stages, num_warps=cfg.warps,
-        num_stages=stages, **dot_args(q.dtype),
+        DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV), BT=cfg.BT, BR=cfg.BR, STAGES=stages, TMA=tma,
+        num_warps=cfg.warps, num_stages=stages, **dot_args(q.dtype),
     )
     return o, lse
 

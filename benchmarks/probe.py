@@ -63,7 +63,10 @@ def _ms(fn, reps=20):
     return triton.testing.do_bench(fn, warmup=5, rep=reps * 5, return_mode="median")
 
 
-def probe_selected(T, sweep=False):
+def _benchmark_inputs(T):
+    """The benchmark's selected-branch inputs at length T (B=1, HQ=64, H=4, D=128, bf16, blocks of
+    64, 16 selected; selections from the kernels on random q and compressed keys): q, k, v, do,
+    block indices."""
     HQ, H, D, KS, ST, BS, S = 64, 4, 128, 32, 16, 64, 16
     g = torch.Generator(device=DEV).manual_seed(0)
     Tc = num_compressed(T, KS, ST)
@@ -75,6 +78,12 @@ def probe_selected(T, sweep=False):
     do = torch.randn(1, T, HQ, D, device=DEV, generator=g).bfloat16()
     _, lse_c = compressed_attention(q, kc, vc, KS, ST, backend="triton")
     idx = select_blocks(q, kc, lse_c, KS, ST, BS, S, 1, 2, backend="triton")
+    return q, k, v, do, idx
+
+
+def probe_selected(T, sweep=False):
+    HQ, H, D, KS, ST, BS, S = 64, 4, 128, 32, 16, 64, 16
+    q, k, v, do, idx = _benchmark_inputs(T)
     # how much neighbouring positions share: distinct blocks per tile of 4 / 16 / 64 positions
     flat = idx[0].permute(1, 0, 2)  # [H, T, S]
     for tile in (4, 16, 64):
@@ -336,16 +345,8 @@ def probe_slc_tma(T):
     probe_selected: B=1, HQ=64, H=4, D=128, bf16, blocks of 64, 16 selected, selections from the
     kernels); then both at (keys per sub-tile, warps, stages) settings through _launch_fwd. Prints
     ms and the max |difference| of o and lse against the default pointer path."""
-    HQ, H, D, KS, ST, BS, S = 64, 4, 128, 32, 16, 64, 16
-    g = torch.Generator(device=DEV).manual_seed(0)
-    Tc = num_compressed(T, KS, ST)
-    q = torch.randn(1, T, HQ, D, device=DEV, generator=g).bfloat16()
-    kc = torch.randn(1, Tc, H, D, device=DEV, generator=g).bfloat16()
-    vc = torch.randn(1, Tc, H, D, device=DEV, generator=g).bfloat16()
-    k = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
-    v = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
-    _, lse_c = compressed_attention(q, kc, vc, KS, ST, backend="triton")
-    idx = select_blocks(q, kc, lse_c, KS, ST, BS, S, 1, 2, backend="triton")
+    HQ, H, D, BS, S = 64, 4, 128, 64, 16
+    q, k, v, _, idx = _benchmark_inputs(T)
     scale = D ** -0.5
     N = T
     cu = uniform_cu_seqlens(1, T, q.device)
@@ -394,7 +395,7 @@ def probe_slc_tma(T):
                     lambda: SL._launch_fwd(qp, kp, vp, ip, BS, scale, cu, chunks, c2), tma)
     finally:
         SL.FWD_MODE, SL.FWD_TMA, SL.GATHER_STAGES = saved
-    del q, k, v, kc, vc, idx, o0, l0
+    del q, k, v, idx, o0, l0
     torch.cuda.empty_cache() if DEV == "cuda" else None
 
 

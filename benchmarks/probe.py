@@ -399,10 +399,29 @@ def probe_slc_tma(T):
     torch.cuda.empty_cache() if DEV == "cuda" else None
 
 
+def probe_public_op(T):
+    """The public selected_attention (argument checks and the block_indices check, one host read)
+    against its kernel path alone, G = 16 and G = 1, with the benchmark's kind of random
+    selections. Timed back to back, the public op's host read leaves the GPU idle while the next
+    call's host code runs: the difference is that host time."""
+    from nsa.ops import selected_attention
+    H, D = 4, 128
+    g = torch.Generator(device=DEV).manual_seed(3)
+    idx = random_selection(T, H, 16, 64, g)
+    for HQ in (64, 4):
+        q = torch.randn(1, T, HQ, D, device=DEV, generator=g).bfloat16()
+        k = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
+        v = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
+        t_pub = _ms(lambda: selected_attention(q, k, v, idx, 64, backend="triton"))
+        t_op = _ms(lambda: SL._selected_fwd_op(q, k, v, idx, 64, D ** -0.5, None))
+        print(f"publicop T={T} G={HQ // H}: public selected_attention fwd {t_pub:.3f} ms, kernels alone {t_op:.3f} ms",
+              flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)
-    p.add_argument("--parts", nargs="*", default=["dot", "selected"], help="dot selected fwdmodes dqmodes gates streams checks")
+    p.add_argument("--parts", nargs="*", default=["dot", "selected"], help="dot selected fwdmodes dqmodes gates streams checks slctma publicop")
     p.add_argument("--sweep", action="store_true", help="selected: time dK/dV tile configs")
     p.add_argument("--Ts", type=int, nargs="*", default=[8192, 32768, 65536], help="lengths for fwdmodes")
     args = p.parse_args()
@@ -426,6 +445,8 @@ def main():
             probe_streams(T)
     if "slctma" in args.parts:
         probe_slc_tma(args.T)
+    if "publicop" in args.parts:
+        probe_public_op(args.T)
 
 
 if __name__ == "__main__":

@@ -414,3 +414,27 @@ def test_fwd_tma_misaligned_falls_back(monkeypatch):
     o, _ = run("triton", q, k2, v2, idx, 16, cu, do)
     o_ref, _ = run("reference", q, k, v, idx, 16, cu, do, upcast=True)
     assert_close("o", o_ref, o.float(), RATIO_BF16)
+
+
+@pytest.mark.parametrize("HQ", [16, 1], ids=["G16-gather", "G1-scatter"])
+def test_invalid_block_indices_raise_on_the_triton_path(HQ):
+    """The Triton path's block_indices check (one Triton pass, GPU or interpreter) rejects values
+    far past the sequence, below -1, a block of the next packed sequence and a repeated block
+    with the ValueError naming block_indices, for the gather (G=16) and scatter (G=1) kernels."""
+    lens = [37, 60]
+    q, k, v, idx, cu, _ = make_inputs(1, lens, HQ, 1, 32, 32, 3, 16, True, torch.bfloat16, seed=15)
+    spoils = {
+        "far": (5, 0, 2 ** 30), "below": (50, 1, -7), "other-sequence": (10, 2, 3),  # sequence 0 has 3 blocks
+        "repeat": None,
+    }
+    for name, spoil in spoils.items():
+        bad = idx.clone()
+        if spoil is None:
+            bad[0, 70, 0] = torch.tensor([1, 1, -1], dtype=torch.int32)
+        else:
+            t, s, val = spoil
+            bad[0, t, 0, s] = val
+        with pytest.raises(ValueError, match="block_indices"):
+            selected_attention(q, k, v, bad, 16, cu_seqlens=cu, backend="triton")
+    o = selected_attention(q, k, v, idx, 16, cu_seqlens=cu, backend="triton")  # the valid input still runs
+    assert torch.isfinite(o).all()

@@ -34,10 +34,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import ensure_allocator, pow2, tma_ok
+from .triton_utils import kv_descriptors, pow2, use_tma
 from .utils import compressed_cu_seqlens, interpreting, new_output, prepare_chunk_indices, uniform_cu_seqlens
 
 LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _kv_tile(p_k, p_v, i0, n_vis, s_kt, s_vt, DK, DV, BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+             TMA: tl.constexpr):
+    """The ``[BC, BDK]`` key and ``[BC, BDV]`` value tiles of compressed tokens ``i0 .. i0+BC-1``,
+    zeros at tokens >= n_vis and columns >= D: p_k/p_v point at the sequence's first compressed
+    token of the KV head, or (TMA) are descriptors of its visible tokens (:func:`kv_descriptors`)."""
+    if TMA:
+        b_k = p_k.load([i0, 0])
+        b_v = p_v.load([i0, 0])
+    else:
+        o_c = tl.arange(0, BC)
+        m_i = (i0 + o_c) < n_vis
+        o_dk = tl.arange(0, BDK)
+        o_dv = tl.arange(0, BDV)
+        # small in-tile offsets in int32; the tile start is added as an int64 scalar
+        b_k = tl.load(p_k + tl.cast(i0, tl.int64) * s_kt + o_c[:, None] * s_kt + o_dk[None, :],
+                      mask=m_i[:, None] & (o_dk < DK)[None, :], other=0.)
+        b_v = tl.load(p_v + tl.cast(i0, tl.int64) * s_vt + o_c[:, None] * s_vt + o_dv[None, :],
+                      mask=m_i[:, None] & (o_dv < DV)[None, :], other=0.)
+    return b_k, b_v
 
 
 @triton.jit
@@ -53,24 +75,9 @@ def _fwd_tiles(acc, l_i, m_i, b_q, p_k, p_v, o_t, i_lo, i_hi, n_vis, s_kt, s_vt,
     tiles near the query tile's horizon need it).
     """
     o_c = tl.arange(0, BC)
-    o_dk = tl.arange(0, BDK)
-    o_dv = tl.arange(0, BDV)
-    m_dk = o_dk < DK
-    m_dv = o_dv < DV
-    if not TMA:
-        # small in-tile offsets in int32; the tile start is added as an int64 scalar below
-        p_kb = p_k + o_c[:, None] * s_kt + o_dk[None, :]
-        p_vb = p_v + o_c[:, None] * s_vt + o_dv[None, :]
     for i0 in range(i_lo, i_hi, BC):
         o_i = i0 + o_c
-        # [BC, BDK], [BC, BDV]
-        if TMA:
-            b_k = p_k.load([i0, 0])
-            b_v = p_v.load([i0, 0])
-        else:
-            m_i_ok = o_i < n_vis
-            b_k = tl.load(p_kb + tl.cast(i0, tl.int64) * s_kt, mask=m_i_ok[:, None] & m_dk[None, :], other=0.)
-            b_v = tl.load(p_vb + tl.cast(i0, tl.int64) * s_vt, mask=m_i_ok[:, None] & m_dv[None, :], other=0.)
+        b_k, b_v = _kv_tile(p_k, p_v, i0, n_vis, s_kt, s_vt, DK, DV, BC, BDK, BDV, TMA)  # [BC, BDK], [BC, BDV]
         if UPCAST:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         # [BM, BC], log2 units
@@ -139,10 +146,7 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu_seqlens, ccu_seqlens, chunk_indice
     p_v = v + cbos * s_vt + i_h * s_vh
     if TMA:
         # the tile's visible tokens only: rows past n_vis (later tokens, the next sequence's) read 0
-        p_k = tl.make_tensor_descriptor(p_k, shape=[tl.maximum(n_vis, 1), DK], strides=[s_kt, 1],
-                                        block_shape=[BC, BDK])
-        p_v = tl.make_tensor_descriptor(p_v, shape=[tl.maximum(n_vis, 1), DV], strides=[s_vt, 1],
-                                        block_shape=[BC, BDV])
+        p_k, p_v = kv_descriptors(p_k, p_v, n_vis, s_kt, s_vt, DK, DV, BC, BDK, BDV)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -183,22 +187,9 @@ def _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, i_lo, i_hi, n_
     """dQ of a query tile (unscaled) from compressed tokens [i_lo, i_hi); b_lse in log2 units.
     p_k/p_v as in :func:`_fwd_tiles` (pointers, or TMA descriptors of the visible tokens)."""
     o_c = tl.arange(0, BC)
-    o_dk = tl.arange(0, BDK)
-    o_dv = tl.arange(0, BDV)
-    m_dk = o_dk < DK
-    m_dv = o_dv < DV
-    if not TMA:
-        p_kb = p_k + o_c[:, None] * s_kt + o_dk[None, :]
-        p_vb = p_v + o_c[:, None] * s_vt + o_dv[None, :]
     for i0 in range(i_lo, i_hi, BC):
         o_i = i0 + o_c
-        if TMA:
-            b_k = p_k.load([i0, 0])  # [BC, BDK]
-            b_v = p_v.load([i0, 0])  # [BC, BDV]
-        else:
-            m_i_ok = o_i < n_vis
-            b_k = tl.load(p_kb + tl.cast(i0, tl.int64) * s_kt, mask=m_i_ok[:, None] & m_dk[None, :], other=0.)
-            b_v = tl.load(p_vb + tl.cast(i0, tl.int64) * s_vt, mask=m_i_ok[:, None] & m_dv[None, :], other=0.)
+        b_k, b_v = _kv_tile(p_k, p_v, i0, n_vis, s_kt, s_vt, DK, DV, BC, BDK, BDV, TMA)  # [BC, BDK], [BC, BDV]
         if UPCAST:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2  # [BM, BC]
@@ -265,10 +256,7 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlen
     p_k = k + cbos * s_kt + i_h * s_kh
     p_v = v + cbos * s_vt + i_h * s_vh
     if TMA:
-        p_k = tl.make_tensor_descriptor(p_k, shape=[tl.maximum(n_vis, 1), DK], strides=[s_kt, 1],
-                                        block_shape=[BC, BDK])
-        p_v = tl.make_tensor_descriptor(p_v, shape=[tl.maximum(n_vis, 1), DV], strides=[s_vt, 1],
-                                        block_shape=[BC, BDV])
+        p_k, p_v = kv_descriptors(p_k, p_v, n_vis, s_kt, s_vt, DK, DV, BC, BDK, BDV)
     b_dq = tl.zeros([BM, BDK], dtype=tl.float32)
     b_dq = _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, 0, n_full, n_vis, s_kt, s_vt,
                          scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, False, PRECISION, UPCAST, TMA)
@@ -544,9 +532,7 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seq
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
     grid = (tiles.shape[0] * H,)
-    tma = cfg.get("tma", False) and tma_ok(k_cmp, v_cmp)
-    if tma:
-        ensure_allocator()
+    tma = use_tma(cfg.get("tma", False), k_cmp, v_cmp)
     compressed_fwd_kernel[grid](
         q, k_cmp, v_cmp, o, lse, pk.cu, pk.ccu, tiles, scale * LOG2E,
         q.stride(1), q.stride(2), k_cmp.stride(1), k_cmp.stride(2), v_cmp.stride(1), v_cmp.stride(2),
@@ -598,9 +584,7 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
     cfg = dq_config or _dq_config(bdk, bdv, q.element_size(), interpret)
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
-    tma = cfg.get("tma", False) and tma_ok(k_cmp, v_cmp)
-    if tma:
-        ensure_allocator()
+    tma = use_tma(cfg.get("tma", False), k_cmp, v_cmp)
     compressed_bwd_dq_kernel[(tiles.shape[0] * H,)](
         q, k_cmp, v_cmp, do, lse, delta, dq, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common,
         GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,

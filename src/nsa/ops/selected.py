@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .compressed import compressed_bwd_preprocess_kernel
-from .triton_utils import dot, dot_args, ensure_allocator, pow2, softmax_step, tma_ok
+from .triton_utils import dot, dot_args, kv_descriptors, pow2, softmax_step, tma_ok, use_tma
 from .utils import interpreting, new_output, uniform_cu_seqlens
 
 # Rows (positions x heads) per query tile in the forward/dQ kernels, and per query chunk in
@@ -55,12 +55,12 @@ DQ_MODE = "auto"
 # Pipeline depth of the forward/dQ block loop when a tile holds one position (G >= 16).
 GATHER_STAGES = 2  # H200 64k, G=16, dQ: 18.4 ms (1 stage: 27.9, 3 stages: 19.1)
 # K/V loads of the gather forward with one position per tile (G >= 16) through TMA (on-device
-# tensor descriptors) instead of masked pointer loads: "auto" (where triton_utils.tma_ok allows
-# it: fp16/bf16, 16-byte aligned k and v whose head rows are multiples of 16 bytes; on CUDA
-# devices of compute capability >= 9, under the interpreter and in the sm_90 compile audit),
-# True (the same on any CUDA device: for probes) or False. H200 2026-11-29 (run7, probe.py
-# --parts slctma), 64k, G=16: 16.2 ms against 17.3 with pointer loads (BK 64, 4 warps, 2 stages;
-# 3 stages 16.5, 8 warps or BK 32 slower on both paths).
+# tensor descriptors) instead of masked pointer loads: "auto" or True (where triton_utils.tma_ok
+# allows it: fp16/bf16, 16-byte aligned k and v whose head rows are multiples of 16 bytes, on
+# CUDA devices of compute capability >= 9, under the interpreter and in the sm_90 compile
+# audit) or False. H200 2026-11-29 (run7, probe.py --parts slctma), 64k, G=16: 16.2 ms against
+# 17.3 with pointer loads (BK 64, 4 warps, 2 stages; 3 stages 16.5, 8 warps or BK 32 slower on
+# both paths).
 FWD_TMA = "auto"
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
 # split over several programs), and the memory bound of its per-slot partials.
@@ -203,10 +203,8 @@ def selected_fwd_kernel(
             # this KV head's keys 0 .. t0 of the sequence (at least one row: a surplus program past
             # the end, whose entries are all -1, still gets a valid descriptor)
             n_key = tl.maximum(t_last + 1, 1).to(tl.int32)
-            k_desc = tl.make_tensor_descriptor(k + (bos * H + i_h) * DK, shape=[n_key, DK], strides=[H * DK, 1],
-                                               block_shape=[BK, BDK])
-            v_desc = tl.make_tensor_descriptor(v + (bos * H + i_h) * DV, shape=[n_key, DV], strides=[H * DV, 1],
-                                               block_shape=[BK, BDV])
+            k_desc, v_desc = kv_descriptors(k + (bos * H + i_h) * DK, v + (bos * H + i_h) * DV, n_key, H * DK, H * DV,
+                                            DK, DV, BK, BDK, BDV)
         for i_s in tl.range(0, S, num_stages=STAGES):
             i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
             for i_ks in tl.static_range(NKS):
@@ -773,19 +771,13 @@ def _segments(offsets, num_entries: int, seg: int) -> _Segments:
 
 def _fwd_tma(k: torch.Tensor, v: torch.Tensor, cfg: _Tiles) -> bool:
     """FWD_TMA resolved for packed contiguous k ``[N, H, DK]``, v ``[N, H, DV]``: TMA loads only in
-    the one-position tiles (``cfg.BT == 1``), where :func:`tma_ok` allows them (fp16/bf16, 16-byte
-    aligned base and rows; CUDA, the interpreter or the sm_90 compile audit), for padded head
-    widths of at most 256 (one TMA box dimension); "auto" on CUDA also needs compute capability
-    >= 9 (TMA hardware)."""
+    the one-position tiles (``cfg.BT == 1``), where :func:`tma_ok` allows them (fp16/bf16 on a
+    GPU with TMA, 16-byte aligned base and rows; the interpreter or the sm_90 compile audit),
+    for padded head widths of at most 256 (one TMA box dimension)."""
     if not (FWD_TMA == "auto" or isinstance(FWD_TMA, bool)):
         raise ValueError(f"nsa.ops.selected.FWD_TMA: expected 'auto', True or False, got {FWD_TMA!r}")
-    if FWD_TMA is False or cfg.BT != 1 or v.dtype != k.dtype or not tma_ok(k, v):
-        return False
-    if max(pow2(k.shape[-1]), pow2(v.shape[-1])) > 256:
-        return False
-    if FWD_TMA is True or not k.is_cuda:  # the interpreter, or the sm_90 compile audit
-        return True
-    return torch.cuda.get_device_capability(k.device)[0] >= 9
+    return (FWD_TMA is not False and cfg.BT == 1 and v.dtype == k.dtype
+            and max(pow2(k.shape[-1]), pow2(v.shape[-1])) <= 256 and tma_ok(k, v))
 
 
 def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_indices, cfg: _Tiles):
@@ -797,9 +789,7 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
     lse = new_output((N, HQ), torch.float32, q.device)
     # num_stages 1 for union walks: their loads sit under data-dependent branches
     stages = GATHER_STAGES if cfg.BT == 1 and not interpreting() else 1
-    tma = _fwd_tma(k, v, cfg)
-    if tma:
-        ensure_allocator()
+    tma = use_tma(_fwd_tma(k, v, cfg), k, v)
     selected_fwd_kernel[(chunk_indices.shape[0], H)](
         q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
         HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=block_size, BK=cfg.BK, NKS=cfg.NKS,

@@ -3,13 +3,16 @@ kernels, and tile-size rounding."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .utils import interpreting
 
-__all__ = ["dot", "dot_args", "ensure_allocator", "interpreting", "pow2", "softmax_step", "tma_ok"]
+__all__ = ["dot", "dot_args", "ensure_allocator", "interpreting", "kv_descriptors", "pow2", "softmax_step",
+           "tma_ok", "use_tma"]
 
 
 def pow2(n: int, minimum: int = 16) -> int:
@@ -22,14 +25,34 @@ def pow2(n: int, minimum: int = 16) -> int:
 COMPILE_AUDIT = False
 
 
+@functools.lru_cache(maxsize=None)
+def _has_tma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether kernels may read these tensors through TMA tensor descriptors: 16-bit floats, on
-    CUDA (or the interpreter), unit last stride, 16-byte aligned base and other strides."""
+    """Whether kernels may read these tensors through TMA tensor descriptors: 16-bit floats on a
+    CUDA device with TMA (compute capability >= 9; or under the interpreter, or in the sm_90
+    compile audit), unit last stride, 16-byte aligned base and other strides."""
     for t in tensors:
-        if t.dtype not in (torch.float16, torch.bfloat16) or not (t.is_cuda or interpreting() or COMPILE_AUDIT):
+        if t.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        if t.is_cuda:
+            if not _has_tma(t.device.index if t.device.index is not None else torch.cuda.current_device()):
+                return False
+        elif not (interpreting() or COMPILE_AUDIT):
             return False
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
             return False
+    return True
+
+
+def use_tma(wanted: bool, *tensors: torch.Tensor) -> bool:
+    """``wanted and tma_ok(*tensors)``; when True, makes sure Triton's scratch allocator for
+    on-device descriptors is set (:func:`ensure_allocator`) before the caller's launch."""
+    if not (wanted and tma_ok(*tensors)):
+        return False
+    ensure_allocator()
     return True
 
 
@@ -49,6 +72,17 @@ def ensure_allocator():
     except ImportError:  # another Triton layout: set ours
         pass
     triton.set_allocator(_scratch)
+
+
+@triton.jit
+def kv_descriptors(p_k, p_v, n_rows, s_k, s_v, DK, DV, BN: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+    """TMA descriptors over the first ``n_rows`` rows (row strides ``s_k`` / ``s_v``, at least one
+    row) of the key / value matrices at ``p_k`` / ``p_v``, loading ``[BN, BDK]`` / ``[BN, BDV]``
+    tiles: rows >= n_rows and columns >= DK / DV read as zeros, as masked pointer loads give them."""
+    n = tl.maximum(n_rows, 1)
+    k_desc = tl.make_tensor_descriptor(p_k, shape=[n, DK], strides=[s_k, 1], block_shape=[BN, BDK])
+    v_desc = tl.make_tensor_descriptor(p_v, shape=[n, DV], strides=[s_v, 1], block_shape=[BN, BDV])
+    return k_desc, v_desc
 
 
 def dot_args(dtype: torch.dtype) -> dict:

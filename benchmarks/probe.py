@@ -418,10 +418,70 @@ def probe_public_op(T):
               flush=True)
 
 
+def local_selection(T, H, S, BS, span, gen, run=1):
+    """Like :func:`random_selection`, with the random blocks drawn among the ``span`` latest causal
+    blocks only (the K/V a KV head's queries read then spans ``span`` blocks, not the whole past),
+    and positions in aligned runs of ``run`` sharing the run's first position's list (neighbouring
+    queries that agree, as in trained models; still causal for the later positions)."""
+    NB = -(-T // BS)
+    out = torch.empty(1, T, H, S, dtype=torch.int32, device=DEV)
+    j = torch.arange(NB, device=DEV)
+    for a in range(0, T, 8192):
+        b = min(T, a + 8192)
+        tb = (torch.arange(a, b, device=DEV) // BS).view(-1, 1, 1)
+        score = torch.rand(b - a, H, NB, device=DEV, generator=gen)
+        score = torch.where(j > tb - span, score, -1.0)
+        score = torch.where((j == 0) | (j == tb) | (j == tb - 1), 2.0, score)
+        score = torch.where(j <= tb, score, -1.0)
+        top = score.topk(min(S, NB), -1)
+        idx = torch.where(top.values >= 0, top.indices, NB)
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], S - idx.shape[-1]), NB)], -1).sort(-1).values
+        out[0, a:b] = torch.where(idx == NB, -1, idx).to(torch.int32)
+    if run > 1:
+        out = out[:, torch.arange(T, device=DEV) // run * run]
+    return out.contiguous()
+
+
+def probe_locality(T):
+    """What bounds the selected forward at G = 16: the same kernel on selections that differ only
+    in where their random blocks lie. If the time falls when the blocks a KV head's queries read
+    fit in L2 (span of recent blocks), the query-centric kernel waits on DRAM; if it stays, on the
+    L2 -> SM path. Runs of positions sharing one list measure what correlated selections gain."""
+    from nsa.ops.selected import _selected_fwd_op
+    HQ, H, D, BS, S = 64, 4, 128, 64, 16
+    g = torch.Generator(device=DEV).manual_seed(5)
+    q, k, v = [torch.randn(1, T, h, D, device=DEV, generator=g).bfloat16() for h in (HQ, H, H)]
+    kv_bytes = T * H * S * BS * D * 2 * 2  # K and V of every listed block, per (position, KV head)
+    cases = [("benchmark (select_blocks on random q, k)", None)]
+    cases += [(f"random, whole past{'' if r == 1 else f', runs of {r} positions share a list'}", (10 ** 9, r))
+              for r in (1, 4, 16, 64)]
+    cases += [(f"random among the latest {sp} blocks ({sp * BS * D * 4 / 2 ** 20:.0f} MiB of K/V per KV head)", (sp, 1))
+              for sp in (32, 128, 512)]
+    for name, arg in cases:
+        idx = _benchmark_inputs(T)[4] if arg is None else local_selection(T, H, S, BS, arg[0], g, arg[1])
+        t = _ms(lambda: _selected_fwd_op(q, k, v, idx, BS, D ** -0.5, None))
+        print(f"locality T={T}: {name}: {t:.2f} ms, listed K/V {kv_bytes / t * 1e-9:.1f} TB/s", flush=True)
+
+
+def probe_launches(T):
+    """One launch of each main kernel at the paper shapes (for an external profiler such as
+    ``ncu -k regex:...``): compressed forward, selected forward (benchmark selections), window
+    forward and backward."""
+    from nsa.ops import window as WI
+    from nsa.ops.selected import _selected_fwd_op
+    q, k, v, do, idx = _benchmark_inputs(T)
+    D = q.shape[-1]
+    o, lse = WI._launch_fwd(q, k, v, 512, D ** -0.5, None)
+    WI._launch_bwd(q, k, v, o, lse, do, 512, D ** -0.5, None)
+    _selected_fwd_op(q, k, v, idx, 64, D ** -0.5, None)
+    torch.cuda.synchronize()
+    print(f"launches T={T}: done", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)
-    p.add_argument("--parts", nargs="*", default=["dot", "selected"], help="dot selected fwdmodes dqmodes gates streams checks slctma publicop")
+    p.add_argument("--parts", nargs="*", default=["dot", "selected"], help="dot selected fwdmodes dqmodes gates streams checks slctma publicop locality launches")
     p.add_argument("--sweep", action="store_true", help="selected: time dK/dV tile configs")
     p.add_argument("--Ts", type=int, nargs="*", default=[8192, 32768, 65536], help="lengths for fwdmodes")
     args = p.parse_args()
@@ -447,6 +507,10 @@ def main():
         probe_slc_tma(args.T)
     if "publicop" in args.parts:
         probe_public_op(args.T)
+    if "locality" in args.parts:
+        probe_locality(args.T)
+    if "launches" in args.parts:
+        probe_launches(args.T)
 
 
 if __name__ == "__main__":

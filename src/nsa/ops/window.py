@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import interpreting, pow2
+from .triton_utils import interpreting, kv_descriptors, pow2, use_tma
 from .utils import new_output
 
 
@@ -59,35 +59,63 @@ def _key_band(t0, t1, W, BN: tl.constexpr):
 
 
 @triton.jit
-def _window_fwd_tiles(
-    b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_lo, s_hi, s_end, W, qk_scale,
-    H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-):
-    """Online softmax over the key tiles starting at ``s_lo, s_lo + BN, ... < s_hi``. MASKED: apply
-    the band mask and never load keys ``>= s_end``; else every key is visible to every row."""
-    o_n = tl.arange(0, BN)
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    for s0 in range(s_lo, s_hi, BN):
-        o_s = s0 + o_n  # [BN]
+def _window_kv(k, v, bos, i_h, s0, s_end, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+    """The ``[BN, BK]`` key and ``[BN, BV]`` value tiles of keys ``s0 .. s0 + BN - 1`` of KV head
+    ``i_h``, zeros at columns past K / V and (MASKED) at keys ``>= s_end``. TMA: k and v are
+    descriptors of the sequence's keys ``[0, s_end)`` (:func:`_window_descriptors`), whose
+    zero fill does the masking."""
+    if TMA:
+        b_k = k.load([s0, 0])
+        b_v = v.load([s0, 0])
+    else:
+        o_s = s0 + tl.arange(0, BN)
+        o_k = tl.arange(0, BK)
+        o_v = tl.arange(0, BV)
         p_kv = (bos + o_s) * H + i_h  # [BN] int64 row of k/v
         m_k = (o_k < K)[None, :]
         m_v = (o_v < V)[None, :]
         if MASKED:
             m_k = m_k & (o_s < s_end)[:, None]
             m_v = m_v & (o_s < s_end)[:, None]
-        b_k = tl.load(k + p_kv[:, None] * K + o_k[None, :], mask=m_k, other=0.).to(DOT_DTYPE)  # [BN, BK]
-        b_v = tl.load(v + p_kv[:, None] * V + o_v[None, :], mask=m_v, other=0.).to(DOT_DTYPE)  # [BN, BV]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+        b_k = tl.load(k + p_kv[:, None] * K + o_k[None, :], mask=m_k, other=0.)
+        b_v = tl.load(v + p_kv[:, None] * V + o_v[None, :], mask=m_v, other=0.)
+    return b_k, b_v
+
+
+@triton.jit
+def _window_descriptors(k, v, bos, i_h, s_end, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                        BV: tl.constexpr, BN: tl.constexpr, TMA: tl.constexpr):
+    """k, v as :func:`_window_kv` takes them: TMA descriptors over keys ``[0, s_end)`` of KV head
+    ``i_h`` of the sequence starting at token ``bos`` (keys past the tile's last position, and the
+    next sequence's, read as zeros), or the plain pointers."""
+    if TMA:
+        return kv_descriptors(k + (bos * H + i_h) * K, v + (bos * H + i_h) * V, s_end, H * K, H * V,
+                              K, V, BN, BK, BV)
+    else:
+        return k, v
+
+
+@triton.jit
+def _window_fwd_tiles(
+    b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_lo, s_hi, s_end, W, qk_scale,
+    H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
+    MASKED: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """Online softmax over the key tiles starting at ``s_lo, s_lo + BN, ... < s_hi``. MASKED: apply
+    the band mask and never load keys ``>= s_end``; else every key is visible to every row."""
+    o_n = tl.arange(0, BN)
+    for s0 in range(s_lo, s_hi, BN):
+        b_k, b_v = _window_kv(k, v, bos, i_h, s0, s_end, H, K, V, BK, BV, BN, MASKED, TMA)
+        b_s = tl.dot(b_q, tl.trans(b_k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
         if MASKED:
-            o_d = o_pos[:, None] - o_s[None, :]
+            o_d = o_pos[:, None] - (s0 + o_n)[None, :]
             b_s = tl.where((o_d >= 0) & (o_d < W), b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         b_alpha = tl.exp2(b_m - b_m_new)
         b_p = tl.exp2(b_s - b_m_new[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_pv = tl.dot(b_p.to(v.dtype.element_ty).to(DOT_DTYPE), b_v, input_precision=DOT_PRECISION)
+        b_pv = tl.dot(b_p.to(b_v.dtype).to(DOT_DTYPE), b_v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         b_acc = b_acc * b_alpha[:, None] + b_pv
         b_m = b_m_new
     return b_acc, b_m, b_l
@@ -99,9 +127,12 @@ def window_fwd_kernel(
     HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ONE_LOOP: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     """q ``[N, HQ, K]``, k ``[N, H, K]``, v ``[N, H, V]`` -> o ``[N, HQ, V]``, lse ``[N, HQ]`` (base-2
-    log-sum-exp of the scaled scores). One program: BT positions x G heads of KV head i_h."""
+    log-sum-exp of the scaled scores). One program: BT positions x G heads of KV head i_h.
+    ONE_LOOP: the whole band in one (masked) loop instead of three phases, so that the compiler
+    pipelines every tile's loads; TMA: K/V tiles through tensor descriptors (16-bit inputs)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     t0 = i_c * BT
@@ -124,12 +155,18 @@ def window_fwd_kernel(
     b_acc = tl.zeros([BM, BV], dtype=tl.float32)
 
     s_lo, s_mid, s_top, s_end = _key_band(t0, t1, W, BN)
-    b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_lo, tl.minimum(s_mid, s_end),
-                                        s_end, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
-    b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_mid, s_top,
-                                        s_end, W, qk_scale, H, K, V, BK, BV, BN, False, DOT_PRECISION, DOT_DTYPE)
-    b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_top, s_end,
-                                        s_end, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
+    k, v = _window_descriptors(k, v, bos, i_h, s_end, H, K, V, BK, BV, BN, TMA)
+    if ONE_LOOP:
+        b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_lo, s_end, s_end, W,
+                                            qk_scale, H, K, V, BK, BV, BN, True, TMA, DOT_PRECISION, DOT_DTYPE)
+    else:
+        b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_lo,
+                                            tl.minimum(s_mid, s_end), s_end, W, qk_scale, H, K, V, BK, BV, BN,
+                                            True, TMA, DOT_PRECISION, DOT_DTYPE)
+        b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_mid, s_top, s_end, W,
+                                            qk_scale, H, K, V, BK, BV, BN, False, TMA, DOT_PRECISION, DOT_DTYPE)
+        b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_top, s_end, s_end, W,
+                                            qk_scale, H, K, V, BK, BV, BN, True, TMA, DOT_PRECISION, DOT_DTYPE)
 
     # a valid row sees its own position, and the maximum's term is exp2(0) = 1: b_l >= 1. Rows of
     # a tile past its sequence's end saw nothing; they are not stored, the clamp keeps them finite.
@@ -143,30 +180,21 @@ def window_fwd_kernel(
 def _window_bwd_dq_tiles(
     b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_lo, s_hi, s_end, W, qk_scale,
     H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """dQ (unscaled) accumulated over the key tiles ``s_lo, s_lo + BN, ... < s_hi``; as _window_fwd_tiles."""
     o_n = tl.arange(0, BN)
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
     for s0 in range(s_lo, s_hi, BN):
-        o_s = s0 + o_n
-        p_kv = (bos + o_s) * H + i_h
-        m_k = (o_k < K)[None, :]
-        m_v = (o_v < V)[None, :]
-        if MASKED:
-            m_k = m_k & (o_s < s_end)[:, None]
-            m_v = m_v & (o_s < s_end)[:, None]
-        b_k = tl.load(k + p_kv[:, None] * K + o_k[None, :], mask=m_k, other=0.).to(DOT_DTYPE)
-        b_v = tl.load(v + p_kv[:, None] * V + o_v[None, :], mask=m_v, other=0.).to(DOT_DTYPE)
+        b_k, b_v = _window_kv(k, v, bos, i_h, s0, s_end, H, K, V, BK, BV, BN, MASKED, TMA)
+        b_k = b_k.to(DOT_DTYPE)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
         if MASKED:
-            o_d = o_pos[:, None] - o_s[None, :]
+            o_d = o_pos[:, None] - (s0 + o_n)[None, :]
             b_s = tl.where((o_d >= 0) & (o_d < W), b_s, float("-inf"))
         b_p = tl.exp2(b_s - b_lse[:, None])
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)  # [BM, BN]
+        b_dp = tl.dot(b_do, tl.trans(b_v.to(DOT_DTYPE)), input_precision=DOT_PRECISION)  # [BM, BN]
         b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(k.dtype.element_ty).to(DOT_DTYPE), b_k, input_precision=DOT_PRECISION)
+        b_dq += tl.dot(b_ds.to(b_v.dtype).to(DOT_DTYPE), b_k, input_precision=DOT_PRECISION)
     return b_dq
 
 
@@ -176,12 +204,13 @@ def window_bwd_dq_kernel(
     HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_DELTA: tl.constexpr, N_ADD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ONE_LOOP: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     """dq ``[N, HQ, K]`` for one query tile of BT positions x G heads; the same band walk as the
     forward. delta ``[N, HQ]`` = rowsum(do * o) (float32) is an input when HAS_DELTA, else
     computed and stored here. N_ADD (0, 1 or 2) of the gradients dq_a, dq_b (``[N, HQ, K]``
-    each: NSA's other branches) are added in float32 before the one rounding to dq's dtype."""
+    each: NSA's other branches) are added in float32 before the one rounding to dq's dtype.
+    ONE_LOOP, TMA: as in :func:`window_fwd_kernel`."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     t0 = i_c * BT
@@ -208,12 +237,18 @@ def window_bwd_dq_kernel(
 
     qk_scale = scale * 1.4426950408889634
     s_lo, s_mid, s_top, s_end = _key_band(t0, t1, W, BN)
-    b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_lo, tl.minimum(s_mid, s_end),
-                                s_end, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
-    b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_mid, s_top,
-                                s_end, W, qk_scale, H, K, V, BK, BV, BN, False, DOT_PRECISION, DOT_DTYPE)
-    b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_top, s_end,
-                                s_end, W, qk_scale, H, K, V, BK, BV, BN, True, DOT_PRECISION, DOT_DTYPE)
+    k, v = _window_descriptors(k, v, bos, i_h, s_end, H, K, V, BK, BV, BN, TMA)
+    if ONE_LOOP:
+        b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_lo, s_end, s_end, W,
+                                    qk_scale, H, K, V, BK, BV, BN, True, TMA, DOT_PRECISION, DOT_DTYPE)
+    else:
+        b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_lo,
+                                    tl.minimum(s_mid, s_end), s_end, W, qk_scale, H, K, V, BK, BV, BN, True, TMA,
+                                    DOT_PRECISION, DOT_DTYPE)
+        b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_mid, s_top, s_end, W,
+                                    qk_scale, H, K, V, BK, BV, BN, False, TMA, DOT_PRECISION, DOT_DTYPE)
+        b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_top, s_end, s_end, W,
+                                    qk_scale, H, K, V, BK, BV, BN, True, TMA, DOT_PRECISION, DOT_DTYPE)
     b_dq = b_dq * scale
     m_dq = m_r[:, None] & (o_k < K)[None, :]
     if N_ADD >= 1:
@@ -311,12 +346,16 @@ def _dot_args(dtype: torch.dtype) -> dict:
                 DOT_DTYPE=tl.float32 if interpreting() else _TL_DTYPES[dtype])
 
 
-def _q_config(G: int, BK: int, BV: int, dtype: torch.dtype, forward: bool = False) -> dict:
+def _q_config(G: int, BK: int, BV: int, dtype: torch.dtype, forward: bool = False, config: dict | None = None
+              ) -> dict:
     """Launch config of the forward and dQ kernels: BM rows = BT positions x G heads (a power of
-    two), BN keys per step. Hopper-oriented; fp32 (IEEE products, no tensor cores) and wide
-    heads take smaller tiles to stay within shared memory and registers."""
+    two), BN keys per step, ONE_LOOP / TMA (see :func:`window_fwd_kernel`). Hopper-oriented; fp32
+    (IEEE products, no tensor cores) and wide heads take smaller tiles to stay within shared memory
+    and registers. ``config`` (benchmark sweeps): keys rows, BN, num_warps, num_stages, one_loop,
+    tma override the default's."""
     # sizes checked against sm_90 register and shared-memory use (ptxas, no spills for 16-bit
     # inputs with heads <= 128; IEEE fp32 products take registers, hence its small tiles)
+    one_loop, tma = False, False
     if interpreting():  # programs run one by one on the CPU: few, small steps
         rows, BN, warps, stages = 32, 16, 4, 1
     elif dtype == torch.float32:
@@ -327,13 +366,18 @@ def _q_config(G: int, BK: int, BV: int, dtype: torch.dtype, forward: bool = Fals
         rows, BN, warps, stages = 128, 64, 4 if forward else 8, 2
     else:
         rows, BN, warps, stages = 64, 32, 4, 2
+    if config:
+        rows, BN = config.get("rows", rows), config.get("BN", BN)
+        warps, stages = config.get("num_warps", warps), config.get("num_stages", stages)
+        one_loop, tma = config.get("one_loop", one_loop), config.get("tma", tma)
     BM = max(rows, triton.next_power_of_2(G))
-    return dict(BT=BM // G, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
+    return dict(BT=BM // G, BM=BM, BN=BN, num_warps=warps, num_stages=stages, ONE_LOOP=one_loop, TMA=tma)
 
 
-def _kv_config(G: int, BK: int, BV: int, dtype: torch.dtype) -> dict:
+def _kv_config(G: int, BK: int, BV: int, dtype: torch.dtype, config: dict | None = None) -> dict:
     """Launch config of the dK/dV kernel: BN keys per program (their dK and dV accumulate in
-    registers), BM rows = BM // G positions x G heads per step."""
+    registers), BM rows = BM // G positions x G heads per step. ``config``: keys BN, rows,
+    num_warps, num_stages override the default's."""
     if interpreting():
         BN, rows, warps, stages = 16, 32, 4, 1
     elif dtype == torch.float32:
@@ -342,6 +386,9 @@ def _kv_config(G: int, BK: int, BV: int, dtype: torch.dtype) -> dict:
         BN, rows, warps, stages = 128, 64, 8, 3
     else:
         BN, rows, warps, stages = 32, 64, 8, 2
+    if config:
+        BN, rows = config.get("BN", BN), config.get("rows", rows)
+        warps, stages = config.get("num_warps", warps), config.get("num_stages", stages)
     return dict(BN=BN, BM=max(rows, triton.next_power_of_2(G)), num_warps=warps, num_stages=stages)
 
 
@@ -372,13 +419,14 @@ def _tiles(cu_seqlens, B: int, T: int, chunk: int, device):
     return table.shape[0], table
 
 
-def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens):
+def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens, config: dict | None = None):
     """q ``[B, T, HQ, K]``, k ``[B, T, H, K]``, v ``[B, T, H, V]``, contiguous -> o ``[B, T, HQ, V]``,
-    lse ``[B, T, HQ]`` float32 (base 2)."""
+    lse ``[B, T, HQ]`` float32 (base 2). ``config``: a tile config override (:func:`_q_config`)."""
     B, T, HQ, K = q.shape
     H, V = k.shape[2], v.shape[3]
     G, BK, BV = HQ // H, pow2(K), pow2(V)
-    cfg = _q_config(G, BK, BV, q.dtype, True)
+    cfg = _q_config(G, BK, BV, q.dtype, True, config)
+    cfg["TMA"] = use_tma(cfg["TMA"], k, v)
     n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BT"], q.device)
     cu = cu_seqlens if cu_seqlens is not None else table
     o = new_output((B, T, HQ, V), q.dtype, q.device)
@@ -391,11 +439,12 @@ def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens):
 
 
 def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens, delta=None, dq_a=None,
-                dq_b=None):
+                dq_b=None, dq_config: dict | None = None, dkv_config: dict | None = None):
     """Gradients of :func:`_launch_fwd` (all inputs contiguous): dq, dk, dv shaped like q, k, v.
     ``delta`` ``[B, T, HQ]`` float32 = rowsum(dO * o), when given (:mod:`nsa.ops.fused`), is not
     recomputed and ``o`` is not read. ``dq_a``, ``dq_b``: contiguous gradients shaped like q added
-    to dq (NSA's other branches), or None."""
+    to dq (NSA's other branches), or None. ``dq_config`` / ``dkv_config``: tile config overrides
+    (:func:`_q_config`, :func:`_kv_config`; benchmark sweeps)."""
     dq_add = [t for t in (dq_a, dq_b) if t is not None]  # N_ADD of them, then placeholders
     B, T, HQ, K = q.shape
     H, V = k.shape[2], v.shape[3]
@@ -404,7 +453,8 @@ def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens,
     common = dict(HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None,
                   **_dot_args(q.dtype))
 
-    cfg = _q_config(G, BK, BV, q.dtype)
+    cfg = _q_config(G, BK, BV, q.dtype, config=dq_config)
+    cfg["TMA"] = use_tma(cfg["TMA"], k, v)
     n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BT"], q.device)
     cu = cu_seqlens if cu_seqlens is not None else table
     dq = new_output(q.shape, q.dtype, q.device)
@@ -415,7 +465,7 @@ def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens,
         q, k, v, o, lse, do, delta, dq, *(dq_add + [dq] * (2 - len(dq_add))), cu, table, scale, T, W,
         HAS_DELTA=has_delta, N_ADD=len(dq_add), **common, **cfg)
 
-    cfg = _kv_config(G, BK, BV, q.dtype)
+    cfg = _kv_config(G, BK, BV, q.dtype, dkv_config)
     n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BN"], q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)

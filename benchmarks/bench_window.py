@@ -1,0 +1,133 @@
+"""Time the Triton sliding-window attention (nsa.ops.window) on one GPU; sweep its tile configs.
+
+Paper shapes: B=1, HQ=64, H=4, window 512, bf16, D = 128 (or --dims 192x128). The kernels are
+first checked against the float32 reference at T=2048 (forward and every gradient). Times are
+medians of ``triton.testing.do_bench`` with inputs built outside the timed region: the forward
+launcher, and the backward launcher alone (dQ with delta, then dK/dV). TFLOP/s count the
+(query head, key) pairs inside the window only: 2*(Dk+Dv) FLOPs each in the forward; in the
+backward the kernels do 2*(4*Dk + 3*Dv) per pair without atomics (dQ recomputes S and dP,
+dK/dV recomputes S and dP): reported against that actual count and against the usual 2.5x.
+
+Usage (repository root, on the GPU machine):
+    PYTHONPATH=src python3 benchmarks/bench_window.py                        # T = 8k..128k
+    PYTHONPATH=src python3 benchmarks/bench_window.py --sweep --T 65536      # config sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers
+
+from nsa.ops import sliding_window_attention  # noqa: E402
+from nsa.ops import window as W  # noqa: E402
+from tests.helpers import assert_close, rel_err  # noqa: E402
+
+HQ, H, WIN = 64, 4, 512
+
+# Candidates (D=128), default first: rows, BN, warps, stages, one_loop, tma
+FWD_SWEEP = [dict(rows=r, BN=bn, num_warps=w, num_stages=s, one_loop=o, tma=t)
+             for r, bn, w, s, o, t in [(128, 64, 4, 2, False, False), (128, 64, 4, 2, True, False),
+                                       (128, 64, 4, 3, True, True), (128, 64, 4, 2, True, True),
+                                       (128, 64, 8, 3, True, True), (256, 64, 8, 2, True, True),
+                                       (256, 64, 8, 3, True, True), (256, 64, 8, 3, False, True),
+                                       (256, 32, 8, 3, True, True), (256, 128, 8, 2, True, True),
+                                       (256, 64, 16, 2, True, True), (128, 32, 4, 3, True, True)]]
+DQ_SWEEP = [dict(rows=r, BN=bn, num_warps=w, num_stages=s, one_loop=o, tma=t)
+            for r, bn, w, s, o, t in [(128, 64, 8, 2, False, False), (128, 64, 8, 2, True, False),
+                                      (128, 64, 8, 3, True, True), (128, 64, 8, 2, True, True),
+                                      (128, 32, 8, 3, True, True), (256, 64, 16, 2, True, True),
+                                      (128, 64, 4, 2, True, True)]]
+DKV_SWEEP = [dict(BN=bn, rows=r, num_warps=w, num_stages=s)
+             for bn, r, w, s in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2),
+                                 (64, 64, 4, 3), (64, 128, 8, 2)]]
+
+
+def inputs(T, Dk, Dv, seed=0, requires_grad=False):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, T, HQ, Dk, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(1, T, H, Dk, device="cuda", generator=gen).bfloat16()
+    v = torch.randn(1, T, H, Dv, device="cuda", generator=gen).bfloat16()
+    return [x.requires_grad_(requires_grad) for x in (q, k, v)]
+
+
+def check_small(Dk, Dv):
+    q, k, v = inputs(2048, Dk, Dv, requires_grad=True)
+    do = torch.randn(1, 2048, HQ, Dv, device="cuda").bfloat16()
+    out = {}
+    for backend, args in (("triton", (q, k, v)), ("reference", [x.detach().float().requires_grad_() for x in (q, k, v)])):
+        o = sliding_window_attention(*args, WIN, backend=backend)
+        out[backend] = (o, torch.autograd.grad((o.float() * do.float()).sum(), args))
+    (o, g), (ro, rg) = out["triton"], out["reference"]
+    assert_close("o", ro, o.float(), 1e-2)
+    for name, r, x in zip(("dq", "dk", "dv"), rg, g):
+        assert_close(name, r, x.float(), 2e-2)
+
+
+def window_pairs(T):
+    """(query head, key) pairs inside the causal window."""
+    n = min(T, WIN)
+    return (n * (n + 1) / 2 + (T - n) * WIN) * HQ
+
+
+def bench(fn):
+    fn()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def run_case(T, Dk, Dv, fwd_cfg=None, dq_cfg=None, dkv_cfg=None):
+    q, k, v = inputs(T, Dk, Dv)
+    scale = Dk ** -0.5
+    o, lse = W._launch_fwd(q, k, v, WIN, scale, None, config=fwd_cfg)
+    do = torch.randn(o.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(o.dtype)
+    t_f = bench(lambda: W._launch_fwd(q, k, v, WIN, scale, None, config=fwd_cfg))
+    t_b = bench(lambda: W._launch_bwd(q, k, v, o, lse, do, WIN, scale, None, dq_config=dq_cfg,
+                                      dkv_config=dkv_cfg))
+    grads = W._launch_bwd(q, k, v, o, lse, do, WIN, scale, None, dq_config=dq_cfg, dkv_config=dkv_cfg)
+    return t_f, t_b, o, grads
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--T", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--dims", default="128x128", help="DkxDv")
+    p.add_argument("--sweep", action="store_true", help="time each candidate config of each kernel")
+    p.add_argument("--kinds", default="fwd,dq,dkv", help="kernels to sweep")
+    args = p.parse_args()
+    Dk, Dv = (int(x) for x in args.dims.split("x"))
+    print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {torch.cuda.get_device_name()}  "
+          f"torch {torch.__version__}  triton {triton.__version__}")
+    print(f"# B=1 HQ={HQ} H={H} Dk={Dk} Dv={Dv} bf16 window={WIN}")
+    check_small(Dk, Dv)
+    print("# check at T=2048 (o, dq, dk, dv vs float32 reference): ok")
+    for T in args.T:
+        pairs = window_pairs(T)
+        flop_f = pairs * 2 * (Dk + Dv)
+        flop_b = pairs * 2 * (4 * Dk + 3 * Dv)  # dQ: S, dP, dQ; dK/dV: S, dP, dV, dK
+        t_f, t_b, o, grads = run_case(T, Dk, Dv)
+        print(f"T={T:7d}  fwd {t_f:8.3f} ms {flop_f / t_f * 1e-9:6.1f} TFLOP/s   bwd {t_b:8.3f} ms "
+              f"{flop_b / t_b * 1e-9:6.1f} TFLOP/s done ({2.5 * flop_f / t_b * 1e-9:6.1f} at 2.5x fwd)", flush=True)
+        if not args.sweep:
+            continue
+        for kind, cands in (("fwd", FWD_SWEEP), ("dq", DQ_SWEEP), ("dkv", DKV_SWEEP)):
+            if kind not in args.kinds.split(","):
+                continue
+            for cfg in cands:
+                try:
+                    tf, tb, o2, g2 = run_case(T, Dk, Dv, **{f"{kind}_cfg": cfg})
+                except Exception as e:  # e.g. out of shared memory: report and go on
+                    print(f"  {kind:3s} {cfg}: failed ({type(e).__name__}: {str(e)[:80]})", flush=True)
+                    continue
+                err = max([rel_err(o.float(), o2.float())] + [rel_err(a.float(), b.float()) for a, b in zip(grads, g2)])
+                t = tf if kind == "fwd" else tb
+                print(f"  {kind:3s} {cfg}: {t:8.3f} ms (max rel diff to default {err:.1e})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -59,6 +59,12 @@ def _key_band(t0, t1, W, BN: tl.constexpr):
 
 
 @triton.jit
+def _in_band(o_pos, o_s, W):
+    """[rows, keys] mask of the keys ``o_pos - W < o_s <= o_pos`` (one unsigned compare)."""
+    return (o_pos[:, None] - o_s[None, :]).to(tl.uint32) < W.to(tl.uint32)
+
+
+@triton.jit
 def _window_kv(k, v, bos, i_h, s0, s_end, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
     """The ``[BN, BK]`` key and ``[BN, BV]`` value tiles of keys ``s0 .. s0 + BN - 1`` of KV head
@@ -107,13 +113,13 @@ def _window_fwd_tiles(
     o_n = tl.arange(0, BN)
     for s0 in range(s_lo, s_hi, BN):
         b_k, b_v = _window_kv(k, v, bos, i_h, s0, s_end, H, K, V, BK, BV, BN, MASKED, TMA)
-        b_s = tl.dot(b_q, tl.trans(b_k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+        # raw scores: the scale enters the exponent as one fused multiply-add per element
+        b_s = tl.dot(b_q, tl.trans(b_k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)  # [BM, BN]
         if MASKED:
-            o_d = o_pos[:, None] - (s0 + o_n)[None, :]
-            b_s = tl.where((o_d >= 0) & (o_d < W), b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            b_s = tl.where(_in_band(o_pos, s0 + o_n, W), b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
         b_alpha = tl.exp2(b_m - b_m_new)
-        b_p = tl.exp2(b_s - b_m_new[:, None])
+        b_p = tl.exp2(b_s * qk_scale - b_m_new[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_pv = tl.dot(b_p.to(b_v.dtype).to(DOT_DTYPE), b_v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         b_acc = b_acc * b_alpha[:, None] + b_pv
@@ -187,11 +193,10 @@ def _window_bwd_dq_tiles(
     for s0 in range(s_lo, s_hi, BN):
         b_k, b_v = _window_kv(k, v, bos, i_h, s0, s_end, H, K, V, BK, BV, BN, MASKED, TMA)
         b_k = b_k.to(DOT_DTYPE)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BM, BN] raw scores
+        b_p = tl.exp2(b_s * qk_scale - b_lse[:, None])
         if MASKED:
-            o_d = o_pos[:, None] - (s0 + o_n)[None, :]
-            b_s = tl.where((o_d >= 0) & (o_d < W), b_s, float("-inf"))
-        b_p = tl.exp2(b_s - b_lse[:, None])
+            b_p = tl.where(_in_band(o_pos, s0 + o_n, W), b_p, 0.)
         b_dp = tl.dot(b_do, tl.trans(b_v.to(DOT_DTYPE)), input_precision=DOT_PRECISION)  # [BM, BN]
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq += tl.dot(b_ds.to(b_v.dtype).to(DOT_DTYPE), b_k, input_precision=DOT_PRECISION)
@@ -259,34 +264,45 @@ def window_bwd_dq_kernel(
 
 
 @triton.jit
+def _window_dkv_step(
+    b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p0, W, qk_scale,
+    HQ, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """dK (unscaled) and dV of the key tile from the BT positions ``p0 ..`` x G heads. MASKED
+    applies the band mask; else every (key, valid row) pair is visible."""
+    o_r = tl.arange(0, BM)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    o_p = p0 + o_r // G  # [BM] query position of each row
+    m_r = (o_r < BT * G) & (o_p < seq_len)
+    # padding rows read a valid row; their lse = +inf makes p = 0, so they add nothing
+    o_row = (bos + tl.minimum(o_p, seq_len - 1)) * HQ + i_h * G + o_r % G  # [BM] int64
+    b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0.).to(DOT_DTYPE)
+    b_do = tl.load(do + o_row[:, None] * V + o_v[None, :], mask=(o_v < V)[None, :], other=0.).to(DOT_DTYPE)
+    b_lse = tl.load(lse + o_row, mask=m_r, other=float("inf"))
+    b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
+    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)  # [BN, BM] raw scores
+    b_pt = tl.exp2(b_st * qk_scale - b_lse[None, :])
+    if MASKED:
+        b_pt = tl.where(tl.trans(_in_band(o_p, o_s, W)), b_pt, 0.)
+    b_dv += tl.dot(b_pt.to(do.dtype.element_ty).to(DOT_DTYPE), b_do, input_precision=DOT_PRECISION)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BN, BM]
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk += tl.dot(b_dst.to(q.dtype.element_ty).to(DOT_DTYPE), b_q, input_precision=DOT_PRECISION)
+    return b_dk, b_dv
+
+
+@triton.jit
 def _window_bwd_dkv_tiles(
     b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_lo, p_hi, W, qk_scale,
     HQ, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """dK (unscaled) and dV accumulated over the query steps ``p_lo, p_lo + BT, ... < p_hi`` of BT
-    positions x G heads. MASKED applies the band mask; else every (key, valid row) pair is visible."""
-    o_r = tl.arange(0, BM)
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
+    """:func:`_window_dkv_step` over the query steps ``p_lo, p_lo + BT, ... < p_hi``."""
     for p0 in range(p_lo, p_hi, BT):
-        o_p = p0 + o_r // G  # [BM] query position of each row
-        m_r = (o_r < BT * G) & (o_p < seq_len)
-        # padding rows read a valid row; their lse = +inf makes p = 0, so they add nothing
-        o_row = (bos + tl.minimum(o_p, seq_len - 1)) * HQ + i_h * G + o_r % G  # [BM] int64
-        b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0.).to(DOT_DTYPE)
-        b_do = tl.load(do + o_row[:, None] * V + o_v[None, :], mask=(o_v < V)[None, :], other=0.).to(DOT_DTYPE)
-        b_lse = tl.load(lse + o_row, mask=m_r, other=float("inf"))
-        b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
-        if MASKED:
-            o_d = o_p[None, :] - o_s[:, None]
-            b_st = tl.where((o_d >= 0) & (o_d < W), b_st, float("-inf"))
-        b_pt = tl.exp2(b_st - b_lse[None, :])
-        b_dv += tl.dot(b_pt.to(do.dtype.element_ty).to(DOT_DTYPE), b_do, input_precision=DOT_PRECISION)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BN, BM]
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(q.dtype.element_ty).to(DOT_DTYPE), b_q, input_precision=DOT_PRECISION)
+        b_dk, b_dv = _window_dkv_step(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p0, W,
+                                      qk_scale, HQ, G, K, V, BK, BV, BT, BM, MASKED, DOT_PRECISION, DOT_DTYPE)
     return b_dk, b_dv
 
 
@@ -295,10 +311,11 @@ def window_bwd_dkv_kernel(
     q, k, v, lse, do, delta, dk, dv, cu_seqlens, chunk_indices, scale, T, W,
     HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, ROTATE: tl.constexpr = False,
 ):
     """dk ``[N, H, K]``, dv ``[N, H, V]`` for one tile of BN keys of KV head i_h, from the queries
-    ``[s, s + W - 1]`` of its G heads, BM rows (BM // G positions x G heads) per step."""
+    ``[s, s + W - 1]`` of its G heads, BM rows (BM // G positions x G heads) per step. ROTATE:
+    one masked loop whose start depends on the tile (see the code), else three phases."""
     BT: tl.constexpr = BM // G
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BN, IS_VARLEN)
@@ -320,17 +337,28 @@ def window_bwd_dkv_kernel(
     # queries [s0, p_end): those < s1 are cut by the diagonal for some keys, those >= s0 + W by the
     # window; a tile past its sequence's end (s1 < s0) gets no queries
     p_end = tl.minimum(s1 + W, seq_len)
-    p_mid = s0 + tl.cdiv(tl.maximum(s1 - s0, 0), BT) * BT
-    p_top = p_mid + (tl.maximum(tl.minimum(s0 + W, seq_len) - p_mid, 0) // BT) * BT
-    b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, s0,
-                                       tl.minimum(p_mid, p_end), W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, True,
-                                       DOT_PRECISION, DOT_DTYPE)
-    b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_mid,
-                                       p_top, W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, False,
-                                       DOT_PRECISION, DOT_DTYPE)
-    b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_top,
-                                       p_end, W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, True,
-                                       DOT_PRECISION, DOT_DTYPE)
+    if ROTATE:
+        # one masked loop over the positions [s0, s0 + L), started at the one congruent to 0 mod L
+        # and wrapped: the programs of neighbouring key tiles, which run at the same time, then
+        # read each position they share in the same step (L2 hits instead of DRAM re-reads)
+        L = tl.cdiv(tl.maximum(p_end - s0, 0), BT) * BT
+        r = (L - s0 % tl.maximum(L, 1)) % tl.maximum(L, 1) // BT * BT  # steps stay BT apart: every position once
+        for j in range(0, L, BT):
+            p0 = s0 + (r + j) % L
+            b_dk, b_dv = _window_dkv_step(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p0, W,
+                                          qk_scale, HQ, G, K, V, BK, BV, BT, BM, True, DOT_PRECISION, DOT_DTYPE)
+    else:
+        p_mid = s0 + tl.cdiv(tl.maximum(s1 - s0, 0), BT) * BT
+        p_top = p_mid + (tl.maximum(tl.minimum(s0 + W, seq_len) - p_mid, 0) // BT) * BT
+        b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, s0,
+                                           tl.minimum(p_mid, p_end), W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, True,
+                                           DOT_PRECISION, DOT_DTYPE)
+        b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_mid,
+                                           p_top, W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, False,
+                                           DOT_PRECISION, DOT_DTYPE)
+        b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_top,
+                                           p_end, W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, True,
+                                           DOT_PRECISION, DOT_DTYPE)
     tl.store(dk + p_kv[:, None] * K + o_k[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_k)
     tl.store(dv + p_kv[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_v)
 
@@ -376,8 +404,9 @@ def _q_config(G: int, BK: int, BV: int, dtype: torch.dtype, forward: bool = Fals
 
 def _kv_config(G: int, BK: int, BV: int, dtype: torch.dtype, config: dict | None = None) -> dict:
     """Launch config of the dK/dV kernel: BN keys per program (their dK and dV accumulate in
-    registers), BM rows = BM // G positions x G heads per step. ``config``: keys BN, rows,
-    num_warps, num_stages override the default's."""
+    registers), BM rows = BM // G positions x G heads per step, ROTATE (see
+    :func:`window_bwd_dkv_kernel`). ``config``: keys BN, rows, num_warps, num_stages, rotate
+    override the default's."""
     if interpreting():
         BN, rows, warps, stages = 16, 32, 4, 1
     elif dtype == torch.float32:
@@ -386,10 +415,12 @@ def _kv_config(G: int, BK: int, BV: int, dtype: torch.dtype, config: dict | None
         BN, rows, warps, stages = 128, 64, 8, 3
     else:
         BN, rows, warps, stages = 32, 64, 8, 2
+    rotate = False
     if config:
         BN, rows = config.get("BN", BN), config.get("rows", rows)
         warps, stages = config.get("num_warps", warps), config.get("num_stages", stages)
-    return dict(BN=BN, BM=max(rows, triton.next_power_of_2(G)), num_warps=warps, num_stages=stages)
+        rotate = config.get("rotate", rotate)
+    return dict(BN=BN, BM=max(rows, triton.next_power_of_2(G)), num_warps=warps, num_stages=stages, ROTATE=rotate)
 
 
 def _window(window_size: int, q) -> int:

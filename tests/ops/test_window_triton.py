@@ -108,6 +108,35 @@ def test_varlen(case):
     _check(name, q, k, v, window, _cu(lens))
 
 
+# The launchers' other loop forms (the defaults take one loop, TMA loads for 16-bit inputs and a
+# rotated dK/dV walk): three phases with pointer loads, and each switch on its own.
+LOOP_FORMS = [dict(fwd=dict(one_loop=False, tma=False), dkv=dict(rotate=False)),
+              dict(fwd=dict(one_loop=False, tma=True), dkv=dict(rotate=True)),
+              dict(fwd=dict(one_loop=True, tma=False), dkv=dict(rotate=False))]
+
+
+@pytest.mark.parametrize("form", range(len(LOOP_FORMS)))
+@pytest.mark.parametrize("case", [("T70-W20-G2-bf16", 2, 70, 2, 2, 16, 24, 20, torch.bfloat16, None),
+                                  ("varlen-W5-G3-bf16", 1, 138, 1, 3, 24, 16, 5, torch.bfloat16, [1, 37, 100]),
+                                  ("T65-W64-G16-fp32", 1, 65, 1, 16, 16, 24, 64, torch.float32, None)],
+                         ids=lambda c: c[0])
+def test_loop_forms(case, form):
+    name, B, T, H, G, Dk, Dv, window, dtype, lens = case
+    cfg = LOOP_FORMS[form]
+    q, k, v = [x.detach() for x in _inputs(B, T, H, G, Dk, Dv, dtype)]
+    cu = None if lens is None else _cu(lens)
+    do = torch.randn(B, T, H * G, Dv, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    scale = Dk ** -0.5
+    o, lse = win._launch_fwd(q, k, v, window, scale, cu, config=cfg["fwd"])
+    grads = win._launch_bwd(q, k, v, o, lse, do.to(dtype), window, scale, cu, dq_config=cfg["fwd"],
+                            dkv_config=cfg["dkv"])
+    qr, kr, vr = [x.float().requires_grad_() for x in (q, k, v)]
+    ro, rgrads = _run(qr, kr, vr, window, cu, "reference", do.to(dtype).float())
+    assert_close(f"{name} o", ro, o, RATIO[dtype])
+    for gname, r, x in zip(("dq", "dk", "dv"), rgrads, grads):
+        assert_close(f"{name} {gname}", r, x, RATIO[dtype])
+
+
 def test_float64_inputs_computed_in_float32():
     q, k, v = _inputs(1, 40, 1, 2, 16, 24, torch.float64)
     _check("fp64", q, k, v, 9)

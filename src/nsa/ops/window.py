@@ -9,12 +9,16 @@ Query tiles pack the ``G`` query heads of one KV head with ``BT`` consecutive po
 ``BM >= BT * G`` rows (row ``r`` = position ``r // G``, head ``r % G``): each key/value tile is
 loaded once for the whole group and fills the tensor cores for any G (1, 3, 16, ...). A tile
 of positions ``[t0, t1]`` needs the keys ``[t0 - W + 1, t1]`` only, so the work is O(T * W).
-That band is walked in three phases so that only its edges pay for masking: key tiles cut by
-the window's lower edge for some rows, tiles every row sees whole, tiles cut by the diagonal.
+That band is walked either in three phases, so that only its edges pay for masking (key tiles
+cut by the window's lower edge for some rows, tiles every row sees whole, tiles cut by the
+diagonal), or (``ONE_LOOP``, the default for 16-bit heads <= 128) in one masked loop that the
+compiler pipelines end to end; 16-bit K/V tiles come through TMA tensor descriptors whose zero
+fill stands for the keys past the tile's last position.
 
 Forward and dQ are query-centric (one program per query tile and KV head). dK/dV are
 key-centric: one program per key tile and KV head walks the queries ``[s, s + W - 1]`` that see
-it, for all G heads, and accumulates in registers. No float atomics: the backward is bitwise
+it, for all G heads, and accumulates in registers; with ``ROTATE`` each program starts its walk
+where its neighbours are, so that the queries they share are read from L2 rather than DRAM. No float atomics: the backward is bitwise
 deterministic. Softmax runs in base 2 in float32; the forward saves the base-2 log-sum-exp
 per row, and the dQ kernel computes ``delta = rowsum(dO * O)`` for the dK/dV kernel.
 """
@@ -384,14 +388,18 @@ def _q_config(G: int, BK: int, BV: int, dtype: torch.dtype, forward: bool = Fals
     # sizes checked against sm_90 register and shared-memory use (ptxas, no spills for 16-bit
     # inputs with heads <= 128; IEEE fp32 products take registers, hence its small tiles)
     one_loop, tma = False, False
-    if interpreting():  # programs run one by one on the CPU: few, small steps
-        rows, BN, warps, stages = 32, 16, 4, 1
+    if interpreting():  # programs run one by one on the CPU: few, small steps; the GPU's paths
+        rows, BN, warps, stages, one_loop, tma = 32, 16, 4, 1, True, True
     elif dtype == torch.float32:
         rows, BN, warps, stages = 16, 32, 4, 2
     elif max(BK, BV) <= 128:
-        # H200 sweep 2026-11-28, 64k: forward 3.64 ms with 4 warps (8: 3.90); dQ 16.3 ms with 8
-        # warps (4: 21.6)
-        rows, BN, warps, stages = 128, 64, 4 if forward else 8, 2
+        # H200 sweeps at 64k (benchmarks/bench_window.py), run14 2026-11-29: forward 3.23 ms with
+        # 32-key steps in one loop and TMA loads (64-key steps in three phases: 3.57; 8 warps or 256
+        # rows: 3.6-4.9); dQ 10.25 ms whole backward with one loop, TMA, 3 stages (10.48; 4 warps: 16.8)
+        if forward:
+            rows, BN, warps, stages, one_loop, tma = 128, 32, 4, 3, True, True
+        else:
+            rows, BN, warps, stages, one_loop, tma = 128, 64, 8, 3, True, True
     else:
         rows, BN, warps, stages = 64, 32, 4, 2
     if config:
@@ -407,15 +415,17 @@ def _kv_config(G: int, BK: int, BV: int, dtype: torch.dtype, config: dict | None
     registers), BM rows = BM // G positions x G heads per step, ROTATE (see
     :func:`window_bwd_dkv_kernel`). ``config``: keys BN, rows, num_warps, num_stages, rotate
     override the default's."""
+    rotate = False
     if interpreting():
-        BN, rows, warps, stages = 16, 32, 4, 1
+        BN, rows, warps, stages, rotate = 16, 32, 4, 1, True
     elif dtype == torch.float32:
         BN, rows, warps, stages = 16, 16, 4, 2
-    elif max(BK, BV) <= 128:  # H200 sweep 2026-11-28, 64k: whole backward 10.6 ms (64/64/8/2: 16.5 ms)
-        BN, rows, warps, stages = 128, 64, 8, 3
+    elif max(BK, BV) <= 128:
+        # H200 sweeps at 64k: 2026-11-28 whole backward 10.6 ms (64/64/8/2: 16.5 ms); run14
+        # 2026-11-29 rotated walk 10.08 ms against 10.47 (ncu run13: 3.5-4% L2 hits without it)
+        BN, rows, warps, stages, rotate = 128, 64, 8, 3, True
     else:
         BN, rows, warps, stages = 32, 64, 8, 2
-    rotate = False
     if config:
         BN, rows = config.get("BN", BN), config.get("rows", rows)
         warps, stages = config.get("num_warps", warps), config.get("num_stages", stages)

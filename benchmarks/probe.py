@@ -465,8 +465,9 @@ def probe_locality(T):
 
 def probe_launches(T):
     """One launch of each main kernel at the paper shapes (for an external profiler such as
-    ``ncu -k regex:...``): window forward and backward, selected forward (benchmark selections),
-    and the selected forward and backward through the public op at G = 16 and G = 1."""
+    ``ncu -k regex:...``): compressed forward and selection (building the benchmark's selections),
+    window forward and backward, selected forward, compressed backward, and the selected forward
+    and backward through the public op at G = 16 and G = 1."""
     from nsa.ops import window as WI
     from nsa.ops.selected import _selected_fwd_op
     q, k, v, do, idx = _benchmark_inputs(T)
@@ -474,6 +475,13 @@ def probe_launches(T):
     o, lse = WI._launch_fwd(q, k, v, 512, D ** -0.5, None)
     WI._launch_bwd(q, k, v, o, lse, do, 512, D ** -0.5, None)
     _selected_fwd_op(q, k, v, idx, 64, D ** -0.5, None)
+    # compressed attention forward and backward (compressed K/V of the paper's 32/16 compression)
+    Tc = num_compressed(T, 32, 16)
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    qg, kc, vc = (x.requires_grad_() for x in (q.detach().clone(),
+                                                 torch.randn(1, Tc, 4, D, device=DEV, generator=gen).bfloat16(),
+                                                 torch.randn(1, Tc, 4, D, device=DEV, generator=gen).bfloat16()))
+    compressed_attention(qg, kc, vc, 32, 16, backend="triton")[0].backward(do)
     from nsa.ops import selected_attention
     for HQ in (64, 4):  # the selected backward at G = 16 (gather dQ) and G = 1 (scatter dQ)
         qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q[:, :, :HQ], k, v))

@@ -49,12 +49,10 @@ DQ_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s, tma=t)
             for r, bc, w, s, t in [(128, 64, 8, 2, False), (128, 64, 8, 2, True), (128, 64, 8, 3, True),
                                    (128, 32, 8, 3, True), (256, 64, 16, 2, True), (128, 32, 8, 3, False),
                                    (64, 64, 4, 3, False)]]
-DKV_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s, programs=p, min_segment=256, aligned=a)
-             for r, bc, w, s, p, a in [(32, 128, 8, 3, 4, False), (32, 128, 8, 3, 4, True), (32, 128, 8, 3, 8, True),
-                                       (32, 128, 8, 3, 16, True), (32, 128, 8, 2, 8, True), (64, 128, 8, 2, 8, True),
-                                       (32, 64, 8, 3, 8, True), (32, 128, 8, 3, 8, False)]]
-# aligned: query segments at the same positions for every compressed tile (compressed_bwd_dkv_kernel);
-# run14 ncu (2026-11-29): the per-tile segments read q/dO at 7.5% L2 hits, 21.2 ms of the 35.0 ms backward
+DKV_SWEEP = [dict(rows=r, BC=bc, num_warps=w, num_stages=s, programs=p, min_segment=256)
+             for r, bc, w, s, p in [(32, 128, 8, 3, 4), (32, 128, 8, 2, 4), (32, 128, 8, 3, 2), (32, 128, 8, 3, 8),
+                                    (64, 128, 8, 2, 4),
+                                    (32, 64, 8, 3, 4), (64, 64, 8, 3, 4), (16, 128, 8, 3, 4), (32, 64, 4, 3, 4)]]
 
 # Candidates for padded Dk+Dv > 256 (Dk=192 pads to 256), default first. Compiled for sm_90a with
 # Triton 3.6 (ptxas -v, 2026-11-28): regs / spill bytes / smem / blocks per SM, and the tensor-core

@@ -320,30 +320,19 @@ def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i
 @triton.jit
 def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_seqlens, chunk_indices, scale,
                               scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_dks, s_dvs,
-                              HQ, H, G, DK, DV, KERNEL_SIZE, STRIDE, NSEG, NT,
+                              HQ, H, G, DK, DV, KERNEL_SIZE, STRIDE, NSEG,
                               GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
-                              BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                              ALIGNED: tl.constexpr = False):
-    """One program per (tile of BC compressed tokens, KV head, query segment); NT tiles.
+                              BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One program per (tile of BC compressed tokens, KV head, query segment).
 
     The queries that see the tile, [i0*stride + kernel_size - 1, seq_len), are cut into NSEG
     segments of whole query tiles; program s writes its partial sums to dk + s*s_dks (resp. dv),
     which hold k's (v's) strides otherwise. The host adds the segments in a fixed order.
-    ALIGNED: segment s is the same query range [s*P, (s+1)*P) of the sequence for every tile
-    (empty where the tile's queries start later), and the programs of one (segment, KV head) are
-    consecutive: they run at the same time and read the same q/dO rows in the same order, so
-    that all but the first read come from L2. Else each tile's own queries are cut in NSEG
-    equal pieces and a tile's segments are consecutive programs.
     """
     i_p = tl.program_id(0)
-    if ALIGNED:
-        i_s = NSEG - 1 - i_p // (H * NT)  # the last segments, seen by the most tiles, first
-        i_h = (i_p // NT) % H
-        i_c = i_p % NT
-    else:
-        i_c = i_p // (H * NSEG)
-        i_h = (i_p // NSEG) % H
-        i_s = i_p % NSEG
+    i_c = i_p // (H * NSEG)
+    i_h = (i_p // NSEG) % H
+    i_s = i_p % NSEG
     i_n = tl.load(chunk_indices + i_c * 2)
     i_tile = tl.load(chunk_indices + i_c * 2 + 1)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -369,15 +358,9 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_s
     # This program's queries [t_lo, t_hi); t_full: the first query that sees the whole tile, so
     # query tiles from t_mid on skip the per-row mask.
     t_start = i0 * STRIDE + KERNEL_SIZE - 1
-    if ALIGNED:
-        # steps on the BT grid of the sequence; rows before t_start see nothing (the masked phase)
-        piece = tl.cdiv(tl.cdiv(seq_len, NSEG), BT) * BT
-        t_lo = tl.maximum(i_s * piece, t_start // BT * BT)
-        t_hi = tl.minimum((i_s + 1) * piece, seq_len)
-    else:
-        piece = tl.cdiv(tl.cdiv(seq_len - t_start, NSEG), BT) * BT
-        t_lo = t_start + i_s * piece
-        t_hi = tl.minimum(t_lo + piece, seq_len)
+    piece = tl.cdiv(tl.cdiv(seq_len - t_start, NSEG), BT) * BT
+    t_lo = t_start + i_s * piece
+    t_hi = tl.minimum(t_lo + piece, seq_len)
     t_full = (tl.minimum(i0 + BC, n_cmp) - 1) * STRIDE + KERNEL_SIZE - 1
     t_mid = tl.minimum(t_lo + tl.cdiv(tl.maximum(t_full - t_lo, 0), BT) * BT, t_hi)
 
@@ -619,9 +602,8 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
     compressed_bwd_dkv_kernel[(tiles.shape[0] * H * nseg,)](
         q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common[:8],
         dk_part.stride(0) if nseg > 1 else 0, dv_part.stride(0) if nseg > 1 else 0, *common[8:], nseg,
-        tiles.shape[0], GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
-        UPCAST=_upcast(q), ALIGNED=cfg.get("aligned", False), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
+        UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if nseg > 1:  # a fixed-order sum: deterministic
         dk.copy_(dk_part.sum(0))
         dv.copy_(dv_part.sum(0))

@@ -446,9 +446,7 @@ def probe_locality(T):
     """What bounds the selected forward at G = 16: the same kernel on selections that differ only
     in where their random blocks lie. If the time falls when the blocks a KV head's queries read
     fit in L2 (span of recent blocks), the query-centric kernel waits on DRAM; if it stays, on the
-    L2 -> SM path. Runs of positions sharing one list measure what correlated selections gain.
-    Each case runs the one-position gather and the pipelined union walk of 4 positions per tile
-    (FWD_MODE "union"); then G = 4 and 1 with the union walk against the scatter kernel."""
+    L2 -> SM path. Runs of positions sharing one list measure what correlated selections gain."""
     from nsa.ops.selected import _selected_fwd_op
     HQ, H, D, BS, S = 64, 4, 128, 64, 16
     g = torch.Generator(device=DEV).manual_seed(5)
@@ -459,26 +457,10 @@ def probe_locality(T):
               for r in (1, 4, 16, 64)]
     cases += [(f"random among the latest {sp} blocks ({sp * BS * D * 4 / 2 ** 20:.0f} MiB of K/V per KV head)", (sp, 1))
               for sp in (32, 128, 512)]
-    saved = SL.FWD_MODE
-    try:
-        for name, arg in cases:
-            idx = _benchmark_inputs(T)[4] if arg is None else local_selection(T, H, S, BS, arg[0], g, arg[1])
-            for mode in ("gather", "union"):
-                SL.FWD_MODE = mode
-                t = _ms(lambda: _selected_fwd_op(q, k, v, idx, BS, D ** -0.5, None))
-                print(f"locality T={T} {mode}: {name}: {t:.2f} ms, listed K/V {kv_bytes / t * 1e-9:.1f} TB/s",
-                      flush=True)
-        # smaller groups: the union walk against the scatter kernel ("auto" there)
-        for HQs in (16, 4):
-            qs = q[:, :, :HQs].contiguous()
-            for r in (1, 16):
-                idx = local_selection(T, H, S, BS, 10 ** 9, g, r)
-                for mode in ("scatter", "union"):
-                    SL.FWD_MODE = mode
-                    t = _ms(lambda: _selected_fwd_op(qs, k, v, idx, BS, D ** -0.5, None))
-                    print(f"locality T={T} G={HQs // H} {mode}: random, runs of {r}: {t:.2f} ms", flush=True)
-    finally:
-        SL.FWD_MODE = saved
+    for name, arg in cases:
+        idx = _benchmark_inputs(T)[4] if arg is None else local_selection(T, H, S, BS, arg[0], g, arg[1])
+        t = _ms(lambda: _selected_fwd_op(q, k, v, idx, BS, D ** -0.5, None))
+        print(f"locality T={T}: {name}: {t:.2f} ms, listed K/V {kv_bytes / t * 1e-9:.1f} TB/s", flush=True)
 
 
 def probe_launches(T):

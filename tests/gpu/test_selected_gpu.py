@@ -88,10 +88,9 @@ def run_triton(q, k, v, idx, do, block_size, backward=True):
     return o.detach(), torch.autograd.grad(o, leaves, do)
 
 
-@pytest.fixture(params=["gather", "scatter", "union"])
+@pytest.fixture(params=["gather", "scatter"])
 def fwd_mode(request, monkeypatch):
-    """The forward algorithms (query-centric gather, KV-block-centric scatter, the gather's pipelined
-    union walk over several positions per tile), whatever 'auto' picks."""
+    """Both forward algorithms (query-centric gather, KV-block-centric scatter), whatever 'auto' picks."""
     monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", request.param)
     return request.param
 

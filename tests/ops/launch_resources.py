@@ -164,10 +164,6 @@ def run_case(op: str, c: dict) -> list:
                     selected._selected_fwd_op(q, k, v, bi, BS, scale, None)
                     mark("fwd gather no-tma")
                     selected.FWD_TMA = saved[2]
-                    selected.FWD_MODE = "union"  # the pipelined union walk (several positions per tile)
-                    selected._selected_fwd_op(q, k, v, bi, BS, scale, None)
-                    mark("fwd union")
-                    selected.FWD_MODE = mode
                 selected._selected_bwd_op(q, k, v, do, lse, do, bi, BS, scale, None)
                 mark(f"bwd dq={mode}")
                 kw = _fused_kwargs(selected._launch_bwd, fused)

@@ -24,11 +24,10 @@ RATIO_FP32 = 1e-5
 RATIO_BF16 = 1e-2
 
 
-@pytest.fixture(params=["gather", "scatter", "union"])
+@pytest.fixture(params=["gather", "scatter"])
 def fwd_mode(request, monkeypatch):
-    """The forward algorithms of the kernel file (query-centric gather, KV-block-centric scatter
-    with its merge, the gather's pipelined union walk over tiles of several positions); the
-    backward is the same for all."""
+    """Both forward algorithms of the kernel file (query-centric gather, KV-block-centric scatter
+    with its merge); the backward is the same for both."""
     monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", request.param)
     return request.param
 
@@ -155,20 +154,18 @@ def test_scatter_chunks_and_segments(monkeypatch, segment_rows):
 
 
 def test_scatter_equals_gather_forward(monkeypatch):
-    """The forward algorithms agree on o and lse (float32: summation order only)."""
+    """Both forward algorithms agree on o and lse (float32: summation order only)."""
     from nsa.ops.selected import _selected_fwd_op
     q, k, v, idx, cu, _ = make_inputs(1, [50, 77], 8, 2, 32, 16, 4, 16, False, torch.float32, seed=8)
     out = {}
-    for mode in ("gather", "scatter", "union"):
+    for mode in ("gather", "scatter"):
         monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", mode)
         out[mode] = _selected_fwd_op(q, k, v, idx, 16, 0.2, cu)
-    o1, l1 = out["gather"]
-    for mode in ("scatter", "union"):
-        o2, l2 = out[mode]
-        assert_close(f"o {mode}", o1, o2, RATIO_FP32)
-        assert torch.equal(torch.isfinite(l1), torch.isfinite(l2))
-        fin = torch.isfinite(l1)
-        assert_close(f"lse {mode}", l1[fin], l2[fin], RATIO_FP32)
+    (o1, l1), (o2, l2) = out["gather"], out["scatter"]
+    assert_close("o", o1, o2, RATIO_FP32)
+    assert torch.equal(torch.isfinite(l1), torch.isfinite(l2))
+    fin = torch.isfinite(l1)
+    assert_close("lse", l1[fin], l2[fin], RATIO_FP32)
 
 
 def test_fwd_mode_is_checked(monkeypatch):

@@ -45,12 +45,9 @@ BWD_ROWS = 64
 KV_SEGMENT = 4096
 # Forward algorithm: "gather" (query-centric: each query tile loads the blocks it selected),
 # "scatter" (KV-block-centric: each block loads once and serves every query that selected it,
-# then a merge), "union" (gather with UNION_ROWS rows per tile: several positions share each
-# block they list, in a pipelined walk) or "auto" (on GPUs, gather when a tile holds one
-# position, G >= 16, and scatter for smaller groups; gather on the CPU; see benchmarks/NOTES.md
-# for the measurements).
+# then a merge), or "auto" (on GPUs, gather when a tile holds one position, G >= 16, and scatter
+# for smaller groups; gather on the CPU; see benchmarks/NOTES.md for the measurements).
 FWD_MODE = "auto"
-UNION_ROWS = 64
 # dQ algorithm: "gather" (query-centric, like the forward's gather), "scatter" (KV-block-centric:
 # per-slot float32 partials, summed in slot order) or "auto" (the forward's rule: on GPUs, gather
 # for G >= 16 and scatter for smaller groups; gather on the CPU; benchmarks/NOTES.md).
@@ -163,19 +160,13 @@ def selected_fwd_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False, PIPE: tl.constexpr = False,
-    BTP: tl.constexpr = 1,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``
     -> o ``[N, HQ, DV]``, lse ``[N, HQ]`` (natural log, -inf where nothing is visible).
-    A block of ``BS`` keys is read in ``NKS`` sub-tiles of ``BK`` keys. ``TMA`` (``BT == 1`` or
-    ``PIPE``; 16-byte aligned k/v whose rows are multiples of 16 bytes): K/V sub-tiles through
-    on-device tensor descriptors (:func:`_listed_block_kv_tma`) instead of masked pointer loads.
-    ``PIPE`` (``BT > 1``): the union walk as one branch-free loop over the tile's ``BT * S``
-    entries that the compiler pipelines; an entry that an earlier position of the tile already
-    listed loads nothing (its step scores zeros, all rows masked), so each block still moves once
-    per tile (``BTP``: BT rounded up to a power of two). Else the union walk skips such entries
-    with data-dependent branches."""
+    A block of ``BS`` keys is read in ``NKS`` sub-tiles of ``BK`` keys. ``TMA`` (``BT == 1`` only;
+    16-byte aligned k/v whose rows are multiples of 16 bytes): K/V sub-tiles through on-device
+    tensor descriptors (:func:`_listed_block_kv_tma`) instead of masked pointer loads."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -225,35 +216,7 @@ def selected_fwd_kernel(
                 b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
                 b_s = tl.where(m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None]), b_s, float("-inf"))
                 b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
-    if PIPE and BT > 1:
-        # the tile's entries in walk order (position-major), -1 past the sequence end: entry e is
-        # repeated when an earlier entry of the tile names the same block
-        o_e = tl.arange(0, BTP * SP)
-        b_flat = tl.load(block_indices + ((bos + t0 + o_e // SP) * H + i_h) * S + o_e % SP,
-                         mask=(o_e % SP < S) & (o_e // SP < BT) & (t0 + o_e // SP < seq_len), other=-1)  # [BTP * SP]
-        if TMA:
-            n_key = tl.maximum(t_last + 1, 1).to(tl.int32)  # keys 0 .. t_last of the sequence
-            k_desc, v_desc = kv_descriptors(k + (bos * H + i_h) * DK, v + (bos * H + i_h) * DV, n_key, H * DK, H * DV,
-                                            DK, DV, BK, BDK, BDV)
-        for i_e in tl.range(0, BT * S, num_stages=STAGES):
-            i_p = i_e // S
-            i_slot = i_e % S
-            i_b = tl.load(block_indices + ((bos + t0 + i_p) * H + i_h) * S + i_slot, mask=t0 + i_p < seq_len,
-                          other=-1).to(tl.int64)
-            n_seen = tl.sum(tl.where((o_e < i_p * SP + i_slot) & (b_flat == i_b), 1, 0))
-            i_b = tl.where(n_seen > 0, -1, i_b)  # repeated: nothing to load, nothing to score
-            m_sel = (tl.sum(tl.where(b_idx == i_b, 1, 0), axis=1) > 0) & (i_b >= 0)  # [BR] rows that listed i_b
-            for i_ks in tl.static_range(NKS):
-                if TMA:
-                    i_k, m_k, b_k, b_v = _listed_block_kv_tma(k_desc, v_desc, i_b, i_ks, t_last, n_key, BS, BK)
-                else:
-                    i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV,
-                                                          BDK, BDV)
-                b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
-                m_s = m_r[:, None] & m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
-                b_s = tl.where(m_s, b_s, float("-inf"))
-                b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
-    for i_p in range(BT if BT > 1 and not PIPE else 0):
+    for i_p in range(BT if BT > 1 else 0):
         p_idx = block_indices + ((bos + t0 + i_p) * H + i_h) * S
         for i_s in range(S):
             # past the sequence end: -1, nothing to do
@@ -806,45 +769,34 @@ def _segments(offsets, num_entries: int, seg: int) -> _Segments:
     return _Segments(first, part_first, bucket, max_segments, max_parts)
 
 
-def _fwd_tma(k: torch.Tensor, v: torch.Tensor, cfg: _Tiles, pipe: bool = False) -> bool:
+def _fwd_tma(k: torch.Tensor, v: torch.Tensor, cfg: _Tiles) -> bool:
     """FWD_TMA resolved for packed contiguous k ``[N, H, DK]``, v ``[N, H, DV]``: TMA loads only in
-    the one-position tiles (``cfg.BT == 1``) and the pipelined union walk (``pipe``), where
-    :func:`tma_ok` allows them (fp16/bf16 on a GPU with TMA, 16-byte aligned base and rows; the
-    interpreter or the sm_90 compile audit), for padded head widths of at most 256 (one TMA box
-    dimension)."""
+    the one-position tiles (``cfg.BT == 1``), where :func:`tma_ok` allows them (fp16/bf16 on a
+    GPU with TMA, 16-byte aligned base and rows; the interpreter or the sm_90 compile audit),
+    for padded head widths of at most 256 (one TMA box dimension)."""
     if not (FWD_TMA == "auto" or isinstance(FWD_TMA, bool)):
         raise ValueError(f"nsa.ops.selected.FWD_TMA: expected 'auto', True or False, got {FWD_TMA!r}")
-    return (FWD_TMA is not False and (cfg.BT == 1 or pipe) and v.dtype == k.dtype
+    return (FWD_TMA is not False and cfg.BT == 1 and v.dtype == k.dtype
             and max(pow2(k.shape[-1]), pow2(v.shape[-1])) <= 256 and tma_ok(k, v))
 
 
-def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_indices, cfg: _Tiles,
-                pipe: bool = False):
+def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_indices, cfg: _Tiles):
     """Packed q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``;
-    chunk_indices from :func:`_chunk_table` with ``cfg.BT``. ``pipe``: the pipelined union walk
-    (tiles of several positions). Returns o ``[N, HQ, DV]``, lse ``[N, HQ]``."""
+    chunk_indices from :func:`_chunk_table` with ``cfg.BT``. Returns o ``[N, HQ, DV]``, lse ``[N, HQ]``."""
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     o = new_output((N, HQ, DV), q.dtype, q.device)
     lse = new_output((N, HQ), torch.float32, q.device)
-    # num_stages 1 for the branching union walk: its loads sit under data-dependent branches
-    stages = GATHER_STAGES if (cfg.BT == 1 or pipe) and not interpreting() else 1
-    tma = use_tma(_fwd_tma(k, v, cfg, pipe), k, v)
+    # num_stages 1 for union walks: their loads sit under data-dependent branches
+    stages = GATHER_STAGES if cfg.BT == 1 and not interpreting() else 1
+    tma = use_tma(_fwd_tma(k, v, cfg), k, v)
     selected_fwd_kernel[(chunk_indices.shape[0], H)](
         q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
         HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=block_size, BK=cfg.BK, NKS=cfg.NKS,
-        DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV), BT=cfg.BT, BR=cfg.BR, STAGES=stages, TMA=tma, PIPE=pipe,
-        BTP=triton.next_power_of_2(cfg.BT),
+        DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV), BT=cfg.BT, BR=cfg.BR, STAGES=stages, TMA=tma,
         num_warps=cfg.warps, num_stages=stages, **dot_args(q.dtype),
     )
     return o, lse
-
-
-def _union_tiles(cfg: _Tiles, G: int) -> _Tiles:
-    """The forward tiles of FWD_MODE "union": UNION_ROWS rows (several positions when G is
-    smaller), 4 warps (a 64-row chained product on 8 warps would duplicate its work)."""
-    bt, br = _tile(G, max(UNION_ROWS, G))
-    return cfg._replace(BT=bt, BR=br, warps=4)
 
 
 def _partial_chunk(N: int, HQ: int, S: int, D: int, itemsize: int) -> int:
@@ -932,9 +884,8 @@ def _algorithm(name: str, mode: str, cfg: _Tiles) -> str:
     random selections (benchmarks/NOTES.md): forward G=16 gather 17.4 ms, scatter 19.2; G=4 22.8
     vs 5.4; G=1 18.4 vs 1.8. Whole backward by dQ algorithm: G=16 32.5 vs 57.3; G=4 28.7 vs 15.7;
     G=1 21.4 vs 5.1."""
-    modes = ("auto", "gather", "scatter", "union") if name == "FWD_MODE" else ("auto", "gather", "scatter")
-    if mode not in modes:
-        raise ValueError(f"nsa.ops.selected.{name}: expected one of {modes}, got {mode!r}")
+    if mode not in ("auto", "gather", "scatter"):
+        raise ValueError(f"nsa.ops.selected.{name}: expected 'auto', 'gather' or 'scatter', got {mode!r}")
     if mode != "auto":
         return mode
     return "scatter" if not interpreting() and cfg.BT > 1 else "gather"
@@ -1039,12 +990,8 @@ def _selected_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_in
     args = (q.reshape(B * T, HQ, DK).contiguous(), k.reshape(B * T, H, DK).contiguous(),
             v.reshape(B * T, H, DV).contiguous(), block_indices.reshape(B * T, H, -1).contiguous(),
             block_size, scale, cu)
-    mode = _algorithm("FWD_MODE", FWD_MODE, cfg)
-    if mode == "scatter":
+    if _algorithm("FWD_MODE", FWD_MODE, cfg) == "scatter":
         o, lse = _launch_fwd_scatter(*args, _chunk_table(cu, B * T, block_size), cfg)
-    elif mode == "union":
-        cfg = _union_tiles(cfg, HQ // H)
-        o, lse = _launch_fwd(*args, _chunk_table(cu, B * T, cfg.BT), cfg, pipe=True)
     else:
         o, lse = _launch_fwd(*args, _chunk_table(cu, B * T, cfg.BT), cfg)
     return o.view(B, T, HQ, DV), lse.view(B, T, HQ)

@@ -10,6 +10,8 @@
 #   NSA_GPU_TESTS=1         0 skips the tests;  NSA_GPU_WORKERS=3 pytest-xdist workers
 #   NSA_GPU_TEST_ARGS=""    extra pytest arguments (e.g. -k selection)
 #   NSA_PROBE=""            parts of benchmarks/probe.py to run first at T=64k (e.g. "fwdmodes dqmodes")
+#   NSA_GIT_REV=""          the commit the copied tree was made from, recorded in the benchmark's
+#                           header and JSON (the copy's own .git may be stale: give it explicitly)
 # Results in $OUT: env.txt, probe.log, bench_<preset>.{json,png,log}, gpu_tests.log
 set -uo pipefail
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -28,6 +30,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
   python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+  echo "commit: ${NSA_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null)}"
   echo "presets: ${PRESETS[*]}  bench args: ${NSA_BENCH_ARGS:-}"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"

@@ -73,7 +73,9 @@ def header(device, preset: str, backend: str, argv) -> dict:
         "triton": triton_version,
         "python": platform.python_version(),
         "nsa": nsa_version,
-        "git": _run(["git", "-C", here, "rev-parse", "--short", "HEAD"]),
+        # NSA_GIT_REV: the commit, where the checkout's own git metadata is absent or stale (the
+        # GPU machine receives a copy of the working tree; pass the commit it was made from)
+        "git": os.environ.get("NSA_GIT_REV") or _run(["git", "-C", here, "rev-parse", "--short", "HEAD"]),
         "preset": preset,
         "backend": backend,
         "argv": list(argv) if argv is not None else None,

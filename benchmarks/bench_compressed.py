@@ -17,20 +17,18 @@ Usage (repository root, on the GPU machine):
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers
 
 from nsa.ops import compressed_attention  # noqa: E402
 from nsa.ops import compressed as C  # noqa: E402
 from nsa.ops.utils import num_compressed  # noqa: E402
-from tests.helpers import assert_close, rel_err  # noqa: E402
+from sweep_util import bench, header, parse_args, sweep  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
 
 HQ, H = 64, 4
 KS, ST = 32, 16
@@ -112,11 +110,6 @@ def visible_pairs(T):
     return float((T - t_first).clamp(min=0).sum()) * HQ
 
 
-def bench(fn):
-    fn()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 def run_case(T, Dk, Dv, fwd_cfg=None, dq_cfg=None, dkv_cfg=None):
     q, k, v = inputs(T, Dk, Dv)
     scale = Dk ** -0.5
@@ -131,15 +124,8 @@ def run_case(T, Dk, Dv, fwd_cfg=None, dq_cfg=None, dkv_cfg=None):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--T", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
-    p.add_argument("--dims", default="128x128", help="DkxDv")
-    p.add_argument("--sweep", action="store_true", help="time each candidate config of each kernel")
-    p.add_argument("--kinds", default="fwd,dq,dkv", help="kernels to sweep")
-    args = p.parse_args()
-    Dk, Dv = (int(x) for x in args.dims.split("x"))
-    print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {torch.cuda.get_device_name()}  "
-          f"torch {torch.__version__}  triton {triton.__version__}")
+    args, Dk, Dv = parse_args(__doc__)
+    print(header())
     print(f"# B=1 HQ={HQ} H={H} Dk={Dk} Dv={Dv} bf16 kernel_size={KS} stride={ST}")
     check_small(Dk, Dv)
     print("# check at T=2048 (o, lse, dq, dk, dv vs float32 reference): ok")
@@ -151,22 +137,16 @@ def main():
         if not args.sweep:
             continue
         wide = C.pow2(Dk) + C.pow2(Dv) > 256
-        for kind, cands in (("fwd", FWD_SWEEP_WIDE if wide else FWD_SWEEP), ("dq", DQ_SWEEP_WIDE if wide else DQ_SWEEP),
-                            ("dkv", DKV_SWEEP_WIDE if wide else DKV_SWEEP)):
-            if kind not in args.kinds.split(","):
-                continue
-            for cfg in cands:
-                c = dict(cfg)
-                if kind == "dkv":
-                    c["programs"] *= torch.cuda.get_device_properties(0).multi_processor_count
-                try:
-                    tf, tb, o2, g2 = run_case(T, Dk, Dv, **{f"{kind}_cfg": c})
-                except Exception as e:  # e.g. out of shared memory: report and go on
-                    print(f"  {kind:3s} {cfg}: failed ({type(e).__name__}: {str(e)[:80]})", flush=True)
-                    continue
-                err = max([rel_err(o.float(), o2.float())] + [rel_err(a.float(), b.float()) for a, b in zip(grads, g2)])
-                t = tf if kind == "fwd" else tb
-                print(f"  {kind:3s} {cfg}: {t:8.3f} ms (max rel diff to default {err:.1e})", flush=True)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+        def per_gpu(kind, cfg):
+            if kind == "dkv":
+                cfg["programs"] *= sms
+            return cfg
+
+        sweep((("fwd", FWD_SWEEP_WIDE if wide else FWD_SWEEP), ("dq", DQ_SWEEP_WIDE if wide else DQ_SWEEP),
+               ("dkv", DKV_SWEEP_WIDE if wide else DKV_SWEEP)), args.kinds.split(","),
+              lambda **cfg: run_case(T, Dk, Dv, **cfg), (o, grads), per_gpu)
 
 
 if __name__ == "__main__":

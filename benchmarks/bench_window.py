@@ -15,19 +15,17 @@ Usage (repository root, on the GPU machine):
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers
 
 from nsa.ops import sliding_window_attention  # noqa: E402
 from nsa.ops import window as W  # noqa: E402
-from tests.helpers import assert_close, rel_err  # noqa: E402
+from sweep_util import bench, header, parse_args, sweep  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
 
 HQ, H, WIN = 64, 4, 512
 
@@ -80,11 +78,6 @@ def window_pairs(T):
     return (n * (n + 1) / 2 + (T - n) * WIN) * HQ
 
 
-def bench(fn):
-    fn()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 def run_case(T, Dk, Dv, fwd_cfg=None, dq_cfg=None, dkv_cfg=None):
     q, k, v = inputs(T, Dk, Dv)
     scale = Dk ** -0.5
@@ -98,15 +91,8 @@ def run_case(T, Dk, Dv, fwd_cfg=None, dq_cfg=None, dkv_cfg=None):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--T", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
-    p.add_argument("--dims", default="128x128", help="DkxDv")
-    p.add_argument("--sweep", action="store_true", help="time each candidate config of each kernel")
-    p.add_argument("--kinds", default="fwd,dq,dkv", help="kernels to sweep")
-    args = p.parse_args()
-    Dk, Dv = (int(x) for x in args.dims.split("x"))
-    print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {torch.cuda.get_device_name()}  "
-          f"torch {torch.__version__}  triton {triton.__version__}")
+    args, Dk, Dv = parse_args(__doc__)
+    print(header())
     print(f"# B=1 HQ={HQ} H={H} Dk={Dk} Dv={Dv} bf16 window={WIN}")
     check_small(Dk, Dv)
     print("# check at T=2048 (o, dq, dk, dv vs float32 reference): ok")
@@ -117,20 +103,9 @@ def main():
         t_f, t_b, o, grads = run_case(T, Dk, Dv)
         print(f"T={T:7d}  fwd {t_f:8.3f} ms {flop_f / t_f * 1e-9:6.1f} TFLOP/s   bwd {t_b:8.3f} ms "
               f"{flop_b / t_b * 1e-9:6.1f} TFLOP/s done ({2.5 * flop_f / t_b * 1e-9:6.1f} at 2.5x fwd)", flush=True)
-        if not args.sweep:
-            continue
-        for kind, cands in (("fwd", FWD_SWEEP), ("dq", DQ_SWEEP), ("dkv", DKV_SWEEP)):
-            if kind not in args.kinds.split(","):
-                continue
-            for cfg in cands:
-                try:
-                    tf, tb, o2, g2 = run_case(T, Dk, Dv, **{f"{kind}_cfg": cfg})
-                except Exception as e:  # e.g. out of shared memory: report and go on
-                    print(f"  {kind:3s} {cfg}: failed ({type(e).__name__}: {str(e)[:80]})", flush=True)
-                    continue
-                err = max([rel_err(o.float(), o2.float())] + [rel_err(a.float(), b.float()) for a, b in zip(grads, g2)])
-                t = tf if kind == "fwd" else tb
-                print(f"  {kind:3s} {cfg}: {t:8.3f} ms (max rel diff to default {err:.1e})", flush=True)
+        if args.sweep:
+            sweep((("fwd", FWD_SWEEP), ("dq", DQ_SWEEP), ("dkv", DKV_SWEEP)), args.kinds.split(","),
+                  lambda **cfg: run_case(T, Dk, Dv, **cfg), (o, grads))
 
 
 if __name__ == "__main__":

@@ -144,20 +144,7 @@ def probe_selected(T, sweep=False):
 def random_selection(T, H, S, BS, gen):
     """int32 ``[1, T, H, S]``: blocks 0, t // BS and t // BS - 1 forced, the rest drawn uniformly
     among the other causal blocks (distinct), ascending then -1 (the benchmark's kind of input)."""
-    NB = -(-T // BS)
-    out = torch.empty(1, T, H, S, dtype=torch.int32, device=DEV)
-    j = torch.arange(NB, device=DEV)
-    for a in range(0, T, 8192):
-        b = min(T, a + 8192)
-        tb = (torch.arange(a, b, device=DEV) // BS).view(-1, 1, 1)
-        score = torch.rand(b - a, H, NB, device=DEV, generator=gen)
-        score = torch.where((j == 0) | (j == tb) | (j == tb - 1), 2.0, score)
-        score = torch.where(j <= tb, score, -1.0)
-        top = score.topk(min(S, NB), -1)
-        idx = torch.where(top.values >= 0, top.indices, NB)
-        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], S - idx.shape[-1]), NB)], -1).sort(-1).values
-        out[0, a:b] = torch.where(idx == NB, -1, idx).to(torch.int32)
-    return out
+    return local_selection(T, H, S, BS, -(-T // BS) + 1, gen)
 
 
 def probe_fwd_modes(Ts):

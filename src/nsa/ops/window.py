@@ -18,9 +18,10 @@ fill stands for the keys past the tile's last position.
 Forward and dQ are query-centric (one program per query tile and KV head). dK/dV are
 key-centric: one program per key tile and KV head walks the queries ``[s, s + W - 1]`` that see
 it, for all G heads, and accumulates in registers; with ``ROTATE`` each program starts its walk
-where its neighbours are, so that the queries they share are read from L2 rather than DRAM. No float atomics: the backward is bitwise
-deterministic. Softmax runs in base 2 in float32; the forward saves the base-2 log-sum-exp
-per row, and the dQ kernel computes ``delta = rowsum(dO * O)`` for the dK/dV kernel.
+where its neighbours are, so that the queries they share are read from L2 rather than DRAM. No
+float atomics: the backward is bitwise deterministic. Softmax runs in base 2 in float32; the
+forward saves the base-2 log-sum-exp per row, and the dQ kernel computes ``delta = rowsum(dO *
+O)`` for the dK/dV kernel.
 """
 
 from __future__ import annotations

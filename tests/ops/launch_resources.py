@@ -178,6 +178,10 @@ def run_case(op: str, c: dict) -> list:
         k, v = z(1, T, H, Dk), z(1, T, H, Dv)
         window._launch_fwd(q, k, v, WIN, scale, None)
         mark("fwd")
+        if "gate" in inspect.signature(window._launch_fwd).parameters:
+            # the fused NSA forward's launch: the gate combination in the epilogue
+            window._launch_fwd(q, k, v, WIN, scale, None, gate=(do, do, lse, lse, lse))
+            mark("fwd gated")
         window._launch_bwd(q, k, v, do, lse, do, WIN, scale, None)
         mark("bwd")
         kw = _fused_kwargs(window._launch_bwd, fused)

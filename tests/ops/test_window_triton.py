@@ -177,9 +177,31 @@ def test_torch_compile_traces_custom_ops():
     assert_compile_matches_eager(f, (q, k, v), ("dq", "dk", "dv"))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gated_forward_matches_gate_kernel(dtype):
+    """The window forward's gate epilogue (nsa.ops.fused's forward) gives the window output and lse
+    of the plain launch and NSA's output as the gate kernel computes it from the stored branch
+    outputs (the same float32 products and sums, one rounding: bit for bit here, where no multiply-add
+    is contracted), also for bf16 gates with fp32 q."""
+    from nsa.ops import gate
+    lens = [5, 70]
+    q, k, v = [x.detach() for x in _inputs(1, sum(lens), 2, 3, 16, 24, dtype)]
+    gen = torch.Generator().manual_seed(4)
+    o_cmp, o_slc = [torch.randn(q.shape[:3] + (24,), generator=gen).to(DEVICE, dtype) for _ in range(2)]
+    g_cmp, g_slc, g_win = [torch.rand(q.shape[:3], generator=gen).to(DEVICE, torch.bfloat16) for _ in range(3)]
+    o_w, lse_w = win._window_fwd_op(q, k, v, 9, 0.3, _cu(lens))
+    o_w2, lse_w2, o = win._window_fwd_gated_op(q, k, v, 9, 0.3, _cu(lens), o_cmp, o_slc, g_cmp, g_slc, g_win)
+    assert torch.equal(o_w, o_w2) and torch.equal(lse_w, lse_w2)
+    ref = gate.gate_combine_fwd(o_cmp, o_slc, o_w, g_cmp, g_slc, g_win, dtype)
+    assert o.dtype == dtype
+    assert torch.allclose(o.float(), ref.float(), rtol=0, atol=0), (o.float() - ref.float()).abs().max()
+
+
 def test_opcheck_custom_ops():
     q, k, v = [x.detach() for x in _inputs(1, 20, 1, 2, 16, 16, torch.float32)]
     cu = _cu([5, 15])
     torch.library.opcheck(win._window_fwd_op, (q, k, v, 6, 0.25, cu))
     o, lse = win._window_fwd_op(q, k, v, 6, 0.25, cu)
     torch.library.opcheck(win._window_bwd_op, (q, k, v, o, lse, torch.randn_like(o), 6, 0.25, cu))
+    xs = (torch.randn_like(o), torch.randn_like(o), torch.rand_like(lse), torch.rand_like(lse), torch.rand_like(lse))
+    torch.library.opcheck(win._window_fwd_gated_op, (q, k, v, 6, 0.25, cu) + xs)

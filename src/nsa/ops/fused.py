@@ -13,7 +13,8 @@ delta = dg_x)``, unchanged kernels::
 
 A negative gate (no logarithm) takes the composed backward inside the same node; the choice
 reads the gates' sign on the host once per backward (skipped, composed, while a CUDA graph is
-captured). The forward runs the same kernels as the composed path.
+captured). The forward runs the composed path's kernels, except that the window forward also
+combines the three branch outputs with the gates in its epilogue (no separate gate pass).
 
 Semantics are those of :func:`nsa.ops.reference.nsa` (tested against it). float64 inputs take
 the composed path (its kernels compute in float32 and the gates in float64).
@@ -76,8 +77,9 @@ class NSAFunction(torch.autograd.Function):
         idx = selection.select_blocks_triton(q, k_cmp, lse_cmp, kernel_size, stride, block_size, num_selected,
                                              num_initial, num_local, scale, cu_seqlens)
         o_slc, lse_slc = selected._selected_fwd_op(q, k_slc, v_slc, idx, block_size, scale, cu_seqlens)
-        o_win, lse_win = window._window_fwd_op(q, k_win, v_win, window_size, scale, cu_seqlens)
-        o = gate._fwd_op(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, q.dtype)
+        # the window forward also combines the three branches with their gates (its epilogue)
+        o_win, lse_win, o = window._window_fwd_gated_op(q, k_win, v_win, window_size, scale, cu_seqlens,
+                                                        o_cmp, o_slc, g_cmp, g_slc, g_win)
         ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
                               o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, cu_seqlens)
         ctx.args = (kernel_size, stride, block_size, window_size, scale)

@@ -134,16 +134,19 @@ def _window_fwd_tiles(
 
 @triton.jit(do_not_specialize=["T", "W"])
 def window_fwd_kernel(
-    q, k, v, o, lse, cu_seqlens, chunk_indices, scale, T, W,
+    q, k, v, o, lse, o_cmp, o_slc, g_cmp, g_slc, g_win, o_nsa, cu_seqlens, chunk_indices, scale, T, W,
     HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    ONE_LOOP: tl.constexpr = False, TMA: tl.constexpr = False,
+    ONE_LOOP: tl.constexpr = False, TMA: tl.constexpr = False, GATE: tl.constexpr = False,
 ):
     """q ``[N, HQ, K]``, k ``[N, H, K]``, v ``[N, H, V]`` -> o ``[N, HQ, V]``, lse ``[N, HQ]`` (base-2
     log-sum-exp of the scaled scores). One program: BT positions x G heads of KV head i_h.
     ONE_LOOP: the whole band in one (masked) loop instead of three phases, so that the compiler
-    pipelines every tile's loads; TMA: K/V tiles through tensor descriptors (16-bit inputs)."""
+    pipelines every tile's loads; TMA: K/V tiles through tensor descriptors (16-bit inputs).
+    GATE: also NSA's output ``o_nsa = g_cmp * o_cmp + g_slc * o_slc + g_win * o`` (``[N, HQ, V]``
+    outputs of the other branches, ``[N, HQ]`` gates; float32 sums of the stored values, one
+    rounding: what :func:`nsa.ops.gate.gate_fwd_kernel` computes), saving that kernel's pass."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     t0 = i_c * BT
@@ -182,9 +185,18 @@ def window_fwd_kernel(
     # a valid row sees its own position, and the maximum's term is exp2(0) = 1: b_l >= 1. Rows of
     # a tile past its sequence's end saw nothing; they are not stored, the clamp keeps them finite.
     b_l = tl.maximum(b_l, 1.)
-    b_o = b_acc / b_l[:, None]
-    tl.store(o + o_row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_r[:, None] & (o_v < V)[None, :])
+    b_o = (b_acc / b_l[:, None]).to(o.dtype.element_ty)
+    p_o = o_row[:, None] * V + o_v[None, :]
+    m_o = m_r[:, None] & (o_v < V)[None, :]
+    tl.store(o + p_o, b_o, mask=m_o)
     tl.store(lse + o_row, b_m + tl.log2(b_l), mask=m_r)
+    if GATE:
+        b_y = tl.load(g_cmp + o_row, mask=m_r, other=0.).to(tl.float32)[:, None] * \
+            tl.load(o_cmp + p_o, mask=m_o, other=0.).to(tl.float32)
+        b_y += tl.load(g_slc + o_row, mask=m_r, other=0.).to(tl.float32)[:, None] * \
+            tl.load(o_slc + p_o, mask=m_o, other=0.).to(tl.float32)
+        b_y += tl.load(g_win + o_row, mask=m_r, other=0.).to(tl.float32)[:, None] * b_o.to(tl.float32)
+        tl.store(o_nsa + p_o, b_y.to(o_nsa.dtype.element_ty), mask=m_o)
 
 
 @triton.jit
@@ -461,9 +473,12 @@ def _tiles(cu_seqlens, B: int, T: int, chunk: int, device):
     return table.shape[0], table
 
 
-def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens, config: dict | None = None):
+def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens, config: dict | None = None, gate=None):
     """q ``[B, T, HQ, K]``, k ``[B, T, H, K]``, v ``[B, T, H, V]``, contiguous -> o ``[B, T, HQ, V]``,
-    lse ``[B, T, HQ]`` float32 (base 2). ``config``: a tile config override (:func:`_q_config`)."""
+    lse ``[B, T, HQ]`` float32 (base 2). ``config``: a tile config override (:func:`_q_config`).
+    ``gate``: None, or contiguous ``(o_cmp, o_slc, g_cmp, g_slc, g_win)`` (NSA's other branch
+    outputs, shaped like o, and its gates, shaped like lse; not float64): then also returns NSA's
+    output ``g_cmp * o_cmp + g_slc * o_slc + g_win * o`` in q's dtype."""
     B, T, HQ, K = q.shape
     H, V = k.shape[2], v.shape[3]
     G, BK, BV = HQ // H, pow2(K), pow2(V)
@@ -473,11 +488,14 @@ def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens, config: dic
     cu = cu_seqlens if cu_seqlens is not None else table
     o = new_output((B, T, HQ, V), q.dtype, q.device)
     lse = new_output((B, T, HQ), torch.float32, q.device)
+    o_nsa = None if gate is None else new_output((B, T, HQ, V), q.dtype, q.device)
     window_fwd_kernel[(n_tiles, H)](
-        q, k, v, o, lse, cu, table, scale, T, _window(window_size, q),
-        HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None, **_dot_args(q.dtype), **cfg,
+        q, k, v, o, lse, *(gate if gate is not None else (o, o, lse, lse, lse)), o if o_nsa is None else o_nsa,
+        cu, table, scale, T, _window(window_size, q),
+        HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None, GATE=gate is not None,
+        **_dot_args(q.dtype), **cfg,
     )
-    return o, lse
+    return (o, lse) if gate is None else (o, lse, o_nsa)
 
 
 def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens, delta=None, dq_a=None,
@@ -527,6 +545,24 @@ def _window_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_siz
 def _(q, k, v, window_size, scale, cu_seqlens):
     B, T, HQ, _ = q.shape
     return q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
+
+
+@torch.library.custom_op("nsa::sliding_window_attention_fwd_gated", mutates_args=())
+def _window_fwd_gated_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, scale: float,
+                         cu_seqlens: torch.Tensor | None, o_cmp: torch.Tensor, o_slc: torch.Tensor,
+                         g_cmp: torch.Tensor, g_slc: torch.Tensor, g_win: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The window forward with NSA's gate combination in its epilogue (:mod:`nsa.ops.fused`):
+    (o_win, lse_win, o)."""
+    gate = tuple(x.contiguous() for x in (o_cmp, o_slc, g_cmp, g_slc, g_win))
+    return _launch_fwd(q.contiguous(), k.contiguous(), v.contiguous(), window_size, scale, cu_seqlens, gate=gate)
+
+
+@_window_fwd_gated_op.register_fake
+def _(q, k, v, window_size, scale, cu_seqlens, o_cmp, o_slc, g_cmp, g_slc, g_win):
+    B, T, HQ, _ = q.shape
+    return (q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32),
+            q.new_empty(B, T, HQ, v.shape[3]))
 
 
 @torch.library.custom_op("nsa::sliding_window_attention_bwd", mutates_args=())

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helper
 from nsa.ops import compressed_attention  # noqa: E402
 from nsa.ops import compressed as C  # noqa: E402
 from nsa.ops.utils import num_compressed  # noqa: E402
-from sweep_util import bench, header, parse_args, sweep  # noqa: E402
+from sweep_util import against_reference, bench, header, parse_args, qkv, sweep  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
 HQ, H = 64, 4
@@ -79,22 +79,13 @@ DKV_SWEEP_WIDE = [dict(rows=r, BC=bc, num_warps=w, num_stages=s, programs=p, min
 
 
 def inputs(T, Dk, Dv, seed=0, requires_grad=False):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    Tc = num_compressed(T, KS, ST)
-    q = torch.randn(1, T, HQ, Dk, device="cuda", generator=gen).bfloat16()
-    k = torch.randn(1, Tc, H, Dk, device="cuda", generator=gen).bfloat16()
-    v = torch.randn(1, Tc, H, Dv, device="cuda", generator=gen).bfloat16()
-    return [x.requires_grad_(requires_grad) for x in (q, k, v)]
+    return qkv(T, num_compressed(T, KS, ST), HQ, H, Dk, Dv, seed, requires_grad)
 
 
 def check_small(Dk, Dv):
-    q, k, v = inputs(2048, Dk, Dv, requires_grad=True)
-    do = torch.randn(1, 2048, HQ, Dv, device="cuda").bfloat16()
-    out = {}
-    for backend, args in (("triton", (q, k, v)), ("reference", [x.detach().float().requires_grad_() for x in (q, k, v)])):
-        o, lse = compressed_attention(*args, KS, ST, backend=backend)
-        out[backend] = (o, lse, torch.autograd.grad((o.float() * do.float()).sum(), args))
-    (o, lse, g), (ro, rlse, rg) = out["triton"], out["reference"]
+    out = against_reference(lambda q, k, v, backend: compressed_attention(q, k, v, KS, ST, backend=backend),
+                            *inputs(2048, Dk, Dv, requires_grad=True))
+    ((o, lse), g), ((ro, rlse), rg) = out["triton"], out["reference"]
     fin = torch.isfinite(rlse)
     assert torch.equal(torch.isfinite(lse), fin)
     assert_close("o", ro, o.float(), 1e-2)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helper
 
 from nsa.ops import sliding_window_attention  # noqa: E402
 from nsa.ops import window as W  # noqa: E402
-from sweep_util import bench, header, parse_args, sweep  # noqa: E402
+from sweep_util import against_reference, bench, header, parse_args, qkv, sweep  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
 HQ, H, WIN = 64, 4, 512
@@ -52,21 +52,13 @@ DKV_SWEEP = [dict(BN=bn, rows=r, num_warps=w, num_stages=s, rotate=rot)
 
 
 def inputs(T, Dk, Dv, seed=0, requires_grad=False):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(1, T, HQ, Dk, device="cuda", generator=gen).bfloat16()
-    k = torch.randn(1, T, H, Dk, device="cuda", generator=gen).bfloat16()
-    v = torch.randn(1, T, H, Dv, device="cuda", generator=gen).bfloat16()
-    return [x.requires_grad_(requires_grad) for x in (q, k, v)]
+    return qkv(T, T, HQ, H, Dk, Dv, seed, requires_grad)
 
 
 def check_small(Dk, Dv):
-    q, k, v = inputs(2048, Dk, Dv, requires_grad=True)
-    do = torch.randn(1, 2048, HQ, Dv, device="cuda").bfloat16()
-    out = {}
-    for backend, args in (("triton", (q, k, v)), ("reference", [x.detach().float().requires_grad_() for x in (q, k, v)])):
-        o = sliding_window_attention(*args, WIN, backend=backend)
-        out[backend] = (o, torch.autograd.grad((o.float() * do.float()).sum(), args))
-    (o, g), (ro, rg) = out["triton"], out["reference"]
+    out = against_reference(lambda q, k, v, backend: sliding_window_attention(q, k, v, WIN, backend=backend),
+                            *inputs(2048, Dk, Dv, requires_grad=True))
+    ((o,), g), ((ro,), rg) = out["triton"], out["reference"]
     assert_close("o", ro, o.float(), 1e-2)
     for name, r, x in zip(("dq", "dk", "dv"), rg, g):
         assert_close(name, r, x.float(), 2e-2)

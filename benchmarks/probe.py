@@ -478,38 +478,31 @@ def probe_launches(T):
 
 
 def main():
+    # part -> what it runs, given the parsed arguments
+    parts = {
+        "dot": lambda a: probe_dot(),
+        "selected": lambda a: probe_selected(a.T, a.sweep),
+        "fwdmodes": lambda a: probe_fwd_modes(a.Ts),
+        "dqmodes": lambda a: probe_dq_modes(a.Ts),
+        "gates": lambda a: probe_gates(a.Ts),
+        "checks": lambda a: [probe_checks(T) for T in a.Ts],
+        "streams": lambda a: [probe_streams(T) for T in a.Ts],
+        "slctma": lambda a: probe_slc_tma(a.T),
+        "publicop": lambda a: probe_public_op(a.T),
+        "locality": lambda a: probe_locality(a.T),
+        "launches": lambda a: probe_launches(a.T),
+    }
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)
-    p.add_argument("--parts", nargs="*", default=["dot", "selected"], help="dot selected fwdmodes dqmodes gates streams checks slctma publicop locality launches")
+    p.add_argument("--parts", nargs="*", default=["dot", "selected"], choices=list(parts), help=" ".join(parts))
     p.add_argument("--sweep", action="store_true", help="selected: time dK/dV tile configs")
     p.add_argument("--Ts", type=int, nargs="*", default=[8192, 32768, 65536], help="lengths for fwdmodes")
     args = p.parse_args()
     print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu'}  "
           f"torch {torch.__version__}  triton {triton.__version__}")
-    if "dot" in args.parts:
-        probe_dot()
-    if "selected" in args.parts:
-        probe_selected(args.T, args.sweep)
-    if "fwdmodes" in args.parts:
-        probe_fwd_modes(args.Ts)
-    if "dqmodes" in args.parts:
-        probe_dq_modes(args.Ts)
-    if "gates" in args.parts:
-        probe_gates(args.Ts)
-    if "checks" in args.parts:
-        for T in args.Ts:
-            probe_checks(T)
-    if "streams" in args.parts:
-        for T in args.Ts:
-            probe_streams(T)
-    if "slctma" in args.parts:
-        probe_slc_tma(args.T)
-    if "publicop" in args.parts:
-        probe_public_op(args.T)
-    if "locality" in args.parts:
-        probe_locality(args.T)
-    if "launches" in args.parts:
-        probe_launches(args.T)
+    for name, run in parts.items():  # in this order, whatever the order given
+        if name in args.parts:
+            run(args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """What the kernel benchmark scripts (bench_compressed.py, bench_window.py) share: their command
-line, header line and timer, and the config sweep loop."""
+line, header line and timer, their random inputs and the run of an op on the Triton and the
+reference backends, and the config sweep loop."""
 
 from __future__ import annotations
 
@@ -28,6 +29,29 @@ def bench(fn) -> float:
     """Median ms of ``fn`` (after one call: compilation) under triton.testing.do_bench."""
     fn()
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def qkv(T, Tk, HQ, H, Dk, Dv, seed=0, requires_grad=False, device="cuda"):
+    """Random bf16 q ``[1, T, HQ, Dk]``, k ``[1, Tk, H, Dk]``, v ``[1, Tk, H, Dv]``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(1, T, HQ, Dk, device=device, generator=gen).bfloat16()
+    k = torch.randn(1, Tk, H, Dk, device=device, generator=gen).bfloat16()
+    v = torch.randn(1, Tk, H, Dv, device=device, generator=gen).bfloat16()
+    return [x.requires_grad_(requires_grad) for x in (q, k, v)]
+
+
+def against_reference(op, q, k, v):
+    """``op(q, k, v, backend)`` (its output, or a tuple whose first item is the output) on the
+    Triton backend and on float32 copies with the reference, and the gradients of ``sum(o * dO)``
+    for a random bf16 dO: ``{"triton": (outputs, grads), "reference": (outputs, grads)}``, outputs
+    always a tuple."""
+    do = torch.randn(q.shape[:3] + (v.shape[-1],), device=q.device).bfloat16()
+    out = {}
+    for backend, args in (("triton", (q, k, v)), ("reference", [x.detach().float().requires_grad_() for x in (q, k, v)])):
+        res = op(*args, backend)
+        res = res if isinstance(res, tuple) else (res,)
+        out[backend] = (res, torch.autograd.grad((res[0].float() * do.float()).sum(), args))
+    return out
 
 
 def header() -> str:

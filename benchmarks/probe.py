@@ -477,6 +477,40 @@ def probe_launches(T):
     print(f"launches T={T}: done", flush=True)
 
 
+def probe_share(T):
+    """The gather forward at G = 16 with 1, 2, 4 positions per program (blocks every position
+    lists loaded once: selected_fwd_shared_kernel), the shared walk's state parked in the outputs
+    or kept in registers, 4 or 8 warps; on the benchmark's selections and on selections whose
+    aligned runs of positions share one list. Each against the one-position kernel's output."""
+    HQ, H, D, BS, S = 64, 4, 128, 64, 16
+    q, k, v, do, idx = _benchmark_inputs(T)
+    N = T
+    cu = uniform_cu_seqlens(1, T, q.device)
+    qp, kp, vp = q.view(N, HQ, D), k.view(N, H, D), v.view(N, H, D)
+    g = torch.Generator(device=DEV).manual_seed(5)
+    cases = [("benchmark", idx.view(N, H, S).contiguous())]
+    cases += [(f"runs of {r}", local_selection(T, H, S, BS, 10 ** 9, g, r).view(N, H, S)) for r in (4, 16)]
+    variants = [(1, True, 4), (2, True, 4), (2, False, 4), (4, True, 4), (4, False, 4), (4, True, 8), (4, False, 8)]
+    for name, ip in cases:
+        base = None
+        for share, park, warps in variants:
+            SL.FWD_SHARE, SL.FWD_PARK = share, park
+            cfg = SL._tiles(HQ // H, BS, D, D, q.dtype)._replace(warps=warps)
+            chunks = SL._chunk_table(cu, N, SL.fwd_positions(cfg))
+            try:
+                o, lse = SL._launch_fwd(qp, kp, vp, ip, BS, D ** -0.5, cu, chunks, cfg)
+                if base is None:
+                    base = (o, lse)
+                err = (o.float() - base[0].float()).abs().max().item()
+                t = _ms(lambda: SL._launch_fwd(qp, kp, vp, ip, BS, D ** -0.5, cu, chunks, cfg))
+                print(f"share T={T} {name}: P={cfg.SHARE} park={int(park)} warps={warps}: {t:.2f} ms  "
+                      f"max|o - o(P=1)| {err:.2e}", flush=True)
+            except Exception as e:  # a config that does not compile or fit
+                print(f"share T={T} {name}: P={share} park={int(park)} warps={warps}: failed {type(e).__name__}: "
+                      f"{str(e)[:200]}", flush=True)
+    SL.FWD_SHARE, SL.FWD_PARK = 4, True
+
+
 def main():
     # part -> what it runs, given the parsed arguments
     parts = {
@@ -491,6 +525,7 @@ def main():
         "publicop": lambda a: probe_public_op(a.T),
         "locality": lambda a: probe_locality(a.T),
         "launches": lambda a: probe_launches(a.T),
+        "share": lambda a: probe_share(a.T),
     }
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)

@@ -227,3 +227,24 @@ def test_more_than_2_pow_31_elements(fwd_mode):
     o_r, dq_r, _, _ = chunk_reference(*last[:4], last[4], bs, D ** -0.5, T - C, T)
     assert_close("o[1, -64:]", o_r, o[1:, T - C:], RATIO_BF16)
     assert_close("dq[1, -64:]", dq_r, dq[1:, T - C:], RATIO_BF16)
+
+
+@pytest.mark.parametrize("share,park", [(1, True), (2, True), (4, True), (4, False)],
+                         ids=["P1", "P2-park", "P4-park", "P4-regs"])
+def test_shared_blocks_forward(monkeypatch, share, park):
+    """The gather forward with several positions per program (selected_fwd_shared_kernel) at the
+    paper shape, on lists where pairs of positions agree (position 2i + 1 lists position 2i's
+    blocks, its own block among them, in another order): output on chunks at, across and off
+    block boundaries against the float32 reference."""
+    monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", "gather")
+    monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", share)
+    monkeypatch.setattr(nsa.ops.selected, "FWD_PARK", park)
+    B, T, HQ, H, D, bs, S, C = 1, 8192, 64, 4, 128, 64, 16, 256
+    q, k, v, idx, do = inputs(B, T, HQ, H, D, D, S, bs, torch.bfloat16, seed=7)
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    even = idx[:, 0::2]
+    idx[:, 1::2] = even.gather(-1, torch.rand(even.shape, generator=gen, device="cuda").argsort(-1))
+    o, _ = run_triton(q, k, v, idx, do, bs, backward=False)
+    for a in (0, T // 3, T // 2 + 7, T - C):
+        o_r, _, _, _ = chunk_reference(q, k, v, idx, do, bs, D ** -0.5, a, a + C, grads=False)
+        assert_close(f"o[{a}:{a + C}]", o_r, o[:, a:a + C], RATIO_BF16)

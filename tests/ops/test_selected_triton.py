@@ -7,6 +7,7 @@ always through the public op with ``backend='triton'``. Sizes are tiny for the i
 import pytest
 import torch
 
+import nsa.ops.reference
 import nsa.ops.selected
 from nsa.ops import selected_attention
 from nsa.ops.selected import selected_attention_triton
@@ -438,3 +439,116 @@ def test_invalid_block_indices_raise_on_the_triton_path(HQ):
             selected_attention(q, k, v, bad, 16, cu_seqlens=cu, backend="triton")
     o = selected_attention(q, k, v, idx, 16, cu_seqlens=cu, backend="triton")  # the valid input still runs
     assert torch.isfinite(o).all()
+
+
+def neighbour_block_indices(lens, H, S, block_size, causal, gen):
+    """Like :func:`random_block_indices`, with neighbouring positions that agree: about half the
+    rows list the previous row's blocks in another slot order (-1 padding included), a fifth
+    swap one of them for another block, the rest are drawn afresh. Every aligned group of
+    positions then shares some blocks (NSA's forced blocks play that part in real selections)."""
+    idx = random_block_indices(lens, H, S, block_size, causal, gen, empty_rows=0.05)
+    start = 0
+    for L in lens:
+        for t in range(start + 1, start + L):
+            avail = (t - start) // block_size + 1 if causal else -(-L // block_size)
+            for h in range(H):
+                r = torch.rand((), generator=gen).item()
+                prev = idx[0, t - 1, h]
+                if r < 0.5:
+                    idx[0, t, h] = prev[torch.randperm(S, generator=gen)]
+                elif r < 0.7 and (prev >= 0).any():
+                    row = prev[torch.randperm(S, generator=gen)].clone()
+                    free = [b for b in range(avail) if b not in row.tolist()]
+                    if free:
+                        row[int((row >= 0).nonzero()[0])] = free[int(torch.randint(len(free), (), generator=gen))]
+                    idx[0, t, h] = row
+        start += L
+    return idx
+
+
+def shared_inputs(lens, HQ, Dk, Dv, S, bs, causal, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    N = sum(lens)
+    q, k, v = (torch.randn(1, N, h, d, generator=gen) for h, d in ((HQ, Dk), (1, Dk), (1, Dv)))
+    idx = neighbour_block_indices(lens, 1, S, bs, causal, gen)
+    idx[0, [3, N - 2]] = -1  # empty rows (nothing shared in their programs)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    return [x.to(DEVICE) for x in (q.to(dtype), k.to(dtype), v.to(dtype), idx, cu)]
+
+
+# id: (packed lengths, HQ, Dk, Dv, S, block_size, causal)
+SHARED_SHAPES = {
+    "varlen-1-37-60-19-G16": ([1, 37, 60, 19], 16, 64, 32, 4, 16, True),  # lengths not multiples of P
+    "varlen-45-30-G12-bs5": ([45, 30], 12, 32, 16, 5, 5, True),  # padded heads; blocks of 5 (tails cross blocks)
+    "varlen-50-29-G16-noncausal": ([50, 29], 16, 32, 32, 4, 16, False),  # future blocks in the lists
+    "T70-G32-dk32dv64-bs24": ([70], 32, 32, 64, 3, 24, True),  # 32 rows per position; blocks of 24
+}
+SHARED_CASES = [(n, share, park) for n in SHARED_SHAPES for share, park in ((4, True), (8, False))] + [
+    ("varlen-1-37-60-19-G16", 2, True), ("varlen-1-37-60-19-G16", 4, False)]
+
+
+@pytest.mark.parametrize("name,share,park", SHARED_CASES, ids=[f"{n}-P{s}-{'park' if p else 'regs'}"
+                                                                for n, s, p in SHARED_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fwd_shared_blocks_match_reference(monkeypatch, name, share, park, dtype):
+    """The gather forward with several positions per program (blocks every position lists walked
+    once for all of them, the rest per position, the keys past the program's first position from
+    the tail tile) against the reference, on lists where neighbours agree in any slot order;
+    the parked and the in-register shared state, 2 / 4 / 8 positions, and the one-position
+    kernel (FWD_SHARE = 1) on the same inputs. The plan behind it is checked on its own below."""
+    lens, HQ, Dk, Dv, S, bs, causal = SHARED_SHAPES[name]
+    q, k, v, idx, cu = shared_inputs(lens, HQ, Dk, Dv, S, bs, causal, dtype, seed=21)
+    from nsa.ops.selected import _selected_fwd_op, _tiles
+    monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", "gather")
+    monkeypatch.setattr(nsa.ops.selected, "FWD_PARK", park)
+    monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", share)
+    cfg = _tiles(HQ, bs, Dk, Dv, dtype)
+    assert cfg.BT == 1 and cfg.SHARE == min(share, 64 * 128 // (cfg.BR * max(Dk, Dv, 16)))
+    assert cfg.SHARE > 1
+    scale = Dk ** -0.5
+    o, lse = _selected_fwd_op(q, k, v, idx, bs, scale, cu)
+    monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", 1)
+    o1, lse1 = _selected_fwd_op(q, k, v, idx, bs, scale, cu)
+    o_ref = nsa.ops.reference.selected_attention(q.float(), k.float(), v.float(), idx, bs, scale=scale, cu_seqlens=cu)
+    ratio = RATIO_FP32 if dtype == torch.float32 else RATIO_BF16
+    assert_close("o", o_ref, o.float(), ratio)
+    assert_close("o vs one position per program", o1.float(), o.float(), ratio)
+    # lse against the one-position kernel's (tested against the reference through the gradients)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(lse1)) and not torch.isfinite(lse).all()
+    fin = torch.isfinite(lse1)
+    assert_close("lse", lse1[fin], lse[fin], RATIO_FP32)
+
+
+@pytest.mark.parametrize("share", [2, 4, 8])
+def test_share_plan(share):
+    """selected_share_plan_kernel: every planned list is a reordering of the position's list with
+    its valid entries first; the first counts[..., 0] entries are the blocks every position of
+    the program (in its sequence) lists, the same and in the same order for all of them."""
+    from nsa.ops.selected import _chunk_table, selected_share_plan_kernel
+    lens, S = [1, 37, 60, 19], 5
+    gen = torch.Generator().manual_seed(22)
+    idx = neighbour_block_indices(lens, 2, S, 8, True, gen)[0].to(DEVICE)  # [N, H, S]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32).to(DEVICE)
+    N, H = idx.shape[0], idx.shape[1]
+    chunks = _chunk_table(cu, N, share)
+    plan = torch.full_like(idx, -5)
+    counts = torch.full((N, H, 2), -5, dtype=torch.int32, device=DEVICE)
+    selected_share_plan_kernel[(chunks.shape[0], H)](idx, plan, counts, cu, chunks, H=H, S=S, SP=8, P=share)
+    idx, plan, counts, cu = idx.cpu(), plan.cpu(), counts.cpu(), cu.cpu()
+    n_shared_seen = 0
+    for n, L in enumerate(lens):
+        for g0 in range(0, L, share):
+            ts = list(range(cu[n] + g0, cu[n] + min(L, g0 + share)))
+            for h in range(H):
+                sets = [set(idx[t, h].tolist()) - {-1} for t in ts]
+                common = set.intersection(*sets)
+                n_sh = int(counts[ts[0], h, 0])
+                head = plan[ts[0], h, :n_sh].tolist()
+                assert set(head) == common and len(head) == n_sh
+                n_shared_seen += n_sh
+                for t, st in zip(ts, sets):
+                    row = plan[t, h].tolist()
+                    assert sorted(row) == sorted(idx[t, h].tolist())
+                    assert int(counts[t, h, 0]) == n_sh and int(counts[t, h, 1]) == len(st)
+                    assert row[:n_sh] == head and set(row[:len(st)]) == st and all(x == -1 for x in row[len(st):])
+    assert n_shared_seen > 0

@@ -62,6 +62,12 @@ GATHER_STAGES = 2  # H200 64k, G=16, dQ: 18.4 ms (1 stage: 27.9, 3 stages: 19.1)
 # 17.3 with pointer loads (BK 64, 4 warps, 2 stages; 3 stages 16.5, 8 warps or BK 32 slower on
 # both paths).
 FWD_TMA = "auto"
+# Positions per program of the gather forward when one position fills a tile (G >= 9): blocks that
+# all of them list (NSA's forced initial and local blocks, and what neighbouring queries agree
+# on) are loaded once for all of them (selected_fwd_shared_kernel). A power of two; 1 turns it
+# off. Capped so that the shared walk's rows times the padded head width stay <= 64 x 128.
+FWD_SHARE = 4
+FWD_PARK = True
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
 # split over several programs), and the memory bound of its per-slot partials.
 SCATTER_TILE_ROWS = 64
@@ -246,6 +252,196 @@ def selected_fwd_kernel(
     tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty),
              mask=m_r[:, None] & (o_dv < DV)[None, :])
     tl.store(lse + o_row, b_lse, mask=m_r)
+
+
+@triton.jit
+def _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale, b_m, b_l, b_acc,
+                  H: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr,
+                  DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, TMA: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """One online-softmax step of rows ``b_q`` over the keys ``<= t0`` of listed block ``i_b``
+    (-1: nothing), sub-tile by sub-tile; every row's position is >= t0 (no per-row mask)."""
+    for i_ks in tl.static_range(NKS):
+        if TMA:
+            i_k, m_k, b_k, b_v = _listed_block_kv_tma(k_desc, v_desc, i_b, i_ks, t0, n_key, BS, BK)
+        else:
+            i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t0, i_h, H, BS, BK, DK, DV, BDK, BDV)
+        b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def selected_share_plan_kernel(
+    block_indices, plan, counts, cu_seqlens, chunk_indices,
+    H: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, P: tl.constexpr,
+):
+    """For the ``P`` positions ``t0 ..`` of one program of :func:`selected_fwd_shared_kernel` and one
+    KV head: plan ``[N, H, S]`` holds each position's list reordered as the blocks that every
+    position in the sequence lists (in position t0's order), then its other entries (in its own
+    order), then the -1 entries; counts ``[N, H, 2]`` = (number of shared blocks, number of
+    entries >= 0). Lists hold no repeats (validated by the callers)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    t0 = i_tc * P
+    o_s = tl.arange(0, SP)
+    o_p = tl.arange(0, P)
+    m_p = t0 + o_p < seq_len
+    o_list = ((bos + t0 + o_p) * H + i_h)[:, None] * S
+    m_list = m_p[:, None] & (o_s < S)[None, :]
+    b_idx = tl.load(block_indices + o_list + o_s[None, :], mask=m_list, other=-1)  # [P, SP]
+    b_all = tl.full([P, SP], 1, dtype=tl.int32)
+    for i_q in tl.static_range(P):
+        row_q = tl.sum(tl.where((o_p == i_q)[:, None], b_idx, 0), axis=0)  # [SP] list of position t0 + i_q
+        in_q = tl.max(tl.where(b_idx[:, :, None] == row_q[None, None, :], 1, 0), axis=2)  # [P, SP]
+        b_all = b_all * tl.where(t0 + i_q < seq_len, in_q, 1)
+    valid = tl.where(b_idx >= 0, 1, 0)
+    shared = valid * b_all  # [P, SP] 0/1
+    own = valid - shared
+    sh0 = tl.sum(tl.where((o_p == 0)[:, None], shared, 0), axis=0)  # [SP] position t0's shared entries
+    id0 = tl.sum(tl.where((o_p == 0)[:, None], b_idx, 0), axis=0)
+    rank0 = tl.cumsum(sh0, axis=0) - 1
+    n_sh = tl.sum(sh0)
+    n_valid = tl.sum(valid, axis=1)  # [P]
+    # destination slot of every entry: a shared block at its rank in t0's list, the others after
+    d_sh = tl.sum(tl.where((b_idx[:, :, None] == id0[None, None, :]) & (sh0 > 0)[None, None, :],
+                           rank0[None, None, :], 0), axis=2)
+    d_own = n_sh + tl.cumsum(own, axis=1) - 1
+    d_bad = n_valid[:, None] + tl.cumsum(1 - valid, axis=1) - 1
+    dest = tl.where(shared > 0, d_sh, tl.where(own > 0, d_own, d_bad))
+    tl.store(plan + o_list + dest, b_idx, mask=m_list)
+    o_cnt = ((bos + t0 + o_p) * H + i_h) * 2
+    tl.store(counts + o_cnt, tl.zeros([P], dtype=tl.int32) + n_sh, mask=m_p)
+    tl.store(counts + o_cnt + 1, n_valid, mask=m_p)
+
+
+@triton.jit
+def selected_fwd_shared_kernel(
+    q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, P: tl.constexpr, BR: tl.constexpr, TB: tl.constexpr,
+    STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
+    PARK: tl.constexpr = True,
+):
+    """:func:`selected_fwd_kernel` for groups of at least 9 heads (one position fills a tile of
+    ``BR >= G`` rows), with ``P`` consecutive positions ``t0 ..`` per program, on the lists of
+    :func:`selected_share_plan_kernel`.
+
+    Blocks that every position of the program lists (NSA's forced initial and local blocks at
+    least, and whatever neighbouring queries agree on) are loaded once and scored for all
+    ``P * BR`` rows in one product; then each position walks the rest of its own list with its
+    ``BR`` rows. Both walks read keys ``<= t0`` only (visible to every row: no per-row mask,
+    and no value a row may not see is ever multiplied, even by zero); the keys ``t0 + 1 .. t``
+    of position t's listed blocks come from a masked ``TB``-key tail tile. The tensor work is
+    that of one position per program; the K/V loaded per position falls by the shared blocks'
+    share. Online softmax in float32 across the walks: the shared walk's state is parked in the
+    outputs as (lse, o) (``PARK``: o rounded once to the output dtype) or kept in registers, and
+    each position's walk resumes from its rows of it."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    t0 = i_tc * P
+    t_last = tl.minimum(t0 + P, seq_len) - 1
+
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    o_s = tl.arange(0, SP)
+    o_p = tl.arange(0, P)
+    o_g = tl.arange(0, BR)
+    # all rows of the program: position t0 + r // BR, head r % BR
+    o_a = tl.arange(0, P * BR)
+    i_ta = t0 + o_a // BR
+    m_a = (o_a % BR < G) & (i_ta < seq_len)
+    o_rowa = (bos + i_ta) * HQ + i_h * G + o_a % BR
+
+    qk_scale = scale * 1.4426950408889634  # softmax in base 2
+    # keys 0 .. t0 of this KV head in the sequence (at least one row: a surplus program past the
+    # end, which walks nothing, still gets a valid descriptor)
+    n_key = tl.maximum(tl.minimum(t0, seq_len - 1) + 1, 1).to(tl.int32)
+    if TMA:
+        k_desc, v_desc = kv_descriptors(k + (bos * H + i_h) * DK, v + (bos * H + i_h) * DV, n_key, H * DK, H * DV,
+                                        DK, DV, BK, BDK, BDV)
+    else:
+        k_desc, v_desc = k, v
+
+    # the shared blocks: the first entries of every position's planned list
+    p_list0 = plan + ((bos + t0) * H + i_h) * S
+    n_sh = tl.load(counts + ((bos + t0) * H + i_h) * 2, mask=t0 < seq_len, other=0)
+    b_qa = tl.load(q + o_rowa[:, None] * DK + o_dk[None, :], mask=m_a[:, None] & (o_dk < DK)[None, :], other=0.)
+    b_ma = tl.full([P * BR], float("-inf"), dtype=tl.float32)
+    b_la = tl.zeros([P * BR], dtype=tl.float32)
+    b_acca = tl.zeros([P * BR, BDV], dtype=tl.float32)
+    for j in tl.range(0, n_sh, num_stages=STAGES):
+        i_b = tl.load(p_list0 + j).to(tl.int64)
+        b_ma, b_la, b_acca = _gather_block(b_qa, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
+                                           b_ma, b_la, b_acca, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA,
+                                           DOT_PRECISION, DOT_UPCAST)
+    if PARK:
+        # the shared walk's state parked in the outputs, as (lse in base 2, o = acc / l): what the
+        # position walks resume from (one rounding of the partial o to the output dtype)
+        m_ne = b_la > 0
+        tl.store(o + o_rowa[:, None] * DV + o_dv[None, :],
+                 (b_acca / tl.where(m_ne, b_la, 1.)[:, None]).to(o.dtype.element_ty),
+                 mask=m_a[:, None] & (o_dv < DV)[None, :])
+        tl.store(lse + o_rowa, tl.where(m_ne, b_ma + tl.log2(tl.where(m_ne, b_la, 1.)), float("-inf")), mask=m_a)
+        tl.debug_barrier()
+    else:
+        b_ma = tl.reshape(b_ma, [P, BR])
+        b_la = tl.reshape(b_la, [P, BR])
+        b_acca = tl.reshape(b_acca, [P, BR, BDV])
+
+    o_tb = tl.arange(0, TB)
+    for i_p in tl.static_range(P):
+        # this position's share of the shared walk, then its own blocks, then its tail keys
+        i_t = t0 + i_p
+        m_r = (o_g < G) & (tl.zeros([BR], dtype=tl.int64) + i_t < seq_len)
+        o_row = (bos + i_t) * HQ + i_h * G + o_g
+        if PARK:
+            b_m = tl.load(lse + o_row, mask=m_r, other=float("-inf"))
+            b_l = tl.where(b_m > float("-inf"), 1., 0.)
+            b_acc = tl.load(o + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
+                            other=0.).to(tl.float32)
+        else:
+            m_sel = (o_p == i_p)[:, None]
+            b_m = tl.max(tl.where(m_sel, b_ma, float("-inf")), axis=0)  # [BR]
+            b_l = tl.sum(tl.where(m_sel, b_la, 0.), axis=0)
+            b_acc = tl.sum(tl.where(m_sel[:, :, None], b_acca, 0.), axis=0)  # [BR, BDV]
+        b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
+        p_list = plan + ((bos + i_t) * H + i_h) * S
+        n_valid = tl.load(counts + ((bos + i_t) * H + i_h) * 2 + 1, mask=i_t < seq_len, other=0)
+        for j in tl.range(n_sh, n_valid, num_stages=STAGES):
+            i_b = tl.load(p_list + j).to(tl.int64)
+            b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
+                                            b_m, b_l, b_acc, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA,
+                                            DOT_PRECISION, DOT_UPCAST)
+        if i_p > 0:
+            # tail: keys t0 + 1 .. i_t of the blocks this position listed
+            i_kt = t0 + 1 + o_tb
+            ids = tl.load(p_list + o_s, mask=(o_s < S) & (o_s * 0 + i_t < seq_len), other=-1)
+            m_see = (i_kt <= i_t) & (i_kt < seq_len) & \
+                (tl.max(tl.where(ids[None, :] == (i_kt // BS)[:, None], 1, 0), axis=1) > 0)
+            o_kvt = (bos + i_kt) * H + i_h
+            b_kt = tl.load(k + o_kvt[:, None] * DK + o_dk[None, :], mask=m_see[:, None] & (o_dk < DK)[None, :],
+                           other=0.)
+            b_vt = tl.load(v + o_kvt[:, None] * DV + o_dv[None, :], mask=m_see[:, None] & (o_dv < DV)[None, :],
+                           other=0.)
+            b_s = dot(b_q, tl.trans(b_kt), DOT_PRECISION, DOT_UPCAST) * qk_scale
+            b_s = tl.where(m_see[None, :], b_s, float("-inf"))
+            b_m, b_l, b_acc = softmax_step(b_s, b_vt, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
+        m_nonempty = b_l > 0
+        b_o = b_acc / tl.where(m_nonempty, b_l, 1.)[:, None]
+        b_lse = tl.where(m_nonempty, (b_m + tl.log2(tl.where(m_nonempty, b_l, 1.))) * 0.6931471805599453,
+                         float("-inf"))
+        tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty),
+                 mask=m_r[:, None] & (o_dv < DV)[None, :])
+        tl.store(lse + o_row, b_lse, mask=m_r)
 
 
 @triton.jit
@@ -648,6 +844,7 @@ class _Tiles(NamedTuple):
     stages_sc: int
     warps_dq_sc: int  # scatter dQ
     stages_dq_sc: int
+    SHARE: int = 1  # positions per program of the one-position gather forward (FWD_SHARE)
 
 
 def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Tiles:
@@ -675,7 +872,23 @@ def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Ti
         # scatter dQ: wider heads do not fit sm_90's shared memory when pipelined (3 stages at
         # 256/256: 329 KB of 227; 1 stage: 98 KB) and spill less on 8 warps (ptxas, Triton 3.6)
         warps_dq_sc=8 if width > 256 and not fp32 else 4, stages_dq_sc=1 if fp32 or width > 256 else 3,
+        SHARE=_share(bt, br, DK, DV),
     )
+
+
+def _share(bt: int, br: int, DK: int, DV: int) -> int:
+    """FWD_SHARE resolved for a tile of ``bt`` positions and ``br`` rows: 1 unless one position
+    fills the tile, at most ``64 * 128 // (br * padded head width)``."""
+    if isinstance(FWD_SHARE, bool) or not isinstance(FWD_SHARE, int) or FWD_SHARE < 1 or FWD_SHARE & (FWD_SHARE - 1):
+        raise ValueError(f"nsa.ops.selected.FWD_SHARE: expected a power of two >= 1, got {FWD_SHARE!r}")
+    if bt > 1:
+        return 1
+    return max(1, min(FWD_SHARE, 64 * 128 // (br * max(pow2(DK), pow2(DV)))))
+
+
+def fwd_positions(cfg: _Tiles) -> int:
+    """Query positions per program of :func:`_launch_fwd` (its chunk table's chunk)."""
+    return cfg.BT * cfg.SHARE
 
 
 def _chunk_table(cu_seqlens, num_tokens: int, chunk: int) -> torch.Tensor:
@@ -782,7 +995,7 @@ def _fwd_tma(k: torch.Tensor, v: torch.Tensor, cfg: _Tiles) -> bool:
 
 def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_indices, cfg: _Tiles):
     """Packed q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``;
-    chunk_indices from :func:`_chunk_table` with ``cfg.BT``. Returns o ``[N, HQ, DV]``, lse ``[N, HQ]``."""
+    chunk_indices from :func:`_chunk_table` with :func:`fwd_positions`. Returns o ``[N, HQ, DV]``, lse ``[N, HQ]``."""
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     o = new_output((N, HQ, DV), q.dtype, q.device)
@@ -790,12 +1003,21 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
     # num_stages 1 for union walks: their loads sit under data-dependent branches
     stages = GATHER_STAGES if cfg.BT == 1 and not interpreting() else 1
     tma = use_tma(_fwd_tma(k, v, cfg), k, v)
-    selected_fwd_kernel[(chunk_indices.shape[0], H)](
-        q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
-        HQ=HQ, H=H, G=HQ // H, S=S, SP=triton.next_power_of_2(S), BS=block_size, BK=cfg.BK, NKS=cfg.NKS,
-        DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV), BT=cfg.BT, BR=cfg.BR, STAGES=stages, TMA=tma,
-        num_warps=cfg.warps, num_stages=stages, **dot_args(q.dtype),
-    )
+    SP = triton.next_power_of_2(S)
+    consts = dict(HQ=HQ, H=H, G=HQ // H, S=S, SP=SP, BS=block_size, BK=cfg.BK, NKS=cfg.NKS,
+                  DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV), BR=cfg.BR, STAGES=stages, TMA=tma,
+                  num_warps=cfg.warps, num_stages=stages, **dot_args(q.dtype))
+    grid = (chunk_indices.shape[0], H)
+    if cfg.SHARE > 1:
+        plan = torch.empty_like(block_indices)
+        counts = torch.empty(N, H, 2, dtype=torch.int32, device=q.device)
+        selected_share_plan_kernel[grid](block_indices, plan, counts, cu_seqlens, chunk_indices, H=H, S=S, SP=SP,
+                                         P=cfg.SHARE, num_warps=1)
+        selected_fwd_shared_kernel[grid](q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
+                                         P=cfg.SHARE, TB=pow2(cfg.SHARE), PARK=FWD_PARK, **consts)
+    else:
+        selected_fwd_kernel[grid](q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale, BT=cfg.BT,
+                                  **consts)
     return o, lse
 
 
@@ -993,7 +1215,7 @@ def _selected_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_in
     if _algorithm("FWD_MODE", FWD_MODE, cfg) == "scatter":
         o, lse = _launch_fwd_scatter(*args, _chunk_table(cu, B * T, block_size), cfg)
     else:
-        o, lse = _launch_fwd(*args, _chunk_table(cu, B * T, cfg.BT), cfg)
+        o, lse = _launch_fwd(*args, _chunk_table(cu, B * T, fwd_positions(cfg)), cfg)
     return o.view(B, T, HQ, DV), lse.view(B, T, HQ)
 
 

@@ -477,11 +477,38 @@ def probe_launches(T):
     print(f"launches T={T}: done", flush=True)
 
 
+def shared_selection(T, H, S, BS, n_shared, gen, run=4):
+    """int32 ``[1, T, H, S]``: aligned runs of ``run`` positions list ``n_shared`` common blocks
+    (blocks 0, t // BS and t // BS - 1 among them, the rest random causal ones) and each position
+    ``S - n_shared`` other random causal blocks of its own, in ascending order."""
+    NB = -(-T // BS)
+    out = torch.empty(1, T, H, S, dtype=torch.int32, device=DEV)
+    j = torch.arange(NB, device=DEV)
+    for a in range(0, T, 8192):
+        b = min(T, a + 8192)
+        t = torch.arange(a, b, device=DEV)
+        tb = (t // run * run // BS).view(-1, 1, 1)  # the run's first position's block
+        g_score = torch.rand((b - a) // run, H, NB, device=DEV, generator=gen).repeat_interleave(run, 0)
+        g_score = torch.where((j == 0) | (j == tb) | (j == tb - 1), 2.0, g_score)
+        g_score = torch.where(j <= tb, g_score, -1.0)
+        common = torch.zeros(b - a, H, NB, dtype=torch.bool, device=DEV)
+        top = g_score.topk(min(n_shared, NB), -1)
+        common.scatter_(-1, top.indices, top.values >= 0)
+        own = torch.rand(b - a, H, NB, device=DEV, generator=gen)
+        own = torch.where(common, 3.0, own)
+        own = torch.where(j <= (t // BS).view(-1, 1, 1), own, -1.0)
+        sel = own.topk(min(S, NB), -1)
+        idx = torch.where(sel.values >= 0, sel.indices, NB)
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], S - idx.shape[-1]), NB)], -1).sort(-1).values
+        out[0, a:b] = torch.where(idx == NB, -1, idx).to(torch.int32)
+    return out.contiguous()
+
+
 def probe_share(T):
-    """The gather forward at G = 16 with 1, 2, 4 positions per program (blocks every position
-    lists loaded once: selected_fwd_shared_kernel), the shared walk's state parked in the outputs
-    or kept in registers, 4 or 8 warps; on the benchmark's selections and on selections whose
-    aligned runs of positions share one list. Each against the one-position kernel's output."""
+    """The gather forward at G = 16: one position per program against programs of 4 positions
+    that load the blocks all of them list once (the shared kernel: its register cap, with the
+    default FWD_SHARE_MIN split, and forced for every program), on the benchmark's selections and
+    on selections whose aligned runs of 4 positions share k of their 16 blocks."""
     HQ, H, D, BS, S = 64, 4, 128, 64, 16
     q, k, v, do, idx = _benchmark_inputs(T)
     N = T
@@ -489,26 +516,26 @@ def probe_share(T):
     qp, kp, vp = q.view(N, HQ, D), k.view(N, H, D), v.view(N, H, D)
     g = torch.Generator(device=DEV).manual_seed(5)
     cases = [("benchmark", idx.view(N, H, S).contiguous())]
-    cases += [(f"runs of {r}", local_selection(T, H, S, BS, 10 ** 9, g, r).view(N, H, S)) for r in (4, 16)]
-    variants = [(1, True, 4), (2, True, 4), (2, False, 4), (4, True, 4), (4, False, 4), (4, True, 8), (4, False, 8)]
+    cases += [(f"{n} of 16 shared", shared_selection(T, H, S, BS, n, g).view(N, H, S)) for n in (4, 6, 8, 10, 12, 16)]
+    # (positions per program, FWD_SHARE_MIN, register cap)
+    variants = [(1, 0.5, None), (4, 0.5, None), (4, 0.0, None), (4, 0.0, 168), (4, 0.0, 128)]
     for name, ip in cases:
         base = None
-        for share, park, warps in variants:
-            SL.FWD_SHARE, SL.FWD_PARK = share, park
-            cfg = SL._tiles(HQ // H, BS, D, D, q.dtype)._replace(warps=warps)
+        for share, share_min, maxnreg in variants:
+            SL.FWD_SHARE, SL.FWD_SHARE_MIN, SL.SHARED_MAXNREG = share, share_min, maxnreg
+            cfg = SL._tiles(HQ // H, BS, D, D, q.dtype)
             chunks = SL._chunk_table(cu, N, SL.fwd_positions(cfg))
+            label = f"P={cfg.SHARE} min={share_min} maxnreg={maxnreg}"
             try:
                 o, lse = SL._launch_fwd(qp, kp, vp, ip, BS, D ** -0.5, cu, chunks, cfg)
                 if base is None:
                     base = (o, lse)
                 err = (o.float() - base[0].float()).abs().max().item()
                 t = _ms(lambda: SL._launch_fwd(qp, kp, vp, ip, BS, D ** -0.5, cu, chunks, cfg))
-                print(f"share T={T} {name}: P={cfg.SHARE} park={int(park)} warps={warps}: {t:.2f} ms  "
-                      f"max|o - o(P=1)| {err:.2e}", flush=True)
+                print(f"share T={T} {name}: {label}: {t:.2f} ms  max|o - o(P=1)| {err:.2e}", flush=True)
             except Exception as e:  # a config that does not compile or fit
-                print(f"share T={T} {name}: P={share} park={int(park)} warps={warps}: failed {type(e).__name__}: "
-                      f"{str(e)[:200]}", flush=True)
-    SL.FWD_SHARE, SL.FWD_PARK = 4, True
+                print(f"share T={T} {name}: {label}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+    SL.FWD_SHARE, SL.FWD_SHARE_MIN, SL.SHARED_MAXNREG = 4, 0.5, None
 
 
 def main():

@@ -68,6 +68,14 @@ FWD_TMA = "auto"
 # off. Capped so that the shared walk's rows times the padded head width stay <= 64 x 128.
 FWD_SHARE = 4
 FWD_PARK = True
+# A program of FWD_SHARE positions takes the shared walk when the blocks all of them list are at
+# least this fraction of its first position's list (and at least one); the other programs go
+# through the one-position kernel (on random selections the shared kernel is slower: H200 64k,
+# run 20, 16.2 ms one position per program vs 21.0 with 4, 3 of 16 blocks shared; 8.7 ms when
+# all 16 are shared).
+FWD_SHARE_MIN = 0.5
+# Register cap (ptxas maxnreg) of the shared kernel, None for the compiler's choice.
+SHARED_MAXNREG = None
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
 # split over several programs), and the memory bound of its per-slot partials.
 SCATTER_TILE_ROWS = 64
@@ -166,13 +174,17 @@ def selected_fwd_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False, counts=None,
+    PLANNED: tl.constexpr = False,
 ):
     """q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``
     -> o ``[N, HQ, DV]``, lse ``[N, HQ]`` (natural log, -inf where nothing is visible).
     A block of ``BS`` keys is read in ``NKS`` sub-tiles of ``BK`` keys. ``TMA`` (``BT == 1`` only;
     16-byte aligned k/v whose rows are multiples of 16 bytes): K/V sub-tiles through on-device
-    tensor descriptors (:func:`_listed_block_kv_tma`) instead of masked pointer loads."""
+    tensor descriptors (:func:`_listed_block_kv_tma`) instead of masked pointer loads.
+    ``PLANNED`` (``BT == 1`` only): block_indices and counts are :func:`selected_share_plan_kernel`'s
+    plan; a position walks its valid entries only, and does nothing (writes nothing) where its
+    program of positions is left to :func:`selected_fwd_shared_kernel` (counts[..., 0] >= 0)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -211,7 +223,13 @@ def selected_fwd_kernel(
             n_key = tl.maximum(t_last + 1, 1).to(tl.int32)
             k_desc, v_desc = kv_descriptors(k + (bos * H + i_h) * DK, v + (bos * H + i_h) * DV, n_key, H * DK, H * DV,
                                             DK, DV, BK, BDK, BDV)
-        for i_s in tl.range(0, S, num_stages=STAGES):
+        n_walk = S
+        if PLANNED:
+            p_cnt = counts + ((bos + t0) * H + i_h) * 2
+            skip = tl.load(p_cnt, mask=t0 < seq_len, other=-1) >= 0
+            n_walk = tl.where(skip, 0, tl.load(p_cnt + 1, mask=t0 < seq_len, other=0))
+            m_r = m_r & (tl.zeros([BR], dtype=tl.int32) + skip.to(tl.int32) == 0)
+        for i_s in tl.range(0, n_walk, num_stages=STAGES):
             i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
             for i_ks in tl.static_range(NKS):
                 if TMA:
@@ -275,13 +293,15 @@ def _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
 @triton.jit
 def selected_share_plan_kernel(
     block_indices, plan, counts, cu_seqlens, chunk_indices,
-    H: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, P: tl.constexpr,
+    share_min, H: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, P: tl.constexpr,
 ):
     """For the ``P`` positions ``t0 ..`` of one program of :func:`selected_fwd_shared_kernel` and one
     KV head: plan ``[N, H, S]`` holds each position's list reordered as the blocks that every
     position in the sequence lists (in position t0's order), then its other entries (in its own
-    order), then the -1 entries; counts ``[N, H, 2]`` = (number of shared blocks, number of
-    entries >= 0). Lists hold no repeats (validated by the callers)."""
+    order), then the -1 entries; counts ``[N, H, 2]`` = (number of shared blocks, or -1 where
+    they are fewer than ``share_min`` times position t0's valid entries (or none): the program
+    is then left to the one-position kernel; number of entries >= 0). Lists hold no repeats
+    (validated by the callers)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -315,7 +335,9 @@ def selected_share_plan_kernel(
     dest = tl.where(shared > 0, d_sh, tl.where(own > 0, d_own, d_bad))
     tl.store(plan + o_list + dest, b_idx, mask=m_list)
     o_cnt = ((bos + t0 + o_p) * H + i_h) * 2
-    tl.store(counts + o_cnt, tl.zeros([P], dtype=tl.int32) + n_sh, mask=m_p)
+    n_valid0 = tl.sum(tl.where(o_p == 0, n_valid, 0))
+    mode = tl.where((n_sh > 0) & (n_sh >= share_min * n_valid0), n_sh, -1)
+    tl.store(counts + o_cnt, tl.zeros([P], dtype=tl.int32) + mode, mask=m_p)
     tl.store(counts + o_cnt + 1, n_valid, mask=m_p)
 
 
@@ -371,9 +393,13 @@ def selected_fwd_shared_kernel(
     else:
         k_desc, v_desc = k, v
 
-    # the shared blocks: the first entries of every position's planned list
+    # the shared blocks: the first entries of every position's planned list (-1: this program is
+    # the one-position kernel's, nothing to do or write here)
     p_list0 = plan + ((bos + t0) * H + i_h) * S
-    n_sh = tl.load(counts + ((bos + t0) * H + i_h) * 2, mask=t0 < seq_len, other=0)
+    n_sh = tl.load(counts + ((bos + t0) * H + i_h) * 2, mask=t0 < seq_len, other=-1)
+    live = n_sh >= 0
+    m_a = m_a & (tl.zeros([P * BR], dtype=tl.int32) + live.to(tl.int32) > 0)
+    n_sh = tl.maximum(n_sh, 0)
     b_qa = tl.load(q + o_rowa[:, None] * DK + o_dk[None, :], mask=m_a[:, None] & (o_dk < DK)[None, :], other=0.)
     b_ma = tl.full([P * BR], float("-inf"), dtype=tl.float32)
     b_la = tl.zeros([P * BR], dtype=tl.float32)
@@ -401,7 +427,8 @@ def selected_fwd_shared_kernel(
     for i_p in tl.static_range(P):
         # this position's share of the shared walk, then its own blocks, then its tail keys
         i_t = t0 + i_p
-        m_r = (o_g < G) & (tl.zeros([BR], dtype=tl.int64) + i_t < seq_len)
+        m_r = (o_g < G) & (tl.zeros([BR], dtype=tl.int64) + i_t < seq_len) & \
+            (tl.zeros([BR], dtype=tl.int32) + live.to(tl.int32) > 0)
         o_row = (bos + i_t) * HQ + i_h * G + o_g
         if PARK:
             b_m = tl.load(lse + o_row, mask=m_r, other=float("-inf"))
@@ -415,7 +442,7 @@ def selected_fwd_shared_kernel(
             b_acc = tl.sum(tl.where(m_sel[:, :, None], b_acca, 0.), axis=0)  # [BR, BDV]
         b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
         p_list = plan + ((bos + i_t) * H + i_h) * S
-        n_valid = tl.load(counts + ((bos + i_t) * H + i_h) * 2 + 1, mask=i_t < seq_len, other=0)
+        n_valid = tl.where(live, tl.load(counts + ((bos + i_t) * H + i_h) * 2 + 1, mask=i_t < seq_len, other=0), 0)
         for j in tl.range(n_sh, n_valid, num_stages=STAGES):
             i_b = tl.load(p_list + j).to(tl.int64)
             b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
@@ -424,7 +451,7 @@ def selected_fwd_shared_kernel(
         if i_p > 0:
             # tail: keys t0 + 1 .. i_t of the blocks this position listed
             i_kt = t0 + 1 + o_tb
-            ids = tl.load(p_list + o_s, mask=(o_s < S) & (o_s * 0 + i_t < seq_len), other=-1)
+            ids = tl.load(p_list + o_s, mask=(o_s < S) & (o_s * 0 + i_t < seq_len) & (o_s * 0 + n_valid > 0), other=-1)
             m_see = (i_kt <= i_t) & (i_kt < seq_len) & \
                 (tl.max(tl.where(ids[None, :] == (i_kt // BS)[:, None], 1, 0), axis=1) > 0)
             o_kvt = (bos + i_kt) * H + i_h
@@ -1011,10 +1038,15 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
     if cfg.SHARE > 1:
         plan = torch.empty_like(block_indices)
         counts = torch.empty(N, H, 2, dtype=torch.int32, device=q.device)
-        selected_share_plan_kernel[grid](block_indices, plan, counts, cu_seqlens, chunk_indices, H=H, S=S, SP=SP,
-                                         P=cfg.SHARE, num_warps=1)
+        selected_share_plan_kernel[grid](block_indices, plan, counts, cu_seqlens, chunk_indices, float(FWD_SHARE_MIN),
+                                         H=H, S=S, SP=SP, P=cfg.SHARE, num_warps=1)
         selected_fwd_shared_kernel[grid](q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
-                                         P=cfg.SHARE, TB=pow2(cfg.SHARE), PARK=FWD_PARK, **consts)
+                                         P=cfg.SHARE, TB=pow2(cfg.SHARE), PARK=FWD_PARK, **consts,
+                                         **({} if SHARED_MAXNREG is None else dict(maxnreg=SHARED_MAXNREG)))
+        # the programs that share too little: one position per program, on the planned lists
+        positions = _chunk_table(cu_seqlens, N, 1)
+        selected_fwd_kernel[(positions.shape[0], H)](q, k, v, o, lse, plan, cu_seqlens, positions, scale, BT=1,
+                                                     counts=counts, PLANNED=True, **consts)
     else:
         selected_fwd_kernel[grid](q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale, BT=cfg.BT,
                                   **consts)

@@ -506,9 +506,9 @@ def shared_selection(T, H, S, BS, n_shared, gen, run=4):
 
 def probe_share(T):
     """The gather forward at G = 16: one position per program against programs of 4 positions
-    that load the blocks all of them list once (the shared kernel: its register cap, with the
-    default FWD_SHARE_MIN split, and forced for every program), on the benchmark's selections and
-    on selections whose aligned runs of 4 positions share k of their 16 blocks."""
+    that load the blocks all of them list once (the shared kernel, with the default FWD_SHARE_MIN
+    split, and for every program), on the benchmark's selections and on selections whose aligned
+    runs of 4 positions share k of their 16 blocks."""
     HQ, H, D, BS, S = 64, 4, 128, 64, 16
     q, k, v, do, idx = _benchmark_inputs(T)
     N = T
@@ -517,15 +517,16 @@ def probe_share(T):
     g = torch.Generator(device=DEV).manual_seed(5)
     cases = [("benchmark", idx.view(N, H, S).contiguous())]
     cases += [(f"{n} of 16 shared", shared_selection(T, H, S, BS, n, g).view(N, H, S)) for n in (4, 6, 8, 10, 12, 16)]
-    # (positions per program, FWD_SHARE_MIN, register cap)
-    variants = [(1, 0.5, None), (4, 0.5, None), (4, 0.0, None), (4, 0.0, 168), (4, 0.0, 128)]
+    # (positions per program, FWD_SHARE_MIN): the one-position kernel, the default split, all shared
+    default = SL.FWD_SHARE_MIN
+    variants = [(1, default), (4, default), (4, 0.0)]
     for name, ip in cases:
         base = None
-        for share, share_min, maxnreg in variants:
-            SL.FWD_SHARE, SL.FWD_SHARE_MIN, SL.SHARED_MAXNREG = share, share_min, maxnreg
+        for share, share_min in variants:
+            SL.FWD_SHARE, SL.FWD_SHARE_MIN = share, share_min
             cfg = SL._tiles(HQ // H, BS, D, D, q.dtype)
             chunks = SL._chunk_table(cu, N, SL.fwd_positions(cfg))
-            label = f"P={cfg.SHARE} min={share_min} maxnreg={maxnreg}"
+            label = f"P={cfg.SHARE} min={share_min}"
             try:
                 o, lse = SL._launch_fwd(qp, kp, vp, ip, BS, D ** -0.5, cu, chunks, cfg)
                 if base is None:
@@ -535,7 +536,7 @@ def probe_share(T):
                 print(f"share T={T} {name}: {label}: {t:.2f} ms  max|o - o(P=1)| {err:.2e}", flush=True)
             except Exception as e:  # a config that does not compile or fit
                 print(f"share T={T} {name}: {label}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
-    SL.FWD_SHARE, SL.FWD_SHARE_MIN, SL.SHARED_MAXNREG = 4, 0.5, None
+    SL.FWD_SHARE, SL.FWD_SHARE_MIN = 4, default
 
 
 def main():

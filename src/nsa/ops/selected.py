@@ -70,12 +70,11 @@ FWD_SHARE = 4
 FWD_PARK = True
 # A program of FWD_SHARE positions takes the shared walk when the blocks all of them list are at
 # least this fraction of its first position's list (and at least one); the other programs go
-# through the one-position kernel (on random selections the shared kernel is slower: H200 64k,
-# run 20, 16.2 ms one position per program vs 21.0 with 4, 3 of 16 blocks shared; 8.7 ms when
-# all 16 are shared).
-FWD_SHARE_MIN = 0.5
-# Register cap (ptxas maxnreg) of the shared kernel, None for the compiler's choice.
-SHARED_MAXNREG = None
+# through the one-position kernel. H200 64k, G=16 (run 21, probe.py --parts share; runs of 4
+# positions sharing k of their 16 blocks), one position per program 16.2 ms whatever k; every
+# program in the shared kernel: k = 3 (random selections) 22.4, 8: 18.0, 10: 16.1, 12: 14.2,
+# 16: 10.3 (the shared walk's 64-row tiles cost registers: 2 programs per SM).
+FWD_SHARE_MIN = 0.7
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
 # split over several programs), and the memory bound of its per-slot partials.
 SCATTER_TILE_ROWS = 64
@@ -169,100 +168,10 @@ def _listed_block_kv_tma(k_desc, v_desc, i_b, i_ks: tl.constexpr, t_last, n_key,
 
 
 @triton.jit
-def selected_fwd_kernel(
-    q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
-    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
-    BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False, counts=None,
-    PLANNED: tl.constexpr = False,
-):
-    """q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``
-    -> o ``[N, HQ, DV]``, lse ``[N, HQ]`` (natural log, -inf where nothing is visible).
-    A block of ``BS`` keys is read in ``NKS`` sub-tiles of ``BK`` keys. ``TMA`` (``BT == 1`` only;
-    16-byte aligned k/v whose rows are multiples of 16 bytes): K/V sub-tiles through on-device
-    tensor descriptors (:func:`_listed_block_kv_tma`) instead of masked pointer loads.
-    ``PLANNED`` (``BT == 1`` only): block_indices and counts are :func:`selected_share_plan_kernel`'s
-    plan; a position walks its valid entries only, and does nothing (writes nothing) where its
-    program of positions is left to :func:`selected_fwd_shared_kernel` (counts[..., 0] >= 0)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
-    i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-    t0 = i_tc * BT
-    t_last = tl.minimum(t0 + BT, seq_len) - 1
-
-    o_r = tl.arange(0, BR)
-    o_rp = o_r // G  # position of the row inside the tile
-    o_rg = o_r % G  # query head of the row inside the group
-    i_t = t0 + o_rp  # [BR] query position in its sequence
-    m_r = (o_r < BT * G) & (i_t < seq_len)
-    o_dk = tl.arange(0, BDK)
+def _finish_rows(o, lse, o_row, m_r, b_m, b_l, b_acc, DV: tl.constexpr, BDV: tl.constexpr):
+    """Stores rows ``o_row`` (valid ``m_r``) of o and lse (natural log, -inf where empty) from the
+    online-softmax state (base-2 running max ``b_m``, sum ``b_l``, unnormalized ``b_acc``)."""
     o_dv = tl.arange(0, BDV)
-    o_s = tl.arange(0, SP)
-    o_k = tl.arange(0, BK)
-
-    o_row = (bos + i_t) * HQ + i_h * G + o_rg  # [BR] row of q/o/lse in [N * HQ]
-    b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
-    # [BR, SP] each row's block list (padding rows: all -1)
-    b_idx = tl.load(block_indices + ((bos + i_t) * H + i_h)[:, None] * S + o_s[None, :],
-                    mask=m_r[:, None] & (o_s < S)[None, :], other=-1)
-
-    qk_scale = scale * 1.4426950408889634  # softmax in base 2
-    b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BR], dtype=tl.float32)
-    b_acc = tl.zeros([BR, BDV], dtype=tl.float32)
-    if BT == 1:
-        # one position per tile (G >= the tile's rows): its own list, no union to walk; a
-        # branch-free loop whose loads the compiler can pipeline (STAGES)
-        p_idx = block_indices + ((bos + t0) * H + i_h) * S
-        if TMA:
-            # this KV head's keys 0 .. t0 of the sequence (at least one row: a surplus program past
-            # the end, whose entries are all -1, still gets a valid descriptor)
-            n_key = tl.maximum(t_last + 1, 1).to(tl.int32)
-            k_desc, v_desc = kv_descriptors(k + (bos * H + i_h) * DK, v + (bos * H + i_h) * DV, n_key, H * DK, H * DV,
-                                            DK, DV, BK, BDK, BDV)
-        n_walk = S
-        if PLANNED:
-            p_cnt = counts + ((bos + t0) * H + i_h) * 2
-            skip = tl.load(p_cnt, mask=t0 < seq_len, other=-1) >= 0
-            n_walk = tl.where(skip, 0, tl.load(p_cnt + 1, mask=t0 < seq_len, other=0))
-            m_r = m_r & (tl.zeros([BR], dtype=tl.int32) + skip.to(tl.int32) == 0)
-        for i_s in tl.range(0, n_walk, num_stages=STAGES):
-            i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
-            for i_ks in tl.static_range(NKS):
-                if TMA:
-                    i_k, m_k, b_k, b_v = _listed_block_kv_tma(k_desc, v_desc, i_b, i_ks, t_last, n_key, BS, BK)
-                else:
-                    i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV,
-                                                          BDK, BDV)
-                b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
-                b_s = tl.where(m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None]), b_s, float("-inf"))
-                b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
-    for i_p in range(BT if BT > 1 else 0):
-        p_idx = block_indices + ((bos + t0 + i_p) * H + i_h) * S
-        for i_s in range(S):
-            # past the sequence end: -1, nothing to do
-            i_b = tl.load(p_idx + i_s, mask=t0 + i_p < seq_len, other=-1).to(tl.int64)
-            m_hit = b_idx == i_b  # [BR, SP]
-            n_seen = tl.sum(tl.where(m_hit & (o_rp < i_p)[:, None], 1, 0))
-            if (i_b >= 0) & (n_seen == 0) & (i_b * BS <= t_last):
-                m_sel = tl.sum(tl.where(m_hit, 1, 0), axis=1) > 0  # [BR] rows that selected i_b
-                for i_ks in range(NKS):
-                    if i_b * BS + i_ks * BK <= t_last:
-                        i_k = i_b * BS + i_ks * BK + o_k  # [BK] key positions
-                        m_k = (i_ks * BK + o_k < BS) & (i_k <= t_last)
-                        o_kv = (bos + i_k) * H + i_h
-                        b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :],
-                                      mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)  # [BK, BDK]
-                        b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :],
-                                      mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)  # [BK, BDV]
-                        b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
-                        m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
-                        b_s = tl.where(m_s, b_s, float("-inf"))
-                        b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
-
     m_nonempty = b_l > 0
     b_o = b_acc / tl.where(m_nonempty, b_l, 1.)[:, None]
     b_lse = tl.where(m_nonempty, (b_m + tl.log2(tl.where(m_nonempty, b_l, 1.))) * 0.6931471805599453,
@@ -270,6 +179,140 @@ def selected_fwd_kernel(
     tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty),
              mask=m_r[:, None] & (o_dv < DV)[None, :])
     tl.store(lse + o_row, b_lse, mask=m_r)
+
+
+@triton.jit
+def _one_position_fwd(q, k, v, o, lse, p_idx, n_walk, bos, seq_len, t0, i_h, scale,
+                      HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+                      NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                      BR: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      DOT_UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """The forward of position ``t0`` (its ``G <= BR`` heads of KV head ``i_h``) over the first
+    ``n_walk`` entries of its list at ``p_idx``: a branch-free loop whose loads the compiler can
+    pipeline (STAGES)."""
+    o_r = tl.arange(0, BR)
+    i_t = t0 + o_r * 0  # [BR]
+    m_r = (o_r < G) & (i_t < seq_len)
+    o_dk = tl.arange(0, BDK)
+    o_row = (bos + i_t) * HQ + i_h * G + o_r  # [BR] row of q/o/lse in [N * HQ]
+    b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
+    t_last = tl.minimum(t0, seq_len - 1)
+    qk_scale = scale * 1.4426950408889634  # softmax in base 2
+    b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BR], dtype=tl.float32)
+    b_acc = tl.zeros([BR, BDV], dtype=tl.float32)
+    if TMA:
+        # this KV head's keys 0 .. t0 of the sequence (at least one row: a surplus program past
+        # the end, whose entries are all -1, still gets a valid descriptor)
+        n_key = tl.maximum(t_last + 1, 1).to(tl.int32)
+        k_desc, v_desc = kv_descriptors(k + (bos * H + i_h) * DK, v + (bos * H + i_h) * DV, n_key, H * DK, H * DV,
+                                        DK, DV, BK, BDK, BDV)
+    for i_s in tl.range(0, n_walk, num_stages=STAGES):
+        i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
+        for i_ks in tl.static_range(NKS):
+            if TMA:
+                i_k, m_k, b_k, b_v = _listed_block_kv_tma(k_desc, v_desc, i_b, i_ks, t_last, n_key, BS, BK)
+            else:
+                i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV,
+                                                      BDK, BDV)
+            b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
+            b_s = tl.where(m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None]), b_s, float("-inf"))
+            b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
+    _finish_rows(o, lse, o_row, m_r, b_m, b_l, b_acc, DV, BDV)
+
+
+@triton.jit
+def selected_fwd_kernel(
+    q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
+):
+    """q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``
+    -> o ``[N, HQ, DV]``, lse ``[N, HQ]`` (natural log, -inf where nothing is visible).
+    A block of ``BS`` keys is read in ``NKS`` sub-tiles of ``BK`` keys. ``TMA`` (``BT == 1`` only;
+    16-byte aligned k/v whose rows are multiples of 16 bytes): K/V sub-tiles through on-device
+    tensor descriptors (:func:`_listed_block_kv_tma`) instead of masked pointer loads."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    t0 = i_tc * BT
+    if BT == 1:
+        # one position per tile (G >= the tile's rows): its own list, no union to walk
+        _one_position_fwd(q, k, v, o, lse, block_indices + ((bos + t0) * H + i_h) * S, S, bos, seq_len, t0, i_h,
+                          scale, HQ, H, G, BS, BK, NKS, DK, DV, BDK, BDV, BR, STAGES, DOT_PRECISION, DOT_UPCAST, TMA)
+    else:
+        t_last = tl.minimum(t0 + BT, seq_len) - 1
+        o_r = tl.arange(0, BR)
+        o_rp = o_r // G  # position of the row inside the tile
+        o_rg = o_r % G  # query head of the row inside the group
+        i_t = t0 + o_rp  # [BR] query position in its sequence
+        m_r = (o_r < BT * G) & (i_t < seq_len)
+        o_dk = tl.arange(0, BDK)
+        o_dv = tl.arange(0, BDV)
+        o_s = tl.arange(0, SP)
+        o_k = tl.arange(0, BK)
+
+        o_row = (bos + i_t) * HQ + i_h * G + o_rg  # [BR] row of q/o/lse in [N * HQ]
+        b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
+        # [BR, SP] each row's block list (padding rows: all -1)
+        b_idx = tl.load(block_indices + ((bos + i_t) * H + i_h)[:, None] * S + o_s[None, :],
+                        mask=m_r[:, None] & (o_s < S)[None, :], other=-1)
+
+        qk_scale = scale * 1.4426950408889634  # softmax in base 2
+        b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BR], dtype=tl.float32)
+        b_acc = tl.zeros([BR, BDV], dtype=tl.float32)
+        for i_p in range(BT):
+            p_idx = block_indices + ((bos + t0 + i_p) * H + i_h) * S
+            for i_s in range(S):
+                # past the sequence end: -1, nothing to do
+                i_b = tl.load(p_idx + i_s, mask=t0 + i_p < seq_len, other=-1).to(tl.int64)
+                m_hit = b_idx == i_b  # [BR, SP]
+                n_seen = tl.sum(tl.where(m_hit & (o_rp < i_p)[:, None], 1, 0))
+                if (i_b >= 0) & (n_seen == 0) & (i_b * BS <= t_last):
+                    m_sel = tl.sum(tl.where(m_hit, 1, 0), axis=1) > 0  # [BR] rows that selected i_b
+                    for i_ks in range(NKS):
+                        if i_b * BS + i_ks * BK <= t_last:
+                            i_k = i_b * BS + i_ks * BK + o_k  # [BK] key positions
+                            m_k = (i_ks * BK + o_k < BS) & (i_k <= t_last)
+                            o_kv = (bos + i_k) * H + i_h
+                            b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :],
+                                          mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)  # [BK, BDK]
+                            b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :],
+                                          mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)  # [BK, BDV]
+                            b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
+                            m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
+                            b_s = tl.where(m_s, b_s, float("-inf"))
+                            b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
+        _finish_rows(o, lse, o_row, m_r, b_m, b_l, b_acc, DV, BDV)
+
+
+@triton.jit
+def selected_fwd_planned_kernel(
+    q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
+):
+    """:func:`selected_fwd_kernel` with one position per program (``chunk_indices`` of single
+    positions) on :func:`selected_share_plan_kernel`'s plan: a position walks its valid entries
+    only, and does nothing (writes nothing) where its program of positions belongs to
+    :func:`selected_fwd_shared_kernel` (counts[..., 0] >= 0)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    t0 = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    p_cnt = counts + ((bos + t0) * H + i_h) * 2
+    if tl.load(p_cnt, mask=t0 < seq_len, other=0) < 0:
+        _one_position_fwd(q, k, v, o, lse, plan + ((bos + t0) * H + i_h) * S, tl.load(p_cnt + 1), bos, seq_len, t0,
+                          i_h, scale, HQ, H, G, BS, BK, NKS, DK, DV, BDK, BDV, BR, STAGES, DOT_PRECISION, DOT_UPCAST,
+                          TMA)
 
 
 @triton.jit
@@ -342,6 +385,109 @@ def selected_share_plan_kernel(
 
 
 @triton.jit
+def _shared_walks(q, k, v, o, lse, plan, counts, bos, seq_len, t0, n_sh, i_h, scale,
+                  HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
+                  BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                  BDK: tl.constexpr, BDV: tl.constexpr, P: tl.constexpr, BR: tl.constexpr, TB: tl.constexpr,
+                  STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr,
+                  PARK: tl.constexpr):
+    """The work of one live program of :func:`selected_fwd_shared_kernel` (positions ``t0 ..``,
+    ``t0 < seq_len``, ``n_sh`` shared blocks)."""
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    o_s = tl.arange(0, SP)
+    o_p = tl.arange(0, P)
+    o_g = tl.arange(0, BR)
+    # all rows of the program: position t0 + r // BR, head r % BR
+    o_a = tl.arange(0, P * BR)
+    i_ta = t0 + o_a // BR
+    m_a = (o_a % BR < G) & (i_ta < seq_len)
+    o_rowa = (bos + i_ta) * HQ + i_h * G + o_a % BR
+
+    qk_scale = scale * 1.4426950408889634  # softmax in base 2
+    # keys 0 .. t0 of this KV head in the sequence
+    n_key = (t0 + 1).to(tl.int32)
+    if TMA:
+        k_desc, v_desc = kv_descriptors(k + (bos * H + i_h) * DK, v + (bos * H + i_h) * DV, n_key, H * DK, H * DV,
+                                        DK, DV, BK, BDK, BDV)
+    else:
+        k_desc, v_desc = k, v
+
+    # the shared blocks: the first entries of every position's planned list
+    p_list0 = plan + ((bos + t0) * H + i_h) * S
+    b_qa = tl.load(q + o_rowa[:, None] * DK + o_dk[None, :], mask=m_a[:, None] & (o_dk < DK)[None, :], other=0.)
+    b_ma = tl.full([P * BR], float("-inf"), dtype=tl.float32)
+    b_la = tl.zeros([P * BR], dtype=tl.float32)
+    b_acca = tl.zeros([P * BR, BDV], dtype=tl.float32)
+    for j in tl.range(0, n_sh, num_stages=STAGES):
+        i_b = tl.load(p_list0 + j).to(tl.int64)
+        b_ma, b_la, b_acca = _gather_block(b_qa, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
+                                           b_ma, b_la, b_acca, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA,
+                                           DOT_PRECISION, DOT_UPCAST)
+    if PARK:
+        # the shared walk's state parked in the outputs, as (lse in base 2, o = acc / l): what the
+        # position walks resume from (one rounding of the partial o to the output dtype)
+        m_ne = b_la > 0
+        tl.store(o + o_rowa[:, None] * DV + o_dv[None, :],
+                 (b_acca / tl.where(m_ne, b_la, 1.)[:, None]).to(o.dtype.element_ty),
+                 mask=m_a[:, None] & (o_dv < DV)[None, :])
+        tl.store(lse + o_rowa, tl.where(m_ne, b_ma + tl.log2(tl.where(m_ne, b_la, 1.)), float("-inf")), mask=m_a)
+        tl.debug_barrier()
+    else:
+        b_ma = tl.reshape(b_ma, [P, BR])
+        b_la = tl.reshape(b_la, [P, BR])
+        b_acca = tl.reshape(b_acca, [P, BR, BDV])
+
+    o_tb = tl.arange(0, TB)
+    for i_p in tl.static_range(P):
+        # this position's share of the shared walk, then its own blocks, then its tail keys
+        i_t = t0 + i_p
+        m_r = (o_g < G) & (tl.zeros([BR], dtype=tl.int64) + i_t < seq_len)
+        o_row = (bos + i_t) * HQ + i_h * G + o_g
+        if PARK:
+            b_m = tl.load(lse + o_row, mask=m_r, other=float("-inf"))
+            b_l = tl.where(b_m > float("-inf"), 1., 0.)
+            b_acc = tl.load(o + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
+                            other=0.).to(tl.float32)
+        else:
+            m_sel = (o_p == i_p)[:, None]
+            b_m = tl.max(tl.where(m_sel, b_ma, float("-inf")), axis=0)  # [BR]
+            b_l = tl.sum(tl.where(m_sel, b_la, 0.), axis=0)
+            b_acc = tl.sum(tl.where(m_sel[:, :, None], b_acca, 0.), axis=0)  # [BR, BDV]
+        b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
+        p_list = plan + ((bos + i_t) * H + i_h) * S
+        n_valid = tl.load(counts + ((bos + i_t) * H + i_h) * 2 + 1, mask=i_t < seq_len, other=0)
+        for j in tl.range(n_sh, n_valid, num_stages=STAGES):
+            i_b = tl.load(p_list + j).to(tl.int64)
+            b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
+                                            b_m, b_l, b_acc, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA,
+                                            DOT_PRECISION, DOT_UPCAST)
+        if i_p > 0:
+            # tail: keys t0 + 1 .. i_t of the blocks this position listed
+            i_kt = t0 + 1 + o_tb
+            ids = tl.load(p_list + o_s, mask=(o_s < S) & (o_s * 0 + i_t < seq_len), other=-1)
+            m_see = (i_kt <= i_t) & (i_kt < seq_len) & \
+                (tl.max(tl.where(ids[None, :] == (i_kt // BS)[:, None], 1, 0), axis=1) > 0)
+            o_kvt = (bos + i_kt) * H + i_h
+            b_kt = tl.load(k + o_kvt[:, None] * DK + o_dk[None, :], mask=m_see[:, None] & (o_dk < DK)[None, :],
+                           other=0.)
+            b_vt = tl.load(v + o_kvt[:, None] * DV + o_dv[None, :], mask=m_see[:, None] & (o_dv < DV)[None, :],
+                           other=0.)
+            b_s = dot(b_q, tl.trans(b_kt), DOT_PRECISION, DOT_UPCAST) * qk_scale
+            b_s = tl.where(m_see[None, :], b_s, float("-inf"))
+            b_m, b_l, b_acc = softmax_step(b_s, b_vt, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
+        m_nonempty = b_l > 0
+        b_o = b_acc / tl.where(m_nonempty, b_l, 1.)[:, None]
+        b_lse = tl.where(m_nonempty, (b_m + tl.log2(tl.where(m_nonempty, b_l, 1.))) * 0.6931471805599453,
+                         float("-inf"))
+        tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty),
+                 mask=m_r[:, None] & (o_dv < DV)[None, :])
+        tl.store(lse + o_row, b_lse, mask=m_r)
+
+
+
+
+@triton.jit
 def selected_fwd_shared_kernel(
     q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
@@ -370,105 +516,10 @@ def selected_fwd_shared_kernel(
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
     t0 = i_tc * P
-    t_last = tl.minimum(t0 + P, seq_len) - 1
-
-    o_dk = tl.arange(0, BDK)
-    o_dv = tl.arange(0, BDV)
-    o_s = tl.arange(0, SP)
-    o_p = tl.arange(0, P)
-    o_g = tl.arange(0, BR)
-    # all rows of the program: position t0 + r // BR, head r % BR
-    o_a = tl.arange(0, P * BR)
-    i_ta = t0 + o_a // BR
-    m_a = (o_a % BR < G) & (i_ta < seq_len)
-    o_rowa = (bos + i_ta) * HQ + i_h * G + o_a % BR
-
-    qk_scale = scale * 1.4426950408889634  # softmax in base 2
-    # keys 0 .. t0 of this KV head in the sequence (at least one row: a surplus program past the
-    # end, which walks nothing, still gets a valid descriptor)
-    n_key = tl.maximum(tl.minimum(t0, seq_len - 1) + 1, 1).to(tl.int32)
-    if TMA:
-        k_desc, v_desc = kv_descriptors(k + (bos * H + i_h) * DK, v + (bos * H + i_h) * DV, n_key, H * DK, H * DV,
-                                        DK, DV, BK, BDK, BDV)
-    else:
-        k_desc, v_desc = k, v
-
-    # the shared blocks: the first entries of every position's planned list (-1: this program is
-    # the one-position kernel's, nothing to do or write here)
-    p_list0 = plan + ((bos + t0) * H + i_h) * S
     n_sh = tl.load(counts + ((bos + t0) * H + i_h) * 2, mask=t0 < seq_len, other=-1)
-    live = n_sh >= 0
-    m_a = m_a & (tl.zeros([P * BR], dtype=tl.int32) + live.to(tl.int32) > 0)
-    n_sh = tl.maximum(n_sh, 0)
-    b_qa = tl.load(q + o_rowa[:, None] * DK + o_dk[None, :], mask=m_a[:, None] & (o_dk < DK)[None, :], other=0.)
-    b_ma = tl.full([P * BR], float("-inf"), dtype=tl.float32)
-    b_la = tl.zeros([P * BR], dtype=tl.float32)
-    b_acca = tl.zeros([P * BR, BDV], dtype=tl.float32)
-    for j in tl.range(0, n_sh, num_stages=STAGES):
-        i_b = tl.load(p_list0 + j).to(tl.int64)
-        b_ma, b_la, b_acca = _gather_block(b_qa, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
-                                           b_ma, b_la, b_acca, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA,
-                                           DOT_PRECISION, DOT_UPCAST)
-    if PARK:
-        # the shared walk's state parked in the outputs, as (lse in base 2, o = acc / l): what the
-        # position walks resume from (one rounding of the partial o to the output dtype)
-        m_ne = b_la > 0
-        tl.store(o + o_rowa[:, None] * DV + o_dv[None, :],
-                 (b_acca / tl.where(m_ne, b_la, 1.)[:, None]).to(o.dtype.element_ty),
-                 mask=m_a[:, None] & (o_dv < DV)[None, :])
-        tl.store(lse + o_rowa, tl.where(m_ne, b_ma + tl.log2(tl.where(m_ne, b_la, 1.)), float("-inf")), mask=m_a)
-        tl.debug_barrier()
-    else:
-        b_ma = tl.reshape(b_ma, [P, BR])
-        b_la = tl.reshape(b_la, [P, BR])
-        b_acca = tl.reshape(b_acca, [P, BR, BDV])
-
-    o_tb = tl.arange(0, TB)
-    for i_p in tl.static_range(P):
-        # this position's share of the shared walk, then its own blocks, then its tail keys
-        i_t = t0 + i_p
-        m_r = (o_g < G) & (tl.zeros([BR], dtype=tl.int64) + i_t < seq_len) & \
-            (tl.zeros([BR], dtype=tl.int32) + live.to(tl.int32) > 0)
-        o_row = (bos + i_t) * HQ + i_h * G + o_g
-        if PARK:
-            b_m = tl.load(lse + o_row, mask=m_r, other=float("-inf"))
-            b_l = tl.where(b_m > float("-inf"), 1., 0.)
-            b_acc = tl.load(o + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
-                            other=0.).to(tl.float32)
-        else:
-            m_sel = (o_p == i_p)[:, None]
-            b_m = tl.max(tl.where(m_sel, b_ma, float("-inf")), axis=0)  # [BR]
-            b_l = tl.sum(tl.where(m_sel, b_la, 0.), axis=0)
-            b_acc = tl.sum(tl.where(m_sel[:, :, None], b_acca, 0.), axis=0)  # [BR, BDV]
-        b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
-        p_list = plan + ((bos + i_t) * H + i_h) * S
-        n_valid = tl.where(live, tl.load(counts + ((bos + i_t) * H + i_h) * 2 + 1, mask=i_t < seq_len, other=0), 0)
-        for j in tl.range(n_sh, n_valid, num_stages=STAGES):
-            i_b = tl.load(p_list + j).to(tl.int64)
-            b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
-                                            b_m, b_l, b_acc, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA,
-                                            DOT_PRECISION, DOT_UPCAST)
-        if i_p > 0:
-            # tail: keys t0 + 1 .. i_t of the blocks this position listed
-            i_kt = t0 + 1 + o_tb
-            ids = tl.load(p_list + o_s, mask=(o_s < S) & (o_s * 0 + i_t < seq_len) & (o_s * 0 + n_valid > 0), other=-1)
-            m_see = (i_kt <= i_t) & (i_kt < seq_len) & \
-                (tl.max(tl.where(ids[None, :] == (i_kt // BS)[:, None], 1, 0), axis=1) > 0)
-            o_kvt = (bos + i_kt) * H + i_h
-            b_kt = tl.load(k + o_kvt[:, None] * DK + o_dk[None, :], mask=m_see[:, None] & (o_dk < DK)[None, :],
-                           other=0.)
-            b_vt = tl.load(v + o_kvt[:, None] * DV + o_dv[None, :], mask=m_see[:, None] & (o_dv < DV)[None, :],
-                           other=0.)
-            b_s = dot(b_q, tl.trans(b_kt), DOT_PRECISION, DOT_UPCAST) * qk_scale
-            b_s = tl.where(m_see[None, :], b_s, float("-inf"))
-            b_m, b_l, b_acc = softmax_step(b_s, b_vt, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
-        m_nonempty = b_l > 0
-        b_o = b_acc / tl.where(m_nonempty, b_l, 1.)[:, None]
-        b_lse = tl.where(m_nonempty, (b_m + tl.log2(tl.where(m_nonempty, b_l, 1.))) * 0.6931471805599453,
-                         float("-inf"))
-        tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty),
-                 mask=m_r[:, None] & (o_dv < DV)[None, :])
-        tl.store(lse + o_row, b_lse, mask=m_r)
+    if n_sh >= 0:  # else: the one-position kernel's program (or past the sequence end)
+        _shared_walks(q, k, v, o, lse, plan, counts, bos, seq_len, t0, n_sh, i_h, scale, HQ, H, G, S, SP, BS, BK, NKS,
+                      DK, DV, BDK, BDV, P, BR, TB, STAGES, DOT_PRECISION, DOT_UPCAST, TMA, PARK)
 
 
 @triton.jit
@@ -1041,12 +1092,12 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
         selected_share_plan_kernel[grid](block_indices, plan, counts, cu_seqlens, chunk_indices, float(FWD_SHARE_MIN),
                                          H=H, S=S, SP=SP, P=cfg.SHARE, num_warps=1)
         selected_fwd_shared_kernel[grid](q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
-                                         P=cfg.SHARE, TB=pow2(cfg.SHARE), PARK=FWD_PARK, **consts,
-                                         **({} if SHARED_MAXNREG is None else dict(maxnreg=SHARED_MAXNREG)))
+                                         P=cfg.SHARE, TB=pow2(cfg.SHARE), PARK=FWD_PARK, **consts)
         # the programs that share too little: one position per program, on the planned lists
         positions = _chunk_table(cu_seqlens, N, 1)
-        selected_fwd_kernel[(positions.shape[0], H)](q, k, v, o, lse, plan, cu_seqlens, positions, scale, BT=1,
-                                                     counts=counts, PLANNED=True, **consts)
+        del consts["SP"]
+        selected_fwd_planned_kernel[(positions.shape[0], H)](q, k, v, o, lse, plan, counts, cu_seqlens, positions,
+                                                             scale, **consts)
     else:
         selected_fwd_kernel[grid](q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale, BT=cfg.BT,
                                   **consts)

@@ -70,11 +70,13 @@ FWD_SHARE = 4
 FWD_PARK = True
 # A program of FWD_SHARE positions takes the shared walk when the blocks all of them list are at
 # least this fraction of its first position's list (and at least one); the other programs go
-# through the one-position kernel. H200 64k, G=16 (run 21, probe.py --parts share; runs of 4
-# positions sharing k of their 16 blocks), one position per program 16.2 ms whatever k; every
-# program in the shared kernel: k = 3 (random selections) 22.4, 8: 18.0, 10: 16.1, 12: 14.2,
-# 16: 10.3 (the shared walk's 64-row tiles cost registers: 2 programs per SM).
-FWD_SHARE_MIN = 0.7
+# through the one-position kernel. H200 64k, G=16 (run 22, probe.py --parts share; aligned runs of
+# 4 positions sharing k of their 16 blocks): one position per program 16.1-16.2 ms whatever k;
+# every program in the shared kernel: k = 3 (the benchmark's random selections) 21.4, 4: 20.5,
+# 6: 18.7, 8: 16.9, 10: 15.0, 12: 13.1, 16: 9.2 (the shared walk's 64-row tiles cost registers:
+# 2 programs per SM); the split with 0.7 (run 22): 16.4 on random selections (plan and idle
+# programs: +0.2), 13.1 at k = 12, 9.2 at k = 16. 0.6 takes k >= 10 (9 not measured).
+FWD_SHARE_MIN = 0.6
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
 # split over several programs), and the memory bound of its per-slot partials.
 SCATTER_TILE_ROWS = 64

@@ -113,7 +113,7 @@ def probe_selected(T, sweep=False):
     def dq_kernel(stages=SL.GATHER_STAGES, warps=cfg.warps):
         SL.selected_bwd_dq_kernel[(chunks.shape[0], H)](
             qp, kp, vp, o, lse, do.view(N, HQ, D), dq, delta, ip, cu, chunks, scale,
-            S=S, SP=S, BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR, STAGES=stages, num_warps=warps,
+            S=S, SP=S, BK=cfg.BK_DQ, NKS=cfg.NKS_DQ, BT=cfg.BT, BR=cfg.BR, STAGES=stages, num_warps=warps,
             num_stages=stages, **common)
 
     t_dq = _ms(dq_kernel)
@@ -539,6 +539,36 @@ def probe_share(T):
     SL.FWD_SHARE, SL.FWD_SHARE_MIN = 4, default
 
 
+def probe_wide(T):
+    """The selected forward (one position per program, G = 16) at the paper's head dims Dk/Dv =
+    192/128 on the benchmark's selections: keys per sub-tile, pipeline stages, TMA or pointer
+    loads (the default: 32 keys, 2 stages, TMA)."""
+    HQ, H, BS, S, DK, DV = 64, 4, 64, 16, 192, 128
+    idx = _benchmark_inputs(T)[4].view(T, H, S).contiguous()
+    g = torch.Generator(device=DEV).manual_seed(9)
+    q, k, v = (torch.randn(T, h, d, device=DEV, generator=g).bfloat16() for h, d in ((HQ, DK), (H, DK), (H, DV)))
+    cu = uniform_cu_seqlens(1, T, q.device)
+    SL.FWD_SHARE = 1
+    cfg0 = SL._tiles(HQ // H, BS, DK, DV, q.dtype)
+    chunks = SL._chunk_table(cu, T, 1)
+    stages0, tma0 = SL.GATHER_STAGES, SL.FWD_TMA
+    base = None
+    for bk, stages, tma in ((32, 2, "auto"), (64, 2, "auto"), (32, 3, "auto"), (64, 1, "auto"), (32, 1, "auto"),
+                            (32, 2, False), (64, 2, False)):
+        SL.GATHER_STAGES, SL.FWD_TMA = stages, tma
+        cfg = cfg0._replace(BK=bk, NKS=BS // bk)
+        label = f"keys {bk} stages {stages} {'tma' if tma else 'pointer'}"
+        try:
+            o, _ = SL._launch_fwd(q, k, v, idx, BS, DK ** -0.5, cu, chunks, cfg)
+            base = o if base is None else base
+            t = _ms(lambda: SL._launch_fwd(q, k, v, idx, BS, DK ** -0.5, cu, chunks, cfg))
+            print(f"wide T={T} 192/128 selected fwd {label}: {t:.2f} ms  max|o - o(default)| "
+                  f"{(o.float() - base.float()).abs().max().item():.2e}", flush=True)
+        except Exception as e:
+            print(f"wide T={T} 192/128 selected fwd {label}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+    SL.GATHER_STAGES, SL.FWD_TMA, SL.FWD_SHARE = stages0, tma0, 4
+
+
 def main():
     # part -> what it runs, given the parsed arguments
     parts = {
@@ -554,6 +584,7 @@ def main():
         "locality": lambda a: probe_locality(a.T),
         "launches": lambda a: probe_launches(a.T),
         "share": lambda a: probe_share(a.T),
+        "wide": lambda a: probe_wide(a.T),
     }
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)

@@ -384,8 +384,10 @@ def test_fwd_tma_never_reads_invisible_values(monkeypatch, dtype, bs):
 
 
 def test_fwd_tma_resolution(monkeypatch):
-    """FWD_TMA is checked; TMA only where its rules hold (else the pointer path, same results)."""
+    """FWD_TMA is checked; TMA only where its rules hold (else the pointer path, same results);
+    "auto" leaves head dims that are not powers of two to pointer loads."""
     from nsa.ops.selected import _fwd_tma, _tiles
+    from nsa.ops.triton_utils import tma_ok
     k = torch.zeros(8, 2, 64, dtype=torch.bfloat16, device=DEVICE)
     cfg16, cfg4 = _tiles(16, 16, 64, 64, k.dtype), _tiles(4, 16, 64, 64, k.dtype)
     monkeypatch.setattr(nsa.ops.selected, "FWD_TMA", True)
@@ -398,6 +400,11 @@ def test_fwd_tma_resolution(monkeypatch):
     assert _fwd_tma(shifted, shifted, cfg16)
     odd = torch.zeros(8 * 2 * 64 + 1, dtype=torch.bfloat16, device=DEVICE)[1:].view(8, 2, 64)  # base 2 bytes off
     assert not _fwd_tma(odd, k, cfg16) and not _fwd_tma(k, odd, cfg16)
+    k48 = torch.zeros(8, 2, 48, dtype=torch.bfloat16, device=DEVICE)  # 96-byte rows, boxes of 64 columns
+    cfg48 = _tiles(16, 16, 48, 48, k.dtype)
+    assert _fwd_tma(k48, k48, cfg48) == tma_ok(k48, k48)
+    monkeypatch.setattr(nsa.ops.selected, "FWD_TMA", "auto")  # padded box columns: pointer loads
+    assert not _fwd_tma(k48, k48, cfg48) and _fwd_tma(k, k, cfg16) == tma_ok(k, k)
     monkeypatch.setattr(nsa.ops.selected, "FWD_TMA", False)
     assert not _fwd_tma(k, k, cfg16)
     monkeypatch.setattr(nsa.ops.selected, "FWD_TMA", "fast")
@@ -501,18 +508,21 @@ def test_fwd_shared_blocks_match_reference(monkeypatch, name, share, park, share
     on the same inputs. The plan behind it is checked on its own below."""
     lens, HQ, Dk, Dv, S, bs, causal = SHARED_SHAPES[name]
     q, k, v, idx, cu = shared_inputs(lens, HQ, Dk, Dv, S, bs, causal, dtype, seed=21)
-    from nsa.ops.selected import _selected_fwd_op, _tiles
-    monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", "gather")
+    from nsa.ops.selected import _chunk_table, _launch_fwd, _share, _tiles
     monkeypatch.setattr(nsa.ops.selected, "FWD_PARK", park)
     monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", share)
     monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE_MIN", share_min)
     cfg = _tiles(HQ, bs, Dk, Dv, dtype)
-    assert cfg.BT == 1 and cfg.SHARE == min(share, 64 * 128 // (cfg.BR * max(Dk, Dv, 16)))
-    assert cfg.SHARE > 1
+    assert cfg.SHARE == (1 if dtype == torch.float32 else _share(cfg.BT, cfg.BR, Dk, Dv))
+    # float32 is not given the shared walk by default (registers on sm_90): run it here all the same
+    cfg = cfg._replace(SHARE=_share(cfg.BT, cfg.BR, Dk, Dv))
+    assert cfg.BT == 1 and cfg.SHARE == min(share, 64 * 128 // (cfg.BR * max(Dk, Dv, 16))) > 1
     scale = Dk ** -0.5
-    o, lse = _selected_fwd_op(q, k, v, idx, bs, scale, cu)
-    monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", 1)
-    o1, lse1 = _selected_fwd_op(q, k, v, idx, bs, scale, cu)
+    N = q.shape[1]
+    packed = (q[0], k[0], v[0], idx[0], bs, scale, cu)
+    o, lse = _launch_fwd(*packed, _chunk_table(cu, N, cfg.SHARE), cfg)
+    o1, lse1 = _launch_fwd(*packed, _chunk_table(cu, N, 1), cfg._replace(SHARE=1))
+    o, lse, o1, lse1 = o[None], lse[None], o1[None], lse1[None]
     o_ref = nsa.ops.reference.selected_attention(q.float(), k.float(), v.float(), idx, bs, scale=scale, cu_seqlens=cu)
     ratio = RATIO_FP32 if dtype == torch.float32 else RATIO_BF16
     assert_close("o", o_ref, o.float(), ratio)

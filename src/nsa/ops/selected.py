@@ -487,8 +487,6 @@ def _shared_walks(q, k, v, o, lse, plan, counts, bos, seq_len, t0, n_sh, i_h, sc
         tl.store(lse + o_row, b_lse, mask=m_r)
 
 
-
-
 @triton.jit
 def selected_fwd_shared_kernel(
     q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
@@ -908,8 +906,8 @@ def _fit(n: int, row_bytes: int) -> int:
 class _Tiles(NamedTuple):
     BT: int  # query positions per tile (forward, dQ)
     BR: int  # rows per tile, BT * G padded to a power of two
-    BK: int  # keys per sub-tile (forward, dQ)
-    NKS: int  # sub-tiles per block (forward, dQ)
+    BK: int  # keys per sub-tile (forward; dQ: BK_DQ)
+    NKS: int  # sub-tiles per block (forward; dQ: NKS_DQ)
     warps: int
     BQ: int  # query positions per chunk of a dK/dV walk
     BRQ: int  # rows per chunk, BQ * G padded
@@ -925,6 +923,8 @@ class _Tiles(NamedTuple):
     warps_dq_sc: int  # scatter dQ
     stages_dq_sc: int
     SHARE: int = 1  # positions per program of the one-position gather forward (FWD_SHARE)
+    BK_DQ: int = 64  # keys per sub-tile of the dQ gather kernel
+    NKS_DQ: int = 1
 
 
 def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Tiles:
@@ -936,7 +936,10 @@ def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Ti
     row_bytes = width * dtype.itemsize
     fp32 = dtype.itemsize >= 4
     bt, br = _tile(G, FWD_ROWS)
-    bk = _fit(min(pow2(block_size), 32 if width > 256 or fp32 else 64), row_bytes)
+    # forward: 64 keys per sub-tile up to padded widths of 384 (H200 64k, Dk/Dv 192/128, run 24:
+    # 27.7 ms against 31.8 with 32 keys, pointer loads); dQ keeps 32 above 256 (not measured)
+    bk = _fit(min(pow2(block_size), 32 if width > 384 or fp32 else 64), row_bytes)
+    bk_dq = _fit(min(pow2(block_size), 32 if width > 256 or fp32 else 64), row_bytes)
     # dK/dV walk: 64 rows, 4 warps at width <= 256 (H200 64k, G=16: whole backward 32.7 ms against
     # 48.2 with 32 rows, 8 warps); wider heads keep 32 rows, 8 warps (not measured)
     bq, brq = _tile(G, _fit(16 if fp32 else (BWD_ROWS if width <= 256 else 32), row_bytes))
@@ -952,13 +955,16 @@ def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Ti
         # scatter dQ: wider heads do not fit sm_90's shared memory when pipelined (3 stages at
         # 256/256: 329 KB of 227; 1 stage: 98 KB) and spill less on 8 warps (ptxas, Triton 3.6)
         warps_dq_sc=8 if width > 256 and not fp32 else 4, stages_dq_sc=1 if fp32 or width > 256 else 3,
-        SHARE=_share(bt, br, DK, DV),
+        SHARE=1 if fp32 or width > 384 else _share(bt, br, DK, DV), BK_DQ=bk_dq,
+        NKS_DQ=triton.cdiv(block_size, bk_dq),
     )
 
 
 def _share(bt: int, br: int, DK: int, DV: int) -> int:
     """FWD_SHARE resolved for a tile of ``bt`` positions and ``br`` rows: 1 unless one position
-    fills the tile, at most ``64 * 128 // (br * padded head width)``."""
+    fills the tile, at most ``64 * 128 // (br * padded head width)``. (:func:`_tiles` also keeps
+    1 for float32 and padded widths Dk + Dv above 384: the shared walk's tiles spill registers
+    there, ptxas sm_90.)"""
     if isinstance(FWD_SHARE, bool) or not isinstance(FWD_SHARE, int) or FWD_SHARE < 1 or FWD_SHARE & (FWD_SHARE - 1):
         raise ValueError(f"nsa.ops.selected.FWD_SHARE: expected a power of two >= 1, got {FWD_SHARE!r}")
     if bt > 1:
@@ -1066,11 +1072,16 @@ def _fwd_tma(k: torch.Tensor, v: torch.Tensor, cfg: _Tiles) -> bool:
     """FWD_TMA resolved for packed contiguous k ``[N, H, DK]``, v ``[N, H, DV]``: TMA loads only in
     the one-position tiles (``cfg.BT == 1``), where :func:`tma_ok` allows them (fp16/bf16 on a
     GPU with TMA, 16-byte aligned base and rows; the interpreter or the sm_90 compile audit),
-    for padded head widths of at most 256 (one TMA box dimension)."""
+    for padded head widths of at most 256 (one TMA box dimension). "auto" also leaves head dims
+    that are not powers of two (boxes with padded columns) to pointer loads: H200 64k, Dk/Dv
+    192/128, 64 keys per sub-tile (run 24): 27.7 ms with pointer loads, 29.9 with TMA."""
     if not (FWD_TMA == "auto" or isinstance(FWD_TMA, bool)):
         raise ValueError(f"nsa.ops.selected.FWD_TMA: expected 'auto', True or False, got {FWD_TMA!r}")
+    DK, DV = k.shape[-1], v.shape[-1]
+    if FWD_TMA == "auto" and (pow2(DK) != DK or pow2(DV) != DV):
+        return False
     return (FWD_TMA is not False and cfg.BT == 1 and v.dtype == k.dtype
-            and max(pow2(k.shape[-1]), pow2(v.shape[-1])) <= 256 and tma_ok(k, v))
+            and max(pow2(DK), pow2(DV)) <= 256 and tma_ok(k, v))
 
 
 def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_indices, cfg: _Tiles):
@@ -1256,7 +1267,7 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
         stages = GATHER_STAGES if cfg.BT == 1 and not interpreting() else 1
         selected_bwd_dq_kernel[(chunk_indices.shape[0], H)](
             q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
-            S=S, SP=triton.next_power_of_2(S), BK=cfg.BK, NKS=cfg.NKS, BT=cfg.BT, BR=cfg.BR,
+            S=S, SP=triton.next_power_of_2(S), BK=cfg.BK_DQ, NKS=cfg.NKS_DQ, BT=cfg.BT, BR=cfg.BR,
             STAGES=stages, HAS_DELTA=has_delta, num_warps=cfg.warps, num_stages=stages, **common,
         )
     NBT = block_table.shape[0]

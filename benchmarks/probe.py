@@ -518,7 +518,7 @@ def probe_share(T):
     cases = [("benchmark", idx.view(N, H, S).contiguous())]
     cases += [(f"{n} of 16 shared", shared_selection(T, H, S, BS, n, g).view(N, H, S)) for n in (4, 6, 8, 10, 12, 16)]
     # (positions per program, FWD_SHARE_MIN): the one-position kernel, the default split, all shared
-    default = SL.FWD_SHARE_MIN
+    default, share0 = SL.FWD_SHARE_MIN, SL.FWD_SHARE
     variants = [(1, default), (4, default), (4, 0.0)]
     for name, ip in cases:
         base = None
@@ -536,18 +536,20 @@ def probe_share(T):
                 print(f"share T={T} {name}: {label}: {t:.2f} ms  max|o - o(P=1)| {err:.2e}", flush=True)
             except Exception as e:  # a config that does not compile or fit
                 print(f"share T={T} {name}: {label}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
-    SL.FWD_SHARE, SL.FWD_SHARE_MIN = 4, default
+    SL.FWD_SHARE, SL.FWD_SHARE_MIN = share0, default
 
 
 def probe_wide(T):
     """The selected forward (one position per program, G = 16) at the paper's head dims Dk/Dv =
     192/128 on the benchmark's selections: keys per sub-tile, pipeline stages, TMA or pointer
-    loads (the default: 32 keys, 2 stages, TMA)."""
+    loads (run 24 measured the defaults of then, 32 keys, 2 stages, TMA, first; those of 28c8864
+    after it are 64 keys, 2 stages, pointer loads)."""
     HQ, H, BS, S, DK, DV = 64, 4, 64, 16, 192, 128
     idx = _benchmark_inputs(T)[4].view(T, H, S).contiguous()
     g = torch.Generator(device=DEV).manual_seed(9)
     q, k, v = (torch.randn(T, h, d, device=DEV, generator=g).bfloat16() for h, d in ((HQ, DK), (H, DK), (H, DV)))
     cu = uniform_cu_seqlens(1, T, q.device)
+    share0 = SL.FWD_SHARE
     SL.FWD_SHARE = 1
     cfg0 = SL._tiles(HQ // H, BS, DK, DV, q.dtype)
     chunks = SL._chunk_table(cu, T, 1)
@@ -566,7 +568,7 @@ def probe_wide(T):
                   f"{(o.float() - base.float()).abs().max().item():.2e}", flush=True)
         except Exception as e:
             print(f"wide T={T} 192/128 selected fwd {label}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
-    SL.GATHER_STAGES, SL.FWD_TMA, SL.FWD_SHARE = stages0, tma0, 4
+    SL.GATHER_STAGES, SL.FWD_TMA, SL.FWD_SHARE = stages0, tma0, share0
 
 
 def main():

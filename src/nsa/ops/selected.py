@@ -12,6 +12,13 @@ skips a block that an earlier position of the tile already listed, so each block
 once per tile and scored for all rows at once; rows whose position did not select it are
 masked out. Online softmax in float32; the forward also writes the log-sum-exp per row.
 
+For groups of 9 or more heads (one position fills a tile) the forward takes programs of
+``FWD_SHARE`` consecutive positions: a plan kernel puts the blocks that all of them list first in
+each list and decides per program whether those are enough (``FWD_SHARE_MIN``) to load them once
+for all positions (``selected_fwd_shared_kernel``, then each position walks the rest of its list)
+or whether each position walks its own list (``selected_fwd_planned_kernel``). Random selections
+share only NSA's forced blocks and take the second; neighbouring queries that agree take the first.
+
 dK/dV are KV-block-centric through a reverse index: for each (KV head, block) the ascending
 list of query positions that selected it and can see at least one of its keys, built on the
 device with a stable sort. No host synchronization anywhere (grids are sized by bounds the host
@@ -203,23 +210,19 @@ def _one_position_fwd(q, k, v, o, lse, p_idx, n_walk, bos, seq_len, t0, i_h, sca
     b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BR], dtype=tl.float32)
     b_acc = tl.zeros([BR, BDV], dtype=tl.float32)
+    # this KV head's keys 0 .. t0 of the sequence (at least one row: a surplus program past the
+    # end, whose entries are all -1, still gets a valid descriptor)
+    n_key = tl.maximum(t_last + 1, 1).to(tl.int32)
     if TMA:
-        # this KV head's keys 0 .. t0 of the sequence (at least one row: a surplus program past
-        # the end, whose entries are all -1, still gets a valid descriptor)
-        n_key = tl.maximum(t_last + 1, 1).to(tl.int32)
         k_desc, v_desc = kv_descriptors(k + (bos * H + i_h) * DK, v + (bos * H + i_h) * DV, n_key, H * DK, H * DV,
                                         DK, DV, BK, BDK, BDV)
+    else:
+        k_desc, v_desc = k, v
     for i_s in tl.range(0, n_walk, num_stages=STAGES):
         i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
-        for i_ks in tl.static_range(NKS):
-            if TMA:
-                i_k, m_k, b_k, b_v = _listed_block_kv_tma(k_desc, v_desc, i_b, i_ks, t_last, n_key, BS, BK)
-            else:
-                i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV,
-                                                      BDK, BDV)
-            b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
-            b_s = tl.where(m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None]), b_s, float("-inf"))
-            b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
+        # every row is position t0: the keys <= t_last are exactly the causal ones
+        b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t_last, n_key, i_h, qk_scale, b_m, b_l,
+                                        b_acc, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA, DOT_PRECISION, DOT_UPCAST)
     _finish_rows(o, lse, o_row, m_r, b_m, b_l, b_acc, DV, BDV)
 
 
@@ -478,13 +481,7 @@ def _shared_walks(q, k, v, o, lse, plan, counts, bos, seq_len, t0, n_sh, i_h, sc
             b_s = dot(b_q, tl.trans(b_kt), DOT_PRECISION, DOT_UPCAST) * qk_scale
             b_s = tl.where(m_see[None, :], b_s, float("-inf"))
             b_m, b_l, b_acc = softmax_step(b_s, b_vt, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
-        m_nonempty = b_l > 0
-        b_o = b_acc / tl.where(m_nonempty, b_l, 1.)[:, None]
-        b_lse = tl.where(m_nonempty, (b_m + tl.log2(tl.where(m_nonempty, b_l, 1.))) * 0.6931471805599453,
-                         float("-inf"))
-        tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty),
-                 mask=m_r[:, None] & (o_dv < DV)[None, :])
-        tl.store(lse + o_row, b_lse, mask=m_r)
+        _finish_rows(o, lse, o_row, m_r, b_m, b_l, b_acc, DV, BDV)
 
 
 @triton.jit

@@ -82,7 +82,9 @@ FWD_PARK = True
 # every program in the shared kernel: k = 3 (the benchmark's random selections) 21.4, 4: 20.5,
 # 6: 18.7, 8: 16.9, 10: 15.0, 12: 13.1, 16: 9.2 (the shared walk's 64-row tiles cost registers:
 # 2 programs per SM); the split with 0.7 (run 22): 16.4 on random selections (plan and idle
-# programs: +0.2), 13.1 at k = 12, 9.2 at k = 16. 0.6 takes k >= 10 (9 not measured).
+# programs: +0.2), 13.1 at k = 12, 9.2 at k = 16. 0.6 takes k >= 10 (9 not measured). Run 27
+# (90f166f): the split at 0.6 takes 15.5-15.6 ms for k <= 8 (the one-position programs on the
+# planned lists), 15.0 at k = 10, 13.1 at 12, 9.1 at 16.
 FWD_SHARE_MIN = 0.6
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
 # split over several programs), and the memory bound of its per-slot partials.

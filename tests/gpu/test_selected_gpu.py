@@ -229,10 +229,9 @@ def test_more_than_2_pow_31_elements(fwd_mode):
     assert_close("dq[1, -64:]", dq_r, dq[1:, T - C:], RATIO_BF16)
 
 
-@pytest.mark.parametrize("share,park,share_min", [(1, True, 0.6), (2, True, 0.6), (4, True, 0.6), (4, True, 0.0),
-                                                  (4, False, 0.0)],
-                         ids=["P1", "P2-park", "P4-split", "P4-park-all", "P4-regs-all"])
-def test_shared_blocks_forward(monkeypatch, share, park, share_min):
+@pytest.mark.parametrize("share,share_min", [(1, 0.6), (2, 0.6), (4, 0.6), (4, 0.0)],
+                         ids=["P1", "P2", "P4-split", "P4-all"])
+def test_shared_blocks_forward(monkeypatch, share, share_min):
     """The gather forward with several positions per program (selected_fwd_shared_kernel for the
     programs whose positions share enough blocks, selected_fwd_planned_kernel for the others) at
     the paper shape, on lists where pairs of positions agree (position 2i + 1 lists position 2i's
@@ -241,7 +240,6 @@ def test_shared_blocks_forward(monkeypatch, share, park, share_min):
     reference."""
     monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", "gather")
     monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", share)
-    monkeypatch.setattr(nsa.ops.selected, "FWD_PARK", park)
     monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE_MIN", share_min)
     B, T, HQ, H, D, bs, S, C = 1, 8192, 64, 4, 128, 64, 16, 256
     q, k, v, idx, do = inputs(B, T, HQ, H, D, D, S, bs, torch.bfloat16, seed=7)

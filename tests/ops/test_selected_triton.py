@@ -490,26 +490,24 @@ SHARED_SHAPES = {
     "varlen-50-29-G16-noncausal": ([50, 29], 16, 32, 32, 4, 16, False),  # future blocks in the lists
     "T70-G32-dk32dv64-bs24": ([70], 32, 32, 64, 3, 24, True),  # 32 rows per position; blocks of 24
 }
-SHARED_CASES = [(n, share, park, 0.0) for n in SHARED_SHAPES for share, park in ((4, True), (8, False))] + [
-    ("varlen-1-37-60-19-G16", 2, True, 0.0), ("varlen-1-37-60-19-G16", 4, False, 0.0),
-    ("varlen-1-37-60-19-G16", 4, True, 0.5), ("varlen-45-30-G12-bs5", 4, True, 0.5)]
+SHARED_CASES = [(n, share, 0.0) for n in SHARED_SHAPES for share in (4, 8)] + [
+    ("varlen-1-37-60-19-G16", 2, 0.0), ("varlen-1-37-60-19-G16", 4, 0.5), ("varlen-45-30-G12-bs5", 4, 0.5)]
 
 
-@pytest.mark.parametrize("name,share,park,share_min", SHARED_CASES,
-                         ids=[f"{n}-P{s}-{'park' if p else 'regs'}-min{m}" for n, s, p, m in SHARED_CASES])
+@pytest.mark.parametrize("name,share,share_min", SHARED_CASES,
+                         ids=[f"{n}-P{s}-min{m}" for n, s, m in SHARED_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fwd_shared_blocks_match_reference(monkeypatch, name, share, park, share_min, dtype):
+def test_fwd_shared_blocks_match_reference(monkeypatch, name, share, share_min, dtype):
     """The gather forward with several positions per program (blocks every position lists walked
     once for all of them, the rest per position, the keys past the program's first position from
     the tail tile) against the reference, on lists where neighbours agree in any slot order;
-    the parked and the in-register shared state, 2 / 4 / 8 positions; every program with a
+    2 / 4 / 8 positions; every program with a
     shared block in the shared kernel (FWD_SHARE_MIN 0) or the default split between it and the
     one-position kernel on the planned lists; and the one-position kernel alone (FWD_SHARE = 1)
     on the same inputs. The plan behind it is checked on its own below."""
     lens, HQ, Dk, Dv, S, bs, causal = SHARED_SHAPES[name]
     q, k, v, idx, cu = shared_inputs(lens, HQ, Dk, Dv, S, bs, causal, dtype, seed=21)
     from nsa.ops.selected import _chunk_table, _launch_fwd, _share, _tiles
-    monkeypatch.setattr(nsa.ops.selected, "FWD_PARK", park)
     monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", share)
     monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE_MIN", share_min)
     cfg = _tiles(HQ, bs, Dk, Dv, dtype)

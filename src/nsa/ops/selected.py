@@ -74,7 +74,6 @@ FWD_TMA = "auto"
 # on) are loaded once for all of them (selected_fwd_shared_kernel). A power of two; 1 turns it
 # off. Capped so that the shared walk's rows times the padded head width stay <= 64 x 128.
 FWD_SHARE = 4
-FWD_PARK = True
 # A program of FWD_SHARE positions takes the shared walk when the blocks all of them list are at
 # least this fraction of its first position's list (and at least one); the other programs go
 # through the one-position kernel. H200 64k, G=16 (run 22, probe.py --parts share; aligned runs of
@@ -91,6 +90,17 @@ FWD_SHARE_MIN = 0.6
 SCATTER_TILE_ROWS = 64
 SCATTER_ROWS = 4096
 PARTIAL_BYTES = 1 << 30
+
+
+@triton.jit
+def _program_chunk(chunk_indices, cu_seqlens):
+    """(KV head, chunk within its sequence, sequence start, sequence length) of program
+    ``(chunk row, KV head)`` of a kernel launched over a :func:`_chunk_table`."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    return i_h, i_tc, bos, tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
 
 
 @triton.jit
@@ -241,11 +251,7 @@ def selected_fwd_kernel(
     A block of ``BS`` keys is read in ``NKS`` sub-tiles of ``BK`` keys. ``TMA`` (``BT == 1`` only;
     16-byte aligned k/v whose rows are multiples of 16 bytes): K/V sub-tiles through on-device
     tensor descriptors (:func:`_listed_block_kv_tma`) instead of masked pointer loads."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
-    i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
     t0 = i_tc * BT
     if BT == 1:
         # one position per tile (G >= the tile's rows): its own list, no union to walk
@@ -259,9 +265,7 @@ def selected_fwd_kernel(
         i_t = t0 + o_rp  # [BR] query position in its sequence
         m_r = (o_r < BT * G) & (i_t < seq_len)
         o_dk = tl.arange(0, BDK)
-        o_dv = tl.arange(0, BDV)
         o_s = tl.arange(0, SP)
-        o_k = tl.arange(0, BK)
 
         o_row = (bos + i_t) * HQ + i_h * G + o_rg  # [BR] row of q/o/lse in [N * HQ]
         b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
@@ -284,13 +288,8 @@ def selected_fwd_kernel(
                     m_sel = tl.sum(tl.where(m_hit, 1, 0), axis=1) > 0  # [BR] rows that selected i_b
                     for i_ks in range(NKS):
                         if i_b * BS + i_ks * BK <= t_last:
-                            i_k = i_b * BS + i_ks * BK + o_k  # [BK] key positions
-                            m_k = (i_ks * BK + o_k < BS) & (i_k <= t_last)
-                            o_kv = (bos + i_k) * H + i_h
-                            b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :],
-                                          mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)  # [BK, BDK]
-                            b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :],
-                                          mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)  # [BK, BDV]
+                            i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK,
+                                                                  DV, BDK, BDV)
                             b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
                             m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
                             b_s = tl.where(m_s, b_s, float("-inf"))
@@ -310,11 +309,7 @@ def selected_fwd_planned_kernel(
     positions) on :func:`selected_share_plan_kernel`'s plan: a position walks its valid entries
     only, and does nothing (writes nothing) where its program of positions belongs to
     :func:`selected_fwd_shared_kernel` (counts[..., 0] >= 0)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
-    t0 = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_h, t0, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)  # chunks of one position
     p_cnt = counts + ((bos + t0) * H + i_h) * 2
     if tl.load(p_cnt, mask=t0 < seq_len, other=0) < 0:
         _one_position_fwd(q, k, v, o, lse, plan + ((bos + t0) * H + i_h) * S, tl.load(p_cnt + 1), bos, seq_len, t0,
@@ -352,11 +347,7 @@ def selected_share_plan_kernel(
     they are fewer than ``share_min`` times position t0's valid entries (or none): the program
     is then left to the one-position kernel; number of entries >= 0). Lists hold no repeats
     (validated by the callers)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
-    i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
     t0 = i_tc * P
     o_s = tl.arange(0, SP)
     o_p = tl.arange(0, P)
@@ -396,14 +387,12 @@ def _shared_walks(q, k, v, o, lse, plan, counts, bos, seq_len, t0, n_sh, i_h, sc
                   HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
                   BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   BDK: tl.constexpr, BDV: tl.constexpr, P: tl.constexpr, BR: tl.constexpr, TB: tl.constexpr,
-                  STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr,
-                  PARK: tl.constexpr):
+                  STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr):
     """The work of one live program of :func:`selected_fwd_shared_kernel` (positions ``t0 ..``,
     ``t0 < seq_len``, ``n_sh`` shared blocks)."""
     o_dk = tl.arange(0, BDK)
     o_dv = tl.arange(0, BDV)
     o_s = tl.arange(0, SP)
-    o_p = tl.arange(0, P)
     o_g = tl.arange(0, BR)
     # all rows of the program: position t0 + r // BR, head r % BR
     o_a = tl.arange(0, P * BR)
@@ -431,19 +420,15 @@ def _shared_walks(q, k, v, o, lse, plan, counts, bos, seq_len, t0, n_sh, i_h, sc
         b_ma, b_la, b_acca = _gather_block(b_qa, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
                                            b_ma, b_la, b_acca, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA,
                                            DOT_PRECISION, DOT_UPCAST)
-    if PARK:
-        # the shared walk's state parked in the outputs, as (lse in base 2, o = acc / l): what the
-        # position walks resume from (one rounding of the partial o to the output dtype)
-        m_ne = b_la > 0
-        tl.store(o + o_rowa[:, None] * DV + o_dv[None, :],
-                 (b_acca / tl.where(m_ne, b_la, 1.)[:, None]).to(o.dtype.element_ty),
-                 mask=m_a[:, None] & (o_dv < DV)[None, :])
-        tl.store(lse + o_rowa, tl.where(m_ne, b_ma + tl.log2(tl.where(m_ne, b_la, 1.)), float("-inf")), mask=m_a)
-        tl.debug_barrier()
-    else:
-        b_ma = tl.reshape(b_ma, [P, BR])
-        b_la = tl.reshape(b_la, [P, BR])
-        b_acca = tl.reshape(b_acca, [P, BR, BDV])
+    # the shared walk's state parked in the outputs, as (lse in base 2, o = acc / l): what the
+    # position walks resume from (one rounding of the partial o to the output dtype; kept in
+    # registers instead, split by position, it was slower: H200 64k, run 20, 25.7 ms against 21.0)
+    m_ne = b_la > 0
+    tl.store(o + o_rowa[:, None] * DV + o_dv[None, :],
+             (b_acca / tl.where(m_ne, b_la, 1.)[:, None]).to(o.dtype.element_ty),
+             mask=m_a[:, None] & (o_dv < DV)[None, :])
+    tl.store(lse + o_rowa, tl.where(m_ne, b_ma + tl.log2(tl.where(m_ne, b_la, 1.)), float("-inf")), mask=m_a)
+    tl.debug_barrier()
 
     o_tb = tl.arange(0, TB)
     for i_p in tl.static_range(P):
@@ -451,16 +436,10 @@ def _shared_walks(q, k, v, o, lse, plan, counts, bos, seq_len, t0, n_sh, i_h, sc
         i_t = t0 + i_p
         m_r = (o_g < G) & (tl.zeros([BR], dtype=tl.int64) + i_t < seq_len)
         o_row = (bos + i_t) * HQ + i_h * G + o_g
-        if PARK:
-            b_m = tl.load(lse + o_row, mask=m_r, other=float("-inf"))
-            b_l = tl.where(b_m > float("-inf"), 1., 0.)
-            b_acc = tl.load(o + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
-                            other=0.).to(tl.float32)
-        else:
-            m_sel = (o_p == i_p)[:, None]
-            b_m = tl.max(tl.where(m_sel, b_ma, float("-inf")), axis=0)  # [BR]
-            b_l = tl.sum(tl.where(m_sel, b_la, 0.), axis=0)
-            b_acc = tl.sum(tl.where(m_sel[:, :, None], b_acca, 0.), axis=0)  # [BR, BDV]
+        b_m = tl.load(lse + o_row, mask=m_r, other=float("-inf"))
+        b_l = tl.where(b_m > float("-inf"), 1., 0.)
+        b_acc = tl.load(o + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
+                        other=0.).to(tl.float32)
         b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
         p_list = plan + ((bos + i_t) * H + i_h) * S
         n_valid = tl.load(counts + ((bos + i_t) * H + i_h) * 2 + 1, mask=i_t < seq_len, other=0)
@@ -493,7 +472,6 @@ def selected_fwd_shared_kernel(
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, P: tl.constexpr, BR: tl.constexpr, TB: tl.constexpr,
     STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
-    PARK: tl.constexpr = True,
 ):
     """:func:`selected_fwd_kernel` for groups of at least 9 heads (one position fills a tile of
     ``BR >= G`` rows), with ``P`` consecutive positions ``t0 ..`` per program, on the lists of
@@ -507,18 +485,14 @@ def selected_fwd_shared_kernel(
     of position t's listed blocks come from a masked ``TB``-key tail tile. The tensor work is
     that of one position per program; the K/V loaded per position falls by the shared blocks'
     share. Online softmax in float32 across the walks: the shared walk's state is parked in the
-    outputs as (lse, o) (``PARK``: o rounded once to the output dtype) or kept in registers, and
-    each position's walk resumes from its rows of it."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
-    i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    outputs as (lse, o) (o rounded once to the output dtype) and each position's walk resumes from
+    its rows of it."""
+    i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
     t0 = i_tc * P
     n_sh = tl.load(counts + ((bos + t0) * H + i_h) * 2, mask=t0 < seq_len, other=-1)
     if n_sh >= 0:  # else: the one-position kernel's program (or past the sequence end)
         _shared_walks(q, k, v, o, lse, plan, counts, bos, seq_len, t0, n_sh, i_h, scale, HQ, H, G, S, SP, BS, BK, NKS,
-                      DK, DV, BDK, BDV, P, BR, TB, STAGES, DOT_PRECISION, DOT_UPCAST, TMA, PARK)
+                      DK, DV, BDK, BDV, P, BR, TB, STAGES, DOT_PRECISION, DOT_UPCAST, TMA)
 
 
 @triton.jit
@@ -688,11 +662,7 @@ def selected_bwd_dq_kernel(
 ):
     """dq ``[N, HQ, DK]``; same tiling as the forward. delta ``[N, HQ]`` = rowsum(dO * O) is an
     input when HAS_DELTA, else computed here and stored."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
-    i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
     t0 = i_tc * BT
     t_last = tl.minimum(t0 + BT, seq_len) - 1
 
@@ -704,7 +674,6 @@ def selected_bwd_dq_kernel(
     o_dk = tl.arange(0, BDK)
     o_dv = tl.arange(0, BDV)
     o_s = tl.arange(0, SP)
-    o_k = tl.arange(0, BK)
 
     o_row = (bos + i_t) * HQ + i_h * G + o_rg
     m_qd = m_r[:, None] & (o_dk < DK)[None, :]
@@ -747,13 +716,8 @@ def selected_bwd_dq_kernel(
                 m_sel = tl.sum(tl.where(m_hit, 1, 0), axis=1) > 0
                 for i_ks in range(NKS):
                     if i_b * BS + i_ks * BK <= t_last:
-                        i_k = i_b * BS + i_ks * BK + o_k
-                        m_k = (i_ks * BK + o_k < BS) & (i_k <= t_last)
-                        o_kv = (bos + i_k) * H + i_h
-                        b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :],
-                                      mask=m_k[:, None] & (o_dk < DK)[None, :], other=0.)  # [BK, BDK]
-                        b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :],
-                                      mask=m_k[:, None] & (o_dv < DV)[None, :], other=0.)  # [BK, BDV]
+                        i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV,
+                                                              BDK, BDV)
                         b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
                         m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
                         b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
@@ -1104,7 +1068,7 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
         selected_share_plan_kernel[grid](block_indices, plan, counts, cu_seqlens, chunk_indices, float(FWD_SHARE_MIN),
                                          H=H, S=S, SP=SP, P=cfg.SHARE, num_warps=1)
         selected_fwd_shared_kernel[grid](q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
-                                         P=cfg.SHARE, TB=pow2(cfg.SHARE), PARK=FWD_PARK, **consts)
+                                         P=cfg.SHARE, TB=pow2(cfg.SHARE), **consts)
         # the programs that share too little: one position per program, on the planned lists
         positions = _chunk_table(cu_seqlens, N, 1)
         del consts["SP"]

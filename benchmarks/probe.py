@@ -517,16 +517,18 @@ def probe_share(T):
     g = torch.Generator(device=DEV).manual_seed(5)
     cases = [("benchmark", idx.view(N, H, S).contiguous())]
     cases += [(f"{n} of 16 shared", shared_selection(T, H, S, BS, n, g).view(N, H, S)) for n in (4, 6, 8, 10, 12, 16)]
-    # (positions per program, FWD_SHARE_MIN): the one-position kernel, the default split, all shared
-    default, share0 = SL.FWD_SHARE_MIN, SL.FWD_SHARE
-    variants = [(1, default), (4, default), (4, 0.0)]
+    # (positions per program, FWD_SHARE_MIN, FWD_SHARE_SPLIT): the one-position kernel; the default
+    # threshold with and without the common kernel; every program with a shared block in the
+    # shared kernel; none (the common kernel for all that share)
+    default, share0, split0 = SL.FWD_SHARE_MIN, SL.FWD_SHARE, SL.FWD_SHARE_SPLIT
+    variants = [(1, default, False), (4, default, False), (4, default, True), (4, 0.0, True), (4, 2.0, True)]
     for name, ip in cases:
         base = None
-        for share, share_min in variants:
-            SL.FWD_SHARE, SL.FWD_SHARE_MIN = share, share_min
+        for share, share_min, split in variants:
+            SL.FWD_SHARE, SL.FWD_SHARE_MIN, SL.FWD_SHARE_SPLIT = share, share_min, split
             cfg = SL._tiles(HQ // H, BS, D, D, q.dtype)
             chunks = SL._chunk_table(cu, N, SL.fwd_positions(cfg))
-            label = f"P={cfg.SHARE} min={share_min}"
+            label = f"P={cfg.SHARE} min={share_min} split={split}"
             try:
                 o, lse = SL._launch_fwd(qp, kp, vp, ip, BS, D ** -0.5, cu, chunks, cfg)
                 if base is None:
@@ -536,7 +538,7 @@ def probe_share(T):
                 print(f"share T={T} {name}: {label}: {t:.2f} ms  max|o - o(P=1)| {err:.2e}", flush=True)
             except Exception as e:  # a config that does not compile or fit
                 print(f"share T={T} {name}: {label}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
-    SL.FWD_SHARE, SL.FWD_SHARE_MIN = share0, default
+    SL.FWD_SHARE, SL.FWD_SHARE_MIN, SL.FWD_SHARE_SPLIT = share0, default, split0
 
 
 def probe_wide(T):

@@ -85,6 +85,11 @@ FWD_SHARE = 4
 # (90f166f): the split at 0.6 takes 15.5-15.6 ms for k <= 8 (the one-position programs on the
 # planned lists), 15.0 at k = 10, 13.1 at 12, 9.1 at 16.
 FWD_SHARE_MIN = 0.6
+# The programs of FWD_SHARE positions below FWD_SHARE_MIN that still share blocks: True loads
+# those once for all positions in a kernel of their own (selected_fwd_common_kernel: their
+# rows' state parked in the outputs), then the one-position kernel walks each position's other
+# blocks from there; False leaves every block of those programs to the one-position kernel.
+FWD_SHARE_SPLIT = True
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
 # split over several programs), and the memory bound of its per-slot partials.
 SCATTER_TILE_ROWS = 64
@@ -203,14 +208,39 @@ def _finish_rows(o, lse, o_row, m_r, b_m, b_l, b_acc, DV: tl.constexpr, BDV: tl.
 
 
 @triton.jit
-def _one_position_fwd(q, k, v, o, lse, p_idx, n_walk, bos, seq_len, t0, i_h, scale,
+def _park_rows(o, lse, o_row, m_r, b_m, b_l, b_acc, DV: tl.constexpr, BDV: tl.constexpr):
+    """Parks an online-softmax state in the outputs of rows ``o_row`` (valid ``m_r``) as
+    ``o = acc / l`` (rounded once to o's dtype) and ``lse`` in base 2 (-inf where empty): what
+    :func:`_resume_rows` continues from."""
+    o_dv = tl.arange(0, BDV)
+    m_ne = b_l > 0
+    tl.store(o + o_row[:, None] * DV + o_dv[None, :], (b_acc / tl.where(m_ne, b_l, 1.)[:, None]).to(o.dtype.element_ty),
+             mask=m_r[:, None] & (o_dv < DV)[None, :])
+    tl.store(lse + o_row, tl.where(m_ne, b_m + tl.log2(tl.where(m_ne, b_l, 1.)), float("-inf")), mask=m_r)
+
+
+@triton.jit
+def _resume_rows(o, lse, o_row, m_r, DV: tl.constexpr, BDV: tl.constexpr):
+    """The online-softmax state (base-2 max, sum, unnormalized output) that :func:`_park_rows`
+    parked in rows ``o_row`` where ``m_r``, an empty state elsewhere: ``m = lse, l = 1, acc = o``."""
+    o_dv = tl.arange(0, BDV)
+    b_m = tl.load(lse + o_row, mask=m_r, other=float("-inf"))
+    b_l = tl.where(b_m > float("-inf"), 1., 0.)
+    b_acc = tl.load(o + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
+                    other=0.).to(tl.float32)
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def _one_position_fwd(q, k, v, o, lse, p_idx, i_first, n_walk, bos, seq_len, t0, i_h, scale,
                       HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
                       NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                       BR: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      DOT_UPCAST: tl.constexpr, TMA: tl.constexpr):
-    """The forward of position ``t0`` (its ``G <= BR`` heads of KV head ``i_h``) over the first
-    ``n_walk`` entries of its list at ``p_idx``: a branch-free loop whose loads the compiler can
-    pipeline (STAGES)."""
+                      DOT_UPCAST: tl.constexpr, TMA: tl.constexpr, RESUME: tl.constexpr = False):
+    """The forward of position ``t0`` (its ``G <= BR`` heads of KV head ``i_h``) over entries
+    ``i_first .. n_walk - 1`` of its list at ``p_idx``: a branch-free loop whose loads the compiler
+    can pipeline (STAGES). RESUME: where ``i_first > 0`` the walk starts from the state that
+    :func:`selected_fwd_common_kernel` parked in o / lse for entries ``0 .. i_first - 1``."""
     o_r = tl.arange(0, BR)
     i_t = t0 + o_r * 0  # [BR]
     m_r = (o_r < G) & (i_t < seq_len)
@@ -219,9 +249,12 @@ def _one_position_fwd(q, k, v, o, lse, p_idx, n_walk, bos, seq_len, t0, i_h, sca
     b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
     t_last = tl.minimum(t0, seq_len - 1)
     qk_scale = scale * 1.4426950408889634  # softmax in base 2
-    b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BR], dtype=tl.float32)
-    b_acc = tl.zeros([BR, BDV], dtype=tl.float32)
+    if RESUME:
+        b_m, b_l, b_acc = _resume_rows(o, lse, o_row, m_r & (o_r * 0 + i_first > 0), DV, BDV)
+    else:
+        b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BR], dtype=tl.float32)
+        b_acc = tl.zeros([BR, BDV], dtype=tl.float32)
     # this KV head's keys 0 .. t0 of the sequence (at least one row: a surplus program past the
     # end, whose entries are all -1, still gets a valid descriptor)
     n_key = tl.maximum(t_last + 1, 1).to(tl.int32)
@@ -230,7 +263,7 @@ def _one_position_fwd(q, k, v, o, lse, p_idx, n_walk, bos, seq_len, t0, i_h, sca
                                         DK, DV, BK, BDK, BDV)
     else:
         k_desc, v_desc = k, v
-    for i_s in tl.range(0, n_walk, num_stages=STAGES):
+    for i_s in tl.range(i_first, n_walk, num_stages=STAGES):
         i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
         # every row is position t0: the keys <= t_last are exactly the causal ones
         b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t_last, n_key, i_h, qk_scale, b_m, b_l,
@@ -255,7 +288,7 @@ def selected_fwd_kernel(
     t0 = i_tc * BT
     if BT == 1:
         # one position per tile (G >= the tile's rows): its own list, no union to walk
-        _one_position_fwd(q, k, v, o, lse, block_indices + ((bos + t0) * H + i_h) * S, S, bos, seq_len, t0, i_h,
+        _one_position_fwd(q, k, v, o, lse, block_indices + ((bos + t0) * H + i_h) * S, 0, S, bos, seq_len, t0, i_h,
                           scale, HQ, H, G, BS, BK, NKS, DK, DV, BDK, BDV, BR, STAGES, DOT_PRECISION, DOT_UPCAST, TMA)
     else:
         t_last = tl.minimum(t0 + BT, seq_len) - 1
@@ -303,18 +336,87 @@ def selected_fwd_planned_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False, RESUME: tl.constexpr = False,
 ):
     """:func:`selected_fwd_kernel` with one position per program (``chunk_indices`` of single
     positions) on :func:`selected_share_plan_kernel`'s plan: a position walks its valid entries
     only, and does nothing (writes nothing) where its program of positions belongs to
-    :func:`selected_fwd_shared_kernel` (counts[..., 0] >= 0)."""
+    :func:`selected_fwd_shared_kernel` (counts[..., 0] >= 0). counts[..., 0] = -1 - n: the first n
+    entries were walked by :func:`selected_fwd_common_kernel` (RESUME), the walk resumes after them."""
     i_h, t0, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)  # chunks of one position
     p_cnt = counts + ((bos + t0) * H + i_h) * 2
-    if tl.load(p_cnt, mask=t0 < seq_len, other=0) < 0:
-        _one_position_fwd(q, k, v, o, lse, plan + ((bos + t0) * H + i_h) * S, tl.load(p_cnt + 1), bos, seq_len, t0,
-                          i_h, scale, HQ, H, G, BS, BK, NKS, DK, DV, BDK, BDV, BR, STAGES, DOT_PRECISION, DOT_UPCAST,
-                          TMA)
+    c0 = tl.load(p_cnt, mask=t0 < seq_len, other=0)
+    if c0 < 0:
+        _one_position_fwd(q, k, v, o, lse, plan + ((bos + t0) * H + i_h) * S, -1 - c0, tl.load(p_cnt + 1), bos,
+                          seq_len, t0, i_h, scale, HQ, H, G, BS, BK, NKS, DK, DV, BDK, BDV, BR, STAGES, DOT_PRECISION,
+                          DOT_UPCAST, TMA, RESUME)
+
+
+@triton.jit
+def selected_fwd_common_kernel(
+    q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, P: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
+):
+    """The blocks that all ``P`` positions ``t0 ..`` of a program list, for the programs that
+    :func:`selected_share_plan_kernel` gave ``counts[..., 0] = -1 - n`` with ``n > 0``: the
+    first ``n`` entries of every planned list: their keys ``<= t0`` (visible to every row: no
+    per-row mask) loaded once and scored for the ``P * BR`` rows in one product, then their keys
+    ``t0 + 1 .. t0 + P - 1`` one at a time on FMA units (row r takes key t0 + j only if its
+    position is >= t0 + j: no value a row may not see is ever multiplied, even by zero). The
+    state is parked in o / lse (:func:`_park_rows`); :func:`selected_fwd_planned_kernel` then
+    walks each position's other entries from there, one position per program."""
+    i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
+    t0 = i_tc * P
+    c0 = tl.load(counts + ((bos + t0) * H + i_h) * 2, mask=t0 < seq_len, other=-1)
+    if c0 < -1:
+        n_sh = -1 - c0
+        o_dk = tl.arange(0, BDK)
+        # rows: position t0 + r // BR, head r % BR
+        o_a = tl.arange(0, P * BR)
+        i_ta = t0 + o_a // BR
+        m_a = (o_a % BR < G) & (i_ta < seq_len)
+        o_rowa = (bos + i_ta) * HQ + i_h * G + o_a % BR
+        n_key = (t0 + 1).to(tl.int32)  # keys 0 .. t0 of this KV head in the sequence
+        if TMA:
+            k_desc, v_desc = kv_descriptors(k + (bos * H + i_h) * DK, v + (bos * H + i_h) * DV, n_key, H * DK,
+                                            H * DV, DK, DV, BK, BDK, BDV)
+        else:
+            k_desc, v_desc = k, v
+        qk_scale = scale * 1.4426950408889634  # softmax in base 2
+        p_list0 = plan + ((bos + t0) * H + i_h) * S
+        b_q = tl.load(q + o_rowa[:, None] * DK + o_dk[None, :], mask=m_a[:, None] & (o_dk < DK)[None, :], other=0.)
+        b_m = tl.full([P * BR], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([P * BR], dtype=tl.float32)
+        b_acc = tl.zeros([P * BR, BDV], dtype=tl.float32)
+        for j in tl.range(0, n_sh, num_stages=STAGES):
+            i_b = tl.load(p_list0 + j).to(tl.int64)
+            b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
+                                            b_m, b_l, b_acc, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA,
+                                            DOT_PRECISION, DOT_UPCAST)
+        o_dv = tl.arange(0, BDV)
+        o_s = tl.arange(0, SP)
+        ids = tl.load(p_list0 + o_s, mask=o_s < n_sh, other=-1)  # [SP] the shared blocks
+        b_qf = b_q.to(tl.float32)
+        for j in tl.static_range(1, P):
+            i_kj = t0 + j
+            # key t0 + j lies in a shared block (and in the sequence): 1, else 0
+            ok = tl.max(tl.where(ids == i_kj // BS, 1, 0), axis=0) * tl.where(i_kj < seq_len, 1, 0)
+            o_kv = (bos + i_kj) * H + i_h
+            b_kj = tl.load(k + o_kv * DK + o_dk, mask=(o_dk < DK) & (o_dk * 0 + ok > 0), other=0.).to(tl.float32)
+            b_vj = tl.load(v + o_kv * DV + o_dv, mask=(o_dv < DV) & (o_dv * 0 + ok > 0), other=0.).to(tl.float32)
+            sees = (i_ta >= i_kj) & (o_a * 0 + ok > 0)  # [P * BR]
+            b_sj = tl.where(sees, tl.sum(b_qf * b_kj[None, :], axis=1) * qk_scale, float("-inf"))
+            b_mj = tl.maximum(b_m, b_sj)
+            b_msafe = tl.where(b_mj == float("-inf"), 0., b_mj)
+            b_pj = tl.exp2(b_sj - b_msafe)
+            b_alpha = tl.exp2(b_m - b_msafe)
+            b_l = b_l * b_alpha + b_pj
+            b_acc = b_acc * b_alpha[:, None] + tl.where(sees[:, None], b_pj[:, None] * b_vj[None, :], 0.)
+            b_m = b_mj
+        _park_rows(o, lse, o_rowa, m_a, b_m, b_l, b_acc, DV, BDV)
 
 
 @triton.jit
@@ -338,15 +440,16 @@ def _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
 @triton.jit
 def selected_share_plan_kernel(
     block_indices, plan, counts, cu_seqlens, chunk_indices,
-    share_min, H: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, P: tl.constexpr,
+    share_min, H: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, P: tl.constexpr, SPLIT: tl.constexpr = False,
 ):
     """For the ``P`` positions ``t0 ..`` of one program of :func:`selected_fwd_shared_kernel` and one
     KV head: plan ``[N, H, S]`` holds each position's list reordered as the blocks that every
     position in the sequence lists (in position t0's order), then its other entries (in its own
-    order), then the -1 entries; counts ``[N, H, 2]`` = (number of shared blocks, or -1 where
+    order), then the -1 entries; counts ``[N, H, 2]`` = (number of shared blocks n, or -1 where
     they are fewer than ``share_min`` times position t0's valid entries (or none): the program
-    is then left to the one-position kernel; number of entries >= 0). Lists hold no repeats
-    (validated by the callers)."""
+    is then left to the one-position kernel; number of entries >= 0). SPLIT: ``-1 - n`` instead
+    of -1 (:func:`selected_fwd_common_kernel` walks the n shared blocks of those programs, the
+    one-position kernel the rest). Lists hold no repeats (validated by the callers)."""
     i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
     t0 = i_tc * P
     o_s = tl.arange(0, SP)
@@ -377,7 +480,7 @@ def selected_share_plan_kernel(
     tl.store(plan + o_list + dest, b_idx, mask=m_list)
     o_cnt = ((bos + t0 + o_p) * H + i_h) * 2
     n_valid0 = tl.sum(tl.where(o_p == 0, n_valid, 0))
-    mode = tl.where((n_sh > 0) & (n_sh >= share_min * n_valid0), n_sh, -1)
+    mode = tl.where((n_sh > 0) & (n_sh >= share_min * n_valid0), n_sh, -1 - n_sh if SPLIT else -1)
     tl.store(counts + o_cnt, tl.zeros([P], dtype=tl.int32) + mode, mask=m_p)
     tl.store(counts + o_cnt + 1, n_valid, mask=m_p)
 
@@ -423,11 +526,7 @@ def _shared_walks(q, k, v, o, lse, plan, counts, bos, seq_len, t0, n_sh, i_h, sc
     # the shared walk's state parked in the outputs, as (lse in base 2, o = acc / l): what the
     # position walks resume from (one rounding of the partial o to the output dtype; kept in
     # registers instead, split by position, it was slower: H200 64k, run 20, 25.7 ms against 21.0)
-    m_ne = b_la > 0
-    tl.store(o + o_rowa[:, None] * DV + o_dv[None, :],
-             (b_acca / tl.where(m_ne, b_la, 1.)[:, None]).to(o.dtype.element_ty),
-             mask=m_a[:, None] & (o_dv < DV)[None, :])
-    tl.store(lse + o_rowa, tl.where(m_ne, b_ma + tl.log2(tl.where(m_ne, b_la, 1.)), float("-inf")), mask=m_a)
+    _park_rows(o, lse, o_rowa, m_a, b_ma, b_la, b_acca, DV, BDV)
     tl.debug_barrier()
 
     o_tb = tl.arange(0, TB)
@@ -436,10 +535,7 @@ def _shared_walks(q, k, v, o, lse, plan, counts, bos, seq_len, t0, n_sh, i_h, sc
         i_t = t0 + i_p
         m_r = (o_g < G) & (tl.zeros([BR], dtype=tl.int64) + i_t < seq_len)
         o_row = (bos + i_t) * HQ + i_h * G + o_g
-        b_m = tl.load(lse + o_row, mask=m_r, other=float("-inf"))
-        b_l = tl.where(b_m > float("-inf"), 1., 0.)
-        b_acc = tl.load(o + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
-                        other=0.).to(tl.float32)
+        b_m, b_l, b_acc = _resume_rows(o, lse, o_row, m_r, DV, BDV)
         b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
         p_list = plan + ((bos + i_t) * H + i_h) * S
         n_valid = tl.load(counts + ((bos + i_t) * H + i_h) * 2 + 1, mask=i_t < seq_len, other=0)
@@ -935,6 +1031,13 @@ def _share(bt: int, br: int, DK: int, DV: int) -> int:
     return max(1, min(FWD_SHARE, 64 * 128 // (br * max(pow2(DK), pow2(DV)))))
 
 
+def _share_split() -> bool:
+    """FWD_SHARE_SPLIT, validated."""
+    if not isinstance(FWD_SHARE_SPLIT, bool):
+        raise ValueError(f"nsa.ops.selected.FWD_SHARE_SPLIT: expected True or False, got {FWD_SHARE_SPLIT!r}")
+    return FWD_SHARE_SPLIT
+
+
 def fwd_positions(cfg: _Tiles) -> int:
     """Query positions per program of :func:`_launch_fwd` (its chunk table's chunk)."""
     return cfg.BT * cfg.SHARE
@@ -1065,15 +1168,19 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
     if cfg.SHARE > 1:
         plan = torch.empty_like(block_indices)
         counts = torch.empty(N, H, 2, dtype=torch.int32, device=q.device)
+        split = _share_split()
         selected_share_plan_kernel[grid](block_indices, plan, counts, cu_seqlens, chunk_indices, float(FWD_SHARE_MIN),
-                                         H=H, S=S, SP=SP, P=cfg.SHARE, num_warps=1)
+                                         H=H, S=S, SP=SP, P=cfg.SHARE, SPLIT=split, num_warps=1)
         selected_fwd_shared_kernel[grid](q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
                                          P=cfg.SHARE, TB=pow2(cfg.SHARE), **consts)
+        if split:  # the blocks shared by the other programs: once per program, parked in o / lse
+            selected_fwd_common_kernel[grid](q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
+                                             P=cfg.SHARE, **consts)
+        del consts["SP"]
         # the programs that share too little: one position per program, on the planned lists
         positions = _chunk_table(cu_seqlens, N, 1)
-        del consts["SP"]
         selected_fwd_planned_kernel[(positions.shape[0], H)](q, k, v, o, lse, plan, counts, cu_seqlens, positions,
-                                                             scale, **consts)
+                                                             scale, RESUME=split, **consts)
     else:
         selected_fwd_kernel[grid](q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale, BT=cfg.BT,
                                   **consts)

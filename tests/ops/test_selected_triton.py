@@ -176,6 +176,17 @@ def test_fwd_mode_is_checked(monkeypatch):
         selected_attention(q, k, v, idx, 16, backend="triton")
 
 
+@pytest.mark.parametrize("name,value", [("FWD_SHARE", 3), ("FWD_SHARE", True), ("FWD_SHARE_MIN", 0),
+                                        ("FWD_SHARE_MIN", 0.5), ("FWD_SHARE_MIN", True)])
+def test_fwd_share_settings_are_checked(monkeypatch, name, value):
+    """FWD_SHARE (a power of two) and FWD_SHARE_MIN (an int >= 1) are validated where the gather
+    forward plans programs of several positions (G = 16, bf16)."""
+    monkeypatch.setattr(nsa.ops.selected, name, value)
+    q, k, v, idx, cu, _ = make_inputs(1, 20, 16, 1, 16, 16, 2, 16, True, torch.bfloat16)
+    with pytest.raises(ValueError, match=name):
+        selected_attention(q, k, v, idx, 16, backend="triton")
+
+
 def test_backward_is_deterministic():
     q, k, v, idx, cu, do = make_inputs(1, [1, 37, 50], 6, 2, 16, 16, 4, 16, True, torch.float32, seed=2)
     _, g1 = run("triton", q, k, v, idx, 16, cu, do)
@@ -383,13 +394,12 @@ def test_fwd_tma_never_reads_invisible_values(monkeypatch, dtype, bs):
     assert_same_forward(ptr, tma, rows)
 
 
-@pytest.mark.parametrize("share_min", [0.0, 2.0], ids=["shared-kernel", "common-kernel"])
-def test_fwd_shared_walks_never_read_invisible_values(monkeypatch, share_min):
+def test_fwd_shared_walks_never_read_invisible_values(monkeypatch):
     """Programs of 4 positions whose lists agree (blocks 0, the position's own and the one before),
-    their shared blocks walked once for all positions, in the shared kernel or in the common
-    kernel (then the one-position kernel adds the keys past the program's first position): inf /
-    NaN at keys 42 and 6 leave the rows that cannot see them (positions 40, 41 of sequence 0 and
-    4, 5 of sequence 1, which list the poisoned keys' blocks) finite and equal to the reference
+    their shared blocks walked once for all positions in the common kernel (keys past the
+    program's first position one at a time, for the rows that see them): inf / NaN at keys 42
+    and 6 leave the rows that cannot see them (positions 40, 41 of sequence 0 and 4, 5 of
+    sequence 1, which list the poisoned keys' blocks) finite and equal to the reference
     on clean inputs, with TMA and pointer loads."""
     lens, HQ, Dk, Dv, S, bs = [70, 37], 16, 64, 32, 3, 16
     q, k, v, _, cu, do = make_inputs(1, lens, HQ, 1, Dk, Dv, S, bs, True, torch.bfloat16, seed=13)
@@ -400,7 +410,7 @@ def test_fwd_shared_walks_never_read_invisible_values(monkeypatch, share_min):
             rows.append([0, own, own - 1] if own >= 2 else [0, own, -1] if own == 1 else [0, -1, -1])
     idx = torch.tensor(rows, dtype=torch.int32).view(1, -1, 1, S).to(DEVICE)
     monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", 4)
-    monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE_MIN", share_min)
+    monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE_MIN", 1)
     kb, vb = k.clone(), v.clone()
     for t, x in ((42, float("inf")), (70 + 6, float("nan"))):
         kb[0, t], vb[0, t] = x, float("nan")
@@ -522,33 +532,27 @@ SHARED_SHAPES = {
     "varlen-50-29-G16-noncausal": ([50, 29], 16, 32, 32, 4, 16, False),  # future blocks in the lists
     "T70-G32-dk32dv64-bs24": ([70], 32, 32, 64, 3, 24, True),  # 32 rows per position; blocks of 24
 }
-# (shape, positions per program, FWD_SHARE_MIN, FWD_SHARE_SPLIT): min 0 puts every program with a
-# shared block in the shared kernel, min 2 none (the programs that share go through the common
-# kernel, or with split False through the one-position kernel alone), 0.5 splits them
-SHARED_CASES = [(n, share, m, True) for n in SHARED_SHAPES for share in (4, 8) for m in (0.0, 2.0)] + [
-    ("varlen-1-37-60-19-G16", 2, 0.0, True), ("varlen-1-37-60-19-G16", 4, 0.5, True),
-    ("varlen-45-30-G12-bs5", 4, 0.5, True), ("varlen-1-37-60-19-G16", 4, 0.5, False),
-    ("varlen-45-30-G12-bs5", 4, 2.0, False)]
+# (shape, positions per program, FWD_SHARE_MIN): min 1 puts every program with a shared block in
+# the common kernel, 2 leaves those that share one block to the one-position kernel alone
+SHARED_CASES = [(n, share, 1) for n in SHARED_SHAPES for share in (4, 8)] + [
+    ("varlen-1-37-60-19-G16", 2, 1), ("varlen-1-37-60-19-G16", 4, 2), ("varlen-45-30-G12-bs5", 4, 2)]
 
 
-@pytest.mark.parametrize("name,share,share_min,split", SHARED_CASES,
-                         ids=[f"{n}-P{s}-min{m}{'' if sp else '-nosplit'}" for n, s, m, sp in SHARED_CASES])
+@pytest.mark.parametrize("name,share,share_min", SHARED_CASES,
+                         ids=[f"{n}-P{s}-min{m}" for n, s, m in SHARED_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fwd_shared_blocks_match_reference(monkeypatch, name, share, share_min, split, dtype):
-    """The gather forward with several positions per program (blocks every position lists walked
-    once for all of them, the rest per position, the keys past the program's first position from
-    a tail tile) against the reference, on lists where neighbours agree in any slot order;
-    2 / 4 / 8 positions; the shared blocks of a program in the shared kernel (its positions then
-    walk the rest in the same program) or in the common kernel (the one-position kernel resumes
-    from its parked state), or every block in the one-position kernel (split off); and the
-    one-position kernel alone (FWD_SHARE = 1) on the same inputs. The plan behind it is checked
-    on its own below."""
+def test_fwd_shared_blocks_match_reference(monkeypatch, name, share, share_min, dtype):
+    """The gather forward with several positions per program (the blocks every position lists
+    walked once for all of them in the common kernel, their keys past the program's first
+    position one at a time, then each position's other blocks in the one-position kernel, which
+    resumes from the parked state) against the reference, on lists where neighbours agree in any
+    slot order; 2 / 4 / 8 positions; and the one-position kernel alone (FWD_SHARE = 1) on the
+    same inputs. The plan behind it is checked on its own below."""
     lens, HQ, Dk, Dv, S, bs, causal = SHARED_SHAPES[name]
     q, k, v, idx, cu = shared_inputs(lens, HQ, Dk, Dv, S, bs, causal, dtype, seed=21)
     from nsa.ops.selected import _chunk_table, _launch_fwd, _share, _tiles
     monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", share)
     monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE_MIN", share_min)
-    monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE_SPLIT", split)
     cfg = _tiles(HQ, bs, Dk, Dv, dtype)
     assert cfg.SHARE == (1 if dtype == torch.float32 else _share(cfg.BT, cfg.BR, Dk, Dv))
     # float32 is not given the shared walk by default (registers on sm_90): run it here all the same
@@ -571,15 +575,13 @@ def test_fwd_shared_blocks_match_reference(monkeypatch, name, share, share_min, 
 
 
 @pytest.mark.parametrize("share", [2, 4, 8])
-@pytest.mark.parametrize("share_min", [0.0, 0.5])
-@pytest.mark.parametrize("split", [False, True], ids=["nosplit", "split"])
-def test_share_plan(share, share_min, split):
+@pytest.mark.parametrize("share_min", [1, 2])
+def test_share_plan(share, share_min):
     """selected_share_plan_kernel: every planned list is a reordering of the position's list with
     its valid entries first, then the blocks every position of the program (in its sequence)
-    lists, the same and in the same order for all of them; counts[..., 0] is their number n where
-    it reaches ``share_min`` of the first position's list (the shared kernel's programs), else -1
-    (the one-position kernel's), or with SPLIT ``-1 - n`` (n for the common kernel): on these
-    lists both kinds occur."""
+    lists, the same and in the same order for all of them; counts[..., 0] is their number where
+    it reaches ``share_min`` (the common kernel's programs), else 0: on these lists both kinds
+    occur (with share_min 2, also programs that share one block and get 0)."""
     from nsa.ops.selected import _chunk_table, selected_share_plan_kernel
     lens, S = [1, 37, 60, 19], 5
     gen = torch.Generator().manual_seed(22)
@@ -590,9 +592,9 @@ def test_share_plan(share, share_min, split):
     plan = torch.full_like(idx, -5)
     counts = torch.full((N, H, 2), -5, dtype=torch.int32, device=DEVICE)
     selected_share_plan_kernel[(chunks.shape[0], H)](idx, plan, counts, cu, chunks, share_min, H=H, S=S, SP=8,
-                                                     P=share, SPLIT=split)
+                                                     P=share)
     idx, plan, counts, cu = idx.cpu(), plan.cpu(), counts.cpu(), cu.cpu()
-    modes, split_shares = set(), set()
+    modes, below = set(), set()
     for n, L in enumerate(lens):
         for g0 in range(0, L, share):
             ts = list(range(cu[n] + g0, cu[n] + min(L, g0 + share)))
@@ -600,11 +602,11 @@ def test_share_plan(share, share_min, split):
                 sets = [set(idx[t, h].tolist()) - {-1} for t in ts]
                 common = set.intersection(*sets)
                 n_sh = len(common)
-                shared_mode = n_sh > 0 and n_sh >= share_min * len(sets[0])
+                shared_mode = n_sh >= share_min
                 modes.add(shared_mode)
                 if not shared_mode:
-                    split_shares.add(n_sh > 0)
-                mode = n_sh if shared_mode else (-1 - n_sh if split else -1)
+                    below.add(n_sh)
+                mode = n_sh if shared_mode else 0
                 head = plan[ts[0], h, :n_sh].tolist()
                 assert set(head) == common
                 for t, st in zip(ts, sets):
@@ -613,4 +615,4 @@ def test_share_plan(share, share_min, split):
                     assert int(counts[t, h, 0]) == mode and int(counts[t, h, 1]) == len(st)
                     assert row[:n_sh] == head and set(row[:len(st)]) == st and all(x == -1 for x in row[len(st):])
     assert modes == {True, False}
-    assert split_shares == ({False} if share_min == 0 else {True, False})  # split programs with and without
+    assert below == set(range(share_min))

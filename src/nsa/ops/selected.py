@@ -12,12 +12,13 @@ skips a block that an earlier position of the tile already listed, so each block
 once per tile and scored for all rows at once; rows whose position did not select it are
 masked out. Online softmax in float32; the forward also writes the log-sum-exp per row.
 
-For groups of 9 or more heads (one position fills a tile) the forward takes programs of
+For groups of 9 or more heads (one position fills a tile) the forward plans programs of
 ``FWD_SHARE`` consecutive positions: a plan kernel puts the blocks that all of them list first in
-each list and decides per program whether those are enough (``FWD_SHARE_MIN``) to load them once
-for all positions (``selected_fwd_shared_kernel``, then each position walks the rest of its list)
-or whether each position walks its own list (``selected_fwd_planned_kernel``). Random selections
-share only NSA's forced blocks and take the second; neighbouring queries that agree take the first.
+each list. Where they are at least ``FWD_SHARE_MIN`` blocks, ``selected_fwd_common_kernel`` loads
+them once for all positions and parks the rows' state in the outputs; then
+``selected_fwd_planned_kernel``, one position per program, walks the rest of each list (all of it
+elsewhere). Random selections share only NSA's 3 forced blocks, too few to pay for the parking;
+neighbouring queries that agree share more.
 
 dK/dV are KV-block-centric through a reverse index: for each (KV head, block) the ascending
 list of query positions that selected it and can see at least one of its keys, built on the
@@ -69,27 +70,21 @@ GATHER_STAGES = 2  # H200 64k, G=16, dQ: 18.4 ms (1 stage: 27.9, 3 stages: 19.1)
 # 17.3 with pointer loads (BK 64, 4 warps, 2 stages; 3 stages 16.5, 8 warps or BK 32 slower on
 # both paths).
 FWD_TMA = "auto"
-# Positions per program of the gather forward when one position fills a tile (G >= 9): blocks that
-# all of them list (NSA's forced initial and local blocks, and what neighbouring queries agree
-# on) are loaded once for all of them (selected_fwd_shared_kernel). A power of two; 1 turns it
-# off. Capped so that the shared walk's rows times the padded head width stay <= 64 x 128.
+# Positions per program of the gather forward's plan when one position fills a tile (G >= 9):
+# blocks that all of them list (NSA's forced initial and local blocks, and what neighbouring
+# queries agree on) are loaded once for all of them (selected_fwd_common_kernel). A power of two;
+# 1 turns it off. Capped so that the shared walk's rows times the padded head width stay <= 64 x 128.
 FWD_SHARE = 4
-# A program of FWD_SHARE positions takes the shared walk when the blocks all of them list are at
-# least this fraction of its first position's list (and at least one); the other programs go
-# through the one-position kernel. H200 64k, G=16 (run 22, probe.py --parts share; aligned runs of
-# 4 positions sharing k of their 16 blocks): one position per program 16.1-16.2 ms whatever k;
-# every program in the shared kernel: k = 3 (the benchmark's random selections) 21.4, 4: 20.5,
-# 6: 18.7, 8: 16.9, 10: 15.0, 12: 13.1, 16: 9.2 (the shared walk's 64-row tiles cost registers:
-# 2 programs per SM); the split with 0.7 (run 22): 16.4 on random selections (plan and idle
-# programs: +0.2), 13.1 at k = 12, 9.2 at k = 16. 0.6 takes k >= 10 (9 not measured). Run 27
-# (90f166f): the split at 0.6 takes 15.5-15.6 ms for k <= 8 (the one-position programs on the
-# planned lists), 15.0 at k = 10, 13.1 at 12, 9.1 at 16.
-FWD_SHARE_MIN = 0.6
-# The programs of FWD_SHARE positions below FWD_SHARE_MIN that still share blocks: True loads
-# those once for all positions in a kernel of their own (selected_fwd_common_kernel: their
-# rows' state parked in the outputs), then the one-position kernel walks each position's other
-# blocks from there; False leaves every block of those programs to the one-position kernel.
-FWD_SHARE_SPLIT = True
+# A program of FWD_SHARE positions whose positions all list at least this many blocks takes the
+# common kernel for them (parking and resuming the rows' state costs about as much as loading
+# 3 to 4 blocks per position). H200 64k, G=16 (run 29, probe.py --parts share; aligned runs of 4
+# positions sharing k of their 16 blocks), every program that shares in the common kernel
+# against one position per program on the planned lists: k = 3 (the benchmark's random
+# selections) 16.46 / 16.35 ms, 4: 15.99 / 16.38, 6: 14.85 / 16.36, 8: 13.70 / 16.34, 10: 12.62,
+# 12: 11.57, 16: 9.25 (16.3 with one position per program); the shared kernel of run 22 (the
+# programs of 4 positions also walked their own blocks, 64-row state held across: 235 registers),
+# removed since, took 15.00 at k = 10, 13.09 at 12, 9.17 at 16, 21.4 at k = 3.
+FWD_SHARE_MIN = 4
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
 # split over several programs), and the memory bound of its per-slot partials.
 SCATTER_TILE_ROWS = 64
@@ -336,20 +331,18 @@ def selected_fwd_planned_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False, RESUME: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """:func:`selected_fwd_kernel` with one position per program (``chunk_indices`` of single
     positions) on :func:`selected_share_plan_kernel`'s plan: a position walks its valid entries
-    only, and does nothing (writes nothing) where its program of positions belongs to
-    :func:`selected_fwd_shared_kernel` (counts[..., 0] >= 0). counts[..., 0] = -1 - n: the first n
-    entries were walked by :func:`selected_fwd_common_kernel` (RESUME), the walk resumes after them."""
+    only; where counts[..., 0] = n > 0, :func:`selected_fwd_common_kernel` walked the first n and
+    the walk resumes from the state it parked in o / lse."""
     i_h, t0, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)  # chunks of one position
-    p_cnt = counts + ((bos + t0) * H + i_h) * 2
-    c0 = tl.load(p_cnt, mask=t0 < seq_len, other=0)
-    if c0 < 0:
-        _one_position_fwd(q, k, v, o, lse, plan + ((bos + t0) * H + i_h) * S, -1 - c0, tl.load(p_cnt + 1), bos,
+    if t0 < seq_len:
+        p_cnt = counts + ((bos + t0) * H + i_h) * 2
+        _one_position_fwd(q, k, v, o, lse, plan + ((bos + t0) * H + i_h) * S, tl.load(p_cnt), tl.load(p_cnt + 1), bos,
                           seq_len, t0, i_h, scale, HQ, H, G, BS, BK, NKS, DK, DV, BDK, BDV, BR, STAGES, DOT_PRECISION,
-                          DOT_UPCAST, TMA, RESUME)
+                          DOT_UPCAST, TMA, True)
 
 
 @triton.jit
@@ -361,7 +354,7 @@ def selected_fwd_common_kernel(
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """The blocks that all ``P`` positions ``t0 ..`` of a program list, for the programs that
-    :func:`selected_share_plan_kernel` gave ``counts[..., 0] = -1 - n`` with ``n > 0``: the
+    :func:`selected_share_plan_kernel` gave ``counts[..., 0] = n > 0``: the
     first ``n`` entries of every planned list: their keys ``<= t0`` (visible to every row: no
     per-row mask) loaded once and scored for the ``P * BR`` rows in one product, then their keys
     ``t0 + 1 .. t0 + P - 1`` one at a time on FMA units (row r takes key t0 + j only if its
@@ -370,9 +363,8 @@ def selected_fwd_common_kernel(
     walks each position's other entries from there, one position per program."""
     i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
     t0 = i_tc * P
-    c0 = tl.load(counts + ((bos + t0) * H + i_h) * 2, mask=t0 < seq_len, other=-1)
-    if c0 < -1:
-        n_sh = -1 - c0
+    n_sh = tl.load(counts + ((bos + t0) * H + i_h) * 2, mask=t0 < seq_len, other=0)
+    if n_sh > 0:
         o_dk = tl.arange(0, BDK)
         # rows: position t0 + r // BR, head r % BR
         o_a = tl.arange(0, P * BR)
@@ -440,16 +432,14 @@ def _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
 @triton.jit
 def selected_share_plan_kernel(
     block_indices, plan, counts, cu_seqlens, chunk_indices,
-    share_min, H: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, P: tl.constexpr, SPLIT: tl.constexpr = False,
+    share_min, H: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, P: tl.constexpr,
 ):
-    """For the ``P`` positions ``t0 ..`` of one program of :func:`selected_fwd_shared_kernel` and one
+    """For the ``P`` positions ``t0 ..`` of one program of :func:`selected_fwd_common_kernel` and one
     KV head: plan ``[N, H, S]`` holds each position's list reordered as the blocks that every
     position in the sequence lists (in position t0's order), then its other entries (in its own
-    order), then the -1 entries; counts ``[N, H, 2]`` = (number of shared blocks n, or -1 where
-    they are fewer than ``share_min`` times position t0's valid entries (or none): the program
-    is then left to the one-position kernel; number of entries >= 0). SPLIT: ``-1 - n`` instead
-    of -1 (:func:`selected_fwd_common_kernel` walks the n shared blocks of those programs, the
-    one-position kernel the rest). Lists hold no repeats (validated by the callers)."""
+    order), then the -1 entries; counts ``[N, H, 2]`` = (number n of shared blocks that the common
+    kernel walks: 0 where they are fewer than ``share_min`` (at least 1); number of entries >= 0).
+    Lists hold no repeats (validated by the callers)."""
     i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
     t0 = i_tc * P
     o_s = tl.arange(0, SP)
@@ -479,116 +469,9 @@ def selected_share_plan_kernel(
     dest = tl.where(shared > 0, d_sh, tl.where(own > 0, d_own, d_bad))
     tl.store(plan + o_list + dest, b_idx, mask=m_list)
     o_cnt = ((bos + t0 + o_p) * H + i_h) * 2
-    n_valid0 = tl.sum(tl.where(o_p == 0, n_valid, 0))
-    mode = tl.where((n_sh > 0) & (n_sh >= share_min * n_valid0), n_sh, -1 - n_sh if SPLIT else -1)
+    mode = tl.where((n_sh > 0) & (n_sh >= share_min), n_sh, 0)
     tl.store(counts + o_cnt, tl.zeros([P], dtype=tl.int32) + mode, mask=m_p)
     tl.store(counts + o_cnt + 1, n_valid, mask=m_p)
-
-
-@triton.jit
-def _shared_walks(q, k, v, o, lse, plan, counts, bos, seq_len, t0, n_sh, i_h, scale,
-                  HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
-                  BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                  BDK: tl.constexpr, BDV: tl.constexpr, P: tl.constexpr, BR: tl.constexpr, TB: tl.constexpr,
-                  STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr):
-    """The work of one live program of :func:`selected_fwd_shared_kernel` (positions ``t0 ..``,
-    ``t0 < seq_len``, ``n_sh`` shared blocks)."""
-    o_dk = tl.arange(0, BDK)
-    o_dv = tl.arange(0, BDV)
-    o_s = tl.arange(0, SP)
-    o_g = tl.arange(0, BR)
-    # all rows of the program: position t0 + r // BR, head r % BR
-    o_a = tl.arange(0, P * BR)
-    i_ta = t0 + o_a // BR
-    m_a = (o_a % BR < G) & (i_ta < seq_len)
-    o_rowa = (bos + i_ta) * HQ + i_h * G + o_a % BR
-
-    qk_scale = scale * 1.4426950408889634  # softmax in base 2
-    # keys 0 .. t0 of this KV head in the sequence
-    n_key = (t0 + 1).to(tl.int32)
-    if TMA:
-        k_desc, v_desc = kv_descriptors(k + (bos * H + i_h) * DK, v + (bos * H + i_h) * DV, n_key, H * DK, H * DV,
-                                        DK, DV, BK, BDK, BDV)
-    else:
-        k_desc, v_desc = k, v
-
-    # the shared blocks: the first entries of every position's planned list
-    p_list0 = plan + ((bos + t0) * H + i_h) * S
-    b_qa = tl.load(q + o_rowa[:, None] * DK + o_dk[None, :], mask=m_a[:, None] & (o_dk < DK)[None, :], other=0.)
-    b_ma = tl.full([P * BR], float("-inf"), dtype=tl.float32)
-    b_la = tl.zeros([P * BR], dtype=tl.float32)
-    b_acca = tl.zeros([P * BR, BDV], dtype=tl.float32)
-    for j in tl.range(0, n_sh, num_stages=STAGES):
-        i_b = tl.load(p_list0 + j).to(tl.int64)
-        b_ma, b_la, b_acca = _gather_block(b_qa, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
-                                           b_ma, b_la, b_acca, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA,
-                                           DOT_PRECISION, DOT_UPCAST)
-    # the shared walk's state parked in the outputs, as (lse in base 2, o = acc / l): what the
-    # position walks resume from (one rounding of the partial o to the output dtype; kept in
-    # registers instead, split by position, it was slower: H200 64k, run 20, 25.7 ms against 21.0)
-    _park_rows(o, lse, o_rowa, m_a, b_ma, b_la, b_acca, DV, BDV)
-    tl.debug_barrier()
-
-    o_tb = tl.arange(0, TB)
-    for i_p in tl.static_range(P):
-        # this position's share of the shared walk, then its own blocks, then its tail keys
-        i_t = t0 + i_p
-        m_r = (o_g < G) & (tl.zeros([BR], dtype=tl.int64) + i_t < seq_len)
-        o_row = (bos + i_t) * HQ + i_h * G + o_g
-        b_m, b_l, b_acc = _resume_rows(o, lse, o_row, m_r, DV, BDV)
-        b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
-        p_list = plan + ((bos + i_t) * H + i_h) * S
-        n_valid = tl.load(counts + ((bos + i_t) * H + i_h) * 2 + 1, mask=i_t < seq_len, other=0)
-        for j in tl.range(n_sh, n_valid, num_stages=STAGES):
-            i_b = tl.load(p_list + j).to(tl.int64)
-            b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
-                                            b_m, b_l, b_acc, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA,
-                                            DOT_PRECISION, DOT_UPCAST)
-        if i_p > 0:
-            # tail: keys t0 + 1 .. i_t of the blocks this position listed
-            i_kt = t0 + 1 + o_tb
-            ids = tl.load(p_list + o_s, mask=(o_s < S) & (o_s * 0 + i_t < seq_len), other=-1)
-            m_see = (i_kt <= i_t) & (i_kt < seq_len) & \
-                (tl.max(tl.where(ids[None, :] == (i_kt // BS)[:, None], 1, 0), axis=1) > 0)
-            o_kvt = (bos + i_kt) * H + i_h
-            b_kt = tl.load(k + o_kvt[:, None] * DK + o_dk[None, :], mask=m_see[:, None] & (o_dk < DK)[None, :],
-                           other=0.)
-            b_vt = tl.load(v + o_kvt[:, None] * DV + o_dv[None, :], mask=m_see[:, None] & (o_dv < DV)[None, :],
-                           other=0.)
-            b_s = dot(b_q, tl.trans(b_kt), DOT_PRECISION, DOT_UPCAST) * qk_scale
-            b_s = tl.where(m_see[None, :], b_s, float("-inf"))
-            b_m, b_l, b_acc = softmax_step(b_s, b_vt, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
-        _finish_rows(o, lse, o_row, m_r, b_m, b_l, b_acc, DV, BDV)
-
-
-@triton.jit
-def selected_fwd_shared_kernel(
-    q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
-    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
-    BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, P: tl.constexpr, BR: tl.constexpr, TB: tl.constexpr,
-    STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
-):
-    """:func:`selected_fwd_kernel` for groups of at least 9 heads (one position fills a tile of
-    ``BR >= G`` rows), with ``P`` consecutive positions ``t0 ..`` per program, on the lists of
-    :func:`selected_share_plan_kernel`.
-
-    Blocks that every position of the program lists (NSA's forced initial and local blocks at
-    least, and whatever neighbouring queries agree on) are loaded once and scored for all
-    ``P * BR`` rows in one product; then each position walks the rest of its own list with its
-    ``BR`` rows. Both walks read keys ``<= t0`` only (visible to every row: no per-row mask,
-    and no value a row may not see is ever multiplied, even by zero); the keys ``t0 + 1 .. t``
-    of position t's listed blocks come from a masked ``TB``-key tail tile. The tensor work is
-    that of one position per program; the K/V loaded per position falls by the shared blocks'
-    share. Online softmax in float32 across the walks: the shared walk's state is parked in the
-    outputs as (lse, o) (o rounded once to the output dtype) and each position's walk resumes from
-    its rows of it."""
-    i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
-    t0 = i_tc * P
-    n_sh = tl.load(counts + ((bos + t0) * H + i_h) * 2, mask=t0 < seq_len, other=-1)
-    if n_sh >= 0:  # else: the one-position kernel's program (or past the sequence end)
-        _shared_walks(q, k, v, o, lse, plan, counts, bos, seq_len, t0, n_sh, i_h, scale, HQ, H, G, S, SP, BS, BK, NKS,
-                      DK, DV, BDK, BDV, P, BR, TB, STAGES, DOT_PRECISION, DOT_UPCAST, TMA)
 
 
 @triton.jit
@@ -1031,11 +914,11 @@ def _share(bt: int, br: int, DK: int, DV: int) -> int:
     return max(1, min(FWD_SHARE, 64 * 128 // (br * max(pow2(DK), pow2(DV)))))
 
 
-def _share_split() -> bool:
-    """FWD_SHARE_SPLIT, validated."""
-    if not isinstance(FWD_SHARE_SPLIT, bool):
-        raise ValueError(f"nsa.ops.selected.FWD_SHARE_SPLIT: expected True or False, got {FWD_SHARE_SPLIT!r}")
-    return FWD_SHARE_SPLIT
+def _share_min() -> int:
+    """FWD_SHARE_MIN, validated."""
+    if isinstance(FWD_SHARE_MIN, bool) or not isinstance(FWD_SHARE_MIN, int) or FWD_SHARE_MIN < 1:
+        raise ValueError(f"nsa.ops.selected.FWD_SHARE_MIN: expected an int >= 1, got {FWD_SHARE_MIN!r}")
+    return FWD_SHARE_MIN
 
 
 def fwd_positions(cfg: _Tiles) -> int:
@@ -1168,19 +1051,16 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
     if cfg.SHARE > 1:
         plan = torch.empty_like(block_indices)
         counts = torch.empty(N, H, 2, dtype=torch.int32, device=q.device)
-        split = _share_split()
-        selected_share_plan_kernel[grid](block_indices, plan, counts, cu_seqlens, chunk_indices, float(FWD_SHARE_MIN),
-                                         H=H, S=S, SP=SP, P=cfg.SHARE, SPLIT=split, num_warps=1)
-        selected_fwd_shared_kernel[grid](q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
-                                         P=cfg.SHARE, TB=pow2(cfg.SHARE), **consts)
-        if split:  # the blocks shared by the other programs: once per program, parked in o / lse
-            selected_fwd_common_kernel[grid](q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
-                                             P=cfg.SHARE, **consts)
+        selected_share_plan_kernel[grid](block_indices, plan, counts, cu_seqlens, chunk_indices, _share_min(),
+                                         H=H, S=S, SP=SP, P=cfg.SHARE, num_warps=1)
+        # the blocks a program's positions all list: once per program, state parked in o / lse
+        selected_fwd_common_kernel[grid](q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
+                                         P=cfg.SHARE, **consts)
+        # the rest: one position per program, on the planned lists
         del consts["SP"]
-        # the programs that share too little: one position per program, on the planned lists
         positions = _chunk_table(cu_seqlens, N, 1)
         selected_fwd_planned_kernel[(positions.shape[0], H)](q, k, v, o, lse, plan, counts, cu_seqlens, positions,
-                                                             scale, RESUME=split, **consts)
+                                                             scale, **consts)
     else:
         selected_fwd_kernel[grid](q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale, BT=cfg.BT,
                                   **consts)

@@ -519,15 +519,16 @@ def probe_share(T):
     cases += [(f"{n} of 16 shared", shared_selection(T, H, S, BS, n, g).view(N, H, S)) for n in (4, 6, 8, 10, 12, 16)]
     # (positions per program, FWD_SHARE_MIN): the one-position kernel; the common kernel for the
     # programs sharing at least 1 block, 4 (the default), more than a list holds (never)
-    default, share0 = SL.FWD_SHARE_MIN, SL.FWD_SHARE
-    variants = [(1, default), (4, 1), (4, 4), (4, S + 1)]
+    # and the common kernel's warps
+    default, share0, warps0 = SL.FWD_SHARE_MIN, SL.FWD_SHARE, SL.FWD_COMMON_WARPS
+    variants = [(1, default, 4), (4, 1, 4), (4, 1, 8), (4, 4, 4), (4, 4, 8), (4, S + 1, 4)]
     for name, ip in cases:
         base = None
-        for share, share_min in variants:
-            SL.FWD_SHARE, SL.FWD_SHARE_MIN = share, share_min
+        for share, share_min, warps in variants:
+            SL.FWD_SHARE, SL.FWD_SHARE_MIN, SL.FWD_COMMON_WARPS = share, share_min, warps
             cfg = SL._tiles(HQ // H, BS, D, D, q.dtype)
             chunks = SL._chunk_table(cu, N, SL.fwd_positions(cfg))
-            label = f"P={cfg.SHARE} min={share_min}"
+            label = f"P={cfg.SHARE} min={share_min} common warps={warps}"
             try:
                 o, lse = SL._launch_fwd(qp, kp, vp, ip, BS, D ** -0.5, cu, chunks, cfg)
                 if base is None:
@@ -537,7 +538,7 @@ def probe_share(T):
                 print(f"share T={T} {name}: {label}: {t:.2f} ms  max|o - o(P=1)| {err:.2e}", flush=True)
             except Exception as e:  # a config that does not compile or fit
                 print(f"share T={T} {name}: {label}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
-    SL.FWD_SHARE, SL.FWD_SHARE_MIN = share0, default
+    SL.FWD_SHARE, SL.FWD_SHARE_MIN, SL.FWD_COMMON_WARPS = share0, default, warps0
 
 
 def probe_wide(T):

@@ -85,6 +85,9 @@ FWD_SHARE = 4
 # programs of 4 positions also walked their own blocks, 64-row state held across: 235 registers),
 # removed since, took 15.00 at k = 10, 13.09 at 12, 9.17 at 16, 21.4 at k = 3.
 FWD_SHARE_MIN = 4
+# Warps of selected_fwd_common_kernel (its 64-row tiles and two-stage K/V pipeline hold 2
+# programs per SM either way: shared memory).
+FWD_COMMON_WARPS = 4
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
 # split over several programs), and the memory bound of its per-slot partials.
 SCATTER_TILE_ROWS = 64
@@ -350,15 +353,16 @@ def selected_fwd_common_kernel(
     q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, P: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
+    BDK: tl.constexpr, BDV: tl.constexpr, P: tl.constexpr, BR: tl.constexpr, TB: tl.constexpr,
+    STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """The blocks that all ``P`` positions ``t0 ..`` of a program list, for the programs that
     :func:`selected_share_plan_kernel` gave ``counts[..., 0] = n > 0``: the
     first ``n`` entries of every planned list: their keys ``<= t0`` (visible to every row: no
     per-row mask) loaded once and scored for the ``P * BR`` rows in one product, then their keys
-    ``t0 + 1 .. t0 + P - 1`` one at a time on FMA units (row r takes key t0 + j only if its
-    position is >= t0 + j: no value a row may not see is ever multiplied, even by zero). The
+    ``t0 + 1 .. t0 + P - 1`` (scored in one product, their values added one key at a time on
+    FMA units: row r takes key t0 + j only if its position is >= t0 + j, no value a row may not
+    see is ever multiplied, even by zero). The
     state is parked in o / lse (:func:`_park_rows`); :func:`selected_fwd_planned_kernel` then
     walks each position's other entries from there, one position per program."""
     i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
@@ -388,26 +392,34 @@ def selected_fwd_common_kernel(
             b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
                                             b_m, b_l, b_acc, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA,
                                             DOT_PRECISION, DOT_UPCAST)
+        # keys t0 + 1 .. t0 + P - 1 of the shared blocks: scored as one [P * BR, TB] product, the
+        # values added one key at a time for the rows whose position is >= the key's (a product
+        # would multiply the values of keys a row may not see by zero: inf * 0)
         o_dv = tl.arange(0, BDV)
         o_s = tl.arange(0, SP)
+        o_tb = tl.arange(0, TB)
         ids = tl.load(p_list0 + o_s, mask=o_s < n_sh, other=-1)  # [SP] the shared blocks
-        b_qf = b_q.to(tl.float32)
-        for j in tl.static_range(1, P):
-            i_kj = t0 + j
-            # key t0 + j lies in a shared block (and in the sequence): 1, else 0
-            ok = tl.max(tl.where(ids == i_kj // BS, 1, 0), axis=0) * tl.where(i_kj < seq_len, 1, 0)
-            o_kv = (bos + i_kj) * H + i_h
-            b_kj = tl.load(k + o_kv * DK + o_dk, mask=(o_dk < DK) & (o_dk * 0 + ok > 0), other=0.).to(tl.float32)
-            b_vj = tl.load(v + o_kv * DV + o_dv, mask=(o_dv < DV) & (o_dv * 0 + ok > 0), other=0.).to(tl.float32)
-            sees = (i_ta >= i_kj) & (o_a * 0 + ok > 0)  # [P * BR]
-            b_sj = tl.where(sees, tl.sum(b_qf * b_kj[None, :], axis=1) * qk_scale, float("-inf"))
-            b_mj = tl.maximum(b_m, b_sj)
-            b_msafe = tl.where(b_mj == float("-inf"), 0., b_mj)
-            b_pj = tl.exp2(b_sj - b_msafe)
-            b_alpha = tl.exp2(b_m - b_msafe)
-            b_l = b_l * b_alpha + b_pj
-            b_acc = b_acc * b_alpha[:, None] + tl.where(sees[:, None], b_pj[:, None] * b_vj[None, :], 0.)
-            b_m = b_mj
+        i_kt = t0 + 1 + o_tb
+        m_kt = (o_tb < P - 1) & (i_kt < seq_len) & \
+            (tl.max(tl.where(ids[None, :] == (i_kt // BS)[:, None], 1, 0), axis=1) > 0)
+        b_kt = tl.load(k + ((bos + i_kt) * H + i_h)[:, None] * DK + o_dk[None, :],
+                       mask=m_kt[:, None] & (o_dk < DK)[None, :], other=0.)
+        b_s = dot(b_q, tl.trans(b_kt), DOT_PRECISION, DOT_UPCAST) * qk_scale
+        b_s = tl.where(m_kt[None, :] & (i_kt[None, :] <= i_ta[:, None]), b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, axis=1))
+        b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
+        b_p = tl.exp2(b_s - b_ms[:, None])
+        b_alpha = tl.exp2(b_m - b_ms)
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        b_acc = b_acc * b_alpha[:, None]
+        b_m = b_mn
+        for j in tl.static_range(P - 1):
+            i_kj = t0 + 1 + j
+            m_j = tl.max(tl.where((o_tb == j) & m_kt, 1, 0), axis=0)  # 1: key t0 + 1 + j is scored
+            b_vj = tl.load(v + ((bos + i_kj) * H + i_h) * DV + o_dv, mask=(o_dv < DV) & (o_dv * 0 + m_j > 0),
+                           other=0.).to(tl.float32)
+            b_pj = tl.sum(tl.where(o_tb[None, :] == j, b_p, 0.), axis=1)  # [P * BR], 0 where unseen
+            b_acc += tl.where(((i_ta >= i_kj) & (o_a * 0 + m_j > 0))[:, None], b_pj[:, None] * b_vj[None, :], 0.)
         _park_rows(o, lse, o_rowa, m_a, b_m, b_l, b_acc, DV, BDV)
 
 
@@ -1055,7 +1067,8 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
                                          H=H, S=S, SP=SP, P=cfg.SHARE, num_warps=1)
         # the blocks a program's positions all list: once per program, state parked in o / lse
         selected_fwd_common_kernel[grid](q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
-                                         P=cfg.SHARE, **consts)
+                                         P=cfg.SHARE, TB=pow2(cfg.SHARE - 1),
+                                         **{**consts, "num_warps": FWD_COMMON_WARPS})
         # the rest: one position per program, on the planned lists
         del consts["SP"]
         positions = _chunk_table(cu_seqlens, N, 1)

@@ -506,9 +506,8 @@ def shared_selection(T, H, S, BS, n_shared, gen, run=4):
 
 def probe_share(T):
     """The gather forward at G = 16: one position per program against programs of 4 positions
-    that load the blocks all of them list once (the common kernel, for the programs that share at
-    least FWD_SHARE_MIN blocks), on the benchmark's selections and on selections whose aligned
-    runs of 4 positions share k of their 16 blocks."""
+    that load the blocks all of them list once (the common kernel), on the benchmark's selections
+    and on selections whose aligned runs of 4 positions share k of their 16 blocks."""
     HQ, H, D, BS, S = 64, 4, 128, 64, 16
     q, k, v, do, idx = _benchmark_inputs(T)
     N = T
@@ -517,18 +516,15 @@ def probe_share(T):
     g = torch.Generator(device=DEV).manual_seed(5)
     cases = [("benchmark", idx.view(N, H, S).contiguous())]
     cases += [(f"{n} of 16 shared", shared_selection(T, H, S, BS, n, g).view(N, H, S)) for n in (4, 6, 8, 10, 12, 16)]
-    # (positions per program, FWD_SHARE_MIN): the one-position kernel; the common kernel for the
-    # programs sharing at least 1 block, 4 (the default), more than a list holds (never)
-    # and the common kernel's warps
-    default, share0, warps0 = SL.FWD_SHARE_MIN, SL.FWD_SHARE, SL.FWD_COMMON_WARPS
-    variants = [(1, default, 4), (4, 1, 4), (4, 1, 8), (4, 4, 4), (4, 4, 8), (4, S + 1, 4)]
+    # positions per program: the one-position kernel alone; the common kernel for shared blocks
+    share0 = SL.FWD_SHARE
     for name, ip in cases:
         base = None
-        for share, share_min, warps in variants:
-            SL.FWD_SHARE, SL.FWD_SHARE_MIN, SL.FWD_COMMON_WARPS = share, share_min, warps
+        for share in (1, 4):
+            SL.FWD_SHARE = share
             cfg = SL._tiles(HQ // H, BS, D, D, q.dtype)
             chunks = SL._chunk_table(cu, N, SL.fwd_positions(cfg))
-            label = f"P={cfg.SHARE} min={share_min} common warps={warps}"
+            label = f"P={cfg.SHARE}"
             try:
                 o, lse = SL._launch_fwd(qp, kp, vp, ip, BS, D ** -0.5, cu, chunks, cfg)
                 if base is None:
@@ -538,7 +534,7 @@ def probe_share(T):
                 print(f"share T={T} {name}: {label}: {t:.2f} ms  max|o - o(P=1)| {err:.2e}", flush=True)
             except Exception as e:  # a config that does not compile or fit
                 print(f"share T={T} {name}: {label}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
-    SL.FWD_SHARE, SL.FWD_SHARE_MIN, SL.FWD_COMMON_WARPS = share0, default, warps0
+    SL.FWD_SHARE = share0
 
 
 def probe_wide(T):

@@ -229,17 +229,16 @@ def test_more_than_2_pow_31_elements(fwd_mode):
     assert_close("dq[1, -64:]", dq_r, dq[1:, T - C:], RATIO_BF16)
 
 
-@pytest.mark.parametrize("share,share_min", [(1, 4), (2, 4), (4, 1), (4, 4)], ids=["P1", "P2", "P4-min1", "P4-min4"])
-def test_shared_blocks_forward(monkeypatch, share, share_min):
+@pytest.mark.parametrize("share", [1, 2, 4], ids=["P1", "P2", "P4"])
+def test_shared_blocks_forward(monkeypatch, share):
     """The gather forward with several positions per program (selected_fwd_common_kernel for the
-    blocks the positions of a program share, when they are at least share_min, then
-    selected_fwd_planned_kernel for the rest) at the paper shape, on lists where pairs of
+    blocks the positions of a program share, then selected_fwd_planned_kernel for the rest, one
+    position per program) at the paper shape, on lists where pairs of
     positions agree (position 2i + 1 lists position 2i's blocks, its own block among them, in
     another order: programs of 2 positions share all, of 4 positions a few): output on chunks at,
     across and off block boundaries against the float32 reference."""
     monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", "gather")
     monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", share)
-    monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE_MIN", share_min)
     B, T, HQ, H, D, bs, S, C = 1, 8192, 64, 4, 128, 64, 16, 256
     q, k, v, idx, do = inputs(B, T, HQ, H, D, D, S, bs, torch.bfloat16, seed=7)
     gen = torch.Generator(device="cuda").manual_seed(7)

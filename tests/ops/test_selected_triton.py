@@ -176,14 +176,13 @@ def test_fwd_mode_is_checked(monkeypatch):
         selected_attention(q, k, v, idx, 16, backend="triton")
 
 
-@pytest.mark.parametrize("name,value", [("FWD_SHARE", 3), ("FWD_SHARE", True), ("FWD_SHARE_MIN", 0),
-                                        ("FWD_SHARE_MIN", 0.5), ("FWD_SHARE_MIN", True)])
-def test_fwd_share_settings_are_checked(monkeypatch, name, value):
-    """FWD_SHARE (a power of two) and FWD_SHARE_MIN (an int >= 1) are validated where the gather
-    forward plans programs of several positions (G = 16, bf16)."""
-    monkeypatch.setattr(nsa.ops.selected, name, value)
+@pytest.mark.parametrize("value", [3, True, 0, 2.0])
+def test_fwd_share_is_checked(monkeypatch, value):
+    """FWD_SHARE (a power of two) is validated where the gather forward plans programs of several
+    positions (G = 16, bf16)."""
+    monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", value)
     q, k, v, idx, cu, _ = make_inputs(1, 20, 16, 1, 16, 16, 2, 16, True, torch.bfloat16)
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match="FWD_SHARE"):
         selected_attention(q, k, v, idx, 16, backend="triton")
 
 
@@ -410,7 +409,6 @@ def test_fwd_shared_walks_never_read_invisible_values(monkeypatch):
             rows.append([0, own, own - 1] if own >= 2 else [0, own, -1] if own == 1 else [0, -1, -1])
     idx = torch.tensor(rows, dtype=torch.int32).view(1, -1, 1, S).to(DEVICE)
     monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", 4)
-    monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE_MIN", 1)
     kb, vb = k.clone(), v.clone()
     for t, x in ((42, float("inf")), (70 + 6, float("nan"))):
         kb[0, t], vb[0, t] = x, float("nan")
@@ -532,16 +530,13 @@ SHARED_SHAPES = {
     "varlen-50-29-G16-noncausal": ([50, 29], 16, 32, 32, 4, 16, False),  # future blocks in the lists
     "T70-G32-dk32dv64-bs24": ([70], 32, 32, 64, 3, 24, True),  # 32 rows per position; blocks of 24
 }
-# (shape, positions per program, FWD_SHARE_MIN): min 1 puts every program with a shared block in
-# the common kernel, 2 leaves those that share one block to the one-position kernel alone
-SHARED_CASES = [(n, share, 1) for n in SHARED_SHAPES for share in (4, 8)] + [
-    ("varlen-1-37-60-19-G16", 2, 1), ("varlen-1-37-60-19-G16", 4, 2), ("varlen-45-30-G12-bs5", 4, 2)]
+# (shape, positions per program)
+SHARED_CASES = [(n, share) for n in SHARED_SHAPES for share in (4, 8)] + [("varlen-1-37-60-19-G16", 2)]
 
 
-@pytest.mark.parametrize("name,share,share_min", SHARED_CASES,
-                         ids=[f"{n}-P{s}-min{m}" for n, s, m in SHARED_CASES])
+@pytest.mark.parametrize("name,share", SHARED_CASES, ids=[f"{n}-P{s}" for n, s in SHARED_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fwd_shared_blocks_match_reference(monkeypatch, name, share, share_min, dtype):
+def test_fwd_shared_blocks_match_reference(monkeypatch, name, share, dtype):
     """The gather forward with several positions per program (the blocks every position lists
     walked once for all of them in the common kernel, their keys past the program's first
     position one at a time, then each position's other blocks in the one-position kernel, which
@@ -552,7 +547,6 @@ def test_fwd_shared_blocks_match_reference(monkeypatch, name, share, share_min, 
     q, k, v, idx, cu = shared_inputs(lens, HQ, Dk, Dv, S, bs, causal, dtype, seed=21)
     from nsa.ops.selected import _chunk_table, _launch_fwd, _share, _tiles
     monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", share)
-    monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE_MIN", share_min)
     cfg = _tiles(HQ, bs, Dk, Dv, dtype)
     assert cfg.SHARE == (1 if dtype == torch.float32 else _share(cfg.BT, cfg.BR, Dk, Dv))
     # float32 is not given the shared walk by default (registers on sm_90): run it here all the same
@@ -575,13 +569,12 @@ def test_fwd_shared_blocks_match_reference(monkeypatch, name, share, share_min, 
 
 
 @pytest.mark.parametrize("share", [2, 4, 8])
-@pytest.mark.parametrize("share_min", [1, 2])
-def test_share_plan(share, share_min):
+def test_share_plan(share):
     """selected_share_plan_kernel: every planned list is a reordering of the position's list with
     its valid entries first, then the blocks every position of the program (in its sequence)
-    lists, the same and in the same order for all of them; counts[..., 0] is their number where
-    it reaches ``share_min`` (the common kernel's programs), else 0: on these lists both kinds
-    occur (with share_min 2, also programs that share one block and get 0)."""
+    lists, the same and in the same order for all of them; counts[..., 0] is their number (the
+    common kernel's part), counts[..., 1] the number of valid entries: on these lists programs
+    share none, one and several blocks."""
     from nsa.ops.selected import _chunk_table, selected_share_plan_kernel
     lens, S = [1, 37, 60, 19], 5
     gen = torch.Generator().manual_seed(22)
@@ -591,10 +584,10 @@ def test_share_plan(share, share_min):
     chunks = _chunk_table(cu, N, share)
     plan = torch.full_like(idx, -5)
     counts = torch.full((N, H, 2), -5, dtype=torch.int32, device=DEVICE)
-    selected_share_plan_kernel[(chunks.shape[0], H)](idx, plan, counts, cu, chunks, share_min, H=H, S=S, SP=8,
+    selected_share_plan_kernel[(chunks.shape[0], H)](idx, plan, counts, cu, chunks, H=H, S=S, SP=8,
                                                      P=share)
     idx, plan, counts, cu = idx.cpu(), plan.cpu(), counts.cpu(), cu.cpu()
-    modes, below = set(), set()
+    shares = set()
     for n, L in enumerate(lens):
         for g0 in range(0, L, share):
             ts = list(range(cu[n] + g0, cu[n] + min(L, g0 + share)))
@@ -602,17 +595,12 @@ def test_share_plan(share, share_min):
                 sets = [set(idx[t, h].tolist()) - {-1} for t in ts]
                 common = set.intersection(*sets)
                 n_sh = len(common)
-                shared_mode = n_sh >= share_min
-                modes.add(shared_mode)
-                if not shared_mode:
-                    below.add(n_sh)
-                mode = n_sh if shared_mode else 0
+                shares.add(min(n_sh, 2))
                 head = plan[ts[0], h, :n_sh].tolist()
                 assert set(head) == common
                 for t, st in zip(ts, sets):
                     row = plan[t, h].tolist()
                     assert sorted(row) == sorted(idx[t, h].tolist())
-                    assert int(counts[t, h, 0]) == mode and int(counts[t, h, 1]) == len(st)
+                    assert int(counts[t, h, 0]) == n_sh and int(counts[t, h, 1]) == len(st)
                     assert row[:n_sh] == head and set(row[:len(st)]) == st and all(x == -1 for x in row[len(st):])
-    assert modes == {True, False}
-    assert below == set(range(share_min))
+    assert shares == {0, 1, 2}

@@ -14,11 +14,10 @@ masked out. Online softmax in float32; the forward also writes the log-sum-exp p
 
 For groups of 9 or more heads (one position fills a tile) the forward plans programs of
 ``FWD_SHARE`` consecutive positions: a plan kernel puts the blocks that all of them list first in
-each list. Where they are at least ``FWD_SHARE_MIN`` blocks, ``selected_fwd_common_kernel`` loads
-them once for all positions and parks the rows' state in the outputs; then
-``selected_fwd_planned_kernel``, one position per program, walks the rest of each list (all of it
-elsewhere). Random selections share only NSA's 3 forced blocks, too few to pay for the parking;
-neighbouring queries that agree share more.
+each list; ``selected_fwd_common_kernel`` loads those once for all positions and parks the rows'
+state in the outputs; then ``selected_fwd_planned_kernel``, one position per program, walks the
+rest of each list. Random selections share NSA's forced blocks only (3 of 16 at the paper's
+settings: as fast as one position per program), neighbouring queries that agree share more.
 
 dK/dV are KV-block-centric through a reverse index: for each (KV head, block) the ascending
 list of query positions that selected it and can see at least one of its keys, built on the
@@ -72,22 +71,18 @@ GATHER_STAGES = 2  # H200 64k, G=16, dQ: 18.4 ms (1 stage: 27.9, 3 stages: 19.1)
 FWD_TMA = "auto"
 # Positions per program of the gather forward's plan when one position fills a tile (G >= 9):
 # blocks that all of them list (NSA's forced initial and local blocks, and what neighbouring
-# queries agree on) are loaded once for all of them (selected_fwd_common_kernel). A power of two;
-# 1 turns it off. Capped so that the shared walk's rows times the padded head width stay <= 64 x 128.
+# queries agree on) are loaded once for all of them (selected_fwd_common_kernel, 4 warps), each
+# position's other blocks by one program per position. A power of two; 1 turns it off. Capped so
+# that the common kernel's rows times the padded head width stay <= 64 x 128. H200 64k, G=16
+# (run 30, probe.py --parts share; aligned runs of 4 positions sharing k of their 16 blocks):
+# 16.41 ms on the benchmark's random selections (k = 3: NSA's forced blocks) against 16.40 with
+# one position per program, 15.80 at k = 4 (16.36), 13.36 at 8 (16.32), 11.16 at 12 (16.34), 8.85
+# at 16 (16.29); the common kernel on 8 warps: 17.5-19.6. Where nothing goes through the common
+# kernel, the plan and the resume cost ~0.3 ms (16.71, sharing only from 17 blocks up; 16.67
+# from 4 up on the benchmark). The shared kernel of run 22 (a program of 4
+# positions also walked their own blocks, its 64-row state held across: 235 registers), removed
+# since, took 15.00 at k = 10, 13.09 at 12, 9.17 at 16, 21.4 at k = 3.
 FWD_SHARE = 4
-# A program of FWD_SHARE positions whose positions all list at least this many blocks takes the
-# common kernel for them (parking and resuming the rows' state costs about as much as loading
-# 3 to 4 blocks per position). H200 64k, G=16 (run 29, probe.py --parts share; aligned runs of 4
-# positions sharing k of their 16 blocks), every program that shares in the common kernel
-# against one position per program on the planned lists: k = 3 (the benchmark's random
-# selections) 16.46 / 16.35 ms, 4: 15.99 / 16.38, 6: 14.85 / 16.36, 8: 13.70 / 16.34, 10: 12.62,
-# 12: 11.57, 16: 9.25 (16.3 with one position per program); the shared kernel of run 22 (the
-# programs of 4 positions also walked their own blocks, 64-row state held across: 235 registers),
-# removed since, took 15.00 at k = 10, 13.09 at 12, 9.17 at 16, 21.4 at k = 3.
-FWD_SHARE_MIN = 4
-# Warps of selected_fwd_common_kernel (its 64-row tiles and two-stage K/V pipeline hold 2
-# programs per SM either way: shared memory).
-FWD_COMMON_WARPS = 4
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
 # split over several programs), and the memory bound of its per-slot partials.
 SCATTER_TILE_ROWS = 64
@@ -444,13 +439,13 @@ def _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
 @triton.jit
 def selected_share_plan_kernel(
     block_indices, plan, counts, cu_seqlens, chunk_indices,
-    share_min, H: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, P: tl.constexpr,
+    H: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, P: tl.constexpr,
 ):
     """For the ``P`` positions ``t0 ..`` of one program of :func:`selected_fwd_common_kernel` and one
     KV head: plan ``[N, H, S]`` holds each position's list reordered as the blocks that every
     position in the sequence lists (in position t0's order), then its other entries (in its own
-    order), then the -1 entries; counts ``[N, H, 2]`` = (number n of shared blocks that the common
-    kernel walks: 0 where they are fewer than ``share_min`` (at least 1); number of entries >= 0).
+    order), then the -1 entries; counts ``[N, H, 2]`` = (number of shared blocks, which the common
+    kernel walks; number of entries >= 0).
     Lists hold no repeats (validated by the callers)."""
     i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
     t0 = i_tc * P
@@ -481,8 +476,7 @@ def selected_share_plan_kernel(
     dest = tl.where(shared > 0, d_sh, tl.where(own > 0, d_own, d_bad))
     tl.store(plan + o_list + dest, b_idx, mask=m_list)
     o_cnt = ((bos + t0 + o_p) * H + i_h) * 2
-    mode = tl.where((n_sh > 0) & (n_sh >= share_min), n_sh, 0)
-    tl.store(counts + o_cnt, tl.zeros([P], dtype=tl.int32) + mode, mask=m_p)
+    tl.store(counts + o_cnt, tl.zeros([P], dtype=tl.int32) + n_sh, mask=m_p)
     tl.store(counts + o_cnt + 1, n_valid, mask=m_p)
 
 
@@ -917,20 +911,13 @@ def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Ti
 def _share(bt: int, br: int, DK: int, DV: int) -> int:
     """FWD_SHARE resolved for a tile of ``bt`` positions and ``br`` rows: 1 unless one position
     fills the tile, at most ``64 * 128 // (br * padded head width)``. (:func:`_tiles` also keeps
-    1 for float32 and padded widths Dk + Dv above 384: the shared walk's tiles spill registers
-    there, ptxas sm_90.)"""
+    1 for float32, not a fast path, and for padded widths Dk + Dv above 384: the common kernel's
+    tiles spill registers there, 84 bytes at 256/256 with ptxas sm_90.)"""
     if isinstance(FWD_SHARE, bool) or not isinstance(FWD_SHARE, int) or FWD_SHARE < 1 or FWD_SHARE & (FWD_SHARE - 1):
         raise ValueError(f"nsa.ops.selected.FWD_SHARE: expected a power of two >= 1, got {FWD_SHARE!r}")
     if bt > 1:
         return 1
     return max(1, min(FWD_SHARE, 64 * 128 // (br * max(pow2(DK), pow2(DV)))))
-
-
-def _share_min() -> int:
-    """FWD_SHARE_MIN, validated."""
-    if isinstance(FWD_SHARE_MIN, bool) or not isinstance(FWD_SHARE_MIN, int) or FWD_SHARE_MIN < 1:
-        raise ValueError(f"nsa.ops.selected.FWD_SHARE_MIN: expected an int >= 1, got {FWD_SHARE_MIN!r}")
-    return FWD_SHARE_MIN
 
 
 def fwd_positions(cfg: _Tiles) -> int:
@@ -1063,12 +1050,11 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
     if cfg.SHARE > 1:
         plan = torch.empty_like(block_indices)
         counts = torch.empty(N, H, 2, dtype=torch.int32, device=q.device)
-        selected_share_plan_kernel[grid](block_indices, plan, counts, cu_seqlens, chunk_indices, _share_min(),
+        selected_share_plan_kernel[grid](block_indices, plan, counts, cu_seqlens, chunk_indices,
                                          H=H, S=S, SP=SP, P=cfg.SHARE, num_warps=1)
         # the blocks a program's positions all list: once per program, state parked in o / lse
         selected_fwd_common_kernel[grid](q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
-                                         P=cfg.SHARE, TB=pow2(cfg.SHARE - 1),
-                                         **{**consts, "num_warps": FWD_COMMON_WARPS})
+                                         P=cfg.SHARE, TB=pow2(cfg.SHARE - 1), **consts)
         # the rest: one position per program, on the planned lists
         del consts["SP"]
         positions = _chunk_table(cu_seqlens, N, 1)

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from nsa.ops import compressed_attention, select_blocks
 from nsa.ops import selected as SL
+from nsa.ops import triton_utils as TU
 from nsa.ops.utils import num_compressed, uniform_cu_seqlens
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run under TRITON_INTERPRET=1
@@ -569,6 +570,36 @@ def probe_wide(T):
     SL.GATHER_STAGES, SL.FWD_TMA, SL.FWD_SHARE = stages0, tma0, share0
 
 
+def probe_split_head(T):
+    """Compressed attention forward and selection at Dk/Dv = 192/128 (B=1, HQ=64, H=4, 32/16/64,
+    16 selected): q . k over the head dim as two tiles (128 + 64) against one padded tile of 256
+    (triton_utils.SPLIT_HEAD_DIMS), and at D = 128 (one tile either way) for reference."""
+    HQ, H, KS, ST, BS, S = 64, 4, 32, 16, 64, 16
+    g = torch.Generator(device=DEV).manual_seed(11)
+    Tc = num_compressed(T, KS, ST)
+    split0 = TU.SPLIT_HEAD_DIMS
+    for DK, DV in ((192, 128), (128, 128)):
+        q = torch.randn(1, T, HQ, DK, device=DEV, generator=g).bfloat16()
+        kc = torch.randn(1, Tc, H, DK, device=DEV, generator=g).bfloat16()
+        vc = torch.randn(1, Tc, H, DV, device=DEV, generator=g).bfloat16()
+        outs = {}
+        for split in (False, True):
+            TU.SPLIT_HEAD_DIMS = split
+            o, lse = compressed_attention(q, kc, vc, KS, ST, backend="triton")
+            idx = select_blocks(q, kc, lse, KS, ST, BS, S, 1, 2, backend="triton")
+            t_cmp = _ms(lambda: compressed_attention(q, kc, vc, KS, ST, backend="triton"))
+            t_sel = _ms(lambda: select_blocks(q, kc, lse, KS, ST, BS, S, 1, 2, backend="triton"))
+            outs[split] = (o, lse, idx)
+            print(f"splithead T={T} {DK}/{DV} {'two tiles' if split else 'one padded tile'}: compressed fwd "
+                  f"{t_cmp:.2f} ms, selection {t_sel:.2f} ms", flush=True)
+        (o0, l0, i0), (o1, l1, i1) = outs[False], outs[True]
+        fin = torch.isfinite(l0)
+        print(f"splithead T={T} {DK}/{DV}: max|o diff| {(o0.float() - o1.float()).abs().max().item():.2e}, "
+              f"max|lse diff| {(l0[fin] - l1[fin]).abs().max().item():.2e}, "
+              f"selections differing {(i0 != i1).any(-1).float().mean().item():.2e} of rows", flush=True)
+    TU.SPLIT_HEAD_DIMS = split0
+
+
 def main():
     # part -> what it runs, given the parsed arguments
     parts = {
@@ -585,6 +616,7 @@ def main():
         "launches": lambda a: probe_launches(a.T),
         "share": lambda a: probe_share(a.T),
         "wide": lambda a: probe_wide(a.T),
+        "splithead": lambda a: probe_split_head(a.T),
     }
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)

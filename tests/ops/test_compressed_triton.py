@@ -39,6 +39,9 @@ CASES = [
     ("T257-G3-k4s2-bf16", 1, 257, 1, 3, 32, 16, 4, 2, torch.bfloat16),
     ("T33-G16-k8s8-bf16", 1, 33, 1, 16, 16, 24, 8, 8, torch.bfloat16),
     ("T100-G2-k16s8-fp16", 1, 100, 1, 2, 24, 40, 16, 8, torch.float16),
+    # Dk as two tiles in the forward's q . k (triton_utils.split_dim): 96 = 64 + 32, 48 = 32 + 16
+    ("T100-G16-k16s8-dk96-bf16", 1, 100, 1, 16, 96, 32, 16, 8, torch.bfloat16),
+    ("T100-G4-k8s8-dk48-fp16", 1, 100, 2, 4, 48, 16, 8, 8, torch.float16),
 ]
 
 # id, lengths, H, G, Dk, Dv, kernel_size, stride, dtype
@@ -47,6 +50,7 @@ VARLEN_CASES = [
     ("len1-40-130-k32s16-G3", [1, 40, 130], 1, 3, 16, 24, 32, 16, torch.float32),
     ("len7-4-65-k4s2-G1", [7, 4, 65], 2, 1, 24, 16, 4, 2, torch.float32),
     ("len1-40-130-k16s8-bf16", [1, 40, 130], 1, 2, 24, 40, 16, 8, torch.bfloat16),
+    ("len1-40-130-k16s8-dk96-bf16", [1, 40, 130], 1, 16, 96, 32, 16, 8, torch.bfloat16),
 ]
 
 

@@ -22,3 +22,14 @@ def test_compressed_cu_seqlens():
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
     want = [0] + list(torch.tensor([num_compressed(L, 32, 16) for L in lens]).cumsum(0).tolist())
     assert compressed_cu_seqlens(cu, 32, 16).tolist() == want
+
+
+def test_split_dim():
+    """Head dims as two power-of-two tiles where that is narrower than one padded tile."""
+    from nsa.ops.triton_utils import split_dim
+    want = {16: (16, 0), 24: (32, 0), 40: (32, 16), 48: (32, 16), 64: (64, 0), 80: (64, 16), 96: (64, 32),
+            112: (128, 0), 128: (128, 0), 160: (128, 32), 192: (128, 64), 200: (256, 0), 256: (256, 0)}
+    for n, ab in want.items():
+        assert split_dim(n) == ab, n
+        a, b = ab
+        assert a + b >= n and (b == 0 or a < n)

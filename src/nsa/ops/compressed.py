@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_utils
 from .triton_utils import kv_descriptors, pow2, use_tma
 from .utils import compressed_cu_seqlens, interpreting, new_output, prepare_chunk_indices, uniform_cu_seqlens
 
@@ -63,16 +64,27 @@ def _kv_tile(p_k, p_v, i0, n_vis, s_kt, s_vt, DK, DV, BC: tl.constexpr, BDK: tl.
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, b_q, p_k, p_v, o_t, i_lo, i_hi, n_vis, s_kt, s_vt, scale_log2,
+def _k_cols(p_k, i0, n_vis, s_kt, DK, BC: tl.constexpr, D0: tl.constexpr, BD: tl.constexpr):
+    """Columns ``D0 .. D0 + BD - 1`` of the ``[BC]`` compressed keys ``i0 ..`` (zeros past n_vis and DK)."""
+    o_c = tl.arange(0, BC)
+    o_d = D0 + tl.arange(0, BD)
+    return tl.load(p_k + tl.cast(i0, tl.int64) * s_kt + o_c[:, None] * s_kt + o_d[None, :],
+                   mask=((i0 + o_c) < n_vis)[:, None] & (o_d < DK)[None, :], other=0.)
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, b_q, b_q2, p_k, p_v, p_k2, o_t, i_lo, i_hi, n_vis, s_kt, s_vt, scale_log2,
                KERNEL_SIZE, STRIDE, DK, DV,
-               BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASK: tl.constexpr,
+               BC: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDV: tl.constexpr, MASK: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """Online-softmax update of a query tile over compressed tokens [i_lo, i_hi) of its sequence.
 
     p_k/p_v point at the sequence's first compressed token of the KV head, or (TMA) are tensor
     descriptors of its visible tokens ``[n_vis, D]`` (TMA zero-fills rows >= n_vis and columns
     >= D, as the masked pointer loads do); MASK applies the per-row visibility (only the key
-    tiles near the query tile's horizon need it).
+    tiles near the query tile's horizon need it). BDK2 > 0: the head columns ``BDK ..`` are a
+    second tile, b_q2 ``[BM, BDK2]`` (no padding to a power of two), its keys read through the
+    pointer p_k2 (p_k's pointer form).
     """
     o_c = tl.arange(0, BC)
     for i0 in range(i_lo, i_hi, BC):
@@ -81,7 +93,13 @@ def _fwd_tiles(acc, l_i, m_i, b_q, p_k, p_v, o_t, i_lo, i_hi, n_vis, s_kt, s_vt,
         if UPCAST:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         # [BM, BC], log2 units
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+        if BDK2 > 0:
+            b_k2 = _k_cols(p_k2, i0, n_vis, s_kt, DK, BC, BDK, BDK2)
+            if UPCAST:
+                b_k2 = b_k2.to(tl.float32)
+            b_s += tl.dot(b_q2, tl.trans(b_k2), input_precision=PRECISION)
+        b_s = b_s * scale_log2
         if MASK:
             m_vis = (o_i[None, :] * STRIDE + KERNEL_SIZE - 1) <= o_t[:, None]
             b_s = tl.where(m_vis, b_s, float("-inf"))
@@ -105,7 +123,8 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu_seqlens, ccu_seqlens, chunk_indice
                           s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, HQ, H, G, DK, DV,
                           KERNEL_SIZE, STRIDE,
                           GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
-                          BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+                          BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+                          BDK2: tl.constexpr = 0):
     """One program per (query tile, KV head); chunk_indices rows are (sequence, tile), taken last
     row first (a sequence's late tiles see the most tokens: the longest programs start first).
     TMA: compressed K/V tiles through tensor descriptors (16-bit inputs, 16-byte aligned rows)."""
@@ -132,8 +151,15 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu_seqlens, ccu_seqlens, chunk_indice
 
     p_q = q + o_tok[:, None] * s_qt + (o_hq * s_qh)[:, None] + o_dk[None, :]
     b_q = tl.load(p_q, mask=m_row[:, None] & m_dk[None, :], other=0.)  # [BM, BDK]
+    if BDK2 > 0:  # head columns BDK .. as a second tile
+        o_dk2 = BDK + tl.arange(0, BDK2)
+        b_q2 = tl.load(q + o_tok[:, None] * s_qt + (o_hq * s_qh)[:, None] + o_dk2[None, :],
+                       mask=m_row[:, None] & (o_dk2 < DK)[None, :], other=0.)
+    else:
+        b_q2 = b_q
     if UPCAST:
         b_q = b_q.to(tl.float32)
+        b_q2 = b_q2.to(tl.float32)
 
     t_last = tl.minimum(t0 + BT, seq_len) - 1
     # Token i is visible to position t iff i*stride + kernel_size - 1 <= t: the tile's last row sees
@@ -144,16 +170,19 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu_seqlens, ccu_seqlens, chunk_indice
 
     p_k = k + cbos * s_kt + i_h * s_kh
     p_v = v + cbos * s_vt + i_h * s_vh
+    p_k2 = p_k
     if TMA:
         # the tile's visible tokens only: rows past n_vis (later tokens, the next sequence's) read 0
         p_k, p_v = kv_descriptors(p_k, p_v, n_vis, s_kt, s_vt, DK, DV, BC, BDK, BDV)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, b_q, p_k, p_v, o_t, 0, n_full, n_vis, s_kt, s_vt, scale_log2,
-                               KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, False, PRECISION, UPCAST, TMA)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, b_q, p_k, p_v, o_t, n_full, n_vis, n_vis, s_kt, s_vt, scale_log2,
-                               KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, True, PRECISION, UPCAST, TMA)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, b_q, b_q2, p_k, p_v, p_k2, o_t, 0, n_full, n_vis, s_kt, s_vt,
+                               scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDK2, BDV, False, PRECISION, UPCAST,
+                               TMA)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, b_q, b_q2, p_k, p_v, p_k2, o_t, n_full, n_vis, n_vis, s_kt, s_vt,
+                               scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDK2, BDV, True, PRECISION, UPCAST,
+                               TMA)
 
     seen = l_i > 0
     b_o = acc / tl.where(seen, l_i, 1.)[:, None]
@@ -533,11 +562,13 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seq
     tiles = pk.query_tiles(bt)
     grid = (tiles.shape[0] * H,)
     tma = use_tma(cfg.get("tma", False), k_cmp, v_cmp)
+    # q . k over a head dim that is not a power of two: two tiles (192 = 128 + 64), not one of 256
+    bdk1, bdk2 = triton_utils.head_tiles(Dk)
     compressed_fwd_kernel[grid](
         q, k_cmp, v_cmp, o, lse, pk.cu, pk.ccu, tiles, scale * LOG2E,
         q.stride(1), q.stride(2), k_cmp.stride(1), k_cmp.stride(2), v_cmp.stride(1), v_cmp.stride(2),
         o.stride(1), o.stride(2), HQ, H, G, Dk, Dv, kernel_size, stride,
-        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=_precision(q.dtype),
+        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk1, BDK2=bdk2, BDV=bdv, PRECISION=_precision(q.dtype),
         UPCAST=_upcast(q), TMA=tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o, lse
 

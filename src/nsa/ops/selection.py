@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_utils
 from .triton_utils import interpreting, pow2
 from .utils import compressed_cu_seqlens, new_output, prepare_chunk_indices
 
@@ -115,8 +116,29 @@ def _merge_top(a, c, BT: tl.constexpr, LOG_R: tl.constexpr):
 
 
 @triton.jit
-def _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
-                  H: tl.constexpr, DK: tl.constexpr, BD: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
+def _qk_part(b_q, k, cbos, cmp_len, i_h, i_tok, o_cc, d0: tl.constexpr, H: tl.constexpr, DK: tl.constexpr,
+             BD: tl.constexpr, CPB: tl.constexpr, MASKED: tl.constexpr, DOT_MODE: tl.constexpr):
+    """``b_q [BM, BD] . k^T`` over head columns ``d0 .. d0 + BD - 1`` of tokens ``i_tok`` ``[BC]``."""
+    o_d = d0 + tl.arange(0, BD)
+    p_k = k + ((cbos + i_tok) * H + i_h)[None, :] * DK + o_d[:, None]
+    if MASKED or d0 + BD > DK:
+        b_k = tl.load(p_k, mask=(o_d < DK)[:, None] & ((o_cc < CPB) & (i_tok < cmp_len))[None, :], other=0.)
+    else:
+        b_k = tl.load(p_k)  # [BD, BC]
+    if DOT_MODE == "ieee":
+        return tl.dot(b_q, b_k, input_precision="ieee")
+    elif DOT_MODE == "upcast":
+        # the interpreter multiplies bfloat16 bit patterns (triton#11584); products of
+        # bfloat16 values are exact in float32, so this is what tensor cores compute.
+        return tl.dot(b_q.to(tl.float32), b_k.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(b_q, b_k)  # [BM, BC]
+
+
+@triton.jit
+def _chunk_scores(b_q, b_q2, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
+                  H: tl.constexpr, DK: tl.constexpr, BD: tl.constexpr, BD2: tl.constexpr, KS: tl.constexpr,
+                  STRIDE: tl.constexpr,
                   BS: tl.constexpr, CPB: tl.constexpr, CPBP: tl.constexpr, SPILL: tl.constexpr,
                   BT: tl.constexpr, BJ: tl.constexpr, LOG_BM: tl.constexpr, LOG_GP: tl.constexpr,
                   HEAD_AXES: tl.constexpr, N_EARLY: tl.constexpr, MASKED: tl.constexpr,
@@ -124,7 +146,8 @@ def _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale
     """Scores ``[BT, BJ]`` of blocks ``j0 .. j0+BJ-1`` for the tile's positions, and the carry
     ``[BT, BJ]`` of this chunk's tokens into the next chunk's blocks.
 
-    b_q ``[BM, BD]``; b_lse2 ``[BM]`` (lse in base 2, +inf for rows that must score 0);
+    b_q ``[BM, BD]`` (and b_q2 ``[BM, BD2]``: head columns ``BD ..``, when BD2 > 0); b_lse2 ``[BM]``
+    (lse in base 2, +inf for rows that must score 0);
     i_t ``[BM]`` row positions; rows as in :func:`selection_fwd_kernel`. ``MASKED`` false: every
     token of the chunk is known to be visible to every row (no per-element masks).
     """
@@ -134,20 +157,9 @@ def _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale
     o_cl = tl.arange(0, BC)
     o_cc = o_cl // BJ
     i_tok = (j0 + o_cl % BJ) * CPB + o_cc  # [BC]
-    o_d = tl.arange(0, BD)
-    p_k = k + ((cbos + i_tok) * H + i_h)[None, :] * DK + o_d[:, None]
-    if MASKED or BD != DK:
-        b_k = tl.load(p_k, mask=(o_d < DK)[:, None] & ((o_cc < CPB) & (i_tok < cmp_len))[None, :], other=0.)
-    else:
-        b_k = tl.load(p_k)  # [BD, BC]
-    if DOT_MODE == "ieee":
-        b_s = tl.dot(b_q, b_k, input_precision="ieee")
-    elif DOT_MODE == "upcast":
-        # the interpreter multiplies bfloat16 bit patterns (triton#11584); products of
-        # bfloat16 values are exact in float32, so this is what tensor cores compute.
-        b_s = tl.dot(b_q.to(tl.float32), b_k.to(tl.float32), input_precision="ieee")
-    else:
-        b_s = tl.dot(b_q, b_k)  # [BM, BC]
+    b_s = _qk_part(b_q, k, cbos, cmp_len, i_h, i_tok, o_cc, 0, H, DK, BD, CPB, MASKED, DOT_MODE)
+    if BD2 > 0:
+        b_s += _qk_part(b_q2, k, cbos, cmp_len, i_h, i_tok, o_cc, BD, H, DK, BD2, CPB, MASKED, DOT_MODE)
     # rows with lse2 = +inf get exp2(-inf) = 0
     b_p = tl.exp2(b_s * qk_scale - b_lse2[:, None])
     if MASKED:
@@ -207,7 +219,7 @@ def _chunk_keys(b_sc, j0, i_tb, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
 def selection_fwd_kernel(
     q, k, lse, o, cu_seqlens, ccu_seqlens, chunk_indices, qk_scale, T, TC, NT,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, BD: tl.constexpr,
-    KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr,
+    BD2: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr,
     S: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
     CPB: tl.constexpr, CPBP: tl.constexpr, SPILL: tl.constexpr,
     BT: tl.constexpr, BJ: tl.constexpr, LOG_R: tl.constexpr, LOG_BM: tl.constexpr, LOG_GP: tl.constexpr,
@@ -221,7 +233,9 @@ def selection_fwd_kernel(
     ``2^LOG_BM = BT * GP`` rows of a tile is head ``pext(r, HEAD_MASK)`` at position
     ``pext(r, ~HEAD_MASK)`` (bits gathered in order), see :func:`_head_mask`; ``HEAD_AXES`` packs
     4 bits per head bit: the axes of the ``[2] * LOG_BM`` row hypercube to sum, in order; the first
-    ``N_EARLY`` are summed before the token weighting.
+    ``N_EARLY`` are summed before the token weighting. ``BD2 > 0``: the head columns are two tiles,
+    ``0 .. BD-1`` and ``BD .. BD+BD2-1`` (:func:`nsa.ops.triton_utils.split_dim`: no padding to
+    the next power of two), scored as the sum of two products.
     """
     # tiles in reverse order: the late (most expensive, causal) tiles start first
     i_c, i_h = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
@@ -261,6 +275,11 @@ def selection_fwd_kernel(
     o_d = tl.arange(0, BD)
     o_row = (bos + i_t) * HQ + i_h * G + o_g  # [BM] row of q / lse in [N * HQ]
     b_q = tl.load(q + o_row[:, None] * DK + o_d[None, :], mask=m_row[:, None] & (o_d < DK)[None, :], other=0.)
+    if BD2 > 0:
+        o_d2 = BD + tl.arange(0, BD2)
+        b_q2 = tl.load(q + o_row[:, None] * DK + o_d2[None, :], mask=m_row[:, None] & (o_d2 < DK)[None, :], other=0.)
+    else:
+        b_q2 = b_q
     b_lse = tl.load(lse + o_row, mask=m_row, other=float("-inf"))
     # +inf makes p = 0: padding rows, and rows that see nothing (lse = -inf, as in the reference)
     b_lse2 = tl.where(b_lse > float("-inf"), b_lse * 1.4426950408889634, float("inf"))
@@ -280,8 +299,8 @@ def selection_fwd_kernel(
         j_full = 0  # padded token slots: always masked
     for masked in tl.static_range(2):
         for j0 in range(j_full if masked else 0, n_blk if masked else j_full, BJ):
-            b_sc, b_carry = _chunk_scores(b_q, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
-                                          H, DK, BD, KS, STRIDE, BS, CPB, CPBP, SPILL, BT, BJ, LOG_BM, LOG_GP,
+            b_sc, b_carry = _chunk_scores(b_q, b_q2, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
+                                          H, DK, BD, BD2, KS, STRIDE, BS, CPB, CPBP, SPILL, BT, BJ, LOG_BM, LOG_GP,
                                           HEAD_AXES, N_EARLY, masked == 1, DOT_MODE)
             b_top = _merge_top(b_top, _chunk_keys(b_sc, j0, i_tb, NUM_INIT, NUM_LOCAL, BJ), BT, LOG_R)
 
@@ -366,8 +385,8 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     spill = ((CPB - 1) * stride + kernel_size - 1) // block_size
     BJ = max(MIN_CHUNK_BLOCKS, pow2(num_selected, 1), pow2(spill + 1, 1))
     LOG_R = int(math.log2(BJ))
-    BD = pow2(DK)
-    if maxnreg is None and not interpreting() and q.dtype in (torch.float16, torch.bfloat16) and BD <= 128 \
+    BD, BD2 = triton_utils.head_tiles(DK)
+    if maxnreg is None and not interpreting() and q.dtype in (torch.float16, torch.bfloat16) and BD + BD2 <= 128 \
             and BJ <= 16 and BT * GP <= 256:
         maxnreg = MAXNREG
     if cu_seqlens is not None:
@@ -382,7 +401,7 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     grid = (n_tiles, H)
     selection_fwd_kernel[grid](
         q, k_cmp, lse, out, cu_seqlens, ccu, chunk_indices, scale * 1.4426950408889634, T, TC, NT,
-        HQ=HQ, H=H, G=G, GP=GP, DK=DK, BD=BD, KS=kernel_size, STRIDE=stride, BS=block_size,
+        HQ=HQ, H=H, G=G, GP=GP, DK=DK, BD=BD, BD2=BD2, KS=kernel_size, STRIDE=stride, BS=block_size,
         S=num_selected, NUM_INIT=num_initial, NUM_LOCAL=num_local, CPB=CPB, CPBP=CPBP, SPILL=spill,
         BT=BT, BJ=BJ, LOG_R=LOG_R, LOG_BM=LOG_BM, LOG_GP=LOG_GP, HEAD_MASK=head_mask,
         HEAD_AXES=_head_axes(head_mask, LOG_BM), N_EARLY=_n_register_bits(head_mask),

@@ -12,12 +12,37 @@ import triton.language as tl
 from .utils import interpreting
 
 __all__ = ["dot", "dot_args", "ensure_allocator", "interpreting", "kv_descriptors", "pow2", "softmax_step",
-           "tma_ok", "use_tma"]
+           "head_tiles", "split_dim", "tma_ok", "use_tma"]
 
 
 def pow2(n: int, minimum: int = 16) -> int:
     """The power of two >= n (and >= ``minimum``): a padded tile extent."""
     return max(minimum, triton.next_power_of_2(n))
+
+
+def split_dim(n: int) -> tuple[int, int]:
+    """A head dim as two power-of-two tile extents ``(a, b)``, ``a + b >= n``, when that is narrower
+    than one padded tile (192 = 128 + 64 instead of 256; 40 = 32 + 16 instead of 64): columns
+    ``0 .. a-1`` and ``a .. a+b-1``. ``(pow2(n), 0)`` where one tile is as narrow."""
+    whole = pow2(n)
+    a = whole // 2
+    if a < 16 or n <= a:
+        return whole, 0
+    b = pow2(n - a)
+    return (a, b) if a + b < whole else (whole, 0)
+
+
+# Kernels that score q . k over head dims that are not powers of two take them as two tiles
+# (split_dim) instead of one padded tile; False: one padded tile (for comparisons).
+SPLIT_HEAD_DIMS = True
+
+
+def head_tiles(n: int) -> tuple[int, int]:
+    """The (first, second) tile extents of a head dim of ``n`` columns in the kernels that split it
+    (second 0: one tile): :func:`split_dim`, or one padded tile where SPLIT_HEAD_DIMS is off."""
+    if not isinstance(SPLIT_HEAD_DIMS, bool):
+        raise ValueError(f"nsa.ops.triton_utils.SPLIT_HEAD_DIMS: expected True or False, got {SPLIT_HEAD_DIMS!r}")
+    return split_dim(n) if SPLIT_HEAD_DIMS else (pow2(n), 0)
 
 
 # Set by tests/ops/launch_resources.py, which compiles the launches of CPU tensors for sm_90

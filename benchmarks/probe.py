@@ -539,35 +539,32 @@ def probe_share(T):
 
 
 def probe_wide(T):
-    """The selected forward (one position per program, G = 16) at the paper's head dims Dk/Dv =
-    192/128 on the benchmark's selections: keys per sub-tile, pipeline stages, TMA or pointer
-    loads (run 24 measured the defaults of then, 32 keys, 2 stages, TMA, first; those of 28c8864
-    after it are 64 keys, 2 stages, pointer loads)."""
+    """The selected forward (G = 16) at the paper's head dims Dk/Dv = 192/128 on the benchmark's
+    selections, the default path (programs of 2 positions planned, the common kernel for shared
+    blocks): q . k as two tiles (128 + 64) or one padded tile (triton_utils.SPLIT_HEAD_DIMS), K
+    through pointer loads (FWD_TMA "auto" for these dims) or TMA for the first tile. (Run 24
+    swept sub-tiles, stages and TMA with one position per program and one padded tile.)"""
     HQ, H, BS, S, DK, DV = 64, 4, 64, 16, 192, 128
     idx = _benchmark_inputs(T)[4].view(T, H, S).contiguous()
     g = torch.Generator(device=DEV).manual_seed(9)
     q, k, v = (torch.randn(T, h, d, device=DEV, generator=g).bfloat16() for h, d in ((HQ, DK), (H, DK), (H, DV)))
     cu = uniform_cu_seqlens(1, T, q.device)
-    share0 = SL.FWD_SHARE
-    SL.FWD_SHARE = 1
-    cfg0 = SL._tiles(HQ // H, BS, DK, DV, q.dtype)
-    chunks = SL._chunk_table(cu, T, 1)
-    stages0, tma0 = SL.GATHER_STAGES, SL.FWD_TMA
+    cfg = SL._tiles(HQ // H, BS, DK, DV, q.dtype)
+    chunks = SL._chunk_table(cu, T, SL.fwd_positions(cfg))
+    tma0, split0 = SL.FWD_TMA, TU.SPLIT_HEAD_DIMS
     base = None
-    for bk, stages, tma in ((32, 2, "auto"), (64, 2, "auto"), (32, 3, "auto"), (64, 1, "auto"), (32, 1, "auto"),
-                            (32, 2, False), (64, 2, False)):
-        SL.GATHER_STAGES, SL.FWD_TMA = stages, tma
-        cfg = cfg0._replace(BK=bk, NKS=BS // bk)
-        label = f"keys {bk} stages {stages} {'tma' if tma else 'pointer'}"
+    for split, tma in ((False, "auto"), (True, "auto"), (True, True)):
+        SL.FWD_TMA, TU.SPLIT_HEAD_DIMS = tma, split
+        label = f"P={cfg.SHARE} {'two tiles' if split else 'one padded tile'} {'tma' if tma is True else 'pointer'}"
         try:
             o, _ = SL._launch_fwd(q, k, v, idx, BS, DK ** -0.5, cu, chunks, cfg)
             base = o if base is None else base
             t = _ms(lambda: SL._launch_fwd(q, k, v, idx, BS, DK ** -0.5, cu, chunks, cfg))
-            print(f"wide T={T} 192/128 selected fwd {label}: {t:.2f} ms  max|o - o(default)| "
+            print(f"wide T={T} 192/128 selected fwd {label}: {t:.2f} ms  max|o - o(first)| "
                   f"{(o.float() - base.float()).abs().max().item():.2e}", flush=True)
         except Exception as e:
             print(f"wide T={T} 192/128 selected fwd {label}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
-    SL.GATHER_STAGES, SL.FWD_TMA, SL.FWD_SHARE = stages0, tma0, share0
+    SL.FWD_TMA, TU.SPLIT_HEAD_DIMS = tma0, split0
 
 
 def probe_split_head(T):

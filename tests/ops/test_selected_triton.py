@@ -11,6 +11,7 @@ import nsa.ops.reference
 import nsa.ops.selected
 from nsa.ops import selected_attention
 from nsa.ops.selected import selected_attention_triton
+from nsa.ops.triton_utils import pow2
 from tests.helpers import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -423,6 +424,32 @@ def test_fwd_shared_walks_never_read_invisible_values(monkeypatch):
     assert_same_forward(ptr, tma, clean)
 
 
+@pytest.mark.parametrize("Dk,Dv", [(96, 32), (48, 64)])
+def test_fwd_split_head_tma_and_pointer(monkeypatch, Dk, Dv):
+    """Head dims that are not powers of two: q . k as two tiles (triton_utils.split_dim), the
+    first through TMA (FWD_TMA True) or pointer loads, the second through pointer loads; both
+    against the reference and each other, with programs of 4 positions (G = 16, bf16), and the
+    same with one padded tile (SPLIT_HEAD_DIMS off)."""
+    from nsa.ops import triton_utils
+    from nsa.ops.selected import _fwd_tma, _selected_fwd_op, _tiles
+    q, k, v, idx, cu = shared_inputs([40, 33], 16, Dk, Dv, 4, 16, True, torch.bfloat16, seed=23)
+    o_ref = nsa.ops.reference.selected_attention(q.float(), k.float(), v.float(), idx, 16, cu_seqlens=cu)
+    monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", "gather")
+    cfg = _tiles(16, 16, Dk, Dv, q.dtype)
+    assert cfg.BT == 1 and cfg.SHARE == 4
+    if not triton_utils.tma_ok(k[0], v[0]):
+        pytest.skip("no TMA here (no CUDA, and the interpreter has no tensor descriptors)")
+    for split in (True, False):
+        monkeypatch.setattr(triton_utils, "SPLIT_HEAD_DIMS", split)
+        out = {}
+        for tma in (False, True):
+            monkeypatch.setattr(nsa.ops.selected, "FWD_TMA", tma)
+            assert _fwd_tma(k[0], v[0], cfg) == tma
+            out[tma] = _selected_fwd_op(q, k, v, idx, 16, Dk ** -0.5, cu)
+            assert_close(f"o tma={tma} split={split}", o_ref, out[tma][0].float(), RATIO_BF16)
+        assert_same_forward(out[False], out[True])
+
+
 def test_fwd_tma_resolution(monkeypatch):
     """FWD_TMA is checked; TMA only where its rules hold (else the pointer path, same results);
     "auto" leaves head dims that are not powers of two to pointer loads."""
@@ -529,6 +556,7 @@ SHARED_SHAPES = {
     "varlen-45-30-G12-bs5": ([45, 30], 12, 32, 16, 5, 5, True),  # padded heads; blocks of 5 (tails cross blocks)
     "varlen-50-29-G16-noncausal": ([50, 29], 16, 32, 32, 4, 16, False),  # future blocks in the lists
     "T70-G32-dk32dv64-bs24": ([70], 32, 32, 64, 3, 24, True),  # 32 rows per position; blocks of 24
+    "varlen-40-33-G16-dk96": ([40, 33], 16, 96, 32, 4, 16, True),  # q . k as two tiles (64 + 32)
 }
 # (shape, positions per program)
 SHARED_CASES = [(n, share) for n in SHARED_SHAPES for share in (4, 8)] + [("varlen-1-37-60-19-G16", 2)]
@@ -551,7 +579,7 @@ def test_fwd_shared_blocks_match_reference(monkeypatch, name, share, dtype):
     assert cfg.SHARE == (1 if dtype == torch.float32 else _share(cfg.BT, cfg.BR, Dk, Dv))
     # float32 is not given the shared walk by default (registers on sm_90): run it here all the same
     cfg = cfg._replace(SHARE=_share(cfg.BT, cfg.BR, Dk, Dv))
-    assert cfg.BT == 1 and cfg.SHARE == min(share, 64 * 128 // (cfg.BR * max(Dk, Dv, 16))) > 1
+    assert cfg.BT == 1 and cfg.SHARE == min(share, 64 * 128 // (cfg.BR * max(pow2(Dk), pow2(Dv)))) > 1
     scale = Dk ** -0.5
     N = q.shape[1]
     packed = (q[0], k[0], v[0], idx[0], bs, scale, cu)

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .compressed import compressed_bwd_preprocess_kernel
+from . import triton_utils
 from .triton_utils import dot, dot_args, kv_descriptors, pow2, softmax_step, tma_ok, use_tma
 from .utils import interpreting, new_output, uniform_cu_seqlens
 
@@ -225,21 +226,35 @@ def _resume_rows(o, lse, o_row, m_r, DV: tl.constexpr, BDV: tl.constexpr):
 
 
 @triton.jit
+def _q_cols(q, o_row, m_r, DK: tl.constexpr, D0: tl.constexpr, BD: tl.constexpr):
+    """Head columns ``D0 .. D0 + BD - 1`` of q rows ``o_row`` (valid ``m_r``) when ``BD > 0`` (the
+    second tile of a split head dim), else None."""
+    if BD > 0:
+        o_d = D0 + tl.arange(0, BD)
+        return tl.load(q + o_row[:, None] * DK + o_d[None, :], mask=m_r[:, None] & (o_d < DK)[None, :], other=0.)
+    else:
+        return None
+
+
+@triton.jit
 def _one_position_fwd(q, k, v, o, lse, p_idx, i_first, n_walk, bos, seq_len, t0, i_h, scale,
                       HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
                       NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                       BR: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      DOT_UPCAST: tl.constexpr, TMA: tl.constexpr, RESUME: tl.constexpr = False):
+                      DOT_UPCAST: tl.constexpr, TMA: tl.constexpr, RESUME: tl.constexpr = False,
+                      BDK2: tl.constexpr = 0):
     """The forward of position ``t0`` (its ``G <= BR`` heads of KV head ``i_h``) over entries
     ``i_first .. n_walk - 1`` of its list at ``p_idx``: a branch-free loop whose loads the compiler
     can pipeline (STAGES). RESUME: where ``i_first > 0`` the walk starts from the state that
-    :func:`selected_fwd_common_kernel` parked in o / lse for entries ``0 .. i_first - 1``."""
+    :func:`selected_fwd_common_kernel` parked in o / lse for entries ``0 .. i_first - 1``.
+    BDK2 > 0: q . k over the head columns ``0 .. BDK-1`` and ``BDK .. BDK+BDK2-1`` as two tiles."""
     o_r = tl.arange(0, BR)
     i_t = t0 + o_r * 0  # [BR]
     m_r = (o_r < G) & (i_t < seq_len)
     o_dk = tl.arange(0, BDK)
     o_row = (bos + i_t) * HQ + i_h * G + o_r  # [BR] row of q/o/lse in [N * HQ]
     b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
+    b_q2 = _q_cols(q, o_row, m_r, DK, BDK, BDK2)
     t_last = tl.minimum(t0, seq_len - 1)
     qk_scale = scale * 1.4426950408889634  # softmax in base 2
     if RESUME:
@@ -260,7 +275,8 @@ def _one_position_fwd(q, k, v, o, lse, p_idx, i_first, n_walk, bos, seq_len, t0,
         i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
         # every row is position t0: the keys <= t_last are exactly the causal ones
         b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t_last, n_key, i_h, qk_scale, b_m, b_l,
-                                        b_acc, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA, DOT_PRECISION, DOT_UPCAST)
+                                        b_acc, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA, DOT_PRECISION, DOT_UPCAST,
+                                        b_q2, BDK2)
     _finish_rows(o, lse, o_row, m_r, b_m, b_l, b_acc, DV, BDV)
 
 
@@ -329,7 +345,7 @@ def selected_fwd_planned_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False, BDK2: tl.constexpr = 0,
 ):
     """:func:`selected_fwd_kernel` with one position per program (``chunk_indices`` of single
     positions) on :func:`selected_share_plan_kernel`'s plan: a position walks its valid entries
@@ -340,7 +356,7 @@ def selected_fwd_planned_kernel(
         p_cnt = counts + ((bos + t0) * H + i_h) * 2
         _one_position_fwd(q, k, v, o, lse, plan + ((bos + t0) * H + i_h) * S, tl.load(p_cnt), tl.load(p_cnt + 1), bos,
                           seq_len, t0, i_h, scale, HQ, H, G, BS, BK, NKS, DK, DV, BDK, BDV, BR, STAGES, DOT_PRECISION,
-                          DOT_UPCAST, TMA, True)
+                          DOT_UPCAST, TMA, True, BDK2)
 
 
 @triton.jit
@@ -350,6 +366,7 @@ def selected_fwd_common_kernel(
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, P: tl.constexpr, BR: tl.constexpr, TB: tl.constexpr,
     STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
+    BDK2: tl.constexpr = 0,
 ):
     """The blocks that all ``P`` positions ``t0 ..`` of a program list, for the programs that
     :func:`selected_share_plan_kernel` gave ``counts[..., 0] = n > 0``: the
@@ -379,6 +396,7 @@ def selected_fwd_common_kernel(
         qk_scale = scale * 1.4426950408889634  # softmax in base 2
         p_list0 = plan + ((bos + t0) * H + i_h) * S
         b_q = tl.load(q + o_rowa[:, None] * DK + o_dk[None, :], mask=m_a[:, None] & (o_dk < DK)[None, :], other=0.)
+        b_q2 = _q_cols(q, o_rowa, m_a, DK, BDK, BDK2)
         b_m = tl.full([P * BR], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([P * BR], dtype=tl.float32)
         b_acc = tl.zeros([P * BR, BDV], dtype=tl.float32)
@@ -386,7 +404,7 @@ def selected_fwd_common_kernel(
             i_b = tl.load(p_list0 + j).to(tl.int64)
             b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
                                             b_m, b_l, b_acc, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA,
-                                            DOT_PRECISION, DOT_UPCAST)
+                                            DOT_PRECISION, DOT_UPCAST, b_q2, BDK2)
         # keys t0 + 1 .. t0 + P - 1 of the shared blocks: scored as one [P * BR, TB] product, the
         # values added one key at a time for the rows whose position is >= the key's (a product
         # would multiply the values of keys a row may not see by zero: inf * 0)
@@ -399,8 +417,10 @@ def selected_fwd_common_kernel(
             (tl.max(tl.where(ids[None, :] == (i_kt // BS)[:, None], 1, 0), axis=1) > 0)
         b_kt = tl.load(k + ((bos + i_kt) * H + i_h)[:, None] * DK + o_dk[None, :],
                        mask=m_kt[:, None] & (o_dk < DK)[None, :], other=0.)
-        b_s = dot(b_q, tl.trans(b_kt), DOT_PRECISION, DOT_UPCAST) * qk_scale
-        b_s = tl.where(m_kt[None, :] & (i_kt[None, :] <= i_ta[:, None]), b_s, float("-inf"))
+        b_s = dot(b_q, tl.trans(b_kt), DOT_PRECISION, DOT_UPCAST)
+        if BDK2 > 0:
+            b_s += dot(b_q2, tl.trans(_k_cols(k, i_kt, m_kt, bos, i_h, H, DK, BDK, BDK2)), DOT_PRECISION, DOT_UPCAST)
+        b_s = tl.where(m_kt[None, :] & (i_kt[None, :] <= i_ta[:, None]), b_s * qk_scale, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, axis=1))
         b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
         b_p = tl.exp2(b_s - b_ms[:, None])
@@ -419,18 +439,33 @@ def selected_fwd_common_kernel(
 
 
 @triton.jit
+def _k_cols(k, i_k, m_k, bos, i_h, H: tl.constexpr, DK: tl.constexpr, D0: tl.constexpr, BD: tl.constexpr):
+    """Head columns ``D0 .. D0 + BD - 1`` of keys ``i_k`` (sequence positions; zeros where not m_k
+    and past DK): the second tile of a split head dim (:func:`nsa.ops.triton_utils.split_dim`)."""
+    o_d = D0 + tl.arange(0, BD)
+    return tl.load(k + ((bos + i_k) * H + i_h)[:, None] * DK + o_d[None, :], mask=m_k[:, None] & (o_d < DK)[None, :],
+                   other=0.)
+
+
+@triton.jit
 def _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale, b_m, b_l, b_acc,
                   H: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr,
                   DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, TMA: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, b_q2=None, BDK2: tl.constexpr = 0):
     """One online-softmax step of rows ``b_q`` over the keys ``<= t0`` of listed block ``i_b``
-    (-1: nothing), sub-tile by sub-tile; every row's position is >= t0 (no per-row mask)."""
+    (-1: nothing), sub-tile by sub-tile; every row's position is >= t0 (no per-row mask).
+    BDK2 > 0: the head columns ``BDK ..`` are a second tile, b_q2 ``[rows, BDK2]`` (its keys
+    through pointer loads)."""
     for i_ks in tl.static_range(NKS):
         if TMA:
             i_k, m_k, b_k, b_v = _listed_block_kv_tma(k_desc, v_desc, i_b, i_ks, t0, n_key, BS, BK)
         else:
             i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t0, i_h, H, BS, BK, DK, DV, BDK, BDV)
-        b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
+        b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST)
+        if BDK2 > 0:
+            b_k2 = _k_cols(k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2)
+            b_s += dot(b_q2, tl.trans(b_k2), DOT_PRECISION, DOT_UPCAST)
+        b_s = b_s * qk_scale
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
         b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
     return b_m, b_l, b_acc
@@ -1052,6 +1087,8 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
         counts = torch.empty(N, H, 2, dtype=torch.int32, device=q.device)
         selected_share_plan_kernel[grid](block_indices, plan, counts, cu_seqlens, chunk_indices,
                                          H=H, S=S, SP=SP, P=cfg.SHARE, num_warps=1)
+        # q . k over a head dim that is not a power of two: two tiles (192 = 128 + 64), not one of 256
+        consts["BDK"], consts["BDK2"] = triton_utils.head_tiles(DK)
         # the blocks a program's positions all list: once per program, state parked in o / lse
         selected_fwd_common_kernel[grid](q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
                                          P=cfg.SHARE, TB=pow2(cfg.SHARE - 1), **consts)

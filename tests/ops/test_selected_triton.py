@@ -452,7 +452,8 @@ def test_fwd_split_head_tma_and_pointer(monkeypatch, Dk, Dv):
 
 def test_fwd_tma_resolution(monkeypatch):
     """FWD_TMA is checked; TMA only where its rules hold (else the pointer path, same results);
-    "auto" leaves head dims that are not powers of two to pointer loads."""
+    "auto" leaves head dims that would take padded boxes to pointer loads (not a Dk split in two
+    power-of-two tiles)."""
     from nsa.ops.selected import _fwd_tma, _tiles
     from nsa.ops.triton_utils import tma_ok
     k = torch.zeros(8, 2, 64, dtype=torch.bfloat16, device=DEVICE)
@@ -472,6 +473,12 @@ def test_fwd_tma_resolution(monkeypatch):
     assert _fwd_tma(k48, k48, cfg48) == tma_ok(k48, k48)
     monkeypatch.setattr(nsa.ops.selected, "FWD_TMA", "auto")  # padded box columns: pointer loads
     assert not _fwd_tma(k48, k48, cfg48) and _fwd_tma(k, k, cfg16) == tma_ok(k, k)
+    # Dk 192 as 128 + 64 (programs of 2 positions), Dv 128: boxes without padding
+    k192, v128 = (torch.zeros(8, 2, d, dtype=torch.bfloat16, device=DEVICE) for d in (192, 128))
+    cfg192 = _tiles(16, 64, 192, 128, k.dtype)
+    assert cfg192.SHARE == 2 and _fwd_tma(k192, v128, cfg192) == tma_ok(k192, v128)
+    assert not _fwd_tma(k192, v128, cfg192._replace(SHARE=1))  # one padded tile of 256
+    assert not _fwd_tma(v128, k192, _tiles(16, 64, 128, 192, k.dtype))  # Dv 192
     monkeypatch.setattr(nsa.ops.selected, "FWD_TMA", False)
     assert not _fwd_tma(k, k, cfg16)
     monkeypatch.setattr(nsa.ops.selected, "FWD_TMA", "fast")

@@ -45,6 +45,9 @@ CASES = [
     ("T200-W64-G3-bf16", 1, 200, 1, 3, 24, 16, 64, torch.bfloat16),
     ("T65-W1000-G16-bf16", 1, 65, 1, 16, 16, 24, 1000, torch.bfloat16),
     ("T65-W64-G2-fp16", 1, 65, 1, 2, 24, 16, 64, torch.float16),
+    # Dk as two tiles in the forward's q . k (triton_utils.split_dim): 96 = 64 + 32, 48 = 32 + 16
+    ("T200-W64-G16-dk96-bf16", 1, 200, 1, 16, 96, 32, 64, torch.bfloat16),
+    ("T65-W40-G2-dk48-fp16", 1, 65, 2, 2, 48, 16, 40, torch.float16),
 ]
 
 # id, sequence lengths, H, G, Dk, Dv, window, dtype
@@ -54,6 +57,7 @@ VARLEN_CASES = [
     ("len1-37-100-W64-G2", [1, 37, 100], 2, 2, 16, 24, 64, torch.float32),
     ("len1-37-100-W1000-G16", [1, 37, 100], 1, 16, 16, 16, 1000, torch.float32),
     ("len100-1-37-W64-G2-bf16", [100, 1, 37], 1, 2, 24, 16, 64, torch.bfloat16),
+    ("len100-1-37-W64-G16-dk96-bf16", [100, 1, 37], 1, 16, 96, 32, 64, torch.bfloat16),
 ]
 
 

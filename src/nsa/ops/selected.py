@@ -227,13 +227,10 @@ def _resume_rows(o, lse, o_row, m_r, DV: tl.constexpr, BDV: tl.constexpr):
 
 @triton.jit
 def _q_cols(q, o_row, m_r, DK: tl.constexpr, D0: tl.constexpr, BD: tl.constexpr):
-    """Head columns ``D0 .. D0 + BD - 1`` of q rows ``o_row`` (valid ``m_r``) when ``BD > 0`` (the
-    second tile of a split head dim), else None."""
-    if BD > 0:
-        o_d = D0 + tl.arange(0, BD)
-        return tl.load(q + o_row[:, None] * DK + o_d[None, :], mask=m_r[:, None] & (o_d < DK)[None, :], other=0.)
-    else:
-        return None
+    """Head columns ``D0 .. D0 + BD - 1`` of q rows ``o_row`` (valid ``m_r``): the second tile of a
+    split head dim."""
+    o_d = D0 + tl.arange(0, BD)
+    return tl.load(q + o_row[:, None] * DK + o_d[None, :], mask=m_r[:, None] & (o_d < DK)[None, :], other=0.)
 
 
 @triton.jit
@@ -254,7 +251,10 @@ def _one_position_fwd(q, k, v, o, lse, p_idx, i_first, n_walk, bos, seq_len, t0,
     o_dk = tl.arange(0, BDK)
     o_row = (bos + i_t) * HQ + i_h * G + o_r  # [BR] row of q/o/lse in [N * HQ]
     b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
-    b_q2 = _q_cols(q, o_row, m_r, DK, BDK, BDK2)
+    if BDK2 > 0:
+        b_q2 = _q_cols(q, o_row, m_r, DK, BDK, BDK2)
+    else:
+        b_q2 = b_q  # unused
     t_last = tl.minimum(t0, seq_len - 1)
     qk_scale = scale * 1.4426950408889634  # softmax in base 2
     if RESUME:
@@ -396,7 +396,10 @@ def selected_fwd_common_kernel(
         qk_scale = scale * 1.4426950408889634  # softmax in base 2
         p_list0 = plan + ((bos + t0) * H + i_h) * S
         b_q = tl.load(q + o_rowa[:, None] * DK + o_dk[None, :], mask=m_a[:, None] & (o_dk < DK)[None, :], other=0.)
-        b_q2 = _q_cols(q, o_rowa, m_a, DK, BDK, BDK2)
+        if BDK2 > 0:
+            b_q2 = _q_cols(q, o_rowa, m_a, DK, BDK, BDK2)
+        else:
+            b_q2 = b_q  # unused
         b_m = tl.full([P * BR], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([P * BR], dtype=tl.float32)
         b_acc = tl.zeros([P * BR, BDV], dtype=tl.float32)
@@ -451,7 +454,7 @@ def _k_cols(k, i_k, m_k, bos, i_h, H: tl.constexpr, DK: tl.constexpr, D0: tl.con
 def _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale, b_m, b_l, b_acc,
                   H: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr,
                   DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, TMA: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, b_q2=None, BDK2: tl.constexpr = 0):
+                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, b_q2, BDK2: tl.constexpr):
     """One online-softmax step of rows ``b_q`` over the keys ``<= t0`` of listed block ``i_b``
     (-1: nothing), sub-tile by sub-tile; every row's position is >= t0 (no per-row mask).
     BDK2 > 0: the head columns ``BDK ..`` are a second tile, b_q2 ``[rows, BDK2]`` (its keys
@@ -1056,12 +1059,17 @@ def _fwd_tma(k: torch.Tensor, v: torch.Tensor, cfg: _Tiles) -> bool:
     the one-position tiles (``cfg.BT == 1``), where :func:`tma_ok` allows them (fp16/bf16 on a
     GPU with TMA, 16-byte aligned base and rows; the interpreter or the sm_90 compile audit),
     for padded head widths of at most 256 (one TMA box dimension). "auto" also leaves head dims
-    that are not powers of two (boxes with padded columns) to pointer loads: H200 64k, Dk/Dv
-    192/128, 64 keys per sub-tile (run 24): 27.7 ms with pointer loads, 29.9 with TMA."""
+    that would take boxes with padded columns to pointer loads: a Dv that is not a power of two,
+    and such a Dk unless the programs of several positions split it into two tiles (the first,
+    a power of two, through TMA; the second through pointer loads). H200 64k, Dk/Dv 192/128, 64
+    keys per sub-tile: one position per program, one padded tile (run 24), 27.7 ms with pointer
+    loads, 29.9 with TMA; programs of 2 positions, two tiles (run 32), 22.1 with pointer loads,
+    20.9 with TMA."""
     if not (FWD_TMA == "auto" or isinstance(FWD_TMA, bool)):
         raise ValueError(f"nsa.ops.selected.FWD_TMA: expected 'auto', True or False, got {FWD_TMA!r}")
     DK, DV = k.shape[-1], v.shape[-1]
-    if FWD_TMA == "auto" and (pow2(DK) != DK or pow2(DV) != DV):
+    split = cfg.SHARE > 1 and triton_utils.head_tiles(DK)[1] > 0
+    if FWD_TMA == "auto" and ((pow2(DK) != DK and not split) or pow2(DV) != DV):
         return False
     return (FWD_TMA is not False and cfg.BT == 1 and v.dtype == k.dtype
             and max(pow2(DK), pow2(DV)) <= 256 and tma_ok(k, v))

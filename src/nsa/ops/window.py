@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_utils
 from .triton_utils import interpreting, kv_descriptors, pow2, use_tma
 from .utils import new_output
 
@@ -109,17 +110,28 @@ def _window_descriptors(k, v, bos, i_h, s_end, H, K: tl.constexpr, V: tl.constex
 
 @triton.jit
 def _window_fwd_tiles(
-    b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_lo, s_hi, s_end, W, qk_scale,
-    H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
-    MASKED: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    b_q, b_q2, b_acc, b_m, b_l, k, v, k2, bos, i_h, o_pos, s_lo, s_hi, s_end, W, qk_scale,
+    H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr,
+    BN: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """Online softmax over the key tiles starting at ``s_lo, s_lo + BN, ... < s_hi``. MASKED: apply
-    the band mask and never load keys ``>= s_end``; else every key is visible to every row."""
+    the band mask and never load keys ``>= s_end``; else every key is visible to every row.
+    BK2 > 0: the head columns ``BK .. BK + BK2 - 1`` are a second tile (b_q2; keys through the
+    pointer k2, k's pointer form): no padding of K to a power of two."""
     o_n = tl.arange(0, BN)
     for s0 in range(s_lo, s_hi, BN):
         b_k, b_v = _window_kv(k, v, bos, i_h, s0, s_end, H, K, V, BK, BV, BN, MASKED, TMA)
         # raw scores: the scale enters the exponent as one fused multiply-add per element
         b_s = tl.dot(b_q, tl.trans(b_k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)  # [BM, BN]
+        if BK2 > 0:
+            o_s = s0 + o_n
+            o_k2 = BK + tl.arange(0, BK2)
+            m_k2 = (o_k2 < K)[None, :]
+            if MASKED:
+                m_k2 = m_k2 & (o_s < s_end)[:, None]
+            b_k2 = tl.load(k2 + ((bos + o_s) * H + i_h)[:, None] * K + o_k2[None, :], mask=m_k2, other=0.)
+            b_s += tl.dot(b_q2, tl.trans(b_k2.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
         if MASKED:
             b_s = tl.where(_in_band(o_pos, s0 + o_n, W), b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
@@ -138,7 +150,7 @@ def window_fwd_kernel(
     HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    ONE_LOOP: tl.constexpr = False, TMA: tl.constexpr = False, GATE: tl.constexpr = False,
+    ONE_LOOP: tl.constexpr = False, TMA: tl.constexpr = False, GATE: tl.constexpr = False, BK2: tl.constexpr = 0,
 ):
     """q ``[N, HQ, K]``, k ``[N, H, K]``, v ``[N, H, V]`` -> o ``[N, HQ, V]``, lse ``[N, HQ]`` (base-2
     log-sum-exp of the scaled scores). One program: BT positions x G heads of KV head i_h.
@@ -146,7 +158,8 @@ def window_fwd_kernel(
     pipelines every tile's loads; TMA: K/V tiles through tensor descriptors (16-bit inputs).
     GATE: also NSA's output ``o_nsa = g_cmp * o_cmp + g_slc * o_slc + g_win * o`` (``[N, HQ, V]``
     outputs of the other branches, ``[N, HQ]`` gates; float32 sums of the stored values, one
-    rounding: what :func:`nsa.ops.gate.gate_fwd_kernel` computes), saving that kernel's pass."""
+    rounding: what :func:`nsa.ops.gate.gate_fwd_kernel` computes), saving that kernel's pass.
+    BK2 > 0: q . k over the head columns as two tiles, ``0 .. BK-1`` and ``BK .. BK+BK2-1``."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     t0 = i_c * BT
@@ -161,6 +174,11 @@ def window_fwd_kernel(
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0.).to(DOT_DTYPE)
+    if BK2 > 0:
+        o_k2 = BK + tl.arange(0, BK2)
+        b_q2 = tl.load(q + o_row[:, None] * K + o_k2[None, :], mask=(o_k2 < K)[None, :], other=0.).to(DOT_DTYPE)
+    else:
+        b_q2 = b_q  # unused
 
     qk_scale = scale * 1.4426950408889634
     # finite start: a row that sees nothing in a tile keeps alpha = 1 and p = 0 (no inf - inf)
@@ -169,18 +187,22 @@ def window_fwd_kernel(
     b_acc = tl.zeros([BM, BV], dtype=tl.float32)
 
     s_lo, s_mid, s_top, s_end = _key_band(t0, t1, W, BN)
+    k2 = k
     k, v = _window_descriptors(k, v, bos, i_h, s_end, H, K, V, BK, BV, BN, TMA)
     if ONE_LOOP:
-        b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_lo, s_end, s_end, W,
-                                            qk_scale, H, K, V, BK, BV, BN, True, TMA, DOT_PRECISION, DOT_DTYPE)
+        b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_q2, b_acc, b_m, b_l, k, v, k2, bos, i_h, o_pos, s_lo, s_end,
+                                            s_end, W, qk_scale, H, K, V, BK, BK2, BV, BN, True, TMA, DOT_PRECISION,
+                                            DOT_DTYPE)
     else:
-        b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_lo,
-                                            tl.minimum(s_mid, s_end), s_end, W, qk_scale, H, K, V, BK, BV, BN,
+        b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_q2, b_acc, b_m, b_l, k, v, k2, bos, i_h, o_pos, s_lo,
+                                            tl.minimum(s_mid, s_end), s_end, W, qk_scale, H, K, V, BK, BK2, BV, BN,
                                             True, TMA, DOT_PRECISION, DOT_DTYPE)
-        b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_mid, s_top, s_end, W,
-                                            qk_scale, H, K, V, BK, BV, BN, False, TMA, DOT_PRECISION, DOT_DTYPE)
-        b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_acc, b_m, b_l, k, v, bos, i_h, o_pos, s_top, s_end, s_end, W,
-                                            qk_scale, H, K, V, BK, BV, BN, True, TMA, DOT_PRECISION, DOT_DTYPE)
+        b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_q2, b_acc, b_m, b_l, k, v, k2, bos, i_h, o_pos, s_mid, s_top,
+                                            s_end, W, qk_scale, H, K, V, BK, BK2, BV, BN, False, TMA, DOT_PRECISION,
+                                            DOT_DTYPE)
+        b_acc, b_m, b_l = _window_fwd_tiles(b_q, b_q2, b_acc, b_m, b_l, k, v, k2, bos, i_h, o_pos, s_top, s_end,
+                                            s_end, W, qk_scale, H, K, V, BK, BK2, BV, BN, True, TMA, DOT_PRECISION,
+                                            DOT_DTYPE)
 
     # a valid row sees its own position, and the maximum's term is exp2(0) = 1: b_l >= 1. Rows of
     # a tile past its sequence's end saw nothing; they are not stored, the clamp keeps them finite.
@@ -484,6 +506,8 @@ def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens, config: dic
     G, BK, BV = HQ // H, pow2(K), pow2(V)
     cfg = _q_config(G, BK, BV, q.dtype, True, config)
     cfg["TMA"] = use_tma(cfg["TMA"], k, v)
+    # q . k over a head dim that is not a power of two: two tiles (192 = 128 + 64), not one of 256
+    BK, BK2 = triton_utils.head_tiles(K)
     n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BT"], q.device)
     cu = cu_seqlens if cu_seqlens is not None else table
     o = new_output((B, T, HQ, V), q.dtype, q.device)
@@ -492,8 +516,8 @@ def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens, config: dic
     window_fwd_kernel[(n_tiles, H)](
         q, k, v, o, lse, *(gate if gate is not None else (o, o, lse, lse, lse)), o if o_nsa is None else o_nsa,
         cu, table, scale, T, _window(window_size, q),
-        HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None, GATE=gate is not None,
-        **_dot_args(q.dtype), **cfg,
+        HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BK2=BK2, BV=BV, IS_VARLEN=cu_seqlens is not None,
+        GATE=gate is not None, **_dot_args(q.dtype), **cfg,
     )
     return (o, lse) if gate is None else (o, lse, o_nsa)
 

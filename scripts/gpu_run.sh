@@ -8,7 +8,7 @@
 #   NSA_TEST_RESERVE=240    seconds kept for the GPU tests after the benchmarks (2026-11-28: 80 tests took 151 s; the suite has grown since)
 #   NSA_BENCH_ARGS=""       extra arguments for every `nsa bench` run (e.g. "--dims 128x128")
 #   NSA_GPU_TESTS=1         0 skips the tests;  NSA_GPU_WORKERS=3 pytest-xdist workers
-#   NSA_GPU_TEST_ARGS=""    extra pytest arguments (e.g. -k selection)
+#   NSA_GPU_TEST_ARGS=""    extra pytest arguments, shell-quoted (e.g. -k 'selected or window')
 #   NSA_PROBE=""            parts of benchmarks/probe.py to run first at T=64k (e.g. "fwdmodes dqmodes")
 #   NSA_GIT_REV=""          the commit the copied tree was made from, recorded in the benchmark's
 #                           header and JSON (the copy's own .git may be stale: give it explicitly)
@@ -59,10 +59,11 @@ if [ "${NSA_GPU_TESTS:-1}" = "1" ]; then
   if [ "$t" -ge 30 ]; then
     # Compilation is CPU-bound: spread the tests over a few workers (pytest-xdist is on the image);
     # more workers than that run the big-memory tests into each other.
-    # shellcheck disable=SC2086
+    # NSA_GPU_TEST_ARGS as shell words: quotes keep an expression together (-k 'a or b')
+    eval "test_args=(${NSA_GPU_TEST_ARGS:-})"
     PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}" \
       timeout "$t" python3 -m pytest -v -p no:cacheprovider -n "${NSA_GPU_WORKERS:-3}" -m gpu tests/gpu \
-      ${NSA_GPU_TEST_ARGS:-} -rfE > "$OUT/gpu_tests.log" 2>&1
+      "${test_args[@]}" -rfE > "$OUT/gpu_tests.log" 2>&1
     rc=$?
     [ $rc -eq 124 ] && echo "gpu tests: killed at their ${t}s budget" >> "$OUT/gpu_tests.log"
     status=$((status | rc))

@@ -33,3 +33,14 @@ def test_split_dim():
         assert split_dim(n) == ab, n
         a, b = ab
         assert a + b >= n and (b == 0 or a < n)
+
+
+def test_head_tiles_setting(monkeypatch):
+    """SPLIT_HEAD_DIMS off: one padded tile; a value that is not a bool is refused by name."""
+    from nsa.ops import triton_utils
+    assert triton_utils.head_tiles(192) == (128, 64)
+    monkeypatch.setattr(triton_utils, "SPLIT_HEAD_DIMS", False)
+    assert triton_utils.head_tiles(192) == (256, 0) and triton_utils.head_tiles(128) == (128, 0)
+    monkeypatch.setattr(triton_utils, "SPLIT_HEAD_DIMS", "yes")
+    with pytest.raises(ValueError, match="SPLIT_HEAD_DIMS"):
+        triton_utils.head_tiles(192)

@@ -434,9 +434,9 @@ def _query_rows(G: int, rows: int) -> tuple[int, int]:
 # rows: query-tile rows (positions x padded group heads); BC: compressed tokens per tile.
 # Chosen by H200 timing among configs compiled for sm_90a (ptxas -v); shared memory within 228 KB.
 # They spill a little (bytes, Triton 3.6, 2026-11-29, G = 16): forward 32 at 128/128 and 140 at
-# 192/128 (Dk as two tiles; 92 as one padded tile), dQ 140 and dK/dV 408 at 192/128; the spill-free
-# candidates measured slower (bench_compressed.py --sweep). fp32 inputs use IEEE dots (CUDA-core
-# FMA, not tensor cores): correct, small tiles, not a fast path.
+# 192/128 (Dk as two tiles; 92 as one padded tile), dQ 140 and dK/dV 408 at 192/128; each was the
+# fastest of its measured sweep (benchmarks/NOTES.md, compile audit). fp32 inputs use IEEE dots
+# (CUDA-core FMA, not tensor cores): correct, small tiles, not a fast path.
 def _fwd_config(bdk, bdv, itemsize, interpret):
     # tma: compressed K/V through tensor descriptors (16-bit inputs only; checked at launch)
     if interpret:

@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .compressed import compressed_bwd_preprocess_kernel
 from . import triton_utils
+from .compressed import compressed_bwd_preprocess_kernel
 from .triton_utils import dot, dot_args, kv_descriptors, pow2, softmax_step, tma_ok, use_tma
 from .utils import interpreting, new_output, uniform_cu_seqlens
 
@@ -369,14 +369,14 @@ def selected_fwd_common_kernel(
     BDK2: tl.constexpr = 0,
 ):
     """The blocks that all ``P`` positions ``t0 ..`` of a program list, for the programs that
-    :func:`selected_share_plan_kernel` gave ``counts[..., 0] = n > 0``: the
-    first ``n`` entries of every planned list: their keys ``<= t0`` (visible to every row: no
-    per-row mask) loaded once and scored for the ``P * BR`` rows in one product, then their keys
-    ``t0 + 1 .. t0 + P - 1`` (scored in one product, their values added one key at a time on
-    FMA units: row r takes key t0 + j only if its position is >= t0 + j, no value a row may not
-    see is ever multiplied, even by zero). The
-    state is parked in o / lse (:func:`_park_rows`); :func:`selected_fwd_planned_kernel` then
-    walks each position's other entries from there, one position per program."""
+    :func:`selected_share_plan_kernel` gave ``counts[..., 0] = n > 0``: the first ``n`` entries
+    of every planned list. Their keys ``<= t0`` (visible to every row: no per-row mask) are
+    loaded once and scored for the ``P * BR`` rows in one product; their keys ``t0 + 1 .. t0 + P
+    - 1`` are scored in one product and their values added one key at a time on FMA units (row r
+    takes key t0 + j only if its position is >= t0 + j: no value a row may not see is ever
+    multiplied, even by zero). The state is parked in o / lse (:func:`_park_rows`);
+    :func:`selected_fwd_planned_kernel` then walks each position's other entries from there, one
+    position per program. BDK2 > 0: q . k over two head-column tiles (see :func:`_gather_block`)."""
     i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
     t0 = i_tc * P
     n_sh = tl.load(counts + ((bos + t0) * H + i_h) * 2, mask=t0 < seq_len, other=0)
@@ -483,8 +483,7 @@ def selected_share_plan_kernel(
     KV head: plan ``[N, H, S]`` holds each position's list reordered as the blocks that every
     position in the sequence lists (in position t0's order), then its other entries (in its own
     order), then the -1 entries; counts ``[N, H, 2]`` = (number of shared blocks, which the common
-    kernel walks; number of entries >= 0).
-    Lists hold no repeats (validated by the callers)."""
+    kernel walks; number of entries >= 0). Lists hold no repeats (validated by the callers)."""
     i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
     t0 = i_tc * P
     o_s = tl.arange(0, SP)

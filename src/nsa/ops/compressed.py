@@ -209,19 +209,27 @@ def compressed_bwd_preprocess_kernel(o, do, dlse, delta, N, DV, HAS_DLSE: tl.con
 
 
 @triton.jit
-def _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, i_lo, i_hi, n_vis, s_kt, s_vt, scale_log2,
-                  KERNEL_SIZE, STRIDE, DK, DV,
-                  BC: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASK: tl.constexpr,
+def _bwd_dq_tiles(b_dq, b_dq2, b_q, b_q2, b_do, b_lse, b_delta, p_k, p_v, p_k2, o_t, i_lo, i_hi, n_vis, s_kt, s_vt,
+                  scale_log2, KERNEL_SIZE, STRIDE, DK, DV,
+                  BC: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDV: tl.constexpr, MASK: tl.constexpr,
                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """dQ of a query tile (unscaled) from compressed tokens [i_lo, i_hi); b_lse in log2 units.
-    p_k/p_v as in :func:`_fwd_tiles` (pointers, or TMA descriptors of the visible tokens)."""
+    p_k/p_v as in :func:`_fwd_tiles` (pointers, or TMA descriptors of the visible tokens).
+    BDK2 > 0: the head columns ``BDK ..`` are a second tile (b_q2, b_dq2; keys through the
+    pointer p_k2), as in :func:`_fwd_tiles`."""
     o_c = tl.arange(0, BC)
     for i0 in range(i_lo, i_hi, BC):
         o_i = i0 + o_c
         b_k, b_v = _kv_tile(p_k, p_v, i0, n_vis, s_kt, s_vt, DK, DV, BC, BDK, BDV, TMA)  # [BC, BDK], [BC, BDV]
         if UPCAST:
             b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2  # [BM, BC]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BC]
+        if BDK2 > 0:
+            b_k2 = _k_cols(p_k2, i0, n_vis, s_kt, DK, BC, BDK, BDK2)
+            if UPCAST:
+                b_k2 = b_k2.to(tl.float32)
+            b_s += tl.dot(b_q2, tl.trans(b_k2), input_precision=PRECISION)
+        b_s = b_s * scale_log2
         b_p = tl.exp2(b_s - b_lse[:, None])
         if MASK:
             m_vis = (o_i[None, :] * STRIDE + KERNEL_SIZE - 1) <= o_t[:, None]
@@ -233,7 +241,9 @@ def _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, i_lo, i_hi, n_
         else:
             b_dsc = b_ds.to(b_q.dtype)
         b_dq += tl.dot(b_dsc, b_k, input_precision=PRECISION)
-    return b_dq
+        if BDK2 > 0:
+            b_dq2 += tl.dot(b_dsc, b_k2, input_precision=PRECISION)
+    return b_dq, b_dq2
 
 
 @triton.jit
@@ -242,9 +252,10 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlen
                              KERNEL_SIZE, STRIDE,
                              GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
                              BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                             TMA: tl.constexpr):
+                             TMA: tl.constexpr, BDK2: tl.constexpr = 0):
     """One program per (query tile, KV head), latest tiles first. dq has q's strides, do has o's
-    strides; lse and delta are contiguous [tokens, HQ] fp32. TMA as in the forward."""
+    strides; lse and delta are contiguous [tokens, HQ] fp32. TMA as in the forward. BDK2 > 0:
+    the head columns ``BDK ..`` as a second tile (q, k and dq), as in the forward."""
     BM: tl.constexpr = BT * GP
     i_p = tl.program_id(0)
     i_c, i_h = tl.num_programs(0) // H - 1 - i_p // H, i_p % H
@@ -268,10 +279,17 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlen
 
     b_q = tl.load(q + o_tok[:, None] * s_qt + (o_hq * s_qh)[:, None] + o_dk[None, :],
                   mask=m_row[:, None] & m_dk[None, :], other=0.)  # [BM, BDK]
+    if BDK2 > 0:
+        o_dk2 = BDK + tl.arange(0, BDK2)
+        m_dk2 = o_dk2 < DK
+        b_q2 = tl.load(q + o_tok[:, None] * s_qt + (o_hq * s_qh)[:, None] + o_dk2[None, :],
+                       mask=m_row[:, None] & m_dk2[None, :], other=0.)  # [BM, BDK2]
+    else:
+        b_q2 = b_q  # unused
     b_do = tl.load(do + o_tok[:, None] * s_ot + (o_hq * s_oh)[:, None] + o_dv[None, :],
                    mask=m_row[:, None] & m_dv[None, :], other=0.)  # [BM, BDV]
     if UPCAST:
-        b_q, b_do = b_q.to(tl.float32), b_do.to(tl.float32)
+        b_q, b_q2, b_do = b_q.to(tl.float32), b_q2.to(tl.float32), b_do.to(tl.float32)
     b_lse = tl.load(lse + o_tok * HQ + o_hq, mask=m_row, other=float("inf"))
     # +inf makes p = exp2(s - lse) vanish for padded rows and rows that see nothing (lse = -inf).
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
@@ -284,24 +302,32 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlen
 
     p_k = k + cbos * s_kt + i_h * s_kh
     p_v = v + cbos * s_vt + i_h * s_vh
+    p_k2 = p_k
     if TMA:
         p_k, p_v = kv_descriptors(p_k, p_v, n_vis, s_kt, s_vt, DK, DV, BC, BDK, BDV)
     b_dq = tl.zeros([BM, BDK], dtype=tl.float32)
-    b_dq = _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, 0, n_full, n_vis, s_kt, s_vt,
-                         scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, False, PRECISION, UPCAST, TMA)
-    b_dq = _bwd_dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, o_t, n_full, n_vis, n_vis, s_kt, s_vt,
-                         scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDV, True, PRECISION, UPCAST, TMA)
+    b_dq2 = tl.zeros([BM, BDK2 if BDK2 > 0 else 16], dtype=tl.float32)
+    b_dq, b_dq2 = _bwd_dq_tiles(b_dq, b_dq2, b_q, b_q2, b_do, b_lse, b_delta, p_k, p_v, p_k2, o_t, 0, n_full, n_vis,
+                                s_kt, s_vt, scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDK2, BDV, False,
+                                PRECISION, UPCAST, TMA)
+    b_dq, b_dq2 = _bwd_dq_tiles(b_dq, b_dq2, b_q, b_q2, b_do, b_lse, b_delta, p_k, p_v, p_k2, o_t, n_full, n_vis,
+                                n_vis, s_kt, s_vt, scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDK2, BDV, True,
+                                PRECISION, UPCAST, TMA)
     tl.store(dq + o_tok[:, None] * s_qt + (o_hq * s_qh)[:, None] + o_dk[None, :],
              (b_dq * scale).to(dq.dtype.element_ty), mask=m_row[:, None] & m_dk[None, :])
+    if BDK2 > 0:
+        tl.store(dq + o_tok[:, None] * s_qt + (o_hq * s_qh)[:, None] + o_dk2[None, :],
+                 (b_dq2 * scale).to(dq.dtype.element_ty), mask=m_row[:, None] & m_dk2[None, :])
 
 
 @triton.jit
-def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_lo, t_hi,
+def _bwd_dkv_tiles(b_dk, b_dk2, b_dv, b_k, b_k2, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_lo, t_hi,
                    s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
-                   GP: tl.constexpr, BT: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                   GP: tl.constexpr, BT: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDV: tl.constexpr,
                    MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """dK (unscaled) and dV of a compressed tile from the query tiles starting at t_lo, t_lo+BT, .. < t_hi
-    (rows past t_hi belong to the next program unless t_hi is the sequence end)."""
+    (rows past t_hi belong to the next program unless t_hi is the sequence end). BDK2 > 0: the head
+    columns ``BDK ..`` are a second tile (b_k2, b_dk2)."""
     BM: tl.constexpr = BT * GP
     o_r = tl.arange(0, BM)
     o_dt = o_r // GP  # [BM] position within the query tile
@@ -314,6 +340,9 @@ def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i
     m_dv = o_dv < DV
     # small in-tile offsets in int32; the tile start is added as an int64 scalar below
     p_qb = q + bos * s_qt + (o_dt * s_qt + o_hq * s_qh)[:, None] + o_dk[None, :]
+    o_dk2 = BDK + tl.arange(0, BDK2 if BDK2 > 0 else 16)
+    m_dk2 = o_dk2 < DK
+    p_qb2 = q + bos * s_qt + (o_dt * s_qt + o_hq * s_qh)[:, None] + o_dk2[None, :]
     p_dob = do + bos * s_ot + (o_dt * s_ot + o_hq * s_oh)[:, None] + o_dv[None, :]
     p_lb = lse + bos * HQ + o_dt * HQ + o_hq
     p_db = delta + bos * HQ + o_dt * HQ + o_hq
@@ -325,11 +354,17 @@ def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i
         b_do = tl.load(p_dob + t0_64 * s_ot, mask=m_row[:, None] & m_dv[None, :], other=0.)  # [BM, BDV]
         if UPCAST:
             b_q, b_do = b_q.to(tl.float32), b_do.to(tl.float32)
+        if BDK2 > 0:
+            b_q2 = tl.load(p_qb2 + t0_64 * s_qt, mask=m_row[:, None] & m_dk2[None, :], other=0.)  # [BM, BDK2]
+            if UPCAST:
+                b_q2 = b_q2.to(tl.float32)
         b_lse = tl.load(p_lb + t0_64 * HQ, mask=m_row, other=float("inf"))
         b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
         b_delta = tl.load(p_db + t0_64 * HQ, mask=m_row, other=0.)
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * scale_log2  # [BC, BM]
-        b_pt = tl.exp2(b_st - b_lse[None, :])
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # [BC, BM]
+        if BDK2 > 0:
+            b_st += tl.dot(b_k2, tl.trans(b_q2), input_precision=PRECISION)
+        b_pt = tl.exp2(b_st * scale_log2 - b_lse[None, :])
         if MASK:
             m_vis = (o_i[:, None] * STRIDE + KERNEL_SIZE - 1) <= o_t[None, :]
             b_pt = tl.where(m_vis, b_pt, 0.)
@@ -343,7 +378,9 @@ def _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i
         if UPCAST:
             b_dstc = b_dstc.to(tl.float32)
         b_dk += tl.dot(b_dstc, b_q, input_precision=PRECISION)
-    return b_dk, b_dv
+        if BDK2 > 0:
+            b_dk2 += tl.dot(b_dstc, b_q2, input_precision=PRECISION)
+    return b_dk, b_dk2, b_dv
 
 
 @triton.jit
@@ -351,8 +388,10 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_s
                               scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_dks, s_dvs,
                               HQ, H, G, DK, DV, KERNEL_SIZE, STRIDE, NSEG,
                               GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
-                              BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One program per (tile of BC compressed tokens, KV head, query segment).
+                              BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                              BDK2: tl.constexpr = 0):
+    """One program per (tile of BC compressed tokens, KV head, query segment). BDK2 > 0: the head
+    columns ``BDK ..`` as a second tile (q, k and dk), as in the forward.
 
     The queries that see the tile, [i0*stride + kernel_size - 1, seq_len), are cut into NSEG
     segments of whole query tiles; program s writes its partial sums to dk + s*s_dks (resp. dv),
@@ -381,8 +420,15 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_s
                   mask=m_i[:, None] & m_dk[None, :], other=0.)  # [BC, BDK]
     b_v = tl.load(v + o_ctok[:, None] * s_vt + i_h * s_vh + o_dv[None, :],
                   mask=m_i[:, None] & m_dv[None, :], other=0.)  # [BC, BDV]
+    o_dk2 = BDK + tl.arange(0, BDK2 if BDK2 > 0 else 16)
+    m_dk2 = o_dk2 < DK
+    if BDK2 > 0:
+        b_k2 = tl.load(k + o_ctok[:, None] * s_kt + i_h * s_kh + o_dk2[None, :],
+                       mask=m_i[:, None] & m_dk2[None, :], other=0.)  # [BC, BDK2]
+    else:
+        b_k2 = b_k  # unused
     if UPCAST:
-        b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
+        b_k, b_k2, b_v = b_k.to(tl.float32), b_k2.to(tl.float32), b_v.to(tl.float32)
 
     # This program's queries [t_lo, t_hi); t_full: the first query that sees the whole tile, so
     # query tiles from t_mid on skip the per-row mask.
@@ -394,16 +440,20 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_s
     t_mid = tl.minimum(t_lo + tl.cdiv(tl.maximum(t_full - t_lo, 0), BT) * BT, t_hi)
 
     b_dk = tl.zeros([BC, BDK], dtype=tl.float32)
+    b_dk2 = tl.zeros([BC, BDK2 if BDK2 > 0 else 16], dtype=tl.float32)
     b_dv = tl.zeros([BC, BDV], dtype=tl.float32)
-    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_lo, t_mid,
-                                s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
-                                GP, BT, BDK, BDV, True, PRECISION, UPCAST)
-    b_dk, b_dv = _bwd_dkv_tiles(b_dk, b_dv, b_k, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_mid, t_hi,
-                                s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
-                                GP, BT, BDK, BDV, False, PRECISION, UPCAST)
+    b_dk, b_dk2, b_dv = _bwd_dkv_tiles(b_dk, b_dk2, b_dv, b_k, b_k2, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h,
+                                       t_lo, t_mid, s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE,
+                                       DK, DV, GP, BT, BDK, BDK2, BDV, True, PRECISION, UPCAST)
+    b_dk, b_dk2, b_dv = _bwd_dkv_tiles(b_dk, b_dk2, b_dv, b_k, b_k2, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h,
+                                       t_mid, t_hi, s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE,
+                                       DK, DV, GP, BT, BDK, BDK2, BDV, False, PRECISION, UPCAST)
     p_dk = dk + tl.cast(i_s, tl.int64) * s_dks + o_ctok[:, None] * s_kt + i_h * s_kh + o_dk[None, :]
     p_dv = dv + tl.cast(i_s, tl.int64) * s_dvs + o_ctok[:, None] * s_vt + i_h * s_vh + o_dv[None, :]
     tl.store(p_dk, (b_dk * scale).to(dk.dtype.element_ty), mask=m_i[:, None] & m_dk[None, :])
+    if BDK2 > 0:
+        p_dk2 = dk + tl.cast(i_s, tl.int64) * s_dks + o_ctok[:, None] * s_kt + i_h * s_kh + o_dk2[None, :]
+        tl.store(p_dk2, (b_dk2 * scale).to(dk.dtype.element_ty), mask=m_i[:, None] & m_dk2[None, :])
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_i[:, None] & m_dv[None, :])
 
 
@@ -618,9 +668,11 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
     tma = use_tma(cfg.get("tma", False), k_cmp, v_cmp)
+    # q . k over a head dim that is not a power of two: two tiles (192 = 128 + 64), not one of 256
+    bdk1, bdk2 = triton_utils.head_tiles(Dk)
     compressed_bwd_dq_kernel[(tiles.shape[0] * H,)](
         q, k_cmp, v_cmp, do, lse, delta, dq, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common,
-        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
+        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk1, BDK2=bdk2, BDV=bdv, PRECISION=precision,
         UPCAST=_upcast(q), TMA=tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     cfg = dkv_config or _dkv_config(bdk, bdv, q.element_size(), q.device)
@@ -635,7 +687,7 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
     compressed_bwd_dkv_kernel[(tiles.shape[0] * H * nseg,)](
         q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common[:8],
         dk_part.stride(0) if nseg > 1 else 0, dv_part.stride(0) if nseg > 1 else 0, *common[8:], nseg,
-        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk, BDV=bdv, PRECISION=precision,
+        GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk1, BDK2=bdk2, BDV=bdv, PRECISION=precision,
         UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if nseg > 1:  # a fixed-order sum: deterministic
         dk.copy_(dk_part.sum(0))

@@ -73,6 +73,27 @@ def _k_cols(p_k, i0, n_vis, s_kt, DK, BC: tl.constexpr, D0: tl.constexpr, BD: tl
 
 
 @triton.jit
+def _score_tile(b_q, b_q2, p_k, p_v, p_k2, i0, n_vis, s_kt, s_vt, scale_log2, DK, DV, BC: tl.constexpr,
+                BDK: tl.constexpr, BDK2: tl.constexpr, BDV: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """The K ``[BC, BDK]`` (and second head-column tile ``[BC, BDK2]`` when BDK2 > 0) and V
+    ``[BC, BDV]`` tiles of compressed tokens ``i0 ..`` (see :func:`_kv_tile`, :func:`_k_cols`), and
+    the scores ``[BM, BC]`` of the query rows against them in log2 units."""
+    b_k, b_v = _kv_tile(p_k, p_v, i0, n_vis, s_kt, s_vt, DK, DV, BC, BDK, BDV, TMA)  # [BC, BDK], [BC, BDV]
+    if UPCAST:
+        b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BC]
+    if BDK2 > 0:
+        b_k2 = _k_cols(p_k2, i0, n_vis, s_kt, DK, BC, BDK, BDK2)
+        if UPCAST:
+            b_k2 = b_k2.to(tl.float32)
+        b_s += tl.dot(b_q2, tl.trans(b_k2), input_precision=PRECISION)
+    else:
+        b_k2 = b_k  # unused
+    return b_s * scale_log2, b_k, b_k2, b_v
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, b_q, b_q2, p_k, p_v, p_k2, o_t, i_lo, i_hi, n_vis, s_kt, s_vt, scale_log2,
                KERNEL_SIZE, STRIDE, DK, DV,
                BC: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDV: tl.constexpr, MASK: tl.constexpr,
@@ -89,17 +110,9 @@ def _fwd_tiles(acc, l_i, m_i, b_q, b_q2, p_k, p_v, p_k2, o_t, i_lo, i_hi, n_vis,
     o_c = tl.arange(0, BC)
     for i0 in range(i_lo, i_hi, BC):
         o_i = i0 + o_c
-        b_k, b_v = _kv_tile(p_k, p_v, i0, n_vis, s_kt, s_vt, DK, DV, BC, BDK, BDV, TMA)  # [BC, BDK], [BC, BDV]
-        if UPCAST:
-            b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
         # [BM, BC], log2 units
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
-        if BDK2 > 0:
-            b_k2 = _k_cols(p_k2, i0, n_vis, s_kt, DK, BC, BDK, BDK2)
-            if UPCAST:
-                b_k2 = b_k2.to(tl.float32)
-            b_s += tl.dot(b_q2, tl.trans(b_k2), input_precision=PRECISION)
-        b_s = b_s * scale_log2
+        b_s, b_k, b_k2, b_v = _score_tile(b_q, b_q2, p_k, p_v, p_k2, i0, n_vis, s_kt, s_vt, scale_log2, DK, DV, BC,
+                                          BDK, BDK2, BDV, PRECISION, UPCAST, TMA)
         if MASK:
             m_vis = (o_i[None, :] * STRIDE + KERNEL_SIZE - 1) <= o_t[:, None]
             b_s = tl.where(m_vis, b_s, float("-inf"))
@@ -220,16 +233,8 @@ def _bwd_dq_tiles(b_dq, b_dq2, b_q, b_q2, b_do, b_lse, b_delta, p_k, p_v, p_k2, 
     o_c = tl.arange(0, BC)
     for i0 in range(i_lo, i_hi, BC):
         o_i = i0 + o_c
-        b_k, b_v = _kv_tile(p_k, p_v, i0, n_vis, s_kt, s_vt, DK, DV, BC, BDK, BDV, TMA)  # [BC, BDK], [BC, BDV]
-        if UPCAST:
-            b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BC]
-        if BDK2 > 0:
-            b_k2 = _k_cols(p_k2, i0, n_vis, s_kt, DK, BC, BDK, BDK2)
-            if UPCAST:
-                b_k2 = b_k2.to(tl.float32)
-            b_s += tl.dot(b_q2, tl.trans(b_k2), input_precision=PRECISION)
-        b_s = b_s * scale_log2
+        b_s, b_k, b_k2, b_v = _score_tile(b_q, b_q2, p_k, p_v, p_k2, i0, n_vis, s_kt, s_vt, scale_log2, DK, DV, BC,
+                                          BDK, BDK2, BDV, PRECISION, UPCAST, TMA)  # [BM, BC], log2 units
         b_p = tl.exp2(b_s - b_lse[:, None])
         if MASK:
             m_vis = (o_i[None, :] * STRIDE + KERNEL_SIZE - 1) <= o_t[:, None]

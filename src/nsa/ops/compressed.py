@@ -311,6 +311,7 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlen
     if TMA:
         p_k, p_v = kv_descriptors(p_k, p_v, n_vis, s_kt, s_vt, DK, DV, BC, BDK, BDV)
     b_dq = tl.zeros([BM, BDK], dtype=tl.float32)
+    # without a second tile (BDK2 == 0) a 16-column placeholder, never read: the compiler drops it
     b_dq2 = tl.zeros([BM, BDK2 if BDK2 > 0 else 16], dtype=tl.float32)
     b_dq, b_dq2 = _bwd_dq_tiles(b_dq, b_dq2, b_q, b_q2, b_do, b_lse, b_delta, p_k, p_v, p_k2, o_t, 0, n_full, n_vis,
                                 s_kt, s_vt, scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDK2, BDV, False,
@@ -345,6 +346,7 @@ def _bwd_dkv_tiles(b_dk, b_dk2, b_dv, b_k, b_k2, b_v, q, do, lse, delta, bos, se
     m_dv = o_dv < DV
     # small in-tile offsets in int32; the tile start is added as an int64 scalar below
     p_qb = q + bos * s_qt + (o_dt * s_qt + o_hq * s_qh)[:, None] + o_dk[None, :]
+    # the second head-column tile (a 16-column placeholder, never read, where BDK2 == 0)
     o_dk2 = BDK + tl.arange(0, BDK2 if BDK2 > 0 else 16)
     m_dk2 = o_dk2 < DK
     p_qb2 = q + bos * s_qt + (o_dt * s_qt + o_hq * s_qh)[:, None] + o_dk2[None, :]
@@ -425,6 +427,7 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_s
                   mask=m_i[:, None] & m_dk[None, :], other=0.)  # [BC, BDK]
     b_v = tl.load(v + o_ctok[:, None] * s_vt + i_h * s_vh + o_dv[None, :],
                   mask=m_i[:, None] & m_dv[None, :], other=0.)  # [BC, BDV]
+    # the second head-column tile (a 16-column placeholder, never read, where BDK2 == 0)
     o_dk2 = BDK + tl.arange(0, BDK2 if BDK2 > 0 else 16)
     m_dk2 = o_dk2 < DK
     if BDK2 > 0:

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from nsa.ops import compressed_attention, select_blocks
 from nsa.ops import selected as SL
+from nsa.ops import window as WI
 from nsa.ops import triton_utils as TU
 from nsa.ops.utils import num_compressed, uniform_cu_seqlens
 
@@ -597,6 +598,203 @@ def probe_split_head(T):
     TU.SPLIT_HEAD_DIMS = split0
 
 
+def probe_wide_bwd(T):
+    """The selected backward (G = 16, gather dQ) at Dk/Dv = 192/128 on the benchmark's selections:
+    q . k, dQ and dK over two head-column tiles (128 + 64) or one padded tile of 256
+    (triton_utils.SPLIT_HEAD_DIMS), at the default tiles and at wider ones the split may afford
+    (64 keys per dQ sub-tile; dK/dV walks of 64 rows); and at D = 128 (one tile either way)."""
+    HQ, H, BS, S = 64, 4, 64, 16
+    G = HQ // H
+    idx = _benchmark_inputs(T)[4].view(T, H, S).contiguous()
+    cu = uniform_cu_seqlens(1, T, idx.device)
+    blocks = SL._chunk_table(cu, T, BS)
+    split0 = TU.SPLIT_HEAD_DIMS
+    for DK, DV in ((192, 128), (128, 128)):
+        g = torch.Generator(device=DEV).manual_seed(9)
+        q, k, v, do = (torch.randn(T, h, d, device=DEV, generator=g).bfloat16()
+                       for h, d in ((HQ, DK), (H, DK), (H, DV), (HQ, DV)))
+        scale = DK ** -0.5
+        cfg = SL._tiles(G, BS, DK, DV, q.dtype)
+        chunks = SL._chunk_table(cu, T, SL.fwd_positions(cfg))
+        o, lse = SL._launch_fwd(q, k, v, idx, BS, scale, cu, chunks, cfg)
+        dq_chunks = SL._chunk_table(cu, T, cfg.BT)
+        bq64 = max(1, 64 // G)
+        variants = [("default tiles", cfg)]
+        if DK == 192:
+            variants += [("dQ 64 keys", cfg._replace(BK_DQ=64, NKS_DQ=BS // 64)),
+                         ("dK/dV 64 rows 8 warps", cfg._replace(BQ=bq64, BRQ=bq64 * G)),
+                         ("dK/dV 64 rows 4 warps", cfg._replace(BQ=bq64, BRQ=bq64 * G, warps_kv=4)),
+                         ("dQ 64 keys, dK/dV 64 rows 4 warps", cfg._replace(BK_DQ=64, NKS_DQ=BS // 64, BQ=bq64,
+                                                                            BRQ=bq64 * G, warps_kv=4))]
+        base = None
+        for split in (False, True) if DK == 192 else (True,):
+            TU.SPLIT_HEAD_DIMS = split
+            for name, c in variants if split else variants[:1]:
+                run = lambda: SL._launch_bwd(q, k, v, o, lse, do, idx, BS, scale, cu, dq_chunks, blocks, c)  # noqa: E731
+                try:
+                    grads = run()
+                    if base is None:
+                        base = grads
+                    err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(grads, base))
+                    print(f"widebwd T={T} {DK}/{DV} {'two tiles' if split else 'one padded tile'}, {name}: "
+                          f"{_ms(run):.2f} ms  max rel diff vs first {err:.1e}", flush=True)
+                except Exception as e:
+                    print(f"widebwd T={T} {DK}/{DV} split={split} {name}: failed {type(e).__name__}: {str(e)[:200]}",
+                          flush=True)
+        del q, k, v, do, o, lse
+    TU.SPLIT_HEAD_DIMS = split0
+
+
+@triton.jit
+def _slc_persistent_kernel(q, k, v, o, lse, idx, N, scale, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+                           S: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr,
+                           DV: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           DOT_UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """The one-position selected forward (B = 1), persistent: programs loop over (position, head)
+    in the order of the library's grid (positions fastest)."""
+    for w in range(tl.program_id(0), N * H, tl.num_programs(0)):
+        t0 = w % N
+        i_h = w // N
+        SL._one_position_fwd(q, k, v, o, lse, idx + (t0 * H + i_h) * S, 0, S, 0, N, t0, i_h, scale, HQ, H, G, BS, BK,
+                             NKS, DK, DV, DK, DV, BR, STAGES, DOT_PRECISION, DOT_UPCAST, TMA)
+
+
+@triton.jit
+def _mixed_kernel(q, k, v, o, lse, idx, kw, vw, ow, lsew, chunk_w, N, NW, NTW, scale, W,
+                  HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, BS: tl.constexpr,
+                  BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BR: tl.constexpr,
+                  STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr,
+                  R: tl.constexpr, BOTH: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  WIN_PRECISION: tl.constexpr, WIN_DTYPE: tl.constexpr, WIN_TMA: tl.constexpr):
+    """Window tiles and selected positions (B = 1) in one launch, so that an SM can hold both.
+    BOTH: program = window tile i (BT positions) then the selected forward of those positions
+    (odd programs: selected first). Else: every (R + 1)-th program is a window tile (NW of them,
+    NTW per head), the others one selected position each."""
+    pid = tl.program_id(0)
+    if BOTH:
+        i_t = pid % NTW
+        i_h = pid // NTW
+        if pid % 2 == 1:
+            for j in range(BT):
+                SL._one_position_fwd(q, k, v, o, lse, idx + ((i_t * BT + j) * H + i_h) * S, 0, S, 0, N, i_t * BT + j,
+                                     i_h, scale, HQ, H, G, BS, BK, NKS, DK, DV, DK, DV, BR, STAGES, DOT_PRECISION,
+                                     DOT_UPCAST, TMA)
+        WI._window_fwd_tile(i_t, i_h, q, kw, vw, ow, lsew, ow, ow, lsew, lsew, lsew, ow, chunk_w, chunk_w, scale, N,
+                            W, HQ, H, G, DK, DV, DK, DV, BT, BM, BN, False, WIN_PRECISION, WIN_DTYPE, True, WIN_TMA,
+                            False, 0)
+        if pid % 2 == 0:
+            for j in range(BT):
+                SL._one_position_fwd(q, k, v, o, lse, idx + ((i_t * BT + j) * H + i_h) * S, 0, S, 0, N, i_t * BT + j,
+                                     i_h, scale, HQ, H, G, BS, BK, NKS, DK, DV, DK, DV, BR, STAGES, DOT_PRECISION,
+                                     DOT_UPCAST, TMA)
+    else:
+        grp = pid // (R + 1)
+        r = pid % (R + 1)
+        if (grp < NW) & (r == 0):
+            WI._window_fwd_tile(grp % NTW, grp // NTW, q, kw, vw, ow, lsew, ow, ow, lsew, lsew, lsew, ow, chunk_w,
+                                chunk_w, scale, N, W, HQ, H, G, DK, DV, DK, DV, BT, BM, BN, False, WIN_PRECISION,
+                                WIN_DTYPE, True, WIN_TMA, False, 0)
+        else:
+            u = tl.where(grp < NW, grp * R + r - 1, NW * R + pid - NW * (R + 1))
+            t0 = u % N
+            i_h = u // N
+            SL._one_position_fwd(q, k, v, o, lse, idx + (t0 * H + i_h) * S, 0, S, 0, N, t0, i_h, scale, HQ, H, G, BS,
+                                 BK, NKS, DK, DV, DK, DV, BR, STAGES, DOT_PRECISION, DOT_UPCAST, TMA)
+
+
+def probe_mixed(T):
+    """Can the L2-bound selected gather and tensor-bound work share SMs? (Branch streams do not
+    overlap: run 6.) At the benchmark's shape (B=1, HQ=64, H=4, D=128, bf16), T: the selected
+    forward with one position per program (library P=1 and the default), persistent with k
+    programs per SM, the window forward alone, and both in one launch (roles interleaved, or each
+    program a window tile plus its positions' selected forward); the compressed forward at
+    4-warp configs (what a launch shared with the gather could hold)."""
+    from nsa.ops import compressed as CM, window as WI_
+    HQ, H, D, BS, S, W, KS, ST = 64, 4, 128, 64, 16, 512, 32, 16
+    G = HQ // H
+    scale = D ** -0.5
+    q, k, v, do, idx = _benchmark_inputs(T)
+    N = T
+    cu = uniform_cu_seqlens(1, T, q.device)
+    qp, kp, vp = q.view(N, HQ, D), k.view(N, H, D), v.view(N, H, D)
+    ip = idx.view(N, H, S).contiguous()
+    g = torch.Generator(device=DEV).manual_seed(11)
+    kw = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
+    vw = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
+    share0 = SL.FWD_SHARE
+    res = {}
+    for share in (1, 4):
+        SL.FWD_SHARE = share
+        cfg = SL._tiles(G, BS, D, D, q.dtype)
+        chunks = SL._chunk_table(cu, N, SL.fwd_positions(cfg))
+        res[share] = SL._launch_fwd(qp, kp, vp, ip, BS, scale, cu, chunks, cfg)
+        t = _ms(lambda: SL._launch_fwd(qp, kp, vp, ip, BS, scale, cu, chunks, cfg))
+        print(f"mixed T={T}: selected fwd library P={share}: {t:.2f} ms", flush=True)
+    SL.FWD_SHARE = share0
+    cfg = SL._tiles(G, BS, D, D, q.dtype)
+    o_ref, lse_ref = res[1]
+    sc = dict(HQ=HQ, H=H, G=G, S=S, BS=BS, BK=cfg.BK, NKS=cfg.NKS, DK=D, DV=D, BR=cfg.BR, STAGES=SL.GATHER_STAGES,
+              TMA=TU.use_tma(True, kp, vp), **TU.dot_args(q.dtype))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 2
+    o = torch.empty_like(o_ref)
+    lse = torch.empty_like(lse_ref)
+    for per_sm in (1, 2, 3, 4, 6) if DEV == "cuda" else (1,):  # cpu: a dry run
+        grid = (per_sm * sms,)
+        run = lambda: _slc_persistent_kernel[grid](qp, kp, vp, o, lse, ip, N, scale, num_warps=cfg.warps,  # noqa: E731
+                                                    num_stages=SL.GATHER_STAGES, **sc)
+        run()
+        err = (o.float() - o_ref.float()).abs().max().item()
+        print(f"mixed T={T}: selected persistent {per_sm}/SM: {_ms(run):.2f} ms  max|o - lib| {err:.1e}", flush=True)
+    win = lambda: WI_._window_fwd_op(q, kw, vw, W, scale, None)  # noqa: E731
+    ow_ref, lsew_ref = win()
+    t_w = _ms(win)
+    slc = lambda: SL._launch_fwd(qp, kp, vp, ip, BS, scale, cu, SL._chunk_table(cu, N, 1),  # noqa: E731
+                                 SL._tiles(G, BS, D, D, q.dtype)._replace(SHARE=1))
+    print(f"mixed T={T}: window fwd {t_w:.2f} ms   serial window + selected P=1 "
+          f"{_ms(lambda: (win(), slc())):.2f} ms", flush=True)
+    wc = WI_._q_config(G, D, D, q.dtype, True)
+    n_tw = triton.cdiv(T, wc["BT"])
+    NW = n_tw * H
+    NS = N * H
+    ow = torch.empty_like(ow_ref)
+    lsew = torch.empty_like(lsew_ref)
+    chunk_w = torch.empty(1, dtype=torch.int32, device=q.device)
+    wtma = TU.use_tma(wc["TMA"], kw, vw)
+    da = WI_._dot_args(q.dtype)
+    for both, R in ((False, NS // NW), (False, NS // NW // 2), (True, 0)):
+        grid = (NW,) if both else (NW + NS,)
+        if not both and NS < NW * R:
+            continue
+
+        def run():
+            _mixed_kernel[grid](qp, kp, vp, o, lse, ip, kw, vw, ow, lsew, chunk_w, N, NW, n_tw, scale, W, **sc, R=R,
+                                BOTH=both, BT=wc["BT"], BM=wc["BM"], BN=wc["BN"], WIN_PRECISION=da["DOT_PRECISION"],
+                                WIN_DTYPE=da["DOT_DTYPE"], WIN_TMA=wtma, num_warps=4, num_stages=wc["num_stages"])
+        try:
+            run()
+            err = max((o.float() - o_ref.float()).abs().max().item(), (ow.float() - ow_ref.float()).abs().max().item())
+            label = "both per program" if both else f"interleaved 1:{R}"
+            print(f"mixed T={T}: one launch, {label}: {_ms(run):.2f} ms  max|o - separate| {err:.1e}", flush=True)
+        except Exception as e:
+            print(f"mixed T={T}: one launch both={both} R={R}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+    Tc = num_compressed(T, KS, ST)
+    kc = torch.randn(1, Tc, H, D, device=DEV, generator=g).bfloat16()
+    vc = torch.randn(1, Tc, H, D, device=DEV, generator=g).bfloat16()
+    base = CM.compressed_attention_fwd(q, kc, vc, KS, ST, scale, None)
+    print(f"mixed T={T}: compressed fwd default {_ms(lambda: CM.compressed_attention_fwd(q, kc, vc, KS, ST, scale, None)):.2f} ms",
+          flush=True)
+    cmp_cfgs = ((128, 64, 4, 3), (128, 64, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3), (256, 64, 8, 2))
+    for rows, bc, warps, stages in cmp_cfgs if DEV == "cuda" else cmp_cfgs[:1]:
+        cfg_c = dict(rows=rows, BC=bc, num_warps=warps, num_stages=stages, tma=True)
+        try:
+            oc, _ = CM.compressed_attention_fwd(q, kc, vc, KS, ST, scale, None, config=cfg_c)
+            err = (oc.float() - base[0].float()).abs().max().item()
+            t = _ms(lambda: CM.compressed_attention_fwd(q, kc, vc, KS, ST, scale, None, config=cfg_c))
+            print(f"mixed T={T}: compressed fwd {cfg_c}: {t:.2f} ms  max|o - default| {err:.1e}", flush=True)
+        except Exception as e:
+            print(f"mixed T={T}: compressed fwd {cfg_c}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
 def main():
     # part -> what it runs, given the parsed arguments
     parts = {
@@ -614,6 +812,8 @@ def main():
         "share": lambda a: probe_share(a.T),
         "wide": lambda a: probe_wide(a.T),
         "splithead": lambda a: probe_split_head(a.T),
+        "mixed": lambda a: probe_mixed(a.T),
+        "widebwd": lambda a: probe_wide_bwd(a.T),
     }
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)

@@ -97,6 +97,10 @@ SHAPES = {
     "T170-G2-bs80-S2": (1, 170, 2, 1, 16, 16, 2, 80, True),  # dK/dV in two key sub-tiles per block
     "varlen-1-37-100-G3": (1, [1, 37, 100], 3, 1, 32, 16, 3, 16, True),
     "varlen-1-37-60-G16-noncausal": (1, [1, 37, 60], 16, 1, 16, 16, 4, 32, False),
+    # Dk as two tiles (triton_utils.split_dim) in the backward's q . k, dQ and dK: one position per
+    # dQ tile (G = 16), and union walks (G = 3)
+    "T50-G16-dk96dv32": (1, 50, 16, 1, 96, 32, 3, 16, True),
+    "varlen-30-41-G3-dk40dv16": (1, [30, 41], 3, 1, 40, 16, 3, 16, True),
 }
 
 
@@ -112,7 +116,8 @@ def test_fp32_matches_reference(shape, fwd_mode):
         assert_close(name, r, x, RATIO_FP32)
 
 
-BF16_SHAPES = {k: SHAPES[k] for k in ("T65-G3-dk32dv16-noncausal", "T67-G16-H2-dk16dv24", "varlen-1-37-100-G3")}
+BF16_SHAPES = {k: SHAPES[k] for k in ("T65-G3-dk32dv16-noncausal", "T67-G16-H2-dk16dv24", "varlen-1-37-100-G3",
+                                      "T50-G16-dk96dv32", "varlen-30-41-G3-dk40dv16")}
 
 
 @pytest.mark.parametrize("shape", list(BF16_SHAPES.values()), ids=list(BF16_SHAPES))

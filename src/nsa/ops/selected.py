@@ -680,10 +680,12 @@ def selected_bwd_dq_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
-    HAS_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BDK2: tl.constexpr = 0,
 ):
     """dq ``[N, HQ, DK]``; same tiling as the forward. delta ``[N, HQ]`` = rowsum(dO * O) is an
-    input when HAS_DELTA, else computed here and stored."""
+    input when HAS_DELTA, else computed here and stored. BDK2 > 0: q . k and dQ over the head
+    columns ``0 .. BDK-1`` and ``BDK .. BDK+BDK2-1`` as two tiles (keys of the second through
+    :func:`_k_cols`), not one padded to a power of two."""
     i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
     t0 = i_tc * BT
     t_last = tl.minimum(t0 + BT, seq_len) - 1
@@ -701,6 +703,10 @@ def selected_bwd_dq_kernel(
     m_qd = m_r[:, None] & (o_dk < DK)[None, :]
     m_vd = m_r[:, None] & (o_dv < DV)[None, :]
     b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_qd, other=0.)
+    if BDK2 > 0:
+        b_q2 = _q_cols(q, o_row, m_r, DK, BDK, BDK2)
+    else:
+        b_q2 = b_q  # unused
     b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_vd, other=0.)
     if HAS_DELTA:
         b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
@@ -714,6 +720,8 @@ def selected_bwd_dq_kernel(
                     mask=m_r[:, None] & (o_s < S)[None, :], other=-1)
 
     b_dq = tl.zeros([BR, BDK], dtype=tl.float32)
+    # without a second tile (BDK2 == 0) a 16-column placeholder, never read: the compiler drops it
+    b_dq2 = tl.zeros([BR, BDK2 if BDK2 > 0 else 16], dtype=tl.float32)
     if BT == 1:
         # one position per tile (G >= the tile's rows): its own list, no union to walk; a
         # branch-free loop whose loads the compiler can pipeline (STAGES)
@@ -722,12 +730,9 @@ def selected_bwd_dq_kernel(
             i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
             for i_ks in tl.static_range(NKS):
                 i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV, BDK, BDV)
-                b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
-                m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
-                b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
-                b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)
-                b_ds = b_p * (b_dp - b_delta[:, None])
-                b_dq += dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
+                b_dq, b_dq2 = _dq_step(b_q, b_q2, b_do, b_lse2, b_delta, b_dq, b_dq2, k, b_k, b_v, i_k, m_k,
+                                       m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None]), bos, i_h,
+                                       qk_scale, H, DK, BDK, BDK2, DOT_PRECISION, DOT_UPCAST)
     for i_p in range(BT if BT > 1 else 0):
         p_idx = block_indices + ((bos + t0 + i_p) * H + i_h) * S
         for i_s in range(S):
@@ -740,13 +745,48 @@ def selected_bwd_dq_kernel(
                     if i_b * BS + i_ks * BK <= t_last:
                         i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV,
                                                               BDK, BDV)
-                        b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
+                        b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
+                        if BDK2 > 0:
+                            b_k2 = _k_cols(k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2)
+                            b_s += dot(b_q2, tl.trans(b_k2), DOT_PRECISION, DOT_UPCAST)
+                        else:
+                            b_k2 = b_k  # unused
+                        b_s = b_s * qk_scale
                         m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
                         b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
                         b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
                         b_ds = b_p * (b_dp - b_delta[:, None])
                         b_dq += dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
+                        if BDK2 > 0:
+                            b_dq2 += dot(b_ds.to(b_k.dtype), b_k2, DOT_PRECISION, DOT_UPCAST)
     tl.store(dq + o_row[:, None] * DK + o_dk[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_qd)
+    if BDK2 > 0:
+        o_dk2 = BDK + tl.arange(0, BDK2)
+        tl.store(dq + o_row[:, None] * DK + o_dk2[None, :], (b_dq2 * scale).to(dq.dtype.element_ty),
+                 mask=m_r[:, None] & (o_dk2 < DK)[None, :])
+
+
+@triton.jit
+def _dq_step(b_q, b_q2, b_do, b_lse2, b_delta, b_dq, b_dq2, k, b_k, b_v, i_k, m_k, m_s, bos, i_h, qk_scale,
+             H: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             DOT_UPCAST: tl.constexpr):
+    """dQ of rows b_q (``[BR, BDK]``; b_q2 ``[BR, BDK2]`` the second head-column tile when BDK2 > 0)
+    from one sub-tile of keys ``i_k`` (K ``[BK, BDK]``, V; ``m_k`` the loaded keys) where ``m_s``
+    ``[BR, BK]`` (the pairs a row attends); b_lse2 in base 2."""
+    b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
+    if BDK2 > 0:
+        b_k2 = _k_cols(k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2)  # [BK, BDK2]
+        b_s += dot(b_q2, tl.trans(b_k2), DOT_PRECISION, DOT_UPCAST)
+    else:
+        b_k2 = b_k  # unused
+    b_s = b_s * qk_scale
+    b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
+    b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
+    b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_k.dtype)
+    b_dq += dot(b_ds, b_k, DOT_PRECISION, DOT_UPCAST)
+    if BDK2 > 0:
+        b_dq2 += dot(b_ds, b_k2, DOT_PRECISION, DOT_UPCAST)
+    return b_dq, b_dq2
 
 
 @triton.jit
@@ -756,7 +796,7 @@ def selected_bwd_dkv_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BDK2: tl.constexpr = 0,
 ):
     """dK/dV contribution of one segment (at most ``SEG`` queries) of one (KV head, block)'s
     query list, for ``BK`` keys of the block (sub-tile ``pid % NKS``).
@@ -767,6 +807,8 @@ def selected_bwd_dkv_kernel(
     (``H * NBT`` past the last one). A bucket with one segment writes dk ``[N, H, DK]`` and dv
     ``[N, H, DV]`` directly; otherwise segment ``i`` writes float32 partials to slot
     ``part_first[b] + i`` of dk_part ``[P, NKS * BK, DK]`` / dv_part, summed by the reduce kernel.
+    BDK2 > 0: q . k and dK over the head columns ``0 .. BDK-1`` and ``BDK .. BDK+BDK2-1`` as two
+    tiles, not one padded to a power of two.
     """
     i_sk = tl.program_id(0)
     i_seg = i_sk // NKS
@@ -789,6 +831,12 @@ def selected_bwd_dkv_kernel(
         m_vd = m_k[:, None] & (o_dv < DV)[None, :]
         b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :], mask=m_kd, other=0.)  # [BK, BDK]
         b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_vd, other=0.)  # [BK, BDV]
+        o_dk2 = BDK + tl.arange(0, BDK2 if BDK2 > 0 else 16)
+        m_kd2 = m_k[:, None] & (o_dk2 < DK)[None, :]
+        if BDK2 > 0:
+            b_k2 = tl.load(k + o_kv[:, None] * DK + o_dk2[None, :], mask=m_kd2, other=0.)  # [BK, BDK2]
+        else:
+            b_k2 = b_k  # unused
 
         o_r = tl.arange(0, BR)
         o_rp = o_r // G
@@ -801,6 +849,8 @@ def selected_bwd_dkv_kernel(
         end = tl.minimum(tl.load(query_offsets + i_key + 1), start + SEG)
         b_dk = tl.zeros([BK, BDK], dtype=tl.float32)
         b_dv = tl.zeros([BK, BDV], dtype=tl.float32)
+        # without a second tile (BDK2 == 0) a 16-column placeholder, never read: the compiler drops it
+        b_dk2 = tl.zeros([BK, BDK2 if BDK2 > 0 else 16], dtype=tl.float32)
         for i0 in range(start, end, BQ):
             i_e = i0 + o_rp  # [BR] entry of the query list
             m_r = (o_r < BQ * G) & (i_e < end)
@@ -812,13 +862,21 @@ def selected_bwd_dkv_kernel(
                            other=0.)
             b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.) * 1.4426950408889634
             b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
-            b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
+            b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
+            if BDK2 > 0:
+                b_q2 = _q_cols(q, o_row, m_r, DK, BDK, BDK2)  # [BR, BDK2]
+                b_s += dot(b_q2, tl.trans(b_k2), DOT_PRECISION, DOT_UPCAST)
+            else:
+                b_q2 = b_q  # unused
+            b_s = b_s * qk_scale
             m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
             b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
             b_dv += dot(tl.trans(b_p.to(b_do.dtype)), b_do, DOT_PRECISION, DOT_UPCAST)
             b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
             b_ds = b_p * (b_dp - b_delta[:, None])
             b_dk += dot(tl.trans(b_ds.to(b_q.dtype)), b_q, DOT_PRECISION, DOT_UPCAST)
+            if BDK2 > 0:
+                b_dk2 += dot(tl.trans(b_ds.to(b_q.dtype)), b_q2, DOT_PRECISION, DOT_UPCAST)
         b_dk = b_dk * scale
         # compared as a [BK] vector: the interpreter turns (vector & scalar comparison) into integers
         b_n_seg = tl.zeros([BK], dtype=tl.int64) + n_seg
@@ -831,6 +889,12 @@ def selected_bwd_dkv_kernel(
         o_part = (tl.load(part_first + i_key) + i_sub) * (NKS * BK) + o_k  # [BK] rows of the partials
         tl.store(dk_part + o_part[:, None] * DK + o_dk[None, :], b_dk, mask=m_many[:, None] & (o_dk < DK)[None, :])
         tl.store(dv_part + o_part[:, None] * DV + o_dv[None, :], b_dv, mask=m_many[:, None] & (o_dv < DV)[None, :])
+        if BDK2 > 0:
+            b_dk2 = b_dk2 * scale
+            tl.store(dk + o_kv[:, None] * DK + o_dk2[None, :], b_dk2.to(dk.dtype.element_ty),
+                     mask=m_one[:, None] & (o_dk2 < DK)[None, :])
+            tl.store(dk_part + o_part[:, None] * DK + o_dk2[None, :], b_dk2,
+                     mask=m_many[:, None] & (o_dk2 < DK)[None, :])
 
 
 @triton.jit
@@ -1248,6 +1312,8 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     common = dict(HQ=HQ, H=H, G=HQ // H, BS=block_size, DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV),
                   **dot_args(q.dtype))
+    # q . k and dK / dQ over a head dim that is not a power of two: two tiles (192 = 128 + 64)
+    split = dict(zip(("BDK", "BDK2"), triton_utils.head_tiles(DK)))
     if _algorithm("DQ_MODE", DQ_MODE, cfg) == "scatter":
         dq, delta = _launch_dq_scatter(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens,
                                        block_table, cfg)
@@ -1261,7 +1327,7 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
         selected_bwd_dq_kernel[(chunk_indices.shape[0], H)](
             q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
             S=S, SP=triton.next_power_of_2(S), BK=cfg.BK_DQ, NKS=cfg.NKS_DQ, BT=cfg.BT, BR=cfg.BR,
-            STAGES=stages, HAS_DELTA=has_delta, num_warps=cfg.warps, num_stages=stages, **common,
+            STAGES=stages, HAS_DELTA=has_delta, num_warps=cfg.warps, num_stages=stages, **(common | split),
         )
     NBT = block_table.shape[0]
     offsets, query_list, _ = _reverse_index(block_indices, cu_seqlens, block_table, block_size)
@@ -1277,7 +1343,7 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
     selected_bwd_dkv_kernel[(seg.max_segments * cfg.NKS_KV,)](
         q, k, v, lse, do, delta, dk, dv, dk_part, dv_part, cu_seqlens, block_table, offsets, query_list,
         seg.bucket, seg.first, seg.part_first, scale, NBT, KV_SEGMENT, BQ=cfg.BQ, BR=cfg.BRQ,
-        num_warps=cfg.warps_kv, num_stages=cfg.stages_kv, **kv,
+        num_warps=cfg.warps_kv, num_stages=cfg.stages_kv, **(kv | split),
     )
     for key in ("HQ", "G", "DOT_PRECISION", "DOT_UPCAST"):
         del kv[key]

@@ -160,7 +160,20 @@ def window_fwd_kernel(
     outputs of the other branches, ``[N, HQ]`` gates; float32 sums of the stored values, one
     rounding: what :func:`nsa.ops.gate.gate_fwd_kernel` computes), saving that kernel's pass.
     BK2 > 0: q . k over the head columns as two tiles, ``0 .. BK-1`` and ``BK .. BK+BK2-1``."""
-    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    _window_fwd_tile(tl.program_id(0), tl.program_id(1), q, k, v, o, lse, o_cmp, o_slc, g_cmp, g_slc, g_win, o_nsa,
+                     cu_seqlens, chunk_indices, scale, T, W, HQ, H, G, K, V, BK, BV, BT, BM, BN, IS_VARLEN,
+                     DOT_PRECISION, DOT_DTYPE, ONE_LOOP, TMA, GATE, BK2)
+
+
+@triton.jit
+def _window_fwd_tile(
+    i_t, i_h, q, k, v, o, lse, o_cmp, o_slc, g_cmp, g_slc, g_win, o_nsa, cu_seqlens, chunk_indices, scale, T, W,
+    HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ONE_LOOP: tl.constexpr, TMA: tl.constexpr, GATE: tl.constexpr, BK2: tl.constexpr,
+):
+    """The work of :func:`window_fwd_kernel`'s program ``(i_t, i_h)``: query tile i_t of KV head i_h."""
     i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     t0 = i_c * BT
     t1 = tl.minimum(t0 + BT, seq_len) - 1  # last position of the tile

@@ -642,6 +642,36 @@ def probe_wide_bwd(T):
                     print(f"widebwd T={T} {DK}/{DV} split={split} {name}: failed {type(e).__name__}: {str(e)[:200]}",
                           flush=True)
         del q, k, v, do, o, lse
+    # the window backward (window 512) at 192/128: split off / on at the default tiles, and on at
+    # the tiles of D = 128 (dQ: 128 rows, 64 keys, 8 warps, 3 stages, TMA for the first tile;
+    # dK/dV: 128 keys, 64 rows, 8 warps, 3 stages, rotated walk) and halfway ones
+    DK, DV, W = 192, 128, 512
+    g = torch.Generator(device=DEV).manual_seed(12)
+    q, k, v, do = (torch.randn(1, T, h, d, device=DEV, generator=g).bfloat16()
+                   for h, d in ((HQ, DK), (H, DK), (H, DV), (HQ, DV)))
+    scale = DK ** -0.5
+    o, lse = WI._launch_fwd(q, k, v, W, scale, None)
+    variants = [(False, "default tiles", None, None), (True, "default tiles", None, None),
+                (True, "dQ 128 rows 64 keys 8 warps 3 stages TMA", dict(rows=128, BN=64, num_warps=8, num_stages=3,
+                                                                         one_loop=True, tma=True), None),
+                (True, "dQ 128/64/8/2 pointer", dict(rows=128, BN=64, num_warps=8, num_stages=2), None),
+                (True, "dK/dV 128 keys 64 rows 8 warps 3 stages rotated", None,
+                 dict(BN=128, rows=64, num_warps=8, num_stages=3, rotate=True)),
+                (True, "dK/dV 64/64/8/2 rotated", None, dict(BN=64, rows=64, num_warps=8, num_stages=2, rotate=True))]
+    base = None
+    for split, name, dq_cfg, kv_cfg in variants:
+        TU.SPLIT_HEAD_DIMS = split
+        run = lambda: WI._launch_bwd(q, k, v, o, lse, do, W, scale, None, dq_config=dq_cfg,  # noqa: E731
+                                     dkv_config=kv_cfg)
+        try:
+            grads = run()
+            if base is None:
+                base = grads
+            err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(grads, base))
+            print(f"widebwd T={T} window {DK}/{DV} {'two tiles' if split else 'one padded tile'}, {name}: "
+                  f"{_ms(run):.2f} ms  max rel diff vs first {err:.1e}", flush=True)
+        except Exception as e:
+            print(f"widebwd T={T} window split={split} {name}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
     TU.SPLIT_HEAD_DIMS = split0
 
 

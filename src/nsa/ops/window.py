@@ -236,23 +236,44 @@ def _window_fwd_tile(
 
 @triton.jit
 def _window_bwd_dq_tiles(
-    b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_lo, s_hi, s_end, W, qk_scale,
-    H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
+    b_q, b_q2, b_do, b_lse, b_delta, b_dq, b_dq2, k, v, k2, bos, i_h, o_pos, s_lo, s_hi, s_end, W, qk_scale,
+    H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
     MASKED: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """dQ (unscaled) accumulated over the key tiles ``s_lo, s_lo + BN, ... < s_hi``; as _window_fwd_tiles."""
+    """dQ (unscaled) accumulated over the key tiles ``s_lo, s_lo + BN, ... < s_hi``; as
+    _window_fwd_tiles (BK2 > 0: b_q2 / b_dq2 the head columns ``BK ..``, keys through k2)."""
     o_n = tl.arange(0, BN)
     for s0 in range(s_lo, s_hi, BN):
         b_k, b_v = _window_kv(k, v, bos, i_h, s0, s_end, H, K, V, BK, BV, BN, MASKED, TMA)
         b_k = b_k.to(DOT_DTYPE)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BM, BN] raw scores
+        if BK2 > 0:
+            b_k2 = _window_k_cols(k2, bos, i_h, s0, s_end, H, K, BK, BK2, BN, MASKED).to(DOT_DTYPE)
+            b_s += tl.dot(b_q2, tl.trans(b_k2), input_precision=DOT_PRECISION)
+        else:
+            b_k2 = b_k  # unused
         b_p = tl.exp2(b_s * qk_scale - b_lse[:, None])
         if MASKED:
             b_p = tl.where(_in_band(o_pos, s0 + o_n, W), b_p, 0.)
         b_dp = tl.dot(b_do, tl.trans(b_v.to(DOT_DTYPE)), input_precision=DOT_PRECISION)  # [BM, BN]
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_v.dtype).to(DOT_DTYPE), b_k, input_precision=DOT_PRECISION)
-    return b_dq
+        b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_v.dtype).to(DOT_DTYPE)
+        b_dq += tl.dot(b_ds, b_k, input_precision=DOT_PRECISION)
+        if BK2 > 0:
+            b_dq2 += tl.dot(b_ds, b_k2, input_precision=DOT_PRECISION)
+    return b_dq, b_dq2
+
+
+@triton.jit
+def _window_k_cols(k, bos, i_h, s0, s_end, H, K: tl.constexpr, D0: tl.constexpr, BD: tl.constexpr,
+                   BN: tl.constexpr, MASKED: tl.constexpr):
+    """Head columns ``D0 .. D0 + BD - 1`` of keys ``s0 .. s0 + BN - 1`` of KV head i_h (zeros past K
+    and, MASKED, at keys >= s_end): the second tile of a split head dim."""
+    o_s = s0 + tl.arange(0, BN)
+    o_d = D0 + tl.arange(0, BD)
+    m = (o_d < K)[None, :]
+    if MASKED:
+        m = m & (o_s < s_end)[:, None]
+    return tl.load(k + ((bos + o_s) * H + i_h)[:, None] * K + o_d[None, :], mask=m, other=0.)
 
 
 @triton.jit(do_not_specialize=["T", "W"])
@@ -261,13 +282,13 @@ def window_bwd_dq_kernel(
     HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_DELTA: tl.constexpr, N_ADD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ONE_LOOP: tl.constexpr = False, TMA: tl.constexpr = False,
+    DOT_DTYPE: tl.constexpr, ONE_LOOP: tl.constexpr = False, TMA: tl.constexpr = False, BK2: tl.constexpr = 0,
 ):
     """dq ``[N, HQ, K]`` for one query tile of BT positions x G heads; the same band walk as the
     forward. delta ``[N, HQ]`` = rowsum(do * o) (float32) is an input when HAS_DELTA, else
     computed and stored here. N_ADD (0, 1 or 2) of the gradients dq_a, dq_b (``[N, HQ, K]``
     each: NSA's other branches) are added in float32 before the one rounding to dq's dtype.
-    ONE_LOOP, TMA: as in :func:`window_fwd_kernel`."""
+    ONE_LOOP, TMA, BK2 (q . k and dQ over two head-column tiles): as in :func:`window_fwd_kernel`."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     t0 = i_c * BT
@@ -281,6 +302,12 @@ def window_bwd_dq_kernel(
     o_v = tl.arange(0, BV)
     m_v = (o_v < V)[None, :]
     b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0.).to(DOT_DTYPE)
+    # the second head-column tile (a 16-column placeholder, never read, without one)
+    o_k2 = BK + tl.arange(0, BK2 if BK2 > 0 else 16)
+    if BK2 > 0:
+        b_q2 = tl.load(q + o_row[:, None] * K + o_k2[None, :], mask=(o_k2 < K)[None, :], other=0.).to(DOT_DTYPE)
+    else:
+        b_q2 = b_q  # unused
     b_do = tl.load(do + o_row[:, None] * V + o_v[None, :], mask=m_v, other=0.)
     if HAS_DELTA:
         b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
@@ -291,22 +318,35 @@ def window_bwd_dq_kernel(
     b_do = b_do.to(DOT_DTYPE)
     b_lse = tl.load(lse + o_row)
     b_dq = tl.zeros([BM, BK], dtype=tl.float32)
+    b_dq2 = tl.zeros([BM, BK2 if BK2 > 0 else 16], dtype=tl.float32)
 
     qk_scale = scale * 1.4426950408889634
     s_lo, s_mid, s_top, s_end = _key_band(t0, t1, W, BN)
+    k2 = k
     k, v = _window_descriptors(k, v, bos, i_h, s_end, H, K, V, BK, BV, BN, TMA)
     if ONE_LOOP:
-        b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_lo, s_end, s_end, W,
-                                    qk_scale, H, K, V, BK, BV, BN, True, TMA, DOT_PRECISION, DOT_DTYPE)
+        b_dq, b_dq2 = _window_bwd_dq_tiles(b_q, b_q2, b_do, b_lse, b_delta, b_dq, b_dq2, k, v, k2, bos, i_h, o_pos,
+                                           s_lo, s_end, s_end, W, qk_scale, H, K, V, BK, BK2, BV, BN, True, TMA,
+                                           DOT_PRECISION, DOT_DTYPE)
     else:
-        b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_lo,
-                                    tl.minimum(s_mid, s_end), s_end, W, qk_scale, H, K, V, BK, BV, BN, True, TMA,
-                                    DOT_PRECISION, DOT_DTYPE)
-        b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_mid, s_top, s_end, W,
-                                    qk_scale, H, K, V, BK, BV, BN, False, TMA, DOT_PRECISION, DOT_DTYPE)
-        b_dq = _window_bwd_dq_tiles(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, i_h, o_pos, s_top, s_end, s_end, W,
-                                    qk_scale, H, K, V, BK, BV, BN, True, TMA, DOT_PRECISION, DOT_DTYPE)
-    b_dq = b_dq * scale
+        b_dq, b_dq2 = _window_bwd_dq_tiles(b_q, b_q2, b_do, b_lse, b_delta, b_dq, b_dq2, k, v, k2, bos, i_h, o_pos,
+                                           s_lo, tl.minimum(s_mid, s_end), s_end, W, qk_scale, H, K, V, BK, BK2, BV,
+                                           BN, True, TMA, DOT_PRECISION, DOT_DTYPE)
+        b_dq, b_dq2 = _window_bwd_dq_tiles(b_q, b_q2, b_do, b_lse, b_delta, b_dq, b_dq2, k, v, k2, bos, i_h, o_pos,
+                                           s_mid, s_top, s_end, W, qk_scale, H, K, V, BK, BK2, BV, BN, False, TMA,
+                                           DOT_PRECISION, DOT_DTYPE)
+        b_dq, b_dq2 = _window_bwd_dq_tiles(b_q, b_q2, b_do, b_lse, b_delta, b_dq, b_dq2, k, v, k2, bos, i_h, o_pos,
+                                           s_top, s_end, s_end, W, qk_scale, H, K, V, BK, BK2, BV, BN, True, TMA,
+                                           DOT_PRECISION, DOT_DTYPE)
+    _store_dq(dq, dq_a, dq_b, b_dq * scale, o_row, m_r, o_k, K, N_ADD)
+    if BK2 > 0:
+        _store_dq(dq, dq_a, dq_b, b_dq2 * scale, o_row, m_r, o_k2, K, N_ADD)
+
+
+@triton.jit
+def _store_dq(dq, dq_a, dq_b, b_dq, o_row, m_r, o_k, K: tl.constexpr, N_ADD: tl.constexpr):
+    """Stores head columns ``o_k`` of dq rows ``o_row`` (valid ``m_r``), after adding N_ADD of the
+    gradients dq_a, dq_b in float32 (one rounding)."""
     m_dq = m_r[:, None] & (o_k < K)[None, :]
     if N_ADD >= 1:
         b_dq += tl.load(dq_a + o_row[:, None] * K + o_k[None, :], mask=m_dq, other=0.).to(tl.float32)
@@ -317,12 +357,13 @@ def window_bwd_dq_kernel(
 
 @triton.jit
 def _window_dkv_step(
-    b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p0, W, qk_scale,
-    HQ, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p0, W, qk_scale,
+    HQ, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """dK (unscaled) and dV of the key tile from the BT positions ``p0 ..`` x G heads. MASKED
-    applies the band mask; else every (key, valid row) pair is visible."""
+    applies the band mask; else every (key, valid row) pair is visible. BK2 > 0: b_k2 / b_dk2
+    are the head columns ``BK ..`` (a second tile)."""
     o_r = tl.arange(0, BM)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
@@ -335,27 +376,36 @@ def _window_dkv_step(
     b_lse = tl.load(lse + o_row, mask=m_r, other=float("inf"))
     b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)  # [BN, BM] raw scores
+    if BK2 > 0:
+        o_k2 = BK + tl.arange(0, BK2)
+        b_q2 = tl.load(q + o_row[:, None] * K + o_k2[None, :], mask=(o_k2 < K)[None, :], other=0.).to(DOT_DTYPE)
+        b_st += tl.dot(b_k2, tl.trans(b_q2), input_precision=DOT_PRECISION)
+    else:
+        b_q2 = b_q  # unused
     b_pt = tl.exp2(b_st * qk_scale - b_lse[None, :])
     if MASKED:
         b_pt = tl.where(tl.trans(_in_band(o_p, o_s, W)), b_pt, 0.)
     b_dv += tl.dot(b_pt.to(do.dtype.element_ty).to(DOT_DTYPE), b_do, input_precision=DOT_PRECISION)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BN, BM]
-    b_dst = b_pt * (b_dpt - b_delta[None, :])
-    b_dk += tl.dot(b_dst.to(q.dtype.element_ty).to(DOT_DTYPE), b_q, input_precision=DOT_PRECISION)
-    return b_dk, b_dv
+    b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(q.dtype.element_ty).to(DOT_DTYPE)
+    b_dk += tl.dot(b_dst, b_q, input_precision=DOT_PRECISION)
+    if BK2 > 0:
+        b_dk2 += tl.dot(b_dst, b_q2, input_precision=DOT_PRECISION)
+    return b_dk, b_dk2, b_dv
 
 
 @triton.jit
 def _window_bwd_dkv_tiles(
-    b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_lo, p_hi, W, qk_scale,
-    HQ, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_lo, p_hi, W, qk_scale,
+    HQ, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """:func:`_window_dkv_step` over the query steps ``p_lo, p_lo + BT, ... < p_hi``."""
     for p0 in range(p_lo, p_hi, BT):
-        b_dk, b_dv = _window_dkv_step(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p0, W,
-                                      qk_scale, HQ, G, K, V, BK, BV, BT, BM, MASKED, DOT_PRECISION, DOT_DTYPE)
-    return b_dk, b_dv
+        b_dk, b_dk2, b_dv = _window_dkv_step(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, bos, seq_len, i_h,
+                                             o_s, p0, W, qk_scale, HQ, G, K, V, BK, BK2, BV, BT, BM, MASKED,
+                                             DOT_PRECISION, DOT_DTYPE)
+    return b_dk, b_dk2, b_dv
 
 
 @triton.jit(do_not_specialize=["T", "W"])
@@ -364,10 +414,12 @@ def window_bwd_dkv_kernel(
     HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, ROTATE: tl.constexpr = False,
+    BK2: tl.constexpr = 0,
 ):
     """dk ``[N, H, K]``, dv ``[N, H, V]`` for one tile of BN keys of KV head i_h, from the queries
     ``[s, s + W - 1]`` of its G heads, BM rows (BM // G positions x G heads) per step. ROTATE:
-    one masked loop whose start depends on the tile (see the code), else three phases."""
+    one masked loop whose start depends on the tile (see the code), else three phases. BK2 > 0:
+    q . k and dK over the head columns as two tiles, ``0 .. BK-1`` and ``BK .. BK+BK2-1``."""
     BT: tl.constexpr = BM // G
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BN, IS_VARLEN)
@@ -384,6 +436,14 @@ def window_bwd_dkv_kernel(
     b_v = tl.load(v + p_kv[:, None] * V + o_v[None, :], mask=m_v, other=0.).to(DOT_DTYPE)
     b_dk = tl.zeros([BN, BK], dtype=tl.float32)
     b_dv = tl.zeros([BN, BV], dtype=tl.float32)
+    # the second head-column tile (a 16-column placeholder, never read, without one)
+    o_k2 = BK + tl.arange(0, BK2 if BK2 > 0 else 16)
+    m_k2 = (o_s <= s1)[:, None] & (o_k2 < K)[None, :]
+    if BK2 > 0:
+        b_k2 = tl.load(k + p_kv[:, None] * K + o_k2[None, :], mask=m_k2, other=0.).to(DOT_DTYPE)
+    else:
+        b_k2 = b_k  # unused
+    b_dk2 = tl.zeros([BN, BK2 if BK2 > 0 else 16], dtype=tl.float32)
 
     qk_scale = scale * 1.4426950408889634
     # queries [s0, p_end): those < s1 are cut by the diagonal for some keys, those >= s0 + W by the
@@ -397,21 +457,24 @@ def window_bwd_dkv_kernel(
         r = (L - s0 % tl.maximum(L, 1)) % tl.maximum(L, 1) // BT * BT  # steps stay BT apart: every position once
         for j in range(0, L, BT):
             p0 = s0 + (r + j) % L
-            b_dk, b_dv = _window_dkv_step(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p0, W,
-                                          qk_scale, HQ, G, K, V, BK, BV, BT, BM, True, DOT_PRECISION, DOT_DTYPE)
+            b_dk, b_dk2, b_dv = _window_dkv_step(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, bos, seq_len,
+                                                 i_h, o_s, p0, W, qk_scale, HQ, G, K, V, BK, BK2, BV, BT, BM, True,
+                                                 DOT_PRECISION, DOT_DTYPE)
     else:
         p_mid = s0 + tl.cdiv(tl.maximum(s1 - s0, 0), BT) * BT
         p_top = p_mid + (tl.maximum(tl.minimum(s0 + W, seq_len) - p_mid, 0) // BT) * BT
-        b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, s0,
-                                           tl.minimum(p_mid, p_end), W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, True,
-                                           DOT_PRECISION, DOT_DTYPE)
-        b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_mid,
-                                           p_top, W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, False,
-                                           DOT_PRECISION, DOT_DTYPE)
-        b_dk, b_dv = _window_bwd_dkv_tiles(b_k, b_v, b_dk, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_top,
-                                           p_end, W, qk_scale, HQ, G, K, V, BK, BV, BT, BM, True,
-                                           DOT_PRECISION, DOT_DTYPE)
+        b_dk, b_dk2, b_dv = _window_bwd_dkv_tiles(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, bos, seq_len,
+                                                  i_h, o_s, s0, tl.minimum(p_mid, p_end), W, qk_scale, HQ, G, K, V,
+                                                  BK, BK2, BV, BT, BM, True, DOT_PRECISION, DOT_DTYPE)
+        b_dk, b_dk2, b_dv = _window_bwd_dkv_tiles(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, bos, seq_len,
+                                                  i_h, o_s, p_mid, p_top, W, qk_scale, HQ, G, K, V, BK, BK2, BV, BT,
+                                                  BM, False, DOT_PRECISION, DOT_DTYPE)
+        b_dk, b_dk2, b_dv = _window_bwd_dkv_tiles(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, bos, seq_len,
+                                                  i_h, o_s, p_top, p_end, W, qk_scale, HQ, G, K, V, BK, BK2, BV, BT,
+                                                  BM, True, DOT_PRECISION, DOT_DTYPE)
     tl.store(dk + p_kv[:, None] * K + o_k[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_k)
+    if BK2 > 0:
+        tl.store(dk + p_kv[:, None] * K + o_k2[None, :], (b_dk2 * scale).to(dk.dtype.element_ty), mask=m_k2)
     tl.store(dv + p_kv[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_v)
 
 
@@ -558,16 +621,18 @@ def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens,
     has_delta = delta is not None
     if not has_delta:
         delta = new_output((B, T, HQ), torch.float32, q.device)
+    # q . k, dQ and dK over a head dim that is not a power of two: two tiles (192 = 128 + 64)
+    split = dict(zip(("BK", "BK2"), triton_utils.head_tiles(K)))
     window_bwd_dq_kernel[(n_tiles, H)](
         q, k, v, o, lse, do, delta, dq, *(dq_add + [dq] * (2 - len(dq_add))), cu, table, scale, T, W,
-        HAS_DELTA=has_delta, N_ADD=len(dq_add), **common, **cfg)
+        HAS_DELTA=has_delta, N_ADD=len(dq_add), **(common | split), **cfg)
 
     cfg = _kv_config(G, BK, BV, q.dtype, dkv_config)
     n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BN"], q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     window_bwd_dkv_kernel[(n_tiles, H)](
-        q, k, v, lse, do, delta, dk, dv, cu, table, scale, T, W, **common, **cfg)
+        q, k, v, lse, do, delta, dk, dv, cu, table, scale, T, W, **(common | split), **cfg)
     return dq, dk, dv
 
 

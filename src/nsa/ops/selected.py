@@ -984,21 +984,27 @@ def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Ti
     width = pow2(DK) + pow2(DV)
     row_bytes = width * dtype.itemsize
     fp32 = dtype.itemsize >= 4
+    # Dk as two tiles in the backward (128 + 64 at 192): a padded width of 384 that works as 320
+    split_bwd = not fp32 and width == 384 and sum(triton_utils.head_tiles(DK)) + pow2(DV) <= 320
     bt, br = _tile(G, FWD_ROWS)
     # forward: 64 keys per sub-tile up to padded widths of 384 (H200 64k, Dk/Dv 192/128, run 24:
-    # 27.7 ms against 31.8 with 32 keys, pointer loads); dQ keeps 32 above 256 (not measured)
+    # 27.7 ms against 31.8 with 32 keys, pointer loads); dQ keeps 32 above 256 (not measured) except
+    # for a split Dk (below)
     bk = _fit(min(pow2(block_size), 32 if width > 384 or fp32 else 64), row_bytes)
-    bk_dq = _fit(min(pow2(block_size), 32 if width > 256 or fp32 else 64), row_bytes)
+    bk_dq = _fit(min(pow2(block_size), 32 if (width > 256 and not split_bwd) or fp32 else 64), row_bytes)
     # dK/dV walk: 64 rows, 4 warps at width <= 256 (H200 64k, G=16: whole backward 32.7 ms against
-    # 48.2 with 32 rows, 8 warps); wider heads keep 32 rows, 8 warps (not measured)
-    bq, brq = _tile(G, _fit(16 if fp32 else (BWD_ROWS if width <= 256 else 32), row_bytes))
+    # 48.2 with 32 rows, 8 warps); wider heads keep 32 rows, 8 warps (not measured), except a split
+    # Dk: H200 64k, 192/128, G=16 (run 37, probe widebwd), whole selected backward 72.4 ms with one
+    # padded tile, 63.3 split at these tiles, 57.2 split with 64 keys per dQ sub-tile and dK/dV walks
+    # of 64 rows on 4 warps, 2 stages
+    bq, brq = _tile(G, _fit(16 if fp32 else (BWD_ROWS if width <= 256 or split_bwd else 32), row_bytes))
     bk_kv = _fit(min(pow2(block_size), (16 if width > 256 else 32) if fp32 else (32 if width > 384 else 64)),
                  row_bytes)
     return _Tiles(
         BT=bt, BR=br, BK=bk, NKS=triton.cdiv(block_size, bk), warps=8 if br >= 32 or fp32 else 4,
         BQ=bq, BRQ=brq, BK_KV=bk_kv, NKS_KV=triton.cdiv(block_size, bk_kv),
-        warps_kv=8 if width > 256 and not fp32 else 4,
-        stages_kv=2 if 2 * brq * row_bytes <= _TILE_BYTES and not fp32 else 1,
+        warps_kv=8 if width > 256 and not fp32 and not split_bwd else 4,
+        stages_kv=2 if (2 * brq * row_bytes <= _TILE_BYTES or split_bwd) and not fp32 else 1,
         BR_SC=16 if fp32 else SCATTER_TILE_ROWS, BK_SC=bk_kv, NKS_SC=triton.cdiv(block_size, bk_kv),
         warps_sc=4, stages_sc=1 if fp32 else 3,  # H200 64k: 19.5 ms (2 stages 20.8, 8 warps 32.6)
         # scatter dQ: wider heads do not fit sm_90's shared memory when pipelined (3 stages at

@@ -612,8 +612,14 @@ def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens,
     W = _window(window_size, q)
     common = dict(HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None,
                   **_dot_args(q.dtype))
+    # q . k, dQ and dK over a head dim that is not a power of two: two tiles (192 = 128 + 64), and
+    # the tiles of the first one's width (H200 64k, 192/128, run 37, probe widebwd: whole window
+    # backward 27.95 ms with one padded tile at its tiles, 25.47 split at those, 15.66 split with
+    # the dK/dV tiles of D = 128 (128 keys, 64 rows, 8 warps, 3 stages, rotated walk), 24.88 with
+    # its dQ tiles (128 rows, 64 keys, 8 warps, 3 stages, TMA for the first tile))
+    split = dict(zip(("BK", "BK2"), triton_utils.head_tiles(K)))
 
-    cfg = _q_config(G, BK, BV, q.dtype, config=dq_config)
+    cfg = _q_config(G, split["BK"], BV, q.dtype, config=dq_config)
     cfg["TMA"] = use_tma(cfg["TMA"], k, v)
     n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BT"], q.device)
     cu = cu_seqlens if cu_seqlens is not None else table
@@ -621,13 +627,11 @@ def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens,
     has_delta = delta is not None
     if not has_delta:
         delta = new_output((B, T, HQ), torch.float32, q.device)
-    # q . k, dQ and dK over a head dim that is not a power of two: two tiles (192 = 128 + 64)
-    split = dict(zip(("BK", "BK2"), triton_utils.head_tiles(K)))
     window_bwd_dq_kernel[(n_tiles, H)](
         q, k, v, o, lse, do, delta, dq, *(dq_add + [dq] * (2 - len(dq_add))), cu, table, scale, T, W,
         HAS_DELTA=has_delta, N_ADD=len(dq_add), **(common | split), **cfg)
 
-    cfg = _kv_config(G, BK, BV, q.dtype, dkv_config)
+    cfg = _kv_config(G, split["BK"], BV, q.dtype, dkv_config)
     n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BN"], q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)

@@ -730,9 +730,20 @@ def selected_bwd_dq_kernel(
             i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
             for i_ks in tl.static_range(NKS):
                 i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV, BDK, BDV)
-                b_dq, b_dq2 = _dq_step(b_q, b_q2, b_do, b_lse2, b_delta, b_dq, b_dq2, k, b_k, b_v, i_k, m_k,
-                                       m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None]), bos, i_h,
-                                       qk_scale, H, DK, BDK, BDK2, DOT_PRECISION, DOT_UPCAST)
+                b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST)
+                if BDK2 > 0:
+                    b_k2 = _k_cols(k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2)
+                    b_s += dot(b_q2, tl.trans(b_k2), DOT_PRECISION, DOT_UPCAST)
+                else:
+                    b_k2 = b_k  # unused
+                b_s = b_s * qk_scale
+                m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
+                b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
+                b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)
+                b_ds = b_p * (b_dp - b_delta[:, None])
+                b_dq += dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
+                if BDK2 > 0:
+                    b_dq2 += dot(b_ds.to(b_k.dtype), b_k2, DOT_PRECISION, DOT_UPCAST)
     for i_p in range(BT if BT > 1 else 0):
         p_idx = block_indices + ((bos + t0 + i_p) * H + i_h) * S
         for i_s in range(S):
@@ -764,29 +775,6 @@ def selected_bwd_dq_kernel(
         o_dk2 = BDK + tl.arange(0, BDK2)
         tl.store(dq + o_row[:, None] * DK + o_dk2[None, :], (b_dq2 * scale).to(dq.dtype.element_ty),
                  mask=m_r[:, None] & (o_dk2 < DK)[None, :])
-
-
-@triton.jit
-def _dq_step(b_q, b_q2, b_do, b_lse2, b_delta, b_dq, b_dq2, k, b_k, b_v, i_k, m_k, m_s, bos, i_h, qk_scale,
-             H: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, DOT_PRECISION: tl.constexpr,
-             DOT_UPCAST: tl.constexpr):
-    """dQ of rows b_q (``[BR, BDK]``; b_q2 ``[BR, BDK2]`` the second head-column tile when BDK2 > 0)
-    from one sub-tile of keys ``i_k`` (K ``[BK, BDK]``, V; ``m_k`` the loaded keys) where ``m_s``
-    ``[BR, BK]`` (the pairs a row attends); b_lse2 in base 2."""
-    b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
-    if BDK2 > 0:
-        b_k2 = _k_cols(k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2)  # [BK, BDK2]
-        b_s += dot(b_q2, tl.trans(b_k2), DOT_PRECISION, DOT_UPCAST)
-    else:
-        b_k2 = b_k  # unused
-    b_s = b_s * qk_scale
-    b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
-    b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
-    b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_k.dtype)
-    b_dq += dot(b_ds, b_k, DOT_PRECISION, DOT_UPCAST)
-    if BDK2 > 0:
-        b_dq2 += dot(b_ds, b_k2, DOT_PRECISION, DOT_UPCAST)
-    return b_dq, b_dq2
 
 
 @triton.jit

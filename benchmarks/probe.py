@@ -675,6 +675,53 @@ def probe_wide_bwd(T):
     TU.SPLIT_HEAD_DIMS = split0
 
 
+def probe_wide_cmp(T):
+    """Compressed attention at Dk/Dv = 192/128 (B=1, HQ=64, H=4, 32/16) with Dk as two tiles: the
+    forward and backward tile configs of the padded head (the defaults) against the D = 128
+    ones (TMA, 3 stages) and others the split leaves room for (sm_90 compile audit: all fit)."""
+    from nsa.ops import compressed as CM
+    HQ, H, KS, ST, DK, DV = 64, 4, 32, 16, 192, 128
+    g = torch.Generator(device=DEV).manual_seed(13)
+    Tc = num_compressed(T, KS, ST)
+    q = torch.randn(1, T, HQ, DK, device=DEV, generator=g).bfloat16()
+    kc = torch.randn(1, Tc, H, DK, device=DEV, generator=g).bfloat16()
+    vc = torch.randn(1, Tc, H, DV, device=DEV, generator=g).bfloat16()
+    do = torch.randn(1, T, HQ, DV, device=DEV, generator=g).bfloat16()
+    scale = DK ** -0.5
+    o, lse = CM.compressed_attention_fwd(q, kc, vc, KS, ST, scale, None)
+    for cfg in (None, dict(rows=256, BC=64, num_warps=8, num_stages=3, tma=True),
+                dict(rows=128, BC=64, num_warps=8, num_stages=3, tma=True),
+                dict(rows=256, BC=64, num_warps=8, num_stages=2, tma=True),
+                dict(rows=128, BC=64, num_warps=4, num_stages=2, tma=True)):
+        try:
+            o2, _ = CM.compressed_attention_fwd(q, kc, vc, KS, ST, scale, None, config=cfg)
+            err = (o2.float() - o.float()).abs().max().item()
+            t = _ms(lambda: CM.compressed_attention_fwd(q, kc, vc, KS, ST, scale, None, config=cfg))
+            print(f"widecmp T={T} fwd {cfg or 'default'}: {t:.2f} ms  max|o - default| {err:.1e}", flush=True)
+        except Exception as e:
+            print(f"widecmp T={T} fwd {cfg}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 2
+    seg = dict(programs=4 * sms, min_segment=256)
+    base = None
+    for dq_cfg, kv_cfg in ((None, None),
+                           (dict(rows=128, BC=64, num_warps=8, num_stages=3, tma=True), None),
+                           (dict(rows=128, BC=64, num_warps=8, num_stages=2, tma=True), None),
+                           (None, dict(rows=32, BC=128, num_warps=8, num_stages=3, **seg)),
+                           (None, dict(rows=32, BC=64, num_warps=8, num_stages=3, **seg)),
+                           (None, dict(rows=64, BC=64, num_warps=8, num_stages=2, **seg))):
+        run = lambda: CM.compressed_attention_bwd(q, kc, vc, o, lse, do, None, KS, ST, scale, None,  # noqa: E731
+                                                  dq_config=dq_cfg, dkv_config=kv_cfg)
+        try:
+            grads = run()
+            if base is None:
+                base = grads
+            err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(grads, base))
+            print(f"widecmp T={T} bwd dQ {dq_cfg or 'default'} dK/dV {kv_cfg or 'default'}: {_ms(run):.2f} ms  "
+                  f"max rel diff vs default {err:.1e}", flush=True)
+        except Exception as e:
+            print(f"widecmp T={T} bwd {dq_cfg} {kv_cfg}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
 @triton.jit
 def _slc_persistent_kernel(q, k, v, o, lse, idx, N, scale, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
                            S: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr,
@@ -844,6 +891,7 @@ def main():
         "splithead": lambda a: probe_split_head(a.T),
         "mixed": lambda a: probe_mixed(a.T),
         "widebwd": lambda a: probe_wide_bwd(a.T),
+        "widecmp": lambda a: probe_wide_cmp(a.T),
     }
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)

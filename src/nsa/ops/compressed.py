@@ -492,8 +492,8 @@ def _query_rows(G: int, rows: int) -> tuple[int, int]:
 # rows: query-tile rows (positions x padded group heads); BC: compressed tokens per tile.
 # Chosen by H200 timing among configs compiled for sm_90a (ptxas -v); shared memory within 228 KB.
 # They spill a little (bytes, Triton 3.6, 2026-11-29, G = 16): forward 32 at 128/128 and 140 at
-# 192/128 (Dk as two tiles; 92 as one padded tile), dQ 140 and dK/dV 408 at 192/128; each was the
-# fastest of its measured sweep (benchmarks/NOTES.md, compile audit). fp32 inputs use IEEE dots
+# 192/128 (Dk as two tiles; 92 as one padded tile), dK/dV 148 at 192/128 (Dk as two tiles; dQ
+# none); each was the fastest of its measured sweep (benchmarks/NOTES.md, compile audit). fp32 inputs use IEEE dots
 # (CUDA-core FMA, not tensor cores): correct, small tiles, not a fast path.
 def _fwd_config(bdk, bdv, itemsize, interpret):
     # tma: compressed K/V through tensor descriptors (16-bit inputs only; checked at launch)
@@ -515,7 +515,8 @@ def _fwd_config(bdk, bdv, itemsize, interpret):
     return dict(rows=128, BC=32, num_warps=8, num_stages=2)
 
 
-def _dq_config(bdk, bdv, itemsize, interpret):
+def _dq_config(bdk, bdv, itemsize, interpret, split=False):
+    """split: Dk is taken as two tiles (e.g. 192 = 128 + 64; bdk is the padded width)."""
     if interpret:
         return dict(rows=32, BC=16, num_warps=4, num_stages=1, tma=itemsize == 2)
     if itemsize == 4:
@@ -523,6 +524,10 @@ def _dq_config(bdk, bdv, itemsize, interpret):
     if bdk + bdv <= 256:
         # H200 sweep 2026-11-29 (run7), 64k, whole backward: TMA 128/64/8/3 33.8 ms, TMA 128/64/8/2 34.6,
         # pointer loads 128/64/8/2 37.3 (the default until then), 128/32/8/3 39.4
+        return dict(rows=128, BC=64, num_warps=8, num_stages=3, tma=True)
+    if bdk + bdv <= 384 and split:
+        # Dk=192 as 128 + 64: H200 64k, 192/128 (run 39, probe widecmp): whole compressed backward
+        # 51.21 ms with the pointer loads below, 50.59 with TMA (first tile) and 3 stages, 51.51 with 2
         return dict(rows=128, BC=64, num_warps=8, num_stages=3, tma=True)
     if bdk + bdv <= 384:
         # Dk=192 (padded 256) / Dv=128: 64 rows on 8 warps laid both warpgroups on the same 64-row
@@ -532,13 +537,18 @@ def _dq_config(bdk, bdv, itemsize, interpret):
     return dict(rows=64, BC=32, num_warps=8, num_stages=2)
 
 
-def _dkv_config(bdk, bdv, itemsize, device):
+def _dkv_config(bdk, bdv, itemsize, device, split=False):
+    """split: Dk is taken as two tiles (e.g. 192 = 128 + 64; bdk is the padded width)."""
     if interpreting():
         return dict(rows=32, BC=16, num_warps=4, num_stages=1, programs=4, min_segment=8)
     sms = _num_sms(device)
     if itemsize == 4:
         return dict(rows=32, BC=32, num_warps=4, num_stages=2, programs=4 * sms, min_segment=256)
     if bdk + bdv <= 256:
+        return dict(rows=32, BC=128, num_warps=8, num_stages=3, programs=4 * sms, min_segment=256)
+    if bdk + bdv <= 384 and split:
+        # Dk=192 as 128 + 64: H200 64k, 192/128 (run 39, probe widecmp): whole compressed backward
+        # 44.17 ms with 3 stages, 51.21 with 2; 64 tokens per tile 70.5-72.3
         return dict(rows=32, BC=128, num_warps=8, num_stages=3, programs=4 * sms, min_segment=256)
     if bdk + bdv <= 384:  # H200 sweep 2026-11-28, 64k, 192/128: whole backward 72.4 ms (32/64/8/2: 99.7)
         return dict(rows=32, BC=128, num_warps=8, num_stages=2, programs=4 * sms, min_segment=256)
@@ -672,18 +682,18 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
     common = (q.stride(1), q.stride(2), k_cmp.stride(1), k_cmp.stride(2), v_cmp.stride(1), v_cmp.stride(2),
               o.stride(1), o.stride(2), HQ, H, G, Dk, Dv, kernel_size, stride)
 
-    cfg = dq_config or _dq_config(bdk, bdv, q.element_size(), interpret)
+    # q . k over a head dim that is not a power of two: two tiles (192 = 128 + 64), not one of 256
+    bdk1, bdk2 = triton_utils.head_tiles(Dk)
+    cfg = dq_config or _dq_config(bdk, bdv, q.element_size(), interpret, bdk2 > 0)
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.query_tiles(bt)
     tma = use_tma(cfg.get("tma", False), k_cmp, v_cmp)
-    # q . k over a head dim that is not a power of two: two tiles (192 = 128 + 64), not one of 256
-    bdk1, bdk2 = triton_utils.head_tiles(Dk)
     compressed_bwd_dq_kernel[(tiles.shape[0] * H,)](
         q, k_cmp, v_cmp, do, lse, delta, dq, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common,
         GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk1, BDK2=bdk2, BDV=bdv, PRECISION=precision,
         UPCAST=_upcast(q), TMA=tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    cfg = dkv_config or _dkv_config(bdk, bdv, q.element_size(), q.device)
+    cfg = dkv_config or _dkv_config(bdk, bdv, q.element_size(), q.device, bdk2 > 0)
     gp, bt = _query_rows(G, cfg["rows"])
     tiles = pk.key_tiles(cfg["BC"])
     nseg = _dkv_segments(tiles.shape[0], H, B * T, cfg["programs"], cfg["min_segment"])

@@ -722,6 +722,42 @@ def probe_wide_cmp(T):
             print(f"widecmp T={T} bwd {dq_cfg} {kv_cfg}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
+def probe_slc_bwd_192(T):
+    """The selected backward at Dk/Dv = 192/128 (G = 16, Dk as two tiles, gather dQ) on the
+    benchmark's selections: the default tiles against other dK/dV walks (warps, rows, keys per
+    program) and dQ sub-tiles."""
+    HQ, H, BS, S, DK, DV = 64, 4, 64, 16, 192, 128
+    G = HQ // H
+    idx = _benchmark_inputs(T)[4].view(T, H, S).contiguous()
+    cu = uniform_cu_seqlens(1, T, idx.device)
+    blocks = SL._chunk_table(cu, T, BS)
+    g = torch.Generator(device=DEV).manual_seed(9)
+    q, k, v, do = (torch.randn(T, h, d, device=DEV, generator=g).bfloat16()
+                   for h, d in ((HQ, DK), (H, DK), (H, DV), (HQ, DV)))
+    scale = DK ** -0.5
+    cfg = SL._tiles(G, BS, DK, DV, q.dtype)
+    o, lse = SL._launch_fwd(q, k, v, idx, BS, scale, cu, SL._chunk_table(cu, T, SL.fwd_positions(cfg)), cfg)
+    dq_chunks = SL._chunk_table(cu, T, cfg.BT)
+    variants = [("default", cfg),
+                ("dK/dV 8 warps", cfg._replace(warps_kv=8)),
+                ("dK/dV 32 keys per program", cfg._replace(BK_KV=32, NKS_KV=BS // 32)),
+                ("dK/dV 32 keys, 8 warps", cfg._replace(BK_KV=32, NKS_KV=BS // 32, warps_kv=8)),
+                ("dK/dV 128 rows 8 warps 1 stage", cfg._replace(BQ=128 // G, BRQ=128, warps_kv=8, stages_kv=1)),
+                ("dK/dV 1 stage", cfg._replace(stages_kv=1)),
+                ("dQ 32 keys", cfg._replace(BK_DQ=32, NKS_DQ=BS // 32))]
+    base = None
+    for name, c in variants:
+        run = lambda: SL._launch_bwd(q, k, v, o, lse, do, idx, BS, scale, cu, dq_chunks, blocks, c)  # noqa: E731
+        try:
+            grads = run()
+            if base is None:
+                base = grads
+            err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(grads, base))
+            print(f"slcbwd192 T={T} {name}: {_ms(run):.2f} ms  max rel diff vs default {err:.1e}", flush=True)
+        except Exception as e:
+            print(f"slcbwd192 T={T} {name}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
 @triton.jit
 def _slc_persistent_kernel(q, k, v, o, lse, idx, N, scale, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
                            S: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr,
@@ -892,6 +928,7 @@ def main():
         "mixed": lambda a: probe_mixed(a.T),
         "widebwd": lambda a: probe_wide_bwd(a.T),
         "widecmp": lambda a: probe_wide_cmp(a.T),
+        "slcbwd192": lambda a: probe_slc_bwd_192(a.T),
     }
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)

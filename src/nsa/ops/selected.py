@@ -984,16 +984,18 @@ def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Ti
     # 48.2 with 32 rows, 8 warps); wider heads keep 32 rows, 8 warps (not measured), except a split
     # Dk: H200 64k, 192/128, G=16 (run 37, probe widebwd), whole selected backward 72.4 ms with one
     # padded tile, 63.3 split at these tiles, 57.2 split with 64 keys per dQ sub-tile and dK/dV walks
-    # of 64 rows on 4 warps, 2 stages
+    # of 64 rows on 4 warps, 2 stages; 45.2 with 32 keys per dK/dV program (run 41, probe
+    # slcbwd192: 8 warps 57.4, 32 keys on 8 warps 66.8, 128 rows on 8 warps 46.0, 1 stage 49.0)
     bq, brq = _tile(G, _fit(16 if fp32 else (BWD_ROWS if width <= 256 or split_bwd else 32), row_bytes))
-    bk_kv = _fit(min(pow2(block_size), (16 if width > 256 else 32) if fp32 else (32 if width > 384 else 64)),
+    bk_sc = _fit(min(pow2(block_size), (16 if width > 256 else 32) if fp32 else (32 if width > 384 else 64)),
                  row_bytes)
+    bk_kv = min(bk_sc, 32) if split_bwd else bk_sc
     return _Tiles(
         BT=bt, BR=br, BK=bk, NKS=triton.cdiv(block_size, bk), warps=8 if br >= 32 or fp32 else 4,
         BQ=bq, BRQ=brq, BK_KV=bk_kv, NKS_KV=triton.cdiv(block_size, bk_kv),
         warps_kv=8 if width > 256 and not fp32 and not split_bwd else 4,
         stages_kv=2 if (2 * brq * row_bytes <= _TILE_BYTES or split_bwd) and not fp32 else 1,
-        BR_SC=16 if fp32 else SCATTER_TILE_ROWS, BK_SC=bk_kv, NKS_SC=triton.cdiv(block_size, bk_kv),
+        BR_SC=16 if fp32 else SCATTER_TILE_ROWS, BK_SC=bk_sc, NKS_SC=triton.cdiv(block_size, bk_sc),
         warps_sc=4, stages_sc=1 if fp32 else 3,  # H200 64k: 19.5 ms (2 stages 20.8, 8 warps 32.6)
         # scatter dQ: wider heads do not fit sm_90's shared memory when pipelined (3 stages at
         # 256/256: 329 KB of 227; 1 stage: 98 KB) and spill less on 8 warps (ptxas, Triton 3.6)

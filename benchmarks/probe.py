@@ -598,6 +598,21 @@ def probe_split_head(T):
     TU.SPLIT_HEAD_DIMS = split0
 
 
+def _time_grads(label, run, base):
+    """Times ``run`` (a callable returning a tuple of tensors, e.g. gradients) and prints ``label``,
+    its time and the largest relative difference (norm) of its results from ``base``'s (None: its
+    results become the base). A config that does not compile or fit is printed, not raised.
+    Returns the base."""
+    try:
+        out = run()
+        base = out if base is None else base
+        err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(out, base))
+        print(f"{label}: {_ms(run):.2f} ms  max rel diff vs first {err:.1e}", flush=True)
+    except Exception as e:
+        print(f"{label}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+    return base
+
+
 def probe_wide_bwd(T):
     """The selected backward (G = 16, gather dQ) at Dk/Dv = 192/128 on the benchmark's selections:
     q . k, dQ and dK over two head-column tiles (128 + 64) or one padded tile of 256
@@ -630,17 +645,9 @@ def probe_wide_bwd(T):
         for split in (False, True) if DK == 192 else (True,):
             TU.SPLIT_HEAD_DIMS = split
             for name, c in variants if split else variants[:1]:
-                run = lambda: SL._launch_bwd(q, k, v, o, lse, do, idx, BS, scale, cu, dq_chunks, blocks, c)  # noqa: E731
-                try:
-                    grads = run()
-                    if base is None:
-                        base = grads
-                    err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(grads, base))
-                    print(f"widebwd T={T} {DK}/{DV} {'two tiles' if split else 'one padded tile'}, {name}: "
-                          f"{_ms(run):.2f} ms  max rel diff vs first {err:.1e}", flush=True)
-                except Exception as e:
-                    print(f"widebwd T={T} {DK}/{DV} split={split} {name}: failed {type(e).__name__}: {str(e)[:200]}",
-                          flush=True)
+                base = _time_grads(f"widebwd T={T} {DK}/{DV} {'two tiles' if split else 'one padded tile'}, {name}",
+                                   lambda: SL._launch_bwd(q, k, v, o, lse, do, idx, BS, scale, cu, dq_chunks, blocks,
+                                                          c), base)
         del q, k, v, do, o, lse
     # the window backward (window 512) at 192/128: split off / on at the default tiles, and on at
     # the tiles of D = 128 (dQ: 128 rows, 64 keys, 8 warps, 3 stages, TMA for the first tile;
@@ -661,17 +668,9 @@ def probe_wide_bwd(T):
     base = None
     for split, name, dq_cfg, kv_cfg in variants:
         TU.SPLIT_HEAD_DIMS = split
-        run = lambda: WI._launch_bwd(q, k, v, o, lse, do, W, scale, None, dq_config=dq_cfg,  # noqa: E731
-                                     dkv_config=kv_cfg)
-        try:
-            grads = run()
-            if base is None:
-                base = grads
-            err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(grads, base))
-            print(f"widebwd T={T} window {DK}/{DV} {'two tiles' if split else 'one padded tile'}, {name}: "
-                  f"{_ms(run):.2f} ms  max rel diff vs first {err:.1e}", flush=True)
-        except Exception as e:
-            print(f"widebwd T={T} window split={split} {name}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+        base = _time_grads(f"widebwd T={T} window {DK}/{DV} {'two tiles' if split else 'one padded tile'}, {name}",
+                           lambda: WI._launch_bwd(q, k, v, o, lse, do, W, scale, None, dq_config=dq_cfg,
+                                                  dkv_config=kv_cfg), base)
     TU.SPLIT_HEAD_DIMS = split0
 
 
@@ -683,10 +682,8 @@ def probe_wide_cmp(T):
     HQ, H, KS, ST, DK, DV = 64, 4, 32, 16, 192, 128
     g = torch.Generator(device=DEV).manual_seed(13)
     Tc = num_compressed(T, KS, ST)
-    q = torch.randn(1, T, HQ, DK, device=DEV, generator=g).bfloat16()
-    kc = torch.randn(1, Tc, H, DK, device=DEV, generator=g).bfloat16()
-    vc = torch.randn(1, Tc, H, DV, device=DEV, generator=g).bfloat16()
-    do = torch.randn(1, T, HQ, DV, device=DEV, generator=g).bfloat16()
+    q, kc, vc, do = (torch.randn(1, n, h, d, device=DEV, generator=g).bfloat16()
+                     for n, h, d in ((T, HQ, DK), (Tc, H, DK), (Tc, H, DV), (T, HQ, DV)))
     scale = DK ** -0.5
     o, lse = CM.compressed_attention_fwd(q, kc, vc, KS, ST, scale, None)
     for cfg in (None, dict(rows=256, BC=64, num_warps=8, num_stages=3, tma=True),
@@ -709,17 +706,9 @@ def probe_wide_cmp(T):
                            (None, dict(rows=32, BC=128, num_warps=8, num_stages=3, **seg)),
                            (None, dict(rows=32, BC=64, num_warps=8, num_stages=3, **seg)),
                            (None, dict(rows=64, BC=64, num_warps=8, num_stages=2, **seg))):
-        run = lambda: CM.compressed_attention_bwd(q, kc, vc, o, lse, do, None, KS, ST, scale, None,  # noqa: E731
-                                                  dq_config=dq_cfg, dkv_config=kv_cfg)
-        try:
-            grads = run()
-            if base is None:
-                base = grads
-            err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(grads, base))
-            print(f"widecmp T={T} bwd dQ {dq_cfg or 'default'} dK/dV {kv_cfg or 'default'}: {_ms(run):.2f} ms  "
-                  f"max rel diff vs default {err:.1e}", flush=True)
-        except Exception as e:
-            print(f"widecmp T={T} bwd {dq_cfg} {kv_cfg}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+        base = _time_grads(f"widecmp T={T} bwd dQ {dq_cfg or 'default'} dK/dV {kv_cfg or 'default'}",
+                           lambda: CM.compressed_attention_bwd(q, kc, vc, o, lse, do, None, KS, ST, scale, None,
+                                                               dq_config=dq_cfg, dkv_config=kv_cfg), base)
 
 
 def probe_slc_bwd_192(T):
@@ -747,15 +736,8 @@ def probe_slc_bwd_192(T):
                 ("dQ 32 keys", cfg._replace(BK_DQ=32, NKS_DQ=BS // 32))]
     base = None
     for name, c in variants:
-        run = lambda: SL._launch_bwd(q, k, v, o, lse, do, idx, BS, scale, cu, dq_chunks, blocks, c)  # noqa: E731
-        try:
-            grads = run()
-            if base is None:
-                base = grads
-            err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(grads, base))
-            print(f"slcbwd192 T={T} {name}: {_ms(run):.2f} ms  max rel diff vs default {err:.1e}", flush=True)
-        except Exception as e:
-            print(f"slcbwd192 T={T} {name}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+        base = _time_grads(f"slcbwd192 T={T} {name}",
+                           lambda: SL._launch_bwd(q, k, v, o, lse, do, idx, BS, scale, cu, dq_chunks, blocks, c), base)
 
 
 @triton.jit

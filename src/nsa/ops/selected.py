@@ -675,6 +675,20 @@ def selected_bwd_dq_reduce_kernel(
 
 
 @triton.jit
+def _qk_scores(b_q, b_q2, b_k, k, i_k, m_k, bos, i_h, H: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr,
+               BDK2: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Raw scores ``[BR, BK]`` of rows b_q against keys ``i_k`` (K tile b_k); BDK2 > 0: plus those of
+    the second head-column tile (b_q2; its keys, returned, through :func:`_k_cols`)."""
+    b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST)
+    if BDK2 > 0:
+        b_k2 = _k_cols(k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2)
+        b_s += dot(b_q2, tl.trans(b_k2), DOT_PRECISION, DOT_UPCAST)
+    else:
+        b_k2 = b_k  # unused
+    return b_s, b_k2
+
+
+@triton.jit
 def selected_bwd_dq_kernel(
     q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
@@ -730,12 +744,8 @@ def selected_bwd_dq_kernel(
             i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
             for i_ks in tl.static_range(NKS):
                 i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV, BDK, BDV)
-                b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST)
-                if BDK2 > 0:
-                    b_k2 = _k_cols(k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2)
-                    b_s += dot(b_q2, tl.trans(b_k2), DOT_PRECISION, DOT_UPCAST)
-                else:
-                    b_k2 = b_k  # unused
+                b_s, b_k2 = _qk_scores(b_q, b_q2, b_k, k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2, DOT_PRECISION,
+                                       DOT_UPCAST)  # [BR, BK]
                 b_s = b_s * qk_scale
                 m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
                 b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
@@ -756,12 +766,8 @@ def selected_bwd_dq_kernel(
                     if i_b * BS + i_ks * BK <= t_last:
                         i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV,
                                                               BDK, BDV)
-                        b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
-                        if BDK2 > 0:
-                            b_k2 = _k_cols(k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2)
-                            b_s += dot(b_q2, tl.trans(b_k2), DOT_PRECISION, DOT_UPCAST)
-                        else:
-                            b_k2 = b_k  # unused
+                        b_s, b_k2 = _qk_scores(b_q, b_q2, b_k, k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2, DOT_PRECISION,
+                                               DOT_UPCAST)  # [BR, BK]
                         b_s = b_s * qk_scale
                         m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
                         b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)

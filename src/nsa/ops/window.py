@@ -125,12 +125,7 @@ def _window_fwd_tiles(
         # raw scores: the scale enters the exponent as one fused multiply-add per element
         b_s = tl.dot(b_q, tl.trans(b_k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)  # [BM, BN]
         if BK2 > 0:
-            o_s = s0 + o_n
-            o_k2 = BK + tl.arange(0, BK2)
-            m_k2 = (o_k2 < K)[None, :]
-            if MASKED:
-                m_k2 = m_k2 & (o_s < s_end)[:, None]
-            b_k2 = tl.load(k2 + ((bos + o_s) * H + i_h)[:, None] * K + o_k2[None, :], mask=m_k2, other=0.)
+            b_k2 = _window_k_cols(k2, bos, i_h, s0, s_end, H, K, BK, BK2, BN, MASKED)
             b_s += tl.dot(b_q2, tl.trans(b_k2.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
         if MASKED:
             b_s = tl.where(_in_band(o_pos, s0 + o_n, W), b_s, float("-inf"))

@@ -516,7 +516,8 @@ def _fwd_config(bdk, bdv, itemsize, interpret):
 
 
 def _dq_config(bdk, bdv, itemsize, interpret, split=False):
-    """split: Dk is taken as two tiles (e.g. 192 = 128 + 64; bdk is the padded width)."""
+    """split: Dk is taken as two tiles (e.g. 192 = 128 + 64; bdk is the padded width). The split's
+    configs are for Dv <= 128 (measured at 192/128; a wider V would not fit their stages)."""
     if interpret:
         return dict(rows=32, BC=16, num_warps=4, num_stages=1, tma=itemsize == 2)
     if itemsize == 4:
@@ -525,7 +526,7 @@ def _dq_config(bdk, bdv, itemsize, interpret, split=False):
         # H200 sweep 2026-11-29 (run7), 64k, whole backward: TMA 128/64/8/3 33.8 ms, TMA 128/64/8/2 34.6,
         # pointer loads 128/64/8/2 37.3 (the default until then), 128/32/8/3 39.4
         return dict(rows=128, BC=64, num_warps=8, num_stages=3, tma=True)
-    if bdk + bdv <= 384 and split:
+    if bdk + bdv <= 384 and split and bdv <= 128:
         # Dk=192 as 128 + 64: H200 64k, 192/128 (run 39, probe widecmp): whole compressed backward
         # 51.21 ms with the pointer loads below, 50.59 with TMA (first tile) and 3 stages, 51.51 with 2
         return dict(rows=128, BC=64, num_warps=8, num_stages=3, tma=True)
@@ -538,7 +539,7 @@ def _dq_config(bdk, bdv, itemsize, interpret, split=False):
 
 
 def _dkv_config(bdk, bdv, itemsize, device, split=False):
-    """split: Dk is taken as two tiles (e.g. 192 = 128 + 64; bdk is the padded width)."""
+    """split: as in :func:`_dq_config`."""
     if interpreting():
         return dict(rows=32, BC=16, num_warps=4, num_stages=1, programs=4, min_segment=8)
     sms = _num_sms(device)
@@ -546,7 +547,7 @@ def _dkv_config(bdk, bdv, itemsize, device, split=False):
         return dict(rows=32, BC=32, num_warps=4, num_stages=2, programs=4 * sms, min_segment=256)
     if bdk + bdv <= 256:
         return dict(rows=32, BC=128, num_warps=8, num_stages=3, programs=4 * sms, min_segment=256)
-    if bdk + bdv <= 384 and split:
+    if bdk + bdv <= 384 and split and bdv <= 128:
         # Dk=192 as 128 + 64: H200 64k, 192/128 (run 39, probe widecmp): whole compressed backward
         # 44.17 ms with 3 stages, 51.21 with 2; 64 tokens per tile 70.5-72.3
         return dict(rows=32, BC=128, num_warps=8, num_stages=3, programs=4 * sms, min_segment=256)

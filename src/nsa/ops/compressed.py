@@ -517,7 +517,9 @@ def _fwd_config(bdk, bdv, itemsize, interpret):
 
 def _dq_config(bdk, bdv, itemsize, interpret, split=False):
     """split: Dk is taken as two tiles (e.g. 192 = 128 + 64; bdk is the padded width). The split's
-    configs are for Dv <= 128 (measured at 192/128; a wider V would not fit their stages)."""
+    configs are taken for Dv <= 128 only, as measured (192/128); a 256-wide V keeps the configs it
+    had (unmeasured with the split; its dQ on 3 stages would take 226 of 227 KB of shared memory,
+    sm_90 compile audit at 96/256)."""
     if interpret:
         return dict(rows=32, BC=16, num_warps=4, num_stages=1, tma=itemsize == 2)
     if itemsize == 4:

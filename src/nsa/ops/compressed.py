@@ -493,8 +493,8 @@ def _query_rows(G: int, rows: int) -> tuple[int, int]:
 # Chosen by H200 timing among configs compiled for sm_90a (ptxas -v); shared memory within 228 KB.
 # They spill a little (bytes, Triton 3.6, 2026-11-29, G = 16): forward 32 at 128/128 and 140 at
 # 192/128 (Dk as two tiles; 92 as one padded tile), dK/dV 148 at 192/128 (Dk as two tiles; dQ
-# none); each was the fastest of its measured sweep (benchmarks/NOTES.md, compile audit). fp32 inputs use IEEE dots
-# (CUDA-core FMA, not tensor cores): correct, small tiles, not a fast path.
+# none); each was the fastest of its measured sweep (benchmarks/NOTES.md, compile audit). fp32
+# inputs use IEEE dots (CUDA-core FMA, not tensor cores): correct, small tiles, not a fast path.
 def _fwd_config(bdk, bdv, itemsize, interpret):
     # tma: compressed K/V through tensor descriptors (16-bit inputs only; checked at launch)
     if interpret:
@@ -549,12 +549,11 @@ def _dkv_config(bdk, bdv, itemsize, device, split=False):
         return dict(rows=32, BC=32, num_warps=4, num_stages=2, programs=4 * sms, min_segment=256)
     if bdk + bdv <= 256:
         return dict(rows=32, BC=128, num_warps=8, num_stages=3, programs=4 * sms, min_segment=256)
-    if bdk + bdv <= 384 and split and bdv <= 128:
-        # Dk=192 as 128 + 64: H200 64k, 192/128 (run 39, probe widecmp): whole compressed backward
-        # 44.17 ms with 3 stages, 51.21 with 2; 64 tokens per tile 70.5-72.3
-        return dict(rows=32, BC=128, num_warps=8, num_stages=3, programs=4 * sms, min_segment=256)
-    if bdk + bdv <= 384:  # H200 sweep 2026-11-28, 64k, 192/128: whole backward 72.4 ms (32/64/8/2: 99.7)
-        return dict(rows=32, BC=128, num_warps=8, num_stages=2, programs=4 * sms, min_segment=256)
+    if bdk + bdv <= 384:
+        # H200 sweep 2026-11-28, 64k, 192/128: whole backward 72.4 ms (32/64/8/2: 99.7). Dk=192 as
+        # 128 + 64 (run 39, probe widecmp): 44.17 ms on 3 stages, 51.21 on 2; 64 tokens per tile 70.5-72.3
+        stages = 3 if split and bdv <= 128 else 2
+        return dict(rows=32, BC=128, num_warps=8, num_stages=stages, programs=4 * sms, min_segment=256)
     return dict(rows=32, BC=64, num_warps=8, num_stages=2, programs=4 * sms, min_segment=256)
 
 

@@ -451,6 +451,20 @@ def _k_cols(k, i_k, m_k, bos, i_h, H: tl.constexpr, DK: tl.constexpr, D0: tl.con
 
 
 @triton.jit
+def _qk_scores(b_q, b_q2, b_k, k, i_k, m_k, bos, i_h, H: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr,
+               BDK2: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Raw scores ``[BR, BK]`` of rows b_q against keys ``i_k`` (K tile b_k); BDK2 > 0: plus those of
+    the second head-column tile (b_q2; its keys, returned, through :func:`_k_cols`)."""
+    b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST)
+    if BDK2 > 0:
+        b_k2 = _k_cols(k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2)
+        b_s += dot(b_q2, tl.trans(b_k2), DOT_PRECISION, DOT_UPCAST)
+    else:
+        b_k2 = b_k  # unused
+    return b_s, b_k2
+
+
+@triton.jit
 def _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale, b_m, b_l, b_acc,
                   H: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr,
                   DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, TMA: tl.constexpr,
@@ -464,12 +478,8 @@ def _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
             i_k, m_k, b_k, b_v = _listed_block_kv_tma(k_desc, v_desc, i_b, i_ks, t0, n_key, BS, BK)
         else:
             i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t0, i_h, H, BS, BK, DK, DV, BDK, BDV)
-        b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST)
-        if BDK2 > 0:
-            b_k2 = _k_cols(k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2)
-            b_s += dot(b_q2, tl.trans(b_k2), DOT_PRECISION, DOT_UPCAST)
-        b_s = b_s * qk_scale
-        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        b_s, _ = _qk_scores(b_q, b_q2, b_k, k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2, DOT_PRECISION, DOT_UPCAST)
+        b_s = tl.where(m_k[None, :], b_s * qk_scale, float("-inf"))
         b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
     return b_m, b_l, b_acc
 
@@ -672,20 +682,6 @@ def selected_bwd_dq_reduce_kernel(
                         other=0.)
     o_row = c0 * HQ + o_m
     tl.store(dq + o_row[:, None] * DK + o_dk[None, :], b_dq.to(dq.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
-
-
-@triton.jit
-def _qk_scores(b_q, b_q2, b_k, k, i_k, m_k, bos, i_h, H: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr,
-               BDK2: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """Raw scores ``[BR, BK]`` of rows b_q against keys ``i_k`` (K tile b_k); BDK2 > 0: plus those of
-    the second head-column tile (b_q2; its keys, returned, through :func:`_k_cols`)."""
-    b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST)
-    if BDK2 > 0:
-        b_k2 = _k_cols(k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2)
-        b_s += dot(b_q2, tl.trans(b_k2), DOT_PRECISION, DOT_UPCAST)
-    else:
-        b_k2 = b_k  # unused
-    return b_s, b_k2
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Time the Triton top-n block selection (nsa.ops.selection) on one GPU; sweep its tile config.
 
-Paper shapes: B=1, HQ=64, H=4, D=128, bf16, 32/16/64, n=16. For each T the script first checks
+Paper shapes: B=1, HQ=64, H=4, D=128 (or --dims 192x128), bf16, 32/16/64, n=16. For each T the script first checks
 the kernel against the reference at a small size, then reports the median time
 (``triton.testing.do_bench``, inputs built outside the timed region), the q.k_cmp TFLOP/s it
 implies (visible pairs only) and, as a yardstick with the same number of q.k_cmp products, the
@@ -9,6 +9,7 @@ compressed-attention forward when its Triton kernel is importable.
 Usage (from the repository root, on the GPU machine):
     PYTHONPATH=src python3 benchmarks/bench_selection.py                 # default config, T=8k..128k
     PYTHONPATH=src python3 benchmarks/bench_selection.py --sweep --T 65536  # tile-config sweep
+    PYTHONPATH=src python3 benchmarks/bench_selection.py --sweep --T 65536 --dims 192x128  # SWEEP_WIDE
 """
 
 from __future__ import annotations
@@ -29,23 +30,44 @@ from nsa.ops import selection  # noqa: E402
 from nsa.ops.utils import num_compressed  # noqa: E402
 from tests.gpu.test_selection_gpu import chunked_lse  # noqa: E402
 
-HQ, H, D = 64, 4, 128
+HQ, H = 64, 4
 KS, ST, BS, N = 32, 16, 64, 16
 
+# Configs (positions, num_warps, num_stages, maxnreg; 0: no cap) for head dims wider than 128,
+# default first. sm_90 compile audit (Triton 3.9, ptxas -v), Dk = 192 (q.k as 128 + 64 columns):
+# registers / shared memory / programs per SM by both. The default's 256 rows hold a 96 KB q tile:
+# one program per SM; 128 rows (8 positions) or 64 (4) fit two or three. None spills.
+SWEEP_WIDE = [dict(positions=p, num_warps=w, num_stages=s, maxnreg=r)
+              for p, w, s, r in [(16, 8, 2, 0),     # default: 176 regs, 145 KB, 1/SM
+                                 (16, 8, 1, 0),     # 154 regs, 112 KB, 1/SM
+                                 (16, 16, 2, 0),    # 128 regs, 152 KB, 1/SM
+                                 (8, 8, 2, 128),    # 128 regs, 97 KB, 2/SM
+                                 (8, 8, 1, 128),    # 119 regs, 64 KB, 2/SM
+                                 (8, 4, 2, 0),      # 178 regs, 97 KB, 2/SM
+                                 (8, 4, 1, 168),    # 158 regs, 64 KB, 3/SM
+                                 (8, 4, 3, 0),      # 178 regs, 121 KB, 1/SM
+                                 (4, 4, 2, 0),      # 98 regs, 73 KB, 3/SM
+                                 (4, 4, 1, 0)]]     # 126 regs, 40 KB, 4/SM
 
-def inputs(T, dtype=torch.bfloat16, seed=0):
+
+def inputs(T, D, Dv, dtype=torch.bfloat16, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     Tc = num_compressed(T, KS, ST)
     q = torch.randn(1, T, HQ, D, device="cuda", generator=gen).to(dtype)
     k = torch.randn(1, Tc, H, D, device="cuda", generator=gen).to(dtype)
-    v = torch.randn(1, Tc, H, D, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(1, Tc, H, Dv, device="cuda", generator=gen).to(dtype)
     lse = chunked_lse(q, k, D ** -0.5)  # the definition, chunked: no kernel needed
     return q, k, v, lse
 
 
-def check_small():
+def check_small(D, Dv, **cfg):
     from tests.ops.selection_check import check_selection
-    q, k, _, lse = inputs(4096)
+    q, k, _, lse = inputs(4096, D, Dv)
+    if cfg:
+        idx = selection.selection_fwd(q, k, lse, KS, ST, BS, N, 1, 2, D ** -0.5, None, **cfg)
+        check_selection(q, k, lse, idx, kernel_size=KS, stride=ST, block_size=BS, num_selected=N, num_initial=1,
+                        num_local=2, tol=1e-5)
+        return
     idx = select_blocks(q, k, lse, KS, ST, BS, N, backend="triton")
     check_selection(q, k, lse, idx, kernel_size=KS, stride=ST, block_size=BS, num_selected=N, num_initial=1,
                     num_local=2, tol=1e-5)
@@ -59,6 +81,7 @@ def visible_pairs(T):
 
 
 def time_selection(q, k, lse, **cfg):
+    D = q.shape[-1]
     fn = lambda: selection.selection_fwd(q, k, lse, KS, ST, BS, N, 1, 2, D ** -0.5, None, **cfg)  # noqa: E731
     fn()
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
@@ -68,19 +91,23 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
     p.add_argument("--sweep", action="store_true", help="time (positions, num_warps, num_stages, maxnreg) variants")
+    p.add_argument("--dims", default="128x128", help="DkxDv (Dv only sizes the yardstick's values)")
     args = p.parse_args()
+    D, Dv = (int(x) for x in args.dims.split("x"))
     print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {torch.cuda.get_device_name()}  "
           f"torch {torch.__version__}  triton {triton.__version__}")
     print(f"# B=1 HQ={HQ} H={H} D={D} bf16, {KS}/{ST}/{BS}, n={N}; default positions={selection.POSITIONS} "
           f"warps={selection.NUM_WARPS} stages={selection.NUM_STAGES}")
-    check_small()
+    check_small(D, Dv)
     print("# check at T=4096: ok")
     configs = [{}]
-    if args.sweep:
+    if args.sweep and D > 128:
+        configs = SWEEP_WIDE
+    elif args.sweep:
         configs = [dict(positions=p, num_warps=w, num_stages=s, maxnreg=r)
                    for p, w, s, r in itertools.product((8, 16, 32), (4, 8), (1, 2, 3), (0, 128))]
     for T in args.T:
-        q, k, v, lse = inputs(T)
+        q, k, v, lse = inputs(T, D, Dv)
         flop = 2 * visible_pairs(T) * D
         try:
             from nsa.ops.compressed import compressed_attention_triton  # noqa: F401
@@ -92,6 +119,8 @@ def main():
             print(f"# compressed attention not timed: {e!r}")
         for cfg in configs:
             try:
+                if cfg:
+                    check_small(D, Dv, **cfg)  # every candidate selects as the definition does
                 ms = time_selection(q, k, lse, **cfg)
             except Exception as e:  # a config that does not compile (e.g. out of shared memory)
                 print(f"T={T:6d} {cfg}: failed: {type(e).__name__}: {str(e)[:120]}")

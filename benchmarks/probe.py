@@ -890,6 +890,79 @@ def probe_mixed(T):
             print(f"mixed T={T}: compressed fwd {cfg_c}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
+@triton.jit
+def _gather_load_kernel(k, v, idx, out, N, H: tl.constexpr, S: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+                        NKS: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr):
+    """The selected forward's loads and nothing else (B = 1, one program per (position, KV head),
+    the library's grid order): each listed block's K and V sub-tiles through the same TMA
+    descriptors (keys 0 .. t), folded into a running elementwise maximum so that none is dead.
+    UPCAST (the interpreter, which compares bfloat16 bit patterns): the maximum in float32."""
+    t0 = tl.program_id(0)
+    i_h = tl.program_id(1)
+    n_key = (t0 + 1).to(tl.int32)
+    k_desc, v_desc = TU.kv_descriptors(k + i_h * D, v + i_h * D, n_key, H * D, H * D, D, D, BK, D, D)
+    acc = tl.zeros([BK, D], dtype=tl.float32 if UPCAST else k.dtype.element_ty)
+    for i_s in tl.range(0, S, num_stages=STAGES):
+        i_b = tl.load(idx + (t0 * H + i_h) * S + i_s).to(tl.int64)
+        for i_ks in tl.static_range(NKS):
+            _, _, b_k, b_v = SL._listed_block_kv_tma(k_desc, v_desc, i_b, i_ks, t0, n_key, BS, BK)
+            if UPCAST:
+                b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
+            acc = tl.maximum(acc, tl.maximum(b_k, b_v))
+    tl.store(out + t0 * H + i_h, tl.max(tl.max(acc.to(tl.float32), 1), 0))
+
+
+def probe_floors(T):
+    """What the forward's pieces would take at the measured limits, at the benchmark's shape
+    (B=1, HQ=64, H=4, D=128, bf16, 32/16/64/16/512), T. Selected: a kernel that makes the
+    selected forward's loads (same selections, grid, TMA descriptors, stages) and no arithmetic
+    beyond a running maximum, against the library's forward. Compressed attention and window: cuDNN
+    SDPA on dense problems with the same number of (query head, key) pairs: T queries against
+    the mean number of visible compressed tokens (non-causal), and T / 1024 causal sequences of
+    1024 (T * 512.5 pairs per head, the window's T * 512)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    HQ, H, D, BS, S, KS, ST = 64, 4, 128, 64, 16, 32, 16
+    G = HQ // H
+    q, k, v, do, idx = _benchmark_inputs(T)
+    N = T
+    cu = uniform_cu_seqlens(1, T, q.device)
+    qp, kp, vp = q.view(N, HQ, D), k.view(N, H, D), v.view(N, H, D)
+    ip = idx.view(N, H, S).contiguous()
+    cfg = SL._tiles(G, BS, D, D, q.dtype)
+    chunks = SL._chunk_table(cu, N, SL.fwd_positions(cfg))
+    scale = D ** -0.5
+    t_lib = _ms(lambda: SL._launch_fwd(qp, kp, vp, ip, BS, scale, cu, chunks, cfg))
+    out = torch.empty(N, H, device=DEV)
+    for stages in (SL.GATHER_STAGES, 3):
+        run = lambda: _gather_load_kernel[(N, H)](kp, vp, ip, out, N, H=H, S=S, BS=BS, BK=cfg.BK,  # noqa: E731
+                                                  NKS=cfg.NKS, D=D, STAGES=stages, UPCAST=DEV == "cpu",
+                                                  num_warps=cfg.warps, num_stages=stages)
+        t = _ms(run)
+        # position 0 sees key 0 only (its other rows read as zeros)
+        ok = out[0].tolist() == torch.maximum(kp[0], vp[0]).float().amax(-1).clamp(min=0).tolist()
+        print(f"floors T={T}: selected fwd (library) {t_lib:.2f} ms; its loads alone ({stages} stages, "
+              f"{cfg.warps} warps) {t:.2f} ms; position 0 checked: {ok}", flush=True)
+    if DEV != "cuda":
+        return
+    Tc = num_compressed(T, KS, ST)
+    t_first = torch.arange(Tc, dtype=torch.float64) * ST + KS - 1
+    mean_vis = int(round(float((T - t_first).clamp(min=0).sum()) / T))
+    g = torch.Generator(device=DEV).manual_seed(3)
+    qd = torch.randn(1, HQ, T, D, device=DEV, generator=g).bfloat16()
+    kd = torch.randn(1, HQ, mean_vis, D, device=DEV, generator=g).bfloat16()
+    vd = torch.randn(1, HQ, mean_vis, D, device=DEV, generator=g).bfloat16()
+    qw = qd.view(1, HQ, T // 1024, 1024, D).transpose(1, 2).reshape(T // 1024, HQ, 1024, D)
+    kw = torch.randn_like(qw)
+    vw = torch.randn_like(qw)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        t_c = _ms(lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd))
+        t_w = _ms(lambda: torch.nn.functional.scaled_dot_product_attention(qw, kw, vw, is_causal=True))
+    pairs_c = HQ * T * mean_vis
+    print(f"floors T={T}: cuDNN SDPA, {T} queries x {mean_vis} keys (the compressed branch's pairs): {t_c:.2f} ms "
+          f"({4 * D * pairs_c / t_c / 1e9:.0f} TFLOP/s); {T // 1024} causal sequences of 1024 (the window's pairs): "
+          f"{t_w:.2f} ms", flush=True)
+
+
 def main():
     # part -> what it runs, given the parsed arguments
     parts = {
@@ -911,6 +984,7 @@ def main():
         "widebwd": lambda a: probe_wide_bwd(a.T),
         "widecmp": lambda a: probe_wide_cmp(a.T),
         "slcbwd192": lambda a: probe_slc_bwd_192(a.T),
+        "floors": lambda a: probe_floors(a.T),
     }
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)

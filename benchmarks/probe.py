@@ -892,24 +892,23 @@ def probe_mixed(T):
 
 @triton.jit
 def _gather_load_kernel(k, v, idx, out, N, H: tl.constexpr, S: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-                        NKS: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr):
+                        NKS: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr):
     """The selected forward's loads and nothing else (B = 1, one program per (position, KV head),
     the library's grid order): each listed block's K and V sub-tiles through the same TMA
-    descriptors (keys 0 .. t), folded into a running elementwise maximum so that none is dead.
-    UPCAST (the interpreter, which compares bfloat16 bit patterns): the maximum in float32."""
+    descriptors (keys 0 .. t), folded into a running elementwise maximum in float32 (Triton 3.6
+    takes the maximum of bfloat16 in float32; the interpreter compares their bit patterns) so that
+    no load is dead."""
     t0 = tl.program_id(0)
     i_h = tl.program_id(1)
     n_key = (t0 + 1).to(tl.int32)
     k_desc, v_desc = TU.kv_descriptors(k + i_h * D, v + i_h * D, n_key, H * D, H * D, D, D, BK, D, D)
-    acc = tl.zeros([BK, D], dtype=tl.float32 if UPCAST else k.dtype.element_ty)
+    acc = tl.zeros([BK, D], dtype=tl.float32)
     for i_s in tl.range(0, S, num_stages=STAGES):
         i_b = tl.load(idx + (t0 * H + i_h) * S + i_s).to(tl.int64)
         for i_ks in tl.static_range(NKS):
             _, _, b_k, b_v = SL._listed_block_kv_tma(k_desc, v_desc, i_b, i_ks, t0, n_key, BS, BK)
-            if UPCAST:
-                b_k, b_v = b_k.to(tl.float32), b_v.to(tl.float32)
-            acc = tl.maximum(acc, tl.maximum(b_k, b_v))
-    tl.store(out + t0 * H + i_h, tl.max(tl.max(acc.to(tl.float32), 1), 0))
+            acc = tl.maximum(acc, tl.maximum(b_k.to(tl.float32), b_v.to(tl.float32)))
+    tl.store(out + t0 * H + i_h, tl.max(tl.max(acc, 1), 0))
 
 
 def probe_floors(T):
@@ -935,8 +934,8 @@ def probe_floors(T):
     out = torch.empty(N, H, device=DEV)
     for stages in (SL.GATHER_STAGES, 3):
         run = lambda: _gather_load_kernel[(N, H)](kp, vp, ip, out, N, H=H, S=S, BS=BS, BK=cfg.BK,  # noqa: E731
-                                                  NKS=cfg.NKS, D=D, STAGES=stages, UPCAST=DEV == "cpu",
-                                                  num_warps=cfg.warps, num_stages=stages)
+                                                  NKS=cfg.NKS, D=D, STAGES=stages, num_warps=cfg.warps,
+                                                  num_stages=stages)
         t = _ms(run)
         # position 0 sees key 0 only (its other rows read as zeros)
         ok = out[0].tolist() == torch.maximum(kp[0], vp[0]).float().amax(-1).clamp(min=0).tolist()

@@ -123,10 +123,8 @@ def _window_fwd_tiles(
     for s0 in range(s_lo, s_hi, BN):
         b_k, b_v = _window_kv(k, v, bos, i_h, s0, s_end, H, K, V, BK, BV, BN, MASKED, TMA)
         # raw scores: the scale enters the exponent as one fused multiply-add per element
-        b_s = tl.dot(b_q, tl.trans(b_k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)  # [BM, BN]
-        if BK2 > 0:
-            b_k2 = _window_k_cols(k2, bos, i_h, s0, s_end, H, K, BK, BK2, BN, MASKED)
-            b_s += tl.dot(b_q2, tl.trans(b_k2.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        b_s, _ = _window_scores(b_q, b_q2, b_k.to(DOT_DTYPE), k2, bos, i_h, s0, s_end, H, K, BK, BK2, BN, MASKED,
+                                DOT_PRECISION, DOT_DTYPE)
         if MASKED:
             b_s = tl.where(_in_band(o_pos, s0 + o_n, W), b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
@@ -241,12 +239,8 @@ def _window_bwd_dq_tiles(
     for s0 in range(s_lo, s_hi, BN):
         b_k, b_v = _window_kv(k, v, bos, i_h, s0, s_end, H, K, V, BK, BV, BN, MASKED, TMA)
         b_k = b_k.to(DOT_DTYPE)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BM, BN] raw scores
-        if BK2 > 0:
-            b_k2 = _window_k_cols(k2, bos, i_h, s0, s_end, H, K, BK, BK2, BN, MASKED).to(DOT_DTYPE)
-            b_s += tl.dot(b_q2, tl.trans(b_k2), input_precision=DOT_PRECISION)
-        else:
-            b_k2 = b_k  # unused
+        b_s, b_k2 = _window_scores(b_q, b_q2, b_k, k2, bos, i_h, s0, s_end, H, K, BK, BK2, BN, MASKED,
+                                   DOT_PRECISION, DOT_DTYPE)  # [BM, BN] raw scores
         b_p = tl.exp2(b_s * qk_scale - b_lse[:, None])
         if MASKED:
             b_p = tl.where(_in_band(o_pos, s0 + o_n, W), b_p, 0.)
@@ -256,6 +250,22 @@ def _window_bwd_dq_tiles(
         if BK2 > 0:
             b_dq2 += tl.dot(b_ds, b_k2, input_precision=DOT_PRECISION)
     return b_dq, b_dq2
+
+
+@triton.jit
+def _window_scores(b_q, b_q2, b_k, k2, bos, i_h, s0, s_end, H, K: tl.constexpr, BK: tl.constexpr,
+                   BK2: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr):
+    """Raw scores ``[BM, BN]`` of rows ``b_q`` against the key tile ``b_k`` ``[BN, BK]`` (in
+    DOT_DTYPE) of keys ``s0 ..``, and the keys' second head-column tile ``[BN, BK2]`` (BK2 > 0:
+    columns ``BK ..`` through the pointer k2, scored against b_q2; else b_k, unused)."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+    if BK2 > 0:
+        b_k2 = _window_k_cols(k2, bos, i_h, s0, s_end, H, K, BK, BK2, BN, MASKED).to(DOT_DTYPE)
+        b_s += tl.dot(b_q2, tl.trans(b_k2), input_precision=DOT_PRECISION)
+    else:
+        b_k2 = b_k
+    return b_s, b_k2
 
 
 @triton.jit

@@ -918,7 +918,8 @@ def probe_floors(T):
     beyond a running maximum, against the library's forward. Compressed attention and window: cuDNN
     SDPA on dense problems with the same number of (query head, key) pairs: T queries against
     the mean number of visible compressed tokens (non-causal), and T / 1024 causal sequences of
-    1024 (T * 512.5 pairs per head, the window's T * 512)."""
+    1024 (T * 512.5 pairs per head, the window's T * 512), forward and backward (the backward as
+    forward + gradients minus forward)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     HQ, H, D, BS, S, KS, ST = 64, 4, 128, 64, 16, 32, 16
     G = HQ // H
@@ -953,13 +954,19 @@ def probe_floors(T):
     qw = qd.view(1, HQ, T // 1024, 1024, D).transpose(1, 2).reshape(T // 1024, HQ, 1024, D)
     kw = torch.randn_like(qw)
     vw = torch.randn_like(qw)
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        t_c = _ms(lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd))
-        t_w = _ms(lambda: torch.nn.functional.scaled_dot_product_attention(qw, kw, vw, is_causal=True))
-    pairs_c = HQ * T * mean_vis
-    print(f"floors T={T}: cuDNN SDPA, {T} queries x {mean_vis} keys (the compressed branch's pairs): {t_c:.2f} ms "
-          f"({4 * D * pairs_c / t_c / 1e9:.0f} TFLOP/s); {T // 1024} causal sequences of 1024 (the window's pairs): "
-          f"{t_w:.2f} ms", flush=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    times = {}
+    for name, (x, y, z, causal) in {"compressed": (qd, kd, vd, False), "window": (qw, kw, vw, True)}.items():
+        x, y, z = (t.detach().requires_grad_() for t in (x, y, z))
+        dout = torch.randn_like(x)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            fwd = _ms(lambda: sdpa(x, y, z, is_causal=causal))
+            both = _ms(lambda: torch.autograd.grad(sdpa(x, y, z, is_causal=causal), (x, y, z), dout))
+        times[name] = (fwd, both - fwd)
+    (c_f, c_b), (w_f, w_b) = times["compressed"], times["window"]
+    print(f"floors T={T}: cuDNN SDPA fwd / bwd, {T} queries x {mean_vis} keys (the compressed branch's pairs): "
+          f"{c_f:.2f} / {c_b:.2f} ms ({4 * D * HQ * T * mean_vis / c_f / 1e9:.0f} TFLOP/s forward); "
+          f"{T // 1024} causal sequences of 1024 (the window's pairs): {w_f:.2f} / {w_b:.2f} ms", flush=True)
 
 
 def main():

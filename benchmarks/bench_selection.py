@@ -10,6 +10,7 @@ Usage (from the repository root, on the GPU machine):
     PYTHONPATH=src python3 benchmarks/bench_selection.py                 # default config, T=8k..128k
     PYTHONPATH=src python3 benchmarks/bench_selection.py --sweep --T 65536  # tile-config sweep
     PYTHONPATH=src python3 benchmarks/bench_selection.py --sweep --T 65536 --dims 192x128  # SWEEP_WIDE
+    PYTHONPATH=src python3 benchmarks/bench_selection.py --sweep --T 65536 --heads 4/4     # SWEEP_SMALL_G
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ SWEEP_WIDE = [dict(positions=p, num_warps=w, num_stages=s, maxnreg=r)
                                  (8, 4, 3, 0),      # 178 regs, 121 KB, 1/SM
                                  (4, 4, 2, 0),      # 98 regs, 73 KB, 3/SM
                                  (4, 4, 1, 0)]]     # 126 regs, 40 KB, 4/SM
+# Small groups (G < 16, D = 128): positions per tile such that the tile holds up to 256 rows
+# (positions x heads padded to a power of two), on 4 or 8 warps, with and without the 128-register
+# cap; those that spill at sm_90 (compile audit, Triton 3.9) are left out (e.g. 128 positions x 4
+# heads: 2376 bytes under the cap, 460 on 4 warps; 256 positions at G = 1 on 4 warps: 428).
+SWEEP_SMALL_G = [dict(positions=p, num_warps=w, num_stages=2, maxnreg=r)
+                 for p, w, r in [(16, 8, 128), (16, 4, 0), (32, 8, 128), (32, 4, 0), (64, 8, 128), (64, 8, 0),
+                                 (64, 4, 0), (128, 8, 128), (128, 8, 0), (256, 8, 0)]]
 
 
 def inputs(T, D, Dv, dtype=torch.bfloat16, seed=0):
@@ -92,8 +100,12 @@ def main():
     p.add_argument("--T", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
     p.add_argument("--sweep", action="store_true", help="time (positions, num_warps, num_stages, maxnreg) variants")
     p.add_argument("--dims", default="128x128", help="DkxDv (Dv only sizes the yardstick's values)")
+    p.add_argument("--heads", default="64/4", help="HQ/H (query heads / KV heads)")
     args = p.parse_args()
     D, Dv = (int(x) for x in args.dims.split("x"))
+    global HQ, H
+    HQ, H = (int(x) for x in args.heads.split("/"))
+    G = HQ // H
     print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {torch.cuda.get_device_name()}  "
           f"torch {torch.__version__}  triton {triton.__version__}")
     print(f"# B=1 HQ={HQ} H={H} D={D} bf16, {KS}/{ST}/{BS}, n={N}; default positions={selection.POSITIONS} "
@@ -103,6 +115,9 @@ def main():
     configs = [{}]
     if args.sweep and D > 128:
         configs = SWEEP_WIDE
+    elif args.sweep and G < 16:
+        # rows = positions x heads (padded) at most 256
+        configs = [c for c in SWEEP_SMALL_G if c["positions"] * triton.next_power_of_2(G) <= 256]
     elif args.sweep:
         configs = [dict(positions=p, num_warps=w, num_stages=s, maxnreg=r)
                    for p, w, s, r in itertools.product((8, 16, 32), (4, 8), (1, 2, 3), (0, 128))]

@@ -44,10 +44,10 @@ def chunked_lse(q, k_cmp, scale, cu_seqlens=None, chunk=2048):
     return out
 
 
-def make_inputs(T, B=1, cu_seqlens=None, seed=0):
+def make_inputs(T, B=1, cu_seqlens=None, seed=0, hq=HQ):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     Tc = num_compressed(T, KS, ST) if cu_seqlens is None else int(compressed_cu_seqlens(cu_seqlens, KS, ST)[-1])
-    q = torch.randn(B, T, HQ, D, device="cuda", generator=gen).bfloat16()
+    q = torch.randn(B, T, hq, D, device="cuda", generator=gen).bfloat16()
     k_cmp = torch.randn(B, Tc, H, D, device="cuda", generator=gen).bfloat16()
     lse = chunked_lse(q, k_cmp, D ** -0.5, cu_seqlens)
     return q, k_cmp, lse
@@ -108,6 +108,19 @@ def test_selection_varlen_and_batch():
     q, k_cmp, lse = make_inputs(3000, B=3, seed=2)
     idx = select(q, k_cmp, lse)
     check(q, k_cmp, lse, idx)
+
+
+@pytest.mark.parametrize("hq", [4, 8, 16, 32, 12])
+def test_selection_small_groups(hq):
+    """G = 1, 2, 4, 8 (and 3, padded to 4): tiles of 128 / 128 / 64 / 32 / 64 positions on the GPU
+    (nsa.ops.selection.SMALL_G_ROWS), dense and packed."""
+    q, k_cmp, lse = make_inputs(4096, hq=hq, seed=hq)
+    idx = select(q, k_cmp, lse)
+    assert_rows_valid(idx, 4096)
+    check(q, k_cmp, lse, idx)
+    cu = torch.tensor([0, 100, 1300, 4096], dtype=torch.int32, device="cuda")
+    q, k_cmp, lse = make_inputs(4096, cu_seqlens=cu, seed=hq + 1, hq=hq)
+    check(q, k_cmp, lse, select(q, k_cmp, lse, cu), cu)
 
 
 def test_selection_131072_rows_valid():

@@ -156,11 +156,12 @@ def test_selection_exact_float64(c):
 TILE_CASES = [c for c in CASES if c.id.endswith("-chunks")]
 
 
-@pytest.mark.parametrize("positions", [32])
+@pytest.mark.parametrize("positions", [32, 128])
 @pytest.mark.parametrize("c", TILE_CASES, ids=[c.id for c in TILE_CASES])
 def test_selection_tile_positions(c, positions):
-    """Shorter query tiles (GPU sizes) give the same selection. With them some tiles of these
-    cases start past a whole chunk of blocks visible to all their positions: the unmasked path."""
+    """Other query tiles (GPU sizes: 128 positions for G <= 2, 32 for G = 5..8) give the same
+    selection. With them some tiles of these cases start past a whole chunk of blocks visible to
+    all their positions: the unmasked path."""
     q, k_cmp, lse, cu = make_inputs(c)
     scale = c.scale or c.D ** -0.5
     idx = selection_fwd(q, k_cmp, lse, c.ks, c.st, c.bs, c.n, c.ni, c.nl, scale, cu, positions=positions)

@@ -53,6 +53,14 @@ from .utils import compressed_cu_seqlens, new_output, prepare_chunk_indices
 # Rows of the q.k_cmp product: positions x heads (padded), capped at MAX_ROWS for registers.
 POSITIONS = 16
 MAX_ROWS = 512
+# Small groups (heads padded to GP < 16), 16-bit inputs: more positions per tile, SMALL_G_ROWS
+# rows (at most SMALL_G_POSITIONS positions) instead of 16 x GP, the row count of G = 16: H200,
+# 64k, bf16, D = 128 (run 49, bench_selection.py --sweep --heads): G = 1 5.29 -> 1.22 ms (128
+# positions; 256: 1.59), G = 2 4.05 -> 1.42, G = 4 5.55 -> 1.90, G = 8 3.56 -> 3.05 (the other
+# configs swept 1.28-3.62). float32 inputs keep 16 positions (their q tile at 256 rows spills
+# 62 KB at sm_90 against 13 KB at 64).
+SMALL_G_ROWS = 256
+SMALL_G_POSITIONS = 128
 NUM_WARPS = 8
 NUM_STAGES = 2
 # Register cap for 16-bit inputs with Dk <= 128, n <= 16 and <= 256 rows: 2 CTAs of 8 warps fit
@@ -374,7 +382,10 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
         assert positions > 0 and positions & (positions - 1) == 0, "positions must be a power of two"
         BT = positions
     elif not interpreting():
-        BT = max(1, min(POSITIONS, MAX_ROWS // GP))
+        BT = POSITIONS
+        if q.dtype in (torch.float16, torch.bfloat16):
+            BT = max(BT, min(SMALL_G_POSITIONS, SMALL_G_ROWS // GP))
+        BT = max(1, min(BT, MAX_ROWS // GP))
     else:
         BT = max(1, ROWS_INTERPRET // GP)
     BT = max(BT, 16 // GP)  # rows BT * GP >= 16, the smallest tensor-core tile height

@@ -109,6 +109,7 @@ def main():
     print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {torch.cuda.get_device_name()}  "
           f"torch {torch.__version__}  triton {triton.__version__}")
     print(f"# B=1 HQ={HQ} H={H} D={D} bf16, {KS}/{ST}/{BS}, n={N}; default positions={selection.POSITIONS} "
+          f"(G < 16: {selection.SMALL_G_ROWS} rows, at most {selection.SMALL_G_POSITIONS} positions) "
           f"warps={selection.NUM_WARPS} stages={selection.NUM_STAGES}")
     check_small(D, Dv)
     print("# check at T=4096: ok")

@@ -895,9 +895,9 @@ def _gather_load_kernel(k, v, idx, out, N, H: tl.constexpr, S: tl.constexpr, BS:
                         NKS: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr):
     """The selected forward's loads and nothing else (B = 1, one program per (position, KV head),
     the library's grid order): each listed block's K and V sub-tiles through the same TMA
-    descriptors (keys 0 .. t), folded into a running elementwise maximum in float32 (Triton 3.6
-    takes the maximum of bfloat16 in float32; the interpreter compares their bit patterns) so that
-    no load is dead."""
+    descriptors (keys 0 .. t), folded into a running elementwise maximum so that no load is dead;
+    in float32 (Triton 3.6 promotes a bfloat16 maximum to float32, and the interpreter's bfloat16
+    maximum gave wrong values)."""
     t0 = tl.program_id(0)
     i_h = tl.program_id(1)
     n_key = (t0 + 1).to(tl.int32)

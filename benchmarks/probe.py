@@ -969,6 +969,39 @@ def probe_floors(T):
           f"{T // 1024} causal sequences of 1024 (the window's pairs): {w_f:.2f} / {w_b:.2f} ms", flush=True)
 
 
+def probe_smooth_share(T):
+    """Selections of smoothed queries (``nsa bench --smooth-queries N``: moving sums of N positions
+    of noise) at the benchmark's shape (B=1, HQ=64, H=4, D=128, bf16, 32/16/64/16), T: how many
+    blocks the 4 positions of a tile all list, and the selected forward (library) on them."""
+    from nsa.bench.harness import _smooth_randn
+    HQ, H, D, KS, ST, BS, S = 64, 4, 128, 32, 16, 64, 16
+    G = HQ // H
+    scale = D ** -0.5
+    cu = uniform_cu_seqlens(1, T, DEV)
+    for n in (0, 64, 256):
+        g = torch.Generator(device=DEV).manual_seed(0)
+        q = _smooth_randn(g, DEV, torch.bfloat16, 1, T, HQ, D, n) if n else \
+            torch.randn(1, T, HQ, D, device=DEV, generator=g).bfloat16()
+        Tc = num_compressed(T, KS, ST)
+        kc = torch.randn(1, Tc, H, D, device=DEV, generator=g).bfloat16()
+        vc = torch.randn(1, Tc, H, D, device=DEV, generator=g).bfloat16()
+        k = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
+        v = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
+        _, lse = compressed_attention(q, kc, vc, KS, ST, backend="triton")
+        idx = select_blocks(q, kc, lse, KS, ST, BS, S, 1, 2, backend="triton")
+        x = idx[0, T // 2 // 4 * 4:].permute(1, 0, 2).reshape(H, -1, 4, S)  # second half: >= T/128 blocks of past
+        first = x[:, :, 0]
+        shared = torch.stack([(first[..., :, None] == x[:, :, j, None, :]).any(-1) for j in range(4)]).all(0)
+        shared &= first >= 0
+        cfg = SL._tiles(G, BS, D, D, q.dtype)
+        chunks = SL._chunk_table(cu, T, SL.fwd_positions(cfg))
+        args = (q.view(T, HQ, D), k.view(T, H, D), v.view(T, H, D), idx.view(T, H, S).contiguous(), BS, scale, cu,
+                chunks, cfg)
+        t = _ms(lambda: SL._launch_fwd(*args))
+        print(f"smoothshare T={T} n={n}: blocks listed by all 4 positions of a tile {shared.sum(-1).float().mean():.2f} "
+              f"of {S}; selected fwd (library) {t:.2f} ms", flush=True)
+
+
 def main():
     # part -> what it runs, given the parsed arguments
     parts = {
@@ -991,6 +1024,7 @@ def main():
         "widecmp": lambda a: probe_wide_cmp(a.T),
         "slcbwd192": lambda a: probe_slc_bwd_192(a.T),
         "floors": lambda a: probe_floors(a.T),
+        "smoothshare": lambda a: probe_smooth_share(a.T),
     }
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)

@@ -250,6 +250,32 @@ def test_reference_never_runs_long_on_cuda(monkeypatch):
     assert harness.nsa_not_runnable("reference", cuda, 131072) is not None
 
 
+def _lag_corr(q, d):
+    return torch.corrcoef(torch.stack([q[:, :-d].flatten(), q[:, d:].flatten()]))[0, 1].item()
+
+
+def test_smooth_queries():
+    """--smooth-queries N: unit-variance queries that correlate by 1 - d / N between positions d
+    apart (independent ones by 0); the case name says so; decode cases are unchanged; the
+    benchmark's checks pass on them; a negative N is refused."""
+    cases = harness.build_cases("quick", T=[2048], smooth_queries=64)
+    train = [c for c in cases if c.kind == "train"]
+    assert [c.smooth_queries for c in cases if c.kind == "decode"] == [0]
+    assert train[0].name.endswith("/qs64") and not harness.build_cases("quick")[0].name.endswith("/qs0")
+    q = harness.train_inputs(train[0], CPU, requires_grad=False)["q"].double()
+    assert abs(q.var().item() - 1) < 0.1
+    for d, want in ((1, 1 - 1 / 64), (16, 0.75), (32, 0.5), (64, 0.0)):
+        assert abs(_lag_corr(q, d) - want) < 0.1, (d, _lag_corr(q, d))
+    plain = harness.build_cases("quick", T=[2048])[0]
+    assert abs(_lag_corr(harness.train_inputs(plain, CPU, requires_grad=False)["q"].double(), 1)) < 0.1
+    recs = harness.run([dataclasses.replace(train[0], T=256)], CPU, backend="reference", reps=1, baselines=[],
+                       branches=False, progress=False)
+    assert recs and all(r["ok"] is True for r in recs), [(r["impl"], r["note"]) for r in recs]
+    with pytest.raises(ValueError, match="smooth_queries"):
+        harness.build_cases("quick", smooth_queries=-1)
+    assert cli_main(["--preset", "quick", "--smooth-queries", "-1"]) == 2
+
+
 def test_presets_and_table():
     paper = harness.build_cases("paper")
     assert {(c.T, c.Dk, c.Dv) for c in paper} == {(t, dk, 128) for t in (8192, 16384, 32768, 65536, 131072)

@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=_pairs("/"), help="override (HQ/H) pairs, e.g. 64/4,16/4")
     p.add_argument("--dims", type=_pairs("x"), help="override head dims (Dk x Dv), e.g. 128x128,192x128")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="override the preset's dtype")
+    p.add_argument("--smooth-queries", type=int, default=0, metavar="N",
+                   help="train cases: queries as moving sums of N positions of random noise, so that "
+                        "neighbouring positions select shared blocks (0, the default: independent queries)")
     p.add_argument("--device", help="cuda or cpu (default: the preset's, else cuda when available)")
     p.add_argument("--backend", choices=("auto", "reference", "triton"),
                    help="NSA backend (default: the preset's; $NSA_BACKEND if set)")
@@ -120,7 +123,11 @@ def cli_main(argv: list[str] | None = None) -> int:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         print("nsa bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    cases = harness.build_cases(args.preset, T=args.T, B=args.B, heads=args.heads, dims=args.dims, dtype=args.dtype)
+    if args.smooth_queries < 0:
+        print("nsa bench: --smooth-queries must be >= 0", file=sys.stderr)
+        return 2
+    cases = harness.build_cases(args.preset, T=args.T, B=args.B, heads=args.heads, dims=args.dims, dtype=args.dtype,
+                                smooth_queries=args.smooth_queries)
     head = report.header(device, args.preset, backend, sys.argv[1:] if argv is None else argv)
     print(report.format_header(head), flush=True)
     # A run stopped by SIGTERM (e.g. `timeout` on a lent GPU) still writes what it measured.

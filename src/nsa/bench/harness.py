@@ -105,11 +105,15 @@ class Case:
     num_initial: int = 1
     num_local: int = 2
     window_size: int = 512
+    # train cases: queries as moving sums of `smooth_queries` positions of random noise (0:
+    # independent positions), so that neighbouring positions select shared blocks
+    smooth_queries: int = 0
 
     @property
     def name(self) -> str:
         t = f"{self.T // 1024}k" if self.T % 1024 == 0 else str(self.T)
-        return f"{self.preset}/{self.kind}/T{t}/B{self.B}/HQ{self.HQ}H{self.H}/D{self.Dk}x{self.Dv}"
+        smooth = f"/qs{self.smooth_queries}" if self.smooth_queries else ""
+        return f"{self.preset}/{self.kind}/T{t}/B{self.B}/HQ{self.HQ}H{self.H}/D{self.Dk}x{self.Dv}{smooth}"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -162,10 +166,13 @@ PRESETS = {
 }
 
 
-def build_cases(preset: str, T=None, B=None, heads=None, dims=None, dtype=None) -> list[Case]:
-    """The cases of a preset, with any of its lists overridden."""
+def build_cases(preset: str, T=None, B=None, heads=None, dims=None, dtype=None, smooth_queries=0) -> list[Case]:
+    """The cases of a preset, with any of its lists overridden; ``smooth_queries`` (train cases):
+    see :func:`train_inputs`."""
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    if not isinstance(smooth_queries, int) or smooth_queries < 0:
+        raise ValueError(f"smooth_queries: expected an integer >= 0, got {smooth_queries!r}")
     p = PRESETS[preset]
     dtype = dtype or p.dtype
     if dtype not in DTYPES:
@@ -179,7 +186,8 @@ def build_cases(preset: str, T=None, B=None, heads=None, dims=None, dtype=None) 
             for (dk, dv) in dims or p.dims:
                 for b in batches:
                     for t in T or p.T:
-                        cases.append(Case(preset, kind, t, b, hq, h, dk, dv, dtype, **p.settings))
+                        cases.append(Case(preset, kind, t, b, hq, h, dk, dv, dtype, **p.settings,
+                                          smooth_queries=smooth_queries if kind == "train" else 0))
     return cases
 
 
@@ -342,12 +350,24 @@ def _randn(g, device, dtype, *shape):
     return torch.randn(*shape, generator=g, device=device, dtype=dtype)
 
 
+def _smooth_randn(g, device, dtype, B, T, HQ, D, n):
+    """``[B, T, HQ, D]`` with unit-variance entries, each the sum of ``n`` consecutive positions of
+    independent noise over sqrt(n): positions t and t + d correlate by max(0, 1 - d / n)."""
+    e = torch.randn(B, T + n - 1, HQ, D, generator=g, device=device, dtype=torch.float32)
+    c = torch.nn.functional.pad(e.cumsum(1), (0, 0, 0, 0, 1, 0))  # c[:, i] = sum of e[:, :i]
+    return ((c[:, n:] - c[:, :-n]) * n ** -0.5).to(dtype)
+
+
 def train_inputs(case: Case, device, seed=0, requires_grad=True) -> dict:
-    """Random NSA inputs of a train case: the keyword arguments of :func:`nsa.ops.nsa` (tensors)."""
+    """Random NSA inputs of a train case: the keyword arguments of :func:`nsa.ops.nsa` (tensors).
+    ``case.smooth_queries = n > 0``: q correlates between positions less than n apart (moving sums
+    of noise), so that neighbouring positions select shared blocks, as the selections of trained
+    models are expected to (independent random queries share only the forced blocks)."""
     g = _generator(device, seed)
     B, T, HQ, H, Dk, Dv, dt = case.B, case.T, case.HQ, case.H, case.Dk, case.Dv, case.torch_dtype
     Tc = num_compressed(T, case.kernel_size, case.stride)
-    x = {"q": _randn(g, device, dt, B, T, HQ, Dk),
+    n = case.smooth_queries
+    x = {"q": _smooth_randn(g, device, dt, B, T, HQ, Dk, n) if n else _randn(g, device, dt, B, T, HQ, Dk),
          "k_cmp": _randn(g, device, dt, B, Tc, H, Dk), "v_cmp": _randn(g, device, dt, B, Tc, H, Dv),
          "k_slc": _randn(g, device, dt, B, T, H, Dk), "v_slc": _randn(g, device, dt, B, T, H, Dv),
          "k_win": _randn(g, device, dt, B, T, H, Dk), "v_win": _randn(g, device, dt, B, T, H, Dv)}

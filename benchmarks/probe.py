@@ -65,14 +65,18 @@ def _ms(fn, reps=20):
     return triton.testing.do_bench(fn, warmup=5, rep=reps * 5, return_mode="median")
 
 
-def _benchmark_inputs(T):
+def _benchmark_inputs(T, smooth=0):
     """The benchmark's selected-branch inputs at length T (B=1, HQ=64, H=4, D=128, bf16, blocks of
     64, 16 selected; selections from the kernels on random q and compressed keys): q, k, v, do,
-    block indices."""
+    block indices. ``smooth`` > 0: q as ``nsa bench --smooth-queries smooth`` makes it."""
     HQ, H, D, KS, ST, BS, S = 64, 4, 128, 32, 16, 64, 16
     g = torch.Generator(device=DEV).manual_seed(0)
     Tc = num_compressed(T, KS, ST)
-    q = torch.randn(1, T, HQ, D, device=DEV, generator=g).bfloat16()
+    if smooth:
+        from nsa.bench.harness import _smooth_randn
+        q = _smooth_randn(g, DEV, torch.bfloat16, 1, T, HQ, D, smooth)
+    else:
+        q = torch.randn(1, T, HQ, D, device=DEV, generator=g).bfloat16()
     kc = torch.randn(1, Tc, H, D, device=DEV, generator=g).bfloat16()
     vc = torch.randn(1, Tc, H, D, device=DEV, generator=g).bfloat16()
     k = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
@@ -973,22 +977,12 @@ def probe_smooth_share(T):
     """Selections of smoothed queries (``nsa bench --smooth-queries N``: moving sums of N positions
     of noise) at the benchmark's shape (B=1, HQ=64, H=4, D=128, bf16, 32/16/64/16), T: how many
     blocks the 4 positions of a tile all list, and the selected forward (library) on them."""
-    from nsa.bench.harness import _smooth_randn
-    HQ, H, D, KS, ST, BS, S = 64, 4, 128, 32, 16, 64, 16
+    HQ, H, D, BS, S = 64, 4, 128, 64, 16
     G = HQ // H
     scale = D ** -0.5
     cu = uniform_cu_seqlens(1, T, DEV)
     for n in (0, 64, 256):
-        g = torch.Generator(device=DEV).manual_seed(0)
-        q = _smooth_randn(g, DEV, torch.bfloat16, 1, T, HQ, D, n) if n else \
-            torch.randn(1, T, HQ, D, device=DEV, generator=g).bfloat16()
-        Tc = num_compressed(T, KS, ST)
-        kc = torch.randn(1, Tc, H, D, device=DEV, generator=g).bfloat16()
-        vc = torch.randn(1, Tc, H, D, device=DEV, generator=g).bfloat16()
-        k = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
-        v = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
-        _, lse = compressed_attention(q, kc, vc, KS, ST, backend="triton")
-        idx = select_blocks(q, kc, lse, KS, ST, BS, S, 1, 2, backend="triton")
+        q, k, v, _, idx = _benchmark_inputs(T, n)
         x = idx[0, T // 2 // 4 * 4:].permute(1, 0, 2).reshape(H, -1, 4, S)  # second half: >= T/128 blocks of past
         first = x[:, :, 0]
         shared = torch.stack([(first[..., :, None] == x[:, :, j, None, :]).any(-1) for j in range(4)]).all(0)

@@ -58,34 +58,34 @@ SWEEP_SMALL_G = [dict(positions=p, num_warps=w, num_stages=2, maxnreg=r)
                                  (64, 4, 0), (128, 8, 128), (128, 8, 0), (256, 8, 0)]]
 
 
-def inputs(T, D, Dv, dtype=torch.bfloat16, seed=0):
+def inputs(T, D, Dv, heads=(HQ, H), dtype=torch.bfloat16, seed=0):
+    hq, h = heads
     gen = torch.Generator(device="cuda").manual_seed(seed)
     Tc = num_compressed(T, KS, ST)
-    q = torch.randn(1, T, HQ, D, device="cuda", generator=gen).to(dtype)
-    k = torch.randn(1, Tc, H, D, device="cuda", generator=gen).to(dtype)
-    v = torch.randn(1, Tc, H, Dv, device="cuda", generator=gen).to(dtype)
+    q = torch.randn(1, T, hq, D, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(1, Tc, h, D, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(1, Tc, h, Dv, device="cuda", generator=gen).to(dtype)
     lse = chunked_lse(q, k, D ** -0.5)  # the definition, chunked: no kernel needed
     return q, k, v, lse
 
 
-def check_small(D, Dv, **cfg):
+def check_small(D, Dv, heads, **cfg):
+    """The public op (no cfg) or the kernel at config cfg against the definition at T = 4096."""
     from tests.ops.selection_check import check_selection
-    q, k, _, lse = inputs(4096, D, Dv)
+    q, k, _, lse = inputs(4096, D, Dv, heads)
     if cfg:
         idx = selection.selection_fwd(q, k, lse, KS, ST, BS, N, 1, 2, D ** -0.5, None, **cfg)
-        check_selection(q, k, lse, idx, kernel_size=KS, stride=ST, block_size=BS, num_selected=N, num_initial=1,
-                        num_local=2, tol=1e-5)
-        return
-    idx = select_blocks(q, k, lse, KS, ST, BS, N, backend="triton")
+    else:
+        idx = select_blocks(q, k, lse, KS, ST, BS, N, backend="triton")
     check_selection(q, k, lse, idx, kernel_size=KS, stride=ST, block_size=BS, num_selected=N, num_initial=1,
                     num_local=2, tol=1e-5)
 
 
-def visible_pairs(T):
-    """Number of (query, compressed token) pairs with the token visible, times HQ."""
+def visible_pairs(T, hq):
+    """Number of (query, compressed token) pairs with the token visible, times hq query heads."""
     Tc = num_compressed(T, KS, ST)
     t_first = torch.arange(Tc, dtype=torch.float64) * ST + KS - 1
-    return float((T - t_first).clamp(min=0).sum()) * HQ
+    return float((T - t_first).clamp(min=0).sum()) * hq
 
 
 def time_selection(q, k, lse, **cfg):
@@ -103,15 +103,14 @@ def main():
     p.add_argument("--heads", default="64/4", help="HQ/H (query heads / KV heads)")
     args = p.parse_args()
     D, Dv = (int(x) for x in args.dims.split("x"))
-    global HQ, H
-    HQ, H = (int(x) for x in args.heads.split("/"))
-    G = HQ // H
+    heads = hq, h = tuple(int(x) for x in args.heads.split("/"))
+    G = hq // h
     print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {torch.cuda.get_device_name()}  "
           f"torch {torch.__version__}  triton {triton.__version__}")
-    print(f"# B=1 HQ={HQ} H={H} D={D} bf16, {KS}/{ST}/{BS}, n={N}; default positions={selection.POSITIONS} "
+    print(f"# B=1 HQ={hq} H={h} D={D} bf16, {KS}/{ST}/{BS}, n={N}; default positions={selection.POSITIONS} "
           f"(G < 16: {selection.SMALL_G_ROWS} rows, at most {selection.SMALL_G_POSITIONS} positions) "
           f"warps={selection.NUM_WARPS} stages={selection.NUM_STAGES}")
-    check_small(D, Dv)
+    check_small(D, Dv, heads)
     print("# check at T=4096: ok")
     configs = [{}]
     if args.sweep and D > 128:
@@ -123,8 +122,8 @@ def main():
         configs = [dict(positions=p, num_warps=w, num_stages=s, maxnreg=r)
                    for p, w, s, r in itertools.product((8, 16, 32), (4, 8), (1, 2, 3), (0, 128))]
     for T in args.T:
-        q, k, v, lse = inputs(T, D, Dv)
-        flop = 2 * visible_pairs(T) * D
+        q, k, v, lse = inputs(T, D, Dv, heads)
+        flop = 2 * visible_pairs(T, hq) * D
         try:
             from nsa.ops.compressed import compressed_attention_triton  # noqa: F401
             t_cmp = triton.testing.do_bench(
@@ -136,7 +135,7 @@ def main():
         for cfg in configs:
             try:
                 if cfg:
-                    check_small(D, Dv, **cfg)  # every candidate selects as the definition does
+                    check_small(D, Dv, heads, **cfg)  # every candidate selects as the definition does
                 ms = time_selection(q, k, lse, **cfg)
             except Exception as e:  # a config that does not compile (e.g. out of shared memory)
                 print(f"T={T:6d} {cfg}: failed: {type(e).__name__}: {str(e)[:120]}")

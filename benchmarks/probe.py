@@ -996,6 +996,31 @@ def probe_smooth_share(T):
               f"of {S}; selected fwd (library) {t:.2f} ms", flush=True)
 
 
+def probe_dq_share(T):
+    """The selected backward (delta given, as nsa() calls it) with dQ programs of P = 1, 2, 4
+    positions (DQ_SHARE) on the benchmark's selections of random queries and of smoothed ones
+    (``nsa bench --smooth-queries N``), at the benchmark's shape; dK / dV are the same kernels for
+    every P."""
+    HQ, H, D, BS, S = 64, 4, 128, 64, 16
+    G = HQ // H
+    scale = D ** -0.5
+    cu = uniform_cu_seqlens(1, T, DEV)
+    for n in (0, 64, 256):
+        q, k, v, do, idx = _benchmark_inputs(T, n)
+        cfg = SL._tiles(G, BS, D, D, q.dtype)
+        qp, kp, vp, dop = q.view(T, HQ, D), k.view(T, H, D), v.view(T, H, D), do.view(T, HQ, D)
+        ip = idx.view(T, H, S).contiguous()
+        o, lse = SL._launch_fwd(qp, kp, vp, ip, BS, scale, cu, SL._chunk_table(cu, T, SL.fwd_positions(cfg)), cfg)
+        delta = SL._delta(o, dop)
+        chunks, blocks = SL._chunk_table(cu, T, cfg.BT), SL._chunk_table(cu, T, BS)
+        row = []
+        for P in (1, 2, 4):
+            c = cfg._replace(SHARE_DQ=P)
+            t = _ms(lambda: SL._launch_bwd(qp, kp, vp, o, lse, dop, ip, BS, scale, cu, chunks, blocks, c, delta=delta))
+            row.append(f"P={P} {t:.2f}")
+        print(f"dqshare T={T} n={n}: selected backward (delta given) " + ", ".join(row) + " ms", flush=True)
+
+
 def main():
     # part -> what it runs, given the parsed arguments
     parts = {
@@ -1019,6 +1044,7 @@ def main():
         "slcbwd192": lambda a: probe_slc_bwd_192(a.T),
         "floors": lambda a: probe_floors(a.T),
         "smoothshare": lambda a: probe_smooth_share(a.T),
+        "dqshare": lambda a: probe_dq_share(a.T),
     }
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)

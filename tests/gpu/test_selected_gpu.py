@@ -249,3 +249,30 @@ def test_shared_blocks_forward(monkeypatch, share):
     for a in (0, T // 3, T // 2 + 7, T - C):
         o_r, _, _, _ = chunk_reference(q, k, v, idx, do, bs, D ** -0.5, a, a + C, grads=False)
         assert_close(f"o[{a}:{a + C}]", o_r, o[:, a:a + C], RATIO_BF16)
+
+
+@pytest.mark.parametrize("share", [1, 2, 4], ids=["P1", "P2", "P4"])
+def test_shared_blocks_dq(monkeypatch, share):
+    """The dQ gather with several positions per program (selected_bwd_dq_common_kernel for the
+    blocks the positions of a program share, keys up to its first position in one product and
+    the next ones key by key; then selected_bwd_dq_planned_kernel for the rest, one position per
+    program) at the paper shape, on lists where pairs of positions agree (as in the forward test
+    above): dq on chunks at, across and off block boundaries against the float32 reference, and
+    dk / dv (whose kernels do not change) against the one-position dQ run's."""
+    monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", "gather")
+    monkeypatch.setattr(nsa.ops.selected, "DQ_MODE", "gather")
+    monkeypatch.setattr(nsa.ops.selected, "DQ_SHARE", share)
+    B, T, HQ, H, D, bs, S, C = 1, 8192, 64, 4, 128, 64, 16, 256
+    q, k, v, idx, do = inputs(B, T, HQ, H, D, D, S, bs, torch.bfloat16, seed=8)
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    even = idx[:, 0::2]
+    idx[:, 1::2] = even.gather(-1, torch.rand(even.shape, generator=gen, device="cuda").argsort(-1))
+    _, (dq, dk, dv) = run_triton(q, k, v, idx, do, bs)
+    assert torch.isfinite(dq).all()
+    for a in (0, T // 3, T // 2 + 7, T - C):
+        _, dq_r, _, _ = chunk_reference(q, k, v, idx, do, bs, D ** -0.5, a, a + C)
+        assert_close(f"dq[{a}:{a + C}]", dq_r, dq[:, a:a + C], RATIO_BF16)
+    monkeypatch.setattr(nsa.ops.selected, "DQ_SHARE", 1)
+    _, (dq1, dk1, dv1) = run_triton(q, k, v, idx, do, bs)
+    assert torch.equal(dk, dk1) and torch.equal(dv, dv1)
+    assert_close("dq vs one position per program", dq1.float(), dq.float(), RATIO_BF16)

@@ -644,3 +644,76 @@ def test_share_plan(share):
                     assert int(counts[t, h, 0]) == n_sh and int(counts[t, h, 1]) == len(st)
                     assert row[:n_sh] == head and set(row[:len(st)]) == st and all(x == -1 for x in row[len(st):])
     assert shares == {0, 1, 2}
+
+
+DQ_SHARED_CASES = [(n, s, torch.bfloat16) for n, s in SHARED_CASES] + [
+    (n, 4, torch.float32) for n in SHARED_SHAPES]
+
+
+@pytest.mark.parametrize("name,share,dtype", DQ_SHARED_CASES,
+                         ids=[f"{n}-P{s}-{str(d)[6:]}" for n, s, d in DQ_SHARED_CASES])
+def test_dq_shared_blocks_match_reference(monkeypatch, name, share, dtype):
+    """The dQ gather with several positions per program (the blocks every position lists walked
+    once for all of them, keys up to the program's first position, in the common kernel; the
+    keys after it and each position's other blocks in the one-position kernel, added to the
+    parked partial) against the reference's dq, on lists where neighbours agree in any slot
+    order; 2 / 4 / 8 positions; delta computed there, and given (bitwise the same dq)."""
+    lens, HQ, Dk, Dv, S, bs, causal = SHARED_SHAPES[name]
+    q, k, v, idx, cu = shared_inputs(lens, HQ, Dk, Dv, S, bs, causal, dtype, seed=24)
+    do = torch.randn(q.shape[:3] + (Dv,), generator=torch.Generator().manual_seed(25)).to(dtype).to(DEVICE)
+    from nsa.ops.selected import _chunk_table, _delta, _launch_dq_shared, _launch_fwd, _share, _tiles
+    monkeypatch.setattr(nsa.ops.selected, "DQ_SHARE", share)
+    cfg = _tiles(HQ, bs, Dk, Dv, dtype)
+    assert cfg.SHARE_DQ == (1 if dtype == torch.float32 else _share(cfg.BT, cfg.BR, Dk, Dv, "DQ_SHARE"))
+    # float32 is not given the shared walk by default (registers on sm_90): run it here all the same
+    cfg = cfg._replace(SHARE_DQ=_share(cfg.BT, cfg.BR, Dk, Dv, "DQ_SHARE"))
+    assert cfg.BT == 1 and cfg.SHARE_DQ == min(share, 64 * 128 // (cfg.BR * max(pow2(Dk), pow2(Dv)))) > 1
+    _, (dq_ref, _, _) = run("reference", q, k, v, idx, bs, cu, do, upcast=True)
+    scale = Dk ** -0.5
+    o, lse = _launch_fwd(q[0], k[0], v[0], idx[0], bs, scale, cu, _chunk_table(cu, q.shape[1], 1),
+                         cfg._replace(SHARE=1))
+    args = (q[0], k[0], v[0], o, lse, do[0])
+    dq, delta = _launch_dq_shared(*args, None, idx[0], bs, scale, cu, cfg)
+    assert_close("dq", dq_ref[0], dq.float(), RATIO_FP32 if dtype == torch.float32 else RATIO_BF16)
+    dq_given, _ = _launch_dq_shared(*args, _delta(o, do[0]), idx[0], bs, scale, cu, cfg)
+    assert torch.equal(dq_given, dq), "dq with delta given differs from dq with delta computed"
+
+
+def test_dq_shared_walks_never_read_invisible_values(monkeypatch):
+    """Programs of 4 positions whose lists agree (blocks 0, the position's own and the one
+    before; the dQ common kernel takes their keys up to the program's first position, the
+    one-position kernel the keys after it): inf / NaN at keys 42 and 6 of the two sequences
+    leave dq finite and equal to the reference on clean inputs for the rows that cannot see them
+    (positions 40, 41 and 4, 5, which list the poisoned keys' blocks)."""
+    lens, HQ, Dk, Dv, S, bs = [70, 37], 16, 64, 32, 3, 16
+    q, k, v, _, cu, do = make_inputs(1, lens, HQ, 1, Dk, Dv, S, bs, True, torch.bfloat16, seed=13)
+    rows = []
+    for L in lens:
+        for t in range(L):
+            own = t // bs
+            rows.append([0, own, own - 1] if own >= 2 else [0, own, -1] if own == 1 else [0, -1, -1])
+    idx = torch.tensor(rows, dtype=torch.int32).view(1, -1, 1, S).to(DEVICE)
+    monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", "gather")
+    monkeypatch.setattr(nsa.ops.selected, "DQ_MODE", "gather")
+    monkeypatch.setattr(nsa.ops.selected, "DQ_SHARE", 4)
+    from nsa.ops.selected import _tiles
+    assert _tiles(HQ, bs, Dk, Dv, q.dtype).SHARE_DQ == 4
+    kb, vb = k.clone(), v.clone()
+    for t, x in ((42, float("inf")), (70 + 6, float("nan"))):
+        kb[0, t], vb[0, t] = x, float("nan")
+    clean = torch.tensor([40, 41, 70 + 4, 70 + 5], device=DEVICE)
+    _, (dq, _, _) = run("triton", q, kb, vb, idx, bs, cu, do)
+    _, (dq_ref, _, _) = run("reference", q, k, v, idx, bs, cu, do, upcast=True)
+    assert torch.isfinite(dq[:, clean]).all(), "non-finite dq on rows that see no poisoned key"
+    assert_close("dq", dq_ref[:, clean], dq[:, clean].float(), RATIO_BF16)
+    assert not torch.isfinite(dq[:, [42, 70 + 6]]).all()  # the poison does reach the rows that see it
+
+
+@pytest.mark.parametrize("value", [0, 3, 2.0, True])
+def test_dq_share_is_checked(monkeypatch, value):
+    """DQ_SHARE (a power of two) is validated where the dQ gather plans programs of several
+    positions."""
+    monkeypatch.setattr(nsa.ops.selected, "DQ_SHARE", value)
+    from nsa.ops.selected import _tiles
+    with pytest.raises(ValueError, match="DQ_SHARE"):
+        _tiles(16, 16, 64, 64, torch.bfloat16)

@@ -84,6 +84,11 @@ FWD_TMA = "auto"
 # positions also walked their own blocks, its 64-row state held across: 235 registers), removed
 # since, took 15.00 at k = 10, 13.09 at 12, 9.17 at 16, 21.4 at k = 3.
 FWD_SHARE = 4
+# Positions per program of the dQ gather when one position fills a tile (G >= 9), as FWD_SHARE:
+# the blocks that all of them list go through selected_bwd_dq_common_kernel (their keys up to the
+# program's first position, for all its rows in one product), the rest through one program per
+# position (selected_bwd_dq_planned_kernel). A power of two; 1 turns it off.
+DQ_SHARE = 4
 # Scatter forward: rows (queries x G heads) per tile, rows per program (a long query list is
 # split over several programs), and the memory bound of its per-slot partials.
 SCATTER_TILE_ROWS = 64
@@ -685,6 +690,28 @@ def selected_bwd_dq_reduce_kernel(
 
 
 @triton.jit
+def _dq_block(b_q, b_q2, b_do, b_lse2, b_delta, m_r, i_b, k, v, bos, t_last, i_h, qk_scale, b_dq, b_dq2,
+              H: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr,
+              DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BDK2: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """dQ (unscaled, float32; ``b_dq2``: the head columns ``BDK ..`` when BDK2 > 0) of rows ``b_q``
+    (valid ``m_r``; base-2 lse ``b_lse2``, delta ``b_delta``) over the keys ``<= t_last`` of listed
+    block ``i_b`` (-1: nothing), sub-tile by sub-tile; every row's position is >= t_last (no
+    per-row causal mask)."""
+    for i_ks in tl.static_range(NKS):
+        i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV, BDK, BDV)
+        b_s, b_k2 = _qk_scores(b_q, b_q2, b_k, k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2, DOT_PRECISION,
+                               DOT_UPCAST)  # [rows, BK]
+        b_p = tl.where(m_r[:, None] & m_k[None, :], tl.exp2(b_s * qk_scale - b_lse2[:, None]), 0.)
+        b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
+        if BDK2 > 0:
+            b_dq2 += dot(b_ds.to(b_k.dtype), b_k2, DOT_PRECISION, DOT_UPCAST)
+    return b_dq, b_dq2
+
+
+@triton.jit
 def selected_bwd_dq_kernel(
     q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
@@ -738,18 +765,8 @@ def selected_bwd_dq_kernel(
         p_idx = block_indices + ((bos + t0) * H + i_h) * S
         for i_s in tl.range(0, S, num_stages=STAGES):
             i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
-            for i_ks in tl.static_range(NKS):
-                i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV, BDK, BDV)
-                b_s, b_k2 = _qk_scores(b_q, b_q2, b_k, k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2, DOT_PRECISION,
-                                       DOT_UPCAST)  # [BR, BK]
-                b_s = b_s * qk_scale
-                m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
-                b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
-                b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)
-                b_ds = b_p * (b_dp - b_delta[:, None])
-                b_dq += dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
-                if BDK2 > 0:
-                    b_dq2 += dot(b_ds.to(b_k.dtype), b_k2, DOT_PRECISION, DOT_UPCAST)
+            b_dq, b_dq2 = _dq_block(b_q, b_q2, b_do, b_lse2, b_delta, m_r, i_b, k, v, bos, t_last, i_h, qk_scale,
+                                    b_dq, b_dq2, H, BS, BK, NKS, DK, DV, BDK, BDV, BDK2, DOT_PRECISION, DOT_UPCAST)
     for i_p in range(BT if BT > 1 else 0):
         p_idx = block_indices + ((bos + t0 + i_p) * H + i_h) * S
         for i_s in range(S):
@@ -772,11 +789,151 @@ def selected_bwd_dq_kernel(
                         b_dq += dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
                         if BDK2 > 0:
                             b_dq2 += dot(b_ds.to(b_k.dtype), b_k2, DOT_PRECISION, DOT_UPCAST)
-    tl.store(dq + o_row[:, None] * DK + o_dk[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_qd)
+    _store_dq(dq, o_row, m_r, b_dq, b_dq2, scale, 0, DK, BDK, BDK2)
+
+
+@triton.jit
+def _dq_rows(q, do, lse, delta, o_row, m_r, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+             BDV: tl.constexpr, BDK2: tl.constexpr):
+    """What a dQ walk reads once for rows ``o_row`` (valid ``m_r``): q (its head columns ``BDK ..``
+    as a second tile when BDK2 > 0), dO, the base-2 lse and delta (zeros on invalid rows)."""
+    o_dk = tl.arange(0, BDK)
+    o_dv = tl.arange(0, BDV)
+    b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :], other=0.)
+    if BDK2 > 0:
+        b_q2 = _q_cols(q, o_row, m_r, DK, BDK, BDK2)
+    else:
+        b_q2 = b_q  # unused
+    b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :], other=0.)
+    b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.) * 1.4426950408889634
+    b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
+    return b_q, b_q2, b_do, b_lse2, b_delta
+
+
+@triton.jit
+def _store_dq(dq, o_row, m_r, b_dq, b_dq2, scale, n_add, DK: tl.constexpr, BDK: tl.constexpr,
+              BDK2: tl.constexpr, ADD: tl.constexpr = False):
+    """dq rows ``o_row`` (valid ``m_r``) = ``scale * b_dq`` (head columns ``BDK ..`` from b_dq2 when
+    BDK2 > 0), rounded once to dq's dtype; ADD and ``n_add > 0``: plus what dq holds there (a
+    parked partial)."""
+    o_dk = tl.arange(0, BDK)
+    m_1 = m_r[:, None] & (o_dk < DK)[None, :]
+    # as a [rows] vector: the interpreter turns (scalar & vector comparison) into integers
+    m_add = m_r & (o_row * 0 + n_add > 0)
+    b_1 = b_dq * scale
+    if ADD:
+        b_1 += tl.load(dq + o_row[:, None] * DK + o_dk[None, :], mask=m_add[:, None] & (o_dk < DK)[None, :],
+                       other=0.).to(tl.float32)
+    tl.store(dq + o_row[:, None] * DK + o_dk[None, :], b_1.to(dq.dtype.element_ty), mask=m_1)
     if BDK2 > 0:
         o_dk2 = BDK + tl.arange(0, BDK2)
-        tl.store(dq + o_row[:, None] * DK + o_dk2[None, :], (b_dq2 * scale).to(dq.dtype.element_ty),
+        b_2 = b_dq2 * scale
+        if ADD:
+            b_2 += tl.load(dq + o_row[:, None] * DK + o_dk2[None, :], mask=m_add[:, None] & (o_dk2 < DK)[None, :],
+                           other=0.).to(tl.float32)
+        tl.store(dq + o_row[:, None] * DK + o_dk2[None, :], b_2.to(dq.dtype.element_ty),
                  mask=m_r[:, None] & (o_dk2 < DK)[None, :])
+
+
+@triton.jit
+def selected_bwd_dq_common_kernel(
+    q, k, v, lse, do, dq, delta, plan, counts, cu_seqlens, chunk_indices, scale,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, P: tl.constexpr, TB: tl.constexpr, BR: tl.constexpr,
+    STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BDK2: tl.constexpr = 0,
+):
+    """dQ over the blocks that all ``P`` positions ``t0 ..`` of a program list (the first ``n =
+    counts[..., 0] > 0`` entries of every list planned by :func:`selected_share_plan_kernel`), as
+    :func:`selected_fwd_common_kernel` does the forward: their keys ``<= t0`` (visible to every
+    row) loaded once and used for the ``P * BR`` rows in one product; their keys ``t0 + 1 .. t0
+    + P - 1`` scored in one product and added to dQ one key at a time, for the rows whose
+    position is >= the key's (a product would multiply the keys a row may not see by zero). The
+    partial dQ is parked in dq (scaled, rounded once to dq's dtype);
+    :func:`selected_bwd_dq_planned_kernel` adds each position's other blocks to it. delta is an
+    input (rowsum(dO * O))."""
+    i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
+    t0 = i_tc * P
+    n_sh = tl.load(counts + ((bos + t0) * H + i_h) * 2, mask=t0 < seq_len, other=0)
+    if n_sh > 0:
+        # rows: position t0 + r // BR, head r % BR
+        o_a = tl.arange(0, P * BR)
+        i_ta = t0 + o_a // BR
+        m_a = (o_a % BR < G) & (i_ta < seq_len)
+        o_rowa = (bos + i_ta) * HQ + i_h * G + o_a % BR
+        b_q, b_q2, b_do, b_lse2, b_delta = _dq_rows(q, do, lse, delta, o_rowa, m_a, DK, DV, BDK, BDV, BDK2)
+        qk_scale = scale * 1.4426950408889634
+        b_dq = tl.zeros([P * BR, BDK], dtype=tl.float32)
+        b_dq2 = tl.zeros([P * BR, BDK2 if BDK2 > 0 else 16], dtype=tl.float32)
+        p_list0 = plan + ((bos + t0) * H + i_h) * S
+        for j in tl.range(0, n_sh, num_stages=STAGES):
+            i_b = tl.load(p_list0 + j).to(tl.int64)
+            b_dq, b_dq2 = _dq_block(b_q, b_q2, b_do, b_lse2, b_delta, m_a, i_b, k, v, bos, t0, i_h, qk_scale,
+                                    b_dq, b_dq2, H, BS, BK, NKS, DK, DV, BDK, BDV, BDK2, DOT_PRECISION, DOT_UPCAST)
+        # keys t0 + 1 .. t0 + P - 1 of the shared blocks
+        o_s = tl.arange(0, SP)
+        o_tb = tl.arange(0, TB)
+        o_dk = tl.arange(0, BDK)
+        o_dv = tl.arange(0, BDV)
+        ids = tl.load(p_list0 + o_s, mask=o_s < n_sh, other=-1)  # [SP] the shared blocks
+        i_kt = t0 + 1 + o_tb
+        m_kt = (o_tb < P - 1) & (i_kt < seq_len) & \
+            (tl.max(tl.where(ids[None, :] == (i_kt // BS)[:, None], 1, 0), axis=1) > 0)
+        o_kv = (bos + i_kt) * H + i_h
+        b_kt = tl.load(k + o_kv[:, None] * DK + o_dk[None, :], mask=m_kt[:, None] & (o_dk < DK)[None, :], other=0.)
+        b_vt = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_kt[:, None] & (o_dv < DV)[None, :], other=0.)
+        b_s, _ = _qk_scores(b_q, b_q2, b_kt, k, i_kt, m_kt, bos, i_h, H, DK, BDK, BDK2, DOT_PRECISION,
+                            DOT_UPCAST)  # [P * BR, TB]
+        m_s = m_a[:, None] & m_kt[None, :] & (i_kt[None, :] <= i_ta[:, None])
+        b_p = tl.where(m_s, tl.exp2(b_s * qk_scale - b_lse2[:, None]), 0.)
+        b_dp = dot(b_do, tl.trans(b_vt), DOT_PRECISION, DOT_UPCAST)
+        # NaN where an unseen key's value is not finite: the rows that see the key take it (m_row)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        for jk in tl.static_range(P - 1):
+            i_kj = t0 + 1 + jk
+            m_j = tl.max(tl.where((o_tb == jk) & m_kt, 1, 0), axis=0)  # 1: key t0 + 1 + jk is scored
+            m_row = (i_ta >= i_kj) & (o_a * 0 + m_j > 0)
+            # dS rounded as the products round it (bf16 for 16-bit inputs)
+            b_dsj = tl.sum(tl.where(o_tb[None, :] == jk, b_ds, 0.), axis=1).to(b_kt.dtype).to(tl.float32)
+            p_kj = k + ((bos + i_kj) * H + i_h) * DK
+            b_kj = tl.load(p_kj + o_dk, mask=(o_dk < DK) & (o_dk * 0 + m_j > 0), other=0.).to(tl.float32)
+            b_dq += tl.where(m_row[:, None], b_dsj[:, None] * b_kj[None, :], 0.)
+            if BDK2 > 0:
+                o_dk2 = BDK + tl.arange(0, BDK2)
+                b_kj2 = tl.load(p_kj + o_dk2, mask=(o_dk2 < DK) & (o_dk2 * 0 + m_j > 0), other=0.).to(tl.float32)
+                b_dq2 += tl.where(m_row[:, None], b_dsj[:, None] * b_kj2[None, :], 0.)
+        _store_dq(dq, o_rowa, m_a, b_dq, b_dq2, scale, 0, DK, BDK, BDK2)
+
+
+@triton.jit
+def selected_bwd_dq_planned_kernel(
+    q, k, v, lse, do, dq, delta, plan, counts, cu_seqlens, chunk_indices, scale,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
+    BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BDK2: tl.constexpr = 0,
+):
+    """dQ of one position ``t`` (``chunk_indices`` of single positions; its ``G <= BR`` heads of KV
+    head ``i_h``) over the keys ``<= t`` of the entries ``n .. `` of its list planned by
+    :func:`selected_share_plan_kernel` (``counts[..., 0] = n``), added to what
+    :func:`selected_bwd_dq_common_kernel` parked in dq for the first n where n > 0."""
+    i_h, t, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)  # chunks of one position
+    if t < seq_len:
+        p_cnt = counts + ((bos + t) * H + i_h) * 2
+        n_sh = tl.load(p_cnt)
+        o_r = tl.arange(0, BR)
+        m_r = o_r < G
+        o_row = (bos + t) * HQ + i_h * G + o_r
+        b_q, b_q2, b_do, b_lse2, b_delta = _dq_rows(q, do, lse, delta, o_row, m_r, DK, DV, BDK, BDV, BDK2)
+        qk_scale = scale * 1.4426950408889634
+        b_dq = tl.zeros([BR, BDK], dtype=tl.float32)
+        b_dq2 = tl.zeros([BR, BDK2 if BDK2 > 0 else 16], dtype=tl.float32)
+        p_list = plan + ((bos + t) * H + i_h) * S
+        for i_s in tl.range(n_sh, tl.load(p_cnt + 1), num_stages=STAGES):
+            i_b = tl.load(p_list + i_s).to(tl.int64)
+            b_dq, b_dq2 = _dq_block(b_q, b_q2, b_do, b_lse2, b_delta, m_r, i_b, k, v, bos, t, i_h, qk_scale,
+                                    b_dq, b_dq2, H, BS, BK, NKS, DK, DV, BDK, BDV, BDK2, DOT_PRECISION, DOT_UPCAST)
+        _store_dq(dq, o_row, m_r, b_dq, b_dq2, scale, n_sh, DK, BDK, BDK2, ADD=True)
 
 
 @triton.jit
@@ -964,6 +1121,7 @@ class _Tiles(NamedTuple):
     SHARE: int = 1  # positions per program of the one-position gather forward (FWD_SHARE)
     BK_DQ: int = 64  # keys per sub-tile of the dQ gather kernel
     NKS_DQ: int = 1
+    SHARE_DQ: int = 1  # positions per program of the one-position dQ gather (DQ_SHARE)
 
 
 def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Tiles:
@@ -1004,19 +1162,22 @@ def _tiles(G: int, block_size: int, DK: int, DV: int, dtype: torch.dtype) -> _Ti
         warps_dq_sc=8 if width > 256 and not fp32 else 4, stages_dq_sc=1 if fp32 or width > 256 else 3,
         SHARE=1 if fp32 or width > 384 else _share(bt, br, DK, DV), BK_DQ=bk_dq,
         NKS_DQ=triton.cdiv(block_size, bk_dq),
+        SHARE_DQ=1 if fp32 or width > 384 else _share(bt, br, DK, DV, "DQ_SHARE"),
     )
 
 
-def _share(bt: int, br: int, DK: int, DV: int) -> int:
-    """FWD_SHARE resolved for a tile of ``bt`` positions and ``br`` rows: 1 unless one position
-    fills the tile, at most ``64 * 128 // (br * padded head width)``. (:func:`_tiles` also keeps
-    1 for float32, not a fast path, and for padded widths Dk + Dv above 384: the common kernel's
-    tiles spill registers there, 84 bytes at 256/256 with ptxas sm_90.)"""
-    if isinstance(FWD_SHARE, bool) or not isinstance(FWD_SHARE, int) or FWD_SHARE < 1 or FWD_SHARE & (FWD_SHARE - 1):
-        raise ValueError(f"nsa.ops.selected.FWD_SHARE: expected a power of two >= 1, got {FWD_SHARE!r}")
+def _share(bt: int, br: int, DK: int, DV: int, name: str = "FWD_SHARE") -> int:
+    """FWD_SHARE (or DQ_SHARE: ``name``) resolved for a tile of ``bt`` positions and ``br`` rows:
+    1 unless one position fills the tile, at most ``64 * 128 // (br * padded head width)``.
+    (:func:`_tiles` also keeps 1 for float32, not a fast path, and for padded widths Dk + Dv
+    above 384: the forward common kernel's tiles spill registers there, 84 bytes at 256/256 with
+    ptxas sm_90.)"""
+    value = globals()[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
+        raise ValueError(f"nsa.ops.selected.{name}: expected a power of two >= 1, got {value!r}")
     if bt > 1:
         return 1
-    return max(1, min(FWD_SHARE, 64 * 128 // (br * max(pow2(DK), pow2(DV)))))
+    return max(1, min(value, 64 * 128 // (br * max(pow2(DK), pow2(DV)))))
 
 
 def fwd_positions(cfg: _Tiles) -> int:
@@ -1264,6 +1425,16 @@ def _algorithm(name: str, mode: str, cfg: _Tiles) -> str:
     return "scatter" if not interpreting() and cfg.BT > 1 else "gather"
 
 
+def _delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """float32 ``[N, HQ]`` rowsum(dO * O) of packed o, do ``[N, HQ, DV]``."""
+    N, HQ, DV = o.shape
+    delta = new_output((N, HQ), torch.float32, o.device)
+    br = 64  # rows per program
+    compressed_bwd_preprocess_kernel[(triton.cdiv(N * HQ, br),)](
+        o, do, delta, delta, N * HQ, DV, HAS_DLSE=False, BR=br, BDV=pow2(DV))
+    return delta
+
+
 def _launch_dq_scatter(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens, block_table,
                        cfg: _Tiles):
     """dQ (and delta, unless given) KV-block-centric, like :func:`_launch_fwd_scatter`: per-slot
@@ -1272,10 +1443,7 @@ def _launch_dq_scatter(q, k, v, o, lse, do, delta, block_indices, block_size, sc
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     G = HQ // H
     if delta is None:
-        delta = new_output((N, HQ), torch.float32, q.device)
-        br = 64  # rows of rowsum(dO * O) per program
-        compressed_bwd_preprocess_kernel[(triton.cdiv(N * HQ, br),)](
-            o, do, delta, delta, N * HQ, DV, HAS_DLSE=False, BR=br, BDV=pow2(DV))
+        delta = _delta(o, do)
     C = _partial_chunk(N, HQ, S, DK, 4)
     NBT, HB, n_chunks, offsets, entries, first, bucket, seg = _scatter_plan(
         block_indices, cu_seqlens, block_table, block_size, C, G)
@@ -1300,6 +1468,46 @@ def _launch_dq_scatter(q, k, v, o, lse, do, delta, block_indices, block_size, sc
     return dq, delta
 
 
+def _bwd_consts(q, k, v, block_size: int, split: bool = True) -> dict:
+    """Compile-time arguments every backward kernel takes, for packed q ``[N, HQ, DK]``, k ``[N, H,
+    DK]``, v ``[N, H, DV]``; ``split``: q . k and dK / dQ over a head dim that is not a power of two
+    as two tiles (192 = 128 + 64: BDK, BDK2), else one padded tile (BDK)."""
+    HQ, DK, H, DV = q.shape[1], q.shape[2], k.shape[1], v.shape[2]
+    consts = dict(HQ=HQ, H=H, G=HQ // H, BS=block_size, DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV),
+                  **dot_args(q.dtype))
+    if split:
+        consts.update(zip(("BDK", "BDK2"), triton_utils.head_tiles(DK)))
+    return consts
+
+
+def _launch_dq_shared(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens, cfg: _Tiles):
+    """dQ (and delta, unless given) of the gather with one position per tile, in programs of
+    ``cfg.SHARE_DQ`` positions: the plan of the forward (:func:`selected_share_plan_kernel`), the
+    blocks every position of a program lists through :func:`selected_bwd_dq_common_kernel`, the
+    rest through :func:`selected_bwd_dq_planned_kernel`, one position per program."""
+    N, HQ, DK = q.shape
+    H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
+    P = cfg.SHARE_DQ
+    if delta is None:
+        delta = _delta(o, do)
+    chunks = _chunk_table(cu_seqlens, N, P)
+    SP = triton.next_power_of_2(S)
+    plan = torch.empty_like(block_indices)
+    counts = torch.empty(N, H, 2, dtype=torch.int32, device=q.device)
+    selected_share_plan_kernel[(chunks.shape[0], H)](block_indices, plan, counts, cu_seqlens, chunks,
+                                                     H=H, S=S, SP=SP, P=P, num_warps=1)
+    dq = new_output(q.shape, q.dtype, q.device)
+    stages = GATHER_STAGES if not interpreting() else 1
+    consts = dict(_bwd_consts(q, k, v, block_size), S=S, BK=cfg.BK_DQ, NKS=cfg.NKS_DQ, BR=cfg.BR,
+                  STAGES=stages, num_warps=cfg.warps, num_stages=stages)
+    selected_bwd_dq_common_kernel[(chunks.shape[0], H)](q, k, v, lse, do, dq, delta, plan, counts, cu_seqlens,
+                                                        chunks, scale, SP=SP, P=P, TB=pow2(P - 1), **consts)
+    positions = _chunk_table(cu_seqlens, N, 1)
+    selected_bwd_dq_planned_kernel[(positions.shape[0], H)](q, k, v, lse, do, dq, delta, plan, counts, cu_seqlens,
+                                                            positions, scale, **consts)
+    return dq, delta
+
+
 def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, chunk_indices,
                 block_table, cfg: _Tiles, delta=None):
     """Packed tensors as in :func:`_launch_fwd`, plus o, do ``[N, HQ, DV]``, lse ``[N, HQ]`` and
@@ -1308,13 +1516,14 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
     recomputed and ``o`` is not read."""
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
-    common = dict(HQ=HQ, H=H, G=HQ // H, BS=block_size, DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV),
-                  **dot_args(q.dtype))
-    # q . k and dK / dQ over a head dim that is not a power of two: two tiles (192 = 128 + 64)
-    split = dict(zip(("BDK", "BDK2"), triton_utils.head_tiles(DK)))
+    common = _bwd_consts(q, k, v, block_size, split=False)
+    split = _bwd_consts(q, k, v, block_size)
     if _algorithm("DQ_MODE", DQ_MODE, cfg) == "scatter":
         dq, delta = _launch_dq_scatter(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens,
                                        block_table, cfg)
+    elif cfg.SHARE_DQ > 1:
+        dq, delta = _launch_dq_shared(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens,
+                                      cfg)
     else:
         dq = new_output(q.shape, q.dtype, q.device)
         has_delta = delta is not None
@@ -1325,7 +1534,7 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
         selected_bwd_dq_kernel[(chunk_indices.shape[0], H)](
             q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
             S=S, SP=triton.next_power_of_2(S), BK=cfg.BK_DQ, NKS=cfg.NKS_DQ, BT=cfg.BT, BR=cfg.BR,
-            STAGES=stages, HAS_DELTA=has_delta, num_warps=cfg.warps, num_stages=stages, **(common | split),
+            STAGES=stages, HAS_DELTA=has_delta, num_warps=cfg.warps, num_stages=stages, **split,
         )
     NBT = block_table.shape[0]
     offsets, query_list, _ = _reverse_index(block_indices, cu_seqlens, block_table, block_size)

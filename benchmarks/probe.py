@@ -1021,6 +1021,46 @@ def probe_dq_share(T):
         print(f"dqshare T={T} n={n}: selected backward (delta given) " + ", ".join(row) + " ms", flush=True)
 
 
+def probe_gather_warps(T):
+    """The one-position gather (forward, and the selected backward whose dQ gather shares its
+    tile config) with fewer warps per program: 16 rows (one position's 16 heads) split over 4
+    warps exchange their softmax statistics and P through shared memory at every block; on 1 or
+    2 warps they do less of that, and more programs fit an SM. Benchmark shape and selections
+    (random queries), 64-key sub-tiles or 32; GATHER_STAGES 2 or 3."""
+    HQ, H, D, BS, S = 64, 4, 128, 64, 16
+    G = HQ // H
+    scale = D ** -0.5
+    cu = uniform_cu_seqlens(1, T, DEV)
+    q, k, v, do, idx = _benchmark_inputs(T)
+    qp, kp, vp, dop = q.view(T, HQ, D), k.view(T, H, D), v.view(T, H, D), do.view(T, HQ, D)
+    ip = idx.view(T, H, S).contiguous()
+    cfg0 = SL._tiles(G, BS, D, D, q.dtype)
+    chunks, blocks = SL._chunk_table(cu, T, cfg0.BT), SL._chunk_table(cu, T, BS)
+    fwd_chunks = SL._chunk_table(cu, T, SL.fwd_positions(cfg0))
+    o_ref, lse_ref = SL._launch_fwd(qp, kp, vp, ip, BS, scale, cu, fwd_chunks, cfg0)
+    delta = SL._delta(o_ref, dop)
+    dq_ref = SL._launch_bwd(qp, kp, vp, o_ref, lse_ref, dop, ip, BS, scale, cu, chunks, blocks, cfg0, delta=delta)[0]
+    stages0 = SL.GATHER_STAGES
+    for warps, bk, stages in ((4, 64, 2), (2, 64, 2), (1, 64, 2), (2, 32, 2), (1, 32, 2), (2, 32, 3), (1, 32, 3)):
+        SL.GATHER_STAGES = stages
+        c = cfg0._replace(warps=warps, BK=bk, NKS=BS // bk, BK_DQ=bk, NKS_DQ=BS // bk)
+        try:
+            o, lse = SL._launch_fwd(qp, kp, vp, ip, BS, scale, cu, fwd_chunks, c)
+            dq = SL._launch_bwd(qp, kp, vp, o_ref, lse_ref, dop, ip, BS, scale, cu, chunks, blocks, c, delta=delta)[0]
+            err_o = ((o.float() - o_ref.float()).abs().max() / o_ref.float().abs().max()).item()
+            err_dq = ((dq.float() - dq_ref.float()).abs().max() / dq_ref.float().abs().max()).item()
+            t_f = _ms(lambda: SL._launch_fwd(qp, kp, vp, ip, BS, scale, cu, fwd_chunks, c))
+            t_b = _ms(lambda: SL._launch_bwd(qp, kp, vp, o_ref, lse_ref, dop, ip, BS, scale, cu, chunks, blocks, c,
+                                             delta=delta))
+            print(f"gatherwarps T={T} warps={warps} BK={bk} stages={stages}: selected fwd {t_f:.2f} ms, "
+                  f"selected bwd (delta given) {t_b:.2f} ms; max |diff| / max vs the default: o {err_o:.1e}, "
+                  f"dq {err_dq:.1e}", flush=True)
+        except Exception as e:  # a config that does not compile or fit: report and go on
+            print(f"gatherwarps T={T} warps={warps} BK={bk} stages={stages}: failed: {type(e).__name__}: "
+                  f"{str(e)[:200]}", flush=True)
+    SL.GATHER_STAGES = stages0
+
+
 def main():
     # part -> what it runs, given the parsed arguments
     parts = {
@@ -1045,6 +1085,7 @@ def main():
         "floors": lambda a: probe_floors(a.T),
         "smoothshare": lambda a: probe_smooth_share(a.T),
         "dqshare": lambda a: probe_dq_share(a.T),
+        "gatherwarps": lambda a: probe_gather_warps(a.T),
     }
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)

@@ -230,21 +230,30 @@ def test_more_than_2_pow_31_elements(fwd_mode):
     assert_close("dq[1, -64:]", dq_r, dq[1:, T - C:], RATIO_BF16)
 
 
+def paired_inputs(seed):
+    """bf16 inputs at the paper shape (B = 1, T = 8192, 64 query heads, 4 KV heads, D = 128, blocks
+    of 64, 16 selected) on lists where pairs of positions agree: position 2i + 1 lists position
+    2i's blocks, its own block among them, in another order (programs of 2 positions share all,
+    of 4 positions a few)."""
+    B, T, HQ, H, D, bs, S = 1, 8192, 64, 4, 128, 64, 16
+    q, k, v, idx, do = inputs(B, T, HQ, H, D, D, S, bs, torch.bfloat16, seed=seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    even = idx[:, 0::2]
+    idx[:, 1::2] = even.gather(-1, torch.rand(even.shape, generator=gen, device="cuda").argsort(-1))
+    return q, k, v, idx, do
+
+
 @pytest.mark.parametrize("share", [1, 2, 4], ids=["P1", "P2", "P4"])
 def test_shared_blocks_forward(monkeypatch, share):
     """The gather forward with several positions per program (selected_fwd_common_kernel for the
     blocks the positions of a program share, then selected_fwd_planned_kernel for the rest, one
-    position per program) at the paper shape, on lists where pairs of
-    positions agree (position 2i + 1 lists position 2i's blocks, its own block among them, in
-    another order: programs of 2 positions share all, of 4 positions a few): output on chunks at,
-    across and off block boundaries against the float32 reference."""
+    position per program) at the paper shape, on lists where pairs of positions agree
+    (:func:`paired_inputs`): output on chunks at, across and off block boundaries against the
+    float32 reference."""
     monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", "gather")
     monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", share)
-    B, T, HQ, H, D, bs, S, C = 1, 8192, 64, 4, 128, 64, 16, 256
-    q, k, v, idx, do = inputs(B, T, HQ, H, D, D, S, bs, torch.bfloat16, seed=7)
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    even = idx[:, 0::2]
-    idx[:, 1::2] = even.gather(-1, torch.rand(even.shape, generator=gen, device="cuda").argsort(-1))
+    T, D, bs, C = 8192, 128, 64, 256
+    q, k, v, idx, do = paired_inputs(seed=7)
     o, _ = run_triton(q, k, v, idx, do, bs, backward=False)
     for a in (0, T // 3, T // 2 + 7, T - C):
         o_r, _, _, _ = chunk_reference(q, k, v, idx, do, bs, D ** -0.5, a, a + C, grads=False)
@@ -256,17 +265,14 @@ def test_shared_blocks_dq(monkeypatch, share):
     """The dQ gather with several positions per program (selected_bwd_dq_common_kernel for the
     blocks the positions of a program share, keys up to its first position in one product and
     the next ones key by key; then selected_bwd_dq_planned_kernel for the rest, one position per
-    program) at the paper shape, on lists where pairs of positions agree (as in the forward test
-    above): dq on chunks at, across and off block boundaries against the float32 reference, and
+    program) at the paper shape, on lists where pairs of positions agree (:func:`paired_inputs`):
+    dq on chunks at, across and off block boundaries against the float32 reference, and
     dk / dv (whose kernels do not change) against the one-position dQ run's."""
     monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", "gather")
     monkeypatch.setattr(nsa.ops.selected, "DQ_MODE", "gather")
     monkeypatch.setattr(nsa.ops.selected, "DQ_SHARE", share)
-    B, T, HQ, H, D, bs, S, C = 1, 8192, 64, 4, 128, 64, 16, 256
-    q, k, v, idx, do = inputs(B, T, HQ, H, D, D, S, bs, torch.bfloat16, seed=8)
-    gen = torch.Generator(device="cuda").manual_seed(8)
-    even = idx[:, 0::2]
-    idx[:, 1::2] = even.gather(-1, torch.rand(even.shape, generator=gen, device="cuda").argsort(-1))
+    T, D, bs, C = 8192, 128, 64, 256
+    q, k, v, idx, do = paired_inputs(seed=8)
     _, (dq, dk, dv) = run_triton(q, k, v, idx, do, bs)
     assert torch.isfinite(dq).all()
     for a in (0, T // 3, T // 2 + 7, T - C):

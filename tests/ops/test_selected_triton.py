@@ -399,13 +399,12 @@ def test_fwd_tma_never_reads_invisible_values(monkeypatch, dtype, bs):
     assert_same_forward(ptr, tma, rows)
 
 
-def test_fwd_shared_walks_never_read_invisible_values(monkeypatch):
-    """Programs of 4 positions whose lists agree (blocks 0, the position's own and the one before),
-    their shared blocks walked once for all positions in the common kernel (keys past the
-    program's first position one at a time, for the rows that see them): inf / NaN at keys 42
-    and 6 leave the rows that cannot see them (positions 40, 41 of sequence 0 and 4, 5 of
-    sequence 1, which list the poisoned keys' blocks) finite and equal to the reference
-    on clean inputs, with TMA and pointer loads."""
+def poisoned_neighbour_inputs():
+    """bf16 inputs (two sequences of 70 and 37 tokens, G = 16, Dk / Dv 64 / 32, blocks of 16)
+    whose lists agree between neighbours (blocks 0, the position's own and the one before), and
+    copies kb / vb of k / v with inf / NaN at key 42 of sequence 0 and key 6 of sequence 1.
+    Returns q, k, v, kb, vb, idx, cu, do, block size, and the rows that list the poisoned keys'
+    blocks but cannot see the keys (positions 40, 41 and 4, 5)."""
     lens, HQ, Dk, Dv, S, bs = [70, 37], 16, 64, 32, 3, 16
     q, k, v, _, cu, do = make_inputs(1, lens, HQ, 1, Dk, Dv, S, bs, True, torch.bfloat16, seed=13)
     rows = []
@@ -414,11 +413,22 @@ def test_fwd_shared_walks_never_read_invisible_values(monkeypatch):
             own = t // bs
             rows.append([0, own, own - 1] if own >= 2 else [0, own, -1] if own == 1 else [0, -1, -1])
     idx = torch.tensor(rows, dtype=torch.int32).view(1, -1, 1, S).to(DEVICE)
-    monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", 4)
     kb, vb = k.clone(), v.clone()
     for t, x in ((42, float("inf")), (70 + 6, float("nan"))):
         kb[0, t], vb[0, t] = x, float("nan")
     clean = torch.tensor([40, 41, 70 + 4, 70 + 5], device=DEVICE)
+    return q, k, v, kb, vb, idx, cu, do, bs, clean
+
+
+def test_fwd_shared_walks_never_read_invisible_values(monkeypatch):
+    """Programs of 4 positions whose lists agree (blocks 0, the position's own and the one before),
+    their shared blocks walked once for all positions in the common kernel (keys past the
+    program's first position one at a time, for the rows that see them): inf / NaN at keys 42
+    and 6 leave the rows that cannot see them (positions 40, 41 of sequence 0 and 4, 5 of
+    sequence 1, which list the poisoned keys' blocks) finite and equal to the reference
+    on clean inputs, with TMA and pointer loads."""
+    q, k, v, kb, vb, idx, cu, do, bs, clean = poisoned_neighbour_inputs()
+    monkeypatch.setattr(nsa.ops.selected, "FWD_SHARE", 4)
     ptr, tma = fwd_both_paths(monkeypatch, q, kb, vb, idx, bs, cu)
     o_ref, _ = run("reference", q, k, v, idx, bs, cu, do, upcast=True)
     for name, (o, lse) in (("tma", tma), ("pointer", ptr)):
@@ -685,23 +695,12 @@ def test_dq_shared_walks_never_read_invisible_values(monkeypatch):
     one-position kernel the keys after it): inf / NaN at keys 42 and 6 of the two sequences
     leave dq finite and equal to the reference on clean inputs for the rows that cannot see them
     (positions 40, 41 and 4, 5, which list the poisoned keys' blocks)."""
-    lens, HQ, Dk, Dv, S, bs = [70, 37], 16, 64, 32, 3, 16
-    q, k, v, _, cu, do = make_inputs(1, lens, HQ, 1, Dk, Dv, S, bs, True, torch.bfloat16, seed=13)
-    rows = []
-    for L in lens:
-        for t in range(L):
-            own = t // bs
-            rows.append([0, own, own - 1] if own >= 2 else [0, own, -1] if own == 1 else [0, -1, -1])
-    idx = torch.tensor(rows, dtype=torch.int32).view(1, -1, 1, S).to(DEVICE)
+    q, k, v, kb, vb, idx, cu, do, bs, clean = poisoned_neighbour_inputs()
     monkeypatch.setattr(nsa.ops.selected, "FWD_MODE", "gather")
     monkeypatch.setattr(nsa.ops.selected, "DQ_MODE", "gather")
     monkeypatch.setattr(nsa.ops.selected, "DQ_SHARE", 4)
     from nsa.ops.selected import _tiles
-    assert _tiles(HQ, bs, Dk, Dv, q.dtype).SHARE_DQ == 4
-    kb, vb = k.clone(), v.clone()
-    for t, x in ((42, float("inf")), (70 + 6, float("nan"))):
-        kb[0, t], vb[0, t] = x, float("nan")
-    clean = torch.tensor([40, 41, 70 + 4, 70 + 5], device=DEVICE)
+    assert _tiles(q.shape[2], bs, q.shape[3], v.shape[3], q.dtype).SHARE_DQ == 4
     _, (dq, _, _) = run("triton", q, kb, vb, idx, bs, cu, do)
     _, (dq_ref, _, _) = run("reference", q, k, v, idx, bs, cu, do, upcast=True)
     assert torch.isfinite(dq[:, clean]).all(), "non-finite dq on rows that see no poisoned key"

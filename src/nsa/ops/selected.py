@@ -18,6 +18,8 @@ each list; ``selected_fwd_common_kernel`` loads those once for all positions and
 state in the outputs; then ``selected_fwd_planned_kernel``, one position per program, walks the
 rest of each list. Random selections share NSA's forced blocks only (3 of 16 at the paper's
 settings: as fast as one position per program), neighbouring queries that agree share more.
+The dQ gather does the same with ``DQ_SHARE`` positions (``selected_bwd_dq_common_kernel``, its
+partial parked in dq, then ``selected_bwd_dq_planned_kernel``).
 
 dK/dV are KV-block-centric through a reverse index: for each (KV head, block) the ascending
 list of query positions that selected it and can see at least one of its keys, built on the
@@ -1297,6 +1299,18 @@ def _fwd_tma(k: torch.Tensor, v: torch.Tensor, cfg: _Tiles) -> bool:
             and max(pow2(DK), pow2(DV)) <= 256 and tma_ok(k, v))
 
 
+def _share_plan(block_indices, cu_seqlens, chunk_indices, P: int):
+    """(plan ``[N, H, S]``, counts int32 ``[N, H, 2]``) of :func:`selected_share_plan_kernel` for
+    programs of ``P`` positions (``chunk_indices``: :func:`_chunk_table` with chunks of P)."""
+    N, H, S = block_indices.shape
+    plan = torch.empty_like(block_indices)
+    counts = torch.empty(N, H, 2, dtype=torch.int32, device=block_indices.device)
+    selected_share_plan_kernel[(chunk_indices.shape[0], H)](block_indices, plan, counts, cu_seqlens, chunk_indices,
+                                                            H=H, S=S, SP=triton.next_power_of_2(S), P=P,
+                                                            num_warps=1)
+    return plan, counts
+
+
 def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_indices, cfg: _Tiles):
     """Packed q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``;
     chunk_indices from :func:`_chunk_table` with :func:`fwd_positions`. Returns o ``[N, HQ, DV]``, lse ``[N, HQ]``."""
@@ -1313,10 +1327,7 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
                   num_warps=cfg.warps, num_stages=stages, **dot_args(q.dtype))
     grid = (chunk_indices.shape[0], H)
     if cfg.SHARE > 1:
-        plan = torch.empty_like(block_indices)
-        counts = torch.empty(N, H, 2, dtype=torch.int32, device=q.device)
-        selected_share_plan_kernel[grid](block_indices, plan, counts, cu_seqlens, chunk_indices,
-                                         H=H, S=S, SP=SP, P=cfg.SHARE, num_warps=1)
+        plan, counts = _share_plan(block_indices, cu_seqlens, chunk_indices, cfg.SHARE)
         # q . k over a head dim that is not a power of two: two tiles (192 = 128 + 64), not one of 256
         consts["BDK"], consts["BDK2"] = triton_utils.head_tiles(DK)
         # the blocks a program's positions all list: once per program, state parked in o / lse
@@ -1485,17 +1496,13 @@ def _launch_dq_shared(q, k, v, o, lse, do, delta, block_indices, block_size, sca
     ``cfg.SHARE_DQ`` positions: the plan of the forward (:func:`selected_share_plan_kernel`), the
     blocks every position of a program lists through :func:`selected_bwd_dq_common_kernel`, the
     rest through :func:`selected_bwd_dq_planned_kernel`, one position per program."""
-    N, HQ, DK = q.shape
-    H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
+    N, H, S = q.shape[0], k.shape[1], block_indices.shape[2]
     P = cfg.SHARE_DQ
     if delta is None:
         delta = _delta(o, do)
     chunks = _chunk_table(cu_seqlens, N, P)
     SP = triton.next_power_of_2(S)
-    plan = torch.empty_like(block_indices)
-    counts = torch.empty(N, H, 2, dtype=torch.int32, device=q.device)
-    selected_share_plan_kernel[(chunks.shape[0], H)](block_indices, plan, counts, cu_seqlens, chunks,
-                                                     H=H, S=S, SP=SP, P=P, num_warps=1)
+    plan, counts = _share_plan(block_indices, cu_seqlens, chunks, P)
     dq = new_output(q.shape, q.dtype, q.device)
     stages = GATHER_STAGES if not interpreting() else 1
     consts = dict(_bwd_consts(q, k, v, block_size), S=S, BK=cfg.BK_DQ, NKS=cfg.NKS_DQ, BR=cfg.BR,

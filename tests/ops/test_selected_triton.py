@@ -657,7 +657,7 @@ def test_share_plan(share):
 
 
 DQ_SHARED_CASES = [(n, s, torch.bfloat16) for n, s in SHARED_CASES] + [
-    (n, 4, torch.float32) for n in SHARED_SHAPES]
+    (n, 4, torch.float32) for n in SHARED_SHAPES] + [("varlen-1-37-60-19-G16", 4, torch.float16)]
 
 
 @pytest.mark.parametrize("name,share,dtype", DQ_SHARED_CASES,

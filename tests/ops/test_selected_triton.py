@@ -683,9 +683,10 @@ def test_dq_shared_blocks_match_reference(monkeypatch, name, share, dtype):
     o, lse = _launch_fwd(q[0], k[0], v[0], idx[0], bs, scale, cu, _chunk_table(cu, q.shape[1], 1),
                          cfg._replace(SHARE=1))
     args = (q[0], k[0], v[0], o, lse, do[0])
-    dq, delta = _launch_dq_shared(*args, None, idx[0], bs, scale, cu, cfg)
+    positions = _chunk_table(cu, q.shape[1], 1)
+    dq, delta = _launch_dq_shared(*args, None, idx[0], bs, scale, cu, positions, cfg)
     assert_close("dq", dq_ref[0], dq.float(), RATIO_FP32 if dtype == torch.float32 else RATIO_BF16)
-    dq_given, _ = _launch_dq_shared(*args, _delta(o, do[0]), idx[0], bs, scale, cu, cfg)
+    dq_given, _ = _launch_dq_shared(*args, _delta(o, do[0]), idx[0], bs, scale, cu, positions, cfg)
     assert torch.equal(dq_given, dq), "dq with delta given differs from dq with delta computed"
 
 

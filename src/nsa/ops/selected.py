@@ -367,6 +367,25 @@ def selected_fwd_planned_kernel(
 
 
 @triton.jit
+def _tail_keys(k, p_list, n_sh, t0, seq_len, bos, i_h, H: tl.constexpr, P: tl.constexpr, BS: tl.constexpr,
+               SP: tl.constexpr, TB: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr):
+    """Keys ``t0 + 1 .. t0 + P - 1`` (``TB >= P - 1`` slots) of a program of P positions that lie in
+    the blocks every position lists (the first ``n_sh`` entries of the planned list at
+    ``p_list``): positions in the sequence, their mask (in a shared block, before the sequence
+    end) and K ``[TB, BDK]`` (zeros where masked: no other key is read)."""
+    o_s = tl.arange(0, SP)
+    o_tb = tl.arange(0, TB)
+    o_dk = tl.arange(0, BDK)
+    ids = tl.load(p_list + o_s, mask=o_s < n_sh, other=-1)  # [SP] the shared blocks
+    i_kt = t0 + 1 + o_tb
+    m_kt = (o_tb < P - 1) & (i_kt < seq_len) & \
+        (tl.max(tl.where(ids[None, :] == (i_kt // BS)[:, None], 1, 0), axis=1) > 0)
+    b_kt = tl.load(k + ((bos + i_kt) * H + i_h)[:, None] * DK + o_dk[None, :],
+                   mask=m_kt[:, None] & (o_dk < DK)[None, :], other=0.)
+    return i_kt, m_kt, b_kt
+
+
+@triton.jit
 def selected_fwd_common_kernel(
     q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
@@ -419,17 +438,9 @@ def selected_fwd_common_kernel(
         # values added one key at a time for the rows whose position is >= the key's (a product
         # would multiply the values of keys a row may not see by zero: inf * 0)
         o_dv = tl.arange(0, BDV)
-        o_s = tl.arange(0, SP)
         o_tb = tl.arange(0, TB)
-        ids = tl.load(p_list0 + o_s, mask=o_s < n_sh, other=-1)  # [SP] the shared blocks
-        i_kt = t0 + 1 + o_tb
-        m_kt = (o_tb < P - 1) & (i_kt < seq_len) & \
-            (tl.max(tl.where(ids[None, :] == (i_kt // BS)[:, None], 1, 0), axis=1) > 0)
-        b_kt = tl.load(k + ((bos + i_kt) * H + i_h)[:, None] * DK + o_dk[None, :],
-                       mask=m_kt[:, None] & (o_dk < DK)[None, :], other=0.)
-        b_s = dot(b_q, tl.trans(b_kt), DOT_PRECISION, DOT_UPCAST)
-        if BDK2 > 0:
-            b_s += dot(b_q2, tl.trans(_k_cols(k, i_kt, m_kt, bos, i_h, H, DK, BDK, BDK2)), DOT_PRECISION, DOT_UPCAST)
+        i_kt, m_kt, b_kt = _tail_keys(k, p_list0, n_sh, t0, seq_len, bos, i_h, H, P, BS, SP, TB, DK, BDK)
+        b_s, _ = _qk_scores(b_q, b_q2, b_kt, k, i_kt, m_kt, bos, i_h, H, DK, BDK, BDK2, DOT_PRECISION, DOT_UPCAST)
         b_s = tl.where(m_kt[None, :] & (i_kt[None, :] <= i_ta[:, None]), b_s * qk_scale, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, axis=1))
         b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
@@ -873,17 +884,12 @@ def selected_bwd_dq_common_kernel(
             b_dq, b_dq2 = _dq_block(b_q, b_q2, b_do, b_lse2, b_delta, m_a, i_b, k, v, bos, t0, i_h, qk_scale,
                                     b_dq, b_dq2, H, BS, BK, NKS, DK, DV, BDK, BDV, BDK2, DOT_PRECISION, DOT_UPCAST)
         # keys t0 + 1 .. t0 + P - 1 of the shared blocks
-        o_s = tl.arange(0, SP)
         o_tb = tl.arange(0, TB)
         o_dk = tl.arange(0, BDK)
         o_dv = tl.arange(0, BDV)
-        ids = tl.load(p_list0 + o_s, mask=o_s < n_sh, other=-1)  # [SP] the shared blocks
-        i_kt = t0 + 1 + o_tb
-        m_kt = (o_tb < P - 1) & (i_kt < seq_len) & \
-            (tl.max(tl.where(ids[None, :] == (i_kt // BS)[:, None], 1, 0), axis=1) > 0)
-        o_kv = (bos + i_kt) * H + i_h
-        b_kt = tl.load(k + o_kv[:, None] * DK + o_dk[None, :], mask=m_kt[:, None] & (o_dk < DK)[None, :], other=0.)
-        b_vt = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_kt[:, None] & (o_dv < DV)[None, :], other=0.)
+        i_kt, m_kt, b_kt = _tail_keys(k, p_list0, n_sh, t0, seq_len, bos, i_h, H, P, BS, SP, TB, DK, BDK)
+        b_vt = tl.load(v + ((bos + i_kt) * H + i_h)[:, None] * DV + o_dv[None, :],
+                       mask=m_kt[:, None] & (o_dv < DV)[None, :], other=0.)
         b_s, _ = _qk_scores(b_q, b_q2, b_kt, k, i_kt, m_kt, bos, i_h, H, DK, BDK, BDK2, DOT_PRECISION,
                             DOT_UPCAST)  # [P * BR, TB]
         m_s = m_a[:, None] & m_kt[None, :] & (i_kt[None, :] <= i_ta[:, None])
@@ -1491,11 +1497,13 @@ def _bwd_consts(q, k, v, block_size: int, split: bool = True) -> dict:
     return consts
 
 
-def _launch_dq_shared(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens, cfg: _Tiles):
+def _launch_dq_shared(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens, positions,
+                      cfg: _Tiles):
     """dQ (and delta, unless given) of the gather with one position per tile, in programs of
     ``cfg.SHARE_DQ`` positions: the plan of the forward (:func:`selected_share_plan_kernel`), the
     blocks every position of a program lists through :func:`selected_bwd_dq_common_kernel`, the
-    rest through :func:`selected_bwd_dq_planned_kernel`, one position per program."""
+    rest through :func:`selected_bwd_dq_planned_kernel`, one position per program (``positions``:
+    :func:`_chunk_table` with chunks of one position)."""
     N, H, S = q.shape[0], k.shape[1], block_indices.shape[2]
     P = cfg.SHARE_DQ
     if delta is None:
@@ -1509,7 +1517,6 @@ def _launch_dq_shared(q, k, v, o, lse, do, delta, block_indices, block_size, sca
                   STAGES=stages, num_warps=cfg.warps, num_stages=stages)
     selected_bwd_dq_common_kernel[(chunks.shape[0], H)](q, k, v, lse, do, dq, delta, plan, counts, cu_seqlens,
                                                         chunks, scale, SP=SP, P=P, TB=pow2(P - 1), **consts)
-    positions = _chunk_table(cu_seqlens, N, 1)
     selected_bwd_dq_planned_kernel[(positions.shape[0], H)](q, k, v, lse, do, dq, delta, plan, counts, cu_seqlens,
                                                             positions, scale, **consts)
     return dq, delta
@@ -1529,8 +1536,9 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
         dq, delta = _launch_dq_scatter(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens,
                                        block_table, cfg)
     elif cfg.SHARE_DQ > 1:
+        # cfg.SHARE_DQ > 1 only where a tile holds one position: chunk_indices are single positions
         dq, delta = _launch_dq_shared(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens,
-                                      cfg)
+                                      chunk_indices, cfg)
     else:
         dq = new_output(q.shape, q.dtype, q.device)
         has_delta = delta is not None

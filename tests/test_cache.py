@@ -123,6 +123,35 @@ def test_autocast_decode():
     assert_close("autocast prefill+decode vs float32 full", full, y.float(), 2e-2)
 
 
+def test_decode_in_another_dtype_than_the_prefill():
+    """A cache filled under autocast (bf16) decodes outside it, and a float32 cache decodes
+    after the layer moved to float64: the blocks phi compresses take this step's dtype."""
+    m = make_layer(tiny(), dtype=torch.float32)
+    x = torch.randn(2, 24, 64)
+    full = m(x)
+    cache = m.new_cache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = m(x[:, :9], cache=cache)
+    y = torch.cat([first.float(), _decode(m, cache, x, 9)], 1)  # crosses compression blocks at 12, 16, 20, 24
+    assert_close("autocast prefill, float32 decode vs float32 full", full, y, 2e-2)
+    cache = m.new_cache()
+    first = m(x[:, :9], cache=cache)
+    m.double()
+    y = torch.cat([first.double(), _decode(m, cache, x.double(), 9)], 1)
+    assert_close("float32 prefill, float64 decode vs float32 full", full.double(), y, 1e-5)
+
+
+@pytest.mark.parametrize("change", [dict(num_kv_heads=1), dict(head_dim=8), dict(v_head_dim=8),
+                                    dict(shared_kv=True)], ids=lambda c: next(iter(c)))
+def test_cache_of_another_layer_shape_is_refused(change):
+    m = make_layer(tiny())
+    cache = m.new_cache()
+    m(torch.randn(2, 10, 64, dtype=torch.float64), cache=cache)
+    other = make_layer(tiny(**change))
+    with pytest.raises(ValueError, match="cache: filled with"):
+        other(torch.randn(2, 1, 64, dtype=torch.float64), cache=cache)
+
+
 def test_errors():
     m = make_layer(tiny())
     x = torch.randn(2, 10, 64, dtype=torch.float64)
@@ -145,7 +174,12 @@ def test_errors():
         NSACache(6, 4)
     with pytest.raises(ValueError, match="stride"):
         NSACache(8, 0)
+    with pytest.raises(ValueError, match="k_slc: expected"):
+        cache.append(*(torch.zeros(2, 2, 16, dtype=torch.float64),) * 2, torch.zeros(2, 1, 16),
+                     *(torch.zeros(2, 2, 16, dtype=torch.float64),) * 3)
     cache.reset()
+    with pytest.raises(ValueError, match="x: a prefill"):
+        m(x[:, :0], cache=cache)
     assert cache.is_empty and cache.capacity == 0
     m(x[:, :3], cache=cache)  # prefill again after reset
     assert cache.lengths == [3, 3]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nsa.cli import keys_per_query, main
+from nsa.cli import keys_per_query, main, resolve_device
 
 SMALL_DEMO = ["demo", "--tokens", "150", "--decode-steps", "6", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
               "--head-dim", "16", "--backend", "reference", "--device", "cpu"]
@@ -53,6 +53,33 @@ def test_demo_bad_arguments(capsys):
     assert main(["demo", "--tokens", "10", "--decode-steps", "10"]) == 2
     assert main(["demo", "--tokens", "128", "--kv-heads", "3"]) == 2  # 4 heads, 3 KV heads: ValueError -> 2
     assert "num_heads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--device", "foo"], "--device: expected cpu, cuda or cuda:N"),
+    (["bench", "--device", "foo"], "--device: expected cpu, cuda or cuda:N"),
+    (["bench", "--heads", "6/4", "--T", "64"], "heads: HQ (6) must be a positive multiple of H (4)"),
+])
+def test_bad_arguments_exit_2_with_a_message(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resolve_device(monkeypatch):
+    import torch
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device: expected"):
+        resolve_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device is available"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="has 2 CUDA device"):
+        resolve_device("cuda:2")
 
 
 def test_bench_forwards_arguments(monkeypatch):

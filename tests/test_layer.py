@@ -70,6 +70,20 @@ def test_bad_config(overrides, field):
 
 # ---- pieces ---------------------------------------------------------------------------------
 
+def test_config_is_immutable_and_replace_validates():
+    cfg = tiny()
+    with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
+        cfg.rope_theta = -1.0
+    with pytest.raises(ValueError, match="head_dim"):
+        cfg.replace(head_dim=15)
+    with pytest.raises(ValueError, match="rope_theta"):
+        cfg.replace(rope_theta=-1.0)
+    # a v_head_dim left to its default follows head_dim; an explicit one stays
+    assert cfg.replace(head_dim=32).v_head_dim == 32
+    assert tiny(v_head_dim=8).replace(head_dim=32).v_head_dim == 8
+    assert cfg.replace(head_dim=32) == tiny(head_dim=32)
+
+
 def test_rope_relative():
     """<rope(q, a), rope(k, b)> depends only on a - b, and position 0 is the identity."""
     torch.manual_seed(0)
@@ -217,6 +231,12 @@ def test_bad_inputs():
         m(torch.randn(1, 8, 64, dtype=torch.float64), cache=[])
     with pytest.raises(ValueError, match="config"):
         NativeSparseAttention({"hidden_size": 64})
+    with pytest.raises(ValueError, match="x: expected a floating-point"):
+        m(torch.ones(2, 8, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match="x: expected dtype torch.float64"):  # float64 layer
+        m(torch.randn(2, 8, 64))
+    with pytest.raises(ValueError, match="x: expected device"):
+        m(torch.randn(2, 8, 64, dtype=torch.float64, device="meta"))
 
 
 def _has_all_kernels():

@@ -177,6 +177,13 @@ class NSACache:
             raise ValueError(f"k_slc: expected {N} rows (one per cached sequence), got {k_slc.shape[0]}")
         if (k_win is None) != self.shared:
             raise ValueError("k_win: must be given iff the cache was prefilled with separate window keys")
+        held = dict(k_cmp_raw=self.k_tail, v_cmp_raw=self.v_tail, k_slc=self.k_slc, v_slc=self.v_slc,
+                    k_win=self.k_win, v_win=self.v_win)
+        for name, t in dict(k_cmp_raw=k_cmp_raw, v_cmp_raw=v_cmp_raw, k_slc=k_slc, v_slc=v_slc, k_win=k_win,
+                            v_win=v_win).items():
+            if t is not None and tuple(t.shape) != (N, *held[name].shape[2:]):
+                raise ValueError(f"{name}: expected [N={N}, H, D] = {(N, *held[name].shape[2:])} like the "
+                                 f"cached tensors, got {tuple(t.shape)}")
         self._grow(max(self.lengths) + 1)
         dev = self.k_slc.device
         rows = torch.arange(N, device=dev)

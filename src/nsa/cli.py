@@ -7,7 +7,7 @@ import platform
 import sys
 import time
 
-__all__ = ["main", "keys_per_query"]
+__all__ = ["main", "keys_per_query", "resolve_device"]
 
 
 def keys_per_query(seq_len, kernel_size=32, stride=16, block_size=64, num_selected=16, window_size=512,
@@ -34,6 +34,31 @@ def keys_per_query(seq_len, kernel_size=32, stride=16, block_size=64, num_select
     return out
 
 
+def resolve_device(text: str | None):
+    """The ``torch.device`` a ``--device`` option names (None: cuda when available, else cpu).
+
+    Raises ValueError, naming the option, for a name torch does not parse, a device type other
+    than cpu / cuda, or a CUDA device that this machine does not have.
+    """
+    import torch
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device: {text} requested but no CUDA device is available")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device: {text} requested but this machine has {count} CUDA device(s)")
+    return device
+
+
 def _sync(device):
     import torch
 
@@ -55,7 +80,7 @@ def _demo(args) -> int:
     import nsa
     from nsa.layer import NativeSparseAttention, NSAConfig
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[args.dtype]
     T, steps = args.tokens, args.decode_steps
     if T < 2 or not 1 <= steps < T:

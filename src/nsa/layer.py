@@ -29,9 +29,10 @@ def _positive(name, v):
         raise ValueError(f"{name}: expected a positive int, got {v!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class NSAConfig:
-    """Hyper-parameters of one NSA layer; validated on construction.
+    """Hyper-parameters of one NSA layer; validated on construction, immutable (change a
+    field with :meth:`replace`, which validates the new config).
 
     Args:
         hidden_size: model width.
@@ -94,8 +95,10 @@ class NSAConfig:
         for f in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "kernel_size", "stride", "block_size",
                   "num_selected", "window_size"):
             _positive(f, getattr(self, f))
+        # Frozen: __post_init__ sets its derived fields through object.__setattr__.
+        object.__setattr__(self, "_v_head_dim_default", self.v_head_dim is None)
         if self.v_head_dim is None:
-            self.v_head_dim = self.head_dim
+            object.__setattr__(self, "v_head_dim", self.head_dim)
         _positive("v_head_dim", self.v_head_dim)
         for f in ("num_initial", "num_local"):
             v = getattr(self, f)
@@ -126,6 +129,10 @@ class NSAConfig:
             raise ValueError(f"backend: expected None or one of {ops.api.BACKENDS}, got {self.backend!r}")
 
     def replace(self, **changes) -> "NSAConfig":
+        """A validated copy with ``changes``; a ``v_head_dim`` left to its default follows a new
+        ``head_dim``, as it would in a config built with that ``head_dim``."""
+        if self._v_head_dim_default and "v_head_dim" not in changes:
+            changes["v_head_dim"] = None
         return dataclasses.replace(self, **changes)
 
 
@@ -319,20 +326,16 @@ class NativeSparseAttention(nn.Module):
             ``[B, T, hidden_size]`` (same layout as x).
         """
         c = self.config
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != c.hidden_size:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected [B, T, hidden_size={c.hidden_size}], got {shape}")
+        self._check_input(x)
         if cache is not None:
-            if not isinstance(cache, NSACache):
-                raise ValueError(f"cache: expected an NSACache, got {type(cache).__name__}")
-            if (cache.kernel_size, cache.stride) != (c.kernel_size, c.stride):
-                raise ValueError(f"cache: built for kernel_size={cache.kernel_size}, stride={cache.stride}, "
-                                 f"layer has {c.kernel_size}, {c.stride}")
+            self._check_cache(cache)
             if not cache.is_empty:
                 if cu_seqlens is not None:
                     raise ValueError("cu_seqlens: not accepted for a decoding step (cache already filled)")
                 return self._decode(x, cache)
         B, T, _ = x.shape
+        if cache is not None and T == 0:
+            raise ValueError(f"x: a prefill into a cache needs at least one token per sequence, got {tuple(x.shape)}")
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"x: packed input (cu_seqlens given) needs batch size 1, got {tuple(x.shape)}")
@@ -364,6 +367,38 @@ class NativeSparseAttention(nn.Module):
                               None if shared else k_w.flatten(0, 1), None if shared else v_w.flatten(0, 1))
         return self.o_proj(o.flatten(-2))
 
+    def _check_input(self, x):
+        c = self.config
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != c.hidden_size:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected [B, T, hidden_size={c.hidden_size}], got {shape}")
+        w = self.q_proj.weight
+        if x.device != w.device:
+            raise ValueError(f"x: expected device {w.device} like the layer's parameters, got {x.device}")
+        if not x.is_floating_point():
+            raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"x: expected dtype {w.dtype} like the layer's parameters (or autocast), got {x.dtype}")
+
+    def _check_cache(self, cache):
+        """The cache was built for this layer's compression and, once filled, holds this layer's
+        KV heads, head dims and branch layout."""
+        c = self.config
+        if not isinstance(cache, NSACache):
+            raise ValueError(f"cache: expected an NSACache, got {type(cache).__name__}")
+        if (cache.kernel_size, cache.stride) != (c.kernel_size, c.stride):
+            raise ValueError(f"cache: built for kernel_size={cache.kernel_size}, stride={cache.stride}, "
+                             f"layer has {c.kernel_size}, {c.stride}")
+        if cache.is_empty:
+            return
+        have = (tuple(cache.k_slc.shape[2:]), cache.v_slc.shape[-1], cache.shared)
+        want = ((c.num_kv_heads, c.head_dim), c.v_head_dim, c.shared_kv)
+        if have != want:
+            raise ValueError(f"cache: filled with (KV heads, head_dim), v_head_dim, shared_kv = {have}; "
+                             f"this layer has {want}")
+        if cache.k_slc.device != self.q_proj.weight.device:
+            raise ValueError(f"cache: on device {cache.k_slc.device}, the layer on {self.q_proj.weight.device}")
+
     def _decode(self, x, cache: NSACache):
         N = cache.batch_size
         if tuple(x.shape[:2]) != (N, 1):
@@ -381,6 +416,9 @@ class NativeSparseAttention(nn.Module):
                 # Only the blocks completed by this token are compressed, never the past.
                 kb, vb = cache.compression_blocks(done)
                 pos = cache.seq_lens[done].long() - 1
+                # phi sees the dtype this step's projections have (the cache may have been filled
+                # under autocast or before the layer changed dtype), as a prefill now would.
+                kb, vb = kb.to(k_raw.dtype), vb.to(v_raw.dtype)
                 kc, vc = self.compress_blocks(kb.unsqueeze(0), vb.unsqueeze(0), pos.unsqueeze(0))
                 cache.store_compressed(done, kc[0], vc[0])
         g_cmp, g_slc, g_win = (g[:, 0] for g in self._gates(x))

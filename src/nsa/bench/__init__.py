@@ -110,24 +110,24 @@ def cli_main(argv: list[str] | None = None) -> int:
     """Entry point of ``nsa bench`` / ``python -m nsa.bench``. Returns the exit status:
     0 when nothing failed, 1 when an NSA check failed or an NSA measurement raised."""
     args = _parser().parse_args(argv)
-    import torch
-
+    from ..cli import resolve_device
     from . import harness, report
 
     preset = harness.PRESETS[args.preset]
-    device = args.device or preset.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backend = args.backend or os.environ.get("NSA_BACKEND") or preset.backend
     if args.reps < 1 or (args.threads is not None and args.threads < 1):
         print("nsa bench: --reps and --threads must be >= 1", file=sys.stderr)
         return 2
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        print("nsa bench: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
     if args.smooth_queries < 0:
         print("nsa bench: --smooth-queries must be >= 0", file=sys.stderr)
         return 2
-    cases = harness.build_cases(args.preset, T=args.T, B=args.B, heads=args.heads, dims=args.dims, dtype=args.dtype,
-                                smooth_queries=args.smooth_queries)
+    try:
+        device = str(resolve_device(args.device or preset.device))
+        cases = harness.build_cases(args.preset, T=args.T, B=args.B, heads=args.heads, dims=args.dims,
+                                    dtype=args.dtype, smooth_queries=args.smooth_queries)
+    except ValueError as e:
+        print(f"nsa bench: {e}", file=sys.stderr)
+        return 2
     head = report.header(device, args.preset, backend, sys.argv[1:] if argv is None else argv)
     print(report.format_header(head), flush=True)
     # A run stopped by SIGTERM (e.g. `timeout` on a lent GPU) still writes what it measured.

@@ -87,6 +87,17 @@ def resolve_backend(backend, op, device: torch.device):
     return impl
 
 
+def _contiguous(cu_seqlens):
+    """Validated offsets as the kernels read them: one int32 after another."""
+    return None if cu_seqlens is None else cu_seqlens.contiguous()
+
+
+def _window(window_size, q):
+    """A window longer than the sequence is the whole sequence: the same keys, and a size that
+    fits the kernels' int arguments."""
+    return min(window_size, max(q.shape[1], 1))
+
+
 def _scale(scale, q):
     checks.check_scale(scale)
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -119,7 +130,7 @@ def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None,
     cu = checks.check_cu_seqlens(cu_seqlens, q)
     checks.check_compressed_kv(k_cmp, v_cmp, q, T, kernel_size, stride, cu_seqlens, cu)
     fn = resolve_backend(backend, "compressed_attention", q.device)
-    return fn(q, k_cmp, v_cmp, kernel_size, stride, _scale(scale, q), cu_seqlens)
+    return fn(q, k_cmp, v_cmp, kernel_size, stride, _scale(scale, q), _contiguous(cu_seqlens))
 
 
 def select_blocks(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, num_selected=16, num_initial=1,
@@ -157,15 +168,17 @@ def select_blocks(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, num_s
     if k_cmp.shape[0] != B or k_cmp.shape[3] != q.shape[3]:
         raise ValueError(f"k_cmp: expected [B={B}, Tc, H, Dk={q.shape[3]}], got {tuple(k_cmp.shape)}")
     H = k_cmp.shape[2]
-    if H == 0 or HQ % H != 0:
+    if H == 0 or HQ == 0 or HQ % H != 0:
         raise ValueError(f"q: number of query heads ({HQ}) must be a positive multiple of the KV heads of k_cmp ({H})")
+    if q.shape[3] == 0:
+        raise ValueError("q: head dim must be positive")
     checks.check_lse(lse, q)
     cu = checks.check_cu_seqlens(cu_seqlens, q)
     checks.check_compressed_kv(k_cmp, None, q, T, kernel_size, stride, cu_seqlens, cu)
     fn = resolve_backend(backend, "select_blocks", q.device)
     with torch.no_grad():
         return fn(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,
-                  _scale(scale, q), cu_seqlens)
+                  _scale(scale, q), _contiguous(cu_seqlens))
 
 
 def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seqlens=None, backend=None):
@@ -189,7 +202,7 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seq
     cu = checks.check_cu_seqlens(cu_seqlens, q)
     checks.check_block_indices(block_indices, q, H, block_size, cu)
     fn = resolve_backend(backend, "selected_attention", q.device)
-    return fn(q, k, v, block_indices, block_size, _scale(scale, q), cu_seqlens)
+    return fn(q, k, v, block_indices, block_size, _scale(scale, q), _contiguous(cu_seqlens))
 
 
 def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=None, backend=None):
@@ -206,7 +219,7 @@ def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=No
     checks.check_qkv(q, k, v)
     checks.check_cu_seqlens(cu_seqlens, q)
     fn = resolve_backend(backend, "sliding_window_attention", q.device)
-    return fn(q, k, v, window_size, _scale(scale, q), cu_seqlens)
+    return fn(q, k, v, _window(window_size, q), _scale(scale, q), _contiguous(cu_seqlens))
 
 
 def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, kernel_size=32, stride=16,
@@ -246,6 +259,8 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
     cu = checks.check_cu_seqlens(cu_seqlens, q)
     checks.check_compressed_kv(k_cmp, v_cmp, q, T, kernel_size, stride, cu_seqlens, cu)
     s = _scale(scale, q)
+    cu_seqlens = _contiguous(cu_seqlens)
+    window_size = _window(window_size, q)
     backend = backend_name(backend)
     if backend == "reference":
         return reference.nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,

@@ -101,5 +101,7 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
         backend = "reference"  # the kernel is inference-only; autograd needs the reference's graph
     fn = api.resolve_backend(backend, "nsa_decode", q.device)
     s = Dk ** -0.5 if scale is None else float(scale)
+    # a window longer than the cache is the whole cache (and fits the kernel's int arguments)
+    window_size = min(window_size, max(k_win.shape[1], 1))
     return fn(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens, kernel_size, stride,
               block_size, num_selected, num_initial, num_local, window_size, s, return_block_indices)

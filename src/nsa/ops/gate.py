@@ -40,6 +40,15 @@ def _load(p, offs, mask, FP64: tl.constexpr):
 
 
 @triton.jit
+def _cast(b, p):
+    """``b`` in the element type of pointer ``p``; float64 goes through float32 first when ``p``
+    is narrower (the interpreter rounds float64 -> bfloat16 to 0 or NaN)."""
+    if b.dtype == tl.float64 and p.dtype.element_ty != tl.float64:
+        b = b.to(tl.float32)
+    return b.to(p.dtype.element_ty)
+
+
+@triton.jit
 def gate_fwd_kernel(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, o, N, DV,
                     BR: tl.constexpr, BDV: tl.constexpr, FP64: tl.constexpr):
     """One program per tile of BR rows. o_* and o: contiguous [N, DV]; g_*: contiguous [N]."""
@@ -52,7 +61,7 @@ def gate_fwd_kernel(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, o, N, DV,
     b_o = _load(g_cmp, o_r, m_r, FP64)[:, None] * _load(o_cmp, o_x, m, FP64)
     b_o += _load(g_slc, o_r, m_r, FP64)[:, None] * _load(o_slc, o_x, m, FP64)
     b_o += _load(g_win, o_r, m_r, FP64)[:, None] * _load(o_win, o_x, m, FP64)
-    tl.store(o + o_x, b_o.to(o.dtype.element_ty), mask=m)
+    tl.store(o + o_x, _cast(b_o, o), mask=m)
 
 
 @triton.jit
@@ -62,10 +71,10 @@ def _bwd_branch(b_do, p_o, p_g, p_do, p_dg, o_r, o_x, m_r, m,
     dg = sum over the row of dO * o_x (if DG)."""
     if DO:
         b_g = _load(p_g, o_r, m_r, FP64)  # [BR]
-        tl.store(p_do + o_x, (b_g[:, None] * b_do).to(p_do.dtype.element_ty), mask=m)
+        tl.store(p_do + o_x, _cast(b_g[:, None] * b_do, p_do), mask=m)
     if DG:
         b_o = _load(p_o, o_x, m, FP64)  # [BR, BDV]
-        tl.store(p_dg + o_r, tl.sum(b_do * b_o, 1).to(p_dg.dtype.element_ty), mask=m_r)
+        tl.store(p_dg + o_r, _cast(tl.sum(b_do * b_o, 1), p_dg), mask=m_r)
 
 
 @triton.jit

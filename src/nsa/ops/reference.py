@@ -189,7 +189,7 @@ def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=No
     T = q.shape[1]
     pos = torch.arange(T, device=q.device)
     d = pos.view(T, 1) - pos.view(1, T)
-    mask = (d >= 0) & (d < window_size)
+    mask = (d >= 0) & (d < min(window_size, T))  # (a Python int beyond int64 would wrap in the comparison)
     return _masked_attention(q, k, v, mask, scale)[0]
 
 

@@ -1,0 +1,126 @@
+"""Edges of the public ops found by an audit: strided ``cu_seqlens``, float64 gates with 16-bit
+branches, windows and scales beyond the kernels' int / float arguments, zero-sized heads in
+select_blocks. Triton runs under the interpreter on CPU (tests/conftest.py)."""
+
+import pytest
+import torch
+
+import nsa.ops as ops
+from nsa.ops import api as ops_api
+from tests.helpers import assert_close
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+KS, ST, BS = 8, 4, 8
+LENS = [5, 12, 30]
+
+
+def _packed(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(LENS)
+    Tc = sum((n - KS) // ST + 1 for n in LENS if n >= KS)
+
+    def mk(*s):
+        return torch.randn(*s, generator=g).to(DEV, dtype)
+
+    x = dict(q=mk(1, T, 4, 16), k_cmp=mk(1, Tc, 2, 16), v_cmp=mk(1, Tc, 2, 16), k=mk(1, T, 2, 16),
+             v=mk(1, T, 2, 16), g=[torch.rand(1, T, 4, generator=g).to(DEV, dtype) for _ in range(3)])
+    cu = torch.tensor([0] + LENS, device=DEV).cumsum(0).to(torch.int32)
+    # the same offsets as every second int32 of a buffer: a view with stride 2
+    strided = torch.full((2 * cu.numel(),), 99, dtype=torch.int32, device=DEV)
+    strided[::2] = cu
+    return x, cu, strided[::2]
+
+
+def _run(op, x, cu, backend):
+    sel = dict(kernel_size=KS, stride=ST, block_size=BS, num_selected=3, num_initial=1, num_local=1)
+    if op == "compressed_attention":
+        return ops.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], KS, ST, cu_seqlens=cu, backend=backend)[0]
+    lse = ops.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], KS, ST, cu_seqlens=cu.contiguous(),
+                                   backend="reference")[1]
+    if op == "select_blocks":
+        return ops.select_blocks(x["q"], x["k_cmp"], lse, **sel, cu_seqlens=cu, backend=backend)
+    if op == "selected_attention":
+        idx = ops.select_blocks(x["q"], x["k_cmp"], lse, **sel, cu_seqlens=cu.contiguous(), backend="reference")
+        return ops.selected_attention(x["q"], x["k"], x["v"], idx, BS, cu_seqlens=cu, backend=backend)
+    if op == "sliding_window_attention":
+        return ops.sliding_window_attention(x["q"], x["k"], x["v"], 6, cu_seqlens=cu, backend=backend)
+    return ops.nsa(x["q"], x["k_cmp"], x["v_cmp"], x["k"], x["v"], x["k"], x["v"], *x["g"], **sel, window_size=6,
+                   cu_seqlens=cu, backend=backend)
+
+
+@pytest.mark.parametrize("op", ["compressed_attention", "select_blocks", "selected_attention",
+                                "sliding_window_attention", "nsa"])
+def test_strided_cu_seqlens(op):
+    """A non-contiguous cu_seqlens means the same offsets (the kernels read it as contiguous)."""
+    x, cu, strided = _packed()
+    assert not strided.is_contiguous() and torch.equal(strided, cu)
+    want = _run(op, x, cu, "reference")
+    got = _run(op, x, strided, "triton")
+    if op == "select_blocks":
+        assert torch.equal(got, want)
+    else:
+        assert_close(op, want, got, 1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composed"])
+def test_float64_gates_with_bfloat16_branches(monkeypatch, fused):
+    """bf16 q/k/v with float64 gates (and the reverse): the gate kernels compute in float64 and
+    store into the narrower buffers through float32."""
+    monkeypatch.setattr(ops_api, "FUSED_GATES", fused)
+    x, cu, _ = _packed(torch.bfloat16, seed=1)
+    for q_dtype, g_dtype in ((torch.bfloat16, torch.float64), (torch.float64, torch.bfloat16)):
+        ins = [x["q"].to(q_dtype), x["k_cmp"].to(q_dtype), x["v_cmp"].to(q_dtype), x["k"].to(q_dtype),
+               x["v"].to(q_dtype), *(g.to(g_dtype) for g in x["g"])]
+        kw = dict(kernel_size=KS, stride=ST, block_size=BS, num_selected=3, num_local=1, window_size=6, cu_seqlens=cu)
+
+        def grads(backend):
+            t = [a.detach().clone().requires_grad_(True) for a in ins]
+            o = ops.nsa(t[0], t[1], t[2], t[3], t[4], t[3], t[4], t[5], t[6], t[7], **kw, backend=backend)
+            g = torch.autograd.grad(o.float().square().sum(), t)
+            return [o] + list(g)
+
+        names = ["o", "q", "k_cmp", "v_cmp", "k", "v", "g_cmp", "g_slc", "g_win"]
+        for name, a, b in zip(names, grads("reference"), grads("triton")):
+            assert torch.isfinite(b).all(), name
+            assert_close(f"{q_dtype}-{g_dtype} {name}", a.double(), b.double(), 2e-2)
+
+
+def test_windows_beyond_the_kernels_int_arguments():
+    """window_size is any positive int: one past the sequence means the whole sequence."""
+    x, cu, _ = _packed()
+    for w in (2 ** 31, 2 ** 63, 2 ** 80):
+        want = ops.sliding_window_attention(x["q"], x["k"], x["v"], w, cu_seqlens=cu, backend="reference")
+        got = ops.sliding_window_attention(x["q"], x["k"], x["v"], w, cu_seqlens=cu, backend="triton")
+        assert_close(f"window {w}", want, got, 1e-5)
+    whole = ops.sliding_window_attention(x["q"], x["k"], x["v"], sum(LENS), cu_seqlens=cu, backend="reference")
+    assert_close("window 2**63 == whole sequence", whole, want, 1e-6)
+    kw = dict(kernel_size=KS, stride=ST, block_size=BS, num_selected=3, num_local=1, cu_seqlens=cu)
+    args = (x["q"], x["k_cmp"], x["v_cmp"], x["k"], x["v"], x["k"], x["v"], *x["g"])
+    assert_close("nsa, window 2**63", ops.nsa(*args, **kw, window_size=2 ** 63, backend="reference"),
+                 ops.nsa(*args, **kw, window_size=2 ** 63, backend="triton"), 1e-5)
+
+
+def test_select_blocks_zero_heads_and_huge_scale_are_value_errors():
+    q, kc, lse = torch.randn(1, 20, 4, 8), torch.randn(1, 4, 2, 8), torch.zeros(1, 20, 4)
+    with pytest.raises(ValueError, match="q: head dim"):
+        ops.select_blocks(q[..., :0], kc[..., :0], lse, 8, 4, 8, 2, 1, 1)
+    with pytest.raises(ValueError, match="q: number of query heads"):
+        ops.select_blocks(q[:, :, :0], kc, lse[:, :, :0], 8, 4, 8, 2, 1, 1)
+    for bad in (10 ** 400, float("nan"), -1):
+        with pytest.raises(ValueError, match="scale"):
+            ops.select_blocks(q, kc, lse, 8, 4, 8, 2, 1, 1, scale=bad)
+
+
+def test_decode_windows_beyond_the_kernels_int_arguments():
+    g = torch.Generator().manual_seed(2)
+    N, HQ, H, D, cap = 2, 4, 2, 16, 40
+    kc, vc = (torch.randn(N, 9, H, D, generator=g).to(DEV) for _ in range(2))  # num_compressed(40) = 9
+    k, v = (torch.randn(N, cap, H, D, generator=g).to(DEV) for _ in range(2))
+    q = torch.randn(N, HQ, D, generator=g).to(DEV)
+    gates = [torch.rand(N, HQ, generator=g).to(DEV) for _ in range(3)]
+    lens = torch.tensor([33, 40], dtype=torch.int32, device=DEV)
+    kw = dict(kernel_size=KS, stride=ST, block_size=BS, num_selected=3, num_local=1)
+    whole = ops.nsa_decode(q, kc, vc, k, v, k, v, *gates, lens, **kw, window_size=cap, backend="reference")
+    for backend in ("reference", "triton"):
+        got = ops.nsa_decode(q, kc, vc, k, v, k, v, *gates, lens, **kw, window_size=2 ** 63, backend=backend)
+        assert_close(f"decode {backend}, window 2**63", whole, got, 1e-5)

@@ -124,3 +124,77 @@ def test_decode_windows_beyond_the_kernels_int_arguments():
     for backend in ("reference", "triton"):
         got = ops.nsa_decode(q, kc, vc, k, v, k, v, *gates, lens, **kw, window_size=2 ** 63, backend=backend)
         assert_close(f"decode {backend}, window 2**63", whole, got, 1e-5)
+
+
+SELECTION_WIDE = [  # (kernel_size, stride, block_size, T): chunk tiles beyond Triton's 2^20 elements
+    (4, 2, 1024, 300),  # every position has <= num_selected blocks: all causal blocks
+    (2, 1, 2 ** 30, 40),  # one block holds everything
+    (4, 2, 1024, 2400),  # 3 blocks > num_selected = 2: the reference's scores and top-n
+]
+
+
+@pytest.mark.parametrize("ks,st,bs,T", SELECTION_WIDE)
+def test_selection_beyond_the_kernel_tile(ks, st, bs, T):
+    g = torch.Generator().manual_seed(3)
+    Tc = (T - ks) // st + 1
+    q = torch.randn(1, T, 4, 16, generator=g).to(DEV)
+    kc, vc = (torch.randn(1, Tc, 2, 16, generator=g).to(DEV) for _ in range(2))
+    lse = ops.compressed_attention(q, kc, vc, ks, st, backend="reference")[1]
+    args = (q, kc, lse, ks, st, bs, 2, 1, 0)
+    want = ops.select_blocks(*args, backend="reference")
+    if T > 2 * bs:
+        with pytest.warns(UserWarning, match="do not fit the selection kernel"):
+            got = ops.select_blocks(*args, backend="triton")
+    else:
+        got = ops.select_blocks(*args, backend="triton")
+    assert torch.equal(got, want)
+
+
+def test_selection_launch_that_does_not_compile(monkeypatch):
+    """On a GPU, a wide-tile launch that fails to compile (shared memory, registers) is remembered
+    and its selection computed without the kernel; narrow tiles re-raise (a bug to see)."""
+    from triton.runtime.errors import OutOfResources
+
+    from nsa.ops import selection
+
+    calls = []
+
+    class Failing:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                calls.append(kw["CPB"])
+                raise OutOfResources(300000, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(selection, "selection_fwd_kernel", Failing())
+    monkeypatch.setattr(selection, "interpreting", lambda: False)
+    monkeypatch.setattr(selection, "_UNFIT", set())
+    g = torch.Generator().manual_seed(4)
+    q, kc = torch.randn(1, 200, 4, 16, generator=g), torch.randn(1, 99, 2, 16, generator=g)  # 4/2: Tc = 99
+    lse = ops.compressed_attention(q, kc, kc, 4, 2, backend="reference")[1]
+    want = ops.select_blocks(q, kc, lse, 4, 2, 64, 2, 1, 0, backend="reference")  # CPB = 32
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="did not compile"):
+            got = selection.selection_fwd(q, kc, lse, 4, 2, 64, 2, 1, 0, 0.25, None)
+        assert torch.equal(got, want)
+    assert calls == [32]  # the second call does not try again
+    with pytest.raises(OutOfResources):  # 32/16/64-like narrow tiles: CPB = 4
+        selection.selection_fwd(q, kc, lse, 4, 2, 8, 2, 1, 0, 0.25, None)
+
+
+def test_blocks_beyond_the_sequence():
+    """block_size 2**30 (one block holds every sequence) gives what a block of the sequence's length gives."""
+    x, cu, _ = _packed()
+    T = sum(LENS)
+    idx = torch.full((1, T, 2, 3), -1, dtype=torch.int32, device=DEV)
+    idx[..., 0] = 0
+    for backend in ("reference", "triton"):
+        got = ops.selected_attention(x["q"], x["k"], x["v"], idx, 2 ** 30, cu_seqlens=cu, backend=backend)
+        want = ops.selected_attention(x["q"], x["k"], x["v"], idx, T, cu_seqlens=cu, backend="reference")
+        assert_close(f"selected, block 2**30, {backend}", want, got, 1e-5)
+    args = (x["q"], x["k_cmp"], x["v_cmp"], x["k"], x["v"], x["k"], x["v"], *x["g"])
+    kw = dict(kernel_size=KS, stride=ST, num_selected=3, num_local=1, window_size=6, cu_seqlens=cu)
+    want = ops.nsa(*args, **kw, block_size=-(-T // ST) * ST, backend="reference")
+    for backend in ("reference", "triton"):
+        assert_close(f"nsa, block 2**30, {backend}", want, ops.nsa(*args, **kw, block_size=2 ** 30, backend=backend),
+                     1e-5)

@@ -98,6 +98,19 @@ def _window(window_size, q):
     return min(window_size, max(q.shape[1], 1))
 
 
+# A block beyond the sequence holds all of it: from this size on the kernels get a block of the
+# sequence's length instead (the same single block), which bounds their key loops and int
+# arguments. Ordinary block sizes keep exactly the launches they have.
+HUGE_BLOCK = 2 ** 16
+
+
+def _block(block_size, q, multiple_of=1):
+    T = max(q.shape[1], 1)
+    if block_size < HUGE_BLOCK or block_size <= T:
+        return block_size
+    return -(-T // multiple_of) * multiple_of
+
+
 def _scale(scale, q):
     checks.check_scale(scale)
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -202,7 +215,7 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seq
     cu = checks.check_cu_seqlens(cu_seqlens, q)
     checks.check_block_indices(block_indices, q, H, block_size, cu)
     fn = resolve_backend(backend, "selected_attention", q.device)
-    return fn(q, k, v, block_indices, block_size, _scale(scale, q), _contiguous(cu_seqlens))
+    return fn(q, k, v, block_indices, _block(block_size, q), _scale(scale, q), _contiguous(cu_seqlens))
 
 
 def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=None, backend=None):
@@ -261,6 +274,7 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
     s = _scale(scale, q)
     cu_seqlens = _contiguous(cu_seqlens)
     window_size = _window(window_size, q)
+    block_size = _block(block_size, q, stride)
     backend = backend_name(backend)
     if backend == "reference":
         return reference.nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,

@@ -38,10 +38,13 @@ sequences of T tokens (computed in-kernel, no index tensor), packed ones come wi
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.runtime import errors as _runtime_errors
 
 from . import triton_utils
 from .triton_utils import interpreting, pow2
@@ -73,6 +76,20 @@ ROWS_INTERPRET = 256
 # that is 64 compressed tokens per q.k_cmp tile.
 MIN_CHUNK_BLOCKS = 16
 _INT31 = tl.constexpr(2147483647)  # low word of a key: 2^31 - 1 - block id
+# A chunk's tiles grow with block_size // stride (CPB compressed tokens per block): the q . k_cmp
+# scores [BT * GP, BJ * CPBP] and the k_cmp tile [BJ * CPBP, Dk]. Triton refuses a block tensor of
+# more than 2^20 elements; below that, a launch can still exceed the GPU's shared memory or
+# registers (sm_90: fp32 Dk = 64 with 2/1/64 needs 272 KB of shared memory; bf16 with 4/2/512
+# more than the 128-register cap). Such configurations take the selection without the kernel
+# (:func:`_select_without_kernel`); the paper's 32/16/64 tiles are 64 tokens wide.
+MAX_TILE_NUMEL = 2 ** 20
+_COMPILE_ERRORS = tuple(c for c in (CompilationError, getattr(_runtime_errors, "OutOfResources", None),
+                                    getattr(_runtime_errors, "PTXASError", None)) if c is not None)
+_UNFIT: set = set()  # launch configurations that failed to compile on this machine's GPU
+# A launch that fails to compile takes that route only with more than this many compressed tokens
+# per block: with fewer (32/16/64 has 4) every launch is expected to compile (the compile audit
+# builds them for sm_90), and a failure is a bug to report, not to route around.
+FALLBACK_MIN_CPB = 16
 
 
 @triton.jit
@@ -400,6 +417,15 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     if maxnreg is None and not interpreting() and q.dtype in (torch.float16, torch.bfloat16) and BD + BD2 <= 128 \
             and BJ <= 16 and BT * GP <= 256:
         maxnreg = MAXNREG
+    args = (q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local, scale, cu_seqlens)
+    launch = (q.device, q.dtype, DK, G, kernel_size, stride, block_size, num_selected, BT, num_warps, num_stages,
+              maxnreg)
+    cols = BJ * CPBP
+    if max(BT * GP * cols, cols * (BD + BD2)) > MAX_TILE_NUMEL:
+        return _select_without_kernel(*args, why=f"a chunk tile of {cols} compressed tokens exceeds Triton's "
+                                                 f"{MAX_TILE_NUMEL} elements")
+    if launch in _UNFIT:
+        return _select_without_kernel(*args, why="its launch did not compile for this GPU")
     if cu_seqlens is not None:
         ccu = compressed_cu_seqlens(cu_seqlens, kernel_size, stride)
         chunk_indices = prepare_chunk_indices(cu_seqlens, BT)
@@ -410,18 +436,54 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
         NT = triton.cdiv(T, BT)
         n_tiles = B * NT
     grid = (n_tiles, H)
-    selection_fwd_kernel[grid](
-        q, k_cmp, lse, out, cu_seqlens, ccu, chunk_indices, scale * 1.4426950408889634, T, TC, NT,
-        HQ=HQ, H=H, G=G, GP=GP, DK=DK, BD=BD, BD2=BD2, KS=kernel_size, STRIDE=stride, BS=block_size,
-        S=num_selected, NUM_INIT=num_initial, NUM_LOCAL=num_local, CPB=CPB, CPBP=CPBP, SPILL=spill,
-        BT=BT, BJ=BJ, LOG_R=LOG_R, LOG_BM=LOG_BM, LOG_GP=LOG_GP, HEAD_MASK=head_mask,
-        HEAD_AXES=_head_axes(head_mask, LOG_BM), N_EARLY=_n_register_bits(head_mask),
-        IS_VARLEN=cu_seqlens is not None,
-        DOT_MODE=_dot_mode(q),
-        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
-        **({"maxnreg": maxnreg} if maxnreg else {}),
-    )
+    try:
+        selection_fwd_kernel[grid](
+            q, k_cmp, lse, out, cu_seqlens, ccu, chunk_indices, scale * 1.4426950408889634, T, TC, NT,
+            HQ=HQ, H=H, G=G, GP=GP, DK=DK, BD=BD, BD2=BD2, KS=kernel_size, STRIDE=stride, BS=block_size,
+            S=num_selected, NUM_INIT=num_initial, NUM_LOCAL=num_local, CPB=CPB, CPBP=CPBP, SPILL=spill,
+            BT=BT, BJ=BJ, LOG_R=LOG_R, LOG_BM=LOG_BM, LOG_GP=LOG_GP, HEAD_MASK=head_mask,
+            HEAD_AXES=_head_axes(head_mask, LOG_BM), N_EARLY=_n_register_bits(head_mask),
+            IS_VARLEN=cu_seqlens is not None,
+            DOT_MODE=_dot_mode(q),
+            num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
+            **({"maxnreg": maxnreg} if maxnreg else {}),
+        )
+    except _COMPILE_ERRORS as e:
+        if interpreting() or CPB <= FALLBACK_MIN_CPB:
+            raise
+        _UNFIT.add(launch)
+        return _select_without_kernel(*args, why=f"its launch did not compile for this GPU ({type(e).__name__})")
     return out
+
+
+def _all_causal_blocks(B, T, H, block_size, num_selected, cu_seqlens, device):
+    """Every causal block of every position, ascending, then -1: the selection when no sequence has
+    more than ``num_selected`` blocks."""
+    t = torch.arange(T, device=device)
+    if cu_seqlens is not None:
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        t = t - torch.repeat_interleave(cu_seqlens[:-1].long(), lens)
+    j = torch.arange(num_selected, device=device)
+    ids = torch.where(j.view(1, -1) <= (t // block_size).view(-1, 1), j.view(1, -1), -1)  # [T, n]
+    return ids.to(torch.int32).view(1, T, 1, num_selected).expand(B, T, H, num_selected).contiguous()
+
+
+def _select_without_kernel(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,
+                           scale, cu_seqlens, why):
+    """The selection of a configuration the kernel cannot take (see MAX_TILE_NUMEL): every causal
+    block when no sequence has more than ``num_selected`` blocks, else the reference's scores and
+    top-n (exact; it holds the [T, Tc] probabilities of each head, so it warns)."""
+    B, T = q.shape[:2]
+    H = k_cmp.shape[2]
+    longest = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if longest <= num_selected * block_size:
+        return _all_causal_blocks(B, T, H, block_size, num_selected, cu_seqlens, q.device)
+    warnings.warn(f"select_blocks: kernel_size={kernel_size}, stride={stride}, block_size={block_size} at "
+                  f"Dk={q.shape[-1]} ({q.dtype}) do not fit the selection kernel ({why}); the selection runs "
+                  f"on the reference, which holds [T, Tc] probabilities per head", stacklevel=2)
+    from . import reference
+    return reference.select_blocks(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial,
+                                   num_local, scale, cu_seqlens)
 
 
 def select_blocks_triton(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,

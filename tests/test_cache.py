@@ -141,6 +141,20 @@ def test_decode_in_another_dtype_than_the_prefill():
     assert_close("float32 prefill, float64 decode vs float32 full", full.double(), y, 1e-5)
 
 
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["indep_kv", "shared_kv"])
+def test_prefill_under_inference_mode_then_decode_under_no_grad(shared_kv):
+    m = make_layer(tiny(shared_kv=shared_kv))
+    x = torch.randn(2, 30, 64, dtype=torch.float64)
+    full = m(x)
+    cache = m.new_cache()
+    with torch.inference_mode():
+        first = m(x[:, :10], cache=cache)
+    with torch.no_grad():
+        y = torch.cat([first, _decode(m, cache, x, 10)], 1)
+    assert_close("inference-mode prefill, no_grad decode vs full", full, y, 1e-12)
+    assert cache.shared == shared_kv and (cache.k_win is cache.k_slc) == shared_kv
+
+
 @pytest.mark.parametrize("change", [dict(num_kv_heads=1), dict(head_dim=8), dict(v_head_dim=8),
                                     dict(shared_kv=True)], ids=lambda c: next(iter(c)))
 def test_cache_of_another_layer_shape_is_refused(change):

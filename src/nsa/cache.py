@@ -136,6 +136,18 @@ class NSACache:
         self.lengths = list(lens)
         self.seq_lens = lens_t.to(torch.int32)
 
+    def _writable(self):
+        """A cache filled under ``torch.inference_mode()`` holds inference tensors, which only
+        inference mode may update in place: outside it, take ordinary copies once."""
+        if torch.is_inference_mode_enabled() or not self.k_slc.is_inference():
+            return
+        for name in ("k_slc", "v_slc", "k_cmp", "v_cmp", "k_tail", "v_tail", "seq_lens"):
+            setattr(self, name, getattr(self, name).clone())
+        if self.shared:
+            self.k_win, self.v_win = self.k_slc, self.v_slc
+        else:
+            self.k_win, self.v_win = self.k_win.clone(), self.v_win.clone()
+
     def _grow(self, need):
         """Double the raw (and compressed) capacity until ``need`` tokens fit."""
         cap = self.capacity
@@ -184,6 +196,7 @@ class NSACache:
             if t is not None and tuple(t.shape) != (N, *held[name].shape[2:]):
                 raise ValueError(f"{name}: expected [N={N}, H, D] = {(N, *held[name].shape[2:])} like the "
                                  f"cached tensors, got {tuple(t.shape)}")
+        self._writable()
         self._grow(max(self.lengths) + 1)
         dev = self.k_slc.device
         rows = torch.arange(N, device=dev)

@@ -198,3 +198,21 @@ def test_blocks_beyond_the_sequence():
     for backend in ("reference", "triton"):
         assert_close(f"nsa, block 2**30, {backend}", want, ops.nsa(*args, **kw, block_size=2 ** 30, backend=backend),
                      1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composed"])
+def test_double_backward_is_a_clear_error_on_the_kernels(monkeypatch, fused):
+    """The kernels' backward is not differentiable: a second backward names the backward op that has no
+    derivative; the reference, plain PyTorch, differentiates twice."""
+    monkeypatch.setattr(ops_api, "FUSED_GATES", fused)
+    x, cu, _ = _packed()
+    ins = [t.detach().clone().requires_grad_(True) for t in (x["q"], x["k_cmp"], x["v_cmp"], x["k"], x["v"], *x["g"])]
+    kw = dict(kernel_size=KS, stride=ST, block_size=BS, num_selected=3, num_local=1, window_size=6, cu_seqlens=cu)
+    for backend in ("reference", "triton"):
+        o = ops.nsa(ins[0], ins[1], ins[2], ins[3], ins[4], ins[3], ins[4], *ins[5:], **kw, backend=backend)
+        dq = torch.autograd.grad(o.square().sum(), ins[0], create_graph=True)[0]
+        if backend == "reference":
+            torch.autograd.grad(dq.square().sum(), ins[0])
+        else:
+            with pytest.raises(RuntimeError, match=r"backward through nsa\.\w+_bwd.* no autograd formula"):
+                torch.autograd.grad(dq.square().sum(), ins[0])

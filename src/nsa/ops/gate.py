@@ -132,7 +132,8 @@ def gate_bwd_fused_kernel(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, lse_cmp,
     b_do = _load(do, o_x, m, False)
     _fused_branch(b_do, o_cmp, g_cmp, lse_cmp, dg_cmp, lse_out, delta, o_r, o_x, m_r, m, False)
     _fused_branch(b_do, o_slc, g_slc, lse_slc, dg_slc, lse_out + N, delta + N, o_r, o_x, m_r, m, False)
-    _fused_branch(b_do, o_win, g_win, lse_win, dg_win, lse_out + 2 * N, delta + 2 * N, o_r, o_x, m_r, m, True)
+    # N + N, not 2 * N: N arrives int32 and the product could wrap; pointer additions are 64-bit
+    _fused_branch(b_do, o_win, g_win, lse_win, dg_win, lse_out + N + N, delta + N + N, o_r, o_x, m_r, m, True)
 
 
 # ----------------------------------------------------------------------------------------------

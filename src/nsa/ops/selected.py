@@ -596,7 +596,7 @@ def selected_fwd_scatter_kernel(
                 b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
             # every listed entry sees the block's first key: l > 0 on the rows that are stored
             b_l = tl.where(b_l > 0, b_l, 1.)
-            o_part_row = (o_row - c0 * HQ) * S + i_s  # [BR]
+            o_part_row = (o_row - tl.cast(c0, tl.int64) * HQ) * S + i_s  # [BR]
             tl.store(o_part + o_part_row[:, None] * DV + o_dv[None, :], (b_acc / b_l[:, None]).to(
                 o_part.dtype.element_ty), mask=m_r[:, None] & (o_dv < DV)[None, :])
             tl.store(lse_part + o_part_row, b_m + tl.log2(b_l), mask=m_r)
@@ -633,7 +633,7 @@ def selected_fwd_merge_kernel(
     b_out = b_acc / tl.where(m_nonempty, b_l, 1.)[:, None]
     b_lse = tl.where(m_nonempty, (b_m + tl.log2(tl.where(m_nonempty, b_l, 1.))) * 0.6931471805599453,
                      float("-inf"))
-    o_row = c0 * HQ + o_m
+    o_row = tl.cast(c0, tl.int64) * HQ + o_m  # c0 arrives int32: widen before the product
     tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_out.to(o.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
     tl.store(lse + o_row, b_lse, mask=m_r)
 
@@ -676,7 +676,7 @@ def selected_bwd_dq_scatter_kernel(
                 b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)
                 b_ds = b_p * (b_dp - b_delta[:, None])
                 b_dq += dot(b_ds.to(b_k.dtype), b_k, DOT_PRECISION, DOT_UPCAST)
-            o_part_row = (o_row - c0 * HQ) * S + i_s
+            o_part_row = (o_row - tl.cast(c0, tl.int64) * HQ) * S + i_s
             tl.store(dq_part + o_part_row[:, None] * DK + o_dk[None, :], b_dq * scale,
                      mask=m_r[:, None] & (o_dk < DK)[None, :])
             tl.store(flag + o_part_row, tl.full([BR], 1, dtype=tl.int8), mask=m_r)
@@ -698,7 +698,7 @@ def selected_bwd_dq_reduce_kernel(
         m_w = tl.load(flag + o_m * S + i_s, mask=m_r, other=0) != 0
         b_dq += tl.load(dq_part + (o_m * S + i_s)[:, None] * DK + o_dk[None, :], mask=m_w[:, None] & m_d[None, :],
                         other=0.)
-    o_row = c0 * HQ + o_m
+    o_row = tl.cast(c0, tl.int64) * HQ + o_m  # c0 arrives int32: widen before the product
     tl.store(dq + o_row[:, None] * DK + o_dk[None, :], b_dq.to(dq.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
 
 

@@ -155,6 +155,20 @@ def test_prefill_under_inference_mode_then_decode_under_no_grad(shared_kv):
     assert cache.shared == shared_kv and (cache.k_win is cache.k_slc) == shared_kv
 
 
+def test_compiled_decode_fullgraph():
+    """A decoding step traces as one graph (torch.compile, fullgraph) and matches eager."""
+    m = make_layer(tiny())
+    x = torch.randn(2, 14, 64, dtype=torch.float64)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    eager_cache, cache = m.new_cache(), m.new_cache()
+    with torch.no_grad():
+        m(x[:, :9], cache=eager_cache)
+        compiled(x[:, :9], cache=cache)
+        for t in range(9, 14):  # crosses the compression block completed at 12
+            assert_close(f"step {t}", m(x[:, t:t + 1], cache=eager_cache), compiled(x[:, t:t + 1], cache=cache),
+                         1e-12)
+
+
 @pytest.mark.parametrize("change", [dict(num_kv_heads=1), dict(head_dim=8), dict(v_head_dim=8),
                                     dict(shared_kv=True)], ids=lambda c: next(iter(c)))
 def test_cache_of_another_layer_shape_is_refused(change):

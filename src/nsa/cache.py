@@ -139,8 +139,8 @@ class NSACache:
     def _writable(self):
         """A cache filled under ``torch.inference_mode()`` holds inference tensors, which only
         inference mode may update in place: outside it, take ordinary copies once."""
-        if torch.is_inference_mode_enabled() or not self.k_slc.is_inference():
-            return
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or not self.k_slc.is_inference():
+            return  # (not traced: under torch.compile a cache filled in inference mode decodes in it)
         for name in ("k_slc", "v_slc", "k_cmp", "v_cmp", "k_tail", "v_tail", "seq_lens"):
             setattr(self, name, getattr(self, name).clone())
         if self.shared:

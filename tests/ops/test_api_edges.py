@@ -216,3 +216,22 @@ def test_double_backward_is_a_clear_error_on_the_kernels(monkeypatch, fused):
         else:
             with pytest.raises(RuntimeError, match=r"backward through nsa\.\w+_bwd.* no autograd formula"):
                 torch.autograd.grad(dq.square().sum(), ins[0])
+
+
+def test_vmap_over_the_reference_nsa():
+    """torch.func.vmap maps the reference nsa over a leading axis (its selected branch builds its
+    block mask out of place)."""
+    g = torch.Generator().manual_seed(5)
+    V, T, HQ, H, D = 3, 16, 4, 2, 16
+    q = torch.randn(V, 1, T, HQ, D, generator=g)
+    kc, vc = torch.randn(V, 1, 3, H, D, generator=g), torch.randn(V, 1, 3, H, D, generator=g)
+    k, v = torch.randn(V, 1, T, H, D, generator=g), torch.randn(V, 1, T, H, D, generator=g)
+    gates = [torch.rand(V, 1, T, HQ, generator=g) for _ in range(3)]
+    kw = dict(kernel_size=8, stride=4, block_size=8, num_selected=2, num_local=1, window_size=5, backend="reference")
+
+    def f(q, kc, vc, k, v, a, b, c):
+        return ops.nsa(q, kc, vc, k, v, k, v, a, b, c, **kw)
+
+    got = torch.func.vmap(f)(q, kc, vc, k, v, *gates)
+    for i in range(V):
+        assert_close(f"vmap row {i}", f(q[i], kc[i], vc[i], k[i], v[i], *(x[i] for x in gates)), got[i], 1e-6)

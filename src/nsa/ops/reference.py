@@ -171,8 +171,8 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seq
     NB = num_blocks(T, block_size)
     idx = block_indices.long()
     idx = torch.where(idx < 0, NB, idx)  # -1 -> a dummy column, dropped below
-    blk = torch.zeros(B, T, H, NB + 1, dtype=torch.bool, device=q.device)
-    blk.scatter_(-1, idx, True)
+    # out of place: vmap and torch.jit.trace take it (not an in-place scatter_)
+    blk = torch.zeros(B, T, H, NB + 1, dtype=torch.bool, device=q.device).scatter(-1, idx, True)
     blk = blk[..., :NB].repeat_interleave(block_size, -1)[..., :T]  # [B, T, H, T]
     s_pos = torch.arange(T, device=q.device)
     causal = s_pos.view(1, T) <= s_pos.view(T, 1)  # [T(query), T(key)]

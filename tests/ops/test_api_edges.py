@@ -235,3 +235,26 @@ def test_vmap_over_the_reference_nsa():
     got = torch.func.vmap(f)(q, kc, vc, k, v, *gates)
     for i in range(V):
         assert_close(f"vmap row {i}", f(q[i], kc[i], vc[i], k[i], v[i], *(x[i] for x in gates)), got[i], 1e-6)
+
+
+def test_torch_func_over_selected_attention():
+    """Inside torch.func transforms the host-side value check of block_indices is skipped (wrapped
+    tensors have no host values; shapes are still checked): vmap and grad of the reference op work."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(3, 1, 16, 4, 16, generator=g), torch.randn(3, 1, 16, 2, 16, generator=g),
+               torch.randn(3, 1, 16, 2, 8, generator=g))
+    bi = torch.tensor([[0, 1], [1, -1]], dtype=torch.int32).repeat(3, 1, 8, 2, 1).view(3, 1, 16, 2, 2)
+    bi[:, :, :8] = torch.tensor([0, -1], dtype=torch.int32)  # positions 0..7 only see block 0
+
+    def f(q, k, v, b):
+        return ops.selected_attention(q, k, v, b, 8, backend="reference")
+
+    got = torch.func.vmap(f)(q, k, v, bi)
+    for i in range(3):
+        assert_close(f"vmap row {i}", f(q[i], k[i], v[i], bi[i]), got[i], 1e-6)
+    dq = torch.func.grad(lambda q: f(q, k[0], v[0], bi[0]).square().sum())(q[0])
+    q0 = q[0].clone().requires_grad_(True)
+    f(q0, k[0], v[0], bi[0]).square().sum().backward()
+    assert_close("torch.func.grad", q0.grad, dq, 1e-6)
+    with pytest.raises(ValueError, match="block_indices: expected shape"):  # shapes still checked
+        torch.func.vmap(f)(q, k, v, bi[..., :1, :])

@@ -13,12 +13,20 @@ def _fail(msg: str):
     raise ValueError(msg)
 
 
+def _in_functorch_transform() -> bool:
+    """Inside torch.func.vmap / grad / jvp: tensors are wrappers whose values the host cannot read."""
+    stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return stack is not None and stack() is not None
+
+
 def skip_value_checks() -> bool:
     """The value checks read tensors on the host (a device synchronization). They are skipped
-    under torch.compile, so graphs trace without breaks, and while a CUDA graph is being captured
-    (a decode step is captured after an eager, checked call); shapes, dtypes and devices are
-    still checked. Run eagerly once to validate values."""
-    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    under torch.compile, so graphs trace without breaks, while a CUDA graph is being captured
+    (a decode step is captured after an eager, checked call), and inside torch.func transforms
+    (wrapped tensors have no host values); shapes, dtypes and devices are still checked. Run
+    eagerly once to validate values."""
+    return (torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+            or _in_functorch_transform())
 
 
 def check_tensor(name, t, ndim, dtypes=FLOAT_DTYPES):

@@ -133,3 +133,27 @@ def test_selection_131072_rows_valid():
     check(q[:, :P], k_cmp[:, :num_compressed(P, KS, ST)], lse[:, :P], idx[:, :P])
     # deterministic: a second run gives the same selection
     assert torch.equal(idx, select(q, k_cmp, lse))
+
+
+@pytest.mark.parametrize("ks,st,bs,dtype", [
+    (2, 1, 64, torch.float32),  # 64 tokens per block: 272 KB of shared memory at sm_90 (an audit's H200 run)
+    (4, 2, 512, torch.bfloat16),  # 256 tokens per block: beyond the 128-register cap (same run)
+    (4, 2, 1024, torch.bfloat16),  # a chunk over Triton's 2^20 elements
+])
+def test_selection_beyond_the_kernel_tile(ks, st, bs, dtype):
+    """Configurations whose chunk tile the kernel cannot hold give valid selections (the fallback
+    of nsa.ops.selection runs the reference where the launch fails; tie-aware check)."""
+    import warnings
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    T, hq, h, d, n = 3000, 8, 2, 64, 2
+    Tc = num_compressed(T, ks, st)
+    q = torch.randn(1, T, hq, d, device="cuda", generator=gen).to(dtype)
+    kc = torch.randn(1, Tc, h, d, device="cuda", generator=gen).to(dtype)
+    from nsa.ops import reference
+    lse = reference.compressed_attention(q.float(), kc.float(), kc.float(), ks, st)[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reference fallback warns
+        idx = select_blocks(q, kc, lse, ks, st, bs, n, 1, 1, backend="triton")
+    check_selection(q.float(), kc.float(), lse, idx, kernel_size=ks, stride=st, block_size=bs, num_selected=n,
+                    num_initial=1, num_local=1, tol=TOL)

@@ -157,3 +157,26 @@ def test_layer_prefill_then_triton_decode_equals_full(monkeypatch):
         y1 = torch.cat([m(x[:, t:t + 1], cache=cache) for t in range(9, x.shape[1])], 1)
     assert_close("prefill", full[:, :9], y0, 1e-4)
     assert_close("decoded", full[:, 9:], y1, 1e-4)
+
+
+def test_decode_triton_under_torch_compile():
+    """The decode kernels are one custom op (nsa::nsa_decode): a step traces as one graph under
+    torch.compile(fullgraph=True) and matches eager; the op passes torch.library.opcheck."""
+    from nsa.ops.decode_triton import _decode_op
+
+    case = CASES[1]
+    cfg = case[6]
+    _, args, seq_lens = _inputs(case, torch.float32)
+
+    def step(*a):
+        return nsa_decode(*a, return_block_indices=True, backend="triton", **cfg)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    o, idx = step(*args, seq_lens)
+    oc, idxc = compiled(*args, seq_lens)
+    assert torch.equal(o, oc) and torch.equal(idx, idxc)
+    torch.library.opcheck(_decode_op, (*args, seq_lens, *(cfg[k] for k in ORDER_DECODE), 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+ORDER_DECODE = ("kernel_size", "stride", "block_size", "num_selected", "num_initial", "num_local", "window_size")

@@ -398,7 +398,27 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc,
         args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win)
         if q.dtype == torch.float64:
             args = tuple(t.float() for t in args)
-        o, idx = decode_fwd(*args, seq_lens, kernel_size, stride, block_size, num_selected, num_initial,
-                            num_local, window_size, scale)
+        o, idx = _decode_op(*args, seq_lens, kernel_size, stride, block_size, num_selected, num_initial,
+                            num_local, window_size, float(scale))
         o = o.to(q.dtype)
     return (o, idx) if return_block_indices else o
+
+
+# Opaque to torch.compile (its planning reads shapes on the host and launches four kernels): a
+# custom op with a shape-only fake implementation, as the training kernels are.
+@torch.library.custom_op("nsa::nsa_decode", mutates_args=())
+def _decode_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor,
+               v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, g_cmp: torch.Tensor,
+               g_slc: torch.Tensor, g_win: torch.Tensor, seq_lens: torch.Tensor, kernel_size: int, stride: int,
+               block_size: int, num_selected: int, num_initial: int, num_local: int, window_size: int,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens, kernel_size,
+                      stride, block_size, num_selected, num_initial, num_local, window_size, scale)
+
+
+@_decode_op.register_fake
+def _(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens, kernel_size, stride, block_size,
+      num_selected, num_initial, num_local, window_size, scale):
+    N, HQ, _ = q.shape
+    return (q.new_empty((N, HQ, v_cmp.shape[3])),
+            q.new_empty((N, k_cmp.shape[2], num_selected), dtype=torch.int32))

@@ -15,7 +15,7 @@ import os
 import torch
 
 from . import checks, reference
-from .utils import interpreting
+from .utils import interpreting, window_keys
 
 BACKENDS = ("auto", "reference", "triton")
 # nsa() on the Triton backend is one autograd node whose backward folds the gates into the branch
@@ -90,12 +90,6 @@ def resolve_backend(backend, op, device: torch.device):
 def _contiguous(cu_seqlens):
     """Validated offsets as the kernels read them: one int32 after another."""
     return None if cu_seqlens is None else cu_seqlens.contiguous()
-
-
-def _window(window_size, q):
-    """A window longer than the sequence is the whole sequence: the same keys, and a size that
-    fits the kernels' int arguments."""
-    return min(window_size, max(q.shape[1], 1))
 
 
 # A block beyond the sequence holds all of it: from this size on the kernels get a block of the
@@ -232,7 +226,7 @@ def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=No
     checks.check_qkv(q, k, v)
     checks.check_cu_seqlens(cu_seqlens, q)
     fn = resolve_backend(backend, "sliding_window_attention", q.device)
-    return fn(q, k, v, _window(window_size, q), _scale(scale, q), _contiguous(cu_seqlens))
+    return fn(q, k, v, window_keys(window_size, q.shape[1]), _scale(scale, q), _contiguous(cu_seqlens))
 
 
 def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, kernel_size=32, stride=16,
@@ -273,7 +267,7 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
     checks.check_compressed_kv(k_cmp, v_cmp, q, T, kernel_size, stride, cu_seqlens, cu)
     s = _scale(scale, q)
     cu_seqlens = _contiguous(cu_seqlens)
-    window_size = _window(window_size, q)
+    window_size = window_keys(window_size, q.shape[1])
     block_size = _block(block_size, q, stride)
     backend = backend_name(backend)
     if backend == "reference":

@@ -53,12 +53,10 @@ def check_positive_int(name, v, minimum=1):
 def check_scale(scale):
     if scale is None:
         return
-    ok = not isinstance(scale, bool) and isinstance(scale, (int, float))
-    if ok:
-        try:
-            ok = 0 < float(scale) < float("inf")
-        except OverflowError:  # an int beyond float range
-            ok = False
+    try:
+        ok = not isinstance(scale, bool) and isinstance(scale, (int, float)) and 0 < float(scale) < float("inf")
+    except OverflowError:  # an int beyond float range
+        ok = False
     if not ok:
         _fail(f"scale: expected None or a positive finite float, got {scale!r}")
 

@@ -11,7 +11,7 @@ import torch
 
 from . import api, checks
 from .reference import nsa_decode as nsa_decode_reference  # noqa: F401  (the specification, re-exported)
-from .utils import num_compressed
+from .utils import num_compressed, window_keys
 
 __all__ = ["nsa_decode"]
 
@@ -101,7 +101,6 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
         backend = "reference"  # the kernel is inference-only; autograd needs the reference's graph
     fn = api.resolve_backend(backend, "nsa_decode", q.device)
     s = Dk ** -0.5 if scale is None else float(scale)
-    # a window longer than the cache is the whole cache (and fits the kernel's int arguments)
-    window_size = min(window_size, max(k_win.shape[1], 1))
+    window_size = window_keys(window_size, k_win.shape[1])  # longer than the cache: the whole cache
     return fn(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens, kernel_size, stride,
               block_size, num_selected, num_initial, num_local, window_size, s, return_block_indices)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import compressed_cu_seqlens, num_blocks, overlap_matrix
+from .utils import compressed_cu_seqlens, num_blocks, overlap_matrix, window_keys
 
 __all__ = [
     "compressed_attention",
@@ -189,7 +189,7 @@ def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=No
     T = q.shape[1]
     pos = torch.arange(T, device=q.device)
     d = pos.view(T, 1) - pos.view(1, T)
-    mask = (d >= 0) & (d < min(window_size, T))  # (a Python int beyond int64 would wrap in the comparison)
+    mask = (d >= 0) & (d < window_keys(window_size, T))
     return _masked_attention(q, k, v, mask, scale)[0]
 
 

@@ -79,8 +79,9 @@ _INT31 = tl.constexpr(2147483647)  # low word of a key: 2^31 - 1 - block id
 # A chunk's tiles grow with block_size // stride (CPB compressed tokens per block): the q . k_cmp
 # scores [BT * GP, BJ * CPBP] and the k_cmp tile [BJ * CPBP, Dk]. Triton refuses a block tensor of
 # more than 2^20 elements; below that, a launch can still exceed the GPU's shared memory or
-# registers (sm_90: fp32 Dk = 64 with 2/1/64 needs 272 KB of shared memory; bf16 with 4/2/512
-# more than the 128-register cap). Such configurations take the selection without the kernel
+# registers (compiled for sm_90 here, Triton 3.9, 2026-11-29: fp32 Dk = 64, G = 4 at 2/1/64 needs
+# 279552 B of shared memory against 232448; bf16 at 4/2/512 fails ptxas under the 128-register
+# cap). Such configurations take the selection without the kernel
 # (:func:`_select_without_kernel`); the paper's 32/16/64 tiles are 64 tokens wide.
 MAX_TILE_NUMEL = 2 ** 20
 _COMPILE_ERRORS = tuple(c for c in (CompilationError, getattr(_runtime_errors, "OutOfResources", None),

@@ -18,6 +18,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def window_keys(window_size: int, length: int) -> int:
+    """The window a sequence of at most ``length`` tokens can use: a window longer than the
+    sequence is the whole sequence (and at least 1). The same keys as ``window_size``, and a value
+    that fits the kernels' int arguments and int64 comparisons (``window_size`` may be 2**63)."""
+    return min(window_size, max(length, 1))
+
+
 def num_compressed(seq_len: int, kernel_size: int, stride: int) -> int:
     """Number of compressed tokens of a length-``seq_len`` sequence.
 

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from . import triton_utils
 from .triton_utils import interpreting, kv_descriptors, pow2, use_tma
-from .utils import new_output
+from .utils import new_output, window_keys
 
 
 @triton.jit
@@ -549,12 +549,6 @@ def _kv_config(G: int, BK: int, BV: int, dtype: torch.dtype, config: dict | None
     return dict(BN=BN, BM=max(rows, triton.next_power_of_2(G)), num_warps=warps, num_stages=stages, ROTATE=rotate)
 
 
-def _window(window_size: int, q) -> int:
-    """A window longer than every sequence means plain causal attention: clamp it, so that
-    position arithmetic in the kernels stays within int32."""
-    return min(window_size, q.shape[1])
-
-
 def _tiles(cu_seqlens, B: int, T: int, chunk: int, device):
     """(number of programs, chunk table) for tiles of ``chunk`` positions, without host sync.
 
@@ -596,7 +590,7 @@ def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens, config: dic
     o_nsa = None if gate is None else new_output((B, T, HQ, V), q.dtype, q.device)
     window_fwd_kernel[(n_tiles, H)](
         q, k, v, o, lse, *(gate if gate is not None else (o, o, lse, lse, lse)), o if o_nsa is None else o_nsa,
-        cu, table, scale, T, _window(window_size, q),
+        cu, table, scale, T, window_keys(window_size, q.shape[1]),
         HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BK2=BK2, BV=BV, IS_VARLEN=cu_seqlens is not None,
         GATE=gate is not None, **_dot_args(q.dtype), **cfg,
     )
@@ -614,7 +608,7 @@ def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens,
     B, T, HQ, K = q.shape
     H, V = k.shape[2], v.shape[3]
     G, BK, BV = HQ // H, pow2(K), pow2(V)
-    W = _window(window_size, q)
+    W = window_keys(window_size, q.shape[1])
     common = dict(HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None,
                   **_dot_args(q.dtype))
     # q . k, dQ and dK over a head dim that is not a power of two: two tiles (192 = 128 + 64), and

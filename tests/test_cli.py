@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from nsa._cli_utils import canonical_dtype
 from nsa.cli import keys_per_query, main, resolve_device
 
 SMALL_DEMO = ["demo", "--tokens", "150", "--decode-steps", "6", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
@@ -39,7 +40,7 @@ def test_console_entry_points():
         assert r.returncode == 0 and "bench" in r.stdout, r.stderr
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["fp32", "float64"])
 def test_demo_small(capsys, dtype):
     assert main(SMALL_DEMO + ["--dtype", dtype]) == 0
     out = capsys.readouterr().out
@@ -63,6 +64,62 @@ def test_demo_bad_arguments(capsys):
 def test_bad_arguments_exit_2_with_a_message(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,name", [("bf16", "bf16"), ("bfloat16", "bf16"), ("fp16", "fp16"), ("float16", "fp16"),
+                                       ("fp32", "fp32"), ("float32", "fp32"), ("FP64", "fp64"), ("float64", "fp64")])
+def test_dtype_spellings(text, name):
+    """`nsa demo --dtype` and `nsa bench --dtype` take the short and the torch spelling alike."""
+    from nsa import cli
+    from nsa.bench import _parser as bench_parser
+    from nsa.bench.harness import build_cases
+
+    assert canonical_dtype(text) == name
+    assert cli._parser().parse_args(["demo", "--dtype", text]).dtype == name
+    assert bench_parser().parse_args(["--dtype", text]).dtype == name
+    assert {c.dtype for c in build_cases("quick", dtype=text)} == {name}
+
+
+@pytest.mark.parametrize("argv", [["demo", "--dtype", "half"], ["bench", "--dtype", "int8"], ["bench", "--dtype", ""]])
+def test_bad_dtype_exits_2_naming_the_option(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --dtype: expected one of bf16 (bfloat16), fp16 (float16), fp32 (float32)" in err
+
+
+def test_every_option_has_help():
+    from nsa import cli
+    from nsa.bench import _parser as bench_parser
+
+    demo = cli._parser()._subparsers._group_actions[0].choices["demo"]
+    for parser in (demo, bench_parser()):
+        missing = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+        assert not missing, (parser.prog, missing)
+
+
+def test_nothing_below_the_cli_imports_it():
+    """nsa.cli sits on top: no other module of the package imports it (bench used to, for --device)."""
+    import ast
+
+    import nsa
+
+    src = Path(nsa.__file__).parent
+    for path in src.rglob("*.py"):
+        if path == src / "cli.py":
+            continue
+        package = ".".join(("nsa",) + path.relative_to(src).parent.parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                module = ".".join(p for p in (base, node.module) if p)
+                names = [module] + [f"{module}.{a.name}" for a in node.names]
+            else:
+                continue
+            assert "nsa.cli" not in names, f"{path} imports nsa.cli"
 
 
 def test_resolve_device(monkeypatch):

@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 
+from .._cli_utils import add_device_option, add_dtype_option, resolve_device
+
 __all__ = ["cli_main"]
 
 
@@ -60,7 +62,7 @@ def _names(allowed):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .harness import BASELINES, DTYPES, PRESETS
+    from .harness import BASELINES, PRESETS
 
     presets = "; ".join(f"{k}: {v.about}" for k, v in PRESETS.items())
     p = argparse.ArgumentParser(
@@ -72,11 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--B", type=_int_list, help="override batch sizes, e.g. 1,8")
     p.add_argument("--heads", type=_pairs("/"), help="override (HQ/H) pairs, e.g. 64/4,16/4")
     p.add_argument("--dims", type=_pairs("x"), help="override head dims (Dk x Dv), e.g. 128x128,192x128")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="override the preset's dtype")
+    add_dtype_option(p, None, "override the preset's dtype")
     p.add_argument("--smooth-queries", type=int, default=0, metavar="N",
                    help="train cases: queries as moving sums of N positions of random noise, so that "
                         "neighbouring positions select shared blocks (0, the default: independent queries)")
-    p.add_argument("--device", help="cuda or cpu (default: the preset's, else cuda when available)")
+    add_device_option(p, "the preset's, else cuda when available")
     p.add_argument("--backend", choices=("auto", "reference", "triton"),
                    help="NSA backend (default: the preset's; $NSA_BACKEND if set)")
     p.add_argument("--reps", type=int, default=3,
@@ -110,7 +112,6 @@ def cli_main(argv: list[str] | None = None) -> int:
     """Entry point of ``nsa bench`` / ``python -m nsa.bench``. Returns the exit status:
     0 when nothing failed, 1 when an NSA check failed or an NSA measurement raised."""
     args = _parser().parse_args(argv)
-    from ..cli import resolve_device
     from . import harness, report
 
     preset = harness.PRESETS[args.preset]

@@ -59,6 +59,7 @@ import warnings
 
 import torch
 
+from nsa._cli_utils import canonical_dtype
 from nsa.ops import api, reference
 from nsa.ops.utils import interpreting
 from nsa.ops.utils import num_compressed, overlap_matrix
@@ -174,9 +175,7 @@ def build_cases(preset: str, T=None, B=None, heads=None, dims=None, dtype=None, 
     if not isinstance(smooth_queries, int) or smooth_queries < 0:
         raise ValueError(f"smooth_queries: expected an integer >= 0, got {smooth_queries!r}")
     p = PRESETS[preset]
-    dtype = dtype or p.dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    dtype = canonical_dtype(dtype or p.dtype, option="dtype")
     cases = []
     for kind in p.kinds:
         batches = B or (p.B_train if kind == "train" else p.B_decode)

@@ -6,7 +6,7 @@ import torch
 
 from .ops.utils import num_compressed
 
-__all__ = ["NSACache"]
+__all__ = ["NSACache", "KVCache"]
 
 
 class NSACache:
@@ -236,3 +236,117 @@ class NSACache:
         ci = torch.div(self.seq_lens[ids].long() - self.kernel_size, self.stride, rounding_mode="floor")
         self.k_cmp[ids, ci] = k_cmp.detach().to(self.k_cmp.dtype)
         self.v_cmp[ids, ci] = v_cmp.detach().to(self.v_cmp.dtype)
+
+
+class KVCache:
+    """Keys/values of N sequences of possibly different lengths for plain (full or sliding-window)
+    attention: the decoding state of one such layer of :class:`nsa.model.LanguageModel`.
+
+    Held tensors: ``k, v``: ``[N, cap, H, Dk|Dv]`` (keys rotated), row n valid up to
+    ``seq_lens[n]``; ``cap`` grows by doubling. A prefill fills an empty cache
+    (:meth:`prefill`); each decoding step appends one token per sequence (:meth:`append`) and
+    attends over the cache (:meth:`attend`).
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        """Forget every sequence (the cache becomes empty)."""
+        self.lengths: list[int] = []
+        self.seq_lens: torch.Tensor | None = None
+        self.k = self.v = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.lengths
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+    def prefill(self, lens, k, v):
+        """Fill an empty cache from packed prompts.
+
+        Args:
+            lens: list of N sequence lengths (>= 1) summing to ``total``.
+            k: ``[total, H, Dk]`` rotated keys; v: ``[total, H, Dv]`` values, packed in sequence order.
+        """
+        if not self.is_empty:
+            raise ValueError("cache: prefill needs an empty cache (call reset() first)")
+        if not lens or any((not isinstance(n, int)) or n < 1 for n in lens):
+            raise ValueError(f"lens: expected a non-empty list of positive ints, got {lens!r}")
+        total = sum(lens)
+        if k.shape[0] != total or v.shape[0] != total:
+            raise ValueError(f"k: expected {total} tokens (sum of lens), got {k.shape[0]} keys, {v.shape[0]} values")
+        dev = k.device
+        N, cap = len(lens), NSACache._capacity_for(max(lens))
+        lens_t = torch.tensor(lens, device=dev)
+        seq = torch.repeat_interleave(torch.arange(N, device=dev), lens_t)
+        pos = torch.arange(total, device=dev) - (torch.cumsum(lens_t, 0) - lens_t)[seq]
+        self.k = k.new_zeros(N, cap, *k.shape[1:])
+        self.v = v.new_zeros(N, cap, *v.shape[1:])
+        self.k[seq, pos] = k.detach()
+        self.v[seq, pos] = v.detach()
+        self.lengths = list(lens)
+        self.seq_lens = lens_t.to(torch.int32)
+
+    def append(self, k, v):
+        """Append one token to every sequence (at position ``seq_lens[n]``).
+
+        Args:
+            k: ``[N, H, Dk]`` rotated key; v: ``[N, H, Dv]``.
+        """
+        if self.is_empty:
+            raise ValueError("cache: append needs a prefilled cache")
+        N = self.batch_size
+        if tuple(k.shape) != (N, *self.k.shape[2:]) or tuple(v.shape) != (N, *self.v.shape[2:]):
+            raise ValueError(f"k, v: expected [N={N}, H, D] like the cached tensors {(N, *self.k.shape[2:])}, "
+                             f"{(N, *self.v.shape[2:])}; got {tuple(k.shape)}, {tuple(v.shape)}")
+        if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled() and self.k.is_inference():
+            self.k, self.v, self.seq_lens = self.k.clone(), self.v.clone(), self.seq_lens.clone()
+        need = max(self.lengths) + 1
+        if need > self.capacity:
+            cap = self.capacity
+            while cap < need:
+                cap *= 2
+            for name in ("k", "v"):
+                t = getattr(self, name)
+                grown = t.new_zeros(t.shape[0], cap, *t.shape[2:])
+                grown[:, :t.shape[1]] = t
+                setattr(self, name, grown)
+        rows = torch.arange(N, device=self.k.device)
+        pos = self.seq_lens.long()
+        self.k[rows, pos] = k.detach().to(self.k.dtype)
+        self.v[rows, pos] = v.detach().to(self.v.dtype)
+        self.lengths = [n + 1 for n in self.lengths]
+        self.seq_lens = self.seq_lens + 1
+
+    def attend(self, q, window_size=None, scale=None):
+        """Attention of one new query per sequence over its cached keys.
+
+        Args:
+            q: ``[N, HQ, Dk]`` the queries of the tokens just appended (at position ``seq_lens[n] - 1``).
+            window_size: None (full causal attention) or w: keys ``seq_lens[n] - w <= s < seq_lens[n]``.
+            scale: softmax scale, default ``Dk ** -0.5``.
+        Returns:
+            ``[N, HQ, Dv]`` in q's dtype (computed in float32, float64 for float64 q).
+        """
+        N, HQ, Dk = q.shape
+        H = self.k.shape[2]
+        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        s = Dk ** -0.5 if scale is None else scale
+        qg = q.to(ct).view(N, H, HQ // H, Dk)
+        scores = torch.einsum("nhgd,nshd->nhgs", qg, self.k.to(ct)) * s  # [N, H, G, cap]
+        pos = torch.arange(self.capacity, device=q.device)
+        end = self.seq_lens.long().view(N, 1)
+        visible = pos < end
+        if window_size is not None:
+            visible &= pos >= end - window_size
+        scores = scores.masked_fill(~visible.view(N, 1, 1, -1), float("-inf"))
+        o = torch.einsum("nhgs,nshd->nhgd", scores.softmax(-1), self.v.to(ct))
+        return o.reshape(N, HQ, -1).to(q.dtype)

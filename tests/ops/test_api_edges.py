@@ -128,6 +128,28 @@ def test_decode_windows_beyond_the_kernels_int_arguments():
         assert_close(f"decode {backend}, window 2**63", whole, got, 1e-5)
 
 
+class _KernelSpy:
+    """Stands in for nsa.ops.selection.selection_fwd_kernel: records the keyword arguments of
+    every launch, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def selection_spy(monkeypatch):
+    from nsa.ops import selection
+    spy = _KernelSpy(selection.selection_fwd_kernel)
+    monkeypatch.setattr(selection, "selection_fwd_kernel", spy)
+    return spy
+
+
 SELECTION_WIDE = [  # (kernel_size, stride, block_size, T): chunk tiles beyond Triton's 2^20 elements
     (4, 2, 1024, 300),  # every position has <= num_selected blocks: all causal blocks
     (2, 1, 2 ** 30, 40),  # one block holds everything
@@ -136,7 +158,12 @@ SELECTION_WIDE = [  # (kernel_size, stride, block_size, T): chunk tiles beyond T
 
 
 @pytest.mark.parametrize("ks,st,bs,T", SELECTION_WIDE)
-def test_selection_beyond_the_kernel_tile(ks, st, bs, T):
+def test_selection_without_the_kernel(ks, st, bs, T, selection_spy):
+    """Chunk tiles beyond MAX_TILE_NUMEL never launch the kernel (the spy sees no launch) and
+    take the fallback. The first two cases check its all-causal-blocks shortcut against the
+    reference; in the third the fallback *is* reference.select_blocks (it warns), so the
+    equality there checks the routing and the warning, not any selection code of the kernel.
+    The kernel at the limit: test_selection_at_the_kernel_tile_limit."""
     g = torch.Generator().manual_seed(3)
     Tc = (T - ks) // st + 1
     q = torch.randn(1, T, 4, 16, generator=g).to(DEV)
@@ -149,6 +176,36 @@ def test_selection_beyond_the_kernel_tile(ks, st, bs, T):
             got = ops.select_blocks(*args, backend="triton")
     else:
         got = ops.select_blocks(*args, backend="triton")
+    assert selection_spy.launches == []
+    assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="the interpreter's tiles (256 rows); on a GPU the tile has other rows "
+                                          "and 256 tokens per block need not compile: tests/gpu/test_selection_gpu.py")
+def test_selection_at_the_kernel_tile_limit(selection_spy):
+    """4/2/512 (256 compressed tokens per block, 16 blocks per chunk) with G = 2: a chunk tile of
+    256 rows x 4096 tokens, exactly MAX_TILE_NUMEL, the widest the kernel takes. The kernel
+    launches (the spy sees the tile) and its selection is checked row by row against the float64
+    reference scores (tie-aware) and equals the reference's: with num_selected 1 and nothing
+    forced, every position past the first block chooses among 2 or 3 blocks (q scaled by 3, a
+    peaked softmax, so that the choice varies: 150 of those 588 rows take block 1)."""
+    from nsa.ops import selection
+
+    from .selection_check import check_selection
+
+    ks, st, bs, T, n = 4, 2, 512, 1100, 1
+    g = torch.Generator().manual_seed(5)
+    Tc = (T - ks) // st + 1
+    q = 3 * torch.randn(1, T, 2, 16, generator=g)
+    kc, vc = (torch.randn(1, Tc, 1, 16, generator=g) for _ in range(2))
+    lse = ops.compressed_attention(q, kc, vc, ks, st, backend="reference")[1]
+    got = ops.select_blocks(q, kc, lse, ks, st, bs, n, 0, 0, backend="triton")
+    assert len(selection_spy.launches) == 1
+    kw = selection_spy.launches[0]
+    assert kw["BT"] * kw["GP"] * kw["BJ"] * kw["CPBP"] == selection.MAX_TILE_NUMEL
+    check_selection(q, kc, lse, got, kernel_size=ks, stride=st, block_size=bs, num_selected=n, num_initial=0,
+                    num_local=0, tol=1e-5)
+    want = ops.select_blocks(q, kc, lse, ks, st, bs, n, 0, 0, backend="reference")
     assert torch.equal(got, want)
 
 

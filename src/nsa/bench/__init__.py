@@ -122,6 +122,12 @@ def cli_main(argv: list[str] | None = None) -> int:
     if args.smooth_queries < 0:
         print("nsa bench: --smooth-queries must be >= 0", file=sys.stderr)
         return 2
+    if args.plot:
+        try:  # refused before the run, not after it
+            report.import_matplotlib()
+        except RuntimeError as e:
+            print(f"nsa bench: --plot: {e}", file=sys.stderr)
+            return 2
     try:
         device = str(resolve_device(args.device or preset.device))
         cases = harness.build_cases(args.preset, T=args.T, B=args.B, heads=args.heads, dims=args.dims,

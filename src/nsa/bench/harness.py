@@ -1293,17 +1293,44 @@ def run(cases: list[Case], device, backend="auto", reps=3, baselines=BASELINES, 
         torch.set_num_threads(prev_threads)
 
 
+class _NoBar:
+    """Stands in for a tqdm bar that draws nothing (progress off, or tqdm not installed)."""
+
+    disable = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def set_postfix_str(self, *args, **kwargs):
+        pass
+
+    def update(self, n=1):
+        pass
+
+
+def _progress_bar(total, progress):
+    """A tqdm bar when ``progress`` and tqdm is installed (it is optional: the ``train`` extra);
+    otherwise a bar that draws nothing, and the caller prints one line per case."""
+    if not progress:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    # disable=None: tqdm draws only on a terminal; elsewhere (a log file) one line per case instead
+    return tqdm(total=total, desc="nsa bench", unit="run", disable=None, dynamic_ncols=True)
+
+
 def _run(cases, device, backend, reps, baselines, branches, progress, log):
     import sys
-
-    from tqdm.auto import tqdm
 
     timer = Timer(device, reps)
     plan = [(c, tasks_for(c, device, backend, baselines, branches)) for c in cases]
     records = []
-    # disable=None: tqdm draws only on a terminal; elsewhere (a log file) one line per case instead
-    with tqdm(total=sum(len(t) for _, t in plan), desc="nsa bench", unit="run", disable=None if progress else True,
-              dynamic_ncols=True) as bar:
+    with _progress_bar(sum(len(t) for _, t in plan), progress) as bar:
         for i, (case, tasks) in enumerate(plan):
             t0 = time.perf_counter()
             check = None

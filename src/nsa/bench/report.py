@@ -172,13 +172,21 @@ def _line_key(records, r, x_fields):
     return " ".join([r["impl"], r["pass"]] + extra)
 
 
+def import_matplotlib():
+    """matplotlib, or a RuntimeError naming the extra that installs it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("plotting needs matplotlib: pip install 'nsa[plot]'") from None
+    return matplotlib
+
+
 def plot(path: str, records: list[dict], title: str = ""):
     """PNG with two panels: time vs T (log-log) and speedup vs T, one line per impl and pass
     (and per batch/heads/dims where those vary); colour = impl, line style = pass. NSA's
     per-branch lines (thin) appear in the time panel only. When every record has the same T
     (the gqa preset), the x axis is the group size HQ/H instead."""
-    import matplotlib
-
+    matplotlib = import_matplotlib()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter

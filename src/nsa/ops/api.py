@@ -41,12 +41,16 @@ _TRITON_IMPLS = {
 def _load_triton_impls() -> dict:
     """Imports the kernel modules once, at import time: torch.compile cannot trace an import,
     and a dict lookup keeps the dispatch traceable. Without triton, no op has a kernel."""
+    global _TRITON_MISSING
     impls = {}
     for op, (mod_name, fn_name) in _TRITON_IMPLS.items():
         try:
             mod = importlib.import_module(mod_name)
         except ModuleNotFoundError as e:
-            if e.name in (mod_name, "triton"):
+            if e.name == "triton" or (e.name or "").startswith("triton."):
+                _TRITON_MISSING = True
+                continue
+            if e.name == mod_name:
                 continue
             raise
         fn = getattr(mod, fn_name, None)
@@ -55,6 +59,7 @@ def _load_triton_impls() -> dict:
     return impls
 
 
+_TRITON_MISSING = False  # set when the kernel modules could not import triton
 _TRITON_FUNCS = _load_triton_impls()
 
 
@@ -80,8 +85,10 @@ def resolve_backend(backend, op, device: torch.device):
     if backend == "auto":
         return impl if (impl is not None and device.type == "cuda") else getattr(reference, op)
     if impl is None:
-        raise ValueError(f"backend: 'triton' requested but {op} has no Triton kernel here "
-                         "(is triton installed?)")
+        if _TRITON_MISSING:
+            raise ValueError("backend: 'triton' requested but triton is not installed (CUDA builds of torch "
+                             "bring it; for the CPU interpreter: pip install 'nsa[triton]')")
+        raise ValueError(f"backend: 'triton' requested but {op} has no Triton kernel")
     if device.type != "cuda" and not interpreting():
         raise ValueError(f"backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors; got {device}")
     return impl

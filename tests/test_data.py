@@ -78,7 +78,7 @@ def test_byte_tokenizer_attributes_save_load(tmp_path):
         data.load_tokenizer(tmp_path / "missing")
 
 
-def test_bpe_tokenizer_round_trip_save_load(tmp_path):
+def test_bpe_tokenizer_round_trip_save_load(corpus, tmp_path):
     pytest.importorskip("tokenizers", reason="BPE needs the optional 'tokenizers' library")
     train = [t for t in TEXTS.values()] * 20
     tok = data.make_tokenizer("bpe:300", lambda: iter(train))
@@ -99,8 +99,25 @@ def test_bpe_tokenizer_round_trip_save_load(tmp_path):
     assert loaded.encode(TEXTS["b.md"]) == tok.encode(TEXTS["b.md"])
     assert data.make_tokenizer(str(tmp_path / "bpe")).fingerprint == tok.fingerprint
     # trained from files (Paths) as well as from texts
-    from_files = data.BPETokenizer.train([p for p in sorted((tmp_path).rglob("*.json"))] + train, 280)
+    from_files = data.BPETokenizer.train(data.find_documents([str(corpus)]) * 20, 280)
     assert from_files.vocab_size == 280 and from_files.fingerprint != tok.fingerprint
+
+
+def test_cached_tokenizer(corpus, tmp_path, monkeypatch):
+    pytest.importorskip("tokenizers", reason="BPE needs the optional 'tokenizers' library")
+    docs = data.find_documents([str(corpus)])
+    tok = data.cached_tokenizer("bpe:270", docs, tmp_path / "cache")
+    assert [p.name.startswith("tokenizer-") for p in (tmp_path / "cache").iterdir()] == [True]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(data.BPETokenizer, "train", no_training)
+    assert data.cached_tokenizer("bpe:270", docs, tmp_path / "cache").fingerprint == tok.fingerprint
+    assert isinstance(data.cached_tokenizer("byte", docs, tmp_path / "cache"), ByteTokenizer)
+    (corpus / "a.txt").write_text("another text")
+    with pytest.raises(AssertionError, match="trained again"):  # a changed corpus trains anew
+        data.cached_tokenizer("bpe:270", docs, tmp_path / "cache")
 
 
 @pytest.mark.parametrize("spec", ["bpe:259", "bpe:x", "bpe:", "word", "BYTE", "bpe:300.5"])
@@ -407,10 +424,10 @@ def test_packed_batches_bad_arguments(store, kwargs, name):
 
 
 def test_eval_batches(store):
-    first = [next(PackedBatches(store, 32, 16, shuffle=False)) for _ in range(1)]
+    it = PackedBatches(store, 32, 16, shuffle=False)
     got = data.eval_batches(store, 32, 16, max_batches=3)
     assert len(got) == 3
-    assert torch.equal(got[0]["input_ids"], first[0]["input_ids"])
+    assert all(torch.equal(g[k], want[k]) for g in got for want in [next(it)] for k in want)
     again = data.eval_batches(store, 32, 16, max_batches=3)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(got, again) for k in a)
     assert len(data.eval_batches(store, 32, 16, max_batches=10**6)) == len(store) // 32  # one pass at most

@@ -45,6 +45,7 @@ __all__ = [
     "BPETokenizer",
     "load_tokenizer",
     "make_tokenizer",
+    "cached_tokenizer",
     "find_documents",
     "split_documents",
     "read_text",
@@ -299,6 +300,29 @@ def make_tokenizer(
     )
 
 
+def cached_tokenizer(
+    spec: str, docs: Sequence[str | os.PathLike], cache_dir: str | os.PathLike
+) -> ByteTokenizer | BPETokenizer:
+    """:func:`make_tokenizer` for ``spec`` trained on ``docs``, saved under
+    ``cache_dir/tokenizer-<key>/`` and loaded from there next time (training a BPE on
+    ~150 MB takes minutes). The key hashes ``spec`` and each document's (path, size,
+    mtime_ns); ``'byte'`` and saved directories need no training and are not cached."""
+    if not (isinstance(spec, str) and spec.startswith("bpe:")):
+        return make_tokenizer(spec)
+    docs = [Path(d).resolve() for d in docs]
+    h = hashlib.sha256(f"nsa-tokenizer\0{spec}\0".encode())
+    _hash_stats(h, docs)
+    directory = Path(cache_dir) / f"tokenizer-{h.hexdigest()[:32]}"
+    if (directory / TOKENIZER_CONFIG).is_file():
+        try:
+            return load_tokenizer(directory)
+        except ValueError:
+            pass  # unreadable: train again
+    tok = make_tokenizer(spec, lambda: iter_texts(docs))
+    tok.save(directory)
+    return tok
+
+
 # --------------------------------------------------------------------------------------------
 # Corpus
 # --------------------------------------------------------------------------------------------
@@ -500,10 +524,17 @@ def _cache_key(docs: Sequence[Path], tokenizer) -> str:
     """sha256 of the store format, the tokenizer's fingerprint and every document's
     (resolved path, size, mtime_ns)."""
     h = hashlib.sha256(f"nsa-token-store-{STORE_FORMAT}\0{tokenizer.fingerprint}\0".encode())
-    for path in docs:
-        st = path.stat()
-        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    _hash_stats(h, docs)
     return h.hexdigest()[:32]
+
+
+def _hash_stats(h, docs: Sequence[Path]):
+    for path in docs:
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise ValueError(f"--data: cannot read {path}: {e}") from e
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
 
 
 class TokenStore:

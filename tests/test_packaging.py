@@ -1,5 +1,5 @@
 """The package as users get it: one version, a wheel and an sdist that install and import,
-and the core without its optional dependencies."""
+the core without its optional dependencies, and API docs that build without warnings."""
 
 import importlib.metadata
 import os
@@ -121,3 +121,16 @@ def test_wheel_and_sdist_install_and_import(tmp_path):
     assert got_version == version and Path(path).is_relative_to(venv), r.stdout
     r = _run([venv / "bin" / "nsa", "--help"], cwd=tmp_path)
     assert "demo" in r.stdout and "bench" in r.stdout
+
+
+@pytest.mark.slow
+def test_docs_build_without_warnings(tmp_path):
+    """`make docs` (scripts/docs.py: pdoc over every public module) builds, warning-free."""
+    pytest.importorskip("pdoc")
+    out = tmp_path / "docs"
+    r = _run([sys.executable, ROOT / "scripts" / "docs.py", out],
+             timeout=300, cwd=ROOT)
+    assert "Warn" not in r.stderr and "Error" not in r.stderr, r.stderr
+    for page in ("index.html", "nsa.html", "nsa/layer.html", "nsa/ops.html", "nsa/ops/reference.html",
+                 "nsa/bench.html", "nsa/cli.html"):
+        assert (out / page).is_file(), page

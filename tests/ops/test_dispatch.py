@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +171,17 @@ def test_triton_on_cpu_needs_the_interpreter(op, monkeypatch):
         api.resolve_backend("triton", op, CPU)
     with pytest.raises(ValueError, match=r"^backend\W"):
         run(op, inputs(), backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only setting of tests/conftest.py")
+@pytest.mark.parametrize("inherited", ["0", "", "true"])
+def test_conftest_sets_the_interpreter_on_cpu(inherited, monkeypatch):
+    """tests/conftest.py sets TRITON_INTERPRET=1 (and NSA_POISON=1) whatever the environment held:
+    an inherited TRITON_INTERPRET=0 turned the CPU kernel tests into failures and skips."""
+    monkeypatch.setenv("TRITON_INTERPRET", inherited)
+    monkeypatch.setenv("NSA_POISON", "0")
+    runpy.run_path(str(Path(__file__).parents[1] / "conftest.py"))
+    assert os.environ["TRITON_INTERPRET"] == "1" and os.environ["NSA_POISON"] == "1"
+    _prime_kernel_modules()
+    mod, fn = api._TRITON_IMPLS["selected_attention"]
+    assert api.resolve_backend("triton", "selected_attention", CPU) is getattr(importlib.import_module(mod), fn)

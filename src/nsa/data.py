@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 __all__ = [
     "ByteTokenizer",
@@ -472,10 +473,10 @@ def split_documents(
     """Split documents into (train, validation) by file.
 
     A document goes to validation when ``sha256(seed, its path relative to the documents'
-    common directory)`` read as a number in [0, 1) is below ``val_fraction``: the split
-    depends on the seed and the paths only (not on where the corpus lies, nor on the other
-    documents), so adding files never moves old ones. If one side comes out empty, the
-    document with the smallest (largest) hash moves to validation (training).
+    common directory)`` read as a number in [0, 1) is below ``val_fraction``: a document's
+    side depends on the seed and its relative path only, not on where the corpus lies, so
+    adding files (below the same common directory) never moves old ones. If one side comes
+    out empty, the document with the smallest (largest) hash moves to validation (training).
 
     Returns:
         ``(train_docs, val_docs)`` as Paths, each in the input order; both non-empty.
@@ -483,6 +484,8 @@ def split_documents(
     docs = [Path(d) for d in docs]
     if len(docs) < 2:
         raise ValueError(f"--data: need at least 2 documents to split train/validation, got {len(docs)}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an int, got {seed!r}")
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction: expected a number in (0, 1), got {val_fraction!r}")
     resolved = [os.path.abspath(d) for d in docs]
@@ -492,7 +495,7 @@ def split_documents(
     scores = []
     for path in resolved:
         rel = Path(os.path.relpath(path, root)).as_posix()
-        digest = hashlib.sha256(f"{int(seed)}\0{rel}".encode()).digest()
+        digest = hashlib.sha256(f"{seed}\0{rel}".encode()).digest()
         scores.append(int.from_bytes(digest[:8], "big") / 2**64)
     is_val = [s < val_fraction for s in scores]
     if not any(is_val):
@@ -641,7 +644,6 @@ def _write_store(out: Path, docs: list[Path], tokenizer, progress: bool):
     encode = getattr(tokenizer, "_encode_arrays", None) or (
         lambda texts: [np.asarray(tokenizer.encode(t), dtype=np.int64) for t in texts]
     )
-    from tqdm.auto import tqdm
 
     def flush(texts, f):
         for ids in encode(texts):

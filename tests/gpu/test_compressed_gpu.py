@@ -18,6 +18,8 @@ import torch
 
 from nsa.ops import compressed_attention, reference
 from nsa.ops.utils import num_compressed
+from tests.gpu.sampled_rows import (
+    assert_row_grads_close, assert_rows_close, compressed_mask, rows_only, rows_reference, sample_positions)
 from tests.helpers import assert_close, needs_cuda
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
@@ -119,16 +121,29 @@ def test_varlen_gpu():
         assert_close(name, r, x.float(), TOL_GRAD)
 
 
-def test_t131072_finite():
+def test_t131072_sampled_rows():
+    """T = 128k: o finite, lse -inf exactly before the first compressed token; o, lse and dq on
+    256 query rows spread over the sequence (every head) and on the last 256 against the float32
+    reference on those rows (tests/gpu/sampled_rows.py); dk_cmp and dv_cmp in full from a
+    backward whose upstream gradient is zero off the sampled rows; a full backward finite."""
     T = 131072
     q, k, v = make_inputs(T, 128, 128, requires_grad=True)
     o, lse = compressed_attention(q, k, v, KS, ST, backend="triton")
     assert torch.isfinite(o).all()
     assert torch.isinf(lse[:, :KS - 1]).all() and torch.isfinite(lse[:, KS - 1:]).all()
     check_rows("T=131072", q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), [(T - 256, T)])
-    dq, dk, dv = torch.autograd.grad(o.float().square().sum(), (q, k, v))
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    do = torch.randn(o.shape, device="cuda", generator=gen).bfloat16()
+    rows = sample_positions(T, 256)
+    ref = rows_reference(q, k, v, rows, compressed_mask(KS, ST, k.shape[1]), 128 ** -0.5, do)
+    assert_rows_close("T=131072", ref, o, rows, TOL_O, lse=lse, lse_ratio=TOL_LSE)
+    grads = torch.autograd.grad(o, (q, k, v), rows_only(do, rows), retain_graph=True)
+    assert_row_grads_close("T=131072", ref, grads, rows, TOL_GRAD)
+    del grads
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
     for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
         assert torch.isfinite(g).all(), f"{name} has non-finite elements"
+    assert_close("T=131072 dq on the sampled rows, full backward", ref["dq"], dq[:, rows].float(), TOL_GRAD)
 
 
 def test_more_than_2pow31_elements():

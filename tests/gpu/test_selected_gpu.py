@@ -11,6 +11,8 @@ import nsa.ops.selected
 
 from nsa.ops import reference, selected_attention
 from nsa.ops.selected import selected_attention_triton
+from tests.gpu.sampled_rows import (
+    assert_row_grads_close, assert_rows_close, rows_only, rows_reference, sample_positions, selected_mask)
 from tests.helpers import assert_close, needs_cuda
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
@@ -204,7 +206,10 @@ def test_varlen_gpu():
 
 
 def test_long_sequence_128k():
-    """T = 128k at B = 1: runs, all finite; the last 64 queries match the reference."""
+    """T = 128k at B = 1: runs, all finite; o and dq on 256 query rows spread over the sequence
+    (every head) and on the last 64 against the float32 reference on those rows
+    (tests/gpu/sampled_rows.py); dk and dv in full from a second backward whose upstream
+    gradient is zero off the sampled rows."""
     T, HQ, H, D, bs, S, C = 131072, 64, 4, 128, 64, 16, 64
     q, k, v, idx, do = inputs(1, T, HQ, H, D, D, S, bs, torch.bfloat16, seed=4)
     o, (dq, dk, dv) = run_triton(q, k, v, idx, do, bs)
@@ -213,6 +218,13 @@ def test_long_sequence_128k():
     o_r, dq_r, _, _ = chunk_reference(q, k, v, idx, do, bs, D ** -0.5, T - C, T)
     assert_close("o[-64:]", o_r, o[:, T - C:], RATIO_BF16)
     assert_close("dq[-64:]", dq_r, dq[:, T - C:], RATIO_BF16)
+    rows = sample_positions(T, 256)
+    ref = rows_reference(q, k, v, rows, selected_mask(idx, bs), D ** -0.5, do)
+    assert_rows_close("T=128k", ref, o, rows, RATIO_BF16)
+    assert_close("T=128k dq on the sampled rows", ref["dq"], dq[:, rows].float(), RATIO_BF16)
+    del o, dq, dk, dv
+    _, grads = run_triton(q, k, v, idx, rows_only(do, rows), bs)
+    assert_row_grads_close("T=128k", ref, grads, rows, RATIO_BF16)
 
 
 def test_more_than_2_pow_31_elements(fwd_mode):

@@ -4,7 +4,8 @@ B=1, HQ=64, H=4, D=128, kernel_size/stride/block_size 32/16/64, num_selected=16.
 log-sum-exp comes from a chunked float32 computation here (the definition, no kernel), so a
 bug in the compressed-attention kernel cannot hide one in the selection. T = 4096 and 32768
 are checked row by row with the tie-aware checker (float64 scores); at T = 131072 (q alone holds
-2^30 elements) every row must be a valid selection and the first rows are checked in full.
+2^30 elements) every row must be a valid selection, 256 rows spread over the sequence are
+checked against the reference's rule on their own scores, and the first rows in full.
 """
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from nsa.ops import select_blocks
 from nsa.ops.utils import compressed_cu_seqlens, num_compressed
+from tests.gpu.sampled_rows import check_selection_rows, sample_positions
 from tests.helpers import needs_cuda
 from tests.ops.selection_check import check_selection
 
@@ -123,11 +125,17 @@ def test_selection_small_groups(hq):
     check(q, k_cmp, lse, select(q, k_cmp, lse, cu), cu)
 
 
-def test_selection_131072_rows_valid():
+def test_selection_131072_sampled_rows():
+    """Every row structurally valid; 256 query rows spread over the sequence (every KV head)
+    against the reference's top-n rule on their float64 scores (tests/gpu/sampled_rows.py:
+    tie-aware, >= 99% equal to the reference's choice); the first 4096 rows in full;
+    deterministic."""
     T = 131072
     q, k_cmp, lse = make_inputs(T)
     idx = select(q, k_cmp, lse)
     assert_rows_valid(idx, T)
+    check_selection_rows(q, k_cmp, lse, idx, sample_positions(T, 256), kernel_size=KS, stride=ST, block_size=BS,
+                         num_selected=N, num_initial=NI, num_local=NL, tol=TOL)
     # the first 4096 rows see only the first compressed tokens: check their choice too
     P = 4096
     check(q[:, :P], k_cmp[:, :num_compressed(P, KS, ST)], lse[:, :P], idx[:, :P])

@@ -21,6 +21,8 @@ import pytest
 import torch
 
 from nsa.ops import reference, sliding_window_attention
+from tests.gpu.sampled_rows import (
+    assert_row_grads_close, assert_rows_close, rows_only, rows_reference, sample_positions, window_mask)
 from tests.helpers import assert_close, needs_cuda, rel_err
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
@@ -183,13 +185,23 @@ def _check_last_chunk(q, k, v, do, o, grads, W, C, name):
 
 
 def test_long_sequence_128k():
-    """T = 128k at B = 1: forward and backward finite; the last 256 queries/keys match."""
+    """T = 128k at B = 1: forward and backward finite; the last 256 queries/keys match; o and dq
+    on 256 query rows spread over the sequence (every head) against the float32 reference on
+    those rows (tests/gpu/sampled_rows.py), and dk, dv in full from a second backward whose
+    upstream gradient is zero off the sampled rows."""
     B, T, HQ, H, D, W, C = 1, 131072, 64, 4, 128, 512, 256
     q, k, v, do = inputs(B, T, HQ, H, D, D, torch.bfloat16, seed=5)
     o, grads = run_triton(q, k, v, do, W)
     for name, x in zip(("o", "dq", "dk", "dv"), (o, *grads)):
         assert torch.isfinite(x).all(), name
     _check_last_chunk(q, k, v, do, o, grads, W, C, "T128k")
+    rows = sample_positions(T, 256)
+    ref = rows_reference(q, k, v, rows, window_mask(W, T), D ** -0.5, do)
+    assert_rows_close("T128k", ref, o, rows, RATIO_BF16)
+    assert_close("T128k dq on the sampled rows", ref["dq"], grads[0][:, rows].float(), RATIO_BF16)
+    del o, grads
+    _, grads = run_triton(q, k, v, rows_only(do, rows), W)
+    assert_row_grads_close("T128k", ref, grads, rows, RATIO_BF16)
 
 
 def test_more_than_2_pow_31_elements():

@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
-# One device call on the H200: the benchmark presets, then the GPU test suite, inside a time budget.
+# One device call on the H100 or H200: the benchmark presets, then the GPU test suite, inside a time budget.
 #
 # Usage (device tool, from the repository root):
 #   bash scripts/gpu_run.sh [preset ...]            default presets: paper; "none" runs no benchmark
 # Environment:
 #   NSA_BUDGET=570          seconds for the whole script (the device tool allows 600 per call)
-#   NSA_TEST_RESERVE=240    seconds kept for the GPU tests after the benchmarks (2026-11-28: 80 tests took 151 s; the suite has grown since)
+#   NSA_TEST_RESERVE=300    seconds kept for the GPU tests after the benchmarks (2026-11-29, run 52: 120 tests took 171 s
+#                           on 3 workers; the bigmem ones now run one at a time after the rest)
 #   NSA_BENCH_ARGS=""       extra arguments for every `nsa bench` run (e.g. "--dims 128x128")
-#   NSA_GPU_TESTS=1         0 skips the tests;  NSA_GPU_WORKERS=3 pytest-xdist workers
+#   NSA_GPU_TESTS=1         0 skips the tests;  NSA_GPU_WORKERS=3 pytest-xdist workers (for all but the bigmem tests)
+#   NSA_BIGMEM_RESERVE=120  seconds of the tests' time kept for the bigmem tests, which run one at a time after the rest
 #   NSA_GPU_TEST_ARGS=""    extra pytest arguments, shell-quoted (e.g. -k 'selected or window')
 #   NSA_PROBE=""            parts of benchmarks/probe.py to run first at T=64k (e.g. "fwdmodes dqmodes")
 #   NSA_GIT_REV=""          the commit the copied tree was made from, recorded in the benchmark's
 #                           header and JSON (the copy's own .git may be stale: give it explicitly)
-# Results in $OUT: env.txt, probe.log, bench_<preset>.{json,png,log}, gpu_tests.log
+# Results in $OUT: env.txt, probe.log, bench_<preset>.{json,png,log}, gpu_tests.log, gpu_tests_bigmem.log
 set -uo pipefail
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 START=$(date +%s)
 BUDGET="${NSA_BUDGET:-570}"
-RESERVE="${NSA_TEST_RESERVE:-240}"
+RESERVE="${NSA_TEST_RESERVE:-300}"
 [ "${NSA_GPU_TESTS:-1}" = "1" ] || RESERVE=0
 PRESETS=("$@")
 [ ${#PRESETS[@]} -gt 0 ] || PRESETS=(paper)
@@ -54,23 +56,30 @@ for preset in "${PRESETS[@]}"; do
   tail -n 45 "$OUT/bench_$preset.log"
 done
 
+# gpu_tests EXPR LOG SECONDS [pytest args]: the tests of tests/gpu marked "gpu and (EXPR)", killed after SECONDS
+gpu_tests() {
+  local expr=$1 log=$2 t=$3
+  shift 3
+  if [ "$t" -lt 30 ]; then echo "skip gpu tests ($expr): budget spent"; status=1; return; fi
+  timeout "$t" python3 -m pytest -v -p no:cacheprovider "$@" -m "gpu and ($expr)" tests/gpu "${test_args[@]}" \
+    -rfE --durations=20 > "$log" 2>&1
+  local rc=$?
+  [ $rc -eq 5 ] && rc=0  # none of these tests selected (NSA_GPU_TEST_ARGS -k ...)
+  [ $rc -eq 124 ] && echo "gpu tests ($expr): killed at their ${t}s budget" >> "$log"
+  status=$((status | rc))
+  grep -E "FAILED|ERROR|passed|failed|killed|no tests ran" "$log" | tail -n 40
+}
+
 if [ "${NSA_GPU_TESTS:-1}" = "1" ]; then
-  t=$(( $(left) ))
-  if [ "$t" -ge 30 ]; then
-    # Compilation is CPU-bound: spread the tests over a few workers (pytest-xdist is on the image);
-    # more workers than that run the big-memory tests into each other.
-    # NSA_GPU_TEST_ARGS as shell words: quotes keep an expression together (-k 'a or b')
-    eval "test_args=(${NSA_GPU_TEST_ARGS:-})"
-    PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}" \
-      timeout "$t" python3 -m pytest -v -p no:cacheprovider -n "${NSA_GPU_WORKERS:-3}" -m gpu tests/gpu \
-      "${test_args[@]}" -rfE > "$OUT/gpu_tests.log" 2>&1
-    rc=$?
-    [ $rc -eq 124 ] && echo "gpu tests: killed at their ${t}s budget" >> "$OUT/gpu_tests.log"
-    status=$((status | rc))
-    grep -E "FAILED|ERROR|passed|failed|killed" "$OUT/gpu_tests.log" | tail -n 40
-  else
-    echo "skip gpu tests: budget spent"
-  fi
+  # NSA_GPU_TEST_ARGS as shell words: quotes keep an expression together (-k 'a or b')
+  eval "test_args=(${NSA_GPU_TEST_ARGS:-})"
+  export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+  # Compilation is CPU-bound: spread the tests over a few workers (pytest-xdist is on the image).
+  # The bigmem tests (> 2^31 elements, T = 128k; run 7's out-of-memory report shows processes of 48 and
+  # 52 GB) then run one at a time in one process: side by side on the 80 GB H100, 3 workers ran 7 of
+  # them out of memory; alone each fits.
+  gpu_tests "not bigmem" "$OUT/gpu_tests.log" $(( $(left) - ${NSA_BIGMEM_RESERVE:-120} )) -n "${NSA_GPU_WORKERS:-3}"
+  gpu_tests "bigmem" "$OUT/gpu_tests_bigmem.log" "$(left)"
 fi
 echo "gpu_run.sh: $(( $(date +%s) - START ))s, status $status"
 exit $status

@@ -121,6 +121,7 @@ def test_varlen_gpu():
         assert_close(name, r, x.float(), TOL_GRAD)
 
 
+@pytest.mark.bigmem
 def test_t131072_sampled_rows():
     """T = 128k: o finite, lse -inf exactly before the first compressed token; o, lse and dq on
     256 query rows spread over the sequence (every head) and on the last 256 against the float32
@@ -146,6 +147,7 @@ def test_t131072_sampled_rows():
     assert_close("T=131072 dq on the sampled rows, full backward", ref["dq"], dq[:, rows].float(), TOL_GRAD)
 
 
+@pytest.mark.bigmem
 def test_more_than_2pow31_elements():
     """B*T*HQ*D > 2^31: o, lse and dq of the last rows of the last batch (offsets past 2^31)."""
     B, T, D = 2, 131072 + 64, 128

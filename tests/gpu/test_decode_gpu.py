@@ -76,6 +76,7 @@ def test_paper_decode(lens, cap):
     assert torch.equal(o, o2) and torch.equal(idx, idx2), "two identical decode steps differ"
 
 
+@pytest.mark.bigmem
 def test_cache_past_2_pow_31_elements():
     """600 sequences of capacity 8192: each raw cache holds 600*8192*4*128 = 2.5e9 > 2^31 elements,
     and the last 88 sequences lie wholly past 2^31; their outputs and selections match the

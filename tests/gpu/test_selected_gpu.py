@@ -205,6 +205,7 @@ def test_varlen_gpu():
         assert_close(name, r, x, RATIO_BF16)
 
 
+@pytest.mark.bigmem
 def test_long_sequence_128k():
     """T = 128k at B = 1: runs, all finite; o and dq on 256 query rows spread over the sequence
     (every head) and on the last 64 against the float32 reference on those rows
@@ -227,6 +228,7 @@ def test_long_sequence_128k():
     assert_row_grads_close("T=128k", ref, grads, rows, RATIO_BF16)
 
 
+@pytest.mark.bigmem
 def test_more_than_2_pow_31_elements(fwd_mode):
     """B*T*HQ*D = 2 * 135168 * 64 * 128 > 2^31: offsets past 2^31 must not wrap. The last
     sequence's last 64 queries match the reference (forward and dq)."""

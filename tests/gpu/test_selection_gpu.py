@@ -125,6 +125,7 @@ def test_selection_small_groups(hq):
     check(q, k_cmp, lse, select(q, k_cmp, lse, cu), cu)
 
 
+@pytest.mark.bigmem
 def test_selection_131072_sampled_rows():
     """Every row structurally valid; 256 query rows spread over the sequence (every KV head)
     against the reference's top-n rule on their float64 scores (tests/gpu/sampled_rows.py:

@@ -184,6 +184,7 @@ def _check_last_chunk(q, k, v, do, o, grads, W, C, name):
     assert_close(f"{name} dv", dv_r[:, T - C - lo:], dv[-1:, T - C:], RATIO_BF16)
 
 
+@pytest.mark.bigmem
 def test_long_sequence_128k():
     """T = 128k at B = 1: forward and backward finite; the last 256 queries/keys match; o and dq
     on 256 query rows spread over the sequence (every head) against the float32 reference on
@@ -204,6 +205,7 @@ def test_long_sequence_128k():
     assert_row_grads_close("T128k", ref, grads, rows, RATIO_BF16)
 
 
+@pytest.mark.bigmem
 def test_more_than_2_pow_31_elements():
     """B*T*HQ*D = 3 * 131072 * 64 * 128 = 1.5 * 2^32 > 2^31: element offsets past 2^31 must not
     wrap. The last sequence's last 256 queries (o, dq) and keys (dk, dv) match the reference."""
@@ -216,6 +218,7 @@ def test_more_than_2_pow_31_elements():
     _check_last_chunk(q, k, v, do, o, grads, W, C, "B3xT128k")
 
 
+@pytest.mark.bigmem
 def test_more_than_2_pow_31_elements_varlen():
     """The same size packed as 3 sequences of unequal length (B = 1, cu_seqlens)."""
     lens = [131072 + 4099, 131072 - 4099, 131072]

@@ -147,7 +147,7 @@ def _bench(argv) -> int:
 
 def _parser():
     p = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention (DeepSeek, arXiv 2502.11089).")
-    sub = p.add_subparsers(dest="command", metavar="{demo,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,bench,train,generate}")
     d = sub.add_parser("demo", help="build an NSA layer, time forward/backward, check decoding, show the sparsity",
                        description="Builds one NSA layer, times forward + backward, checks that prefill + "
                                    "token-by-token decoding reproduces the full forward, and prints how many "
@@ -166,7 +166,148 @@ def _parser():
     d.add_argument("--seed", type=int, default=0, help="seed of the weights and the input (default 0)")
     d.set_defaults(func=_demo)
     sub.add_parser("bench", help="benchmarks (arguments go to nsa.bench; see `nsa bench --help`)", add_help=False)
+    _train_parser(sub)
+    _generate_parser(sub)
     return p
+
+
+def _train_parser(sub):
+    # Defaults are suppressed: an option left out keeps the value of --config, of the resumed
+    # run, or TrainConfig's default (nsa.train.config_from_sources merges them in that order).
+    t = sub.add_parser("train", help="train a language model (nsa.model) on text files; torchrun for several "
+                                     "processes", argument_default=argparse.SUPPRESS,
+                       description="Trains nsa.model.LanguageModel on packed documents and writes config.json, "
+                                   "metrics.jsonl, tokenizer/ and checkpoint/ into --out. Under torchrun "
+                                   "--nproc_per_node=N the same command runs data-parallel (DDP or FSDP2).")
+    t.add_argument("--config", help="TOML file of options (keys: the option names; a [model] table of "
+                                    "ModelConfig fields); flags given here override it")
+    t.add_argument("--out", help="run directory (required; refused if it holds a run, unless --resume or "
+                                 "--overwrite)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint "
+                                                         "(its saved options unless overridden)")
+    t.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    t.add_argument("--preset", choices=("tiny", "small", "base", "1b"), help="model size (default tiny)")
+    t.add_argument("--attention", choices=("nsa", "full", "window"), help="attention kind (default nsa)")
+    t.add_argument("--model", action="append", metavar="FIELD=VALUE",
+                   help="override a ModelConfig field, e.g. --model window_size=128 (repeatable)")
+    t.add_argument("--data", nargs="+", metavar="PATH", help="text files, directories or globs (default: the "
+                                                             "Python sources of this interpreter's library)")
+    t.add_argument("--tokenizer", help="'byte' (default), 'bpe:VOCAB' (trained here, needs `tokenizers`) or a "
+                                       "saved tokenizer directory")
+    t.add_argument("--cache-dir", help="where tokenized corpora are cached (default ~/.cache/nsa/tokens)")
+    t.add_argument("--val-fraction", type=float, help="share of documents held out for validation (default 0.05)")
+    t.add_argument("--seq-len", type=int, help="longest training sequence in tokens (default 512)")
+    t.add_argument("--batch-tokens", type=int, help="tokens per optimizer step over all processes (default 8192)")
+    t.add_argument("--grad-accum", type=int, help="micro-batches per step and process (default 1)")
+    t.add_argument("--steps", type=int, help="optimizer steps (default 1000 unless --tokens)")
+    t.add_argument("--tokens", type=int, help="training tokens (instead of --steps)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    t.add_argument("--min-lr-ratio", type=float, help="final learning rate / peak (default 0.1)")
+    t.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 2%% of the run)")
+    t.add_argument("--weight-decay", type=float, help="AdamW weight decay of matrices (default 0.1)")
+    t.add_argument("--beta1", type=float, help="AdamW beta1 (default 0.9)")
+    t.add_argument("--beta2", type=float, help="AdamW beta2 (default 0.95)")
+    t.add_argument("--grad-clip", type=float, help="gradient-norm clip, 0 for none (default 1.0)")
+    add_dtype_option(t, None, "compute dtype (bf16 autocast, or fp32; default bf16 on CUDA, fp32 on CPU)",
+                     allowed=("bf16", "fp32"))
+    t.add_argument("--compile", action="store_true", help="torch.compile each block")
+    t.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in the backward (less memory)")
+    t.add_argument("--seed", type=int, help="seed of the weights and the data order (default 0)")
+    t.add_argument("--eval-every", type=int, help="evaluate every N steps (default 0: only at the end)")
+    t.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default 8)")
+    t.add_argument("--log-every", type=int, help="write a metrics line every N steps (default 10)")
+    t.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 0: at the end)")
+    t.add_argument("--parallel", choices=("ddp", "fsdp"), help="data parallelism under torchrun (default ddp)")
+    add_device_option(t)
+    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    t.set_defaults(func=_train)
+
+
+def _model_overrides(items):
+    import dataclasses
+    import json
+
+    from .model import ModelConfig
+
+    types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in types:
+            raise ValueError(f"--model: expected FIELD=VALUE with FIELD one of {sorted(types)}, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out[name] = value
+    return out
+
+
+def _train(args) -> int:
+    from .train import config_from_sources, train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
+    if options.get("dtype") is None:  # add_dtype_option's default: not given
+        options.pop("dtype", None)
+    if "model" in options:
+        options["model"] = _model_overrides(options["model"])
+    cfg = config_from_sources(options, getattr(args, "config", None))
+    summary = train(cfg)
+    if summary["world_size"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+        state = "stopped early (checkpoint saved)" if summary["stopped"] else "done"
+        val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
+        print(f"nsa train: {state}: step {summary['step']}, {summary['tokens']:,} tokens, "
+              f"val_loss {val}, {summary['num_parameters']:,} parameters -> {summary['out']}")
+    return 130 if summary["stopped"] else 0
+
+
+def _generate_parser(sub):
+    g = sub.add_parser("generate", help="continue a prompt with a trained model (streams to the terminal)",
+                       description="Loads a run directory or checkpoint written by `nsa train` and streams the "
+                                   "continuation of --prompt.")
+    g.add_argument("--checkpoint", required=True, help="run directory (or its checkpoint/ directory)")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 for greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: none)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_device_option(g)
+    g.set_defaults(func=_generate)
+
+
+def _generate(args) -> int:
+    import torch
+
+    from .train import load_checkpoint_model, load_run_tokenizer
+
+    device = resolve_device(args.device)
+    model = load_checkpoint_model(args.checkpoint, device=device).eval()
+    tok = load_run_tokenizer(args.checkpoint)
+    ids = [tok.bos_id] + tok.encode(args.prompt)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    # Bytes of one character can arrive over several tokens: decode the whole continuation
+    # each step and print what is new.
+    produced: list[int] = []
+    shown = ""
+    for step in model.stream_generate([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                      top_p=args.top_p, eos_token_id=tok.eos_id, generator=gen):
+        t = int(step[0])
+        if t < 0 or t == tok.eos_id:
+            break
+        produced.append(t)
+        text = tok.decode(produced)
+        if text.endswith("\ufffd"):
+            continue
+        out.write(text[len(shown):])
+        out.flush()
+        shown = text
+    out.write(tok.decode(produced)[len(shown):] + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

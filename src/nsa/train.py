@@ -315,6 +315,17 @@ def load_run_tokenizer(path: str | os.PathLike):
     raise ValueError(f"--checkpoint: no tokenizer/ directory in {p} or {p.parent}")
 
 
+def _truncate_metrics(path: Path, step: int):
+    """Drops the metrics of steps after the checkpoint (a run killed between checkpoints logged
+    steps that the resumed run repeats)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 def _prepare_run_dir(run: Path, cfg: TrainConfig):
     """Refuses to write over an earlier run unless --resume or --overwrite."""
     existing = [n for n in RUN_FILES if (run / n).exists()]
@@ -437,6 +448,8 @@ def train(cfg: TrainConfig) -> dict:
         state = _load_checkpoint(run, model, raw, opt)
         step, tokens = state["step"], state["tokens"]
         batches.load_state_dict(state["data"])
+        if d.main:
+            _truncate_metrics(run / "metrics.jsonl", step)
     elif d.main:
         (run / "config.json").write_text(json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()},
                                                     indent=2))

@@ -31,7 +31,7 @@ prompt's first real token; each later step feeds one token per sequence. Greedy 
 sampling are supported; beam search, assisted decoding and anything that crops or reorders
 the cache are not (the NSA cache cannot roll back).
 
-Tested with transformers 4.45 and 5.25 (see tests/test_hf.py).
+Tested (tests/test_hf.py) with transformers 4.45.2, 4.57.6, 5.0.0 and 5.25.0.
 """
 
 from __future__ import annotations

@@ -25,6 +25,11 @@ class NSACache:
       compression-branch keys/values (un-rotated), all that future compressed tokens need,
       in a ring: raw position p lives in slot ``p % kernel_size``.
 
+    Dtype and device: the held tensors take the dtype and device of the tensors the prefill
+    received (the layer's keys and values); later tokens are cast to that dtype. ``seq_lens`` is
+    int32 ``[N]`` on the same device, ``lengths`` the same counts as a host list (no device sync
+    to read them).
+
     Tensors are stored detached (decoding is inference). A prefill fills an empty cache
     (:meth:`prefill`); each decoding step appends one token per sequence (:meth:`append`),
     and when a sequence's new length L completes a compression block (``L >= kernel_size``
@@ -52,14 +57,17 @@ class NSACache:
 
     @property
     def is_empty(self) -> bool:
+        """True before a prefill (and after :meth:`reset`)."""
         return not self.lengths
 
     @property
     def batch_size(self) -> int:
+        """N, the number of cached sequences."""
         return len(self.lengths)
 
     @property
     def capacity(self) -> int:
+        """Raw tokens per sequence that fit before the tensors grow (0 when empty)."""
         return 0 if self.k_slc is None else self.k_slc.shape[1]
 
     def _num_cmp_capacity(self, cap):
@@ -77,8 +85,9 @@ class NSACache:
         """Fill an empty cache from packed prompts.
 
         Args:
-            lens: list of N sequence lengths (>= 1), sum = total.
-            k_cmp_raw, v_cmp_raw: ``[total, H, Dk|Dv]`` un-rotated compression-branch keys/values.
+            lens: list of N sequence lengths (host ints >= 1), sum = total.
+            k_cmp_raw, v_cmp_raw: ``[total, H, Dk|Dv]`` un-rotated compression-branch keys/values;
+                every tensor on one device, each kept in its own dtype.
             k_cmp, v_cmp: ``[Tc_total, H, Dk|Dv]`` compressed tokens of the sequences, packed in order.
             k_slc, v_slc: ``[total, H, Dk|Dv]`` rotated selection-branch keys / values.
             k_win, v_win: the same for the window branch, or None when shared with selection.
@@ -177,8 +186,9 @@ class NSACache:
             k_cmp_raw, v_cmp_raw: ``[N, H, Dk|Dv]`` un-rotated compression-branch key/value.
             k_slc, v_slc: ``[N, H, Dk|Dv]`` rotated selection-branch key / value.
             k_win, v_win: the same for the window branch (None when shared).
+            All on the cache's device; cast to the cached dtype.
         Returns:
-            int64 ``[S]``: the sequences whose new token completed a compression block; the
+            int64 ``[S]`` on the cache's device: the sequences whose new token completed a compression block; the
             caller compresses them (:meth:`compression_blocks`) and stores the result
             (:meth:`store_compressed`).
         """
@@ -218,8 +228,11 @@ class NSACache:
     def compression_blocks(self, ids: torch.Tensor):
         """The raw blocks just completed by sequences ``ids`` (their last ``kernel_size`` tokens).
 
+        Args:
+            ids: int64 ``[S]`` on the cache's device, from :meth:`append`.
         Returns:
-            k ``[S, kernel_size, H, Dk]``, v ``[S, kernel_size, H, Dv]`` in position order.
+            k ``[S, kernel_size, H, Dk]``, v ``[S, kernel_size, H, Dv]`` in position order, in the
+            cached dtype (un-rotated compression-branch keys/values).
         """
         ks = self.kernel_size
         L = self.seq_lens[ids].long()
@@ -231,7 +244,8 @@ class NSACache:
         """Store the compressed token just completed by each sequence in ``ids``.
 
         Args:
-            ids: int64 ``[S]`` from :meth:`append`; k_cmp ``[S, H, Dk]`` (rotated); v_cmp ``[S, H, Dv]``.
+            ids: int64 ``[S]`` from :meth:`append`; k_cmp ``[S, H, Dk]`` (rotated); v_cmp ``[S, H, Dv]``;
+                on the cache's device, cast to the cached dtype.
         """
         ci = torch.div(self.seq_lens[ids].long() - self.kernel_size, self.stride, rounding_mode="floor")
         self.k_cmp[ids, ci] = k_cmp.detach().to(self.k_cmp.dtype)
@@ -243,9 +257,10 @@ class KVCache:
     attention: the decoding state of one such layer of :class:`nsa.model.LanguageModel`.
 
     Held tensors: ``k, v``: ``[N, cap, H, Dk|Dv]`` (keys rotated), row n valid up to
-    ``seq_lens[n]``; ``cap`` grows by doubling. A prefill fills an empty cache
-    (:meth:`prefill`); each decoding step appends one token per sequence (:meth:`append`) and
-    attends over the cache (:meth:`attend`).
+    ``seq_lens[n]`` (int32 ``[N]``; ``lengths``: the same on the host); ``cap`` grows by
+    doubling. Dtype and device are those of the prefill's keys and values. A prefill fills an
+    empty cache (:meth:`prefill`); each decoding step appends one token per sequence
+    (:meth:`append`) and attends over the cache (:meth:`attend`).
     """
 
     def __init__(self):
@@ -259,14 +274,17 @@ class KVCache:
 
     @property
     def is_empty(self) -> bool:
+        """True before a prefill (and after :meth:`reset`)."""
         return not self.lengths
 
     @property
     def batch_size(self) -> int:
+        """N, the number of cached sequences."""
         return len(self.lengths)
 
     @property
     def capacity(self) -> int:
+        """Tokens per sequence that fit before the tensors grow (0 when empty)."""
         return 0 if self.k is None else self.k.shape[1]
 
     def prefill(self, lens, k, v):
@@ -299,7 +317,7 @@ class KVCache:
         """Append one token to every sequence (at position ``seq_lens[n]``).
 
         Args:
-            k: ``[N, H, Dk]`` rotated key; v: ``[N, H, Dv]``.
+            k: ``[N, H, Dk]`` rotated key; v: ``[N, H, Dv]``; on the cache's device, cast to its dtype.
         """
         if self.is_empty:
             raise ValueError("cache: append needs a prefilled cache")
@@ -330,7 +348,8 @@ class KVCache:
         """Attention of one new query per sequence over its cached keys.
 
         Args:
-            q: ``[N, HQ, Dk]`` the queries of the tokens just appended (at position ``seq_lens[n] - 1``).
+            q: ``[N, HQ, Dk]`` the queries of the tokens just appended (at position ``seq_lens[n] - 1``),
+                on the cache's device, any floating dtype.
             window_size: None (full causal attention) or w: keys ``seq_lens[n] - w <= s < seq_lens[n]``.
             scale: softmax scale, default ``Dk ** -0.5``.
         Returns:

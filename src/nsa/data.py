@@ -105,6 +105,7 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode` of each text."""
         return [self.encode(t) for t in texts]
 
     def _encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
@@ -112,8 +113,9 @@ class ByteTokenizer:
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
 
     def decode(self, ids) -> str:
-        """Text of ``ids`` (a sequence of ints or a tensor); special tokens are skipped,
-        byte sequences that are not UTF-8 become U+FFFD."""
+        """Text of ``ids`` (a sequence of ints or an integer tensor on any device); special
+        tokens are skipped, byte sequences that are not UTF-8 become U+FFFD; an id outside
+        ``[0, vocab_size)`` is a ValueError."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         for i in ids:
             if not 0 <= i < self.vocab_size:
@@ -121,6 +123,7 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def config(self) -> dict:
+        """What ``tokenizer_config.json`` holds: type, vocab_size and the special ids."""
         return {"type": "byte", "vocab_size": self.vocab_size, "bos_id": self.bos_id,
                 "eos_id": self.eos_id, "pad_id": self.pad_id}
 
@@ -210,15 +213,19 @@ class BPETokenizer:
         return cls(tk.Tokenizer.from_file(str(path)))
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens)."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode` of each text (in parallel inside ``tokenizers``)."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def _encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
 
     def decode(self, ids) -> str:
+        """Text of ``ids`` (a sequence of ints or an integer tensor on any device); special tokens
+        are skipped; an id outside ``[0, vocab_size)`` is a ValueError."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         for i in ids:
             if not 0 <= i < self.vocab_size:
@@ -226,6 +233,7 @@ class BPETokenizer:
         return self._tok.decode(ids, skip_special_tokens=True)
 
     def config(self) -> dict:
+        """What ``tokenizer_config.json`` holds: type, vocab_size, the special ids and tokens."""
         return {"type": "bpe", "vocab_size": self.vocab_size, "bos_id": self.bos_id,
                 "eos_id": self.eos_id, "pad_id": self.pad_id,
                 "special_tokens": list(self.SPECIAL_TOKENS)}
@@ -565,6 +573,7 @@ class TokenStore:
 
     @property
     def num_documents(self) -> int:
+        """Documents in the store (``len(offsets) - 1``)."""
         return int(self.meta["num_documents"])
 
     def document(self, i: int) -> np.ndarray:
@@ -723,7 +732,7 @@ class PackedBatches:
     r + 2 * world_size, ...: the ranks' k-th batches together are global batches
     ``k * world_size .. (k + 1) * world_size - 1``, which a single process iterates in turn.
 
-    Each item is a dict:
+    Each item is a dict of CPU tensors (move them to the model's device):
 
     - ``input_ids``: int64 ``[1, batch_tokens]``;
     - ``cu_seqlens``: int32 ``[N + 1]``, 0 first, ``batch_tokens`` last, strictly increasing,
@@ -774,6 +783,7 @@ class PackedBatches:
 
     @property
     def tokens_per_epoch(self) -> int:
+        """Tokens in the store: one pass over every document."""
         return self._total
 
     @property

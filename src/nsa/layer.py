@@ -137,7 +137,8 @@ class NSAConfig:
 
 
 def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype = torch.float32):
-    """cos, sin ``[*positions.shape, dim // 2]`` of the angles ``position * theta**(-2i/dim)``.
+    """cos, sin ``[*positions.shape, dim // 2]`` of the angles ``position * theta**(-2i/dim)``,
+    in ``dtype`` on the device of ``positions`` (an integer tensor).
 
     Angles are formed in float64: at positions ~1e5 float32 angles are off by ~1e-2 rad.
     """
@@ -150,9 +151,10 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.
     """Rotate-half RoPE: dims ``(i, i + D/2)`` of x rotate by ``position * theta**(-2i/D)``.
 
     Args:
-        x: ``[..., T, H, D]``; positions: integer ``[..., T]`` broadcastable to x's leading dims.
+        x: ``[..., T, H, D]``, any floating dtype, D even; positions: integer ``[..., T]``
+            broadcastable to x's leading dims, on x's device.
     Returns:
-        x rotated, same shape and dtype (computed in float32, float64 for float64 x).
+        x rotated, same shape, dtype and device (computed in float32, float64 for float64 x).
     """
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     cos, sin = rope_cos_sin(positions, x.shape[-1], theta, ct)
@@ -202,6 +204,11 @@ class NativeSparseAttention(nn.Module):
     ``i*stride + kernel_size - 1``, the last raw position it covers: a compressed key is
     visible to query t only when that position is <= t, so every visible compressed key
     sits at relative distance >= 0 from the query, as raw keys do.
+
+    Dtypes and devices: the layer runs in its parameters' dtype and on their device (move it with
+    ``.to(device, dtype)``); inputs must match, except under ``torch.autocast``. On CUDA the ops
+    run the Triton kernels (float16, bfloat16, float32; float64 is computed in float32), on CPU
+    plain PyTorch (any of them, float64 exactly).
     """
 
     def __init__(self, config: NSAConfig):
@@ -219,7 +226,8 @@ class NativeSparseAttention(nn.Module):
         self.o_proj = nn.Linear(c.num_heads * Dv, c.hidden_size, bias=c.bias)
 
     def new_cache(self) -> NSACache:
-        """An empty decoding cache matching this layer's config."""
+        """An empty decoding cache matching this layer's config; the prefill gives it its device
+        and dtype (those of the layer's keys and values)."""
         return NSACache(self.config.kernel_size, self.config.stride)
 
     # ---- pieces ---------------------------------------------------------------------------
@@ -249,10 +257,11 @@ class NativeSparseAttention(nn.Module):
         """phi on blocks, then RoPE on the compressed keys.
 
         Args:
-            k_blocks: ``[B, Tc, kernel_size, H, Dk]`` un-rotated raw keys; v_blocks likewise with Dv.
-            positions: ``[B|1, Tc]`` the last raw position each block covers.
+            k_blocks: ``[B, Tc, kernel_size, H, Dk]`` un-rotated raw keys; v_blocks likewise with Dv;
+                the parameters' dtype (or autocast) and device.
+            positions: integer ``[B|1, Tc]``, the last raw position each block covers.
         Returns:
-            k_cmp ``[B, Tc, H, Dk]`` (rotated), v_cmp ``[B, Tc, H, Dv]``.
+            k_cmp ``[B, Tc, H, Dk]`` (rotated), v_cmp ``[B, Tc, H, Dv]``, same device.
         """
         k = self.compress_k(k_blocks)
         v = self.compress_v(v_blocks)
@@ -262,8 +271,9 @@ class NativeSparseAttention(nn.Module):
         """Compressed keys/values of whole sequences.
 
         Args:
-            k: ``[B, T, H, Dk]`` un-rotated raw compression-branch keys; v: ``[B, T, H, Dv]``.
-            cu_seqlens: int32 ``[N+1]`` for packed input (B = 1).
+            k: ``[B, T, H, Dk]`` un-rotated raw compression-branch keys; v: ``[B, T, H, Dv]``;
+                the parameters' dtype (or autocast) and device.
+            cu_seqlens: int32 ``[N+1]`` on k's device, for packed input (B = 1).
         Returns:
             k_cmp ``[B, Tc, H, Dk]`` (rotated), v_cmp ``[B, Tc, H, Dv]``; packed input gives each
             sequence's compressed tokens packed in sequence order.
@@ -315,15 +325,17 @@ class NativeSparseAttention(nn.Module):
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cache: NSACache | None = None, cu_seqlens: torch.Tensor | None = None):
         """Args:
-            x: ``[B, T, hidden_size]``, or packed ``[1, total, hidden_size]`` with ``cu_seqlens``.
-                With a non-empty ``cache``: ``[N, 1, hidden_size]``, one new token per cached
-                sequence, at position ``cache.seq_lens[n]``.
+            x: ``[B, T, hidden_size]``, or packed ``[1, total, hidden_size]`` with ``cu_seqlens``,
+                in the parameters' dtype (or any floating dtype under autocast) and on their
+                device. With a non-empty ``cache``: ``[N, 1, hidden_size]``, one new token per
+                cached sequence, at position ``cache.seq_lens[n]``.
             cache: optional :class:`NSACache`. Empty: this call is a prefill and fills it (one
                 cached sequence per batch row, or per packed sequence). Non-empty: one decoding
                 step, which appends to it.
-            cu_seqlens: int32 ``[N+1]`` offsets of packed sequences.
+            cu_seqlens: int32 ``[N+1]`` offsets of packed sequences, on x's device (B = 1).
         Returns:
-            ``[B, T, hidden_size]`` (same layout as x).
+            ``[B, T, hidden_size]`` (same layout as x) on x's device, in the dtype of the output
+            projection's computation (x's dtype, or the autocast dtype).
         """
         c = self.config
         self._check_input(x)

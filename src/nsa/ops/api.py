@@ -125,6 +125,10 @@ def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None,
     sequence has ``(T - kernel_size) // stride + 1`` compressed tokens when
     ``T >= kernel_size``, else 0.
 
+    Tensors: q, k_cmp and v_cmp share one dtype (float16, bfloat16, float32 or float64) and one
+    device (CUDA for the Triton kernels, any device for the PyTorch backends); the outputs are
+    on that device.
+
     Args:
         q: ``[B, T, HQ, Dk]``.
         k_cmp: ``[B, Tc, H, Dk]`` compressed keys; ``HQ % H == 0``.
@@ -167,12 +171,17 @@ def select_blocks(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, num_s
     Row order: the selected block ids in ascending order, then ``-1`` for unused slots.
 
     Args:
-        q: ``[B, T, HQ, Dk]``; k_cmp: ``[B, Tc, H, Dk]``; lse: ``[B, T, HQ]`` from
-            :func:`compressed_attention` with the same q, k_cmp and scale.
+        q: ``[B, T, HQ, Dk]``; k_cmp: ``[B, Tc, H, Dk]``, q's dtype and device; lse: float32
+            (or float64) ``[B, T, HQ]`` on q's device, from :func:`compressed_attention` with the
+            same q, k_cmp and scale.
+        kernel_size, stride: as in :func:`compressed_attention`.
         block_size: selection block length, a multiple of stride.
         num_selected: slots per row; num_initial + num_local <= num_selected.
+        num_initial: leading blocks always selected (``0 .. num_initial-1``), >= 0.
+        num_local: blocks always selected ending at the query's own block, >= 0.
+        scale, cu_seqlens, backend: as in :func:`compressed_attention`.
     Returns:
-        int32 ``[B, T, H, num_selected]``. Not differentiable.
+        int32 ``[B, T, H, num_selected]`` on q's device. Not differentiable.
     """
     checks.check_selection(kernel_size, stride, block_size, num_selected, num_initial, num_local)
     checks.check_tensor("k_cmp", k_cmp, 4)
@@ -203,13 +212,15 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seq
     of the query's own sequence); ``-1`` entries are ignored; entries may come in any order.
 
     Args:
-        q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
-        block_indices: int32 ``[B, T, H, S]``, each entry -1 or a block id in
+        q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``: one dtype (float16,
+            bfloat16, float32 or float64) and one device.
+        block_indices: int32 ``[B, T, H, S]`` on q's device, each entry -1 or a block id in
             ``[0, ceil(seq_len / block_size))``, no block twice in a row.
         block_size: positive int.
         scale, cu_seqlens, backend: as in :func:`compressed_attention`.
     Returns:
-        o ``[B, T, HQ, Dv]``; zeros for a query whose listed blocks hold no key ``s <= t``.
+        o ``[B, T, HQ, Dv]`` in q's dtype; zeros for a query whose listed blocks hold no key
+        ``s <= t``.
     """
     checks.check_positive_int("block_size", block_size)
     B, T, HQ, H = checks.check_qkv(q, k, v)
@@ -223,11 +234,13 @@ def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=No
     """Causal sliding-window attention: query ``t`` attends to keys ``t - window_size < s <= t``.
 
     Args:
-        q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
-        window_size: positive int (1 = each query sees only itself).
+        q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``: one dtype (float16,
+            bfloat16, float32 or float64) and one device.
+        window_size: positive int (1 = each query sees only itself; longer than the sequence:
+            the whole causal past).
         scale, cu_seqlens, backend: as in :func:`compressed_attention`.
     Returns:
-        o ``[B, T, HQ, Dv]``.
+        o ``[B, T, HQ, Dv]`` in q's dtype.
     """
     checks.check_positive_int("window_size", window_size)
     checks.check_qkv(q, k, v)
@@ -246,13 +259,16 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
     ``o_win = sliding_window_attention(q, k_win, v_win)``.
 
     Args:
-        q: ``[B, T, HQ, Dk]``.
+        q: ``[B, T, HQ, Dk]``: float16, bfloat16, float32 or float64; every key/value tensor has
+            q's dtype and every tensor q's device.
         k_cmp, v_cmp: ``[B, Tc, H, Dk|Dv]`` compressed keys/values (see :func:`compressed_attention`).
         k_slc, v_slc, k_win, v_win: ``[B, T, H, Dk|Dv]`` raw keys/values of the selected and
             window branches (may be the same tensors).
-        g_cmp, g_slc, g_win: ``[B, T, HQ]`` gates (already through their sigmoid).
-        return_block_indices: also return the ``[B, T, H, num_selected]`` selection.
-        Others as in the branch ops.
+        g_cmp, g_slc, g_win: ``[B, T, HQ]`` gates (already through their sigmoid), floating point.
+        kernel_size, stride, block_size, num_selected, num_initial, num_local: as in
+            :func:`select_blocks`; window_size: as in :func:`sliding_window_attention`.
+        scale, cu_seqlens, backend: as in :func:`compressed_attention`.
+        return_block_indices: also return the int32 ``[B, T, H, num_selected]`` selection.
     Returns:
         o ``[B, T, HQ, Dv]`` in q's dtype, or ``(o, block_indices)``.
     """

@@ -94,7 +94,12 @@ def test_python_blocks_run_in_order(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("NSA_BACKEND", raising=False)
     torch.manual_seed(0)
-    run_python_blocks(PYTHON_BLOCKS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny sizes: one thread is as fast, and never waits on a busy core
+    try:
+        run_python_blocks(PYTHON_BLOCKS)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_broken_block_fails(tmp_path, monkeypatch):

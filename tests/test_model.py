@@ -287,3 +287,12 @@ def test_nsa_model_on_the_kernels_matches_the_reference():
     assert_close(o_t.loss, o_r.loss, 1e-5)
     for n in g_r:
         assert_close(g_t[n], g_r[n], 1e-3, name=n)
+
+
+def test_vocab_limit():
+    m = build("full", torch.float32)
+    out = m.generate([[1, 2, 3]], 40, temperature=5.0, vocab_limit=7, generator=torch.Generator().manual_seed(0))
+    assert int(out[0].max()) < 7 and len(set(out[0].tolist())) > 1
+    for bad in (0, 62, True, 2.5):
+        with pytest.raises(ValueError, match="vocab_limit"):
+            m.generate([[1]], 1, vocab_limit=bad)

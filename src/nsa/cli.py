@@ -295,7 +295,8 @@ def _generate(args) -> int:
     produced: list[int] = []
     shown = ""
     for step in model.stream_generate([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                      top_p=args.top_p, eos_token_id=tok.eos_id, generator=gen):
+                                      top_p=args.top_p, eos_token_id=tok.eos_id, generator=gen,
+                                      vocab_limit=tok.vocab_size):
         t = int(step[0])
         if t < 0 or t == tok.eos_id:
             break

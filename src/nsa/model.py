@@ -152,6 +152,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-able dict (what ``config.json`` holds)."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -301,6 +302,7 @@ class ModelCache:
         return list(self.layers[0].lengths)
 
     def reset(self):
+        """Forget every sequence in every layer."""
         for c in self.layers:
             c.reset()
 
@@ -356,10 +358,11 @@ class LanguageModel(nn.Module):
                 cache: ModelCache | None = None, labels: torch.Tensor | None = None,
                 return_logits: bool | None = None) -> LMOutput:
         """Args:
-            input_ids: int64 ``[B, T]``, or packed ``[1, total]`` with ``cu_seqlens``. With a
-                filled ``cache``: ``[N, 1]``, one new token per cached sequence.
-            cu_seqlens: int32 ``[N+1]`` offsets of packed sequences (documents); attention and
-                the loss never cross them.
+            input_ids: int64 (or int32) ``[B, T]`` on the model's device, or packed ``[1, total]``
+                with ``cu_seqlens``. With a filled ``cache``: ``[N, 1]``, one new token per cached
+                sequence.
+            cu_seqlens: int32 ``[N+1]`` offsets of packed sequences (documents), on the same
+                device; attention and the loss never cross them.
             cache: optional :class:`ModelCache` (:meth:`new_cache`). Empty: this call is a
                 prefill and fills it; filled: one decoding step.
             labels: int64, same shape as ``input_ids``; position t is trained to predict
@@ -369,7 +372,8 @@ class LanguageModel(nn.Module):
             return_logits: also return logits when labels are given (default: only without labels;
                 the loss is computed in chunks without materialising float32 logits).
         Returns:
-            :class:`LMOutput` ``(logits, loss)``; logits in the LM head's compute dtype.
+            :class:`LMOutput` ``(logits, loss)`` on the model's device; logits in the LM head's
+            compute dtype (bf16 under bf16 autocast).
         """
         self._check_ids(input_ids, cu_seqlens, labels)
         if cache is not None and not isinstance(cache, ModelCache):
@@ -451,10 +455,13 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def stream_generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                         top_p: float | None = None, eos_token_id: int | None = None,
-                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Yields, after each decoding step, the int64 ``[N]`` tokens just generated (``-1`` for a
-        sequence that had already produced ``eos_token_id``). Arguments as in :meth:`generate`."""
-        prompts = self._check_generate(prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id)
+                        generator: torch.Generator | None = None, vocab_limit: int | None = None
+                        ) -> Iterator[torch.Tensor]:
+        """Yields, after each decoding step, the int64 ``[N]`` tokens just generated, on the model's
+        device (``-1`` for a sequence that had already produced ``eos_token_id``). Arguments as in
+        :meth:`generate`."""
+        prompts = self._check_generate(prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                                       vocab_limit)
         if max_new_tokens == 0:
             return
         dev = self.embed.weight.device
@@ -465,6 +472,8 @@ class LanguageModel(nn.Module):
         logits = self(ids, cu_seqlens=cu, cache=cache).logits[0, (cu[1:] - 1).long()]  # [N, vocab]
         done = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
         for step in range(max_new_tokens):
+            if vocab_limit is not None:
+                logits = logits[:, :vocab_limit]
             token = _sample(logits.float(), temperature, top_k, top_p, generator)
             out = token.masked_fill(done, -1)
             yield out
@@ -478,7 +487,8 @@ class LanguageModel(nn.Module):
     def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = None,
                  generator: torch.Generator | None = None,
-                 callback: Callable[[torch.Tensor], None] | None = None) -> list[torch.Tensor]:
+                 callback: Callable[[torch.Tensor], None] | None = None,
+                 vocab_limit: int | None = None) -> list[torch.Tensor]:
         """Continue each prompt by up to ``max_new_tokens`` tokens, with the decoding cache.
 
         Args:
@@ -493,12 +503,15 @@ class LanguageModel(nn.Module):
             generator: a ``torch.Generator`` on the model's device for reproducible sampling.
             callback: called after every step with the ``[N]`` tokens of the step
                 (see :meth:`stream_generate`): streams the output.
+            vocab_limit: generate only ids below it (a tokenizer with fewer ids than the model's
+                vocabulary, which ``nsa train`` rounds up to a multiple of 64).
         Returns:
-            a list of N int64 tensors on the model's device: the generated tokens (prompts excluded).
+            a list of N int64 tensors on the model's device: the generated tokens (prompts excluded;
+            prompts may live on any device).
         """
         outs = []
         for step_tokens in self.stream_generate(prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                                generator):
+                                                generator, vocab_limit):
             outs.append(step_tokens)
             if callback is not None:
                 callback(step_tokens)
@@ -508,8 +521,11 @@ class LanguageModel(nn.Module):
         steps = torch.stack(outs, 1)  # [N, steps]
         return [row[row >= 0] for row in steps]
 
-    def _check_generate(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id):
+    def _check_generate(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, vocab_limit=None):
         V = self.config.vocab_size
+        if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int)
+                                        or not 1 <= vocab_limit <= V):
+            raise ValueError(f"vocab_limit: expected None or an int in [1, {V}], got {vocab_limit!r}")
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() != 2 or prompts.shape[1] == 0 or prompts.shape[0] == 0:
                 raise ValueError(f"prompts: expected an int tensor [N, T] with N, T >= 1 or a list of prompts, "
@@ -556,9 +572,10 @@ class LanguageModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
                         **overrides) -> "LanguageModel":
-        """A model from :meth:`save_pretrained`'s directory (``overrides`` change config fields that
-        do not change parameter shapes, e.g. ``backend``). Shapes that do not match the config are
-        a ValueError naming the tensor."""
+        """A model from :meth:`save_pretrained`'s directory, in float32 whatever dtype the weights
+        were saved in, moved to ``device`` (default: CPU). ``overrides`` change config fields that
+        do not change parameter shapes, e.g. ``backend``. Weights that do not fit the config are a
+        ValueError."""
         from safetensors.torch import load_model
 
         path = os.path.join(directory, "config.json")

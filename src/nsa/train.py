@@ -42,7 +42,8 @@ import torch.distributed as dist
 from .data import PackedBatches, cached_tokenizer, eval_batches, find_documents, load_corpus, load_tokenizer
 from .model import LanguageModel, ModelConfig
 
-__all__ = ["TrainConfig", "train", "parallelize", "load_checkpoint_model", "RUN_FILES"]
+__all__ = ["TrainConfig", "train", "parallelize", "evaluate", "lr_at", "config_from_sources", "load_checkpoint_model",
+           "load_run_tokenizer", "RUN_FILES"]
 
 # What a run writes into --out (and what --overwrite removes).
 RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer", "checkpoint")
@@ -58,6 +59,26 @@ class TrainConfig:
     ``grad_accum`` micro-batches of ``batch_tokens / (world_size * grad_accum)`` tokens, packed
     documents cut at ``seq_len``. The micro-batches of a step are the same whatever the split
     between ranks and accumulation, so N processes equal one process with ``grad_accum * N``.
+
+    Args:
+        out: run directory. preset, attention, model: the model (:meth:`model_config`).
+        data: paths of text files, directories or globs (None: the default corpus, see
+            :func:`nsa.data.find_documents`); tokenizer: ``'byte'``, ``'bpe:VOCAB'`` or a saved
+            tokenizer directory; cache_dir: where token stores are cached (default
+            ``~/.cache/nsa/tokens``); val_fraction: share of documents held out.
+        seq_len, batch_tokens, grad_accum: the batch (above). steps or tokens: the run's length.
+        lr, min_lr_ratio, warmup_steps: the schedule (:func:`lr_at`); weight_decay, beta1, beta2:
+            AdamW (no decay on vectors); grad_clip: max gradient norm (0: none).
+        dtype: ``'bf16'`` (autocast, or FSDP2's bf16 parameters) or ``'fp32'``; default bf16 on
+            CUDA, fp32 on CPU. compile: ``torch.compile`` each block; activation_checkpointing:
+            recompute each block in the backward.
+        seed: weights and data order. eval_every, eval_batches: validation every N steps (and
+            at the end) on that many batches. log_every, checkpoint_every: metrics lines and
+            checkpoints every N steps (and at the end).
+        parallel: ``'ddp'`` or ``'fsdp'`` under torchrun. device: ``cpu``, ``cuda`` or
+            ``cuda:N`` (default: cuda when available; under torchrun each rank takes
+            ``cuda:LOCAL_RANK``). resume / overwrite: continue / replace the run in ``out``.
+        progress: a tqdm progress bar on rank 0.
     """
 
     out: str
@@ -299,7 +320,9 @@ def _load_checkpoint(run: Path, model, raw: LanguageModel, opt) -> dict:
 
 
 def load_checkpoint_model(path: str | os.PathLike, device=None, **overrides) -> LanguageModel:
-    """The model of a run directory (``DIR/checkpoint``) or of a checkpoint / saved-model directory."""
+    """The model of a run directory (``DIR/checkpoint``) or of a checkpoint / saved-model directory,
+    in float32 on ``device`` (default CPU); ``overrides`` as in
+    :meth:`nsa.model.LanguageModel.from_pretrained` (e.g. ``backend='reference'``)."""
     p = Path(path)
     if (p / CHECKPOINT / "model.safetensors").is_file():
         p = p / CHECKPOINT
@@ -389,8 +412,9 @@ def evaluate(model, batches: list[dict], device, autocast, d: _Dist) -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Runs (or resumes) a training run; returns a summary dict (final step, tokens, last
-    training loss, last validation loss, run directory, whether it stopped early)."""
+    """Runs (or resumes) a training run; returns a summary dict: ``step``, ``tokens``, ``loss``
+    (last training loss), ``val_loss`` (last validation loss), ``out``, ``stopped`` (by a signal,
+    after a checkpoint), ``num_parameters``, ``world_size``."""
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
     d, device = _init_distributed(cfg.device)

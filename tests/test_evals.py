@@ -1,6 +1,6 @@
 """nsa.evals: the task generators (exact lengths, seeded, usable as training data), the
 evaluators scored with predictors whose answers are known (perfect: 1, random: chance, uniform:
-ln V), and the selection capture against the layer."""
+ln V), the selection capture against the layer, and `nsa eval` end to end on a tiny trained run."""
 
 import inspect
 import json
@@ -431,3 +431,113 @@ def test_evaluate_selection():
     with pytest.raises(ValueError, match="NativeSparseAttention"):
         evaluate_selection(tiny_model("window"), TOK, TEXT, [120], [0.5], samples=1)
 
+
+# ---- nsa eval ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny NSA model trained for 2 steps on eight small documents (byte tokenizer)."""
+    from nsa.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("evalrun")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for mod in ("json", "os", "string", "textwrap", "random", "shutil", "pathlib", "argparse"):
+        (corpus / f"{mod}.txt").write_text(inspect.getsource(__import__(mod))[:3000])
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig(out=str(root / "run"), data=(str(corpus),), cache_dir=str(root / "cache"), seq_len=128,
+                          batch_tokens=256, steps=2, progress=False, val_fraction=0.25, eval_batches=1,
+                          model=dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                                     intermediate_size=64, **SEL)))
+    finally:
+        torch.set_num_threads(n)
+    return root / "run"
+
+
+@pytest.mark.parametrize("kind,flags", [
+    ("loss", ["--max-tokens", "1500", "--seq-len", "100"]),
+    ("needle", ["--lengths", "90,128", "--depths", "0,1", "--samples", "2"]),
+    ("recall", ["--lengths", "140,160", "--samples", "1"]),
+    ("selection", ["--lengths", "90,128", "--depths", "0,0.5", "--samples", "1"]),
+])
+def test_cli_eval(run, tmp_path, capsys, kind, flags):
+    from nsa.cli import main
+
+    out = tmp_path / "out"
+    assert main(["eval", kind, "--checkpoint", str(run), "--out", str(out), "--device", "cpu"] + flags) == 0
+    printed = capsys.readouterr().out
+    assert f"nsa eval {kind}:" in printed and "wrote" in printed
+    report = json.loads((out / f"{kind}.json").read_text())
+    assert (out / f"{kind}.png").stat().st_size > 1000
+    m, r = report["meta"], report["result"]
+    assert m["step"] == 2 and m["attention"] == "nsa" and m["dtype"] == "fp32" and m["documents"] >= 1
+    if kind == "loss":
+        assert r["tokens"] == 1500 and r["seq_len"] == 100 and r["loss"] > 0
+    elif kind == "needle":
+        assert r["lengths"] == [90, 128] and r["depths"] == [0.0, 1.0] and len(r["accuracy"]) == 2
+    elif kind == "recall":
+        assert r["lengths"] == [140, 160] and len(r["accuracy"]) == 2
+    else:
+        assert r["layers"] == 2 and len(r["gates"]) == 2
+
+
+def test_cli_eval_defaults(run):
+    """Without --out, --lengths or --data: <run>/eval, the run's seq_len grid, its validation
+    documents; --no-plot writes no PNG."""
+    from nsa.cli import main
+
+    assert main(["eval", "needle", "--checkpoint", str(run / "checkpoint"), "--samples", "1", "--depths", "0.5",
+                 "--device", "cpu", "--no-plot"]) == 0
+    report = json.loads((run / "eval" / "needle.json").read_text())
+    assert report["result"]["lengths"] == [128] and report["meta"]["documents"] == 2  # seq_len 128; 1/4, 1/2 too short
+    assert not (run / "eval" / "needle.png").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval"], "required"),
+    (["eval", "needle"], "--checkpoint"),
+    (["eval", "needle", "--checkpoint", "R", "--lengths", "a,b"], "--lengths"),
+    (["eval", "needle", "--checkpoint", "R", "--lengths", "0,128"], "--lengths"),
+    (["eval", "needle", "--checkpoint", "R", "--depths", "0,2"], "--depths"),
+    (["eval", "loss", "--checkpoint", "R", "--lengths", "128"], "unrecognized arguments: --lengths"),
+])
+def test_cli_eval_usage_errors(run, capsys, argv, message):
+    from nsa.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([a.replace("R", str(run)) if a == "R" else a for a in argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_eval_bad_input(run, tmp_path, capsys):
+    """Exit 2 and a message naming the option; nothing written."""
+    from nsa.cli import main
+    from nsa.data import ByteTokenizer
+
+    out = tmp_path / "out"
+    base = ["--out", str(out), "--device", "cpu"]
+    cases = [
+        (["eval", "needle", "--checkpoint", str(tmp_path / "missing")], "--checkpoint"),
+        (["eval", "needle", "--checkpoint", str(run), "--lengths", "50"],
+         "--lengths: every length must be an int >= 86"),
+        (["eval", "needle", "--checkpoint", str(run), "--samples", "0"], "--samples"),
+        (["eval", "loss", "--checkpoint", str(run), "--data", str(tmp_path / "nothing")], "--data"),
+    ]
+    # a saved full-attention model with a tokenizer beside it, outside a run directory
+    bare = tmp_path / "bare"
+    tiny_model("full", torch.float32).save_pretrained(bare / "checkpoint")
+    ByteTokenizer().save(bare / "tokenizer")
+    cases += [(["eval", "selection", "--checkpoint", str(bare / "checkpoint"), "--data", str(run / "config.json")],
+               "attention"),
+              (["eval", "needle", "--checkpoint", str(bare)], "--data")]
+    for argv, message in cases:
+        assert main(argv + base) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("nsa eval: ") and message in err, (argv, err)
+    assert not out.exists()
+    # the bare model with --data: evaluated
+    assert main(["eval", "needle", "--checkpoint", str(bare), "--data", str(run / "config.json"), "--lengths", "90",
+                 "--depths", "0", "--samples", "1", "--no-plot"] + base) == 0
+    assert json.loads((out / "needle.json").read_text())["meta"]["attention"] == "full"

@@ -147,7 +147,7 @@ def _bench(argv) -> int:
 
 def _parser():
     p = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention (DeepSeek, arXiv 2502.11089).")
-    sub = p.add_subparsers(dest="command", metavar="{demo,bench,train,generate}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,bench,train,generate,eval}")
     d = sub.add_parser("demo", help="build an NSA layer, time forward/backward, check decoding, show the sparsity",
                        description="Builds one NSA layer, times forward + backward, checks that prefill + "
                                    "token-by-token decoding reproduces the full forward, and prints how many "
@@ -168,6 +168,7 @@ def _parser():
     sub.add_parser("bench", help="benchmarks (arguments go to nsa.bench; see `nsa bench --help`)", add_help=False)
     _train_parser(sub)
     _generate_parser(sub)
+    _eval_parser(sub)
     return p
 
 
@@ -308,6 +309,60 @@ def _generate(args) -> int:
         out.flush()
         shown = text
     out.write(tok.decode(produced)[len(shown):] + "\n")
+    return 0
+
+
+def _grid(kind):
+    """An argparse type: comma-separated ints (``kind=int``) or numbers in [0, 1] (``float``)."""
+    def parse(text):
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            values = None
+        if not values or (kind is int and min(values) < 1) or (kind is float and not all(0 <= v <= 1 for v in values)):
+            want = "positive ints, e.g. 256,512" if kind is int else "numbers in [0, 1], e.g. 0,0.5,1"
+            raise argparse.ArgumentTypeError(f"expected comma-separated {want}, got {text!r}")
+        return values
+    return parse
+
+
+def _eval_parser(sub):
+    e = sub.add_parser("eval", help="evaluate a trained model: loss by position, needle / recall retrieval, "
+                                    "NSA's selection", description="Evaluates a run of `nsa train` and writes "
+                                    "<kind>.json and <kind>.png into --out (see nsa.evals).")
+    kinds = e.add_subparsers(dest="kind", metavar="{loss,needle,recall,selection}", required=True)
+    helps = {"loss": "held-out loss and bits per byte, overall and per position bucket",
+             "needle": "pass-key retrieval accuracy over context lengths x needle depths (heatmap)",
+             "recall": "multi-query associative recall accuracy over context lengths",
+             "selection": "how often the needle's block is selected, blocks shared by neighbouring queries, gates"}
+    for kind, text in helps.items():
+        k = kinds.add_parser(kind, help=text, description=text)
+        k.add_argument("--checkpoint", required=True, help="run directory of `nsa train` (or its checkpoint/)")
+        k.add_argument("--data", nargs="+", metavar="PATH", help="documents to evaluate on / draw filler from "
+                                                                 "(default: the run's validation documents)")
+        k.add_argument("--out", help="output directory (default: <run>/eval)")
+        if kind == "loss":
+            k.add_argument("--seq-len", type=int, help="longest sequence (default: the run's seq_len)")
+            k.add_argument("--max-tokens", type=int, help="predicted tokens to evaluate (default 262144)")
+        else:
+            k.add_argument("--lengths", type=_grid(int), help="context lengths in tokens, e.g. 256,512 (default: "
+                                                              "1/4, 1/2 and all of the run's seq_len)")
+            k.add_argument("--samples", type=int, help="prompts per grid cell (default 10; selection 4)")
+        if kind in ("needle", "selection"):
+            k.add_argument("--depths", type=_grid(float), help="needle depths (default 0,0.25,0.5,0.75,1)")
+        k.add_argument("--seed", type=int, default=0, help="seed of the prompts (default 0)")
+        add_dtype_option(k, None, "compute dtype (bf16 autocast or fp32; default bf16 on CUDA, fp32 on CPU)",
+                         allowed=("bf16", "fp32"))
+        add_device_option(k)
+        k.add_argument("--no-plot", dest="plot", action="store_false", help="write no PNG (no matplotlib needed)")
+        k.set_defaults(func=_eval)
+
+
+def _eval(args) -> int:
+    from .evals.run import run_eval, summary
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "kind", "checkpoint")}
+    print(summary(run_eval(args.kind, args.checkpoint, **options)))
     return 0
 
 

@@ -93,6 +93,8 @@ def test_recall_sample():
         recall_sample(TOK, F, 700, seed=0, num_pairs=2, num_queries=3)
     with pytest.raises(ValueError, match="length"):
         recall_sample(TOK, F, recall_min_length(TOK) - 1, seed=0)
+    with pytest.raises(ValueError, match="num_pairs: at most 4900"):
+        recall_sample(TOK, F, 10 ** 6, seed=0, num_pairs=4901)
 
 
 def test_task_errors():

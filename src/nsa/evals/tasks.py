@@ -64,6 +64,7 @@ RECALL_PAIR = "\n{key}:{value}\n"
 RECALL_HEADER = "\nRecall:\n"
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
+MAX_PAIRS = (len(_CONSONANTS) * len(_VOWELS)) ** 2
 # Filler documents are joined with this separator, which also closes the filler so that its
 # repetitions (a filler shorter than a prompt is cycled) meet at a line break.
 SEPARATOR = "\n\n"
@@ -301,7 +302,7 @@ def recall_sample(tokenizer, filler, length: int, seed: int | str, num_pairs: in
         length: tokens with ``bos`` of the last question's prompt (the whole context), at least
             :func:`recall_min_length`.
         num_pairs: ``key:value`` lines planted at seeded random places of the filler (distinct
-            keys, values drawn uniformly from ``10 ** value_digits``).
+            keys, at most 4900; values drawn uniformly from ``10 ** value_digits``).
         num_queries: keys asked, distinct, in random order, ``<= num_pairs``.
         value_digits: digits of a value: chance accuracy is ``10 ** -value_digits``.
     Returns:
@@ -313,6 +314,8 @@ def recall_sample(tokenizer, filler, length: int, seed: int | str, num_pairs: in
         _check_int(name, v, 1)
     if num_queries > num_pairs:
         raise ValueError(f"num_queries: at most num_pairs ({num_pairs}), got {num_queries}")
+    if num_pairs > MAX_PAIRS:
+        raise ValueError(f"num_pairs: at most {MAX_PAIRS} (distinct two-syllable keys), got {num_pairs}")
     filler = Filler.of(tokenizer, filler)
     rng = _rng(seed)
     keys = _words(rng, num_pairs)
@@ -394,7 +397,7 @@ def make_task_corpus(task: str, n_docs: int, length: int, tokenizer, filler, see
     _check_int("seed", seed, 0)
     filler = Filler.of(tokenizer, filler)
     kinds = ("needle", "recall", "lm") if task == "mix" else (task,)
-    floor = {"lm": 2}
+    floor = {"lm": 3}  # bos, a token of text, eos
     if "needle" in kinds:
         floor["needle"] = needle_min_length(tokenizer, key_digits) + _doc_tokens(tokenizer, "9" * key_digits) - 1
     if "recall" in kinds:

@@ -351,8 +351,8 @@ def _eval_parser(sub):
         if kind in ("needle", "selection"):
             k.add_argument("--depths", type=_grid(float), help="needle depths (default 0,0.25,0.5,0.75,1)")
         k.add_argument("--seed", type=int, default=0, help="seed of the prompts (default 0)")
-        add_dtype_option(k, None, "compute dtype (bf16 autocast or fp32; default bf16 on CUDA, fp32 on CPU)",
-                         allowed=("bf16", "fp32"))
+        k.add_argument("--dtype", choices=("bf16", "fp32"), help="compute dtype: bf16 autocast or fp32 (default "
+                                                                  "bf16 on CUDA, fp32 on CPU)")
         add_device_option(k)
         k.add_argument("--no-plot", dest="plot", action="store_false", help="write no PNG (no matplotlib needed)")
         k.set_defaults(func=_eval)

@@ -53,7 +53,7 @@ class NSAConfig:
             and window branches. True: selected and window branches share one K/V
             projection; the compressed branch keeps its own.
         bias: biases in the q/kv/gate/output projections.
-        backend: passed to :mod:`nsa.ops` (None | 'auto' | 'reference' | 'triton').
+        backend: passed to :mod:`nsa.ops` (None | 'auto' | 'reference' | 'torch' | 'triton').
     """
 
     hidden_size: int

@@ -118,10 +118,12 @@ def test_backends(monkeypatch):
     pad, _, seq_lens = _build(4, 2, 8, 8, [9, 20], cfg, torch.float32)
     args = [pad[k] for k in ORDER] + [seq_lens]
     ref = nsa_decode(*args, backend="reference", **cfg)
-    assert torch.equal(ref, nsa_decode(*args, backend="auto", **cfg))
+    auto = nsa_decode(*args, backend="auto", **cfg)  # CPU tensors: the torch backend
+    assert torch.equal(nsa_decode(*args, backend="torch", **cfg), auto)
+    assert_close("auto", ref, auto, 1e-5)
     monkeypatch.setenv("NSA_BACKEND", "reference")
     assert torch.equal(ref, nsa_decode(*args, **cfg))
-    if not torch.cuda.is_available():  # 'auto' keeps CPU tensors on the reference
+    if not torch.cuda.is_available():
         # 'triton' runs the kernels on CPU tensors only under the interpreter
         out = nsa_decode(*args, backend="triton", **cfg)
         assert_close("triton", ref, out, 1e-5)

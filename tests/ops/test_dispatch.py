@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nsa.ops as ops
-from nsa.ops import api, reference
+from nsa.ops import api, reference, torch_backend
 
 from ..helpers import assert_close
 from . import bruteforce
@@ -69,40 +69,43 @@ def brute_force(op, a):
 
 @pytest.fixture
 def spies(monkeypatch):
-    """Wraps every reference function; returns the dict op -> number of calls."""
-    calls = {op: 0 for op in ALL_OPS}
-    for op in ALL_OPS:
-        fn = getattr(reference, op)
+    """Wraps every function of the reference and of the torch backend; returns the dict
+    (module, op) -> number of calls."""
+    calls = {(mod, op): 0 for mod in ("reference", "torch") for op in ALL_OPS}
+    for mod, module in (("reference", reference), ("torch", torch_backend)):
+        for op in ALL_OPS:
+            fn = getattr(module, op)
 
-        def spy(*args, _op=op, _fn=fn, **kwargs):
-            calls[_op] += 1
-            return _fn(*args, **kwargs)
+            def spy(*args, _key=(mod, op), _fn=fn, **kwargs):
+                calls[_key] += 1
+                return _fn(*args, **kwargs)
 
-        monkeypatch.setattr(reference, op, spy)
+            monkeypatch.setattr(module, op, spy)
     return calls
 
 
 @pytest.mark.parametrize("op", ALL_OPS)
 @pytest.mark.parametrize("how", ["env-reference", "env-auto", "env-empty", "env-unset", "arg-reference",
-                                 "arg-auto", "arg-overrides-env"])
-def test_cpu_runs_the_reference(op, how, monkeypatch, spies):
-    """On CPU tensors, 'reference', 'auto' and None (whatever NSA_BACKEND says, if valid) run the reference."""
+                                 "arg-auto", "arg-overrides-env", "env-torch", "arg-torch"])
+def test_cpu_runs_the_reference_or_torch(op, how, monkeypatch, spies):
+    """On CPU tensors, 'reference' runs the reference; 'torch', 'auto' and None (NSA_BACKEND
+    unset, empty or 'auto') run the torch backend."""
     env, arg = {"env-reference": ("reference", None), "env-auto": ("auto", None), "env-empty": ("", None),
                 "env-unset": (None, None), "arg-reference": (None, "reference"), "arg-auto": (None, "auto"),
-                "arg-overrides-env": ("bogus", "reference")}[how]
+                "arg-overrides-env": ("bogus", "reference"), "env-torch": ("torch", None),
+                "arg-torch": ("reference", "torch")}[how]
     if env is None:
         monkeypatch.delenv("NSA_BACKEND", raising=False)
     else:
         monkeypatch.setenv("NSA_BACKEND", env)
     a = inputs()
     out = run(op, a, backend=arg)
-    # nsa with 'reference' calls reference.nsa; with 'auto' it composes the branch functions
-    if op == "nsa" and (arg or env or "auto") == "auto":
-        assert [spies[o] for o in BRANCH_OPS] == [1, 1, 1, 1] and spies["nsa"] == 0, spies
-    elif op == "nsa":
-        assert spies["nsa"] == 1, spies
+    mod = "reference" if (arg or env) == "reference" else "torch"
+    # nsa calls the module's nsa, which composes that module's branch functions
+    if op == "nsa":
+        assert spies[mod, "nsa"] == 1 and sum(n for (m, _), n in spies.items() if m != mod) == 0, spies
     else:
-        assert spies[op] == 1 and sum(spies.values()) == 1, spies
+        assert spies[mod, op] == 1 and sum(spies.values()) == 1, spies
     # what ran gives the right answer: the brute force, not another run of the reference
     want = brute_force(op, a)
     out = out if isinstance(out, tuple) else (out,)
@@ -155,7 +158,7 @@ def test_auto_on_cuda_picks_the_kernel(op):
     mod, fn = api._TRITON_IMPLS[op]
     impl = api.resolve_backend("auto", op, torch.device("cuda"))  # only the device type matters here
     assert impl is getattr(importlib.import_module(mod), fn)
-    assert api.resolve_backend("auto", op, CPU) is getattr(reference, op)
+    assert api.resolve_backend("auto", op, CPU) is getattr(torch_backend, op)
 
 
 @pytest.mark.parametrize("op", BRANCH_OPS)

@@ -1,10 +1,12 @@
 """Public functional ops: validate input, pick a backend, run.
 
-Backends: ``'reference'`` (plain PyTorch, :mod:`nsa.ops.reference`) and ``'triton'``
-(the kernels). ``backend=None`` reads the environment variable ``NSA_BACKEND``
-(default ``'auto'``). ``'auto'`` uses the Triton kernel of an op for CUDA tensors
-when one exists, the reference otherwise. ``'triton'`` forces the kernels; on CPU
-tensors that needs ``TRITON_INTERPRET=1`` (how CI tests kernels).
+Backends: ``'reference'`` (plain PyTorch, :mod:`nsa.ops.reference`: the specification,
+dense ``[T, T]`` masks), ``'torch'`` (plain PyTorch, :mod:`nsa.ops.torch_backend`: queries in
+chunks, only the keys each branch sees, memory linear in T) and ``'triton'`` (the kernels).
+``backend=None`` reads the environment variable ``NSA_BACKEND`` (default ``'auto'``).
+``'auto'`` uses the Triton kernel of an op for CUDA tensors when one exists, the
+``'torch'`` backend otherwise (CPU tensors, any dtype float64 included). ``'triton'`` forces
+the kernels; on CPU tensors that needs ``TRITON_INTERPRET=1`` (how CI tests kernels).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import os
 
 import torch
 
-from . import checks, reference
+from . import checks, reference, torch_backend
 from .utils import interpreting, window_keys
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "torch", "triton")
 # nsa() on the Triton backend is one autograd node whose backward folds the gates into the branch
 # kernels' lse and delta (nsa.ops.fused); False composes one autograd node per branch and one for
 # the gates (float64 always does). Both match the reference; kept for comparisons.
@@ -79,11 +81,11 @@ def backend_name(backend) -> str:
 def resolve_backend(backend, op, device: torch.device):
     """Returns the callable implementing ``op`` for tensors on ``device``."""
     backend = backend_name(backend)
-    if backend == "reference":
-        return getattr(reference, op)
+    if backend in ("reference", "torch"):
+        return getattr(reference if backend == "reference" else torch_backend, op)
     impl = _triton_impl(op)
     if backend == "auto":
-        return impl if (impl is not None and device.type == "cuda") else getattr(reference, op)
+        return impl if (impl is not None and device.type == "cuda") else getattr(torch_backend, op)
     if impl is None:
         if _TRITON_MISSING:
             raise ValueError("backend: 'triton' requested but triton is not installed (CUDA builds of torch "
@@ -137,7 +139,7 @@ def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None,
         scale: softmax scale, default ``Dk ** -0.5``.
         cu_seqlens: int32 ``[N+1]`` offsets of packed sequences (B = 1); then k_cmp/v_cmp hold
             each sequence's compressed tokens packed in the same order.
-        backend: None | 'auto' | 'reference' | 'triton'.
+        backend: None | 'auto' | 'reference' | 'torch' | 'triton'.
     Returns:
         o ``[B, T, HQ, Dv]`` (q's dtype; zeros where nothing is visible) and
         lse ``[B, T, HQ]``: float32 (float64 for float64 input) log-sum-exp of the scaled
@@ -293,17 +295,17 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
     window_size = window_keys(window_size, q.shape[1])
     block_size = _block(block_size, q, stride)
     backend = backend_name(backend)
-    if backend == "reference":
-        return reference.nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
-                             kernel_size=kernel_size, stride=stride, block_size=block_size,
-                             num_selected=num_selected, num_initial=num_initial, num_local=num_local,
-                             window_size=window_size, scale=s, cu_seqlens=cu_seqlens,
-                             return_block_indices=return_block_indices)
     cmp_fn = resolve_backend(backend, "compressed_attention", q.device)
+    for module in (reference, torch_backend):
+        if cmp_fn is module.compressed_attention:
+            return module.nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
+                              kernel_size=kernel_size, stride=stride, block_size=block_size,
+                              num_selected=num_selected, num_initial=num_initial, num_local=num_local,
+                              window_size=window_size, scale=s, cu_seqlens=cu_seqlens,
+                              return_block_indices=return_block_indices)
     fused_fn = _triton_impl("nsa_fused")
-    # the fused node when the branches resolve to their kernels (not 'auto' on a CPU tensor)
-    if (FUSED_GATES and fused_fn is not None and cmp_fn is not reference.compressed_attention
-            and all(t.dtype != torch.float64 for t in (q, g_cmp, g_slc, g_win))):
+    # the branches resolve to their kernels: one fused node, or one node per branch and the gates
+    if FUSED_GATES and fused_fn is not None and all(t.dtype != torch.float64 for t in (q, g_cmp, g_slc, g_win)):
         o, idx = fused_fn(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, kernel_size, stride,
                           block_size, num_selected, num_initial, num_local, window_size, s, cu_seqlens)
         return (o, idx) if return_block_indices else o

@@ -50,11 +50,12 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
             as in :func:`nsa.ops.nsa`.
         return_block_indices: also return the int32 ``[N, H, num_selected]`` selected blocks
             (ascending, then -1), as in :func:`nsa.ops.select_blocks`.
-        backend: None (reads ``NSA_BACKEND``, default 'auto') | 'auto' | 'reference' | 'triton'.
-            'auto' runs the Triton kernels on CUDA tensors and the reference otherwise, and also
-            when autograd needs a graph (grad enabled and an input requires grad); 'triton' forces
-            the kernels (CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``). The Triton
-            path is inference only: its outputs never require grad.
+        backend: None (reads ``NSA_BACKEND``, default 'auto') | 'auto' | 'reference' | 'torch' | 'triton'.
+            'auto' runs the Triton kernels on CUDA tensors and the 'torch' backend (plain PyTorch,
+            gathering only the selected blocks and the window) otherwise, and also when autograd
+            needs a graph (grad enabled and an input requires grad); 'triton' forces the kernels
+            (CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``). The Triton path is
+            inference only: its outputs never require grad.
     Returns:
         o ``[N, HQ, Dv]`` in q's dtype, or ``(o, block_indices)``.
     """
@@ -98,7 +99,7 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     backend = api.backend_name(backend)
     tensors = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win)
     if backend == "auto" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        backend = "reference"  # the kernel is inference-only; autograd needs the reference's graph
+        backend = "torch"  # the kernel is inference-only; autograd needs a graph of PyTorch ops
     fn = api.resolve_backend(backend, "nsa_decode", q.device)
     s = Dk ** -0.5 if scale is None else float(scale)
     window_size = window_keys(window_size, k_win.shape[1])  # longer than the cache: the whole cache

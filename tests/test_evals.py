@@ -106,6 +106,13 @@ def test_task_errors():
         needle_sample(TOK, TEXT, 200, 0.5, seed=1.5)
     with pytest.raises(ValueError, match="filler"):
         Filler(TOK, ["", ""])
+    needle_sample(ByteTokenizer(), Filler(TOK, TEXT), 100, 0.5, seed=0)  # an equal tokenizer will do
+
+    class Other(ByteTokenizer):
+        fingerprint = "other"
+
+    with pytest.raises(ValueError, match="filler: built for another tokenizer"):
+        needle_sample(Other(), Filler(TOK, TEXT), 100, 0.5, seed=0)
 
 
 def test_bpe_prompt_tokens_match_the_document():

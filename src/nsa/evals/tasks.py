@@ -115,7 +115,10 @@ class Filler:
     def of(cls, tokenizer, filler: Filler | str | Sequence[str]) -> Filler:
         """``filler`` itself when it is a Filler of ``tokenizer``, else a Filler of the text(s)."""
         if isinstance(filler, Filler):
-            if filler.tokenizer is not tokenizer:
+            same = filler.tokenizer is tokenizer or (
+                getattr(tokenizer, "fingerprint", None) is not None
+                and getattr(filler.tokenizer, "fingerprint", None) == tokenizer.fingerprint)
+            if not same:
                 raise ValueError("filler: built for another tokenizer")
             return filler
         return cls(tokenizer, filler)
@@ -165,7 +168,9 @@ class Question:
         answer: the expected continuation (without ``eos``).
         prompt_ids: ``[bos] + encode(prompt)``: what the evaluators feed to the model.
         span: token positions ``[start, end)`` in ``prompt_ids`` of the text that holds the
-            answer (the needle sentence, or the queried ``key:value`` line).
+            answer (the needle sentence, or the queried ``key:value`` line); exact for the byte
+            tokenizer, counted piece by piece for BPE (a merge across a piece's edge can move it
+            by a token).
     """
 
     prompt: str

@@ -93,8 +93,11 @@ def test_every_option_has_help():
     from nsa import cli
     from nsa.bench import _parser as bench_parser
 
-    demo = cli._parser()._subparsers._group_actions[0].choices["demo"]
-    for parser in (demo, bench_parser()):
+    from nsa.bench.model_step import _parser as model_bench_parser
+
+    subs = cli._parser()._subparsers._group_actions[0].choices
+    eval_subs = subs["eval"]._subparsers._group_actions[0].choices.values()
+    for parser in (subs["demo"], subs["train"], subs["generate"], *eval_subs, bench_parser(), model_bench_parser()):
         missing = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
         assert not missing, (parser.prog, missing)
 

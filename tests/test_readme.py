@@ -151,7 +151,7 @@ def check_nsa_args(args: list[str], where: str):
     from nsa.cli import _parser
 
     ns = _parse(_parser(), args, where)
-    assert ns.command in ("demo", "train", "generate"), f"{where}: unknown subcommand {args[0]!r}"
+    assert ns.command in ("demo", "train", "generate", "eval"), f"{where}: unknown subcommand {args[0]!r}"
     if ns.command == "train":  # the options must also make a valid TrainConfig (nothing is read or written)
         from nsa.cli import _model_overrides
         from nsa.train import TrainConfig

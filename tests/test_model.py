@@ -296,3 +296,19 @@ def test_vocab_limit():
     for bad in (0, 62, True, 2.5):
         with pytest.raises(ValueError, match="vocab_limit"):
             m.generate([[1]], 1, vocab_limit=bad)
+
+
+@pytest.mark.parametrize("kind", ["nsa", "full"])
+def test_activation_checkpointing_same_gradients(kind):
+    m = build(kind)
+    ids = ids_of((1, 30))
+    cu = torch.tensor([0, 12, 30], dtype=torch.int32)
+    grads = []
+    for on in (False, True):
+        m.activation_checkpointing = on
+        m.train()
+        m.zero_grad()
+        m(ids, cu_seqlens=cu, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n

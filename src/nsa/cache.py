@@ -9,7 +9,32 @@ from .ops.utils import num_compressed
 __all__ = ["NSACache", "KVCache"]
 
 
-class NSACache:
+class _SequenceCache:
+    """What every decoding cache keeps on the host: ``lengths``, the tokens cached per sequence
+    (capacity decisions need no device sync), and its derived properties."""
+
+    lengths: list[int]
+
+    @property
+    def is_empty(self) -> bool:
+        """True before a prefill (and after :meth:`reset`)."""
+        return not self.lengths
+
+    @property
+    def batch_size(self) -> int:
+        """N, the number of cached sequences."""
+        return len(self.lengths)
+
+    @staticmethod
+    def _capacity_for(n):
+        """The capacity a sequence of ``n`` tokens starts with: a power of two, at least 16."""
+        cap = 16
+        while cap < n:
+            cap *= 2
+        return cap
+
+
+class NSACache(_SequenceCache):
     """Keys/values of N sequences of possibly different lengths, padded per sequence.
 
     Held tensors (``cap`` grows by doubling; row n is valid up to ``seq_lens[n]``):
@@ -56,16 +81,6 @@ class NSACache:
         self.shared = False
 
     @property
-    def is_empty(self) -> bool:
-        """True before a prefill (and after :meth:`reset`)."""
-        return not self.lengths
-
-    @property
-    def batch_size(self) -> int:
-        """N, the number of cached sequences."""
-        return len(self.lengths)
-
-    @property
     def capacity(self) -> int:
         """Raw tokens per sequence that fit before the tensors grow (0 when empty)."""
         return 0 if self.k_slc is None else self.k_slc.shape[1]
@@ -73,13 +88,6 @@ class NSACache:
     def _num_cmp_capacity(self, cap):
         # At least one slot so that no tensor has a zero-length token axis.
         return max(1, num_compressed(cap, self.kernel_size, self.stride))
-
-    @staticmethod
-    def _capacity_for(n):
-        cap = 16
-        while cap < n:
-            cap *= 2
-        return cap
 
     def prefill(self, lens, k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win=None, v_win=None):
         """Fill an empty cache from packed prompts.
@@ -252,7 +260,7 @@ class NSACache:
         self.v_cmp[ids, ci] = v_cmp.detach().to(self.v_cmp.dtype)
 
 
-class KVCache:
+class KVCache(_SequenceCache):
     """Keys/values of N sequences of possibly different lengths for plain (full or sliding-window)
     attention: the decoding state of one such layer of :class:`nsa.model.LanguageModel`.
 
@@ -271,16 +279,6 @@ class KVCache:
         self.lengths: list[int] = []
         self.seq_lens: torch.Tensor | None = None
         self.k = self.v = None
-
-    @property
-    def is_empty(self) -> bool:
-        """True before a prefill (and after :meth:`reset`)."""
-        return not self.lengths
-
-    @property
-    def batch_size(self) -> int:
-        """N, the number of cached sequences."""
-        return len(self.lengths)
 
     @property
     def capacity(self) -> int:
@@ -302,7 +300,7 @@ class KVCache:
         if k.shape[0] != total or v.shape[0] != total:
             raise ValueError(f"k: expected {total} tokens (sum of lens), got {k.shape[0]} keys, {v.shape[0]} values")
         dev = k.device
-        N, cap = len(lens), NSACache._capacity_for(max(lens))
+        N, cap = len(lens), self._capacity_for(max(lens))
         lens_t = torch.tensor(lens, device=dev)
         seq = torch.repeat_interleave(torch.arange(N, device=dev), lens_t)
         pos = torch.arange(total, device=dev) - (torch.cumsum(lens_t, 0) - lens_t)[seq]

@@ -141,17 +141,17 @@ def test_select_ties_go_to_lower_block():
 
 
 # How the selected branch takes its keys: its own choice per chunk, always the union of the
-# chunk's blocks, or always each query's own blocks gathered (GATHER_COST patched).
-SELECTED_PATHS = {"auto": None, "union": 1e9, "gather": -1e9}
+# chunk's blocks, or always each query's own blocks in tiles (UNION_SLACK patched).
+SELECTED_PATHS = {"auto": None, "union": 1e9, "tiles": -1}
 
 
 @pytest.mark.parametrize("path,dtype,ratio", [("auto", *DTYPES[0]), ("auto", *DTYPES[1]), ("union", *DTYPES[0]),
-                                              ("gather", *DTYPES[0])], ids=["auto-f64", "auto-f32", "union-f64",
-                                                                            "gather-f64"])
+                                              ("tiles", *DTYPES[0]), ("tiles", *DTYPES[1])],
+                         ids=["auto-f64", "auto-f32", "union-f64", "tiles-f64", "tiles-f32"])
 @pytest.mark.parametrize("c", CASES, ids=CASE_IDS)
 def test_selected(c, path, dtype, ratio, monkeypatch):
     if SELECTED_PATHS[path] is not None:
-        monkeypatch.setattr(torch_backend, "GATHER_COST", SELECTED_PATHS[path])
+        monkeypatch.setattr(torch_backend, "UNION_SLACK", SELECTED_PATHS[path])
     q, _, _, k, v = inputs(c, dtype)[:5]
     idx = random_block_indices(c.B, c.T, c.H, c.sel[0] + 1, c.bs, seed=1, lengths=list(c.lens or [c.T]))
 

@@ -2,20 +2,21 @@
 
 The reference (:mod:`nsa.ops.reference`) is the specification: it builds every branch as a
 masked ``[T, T]`` attention. This backend computes the same functions, with the same
-signatures, for devices without the Triton kernels: queries go in chunks of at most
-``chunk_size`` positions, and a chunk touches only the keys its branch lets it see:
+signatures, for devices without the Triton kernels: queries go in chunks (of at most
+``chunk_size`` positions when given), and a chunk touches only the keys its branch lets it see:
 
 - compressed: the compressed tokens visible to the chunk's last query, ``[C, Tc]`` scores;
 - selection: each query's scores of its causal blocks, each block summing the few compressed
   tokens it overlaps (where the reference multiplies by the whole ``[Tc, NB]`` overlap matrix),
   then the top-n rule of :func:`nsa.ops.select_blocks`;
 - selected: either the union of the blocks the chunk's queries selected (when it is small:
-  one dense product per chunk) or, per query, its own selected blocks gathered
-  ``[C, H, num_selected * block_size, D]``;
+  one dense product per chunk), or each query's own blocks in tiles: the queries that selected
+  one block are gathered next to each other and multiplied by that block's keys read once;
 - window: the band ``[t0 - window_size + 1, t1)`` of keys of a chunk ``[t0, t1)``.
 
-No tensor is ``[T, T]``. Without autograd, the largest intermediates are ``[C, HQ, Tc]``
-probabilities and the per-chunk gathers; with autograd each chunk runs under
+No tensor is ``[T, T]``. Without autograd, the largest intermediates are a chunk's
+``[C, HQ, Tc]`` compressed scores and its ``[C, HQ, num_selected * block_size]`` selected
+scores; with autograd each chunk runs under
 :func:`torch.utils.checkpoint.checkpoint` (recomputed in the backward), so what autograd
 keeps is the inputs and the outputs. Packed sequences (``cu_seqlens``) are computed one
 sequence at a time. Everything is ordinary autograd: gradients of any order.
@@ -46,14 +47,14 @@ __all__ = [
 CHUNK_SIZE = 128
 CHUNK_ELEMENTS = 1 << 23
 MIN_CHUNK = 16
-# The selected branch of a chunk either attends densely to the union of the U blocks its
-# queries selected (G * U * block_size scores per query and KV head, with large products) or
-# gathers each query's own S blocks (G * S * block_size scores with small products, plus
-# (Dk + Dv) * S * block_size elements copied, in sub-chunks of about GATHER_ELEMENTS: on CPU
-# larger gathers leave the caches). The union is taken while its scores cost no more than the
-# gather, a gathered element counted as GATHER_COST scores.
-GATHER_COST = 1 / 16
-GATHER_ELEMENTS = 1 << 23
+# The selected branch of a chunk of queries either attends densely to the union of the U
+# blocks they selected (large products, G * U * block_size scores per query and KV head), while
+# U <= UNION_SLACK * num_selected, or computes each query's own num_selected blocks in tiles of
+# the queries that share a block (index work; see _tile_plan), in chunks of at least TILE_CHUNK
+# queries (more queries, fuller tiles) holding about TILE_ELEMENTS scores.
+UNION_SLACK = 1.5
+TILE_CHUNK = 1024
+TILE_ELEMENTS = 1 << 23
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -108,12 +109,15 @@ def _softmax(s, visible):
     """Softmax of the scores ``s`` ``[..., S]`` over the visible keys (``visible`` broadcasts to
     s), unnormalized: ``(e, denom, lse)`` with ``e / denom`` the probabilities (``e`` all zeros,
     ``denom`` 1 and ``lse`` -inf in a row that sees nothing). Callers divide ``e @ v`` by
-    ``denom``: one pass over ``[..., Dv]`` instead of ``[..., S]``."""
-    s = torch.where(visible, s, float("-inf"))
+    ``denom``: one pass over ``[..., Dv]`` instead of ``[..., S]``.
+
+    ``s`` is overwritten with ``e``: pass a fresh product, not a view of one (in place on a view,
+    autograd would copy the whole product in the backward)."""
+    s = s.masked_fill_(~visible, float("-inf"))
     # amax has no identity: with no keys at all use 0
-    m = s.amax(-1, keepdim=True).detach() if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
+    m = s.detach().amax(-1, keepdim=True) if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = (s - m).exp_()  # exactly 0 where masked
+    e = s.sub_(m).exp_()  # exactly 0 where masked
     denom = e.sum(-1, keepdim=True)
     nonempty = denom > 0
     safe = torch.where(nonempty, denom, torch.ones_like(denom))
@@ -129,9 +133,10 @@ def _dense_chunk(q, k, v, visible, scale):
     H, S = k.shape[1], k.shape[2]
     G = HQ // H
     qh = (_q_heads(q, H, k.dtype) * scale).reshape(B, H, C * G, -1)
-    e, denom, lse = _softmax((qh @ k.transpose(-1, -2)).view(B, H, C, G, S), visible)
-    o = (e.view(B, H, C * G, S) @ v).view(B, H, C, G, -1) / denom
-    return _out(o, q.dtype), lse.transpose(1, 2).reshape(B, C, HQ)
+    visible = visible.expand(B, H, C, G, S).reshape(B, H, C * G, S)  # the layout of the product
+    e, denom, lse = _softmax(qh @ k.transpose(-1, -2), visible)
+    o = ((e @ v) / denom).view(B, H, C, G, -1)
+    return _out(o, q.dtype), lse.view(B, H, C, G).transpose(1, 2).reshape(B, C, HQ)
 
 
 def _empty_outputs(q, Dv, with_lse):
@@ -292,24 +297,66 @@ def _union_chunk(q, kb, vb, idx, ids, t0, block_size, scale):
     return _dense_chunk(q, k, v, visible.unsqueeze(3), scale)[0]
 
 
-def _gather_chunk(q, kb, vb, idx, t0, block_size, scale):
-    """Queries ``[B, C, HQ, Dk]`` at positions ``t0 ..``, each over its own selected blocks
-    (gathered ``[B, H, C, S * bs, D]``); arguments as in :func:`_union_chunk`."""
-    B, H, NB, bs, _ = kb.shape
-    C, S = idx.shape[1], idx.shape[-1]
+def _tile_plan(idx, NB, H):
+    """How the (query, slot) pairs of block indices ``idx`` ``[B, C, H, S]`` fill tiles: the
+    pairs of one block of one KV head of one batch row (a group), R rows to a tile.
+
+    Returns ``(rows, tile_blocks, R)``: ``rows`` int64 ``[NT * R]``, the query (flat index into
+    ``[B, C, H]``) of every tile row or -1 for padding; ``tile_blocks`` int64 ``[NT]``, the group
+    of every tile (flat index into ``[B, H, NB]``). Three host reads (sizes)."""
+    B, C, _, S = idx.shape
+    dev = idx.device
+    blk = idx.reshape(-1).long()
+    pair = (blk >= 0).nonzero().squeeze(1)  # flat (b, c, h, s) of the listed blocks
+    query = pair // S  # flat (b, c, h)
+    group = (query // (C * H) * H + query % H) * NB + blk[pair]  # flat (b, h, block)
+    group, order = torch.sort(group, stable=True)
+    query = query[order]
+    counts = torch.bincount(group, minlength=B * H * NB)
+    # tiles of about the mean group size (a power of two in [4, 64]): few padding rows, large products
+    used = max(int((counts > 0).sum()), 1)
+    R = min(64, max(4, 1 << max(0, (query.numel() // used).bit_length() - 1)))
+    ntiles = -(-counts // R)
+    first_tile = torch.cumsum(ntiles, 0) - ntiles
+    rank = torch.arange(query.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[group]
+    NT = int(ntiles.sum())
+    rows = torch.full((NT * R,), -1, dtype=torch.long, device=dev)
+    rows[(first_tile[group] + rank // R) * R + rank % R] = query
+    tile_blocks = torch.repeat_interleave(torch.arange(B * H * NB, device=dev), ntiles, output_size=NT)
+    return rows, tile_blocks, R
+
+
+def _tile_chunk(q, kb, vb, t0, block_size, scale, rows, tile_blocks, R):
+    """Queries ``[B, C, HQ, Dk]`` at positions ``t0 ..``, each over its own selected blocks, pair
+    by pair in tiles (see :func:`_tile_plan`): a tile's R queries share one block, its keys read
+    once for the tile. The softmax of a query runs over the rows of all its tiles."""
+    B, H, NB, bs, Dk = kb.shape
+    Dv = vb.shape[-1]
+    C, HQ = q.shape[1], q.shape[2]
+    G = HQ // H
+    NT = tile_blocks.numel()
     dev = q.device
-    idx = idx.long().transpose(1, 2)  # [B, H, C, S]
-    ok = idx >= 0
-    idx0 = torch.where(ok, idx, 0)
-    flat = (torch.arange(B * H, device=dev).view(B, H, 1, 1) * NB + idx0).flatten()
-    k = kb.flatten(0, 2).index_select(0, flat).view(B, H, C, S * bs, kb.shape[-1])
-    v = vb.flatten(0, 2).index_select(0, flat).view(B, H, C, S * bs, vb.shape[-1])
-    pos = idx0.unsqueeze(-1) * block_size + torch.arange(bs, device=dev)  # [B, H, C, S, bs]
-    t = torch.arange(t0, t0 + C, device=dev).view(1, 1, C, 1, 1)
-    visible = (ok.unsqueeze(-1) & (pos <= t)).view(B, H, C, 1, S * bs)
-    qh = _q_heads(q, H, kb.dtype) * scale  # [B, H, C, G, Dk]
-    e, denom, _ = _softmax(qh @ k.transpose(-1, -2), visible)
-    return _out((e @ v) / denom, q.dtype)
+    ok = rows >= 0
+    qrow = torch.where(ok, rows, 0)
+    qf = q.to(kb.dtype).reshape(B * C * H, G, Dk) * scale  # rows (b, c, h)
+    k = kb.reshape(B * H * NB, bs, Dk).index_select(0, tile_blocks)  # [NT, bs, Dk]
+    v = vb.reshape(B * H * NB, bs, Dv).index_select(0, tile_blocks)
+    s = qf.index_select(0, qrow).view(NT, R * G, Dk) @ k.transpose(-1, -2)  # [NT, R * G, bs]
+    t = t0 + (qrow // H) % C  # [NT * R] the row's query position
+    pos = (tile_blocks % NB).repeat_interleave(R).unsqueeze(-1) * block_size + torch.arange(bs, device=dev)
+    hidden = (~ok).unsqueeze(-1) | (pos > t.unsqueeze(-1))  # [NT * R, bs]
+    # in place on the product itself (not a view of it: autograd would copy it in the backward)
+    s.masked_fill_(hidden.view(NT, R, 1, bs).expand(NT, R, G, bs).reshape(NT, R * G, bs), float("-inf"))
+    # each query's maximum over all its rows
+    m = torch.full((B * C * H, G), float("-inf"), dtype=s.dtype, device=dev)
+    m = m.scatter_reduce(0, qrow.unsqueeze(-1).expand(-1, G), s.detach().amax(-1).view(NT * R, G), "amax")
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = s.sub_(m.index_select(0, qrow).view(NT, R * G, 1)).exp_()  # exactly 0 where masked
+    denom = torch.zeros(B * C * H, G, dtype=s.dtype, device=dev).index_add(0, qrow, e.sum(-1).view(NT * R, G))
+    o = (e @ v).view(NT * R, G, Dv)
+    o = torch.zeros(B * C * H, G, Dv, dtype=s.dtype, device=dev).index_add(0, qrow, o)
+    o = o / torch.where(denom > 0, denom, torch.ones_like(denom)).unsqueeze(-1)
+    return o.view(B, C, HQ, Dv).to(q.dtype)
 
 
 def _by_block(x, block_size, ct):
@@ -326,18 +373,23 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seq
     if cu_seqlens is not None:
         return torch.cat([selected_attention(qs, ks, vs, bi, block_size, scale, chunk_size=chunk_size)
                           for qs, ks, vs, bi in _split(cu_seqlens, q, k, v, block_indices)], 1)
-    B, T, HQ, Dk = q.shape
-    H, S, Dv = k.shape[2], block_indices.shape[-1], v.shape[-1]
-    G = HQ // H
+    B, T, HQ, _ = q.shape
+    H, S = k.shape[2], block_indices.shape[-1]
     if T == 0:
         return _empty_outputs(q, v.shape[-1], False)
     ct = _compute_dtype(q)
     NB = num_blocks(T, block_size)
     kb, vb = _by_block(k, block_size, ct), _by_block(v, block_size, ct)
-    max_union = S * (G + GATHER_COST * (Dk + Dv)) / G  # blocks
-    C = _chunk(chunk_size, B * HQ * int(max_union * block_size))
-    Cg = _chunk(chunk_size, B * H * S * block_size * (Dk + Dv), GATHER_ELEMENTS)
+    C = _chunk(chunk_size, B * HQ * int(UNION_SLACK * S * block_size))
+    Ct = _chunk(TILE_CHUNK if chunk_size is None else chunk_size, B * HQ * S * block_size, TILE_ELEMENTS)
+
+    def tiles(a, b):
+        with torch.no_grad():
+            plan = _tile_plan(block_indices[:, a:b], NB, H)
+        return _run(_tile_chunk, q[:, a:b], kb, vb, a, block_size, scale, *plan)
+
     outs = []
+    pending = None  # queries [a, b) waiting for the tiles
     for t0 in range(0, T, C):
         t1 = min(T, t0 + C)
         idx = block_indices[:, t0:t1]
@@ -346,13 +398,20 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seq
             union = torch.zeros(B, t1 - t0, H, NB + 1, dtype=torch.bool, device=q.device)
             union = union.scatter(-1, torch.where(idx < 0, NB, idx.long()), True)[..., :NB].any(1)  # [B, H, NB]
             U = int(union.sum(-1).max().item())
-        if U <= max_union:
+        if U <= UNION_SLACK * S:
+            if pending is not None:
+                outs.append(tiles(*pending))
+                pending = None
             ids = torch.where(union, torch.arange(NB, device=q.device), NB).sort(-1).values[..., :U]
             outs.append(_run(_union_chunk, q[:, t0:t1], kb, vb, idx, ids, t0, block_size, scale))
-            continue
-        for u0 in range(t0, t1, Cg):
-            u1 = min(t1, u0 + Cg)
-            outs.append(_run(_gather_chunk, q[:, u0:u1], kb, vb, block_indices[:, u0:u1], u0, block_size, scale))
+        elif pending is not None and t1 - pending[0] <= Ct:
+            pending = (pending[0], t1)
+        else:
+            if pending is not None:
+                outs.append(tiles(*pending))
+            pending = (t0, t1)
+    if pending is not None:
+        outs.append(tiles(*pending))
     return torch.cat(outs, 1)
 
 

@@ -254,8 +254,14 @@ def _train(args) -> int:
     if "model" in options:
         options["model"] = _model_overrides(options["model"])
     cfg = config_from_sources(options, getattr(args, "config", None))
-    summary = train(cfg)
-    if summary["world_size"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+    try:
+        summary = train(cfg)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
         state = "stopped early (checkpoint saved)" if summary["stopped"] else "done"
         val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
         print(f"nsa train: {state}: step {summary['step']}, {summary['tokens']:,} tokens, "

@@ -191,14 +191,21 @@ class _Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def distributed(self) -> bool:
+        """Under torchrun (even with one process: the same DDP / FSDP2 code path runs)."""
+        return self.mesh is not None
+
 
 def _init_distributed(device_text) -> tuple[_Dist, torch.device]:
-    """Joins the torchrun process group when there is one (``WORLD_SIZE`` > 1)."""
+    """Joins the torchrun process group when started by torchrun (``RANK`` and ``WORLD_SIZE`` in
+    the environment), also with one process, so that ``--nproc_per_node=1`` runs the same
+    DDP / FSDP2 code as N processes."""
     from ._cli_utils import resolve_device
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return _Dist(), resolve_device(device_text)
+    world = int(os.environ["WORLD_SIZE"])
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     base = resolve_device(device_text)
     if base.type == "cuda":
@@ -235,7 +242,7 @@ def parallelize(model: LanguageModel, how: str, mesh, device: torch.device, bf16
 
 
 def _all_mean(values: list[float], d: _Dist, device) -> list[float]:
-    if d.world_size == 1:
+    if not d.distributed:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -297,7 +304,7 @@ def _save_checkpoint(run: Path, model, raw: LanguageModel, opt, state: dict, d: 
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
-    if d.world_size > 1:
+    if d.distributed:
         dist.barrier()
 
 
@@ -403,7 +410,7 @@ def evaluate(model, batches: list[dict], device, autocast, d: _Dist) -> float:
                         labels=b["labels"].to(device))
         total += float(out.loss)
         count += 1
-    if d.world_size > 1:
+    if d.distributed:
         t = torch.tensor([total, count], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         total, count = t.tolist()
@@ -432,7 +439,7 @@ def train(cfg: TrainConfig) -> dict:
             model_cfg = cfg.model_config(tokenizer.vocab_size)  # fails early on a bad model option
             run.mkdir(parents=True, exist_ok=True)
             tokenizer.save(run / "tokenizer")
-    if d.world_size > 1:
+    if d.distributed:
         dist.barrier()
     tokenizer = load_tokenizer(run / "tokenizer")
     model_cfg = cfg.model_config(tokenizer.vocab_size)
@@ -444,7 +451,7 @@ def train(cfg: TrainConfig) -> dict:
     if d.main:
         train_store, val_store = load_corpus(cfg.data, tokenizer, cache_dir, cfg.val_fraction, cfg.seed,
                                              progress=cfg.progress)
-    if d.world_size > 1:
+    if d.distributed:
         dist.barrier()  # rank 0 built the token cache; the others open it
     if not d.main:
         train_store, val_store = load_corpus(cfg.data, tokenizer, cache_dir, cfg.val_fraction, cfg.seed)
@@ -454,8 +461,8 @@ def train(cfg: TrainConfig) -> dict:
     raw = LanguageModel(model_cfg).to(device)
     raw.activation_checkpointing = cfg.activation_checkpointing
     bf16 = (cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
-    fsdp = d.world_size > 1 and cfg.parallel == "fsdp"
-    model = parallelize(raw, cfg.parallel, d.mesh, device, bf16) if d.world_size > 1 else raw
+    fsdp = d.distributed and cfg.parallel == "fsdp"
+    model = parallelize(raw, cfg.parallel, d.mesh, device, bf16) if d.distributed else raw
     opt = _optimizer(model, cfg, device)
     if cfg.compile:
         for block in raw.blocks:
@@ -553,7 +560,7 @@ def train(cfg: TrainConfig) -> dict:
 def _grad_sync(model, sync: bool, d: _Dist, fsdp: bool):
     """Only the last micro-batch of a step reduces gradients across ranks (DDP's ``no_sync``,
     FSDP2's ``set_requires_gradient_sync``)."""
-    if d.world_size == 1:
+    if not d.distributed:
         return contextlib.nullcontext()
     if fsdp:
         model.set_requires_gradient_sync(sync)
@@ -562,7 +569,7 @@ def _grad_sync(model, sync: bool, d: _Dist, fsdp: bool):
 
 
 def _any_rank(flag: bool, d: _Dist, device) -> bool:
-    if d.world_size == 1:
+    if not d.distributed:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -19,6 +19,7 @@ from torch import nn
 from . import ops
 from .cache import NSACache
 from .ops.decode import nsa_decode
+from .ops.reference import rope_cos_sin
 from .ops.utils import compressed_cu_seqlens
 
 __all__ = ["NSAConfig", "NativeSparseAttention", "rope_cos_sin", "apply_rope"]
@@ -136,31 +137,18 @@ class NSAConfig:
         return dataclasses.replace(self, **changes)
 
 
-def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype = torch.float32):
-    """cos, sin ``[*positions.shape, dim // 2]`` of the angles ``position * theta**(-2i/dim)``,
-    in ``dtype`` on the device of ``positions`` (an integer tensor).
-
-    Angles are formed in float64: at positions ~1e5 float32 angles are off by ~1e-2 rad.
-    """
-    inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim)
-    ang = positions.to(torch.float64).unsqueeze(-1) * inv_freq
-    return ang.cos().to(dtype), ang.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE: dims ``(i, i + D/2)`` of x rotate by ``position * theta**(-2i/D)``.
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, backend: str | None = None) -> torch.Tensor:
+    """Rotate-half RoPE: dims ``(i, i + D/2)`` of x rotate by ``position * theta**(-2i/D)``
+    (:func:`nsa.ops.rope`; the specification is :func:`nsa.ops.reference.rope`).
 
     Args:
         x: ``[..., T, H, D]``, any floating dtype, D even; positions: integer ``[..., T]``
             broadcastable to x's leading dims, on x's device.
+        backend: as in :mod:`nsa.ops` (``'auto'``: one Triton pass for CUDA tensors).
     Returns:
         x rotated, same shape, dtype and device (computed in float32, float64 for float64 x).
     """
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cos, sin = rope_cos_sin(positions, x.shape[-1], theta, ct)
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [..., T, 1, D/2]
-    x1, x2 = x.to(ct).chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return ops.rope(x, positions, theta, backend=backend)
 
 
 class _BlockCompressor(nn.Module):
@@ -244,9 +232,9 @@ class NativeSparseAttention(nn.Module):
             k, v = kv[:, :, i].split([H * Dk, H * Dv], dim=-1)
             k, v = k.reshape(B, T, H, Dk), v.reshape(B, T, H, Dv)
             if i > 0:
-                k = apply_rope(k, positions, c.rope_theta)
+                k = apply_rope(k, positions, c.rope_theta, c.backend)
             branches.append((k, v))
-        return apply_rope(q, positions, c.rope_theta), branches
+        return apply_rope(q, positions, c.rope_theta, c.backend), branches
 
     def _gates(self, x):
         B, T, _ = x.shape
@@ -265,7 +253,7 @@ class NativeSparseAttention(nn.Module):
         """
         k = self.compress_k(k_blocks)
         v = self.compress_v(v_blocks)
-        return apply_rope(k, positions, self.config.rope_theta), v
+        return apply_rope(k, positions, self.config.rope_theta, self.config.backend), v
 
     def compress(self, k, v, cu_seqlens=None):
         """Compressed keys/values of whole sequences.

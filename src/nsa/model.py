@@ -206,7 +206,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, c.num_heads, c.head_dim)
         k, v = self.kv_proj(x).view(B, T, 2, c.num_kv_heads, c.head_dim).unbind(2)
-        return apply_rope(q, positions, c.rope_theta), apply_rope(k, positions, c.rope_theta), v
+        return (apply_rope(q, positions, c.rope_theta, c.backend), apply_rope(k, positions, c.rope_theta, c.backend),
+                v)
 
     def _attend(self, q, k, v, cu_seqlens):
         """``[B, T, HQ, D]`` causal (or windowed) attention of dense or packed sequences."""

@@ -3,6 +3,7 @@
 from .api import (
     compressed_attention,
     nsa,
+    rope,
     select_blocks,
     selected_attention,
     sliding_window_attention,
@@ -16,4 +17,5 @@ __all__ = [
     "sliding_window_attention",
     "nsa",
     "nsa_decode",
+    "rope",
 ]

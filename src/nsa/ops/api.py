@@ -37,6 +37,7 @@ _TRITON_IMPLS = {
     # autograd node (nsa.ops.fused)
     "gate_combine": ("nsa.ops.gate", "gate_combine_triton"),
     "nsa_fused": ("nsa.ops.fused", "nsa_triton"),
+    "rope": ("nsa.ops.rope", "rope_triton"),
 }
 
 
@@ -321,3 +322,44 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
     gate_fn = resolve_backend(backend, "gate_combine", q.device)
     o = gate_fn(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, q.dtype)
     return (o, idx) if return_block_indices else o
+
+
+def rope(x, positions, theta, backend=None):
+    """Rotate-half rotary position embedding (RoPE): dims ``(i, i + D/2)`` of every head rotate by
+    the angle ``position * theta**(-2i/D)``, formed in float64 (the specification:
+    :func:`nsa.ops.reference.rope`; the kernel: one pass in x's dtype, :mod:`nsa.ops.rope`).
+
+    Args:
+        x: ``[..., T, H, D]``, floating point, D even.
+        positions: integer ``[..., T]`` broadcastable to x's leading dims, on x's device.
+        theta: the base (> 0).
+        backend: as in :func:`compressed_attention`. The kernel takes x ``[B, T, H, D]`` with
+            positions ``[B|1, T]`` (other layouts are computed by the specification).
+    Returns:
+        x rotated: same shape, dtype and device (computed in float32; float64 for float64 x).
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 3:
+        what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a floating-point [..., T, H, D] tensor, got {what}")
+    if x.shape[-1] % 2:
+        raise ValueError(f"x: the head dim must be even, got {x.shape[-1]}")
+    if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.is_complex() \
+            or positions.dtype == torch.bool:
+        raise ValueError(f"positions: expected an integer tensor, got "
+                         f"{positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__}")
+    if positions.device != x.device:
+        raise ValueError(f"positions: expected x's device {x.device}, got {positions.device}")
+    lead = x.shape[:-2]
+    try:
+        torch.broadcast_shapes(positions.shape, lead)
+    except RuntimeError:
+        raise ValueError(f"positions: shape {tuple(positions.shape)} does not broadcast to x's leading dims "
+                         f"{tuple(lead)}") from None
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise ValueError(f"theta: expected a number > 0, got {theta!r}")
+    fn = resolve_backend(backend, "rope", x.device)
+    kernel_layout = x.dim() == 4 and positions.dim() == 2 and positions.shape[0] in (1, x.shape[0]) \
+        and positions.shape[1] == x.shape[1]
+    if fn is not reference.rope and fn is not torch_backend.rope and not kernel_layout:
+        fn = reference.rope
+    return fn(x, positions, float(theta))

@@ -24,6 +24,8 @@ __all__ = [
     "sliding_window_attention",
     "nsa",
     "nsa_decode",
+    "rope",
+    "rope_cos_sin",
 ]
 
 
@@ -303,3 +305,32 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     if ids.shape[-1] < num_selected:
         ids = torch.cat([ids, ids.new_full((N, H, num_selected - ids.shape[-1]), -1)], -1)
     return o, ids.to(torch.int32)
+
+
+# ---- RoPE ---------------------------------------------------------------------------------------
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype = torch.float32):
+    """cos, sin ``[*positions.shape, dim // 2]`` of the angles ``position * theta**(-2i/dim)``,
+    in ``dtype`` on the device of ``positions`` (an integer tensor).
+
+    Angles are formed in float64: at positions ~1e5 float32 angles are off by ~1e-2 rad.
+    """
+    inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim)
+    ang = positions.to(torch.float64).unsqueeze(-1) * inv_freq
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE: dims ``(i, i + D/2)`` of x rotate by ``position * theta**(-2i/D)``.
+
+    Args:
+        x: ``[..., T, H, D]``, any floating dtype, D even; positions: integer ``[..., T]``
+            broadcastable to x's leading dims, on x's device.
+    Returns:
+        x rotated, same shape, dtype and device (computed in float32, float64 for float64 x).
+    """
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cos, sin = rope_cos_sin(positions, x.shape[-1], theta, ct)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [..., T, 1, D/2]
+    x1, x2 = x.to(ct).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

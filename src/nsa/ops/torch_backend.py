@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .reference import _masked_attention, _valid_rows, gate_combine
+from .reference import _masked_attention, _valid_rows, gate_combine, rope
 from .utils import compressed_cu_seqlens, num_blocks, num_compressed, overlap_matrix, window_keys
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "nsa",
     "nsa_decode",
     "gate_combine",
+    "rope",
 ]
 
 # Queries per chunk, at most; each branch lowers it so that its largest per-chunk

@@ -434,3 +434,85 @@ def test_eval_batches(store):
     assert len(data.eval_batches(store, 10 * len(store), 16, max_batches=5)) == 1
     with pytest.raises(ValueError, match="max_batches"):
         data.eval_batches(store, 32, 16, max_batches=0)
+
+
+# -------------------------------------------------------------------------------- whole documents
+
+def _pieces(store, piece):
+    """Every (document, offset) piece of ``piece`` tokens at most (brute force)."""
+    return {(d, o) for d in range(store.num_documents) for o in range(0, len(store.document(d)), piece)}
+
+
+@pytest.mark.parametrize("batch_tokens, seq_len", [(64, 64), (100, 30), (48, 64), (37, 7)],
+                         ids=["fit", "seq-shorter", "batch-shorter", "odd"])
+@pytest.mark.parametrize("shuffle", [True, False], ids=["shuffle", "ordered"])
+def test_document_batches_keep_documents_whole(tmp_path, batch_tokens, seq_len, shuffle):
+    lengths = [40, 2, 60, 17, 33, 9, 64, 30, 5, 21]
+    store = random_store(tmp_path, lengths)
+    it = data.DocumentBatches(store, batch_tokens, seq_len, seed=3, shuffle=shuffle)
+    piece = min(batch_tokens, seq_len)
+    per_epoch = it.batches_per_epoch(0)
+    seen = []
+    for _ in range(per_epoch):
+        b = next(it)
+        ids, cu, labels = b["input_ids"][0], b["cu_seqlens"], b["labels"][0]
+        assert ids.shape == labels.shape == (batch_tokens,) and cu.dtype == torch.int32
+        assert cu[0] == 0 and cu[-1] == batch_tokens and bool((cu.diff() > 0).all())
+        for a, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            seq = ids[a:e].numpy()
+            if (seq == store.pad_id).all() and e == batch_tokens:  # the padding at the end
+                assert (labels[a:e] == -100).all()
+                continue
+            assert e - a <= piece and torch.equal(labels[a:e], ids[a:e])
+            # each sequence is one piece of one document, at a multiple of `piece`
+            match = [(d, o) for d, o in _pieces(store, piece)
+                     if np.array_equal(store.document(d)[o:o + piece], seq)]
+            assert match, (a, e)
+            seen.append(match[0])
+    assert sorted(seen) == sorted(_pieces(store, piece))  # one epoch: every piece once
+
+
+def test_document_batches_loss_from_sharding_resume(tmp_path):
+    lengths = [40, 2, 60, 17, 33, 9, 64, 30, 5, 21]
+    store = random_store(tmp_path, lengths)
+    loss_from = np.array([5, -1, 0, 17, 100, 3, -1, 29, 1, 10])
+    it = data.DocumentBatches(store, 64, 64, seed=1, shuffle=False, loss_from=loss_from)
+    b = next(it)  # documents 0 (40 tokens) and 1 (2 tokens), then padding
+    assert b["cu_seqlens"].tolist() == [0, 40, 42, 64]
+    labels, ids = b["labels"][0], b["input_ids"][0]
+    assert (labels[:5] == -100).all() and torch.equal(labels[5:40], ids[5:40])
+    assert torch.equal(labels[40:42], ids[40:42])  # -1: every token
+    assert (ids[42:] == store.pad_id).all() and (labels[42:] == -100).all()
+    # ranks of a group together are the single stream; a state resumes exactly, in any world size
+    single = data.DocumentBatches(store, 50, 40, seed=4, loss_from=loss_from)
+    expected = [next(single) for _ in range(12)]  # several epochs
+    ranks = [data.DocumentBatches(store, 50, 40, seed=4, rank=r, world_size=2, loss_from=loss_from)
+             for r in range(2)]
+    for k in range(6):
+        for r in range(2):
+            got = next(ranks[r])
+            assert all(torch.equal(got[key], expected[2 * k + r][key]) for key in got)
+    for stop in (0, 3, 7):
+        it = data.DocumentBatches(store, 50, 40, seed=4, loss_from=loss_from)
+        for _ in range(stop):
+            next(it)
+        state = json.loads(json.dumps(it.state_dict()))
+        for ws in (1, 2):
+            resumed = data.DocumentBatches(store, 50, 40, seed=4, world_size=ws, loss_from=loss_from)
+            resumed.load_state_dict(state)
+            got = next(resumed)
+            assert all(torch.equal(got[key], expected[stop][key]) for key in got)
+    with pytest.raises(ValueError, match="packing"):
+        PackedBatches(store, 50, 40, seed=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="loss_from"):
+        data.DocumentBatches(store, 50, 40, loss_from=[1, 2])
+    with pytest.raises(ValueError, match="batch_tokens"):
+        data.DocumentBatches(store, 0, 40)
+
+
+def test_eval_batches_of_documents(tmp_path):
+    store = random_store(tmp_path, [40, 2, 60, 17, 33, 9])
+    got = data.eval_batches(store, 64, 64, max_batches=100, documents=True)
+    it = data.DocumentBatches(store, 64, 64, shuffle=False)
+    assert len(got) == it.batches_per_epoch(0)  # one pass
+    assert all(torch.equal(g[k], want[k]) for g in got for want in [next(it)] for k in want)

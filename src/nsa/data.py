@@ -18,7 +18,10 @@ The pipeline, each step a function a test can call:
    mtime_ns).
 5. :class:`PackedBatches`: an infinite stream of ``batch_tokens``-token batches with
    ``cu_seqlens``, seeded per-epoch document order, rank sharding and an O(1) exact resume;
-   :func:`eval_batches`: the first batches of a store in order, for validation.
+   :class:`DocumentBatches`: the same with whole documents per batch (padded, never cut at a
+   batch end; the retrieval tasks' documents, whose question needs its context), optionally
+   with the loss on each document's answers only; :func:`eval_batches`: the first batches of
+   a store in order, for validation.
 
 :func:`load_corpus` runs 2 to 4 for the training loop.
 """
@@ -53,6 +56,7 @@ __all__ = [
     "iter_texts",
     "TokenStore",
     "PackedBatches",
+    "DocumentBatches",
     "eval_batches",
     "load_corpus",
 ]
@@ -868,6 +872,9 @@ class PackedBatches:
     def load_state_dict(self, state: dict):
         """Continue from ``state`` (from :meth:`state_dict` of a stream with the same store,
         batch_tokens, seq_len, seed and shuffle; world_size may differ)."""
+        if state.get("packing", "tokens") != "tokens":
+            raise ValueError(f"state: packing={state.get('packing')!r} is the state of another stream "
+                             f"(DocumentBatches); this one cuts documents")
         for name, value in self._identity().items():
             if state.get(name) != value:
                 raise ValueError(f"state: {name}={state.get(name)!r} does not match this stream's {value!r}")
@@ -877,20 +884,174 @@ class PackedBatches:
         self._batches = batches
 
 
-def eval_batches(store: TokenStore, batch_tokens: int, seq_len: int, max_batches: int | None) -> list[dict]:
+class DocumentBatches:
+    """An infinite stream of batches of ``batch_tokens`` tokens made of whole documents.
+
+    Like :class:`PackedBatches` (same items, same rank sharding, same resume), except that no
+    document is cut at a batch end: epoch e takes the documents in a permutation seeded by
+    ``(seed, e)`` (or in order) and fills a batch with the next ones while they fit; the rest
+    of the batch is one padding sequence (``pad_id``, labels ``-100``). A document longer than
+    ``min(seq_len, batch_tokens)`` is cut into pieces of that length, each kept whole. Meant for
+    documents that fit ``seq_len`` (the retrieval tasks of :mod:`nsa.evals.tasks`, whose
+    question must stay with the text that answers it).
+
+    ``loss_from`` (optional int array, one entry per document): the labels of document i's
+    tokens before position ``loss_from[i]`` (0 = ``bos``) are ``-100``, so only the tokens from
+    there on (the answers) carry loss; a negative entry keeps every label of the document.
+
+    Global batch g is batch ``g - (batches of earlier epochs)`` of its epoch; an epoch's packing
+    costs O(num_documents), computed when first needed (a resume walks the epochs before its
+    position once). ``state_dict`` / ``load_state_dict`` as in :class:`PackedBatches`.
+
+    Args:
+        store, batch_tokens, seq_len, seed, rank, world_size, shuffle: as in
+            :class:`PackedBatches`.
+        loss_from: None or ``store.num_documents`` ints (see above).
+    """
+
+    def __init__(self, store: TokenStore, batch_tokens: int, seq_len: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True, loss_from=None):
+        _positive_int("batch_tokens", batch_tokens)
+        _positive_int("seq_len", seq_len)
+        _positive_int("world_size", world_size)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected an int in [0, world_size={world_size}), got {rank!r}")
+        self.store = store
+        self.batch_tokens = batch_tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = bool(shuffle)
+        self._starts = np.asarray(store.offsets[:-1], dtype=np.int64)
+        self._lengths = np.diff(np.asarray(store.offsets, dtype=np.int64))
+        if loss_from is not None:
+            loss_from = np.asarray(loss_from, dtype=np.int64)
+            if loss_from.shape != (store.num_documents,):
+                raise ValueError(f"loss_from: expected {store.num_documents} entries (one per document), "
+                                 f"got shape {tuple(loss_from.shape)}")
+        self.loss_from = loss_from
+        self._piece = min(seq_len, batch_tokens)
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._epoch_ends: list[int] = []  # global batches up to the end of epoch e
+        self._batches = 0
+
+    def _plan(self, epoch: int):
+        """(document, offset, length) of every piece of ``epoch`` in order, and the index of
+        each batch's first piece (plus the end): the greedy packing of that epoch."""
+        if epoch not in self._plans:
+            n = len(self._lengths)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            lengths = self._lengths[perm]
+            pieces = -(-lengths // self._piece)
+            doc = np.repeat(perm, pieces)
+            k = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+            off = k * self._piece
+            ln = np.minimum(np.repeat(lengths, pieces) - off, self._piece)
+            firsts, fill = [0], 0
+            for i, m in enumerate(ln.tolist()):
+                if fill + m > self.batch_tokens:
+                    firsts.append(i)
+                    fill = 0
+                fill += m
+            firsts.append(len(ln))
+            if len(self._plans) >= 2:
+                self._plans.pop(min(self._plans))
+            self._plans[epoch] = (doc, off, ln, np.asarray(firsts, dtype=np.int64))
+        return self._plans[epoch]
+
+    def _locate(self, g: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of global batch ``g``."""
+        while not self._epoch_ends or self._epoch_ends[-1] <= g:
+            e = len(self._epoch_ends)
+            count = len(self._plan(e)[3]) - 1
+            self._epoch_ends.append((self._epoch_ends[-1] if self._epoch_ends else 0) + count)
+        e = int(np.searchsorted(np.asarray(self._epoch_ends), g, side="right"))
+        return e, g - (self._epoch_ends[e - 1] if e else 0)
+
+    def _batch(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tokens, labels (int64 ``[B]``) and cu_seqlens (int32) of global batch ``g``."""
+        epoch, j = self._locate(g)
+        doc, off, ln, firsts = self._plan(epoch)
+        a, b = int(firsts[j]), int(firsts[j + 1])
+        tokens = np.full(self.batch_tokens, self.store.pad_id, dtype=np.int64)
+        labels = np.full(self.batch_tokens, -100, dtype=np.int64)
+        cu, pos = [0], 0
+        for d, o, m in zip(doc[a:b].tolist(), off[a:b].tolist(), ln[a:b].tolist()):
+            s = int(self._starts[d]) + o
+            tokens[pos:pos + m] = self.store.tokens[s:s + m]
+            first = 0
+            if self.loss_from is not None and self.loss_from[d] >= 0:
+                first = min(max(int(self.loss_from[d]) - o, 0), m)
+            labels[pos + first:pos + m] = tokens[pos + first:pos + m]
+            pos += m
+            cu.append(pos)
+        if pos < self.batch_tokens:
+            cu.append(self.batch_tokens)
+        return tokens, labels, np.asarray(cu, dtype=np.int32)
+
+    def __iter__(self) -> DocumentBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        tokens, labels, cu = self._batch(self._batches + self.rank)
+        self._batches += self.world_size
+        return {"input_ids": torch.from_numpy(tokens).view(1, -1), "cu_seqlens": torch.from_numpy(cu),
+                "labels": torch.from_numpy(labels).view(1, -1)}
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        """Global batches in ``epoch``."""
+        return len(self._plan(epoch)[3]) - 1
+
+    def _identity(self) -> dict:
+        return {"packing": "documents", "seed": self.seed, "shuffle": self.shuffle,
+                "batch_tokens": self.batch_tokens, "seq_len": self.seq_len, "num_tokens": len(self.store),
+                "num_documents": self.store.num_documents}
+
+    def state_dict(self) -> dict:
+        """The position, JSON-able: ``batches`` (global batches consumed by all ranks) is what
+        :meth:`load_state_dict` uses; ``epoch`` and ``epoch_batch`` describe it; the rest
+        identifies the stream and must match on load."""
+        epoch, j = self._locate(self._batches)
+        return {"version": 1, "batches": self._batches, "epoch": epoch, "epoch_batch": j, **self._identity()}
+
+    def load_state_dict(self, state: dict):
+        """Continue from ``state`` (see :meth:`PackedBatches.load_state_dict`)."""
+        for name, value in self._identity().items():
+            if state.get(name) != value:
+                raise ValueError(f"state: {name}={state.get(name)!r} does not match this stream's {value!r}")
+        batches = state.get("batches")
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+            raise ValueError(f"state: batches must be an int >= 0, got {batches!r}")
+        self._batches = batches
+
+
+def eval_batches(store: TokenStore, batch_tokens: int, seq_len: int, max_batches: int | None, *,
+                 documents: bool = False, loss_from=None) -> list[dict]:
     """Validation batches: the first batches of ``store`` in document order (no shuffle).
 
     At most ``max_batches`` (None: no limit), and no more than fit in one pass over the store
-    (``len(store) // batch_tokens``), so no token is counted twice; a store smaller than one
-    batch still gives one batch (which then wraps around to its start).
+    (``len(store) // batch_tokens``; with ``documents``, the batches of one pass), so no token
+    is counted twice; a store smaller than one batch still gives one batch (which then wraps
+    around to its start, or is padded with ``documents``).
+
+    Args:
+        documents: whole documents per batch (:class:`DocumentBatches`, with ``loss_from``)
+            instead of :class:`PackedBatches`.
 
     Returns:
-        a list of :class:`PackedBatches` dicts, the same on every call.
+        a list of batch dicts, the same on every call.
     """
     if max_batches is not None:
         _positive_int("max_batches", max_batches)
-    it = PackedBatches(store, batch_tokens, seq_len, shuffle=False)
-    n = max(1, len(store) // batch_tokens)
+    if documents:
+        it = DocumentBatches(store, batch_tokens, seq_len, shuffle=False, loss_from=loss_from)
+        n = it.batches_per_epoch(0)
+    else:
+        it = PackedBatches(store, batch_tokens, seq_len, shuffle=False)
+        n = max(1, len(store) // batch_tokens)
     if max_batches is not None:
         n = min(n, max_batches)
     return [next(it) for _ in range(n)]

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -168,12 +169,15 @@ class _BlockCompressor(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(kernel_size * dim, dim), nn.GELU(), nn.Linear(dim, dim))
 
     def forward(self, blocks: torch.Tensor) -> torch.Tensor:
-        ks, _, d = blocks.shape[-3:]
-        x = blocks + self.pos_emb.view(ks, 1, d).to(blocks.dtype)  # [..., ks, H, D]
+        # The position embedding is folded into what follows it instead of being added to every
+        # block (a pass over all blocks): mean(b + p) = mean(b) + mean(p), and the first layer's
+        # W (b + p) + bias = W b + (W p + bias).
         if self.mode == "mean":
-            return x.mean(-3)
-        x = x.movedim(-3, -2).flatten(-2)  # [..., H, ks*D]
-        return self.mlp(x)
+            return blocks.mean(-3) + self.pos_emb.mean(0).to(blocks.dtype)
+        lin1, act, lin2 = self.mlp
+        bias = torch.addmv(lin1.bias, lin1.weight, self.pos_emb.flatten())
+        x = blocks.movedim(-3, -2).flatten(-2)  # [..., H, ks*D]
+        return lin2(act(F.linear(x, lin1.weight, bias)))
 
 
 class NativeSparseAttention(nn.Module):
@@ -226,11 +230,12 @@ class NativeSparseAttention(nn.Module):
         B, T, _ = x.shape
         H, Dk, Dv = c.num_kv_heads, c.head_dim, c.v_head_dim
         q = self.q_proj(x).view(B, T, c.num_heads, Dk)
-        kv = self.kv_proj(x).view(B, T, self.num_kv_branches, H * (Dk + Dv))
+        # One split of the fused projection into views (its backward is one concatenation of the
+        # pieces' gradients, not a zero-filled full-size tensor per branch).
+        parts = self.kv_proj(x).split([H * Dk, H * Dv] * self.num_kv_branches, dim=-1)
         branches = []
         for i in range(self.num_kv_branches):
-            k, v = kv[:, :, i].split([H * Dk, H * Dv], dim=-1)
-            k, v = k.reshape(B, T, H, Dk), v.reshape(B, T, H, Dv)
+            k, v = parts[2 * i].view(B, T, H, Dk), parts[2 * i + 1].view(B, T, H, Dv)
             if i > 0:
                 k = apply_rope(k, positions, c.rope_theta, c.backend)
             branches.append((k, v))

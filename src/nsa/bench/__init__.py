@@ -69,9 +69,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="nsa bench",
         description="Check NSA against the reference, then time it (forward, backward, per branch, decode) "
                     "against SDPA, FlexAttention and fla in the same process. Presets: " + presets)
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS) + ["model"],
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS) + list(_OWN_PARSER),
                    help="case list (default: quick); 'model': a training step of nsa.model.LanguageModel, NSA "
-                        "against full attention (see `nsa bench --preset model --help`)")
+                        "against full attention (see `nsa bench --preset model --help`); 'layer': the "
+                        "NativeSparseAttention layer against a full-attention layer with the same projections, "
+                        "with a kernel breakdown (see `nsa bench --preset layer --help`)")
     p.add_argument("--T", type=_int_list, help="override sequence lengths / decode contexts, e.g. 8k,16k")
     p.add_argument("--B", type=_int_list, help="override batch sizes, e.g. 1,8")
     p.add_argument("--heads", type=_pairs("/"), help="override (HQ/H) pairs, e.g. 64/4,16/4")
@@ -102,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Presets with their own options, parser and output: preset -> module with cli_main(argv).
+_OWN_PARSER = {"model": "model_step", "layer": "layer_step"}
+
+
 class _Terminated(Exception):
     pass
 
@@ -114,10 +120,11 @@ def cli_main(argv: list[str] | None = None) -> int:
     """Entry point of ``nsa bench`` / ``python -m nsa.bench``. Returns the exit status:
     0 when nothing failed, 1 when an NSA check failed or an NSA measurement raised."""
     raw = sys.argv[1:] if argv is None else list(argv)
-    if "--preset=model" in raw or any(a == "--preset" and b == "model" for a, b in zip(raw, raw[1:])):
-        from .model_step import cli_main as model_main
+    for name, module in _OWN_PARSER.items():
+        if f"--preset={name}" in raw or any(a == "--preset" and b == name for a, b in zip(raw, raw[1:])):
+            import importlib
 
-        return model_main(raw)
+            return importlib.import_module(f".{module}", __name__).cli_main(raw)
     args = _parser().parse_args(argv)
     from . import harness, report
 

@@ -51,7 +51,8 @@ class NSACache(_SequenceCache):
       in a ring: raw position p lives in slot ``p % kernel_size``.
 
     Dtype and device: the held tensors take the dtype and device of the tensors the prefill
-    received (the layer's keys and values); later tokens are cast to that dtype. ``seq_lens`` is
+    received (the layer's keys and values); later tokens are cast to that dtype, and
+    :meth:`cast_` changes it (the layer does so once when a step computes in another dtype). ``seq_lens`` is
     int32 ``[N]`` on the same device, ``lengths`` the same counts as a host list (no device sync
     to read them).
 
@@ -79,6 +80,8 @@ class NSACache(_SequenceCache):
         self.k_slc = self.v_slc = self.k_win = self.v_win = None
         self.k_cmp = self.v_cmp = self.k_tail = self.v_tail = None
         self.shared = False
+        self.completed: list[int] = []  # host: sequences whose last appended token completed a block
+        self._rows = self._no_rows = None  # int64 arange(N) and an empty index, on the device
 
     @property
     def capacity(self) -> int:
@@ -152,14 +155,33 @@ class NSACache(_SequenceCache):
 
         self.lengths = list(lens)
         self.seq_lens = lens_t.to(torch.int32)
+        self._rows = torch.arange(N, device=dev)
+        self._no_rows = self._rows[:0]
+
+    def cast_(self, dtype: torch.dtype):
+        """Hold the keys/values that attention reads (``k_slc, v_slc, k_win, v_win, k_cmp, v_cmp``)
+        in ``dtype`` from now on: one copy of each that has another dtype, none otherwise. A
+        decoding step that computes in another dtype than the prefill's (the layer moved, or
+        autocast changed) casts the cache once this way instead of casting all of it on every
+        step. The raw compression tail keeps its dtype (phi's input; only ``kernel_size`` tokens
+        of it are read, when a block completes)."""
+        if self.is_empty:
+            return
+        for name in ("k_slc", "v_slc", "k_cmp", "v_cmp") + (() if self.shared else ("k_win", "v_win")):
+            t = getattr(self, name)
+            if t.dtype != dtype:
+                setattr(self, name, t.to(dtype))
+        if self.shared:
+            self.k_win, self.v_win = self.k_slc, self.v_slc
 
     def _writable(self):
         """A cache filled under ``torch.inference_mode()`` holds inference tensors, which only
         inference mode may update in place: outside it, take ordinary copies once."""
         if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or not self.k_slc.is_inference():
             return  # (not traced: under torch.compile a cache filled in inference mode decodes in it)
-        for name in ("k_slc", "v_slc", "k_cmp", "v_cmp", "k_tail", "v_tail", "seq_lens"):
+        for name in ("k_slc", "v_slc", "k_cmp", "v_cmp", "k_tail", "v_tail", "seq_lens", "_rows"):
             setattr(self, name, getattr(self, name).clone())
+        self._no_rows = self._rows[:0]
         if self.shared:
             self.k_win, self.v_win = self.k_slc, self.v_slc
         else:
@@ -198,7 +220,11 @@ class NSACache(_SequenceCache):
         Returns:
             int64 ``[S]`` on the cache's device: the sequences whose new token completed a compression block; the
             caller compresses them (:meth:`compression_blocks`) and stores the result
-            (:meth:`store_compressed`).
+            (:meth:`store_compressed`). The same list is kept on the host as :attr:`completed`.
+            Do not modify the returned tensor (it may be one the cache reuses).
+
+        No device value is read (no host synchronisation): positions come from ``seq_lens`` on
+        the device, capacity and completed blocks from the host ``lengths``.
         """
         if self.is_empty:
             raise ValueError("cache: append needs a prefilled cache")
@@ -216,8 +242,7 @@ class NSACache(_SequenceCache):
                                  f"cached tensors, got {tuple(t.shape)}")
         self._writable()
         self._grow(max(self.lengths) + 1)
-        dev = self.k_slc.device
-        rows = torch.arange(N, device=dev)
+        rows = self._rows
         pos = self.seq_lens.long()
         self.k_slc[rows, pos] = k_slc.detach().to(self.k_slc.dtype)
         self.v_slc[rows, pos] = v_slc.detach().to(self.v_slc.dtype)
@@ -231,7 +256,15 @@ class NSACache(_SequenceCache):
         self.seq_lens = self.seq_lens + 1
         ks, st = self.kernel_size, self.stride
         done = [n for n, L in enumerate(self.lengths) if L >= ks and (L - ks) % st == 0]
-        return torch.tensor(done, dtype=torch.long, device=dev)
+        self.completed = done
+        # Decided from the host lengths, so no device value is read. Every sequence or none (any
+        # batch whose lengths agree modulo the stride) is a tensor already on the device; another
+        # subset is copied there without waiting (non_blocking: the host list is staged at once).
+        if len(done) == N:
+            return rows
+        if not done:
+            return self._no_rows
+        return torch.tensor(done, dtype=torch.long).to(self.k_slc.device, non_blocking=True)
 
     def compression_blocks(self, ids: torch.Tensor):
         """The raw blocks just completed by sequences ``ids`` (their last ``kernel_size`` tokens).

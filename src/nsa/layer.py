@@ -405,6 +405,10 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"cache: on device {cache.k_slc.device}, the layer on {self.q_proj.weight.device}")
 
     def _decode(self, x, cache: NSACache):
+        """One decoding step without host synchronisation: no device value is read (the cache
+        decides capacity and completed compression blocks from its host ``lengths``), the
+        cache is used in place in this step's dtype (cast once if the prefill had another), and
+        nsa_decode validates shapes only (its value checks: ``NSA_DEBUG_CHECKS=1``)."""
         N = cache.batch_size
         if tuple(x.shape[:2]) != (N, 1):
             raise ValueError(f"x: a decoding step takes one token per cached sequence, [N={N}, 1, hidden_size]; "
@@ -414,21 +418,22 @@ class NativeSparseAttention(nn.Module):
         k_raw, v_raw = branches[0]
         k_s, v_s, k_w, v_w = self._branch_kv(branches)
         shared = len(branches) == 2
+        dt = q.dtype
         with torch.no_grad():
+            # The cache is read in q's dtype: a prefill in another dtype (autocast, or the layer moved
+            # since) is cast once here, never copied whole on every step.
+            cache.cast_(dt)
             done = cache.append(k_raw[:, 0], v_raw[:, 0], k_s[:, 0], v_s[:, 0],
                                 None if shared else k_w[:, 0], None if shared else v_w[:, 0])
-            if done.numel():
+            if cache.completed:
                 # Only the blocks completed by this token are compressed, never the past.
                 kb, vb = cache.compression_blocks(done)
                 pos = cache.seq_lens[done].long() - 1
-                # phi sees the dtype this step's projections have (the cache may have been filled
-                # under autocast or before the layer changed dtype), as a prefill now would.
+                # phi sees the dtype this step's projections have, as a prefill now would.
                 kb, vb = kb.to(k_raw.dtype), vb.to(v_raw.dtype)
                 kc, vc = self.compress_blocks(kb.unsqueeze(0), vb.unsqueeze(0), pos.unsqueeze(0))
                 cache.store_compressed(done, kc[0], vc[0])
-        g_cmp, g_slc, g_win = (g[:, 0] for g in self._gates(x))
-        dt = q.dtype
-        o = nsa_decode(q[:, 0], cache.k_cmp.to(dt), cache.v_cmp.to(dt), cache.k_slc.to(dt), cache.v_slc.to(dt),
-                       cache.k_win.to(dt), cache.v_win.to(dt), g_cmp.to(dt), g_slc.to(dt), g_win.to(dt),
-                       cache.seq_lens, **self._op_kwargs())
+        g_cmp, g_slc, g_win = (g[:, 0].to(dt) for g in self._gates(x))
+        o = nsa_decode(q[:, 0], cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win,
+                       g_cmp, g_slc, g_win, cache.seq_lens, **self._op_kwargs())
         return self.o_proj(o.flatten(-2)).unsqueeze(1)

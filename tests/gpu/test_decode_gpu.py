@@ -18,6 +18,8 @@ prints the decode step time (eager, and replayed from a CUDA graph) against SDPA
 cache, with bytes read; ``--profile`` adds per-kernel CUDA times.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -125,6 +127,121 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(o_graph, call())
+
+
+@contextlib.contextmanager
+def sync_errors():
+    """Inside: any synchronizing CUDA call (a device-to-host read, a blocking copy) raises."""
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+
+
+@pytest.mark.parametrize("return_block_indices", [False, True], ids=["o", "o_and_indices"])
+def test_nsa_decode_eager_no_sync(return_block_indices, monkeypatch):
+    """An eager nsa_decode (after a first call compiled the kernels) makes no synchronizing CUDA
+    call: value checks are off by default (NSA_DEBUG_CHECKS=1 turns them on) and the launch
+    plan is cached; the result equals the first call's."""
+    monkeypatch.delenv("NSA_DEBUG_CHECKS", raising=False)
+    args, seq_lens = make_cache([4096, 1000, 64, 3000], 4096 + 64, pad=0.0)
+    first = nsa_decode(*args, seq_lens, **PAPER, backend="triton", return_block_indices=return_block_indices)
+    torch.cuda.synchronize()
+    with sync_errors():
+        for _ in range(3):
+            out = nsa_decode(*args, seq_lens, **PAPER, backend="triton", return_block_indices=return_block_indices)
+        out_auto = nsa_decode(*args, seq_lens, **PAPER, return_block_indices=return_block_indices)
+    torch.cuda.synchronize()
+    for a, b, c in zip(*(x if isinstance(x, tuple) else (x,) for x in (first, out, out_auto))):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def _decode_layer(shared_kv, dtype=torch.bfloat16):
+    from nsa.layer import NativeSparseAttention, NSAConfig
+
+    # 20 selected blocks of 64 cover every causal block of the <= 1033-token sequences below: top-n has
+    # one answer, so the decoded rows and the full forward cannot differ by a flipped near-tie
+    cfg = NSAConfig.preset("small", shared_kv=shared_kv, backend="triton", window_size=128, num_selected=20)
+    torch.manual_seed(0)
+    m = NativeSparseAttention(cfg).cuda().to(dtype)
+    with torch.no_grad():
+        for pe in (m.compress_k.pos_emb, m.compress_v.pos_emb):
+            pe.normal_(std=0.5)
+    return m, cfg
+
+
+@pytest.mark.parametrize("lens", [[1000, 1000], [700, 1000, 333, 64]], ids=["equal_lens", "mixed_lens"])
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["indep_kv", "shared_kv"])
+def test_layer_decode_step_eager_no_sync(lens, shared_kv):
+    """Eager layer decoding steps driven by NSACache (prefill, then steps that complete
+    compression blocks for all, none or some sequences) make no synchronizing CUDA call,
+    and their outputs equal the full forward of each sequence (bf16, the same kernels)."""
+    m, cfg = _decode_layer(shared_kv)
+    steps = 2 * cfg.stride + 1
+    xs = [torch.randn(1, L + steps, cfg.hidden_size, device="cuda", dtype=torch.bfloat16) for L in lens]
+    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+    cache = m.new_cache()
+    ys, completed = [], []
+    with torch.no_grad():
+        m(torch.cat([xi[:, :L] for xi, L in zip(xs, lens)], 1), cache=cache, cu_seqlens=cu)
+        x0 = torch.cat([xi[:, L] for xi, L in zip(xs, lens)], 0).unsqueeze(1)
+        ys.append(m(x0, cache=cache))  # the first step compiles any kernel not compiled yet
+        torch.cuda.synchronize()
+        with sync_errors():
+            for s in range(1, steps):
+                x = torch.cat([xi[:, L + s] for xi, L in zip(xs, lens)], 0).unsqueeze(1)
+                ys.append(m(x, cache=cache))
+                completed.append(list(cache.completed))
+        torch.cuda.synchronize()
+        assert any(completed), "no step completed a compression block"
+        y = torch.cat(ys, 1)
+        for n, (xi, L) in enumerate(zip(xs, lens)):
+            assert_close(f"seq {n}", m(xi)[0, L:].float(), y[n].float(), 2e-2)
+
+
+@pytest.mark.parametrize("completes", [True, False], ids=["step_completes_blocks", "no_block_completed"])
+def test_layer_decode_step_eager_equals_graph_replay(completes):
+    """One layer decoding step captured in a CUDA graph and replayed on the same cache state
+    gives exactly the eager step's output (and the same cache contents afterwards). Both
+    sequences have the same length, so the step completes a compression block for both or for
+    neither (a subset would need a host-to-device copy, which capture does not allow)."""
+    m, cfg = _decode_layer(shared_kv=False)
+    L = 1000 + (cfg.kernel_size - 1 if completes else 0)  # the new token makes L + 1
+    assert ((L + 1 - cfg.kernel_size) % cfg.stride == 0) == completes
+    N = 2
+    x = torch.randn(N, L + 1, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    cache = m.new_cache()
+    names = ("k_slc", "v_slc", "k_win", "v_win", "k_cmp", "v_cmp", "k_tail", "v_tail")
+    with torch.no_grad():
+        m(x[:, :L], cache=cache)
+        assert cache.capacity > L + 1  # the step does not grow the cache
+        held = {k: getattr(cache, k) for k in names}
+        saved = {k: t.clone() for k, t in held.items()}
+        seq_lens, lengths = cache.seq_lens, list(cache.lengths)
+
+        def restore():
+            for k, t in held.items():
+                assert getattr(cache, k) is t
+                t.copy_(saved[k])
+            cache.seq_lens, cache.lengths = seq_lens, list(lengths)
+
+        step_x = x[:, L:].contiguous()
+        eager = m(step_x, cache=cache)
+        assert (len(cache.completed) == N) == completes
+        after = {k: t.clone() for k, t in held.items()}
+        restore()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = m(step_x, cache=cache)
+        restore()
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(eager, out)
+    for k in names:
+        assert torch.equal(after[k], held[k]), k
 
 
 def _bench(ctxs, batches, HQ=64, H=4, D=128, profile=False):

@@ -164,15 +164,51 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("mutate,name", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_inputs(mutate, name):
+# the cases only a read of seq_lens's values can catch: checked under NSA_DEBUG_CHECKS=1 or check_values=True
+VALUE_CASES = ("k_cmp_too_small", "seq_lens_zero", "seq_lens_over_cap")
+
+
+def _bad_args(mutate):
     cfg = dict(kernel_size=8, stride=4, block_size=8, num_selected=4, window_size=16)
     pad, _, seq_lens = _build(4, 2, 8, 8, [9, 20], cfg, torch.float32)
     a = dict(pad, seq_lens=seq_lens, **cfg)
     mutate(a)
-    args = [a.pop(k) for k in ORDER] + [a.pop("seq_lens")]
+    return [a.pop(k) for k in ORDER] + [a.pop("seq_lens")], a
+
+
+@pytest.mark.parametrize("mutate,name", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_inputs(mutate, name, monkeypatch):
+    """Every bad input is a ValueError naming the argument (value checks on: NSA_DEBUG_CHECKS=1)."""
+    monkeypatch.setenv("NSA_DEBUG_CHECKS", "1")
+    args, a = _bad_args(mutate)
     with pytest.raises(ValueError, match=name):
         nsa_decode(*args, backend="reference", **a)
+
+
+@pytest.mark.parametrize("case", VALUE_CASES)
+def test_value_checks_flag(case, monkeypatch):
+    """The seq_lens value checks run with check_values=True (whatever the environment), or with
+    NSA_DEBUG_CHECKS=1 when check_values is None; by default (and with check_values=False under
+    NSA_DEBUG_CHECKS=1) seq_lens is never read on the host. A bad check_values is refused."""
+    mutate, name = next(b[1:] for b in BAD if b[0] == case)
+    args, a = _bad_args(mutate)
+    monkeypatch.delenv("NSA_DEBUG_CHECKS", raising=False)
+    with pytest.raises(ValueError, match=name):
+        nsa_decode(*args, backend="reference", check_values=True, **a)
+    monkeypatch.setenv("NSA_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match=name):
+        nsa_decode(*args, backend="reference", **a)
+    seq_lens = args[-1]
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(self) or [])
+    for flag, env in ((False, "1"), (None, "0")):
+        monkeypatch.setenv("NSA_DEBUG_CHECKS", env)
+        # unchecked: the step runs on whatever seq_lens holds (in range here, so it can run)
+        ok = seq_lens.clamp(1, min(args[3].shape[1], args[5].shape[1], 16))
+        nsa_decode(*args[:-1], ok, backend="torch", check_values=flag, **a)
+    assert not calls
+    with pytest.raises(ValueError, match="check_values"):
+        nsa_decode(*args, backend="reference", check_values=1, **a)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])

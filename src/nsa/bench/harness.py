@@ -24,6 +24,11 @@ What one run does, per case (one shape):
    **Backward** is the time of the backward call alone: the forward runs once outside the
    timed region and ``torch.autograd.backward(out, grad, retain_graph=True)`` is timed,
    gradients reset to None between repetitions (outside the timed region).
+   **Decode** is timed twice: ``decode`` replays the step from a CUDA graph (no host work
+   between steps, how a server runs it), ``decode_eager`` calls it from Python: per
+   repetition the L2 is flushed and the GPU drained, then CUDA events bracket one call, so
+   the host work before and between launches counts (median of 100). SDPA baselines are
+   timed both ways too, their backend chosen once outside the timed calls.
 3. **Memory.** On CUDA, ``mem_mib`` is the peak allocated during one call minus what was
    allocated just before it: the working memory the pass adds to its inputs (and, for a
    backward, to the retained graph).
@@ -50,6 +55,7 @@ FLOP and byte conventions (work actually done, never the dense equivalent):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -69,12 +75,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 REFERENCE_MAX_T = 8192
 CHECK_T = 2048  # length of the correctness twin
 CHUNK = 64  # queries in the random-chunk check of a long case
+EAGER_REPS = 100  # eager decode steps timed one by one (each on an idle GPU)
 SLOW_MS = 20.0  # above this, time with CUDA events directly instead of do_bench's 5-call estimate
 # Relative error bounds against the float32 reference (||out - ref|| / ||ref||).
 TOLERANCE = {"fp64": 1e-9, "fp32": 2e-3, "fp16": 1e-2, "bf16": 2e-2}
 SELECTION_MISMATCH = 0.01  # fraction of (t, h) rows allowed to differ from the reference's top-n (near-ties)
 
-PASSES = ("fwd", "bwd", "decode")
+# decode: one step replayed from a CUDA graph (no host work between steps); decode_eager: the same
+# step called from Python, host work included (how most generation loops call it)
+PASSES = ("fwd", "bwd", "decode", "decode_eager")
 OPS = ("compressed_attention", "select_blocks", "selected_attention", "sliding_window_attention")
 
 
@@ -321,6 +330,35 @@ class Timer:
         else:
             ms = self._events(fn, grads)
         return float(ms), mem
+
+    def eager(self, fn: "Eager") -> float:
+        """Median ms of one eager call on an idle GPU: L2 flushed, then the GPU drained, then
+        events around the call, so the time covers the host work before and between the
+        launches as well as the kernels (do_bench would hide the host work behind its L2
+        flush, which the GPU runs while the host prepares the next call)."""
+        with fn.context():
+            for _ in range(3):  # compile and warm up
+                fn.step()
+            if self.device.type != "cuda":
+                times = []
+                for _ in range(max(self.reps, 5)):
+                    t0 = time.perf_counter()
+                    fn.step()
+                    times.append(time.perf_counter() - t0)
+                return statistics.median(times) * 1e3
+            if self._flush is None:
+                self._flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device=self.device)
+            times = []
+            for _ in range(max(EAGER_REPS, self.reps)):
+                self._flush.zero_()
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn.step()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            return statistics.median(times)
 
     def _events(self, fn, grads):
         if self._flush is None:
@@ -775,9 +813,11 @@ def check_decode(case: Case, backend: str, device, decode_fn=None) -> CheckResul
     try:
         decode_fn = decode_fn or _decode_module().nsa_decode
     except NotApplicable as e:
-        res.set("nsa", ("decode",), None, f"n/a: {e}")
+        res.set("nsa", ("decode", "decode_eager"), None, f"n/a: {e}")
         return res
     _checked(res, "nsa", ("decode",), lambda: (_decode_errors(case, backend, device, decode_fn), []))
+    verdict, note = res.get("nsa", "decode")
+    res.set("nsa", ("decode_eager",), verdict, note if note != "not checked" else "")  # the same call
     return res
 
 
@@ -1000,13 +1040,31 @@ def _sdpa_train(case, device, impl, pass_):
     return (*_backward_of(fn(), grads), note)
 
 
-def _sdpa_decode(case, device, impl):
+def _sdpa_decode(case, device, impl, eager=False):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     g = _generator(device, 7)
     dt = case.torch_dtype
     q = _randn(g, device, dt, case.B, case.HQ, 1, case.Dk)
     k = _randn(g, device, dt, case.B, case.H, case.T, case.Dk)
     v = _randn(g, device, dt, case.B, case.H, case.T, case.Dv)
-    fn, _, note = _sdpa_call(impl, q, k, v, causal=False)
+    fn, (k, v), note = _sdpa_call(impl, q, k, v, causal=False)
+    if eager:
+        gqa = k.shape[1] != q.shape[1]
+        backend = getattr(SDPBackend, _SDPA[impl])
+
+        def context():
+            # the backend choice and no_grad are set once around the loop, as a generation loop would
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(sdpa_kernel(backend))
+            return stack
+
+        def eager_step():
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+
+        return Eager(eager_step, context), [], ("one query over the full KV cache; " + note + "; eager").lstrip("; ")
 
     def step():
         with torch.no_grad():
@@ -1014,6 +1072,14 @@ def _sdpa_decode(case, device, impl):
 
     step, graph_note = _graphed(step, device)
     return step, [], ("one query over the full KV cache; " + note + graph_note).rstrip("; ")
+
+
+@dataclasses.dataclass
+class Eager:
+    """A decoding step timed as called from Python (:meth:`Timer.eager`): ``step()`` runs it,
+    ``context()`` returns the context entered once around all calls (no_grad, a backend choice)."""
+    step: object
+    context: object = contextlib.nullcontext
 
 
 def _graphed(step, device):
@@ -1127,13 +1193,16 @@ def _fla_train(case, device, pass_):
     return _backward_or_difference(fn, grads, note)
 
 
-def _nsa_decode(case, device, backend):
+def _nsa_decode(case, device, backend, eager=False):
     why = decode_not_runnable(backend, device, case.T)
     if why:
         raise NotApplicable(why)
     nsa_decode = _decode_module().nsa_decode
     x = decode_inputs(case, device)
     kw = dict(case.settings, backend=backend)
+    if eager:
+        return (Eager(lambda: nsa_decode(**x, **kw), torch.no_grad), [],
+                "eager call of nsa_decode (host work included)")
 
     def step():
         with torch.no_grad():
@@ -1168,10 +1237,12 @@ def tasks_for(case: Case, device, backend, baselines=BASELINES, branches=True) -
     baselines = set(baselines or ())
     t = []
     if case.kind == "decode":
-        t.append(Task(case, "nsa", "decode", lambda: _nsa_decode(case, device, backend), True))
-        if "sdpa" in baselines:
-            for impl in _SDPA:
-                t.append(Task(case, impl, "decode", lambda impl=impl: _sdpa_decode(case, device, impl), False))
+        for p, eager in (("decode", False), ("decode_eager", True)):
+            t.append(Task(case, "nsa", p, lambda eager=eager: _nsa_decode(case, device, backend, eager), True))
+            if "sdpa" in baselines:
+                for impl in _SDPA:
+                    t.append(Task(case, impl, p, lambda impl=impl, eager=eager: _sdpa_decode(case, device, impl,
+                                                                                            eager), False))
         return t
     for p in ("fwd", "bwd"):
         t.append(Task(case, "nsa", p, lambda p=p: _nsa_total(case, device, backend, p), True))
@@ -1230,6 +1301,8 @@ def measure(task: Task, timer: Timer, backend: str, check: CheckResult | None) -
             total, mem = timer(fn.total, grads)
             part, _ = timer(fn.part, grads)
             ms = max(total - part, 0.0)
+        elif isinstance(fn, Eager):
+            ms, mem = timer.eager(fn), None
         else:
             ms, mem = timer(fn, grads)
     except NotApplicable as e:

@@ -150,6 +150,16 @@ def test_make_task_corpus(tmp_path, task):
         assert all(re.search(r"\nRecall:\n(\w+:\d{4}\n){3}\w+:\d{4}$", t) for t in texts)
     if task == "mix":
         assert set(info["documents"]) == {"needle", "recall", "lm"} and min(info["documents"].values()) > 0
+    # where the answers begin: a needle's key, a recall sample's first queried key, none in filler
+    assert len(info["answers"]) == 12
+    for t, a in zip(texts, info["answers"]):
+        if a is None:
+            assert "What is the pass key?" not in t and "\nRecall:\n" not in t
+        elif t[:a].endswith("\nWhat is the pass key?\n"):
+            assert re.fullmatch(r"\d{6}", t[a:])
+        else:
+            assert t[:a].endswith("\nRecall:\n") and re.fullmatch(r"(\w+:\d{4}\n){3}\w+:\d{4}", t[a:])
+    assert (task == "lm") == all(a is None for a in info["answers"])
     train, val = split_documents(files, 0.25, 0)
     assert train and val
     make_task_corpus(task, 12, 400, TOK, TEXT, seed=5, out_dir=out)  # replaces its own output

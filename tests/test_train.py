@@ -101,6 +101,56 @@ def test_resume_is_bit_identical(tmp_path, corpus, monkeypatch, attention):
     assert key == [(m["step"], m.get("loss"), m.get("grad_norm"), m.get("val_loss")) for m in b]
 
 
+@pytest.mark.parametrize("task", ["needle", "recall", "mix"])
+def test_task_documents(tmp_path, corpus, task):
+    """--task trains on seeded retrieval documents made from --data: whole documents of at most
+    seq_len tokens per sequence, each batch padded; the same options give the same documents."""
+    cfg = config(tmp_path, corpus, task=task, seq_len=200, batch_tokens=512, steps=2, loss_on="answers",
+                 model={**MODEL, "max_seq_len": 256})
+    summary = train(cfg)
+    assert summary["step"] == 2 and summary["val_loss"] is not None
+    roots = list((tmp_path / "cache").glob("task-*"))
+    assert len(roots) == 1
+    meta = json.loads((roots[0] / "corpus.json").read_text())
+    texts = [p.read_text() for p in sorted((roots[0] / "train").glob("*.txt"))]
+    assert meta["train"]["files"] == len(texts) >= 16 and meta["task"] == task
+    assert all(len(t.encode()) + 2 <= 200 for t in texts)  # byte tokenizer: bos + text + eos fit seq_len
+    asked = {"needle": "What is the pass key?", "recall": "Recall:"}
+    for text, start in zip(texts, meta["train"]["loss_from"]):
+        if start >= 0:  # the answers begin right after the question
+            assert any(text[:start - 1].endswith(q + "\n") for q in asked.values()) or \
+                "Recall:" in text[:start - 1], text[start - 30:start]
+    if task != "mix":
+        assert all(asked[task] in t for t in texts)
+    # the same run again finds the same documents (nothing regenerated)
+    mtimes = {p: p.stat().st_mtime_ns for p in (roots[0] / "train").glob("*.txt")}
+    train(config(tmp_path, corpus, task=task, seq_len=200, batch_tokens=512, steps=2, loss_on="answers",
+                 model={**MODEL, "max_seq_len": 256}, overwrite=True))
+    assert {p: p.stat().st_mtime_ns for p in (roots[0] / "train").glob("*.txt")} == mtimes
+
+
+def test_task_resume_is_bit_identical(tmp_path, corpus, monkeypatch):
+    kw = dict(task="mix", loss_on="answers", seq_len=200, batch_tokens=512, steps=5,
+              model={**MODEL, "max_seq_len": 256})
+    train(config(tmp_path / "a", corpus, **kw))
+    real_lr_at = train_mod.lr_at
+
+    def lr_at(step, cfg, total):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(step, cfg, total)
+
+    monkeypatch.setattr(train_mod, "lr_at", lr_at)
+    assert train(config(tmp_path / "b", corpus, **kw))["stopped"]
+    monkeypatch.setattr(train_mod, "lr_at", real_lr_at)
+    assert train(config(tmp_path / "b", corpus, **kw, resume=True))["step"] == 5
+    a, b = read_metrics(tmp_path / "a" / "run"), read_metrics(tmp_path / "b" / "run")
+    key = [(m["step"], m.get("loss"), m.get("grad_norm"), m.get("val_loss")) for m in a]
+    assert key == [(m["step"], m.get("loss"), m.get("grad_norm"), m.get("val_loss")) for m in b]
+    # resumed to a new length: the same documents (sized for the first length), two more steps
+    assert train(config(tmp_path / "b", corpus, **{**kw, "steps": 7}, resume=True))["step"] == 7
+
+
 def _torchrun_losses(tmp_path, corpus, name, nproc, extra):
     out = tmp_path / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -163,13 +213,31 @@ def test_config_file_and_flags(tmp_path, corpus):
     (["--batch-tokens", "250", "--grad-accum", "3"], "--batch-tokens"),
     (["--resume"], "--resume"),
     (["--lr", "-1"], "--lr"),
-], ids=["missing-data", "seq-len", "nsa-divide", "model-field", "steps", "batch-split", "resume-nothing", "lr"])
+    (["--loss-on", "answers"], "--loss-on"),
+], ids=["missing-data", "seq-len", "nsa-divide", "model-field", "steps", "batch-split", "resume-nothing", "lr",
+        "loss-on-lm"])
 def test_bad_input_exits_2(tmp_path, corpus, capsys, args, message):
     base = ["train", "--out", str(tmp_path / "run"), "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
             "--seq-len", "64", "--batch-tokens", "256", "--steps", "2", "--no-progress", "--model=max_seq_len=1024"]
     assert main(base + args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_bad_task(tmp_path, corpus, capsys):
+    with pytest.raises(ValueError, match="--task"):
+        config(tmp_path, corpus, task="qa")
+    with pytest.raises(ValueError, match="--loss-on"):
+        config(tmp_path, corpus, loss_on="some")
+    with pytest.raises(SystemExit) as e:  # argparse's choices
+        main(["train", "--out", str(tmp_path / "run"), "--task", "qa"])
+    assert e.value.code == 2 and "--task" in capsys.readouterr().err
+    # a task document cannot fit a context shorter than the needle and its question
+    args = ["train", "--out", str(tmp_path / "run"), "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
+            "--seq-len", "40", "--batch-tokens", "256", "--steps", "1", "--no-progress", "--task", "needle",
+            *MODEL_FLAGS]
+    assert main(args) == 2
+    assert "--seq-len: 40 tokens cannot hold" in capsys.readouterr().err
 
 
 def test_bad_input_files(tmp_path, corpus, capsys):

@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .data import PackedBatches, cached_tokenizer, eval_batches, find_documents, load_corpus, load_tokenizer
+from .data import (DocumentBatches, PackedBatches, cached_tokenizer, eval_batches, find_documents, load_corpus,
+                   load_tokenizer)
 from .model import LanguageModel, ModelConfig
 
 __all__ = ["TrainConfig", "train", "parallelize", "evaluate", "lr_at", "config_from_sources", "load_checkpoint_model",
@@ -48,6 +49,7 @@ __all__ = ["TrainConfig", "train", "parallelize", "evaluate", "lr_at", "config_f
 # What a run writes into --out (and what --overwrite removes).
 RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer", "checkpoint")
 CHECKPOINT = "checkpoint"
+TASKS = ("lm", "needle", "recall", "mix")  # nsa.evals.tasks.TASKS (not imported: that pulls in the evaluators)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,12 @@ class TrainConfig:
             ``cuda:N`` (default: cuda when available; under torchrun each rank takes
             ``cuda:LOCAL_RANK``). resume / overwrite: continue / replace the run in ``out``.
         progress: a tqdm progress bar on rank 0.
+        task: ``'lm'`` trains on the documents themselves; ``'needle'``, ``'recall'`` or ``'mix'``
+            on seeded retrieval documents made from them (:mod:`nsa.evals.task_data`, cached
+            under ``cache_dir``), each at most ``seq_len`` tokens and packed whole (padded,
+            never cut: :class:`nsa.data.DocumentBatches`). loss_on: ``'all'`` tokens, or only
+            the ``'answers'`` of task documents (from a needle's key, or a recall sample's first
+            queried key, to its end; plain filler documents keep every token).
     """
 
     out: str
@@ -114,6 +122,8 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    task: str = "lm"
+    loss_on: str = "all"
 
     def __post_init__(self):
         if not isinstance(self.out, str) or not self.out:
@@ -144,6 +154,12 @@ class TrainConfig:
             raise ValueError(f"--data: expected one or more paths, got {self.data!r}")
         if self.resume and self.overwrite:
             raise ValueError("--resume / --overwrite: give at most one of them")
+        if self.task not in TASKS:
+            raise ValueError(f"--task: expected one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.loss_on not in ("all", "answers"):
+            raise ValueError(f"--loss-on: expected 'all' or 'answers', got {self.loss_on!r}")
+        if self.loss_on == "answers" and self.task == "lm":
+            raise ValueError("--loss-on: 'answers' needs a retrieval --task (needle, recall or mix)")
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The model's config: the preset, ``attention``, then the ``model`` overrides; the
@@ -448,14 +464,30 @@ def train(cfg: TrainConfig) -> dict:
         if saved != model_cfg:
             raise ValueError(f"--resume: the options describe another model than the run in {run} "
                              f"(run: {saved}; options: {model_cfg})")
-    if d.main:
-        train_store, val_store = load_corpus(cfg.data, tokenizer, cache_dir, cfg.val_fraction, cfg.seed,
-                                             progress=cfg.progress)
-    if d.distributed:
-        dist.barrier()  # rank 0 built the token cache; the others open it
-    if not d.main:
-        train_store, val_store = load_corpus(cfg.data, tokenizer, cache_dir, cfg.val_fraction, cfg.seed)
     total_steps = cfg.steps if cfg.steps is not None else -(-cfg.tokens // cfg.batch_tokens)
+    # Task documents are sized for the run's first length: a resumed run given a new length
+    # trains on the same documents (a new corpus would not match the data position).
+    first = json.loads((run / "config.json").read_text())["train"] if cfg.resume else cfg.to_dict()
+    corpus_tokens = (first["steps"] * first["batch_tokens"] if first.get("steps") is not None
+                     else first["tokens"])
+
+    def stores(progress=False):
+        if cfg.task == "lm":
+            return (*load_corpus(cfg.data, tokenizer, cache_dir, cfg.val_fraction, cfg.seed, progress=progress),
+                    None, None)
+        from .evals.task_data import task_stores
+
+        return task_stores(cfg.task, cfg.data, tokenizer, cache_dir, cfg.seq_len, corpus_tokens,
+                           cfg.eval_batches * cfg.batch_tokens, cfg.val_fraction, cfg.seed, progress=progress)
+
+    if d.main:
+        train_store, val_store, train_from, val_from = stores(cfg.progress)
+    if d.distributed:
+        dist.barrier()  # rank 0 built the token cache (and the task documents); the others open it
+    if not d.main:
+        train_store, val_store, train_from, val_from = stores()
+    if cfg.loss_on == "all":
+        train_from = val_from = None
 
     torch.manual_seed(cfg.seed)
     raw = LanguageModel(model_cfg).to(device)
@@ -471,9 +503,14 @@ def train(cfg: TrainConfig) -> dict:
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp)
 
-    batches = PackedBatches(train_store, micro, cfg.seq_len, seed=cfg.seed, rank=d.rank,
-                            world_size=d.world_size)
-    val = eval_batches(val_store, micro, cfg.seq_len, cfg.eval_batches)
+    if cfg.task == "lm":
+        batches = PackedBatches(train_store, micro, cfg.seq_len, seed=cfg.seed, rank=d.rank,
+                                world_size=d.world_size)
+    else:
+        batches = DocumentBatches(train_store, micro, cfg.seq_len, seed=cfg.seed, rank=d.rank,
+                                  world_size=d.world_size, loss_from=train_from)
+    val = eval_batches(val_store, micro, cfg.seq_len, cfg.eval_batches, documents=cfg.task != "lm",
+                       loss_from=val_from)
     step, tokens = 0, 0
     if cfg.resume:
         state = _load_checkpoint(run, model, raw, opt)

@@ -392,8 +392,10 @@ def make_task_corpus(task: str, n_docs: int, length: int, tokenizer, filler, see
         key_digits: of the needle's key; num_pairs, num_queries, value_digits: of recall
             (see :func:`needle_sample`, :func:`recall_sample`).
     Returns:
-        a JSON-able summary: out_dir, files, tokens (their total as stored), and documents
-        per task.
+        a JSON-able summary: out_dir, files, tokens (their total as stored), documents per
+        task, and ``answers``: per document (in file order) the character offset of its text
+        where the answers begin (a needle's key; the first queried key of a recall sample, the
+        answers and later queries after it), None for plain filler.
     """
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
@@ -428,29 +430,32 @@ def make_task_corpus(task: str, n_docs: int, length: int, tokenizer, filler, see
     width = max(6, len(str(n_docs - 1)))
     counts = {k: 0 for k in kinds}
     total = 0
+    answers = []
     for i in range(n_docs):
         s = f"{task}:{seed}:{i}"
         rng = random.Random(s)
         kind = rng.choice(kinds)
         doc_len = rng.randint(min_length, length)
         depth = rng.random()
-        text = _document(kind, tokenizer, filler, doc_len, s, depth, key_digits, num_pairs, num_queries,
-                         value_digits)
+        text, answer = _document(kind, tokenizer, filler, doc_len, s, depth, key_digits, num_pairs, num_queries,
+                                 value_digits)
         n = _doc_tokens(tokenizer, text)
         if n > length:  # a BPE merge the fit did not foresee: shorten by the excess
-            text = _document(kind, tokenizer, filler, doc_len - (n - length), s, depth, key_digits,
-                             num_pairs, num_queries, value_digits)
+            text, answer = _document(kind, tokenizer, filler, doc_len - (n - length), s, depth, key_digits,
+                                     num_pairs, num_queries, value_digits)
             n = _doc_tokens(tokenizer, text)
         (out / f"{i:0{width}d}.txt").write_text(text, encoding="utf-8")
         counts[kind] += 1
         total += n
-    return dict(out_dir=str(out), files=n_docs, tokens=total, documents=counts)
+        answers.append(answer)
+    return dict(out_dir=str(out), files=n_docs, tokens=total, documents=counts, answers=answers)
 
 
 def _document(kind, tokenizer, filler, doc_len, seed, depth, key_digits, num_pairs, num_queries, value_digits):
-    """The text of a ``doc_len``-token document (bos and eos included) of ``kind``."""
+    """The text of a ``doc_len``-token document (bos and eos included) of ``kind``, and the
+    character offset where its answers begin (None for filler)."""
     if kind == "lm":
-        return filler_text(tokenizer, filler, doc_len - 1, seed)
+        return filler_text(tokenizer, filler, doc_len - 1, seed), None
     if kind == "needle":
         answer = len(tokenizer.encode("9" * key_digits))
         sample = needle_sample(tokenizer, filler, doc_len - 1 - answer, depth, seed, key_digits)
@@ -458,7 +463,8 @@ def _document(kind, tokenizer, filler, doc_len, seed, depth, key_digits, num_pai
         extra = len(tokenizer.encode(sample.answer)) - answer
         if extra > 0:
             sample = needle_sample(tokenizer, filler, doc_len - 1 - answer - extra, depth, seed, key_digits)
-        return sample.document
+        return sample.document, len(sample.prompt)
     answer = len(tokenizer.encode("9" * value_digits))
     sample = recall_sample(tokenizer, filler, doc_len - 1 - answer, seed, num_pairs, num_queries, value_digits)
-    return sample.document
+    first = sample.questions[0]
+    return sample.document, len(first.prompt) - len(sample.info["queries"][0]) - 1

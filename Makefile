@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# NSA, full and window attention trained on pass-key retrieval, compared (nsa demo --help);
+# --overwrite: a second `make demo` replaces the demo's own files in demo-out/
 demo: $(STAMP)
-	$(VENV)/bin/nsa demo
+	$(VENV)/bin/nsa demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -10,7 +10,7 @@ import pytest
 from nsa._cli_utils import canonical_dtype
 from nsa.cli import keys_per_query, main, resolve_device
 
-SMALL_DEMO = ["demo", "--tokens", "150", "--decode-steps", "6", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
+SMALL_DEMO = ["demo", "--layer", "--tokens", "150", "--decode-steps", "6", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
               "--head-dim", "16", "--backend", "reference", "--device", "cpu"]
 
 
@@ -51,8 +51,8 @@ def test_demo_small(capsys, dtype):
 
 
 def test_demo_bad_arguments(capsys):
-    assert main(["demo", "--tokens", "10", "--decode-steps", "10"]) == 2
-    assert main(["demo", "--tokens", "128", "--kv-heads", "3"]) == 2  # 4 heads, 3 KV heads: ValueError -> 2
+    assert main(["demo", "--layer", "--tokens", "10", "--decode-steps", "10"]) == 2
+    assert main(["demo", "--layer", "--tokens", "128", "--kv-heads", "3"]) == 2  # 4 heads, 3 KV heads: ValueError -> 2
     assert "num_heads" in capsys.readouterr().err
 
 

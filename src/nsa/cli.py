@@ -1,4 +1,6 @@
-"""The ``nsa`` command: ``nsa demo`` (a quick tour on CPU or GPU) and ``nsa bench`` (benchmarks)."""
+"""The ``nsa`` command: ``nsa demo`` (NSA, full and window attention trained on retrieval; ``--layer``:
+a tour of one layer), ``nsa bench``, ``nsa train``, ``nsa generate``, ``nsa eval``. It parses and
+dispatches; the work is done by functions a test can call (``nsa.demo.run_demo``, ...)."""
 
 from __future__ import annotations
 
@@ -7,33 +9,10 @@ import platform
 import sys
 import time
 
-from ._cli_utils import add_device_option, add_dtype_option, resolve_device, torch_dtype
+from ._cli_utils import DTYPE_NAMES, add_device_option, add_dtype_option, canonical_dtype, resolve_device, torch_dtype
+from .demo import keys_per_query
 
 __all__ = ["main", "keys_per_query", "resolve_device"]
-
-
-def keys_per_query(seq_len, kernel_size=32, stride=16, block_size=64, num_selected=16, window_size=512,
-                   whole_blocks=False):
-    """Keys each query attends to, averaged over the causal positions ``t < seq_len``.
-
-    compressed: visible compressed tokens (``i*stride + kernel_size - 1 <= t``); selected:
-    ``min(num_selected, t // block_size + 1)`` blocks, keys ``s <= t`` in them (the query's own
-    block is partial), or every key of every chosen block with ``whole_blocks`` (what a kernel
-    loads; the convention of the cost table in NSA.md); window: ``min(t + 1, window_size)``;
-    full: ``t + 1``. Returns a dict of floats with keys cmp, slc, win, nsa, full.
-    """
-    import torch
-
-    t = torch.arange(seq_len, dtype=torch.float64)
-    cmp = torch.where(t >= kernel_size - 1, torch.div(t - kernel_size + 1, stride, rounding_mode="floor") + 1, 0)
-    n_blk = torch.clamp(torch.div(t, block_size, rounding_mode="floor") + 1, max=num_selected)
-    own = block_size if whole_blocks else torch.remainder(t, block_size) + 1
-    slc = (n_blk - 1) * block_size + own
-    win = torch.clamp(t + 1, max=window_size)
-    out = {"cmp": cmp.mean().item(), "slc": slc.mean().item(), "win": win.mean().item(),
-           "full": (t + 1).mean().item()}
-    out["nsa"] = out["cmp"] + out["slc"] + out["win"]
-    return out
 
 
 def _sync(device):
@@ -51,7 +30,30 @@ def _device_name(device):
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+LAYER_DEFAULTS = dict(tokens=2048, decode_steps=64, hidden=256, heads=4, kv_heads=2, head_dim=64, dtype="fp32",
+                      backend=None)
+
+
 def _demo(args) -> int:
+    if args.layer:
+        for name, value in LAYER_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        return _demo_layer(args)
+    given = [f"--{n.replace('_', '-')}" for n in LAYER_DEFAULTS if getattr(args, n) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: options of the layer tour; add --layer")
+    from .demo import demo_settings, run_demo
+
+    device = resolve_device(args.device)
+    changes = {k: getattr(args, k) for k in ("seq_len", "steps", "task", "samples") if getattr(args, k) is not None}
+    cfg = demo_settings(device.type, args.quick, out=args.out, overwrite=args.overwrite, seed=args.seed,
+                        device=args.device, progress=not args.no_progress, **changes)
+    run_demo(cfg)
+    return 0
+
+
+def _demo_layer(args) -> int:
     import torch
 
     import nsa
@@ -145,25 +147,51 @@ def _bench(argv) -> int:
     return cli_main(list(argv))
 
 
+def _dtype_arg(text):
+    try:
+        return canonical_dtype(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention (DeepSeek, arXiv 2502.11089).")
     sub = p.add_subparsers(dest="command", metavar="{demo,bench,train,generate,eval}")
-    d = sub.add_parser("demo", help="build an NSA layer, time forward/backward, check decoding, show the sparsity",
-                       description="Builds one NSA layer, times forward + backward, checks that prefill + "
-                                   "token-by-token decoding reproduces the full forward, and prints how many "
-                                   "keys each query attends to.")
-    d.add_argument("--tokens", type=int, default=2048, help="sequence length T (default 2048)")
-    d.add_argument("--decode-steps", type=int, default=64, help="tokens decoded one by one after a prefill "
-                                                                "of T - steps (default 64)")
-    d.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
-    d.add_argument("--heads", type=int, default=4, help="query heads (default 4)")
-    d.add_argument("--kv-heads", type=int, default=2, help="KV heads (default 2)")
-    d.add_argument("--head-dim", type=int, default=64, help="head dim (default 64)")
-    add_dtype_option(d, "fp32", "dtype of the layer and its input")
+    d = sub.add_parser("demo", help="train NSA, full and window attention on retrieval and compare them "
+                                    "(--layer: a tour of one NSA layer)",
+                       description="Trains three small models that differ only in their attention (NSA, full, a "
+                                   "sliding window alone) on pass-key retrieval documents, then prints needle "
+                                   "accuracy, validation loss, keys per query and tokens/s, writes summary.json "
+                                   "and demo.png into --out and generates a sample with the cache. --layer instead "
+                                   "builds one NSA layer, times forward + backward, checks prefill + decoding "
+                                   "against the full forward and prints how many keys each query attends to.")
+    d.add_argument("--out", default="demo-out", help="output directory (default demo-out/); refused if not empty "
+                                                     "unless --overwrite")
+    d.add_argument("--overwrite", action="store_true", help="replace the demo's outputs in --out")
+    d.add_argument("--quick", action="store_true", help="a smoke test of the whole pipeline in well under a "
+                                                        "minute (tiny sizes, a few steps; nothing is learned)")
+    d.add_argument("--steps", type=int, help="training steps of each model (default: 160 on CPU, 600 on CUDA)")
+    d.add_argument("--seq-len", type=int, help="training context and needle prompt length (default: 512 on CPU, "
+                                               "2048 on CUDA)")
+    d.add_argument("--task", choices=("needle", "recall", "mix"), help="training documents (default needle)")
+    d.add_argument("--samples", type=int, help="needle prompts per depth (default: 8 on CPU, 20 on CUDA)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--layer", action="store_true", help="the layer tour instead (the options below)")
+    d.add_argument("--tokens", type=int, help="--layer: sequence length T (default 2048)")
+    d.add_argument("--decode-steps", type=int, help="--layer: tokens decoded one by one after a prefill of "
+                                                    "T - steps (default 64)")
+    d.add_argument("--hidden", type=int, help="--layer: hidden size (default 256)")
+    d.add_argument("--heads", type=int, help="--layer: query heads (default 4)")
+    d.add_argument("--kv-heads", type=int, help="--layer: KV heads (default 2)")
+    d.add_argument("--head-dim", type=int, help="--layer: head dim (default 64)")
+    d.add_argument("--dtype", type=_dtype_arg, metavar="DTYPE",
+                   help="--layer: dtype of the layer and its input: " + ", ".join(
+                       f"{n}/{DTYPE_NAMES[n][1]}" for n in DTYPE_NAMES) + " (default fp32)")
     add_device_option(d)
-    d.add_argument("--backend", choices=("auto", "reference", "triton"), default=None,
-                   help="nsa.ops backend (default: NSA_BACKEND or 'auto': kernels on CUDA, reference on CPU)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the weights and the input (default 0)")
+    d.add_argument("--backend", choices=("auto", "reference", "torch", "triton"), default=None,
+                   help="--layer: nsa.ops backend (default: NSA_BACKEND or 'auto': kernels on CUDA, the torch "
+                        "backend on CPU)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the weights, data and prompts (default 0)")
     d.set_defaults(func=_demo)
     sub.add_parser("bench", help="benchmarks (arguments go to nsa.bench; see `nsa bench --help`)", add_help=False)
     _train_parser(sub)
@@ -193,6 +221,12 @@ def _train_parser(sub):
                    help="override a ModelConfig field, e.g. --model window_size=128 (repeatable)")
     t.add_argument("--data", nargs="+", metavar="PATH", help="text files, directories or globs (default: the "
                                                              "Python sources of this interpreter's library)")
+    t.add_argument("--task", choices=("lm", "needle", "recall", "mix"),
+                   help="train on the --data documents ('lm', default) or on seeded retrieval documents made "
+                        "from them: pass-key needles, associative recall, or a mix of both with plain text "
+                        "(nsa.evals.tasks; each at most --seq-len tokens, packed whole)")
+    t.add_argument("--loss-on", choices=("all", "answers"),
+                   help="the loss on all tokens (default) or, with a retrieval --task, on the answers only")
     t.add_argument("--tokenizer", help="'byte' (default), 'bpe:VOCAB' (trained here, needs `tokenizers`) or a "
                                        "saved tokenizer directory")
     t.add_argument("--cache-dir", help="where tokenized corpora are cached (default ~/.cache/nsa/tokens)")

@@ -5,7 +5,8 @@ seeded task documents (:func:`nsa.evals.tasks.make_task_corpus`) and their token
 
 1. the filler documents are split into training and validation files
    (:func:`nsa.data.split_documents`), so that validation questions sit in text the model has
-   not trained on; up to ``FILLER_CHARS`` characters of each side are read, in a seeded order;
+   not trained on; each side reads two characters per token of its documents (at least
+   ``MIN_FILLER_CHARS``, at most ``FILLER_CHARS``), in a seeded order;
 2. ``task_documents(run)`` training documents (enough for one pass over the run, at most
    ``MAX_DOCUMENTS``) and enough validation documents for the evaluation batches are written
    under ``cache_dir/task-<key>/{train,val}/``, each at most ``seq_len`` tokens as stored
@@ -38,7 +39,8 @@ from .tasks import TASKS, Filler, make_task_corpus
 __all__ = ["task_stores", "filler_texts", "MAX_DOCUMENTS", "FILLER_CHARS"]
 
 MAX_DOCUMENTS = 50_000  # training documents generated at most (a longer run takes several epochs)
-FILLER_CHARS = 1 << 20  # filler text read per side (training, validation)
+FILLER_CHARS = 1 << 20  # filler text read per side (training, validation) at most: 2 characters
+MIN_FILLER_CHARS = 1 << 17  # per token of the side's documents, and at least this many
 CORPUS_FILE = "corpus.json"
 _FORMAT = 1
 
@@ -59,7 +61,7 @@ def filler_texts(docs, chars: int, seed) -> list[str]:
 def _key(task, seq_len, n_train, n_val, seed, tokenizer, train_docs, val_docs, settings) -> str:
     h = hashlib.sha256(json.dumps(dict(format=_FORMAT, task=task, seq_len=seq_len, n_train=n_train, n_val=n_val,
                                        seed=seed, tokenizer=tokenizer.fingerprint, settings=settings,
-                                       filler_chars=FILLER_CHARS), sort_keys=True).encode())
+                                       filler_chars=[MIN_FILLER_CHARS, FILLER_CHARS]), sort_keys=True).encode())
     for side in (train_docs, val_docs):
         h.update(b"\0side\0")
         for path in side:
@@ -113,7 +115,8 @@ def task_stores(task: str, data, tokenizer, cache_dir, seq_len: int, train_token
         try:
             meta = {}
             for side, files, n, s in (("train", train_docs, n_train, seed), ("val", val_docs, n_val, seed + 1)):
-                filler = Filler(tokenizer, filler_texts(files, FILLER_CHARS, f"{side}:{seed}"))
+                chars = min(FILLER_CHARS, max(MIN_FILLER_CHARS, 2 * math.ceil(n * mean_len)))
+                filler = Filler(tokenizer, filler_texts(files, chars, f"{side}:{seed}"))
                 try:
                     info = make_task_corpus(task, n, seq_len, tokenizer, filler, s, tmp / side, **settings)
                 except ValueError as e:

@@ -190,9 +190,9 @@ def test_errors():
     with pytest.raises(ValueError, match="x"):
         m(x[:1, :1], cache=cache)  # wrong number of sequences
     with pytest.raises(ValueError, match="x"):
-        m(x[:, :2], cache=cache)  # more than one token per step
+        m(x[:1, :2], cache=cache)  # a chunk (tests/test_chunked_prefill.py) for too few sequences
     with pytest.raises(ValueError, match="cu_seqlens"):
-        m(x[:1, :2], cache=cache, cu_seqlens=torch.tensor([0, 1, 2], dtype=torch.int32))
+        m(x[:1, :2], cache=cache, cu_seqlens=torch.tensor([0, 2], dtype=torch.int32))  # one chunk for two sequences
     with pytest.raises(ValueError, match="cache"):
         cache.prefill([10, 10], *(torch.zeros(20, 2, 16),) * 6)
     other = make_layer(NSAConfig.preset("tiny", kernel_size=12, backend="reference"))

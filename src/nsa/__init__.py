@@ -3,6 +3,7 @@
 from . import ops
 from .cache import NSACache
 from .layer import NativeSparseAttention, NSAConfig
+from .paged_cache import CacheCapacityError, PagedNSACache
 from .ops import compressed_attention, nsa, select_blocks, selected_attention, sliding_window_attention
 
 __version__ = "0.1.0"
@@ -17,4 +18,6 @@ __all__ = [
     "NSAConfig",
     "NativeSparseAttention",
     "NSACache",
+    "PagedNSACache",
+    "CacheCapacityError",
 ]

@@ -2,11 +2,52 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .ops.utils import num_compressed
 
-__all__ = ["NSACache", "KVCache"]
+__all__ = ["NSACache", "KVCache", "CachedTokens"]
+
+
+class CachedTokens(NamedTuple):
+    """What a chunk appended to a cached sequence of L tokens attends to and compresses with:
+    ``k_slc, v_slc, k_win, v_win`` ``[L, H, Dk|Dv]`` (rotated keys), ``k_cmp, v_cmp``
+    ``[num_compressed(L), H, Dk|Dv]`` and ``k_tail, v_tail`` ``[min(L, kernel_size), H, Dk|Dv]``,
+    the last raw compression-branch tokens (un-rotated) in position order."""
+
+    k_slc: torch.Tensor
+    v_slc: torch.Tensor
+    k_win: torch.Tensor
+    v_win: torch.Tensor
+    k_cmp: torch.Tensor
+    v_cmp: torch.Tensor
+    k_tail: torch.Tensor
+    v_tail: torch.Tensor
+
+
+def _check_chunk(cache, chunk_lens, k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win):
+    """Validates the arguments of ``extend`` against ``cache.lengths``; returns the host list of
+    compressed tokens each row's chunk completes."""
+    N = cache.batch_size
+    if (not isinstance(chunk_lens, (list, tuple)) or len(chunk_lens) != N
+            or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in chunk_lens)):
+        raise ValueError(f"chunk_lens: expected a list of {N} ints >= 0 (one per cached sequence), got {chunk_lens!r}")
+    total = sum(chunk_lens)
+    if total == 0:
+        raise ValueError("chunk_lens: no token to append")
+    for name, t in dict(k_cmp_raw=k_cmp_raw, v_cmp_raw=v_cmp_raw, k_slc=k_slc, v_slc=v_slc, k_win=k_win,
+                        v_win=v_win).items():
+        if t is not None and (t.dim() != 3 or t.shape[0] != total):
+            raise ValueError(f"{name}: expected [{total} (sum of chunk_lens), H, D], got {tuple(t.shape)}")
+    ks, st = cache.kernel_size, cache.stride
+    n_new = [num_compressed(L + c, ks, st) - num_compressed(L, ks, st) for L, c in zip(cache.lengths, chunk_lens)]
+    for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):
+        if t.dim() != 3 or t.shape[0] != sum(n_new):
+            raise ValueError(f"{name}: expected [{sum(n_new)} (compressed tokens the chunks complete), H, D], "
+                             f"got {tuple(t.shape)}")
+    return n_new
 
 
 class _SequenceCache:
@@ -60,7 +101,9 @@ class NSACache(_SequenceCache):
     (:meth:`prefill`); each decoding step appends one token per sequence (:meth:`append`),
     and when a sequence's new length L completes a compression block (``L >= kernel_size``
     and ``(L - kernel_size) % stride == 0``) the layer compresses that one block
-    (:meth:`compression_blocks`, :meth:`store_compressed`).
+    (:meth:`compression_blocks`, :meth:`store_compressed`). A chunk of several tokens per
+    sequence (chunked prefill) is appended with :meth:`extend`, with the compressed tokens it
+    completes; :meth:`tokens` reads what such a chunk attends to.
     """
 
     def __init__(self, kernel_size: int, stride: int):
@@ -291,6 +334,64 @@ class NSACache(_SequenceCache):
         ci = torch.div(self.seq_lens[ids].long() - self.kernel_size, self.stride, rounding_mode="floor")
         self.k_cmp[ids, ci] = k_cmp.detach().to(self.k_cmp.dtype)
         self.v_cmp[ids, ci] = v_cmp.detach().to(self.v_cmp.dtype)
+
+
+    # ---- chunk appends (chunked prefill) ----------------------------------------------------------
+    def tokens(self, row: int) -> CachedTokens:
+        """The cached state of sequence ``row`` (views, no copy) that a chunk appended to it needs."""
+        L = self.lengths[row]
+        ks = self.kernel_size
+        nc = num_compressed(L, ks, self.stride)
+        m = min(L, ks)
+        slots = torch.tensor([p % ks for p in range(L - m, L)], dtype=torch.long).to(self.k_tail.device)
+        return CachedTokens(self.k_slc[row, :L], self.v_slc[row, :L], self.k_win[row, :L], self.v_win[row, :L],
+                            self.k_cmp[row, :nc], self.v_cmp[row, :nc], self.k_tail[row, slots],
+                            self.v_tail[row, slots])
+
+    def extend(self, chunk_lens, k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win=None, v_win=None):
+        """Append a chunk of ``chunk_lens[n]`` tokens (0 allowed) to every sequence, with the
+        compressed tokens those chunks complete (the layer computed them: only the new blocks).
+
+        Args:
+            chunk_lens: host list of N ints >= 0, not all 0.
+            k_cmp_raw, v_cmp_raw: ``[sum(chunk_lens), H, Dk|Dv]`` un-rotated compression-branch tokens,
+                packed in sequence order.
+            k_cmp, v_cmp: ``[S, H, Dk|Dv]`` the compressed tokens completed by the chunks (sequence n:
+                ``num_compressed(L_n + c_n) - num_compressed(L_n)`` of them), packed in order.
+            k_slc, v_slc, k_win, v_win: as ``k_cmp_raw`` (rotated keys); k_win, v_win None when shared.
+            All on the cache's device; cast to the cached dtypes.
+
+        The state afterwards equals that of one prefill of the whole sequences.
+        """
+        if self.is_empty:
+            raise ValueError("cache: extend needs a prefilled cache")
+        n_new = _check_chunk(self, chunk_lens, k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win)
+        if (k_win is None) != self.shared:
+            raise ValueError("k_win: must be given iff the cache was prefilled with separate window keys")
+        self._writable()
+        self._grow(max(L + c for L, c in zip(self.lengths, chunk_lens)))
+        dev = self.k_slc.device
+        ks, st = self.kernel_size, self.stride
+        rows = torch.tensor([n for n, c in enumerate(chunk_lens) for _ in range(c)], dtype=torch.long).to(dev)
+        pos_h = [L + j for L, c in zip(self.lengths, chunk_lens) for j in range(c)]
+        pos = torch.tensor(pos_h, dtype=torch.long).to(dev)
+        self.k_slc[rows, pos] = k_slc.detach().to(self.k_slc.dtype)
+        self.v_slc[rows, pos] = v_slc.detach().to(self.v_slc.dtype)
+        if not self.shared:
+            self.k_win[rows, pos] = k_win.detach().to(self.k_win.dtype)
+            self.v_win[rows, pos] = v_win.detach().to(self.v_win.dtype)
+        ends = [L + c for L, c in zip(self.lengths, chunk_lens) for _ in range(c)]
+        keep = torch.tensor([p >= e - ks for p, e in zip(pos_h, ends)]).to(dev)
+        self.k_tail[rows[keep], pos[keep] % ks] = k_cmp_raw.detach()[keep].to(self.k_tail.dtype)
+        self.v_tail[rows[keep], pos[keep] % ks] = v_cmp_raw.detach()[keep].to(self.v_tail.dtype)
+        crow = torch.tensor([n for n, k in enumerate(n_new) for _ in range(k)], dtype=torch.long).to(dev)
+        cidx = torch.tensor([num_compressed(L, ks, st) + j for L, k in zip(self.lengths, n_new) for j in range(k)],
+                            dtype=torch.long).to(dev)
+        self.k_cmp[crow, cidx] = k_cmp.detach().to(self.k_cmp.dtype)
+        self.v_cmp[crow, cidx] = v_cmp.detach().to(self.v_cmp.dtype)
+        self.lengths = [L + c for L, c in zip(self.lengths, chunk_lens)]
+        self.seq_lens = torch.tensor(self.lengths, dtype=torch.int32).to(dev)
+        self.completed = []
 
 
 class KVCache(_SequenceCache):

@@ -3,8 +3,8 @@
 :class:`NativeSparseAttention` maps hidden states ``[B, T, hidden_size]`` to
 ``[B, T, hidden_size]`` with Native Sparse Attention (:func:`nsa.ops.nsa`) in place of
 full causal attention. Packed sequences come as ``[1, total, hidden_size]`` with
-``cu_seqlens``. With an :class:`nsa.cache.NSACache` the same module prefills and then
-decodes one token per sequence per call.
+``cu_seqlens``. With an :class:`nsa.cache.NSACache` or a :class:`nsa.PagedNSACache` the same
+module prefills, appends chunks, and decodes one token per sequence per call.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from torch import nn
 from . import ops
 from .cache import NSACache
 from .ops.decode import nsa_decode
+from .ops.decode_paged import nsa_decode_paged
+from .ops.utils import num_compressed
+from .paged_cache import PagedNSACache
 from .ops.reference import rope_cos_sin
 from .ops.utils import compressed_cu_seqlens
 
@@ -320,12 +323,16 @@ class NativeSparseAttention(nn.Module):
         """Args:
             x: ``[B, T, hidden_size]``, or packed ``[1, total, hidden_size]`` with ``cu_seqlens``,
                 in the parameters' dtype (or any floating dtype under autocast) and on their
-                device. With a non-empty ``cache``: ``[N, 1, hidden_size]``, one new token per
-                cached sequence, at position ``cache.seq_lens[n]``.
-            cache: optional :class:`NSACache`. Empty: this call is a prefill and fills it (one
-                cached sequence per batch row, or per packed sequence). Non-empty: one decoding
-                step, which appends to it.
-            cu_seqlens: int32 ``[N+1]`` offsets of packed sequences, on x's device (B = 1).
+                device. With a non-empty ``cache`` of N sequences: ``[N, 1, hidden_size]``, one new
+                token per cached sequence at position ``cache.seq_lens[n]`` (a decoding step), or a
+                chunk ``[N, T, hidden_size]`` / packed ``[1, total, hidden_size]`` with ``cu_seqlens``
+                (chunked prefill: sequence n gets ``cu_seqlens[n+1] - cu_seqlens[n] >= 0`` tokens).
+            cache: optional :class:`NSACache` or :class:`nsa.PagedNSACache`. Empty: this call is a
+                prefill and fills it (one cached sequence per batch row, or per packed sequence).
+                Non-empty: a decoding step or a chunk (:meth:`_extend`: the outputs and the cache
+                then equal those of one prefill of the whole sequences), which appends to it.
+            cu_seqlens: int32 ``[N+1]`` offsets of packed sequences (or, with a filled cache, of
+                the chunks), on x's device (B = 1).
         Returns:
             ``[B, T, hidden_size]`` (same layout as x) on x's device, in the dtype of the output
             projection's computation (x's dtype, or the autocast dtype).
@@ -335,9 +342,9 @@ class NativeSparseAttention(nn.Module):
         if cache is not None:
             self._check_cache(cache)
             if not cache.is_empty:
-                if cu_seqlens is not None:
-                    raise ValueError("cu_seqlens: not accepted for a decoding step (cache already filled)")
-                return self._decode(x, cache)
+                if cu_seqlens is None and x.shape[1] == 1 and 0 not in cache.lengths:
+                    return self._decode(x, cache)
+                return self._extend(x, cache, cu_seqlens)
         B, T, _ = x.shape
         if cache is not None and T == 0:
             raise ValueError(f"x: a prefill into a cache needs at least one token per sequence, got {tuple(x.shape)}")
@@ -389,12 +396,15 @@ class NativeSparseAttention(nn.Module):
         """The cache was built for this layer's compression and, once filled, holds this layer's
         KV heads, head dims and branch layout."""
         c = self.config
-        if not isinstance(cache, NSACache):
-            raise ValueError(f"cache: expected an NSACache, got {type(cache).__name__}")
+        if not isinstance(cache, (NSACache, PagedNSACache)):
+            raise ValueError(f"cache: expected an NSACache or a PagedNSACache, got {type(cache).__name__}")
         if (cache.kernel_size, cache.stride) != (c.kernel_size, c.stride):
             raise ValueError(f"cache: built for kernel_size={cache.kernel_size}, stride={cache.stride}, "
                              f"layer has {c.kernel_size}, {c.stride}")
-        if cache.is_empty:
+        if isinstance(cache, PagedNSACache) and cache.block_size != c.block_size:
+            raise ValueError(f"cache: pages of block_size={cache.block_size} tokens, the layer selects blocks of "
+                             f"{c.block_size}")
+        if cache.is_empty or cache.k_slc is None:
             return
         have = (tuple(cache.k_slc.shape[2:]), cache.v_slc.shape[-1], cache.shared)
         want = ((c.num_kv_heads, c.head_dim), c.v_head_dim, c.shared_kv)
@@ -434,6 +444,123 @@ class NativeSparseAttention(nn.Module):
                 kc, vc = self.compress_blocks(kb.unsqueeze(0), vb.unsqueeze(0), pos.unsqueeze(0))
                 cache.store_compressed(done, kc[0], vc[0])
         g_cmp, g_slc, g_win = (g[:, 0].to(dt) for g in self._gates(x))
-        o = nsa_decode(q[:, 0], cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win,
-                       g_cmp, g_slc, g_win, cache.seq_lens, **self._op_kwargs())
+        # A paged cache is read through its page table (nsa.ops.decode_paged explains what each
+        # backend reads).
+        decode, table = ((nsa_decode_paged, (cache.page_table,)) if isinstance(cache, PagedNSACache)
+                         else (nsa_decode, ()))
+        o = decode(q[:, 0], cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win,
+                   g_cmp, g_slc, g_win, *table, cache.seq_lens, **self._op_kwargs())
         return self.o_proj(o.flatten(-2)).unsqueeze(1)
+
+    def _chunk_lens(self, x, cache, cu_seqlens):
+        """Host list of the tokens x appends to each cached sequence."""
+        N = cache.batch_size
+        if cu_seqlens is None:
+            if x.shape[0] != N or x.shape[1] < 1:
+                raise ValueError(f"x: appending to a cache of {N} sequences takes [N={N}, T >= 1, hidden_size] "
+                                 f"(or packed [1, total, hidden_size] with cu_seqlens), got {tuple(x.shape)}")
+            return [x.shape[1]] * N
+        if x.shape[0] != 1:
+            raise ValueError(f"x: packed input (cu_seqlens given) needs batch size 1, got {tuple(x.shape)}")
+        if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1
+                or cu_seqlens.device != x.device):
+            raise ValueError(f"cu_seqlens: expected an int32 1-D tensor on {x.device}, got "
+                             f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
+        cu = cu_seqlens.tolist()
+        if len(cu) != N + 1:
+            raise ValueError(f"cu_seqlens: expected N+1 = {N + 1} offsets (one chunk per cached sequence), "
+                             f"got {len(cu)}")
+        if cu[0] != 0 or cu[-1] != x.shape[1] or any(b < a for a, b in zip(cu[:-1], cu[1:])):
+            raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to {x.shape[1]} (x's tokens), "
+                             f"got {cu}")
+        if cu[-1] == 0:
+            raise ValueError("x: no token to append")
+        return [b - a for a, b in zip(cu[:-1], cu[1:])]
+
+    def _extend(self, x, cache, cu_seqlens):
+        """Chunked prefill: append ``x`` to every cached sequence (``[N, T, hidden]``, or packed
+        ``[1, total, hidden]`` with one chunk per sequence in ``cu_seqlens``, chunks of length 0
+        allowed). Outputs and cache state equal those of one prefill of the whole sequences.
+
+        The chunk's queries attend to cached + chunk keys by running :func:`nsa.ops.nsa` on the
+        whole sequences (cached keys read from the cache, the queries of cached positions zero,
+        their outputs dropped): correct with every backend, but O(cached tokens) work per chunk.
+        Only the compression blocks the chunk completes are compressed."""
+        c = self.config
+        ks, st = c.kernel_size, c.stride
+        chunk = self._chunk_lens(x, cache, cu_seqlens)
+        old = list(cache.lengths)
+        dev = x.device
+        xp = x.reshape(1, -1, x.shape[-1])  # [1, total, hidden]
+        positions = torch.tensor([L + j for L, n in zip(old, chunk) for j in range(n)], dtype=torch.long)
+        q, branches = self._project(xp, positions.to(dev).unsqueeze(0))
+        k_raw, v_raw = (t[0] for t in branches[0])
+        k_s, v_s, k_w, v_w = (t[0] for t in self._branch_kv(branches))
+        shared = len(branches) == 2
+        g = [t[0] for t in self._gates(xp)]
+        dt = q.dtype
+        with torch.no_grad():
+            cache.cast_(dt)
+        starts = [sum(chunk[:n]) for n in range(len(chunk))]
+        cached = [cache.tokens(n) if L else None for n, L in enumerate(old)]
+
+        # The compression blocks the chunks complete: block i of sequence n ends in the chunk; its
+        # raw tokens come from the cached tail (the last kernel_size - 1 at most) and the chunk.
+        kb, vb, pos = [], [], []
+        for n, (L, m, s0) in enumerate(zip(old, chunk, starts)):
+            first, last = num_compressed(L, ks, st), num_compressed(L + m, ks, st)
+            if first == last:
+                continue
+            kt = k_raw[s0:s0 + m]
+            vt = v_raw[s0:s0 + m]
+            if cached[n] is not None:
+                kt = torch.cat([cached[n].k_tail.to(kt.dtype), kt])
+                vt = torch.cat([cached[n].v_tail.to(vt.dtype), vt])
+            off = L - min(L, ks)  # raw position of kt[0]
+            for i in range(first, last):
+                kb.append(kt[i * st - off:i * st - off + ks])
+                vb.append(vt[i * st - off:i * st - off + ks])
+                pos.append(i * st + ks - 1)
+        H, Dk, Dv = c.num_kv_heads, c.head_dim, c.v_head_dim
+        if kb:
+            kc, vc = self.compress_blocks(torch.stack(kb).unsqueeze(0), torch.stack(vb).unsqueeze(0),
+                                          torch.tensor(pos, device=dev).unsqueeze(0))
+            kc, vc = kc[0], vc[0]
+        else:
+            kc, vc = k_raw.new_zeros(0, H, Dk), v_raw.new_zeros(0, H, Dv)
+
+        # Whole sequences (cached + chunk) of the rows that advance, packed.
+        parts = {name: [] for name in ("q", "k_cmp", "v_cmp", "k_s", "v_s", "k_w", "v_w", "g0", "g1", "g2")}
+        full_lens, keep = [], []
+        c0 = 0
+        for n, (L, m, s0) in enumerate(zip(old, chunk, starts)):
+            new_c = num_compressed(L + m, ks, st) - num_compressed(L, ks, st)
+            if m == 0:
+                continue
+            prev = cached[n]
+            sl = slice(s0, s0 + m)
+
+            def cat(name, now):
+                past = None if prev is None else getattr(prev, name)
+                return now.to(dt) if past is None else torch.cat([past.to(dt), now.to(dt)])
+
+            parts["q"].append(torch.cat([q.new_zeros(L, *q.shape[2:]), q[0, sl]]))
+            for j in range(3):
+                parts[f"g{j}"].append(torch.cat([g[j].new_zeros(L, g[j].shape[-1]), g[j][sl]]).to(dt))
+            parts["k_cmp"].append(cat("k_cmp", kc[c0:c0 + new_c]))
+            parts["v_cmp"].append(cat("v_cmp", vc[c0:c0 + new_c]))
+            parts["k_s"].append(cat("k_slc", k_s[sl]))
+            parts["v_s"].append(cat("v_slc", v_s[sl]))
+            parts["k_w"].append(cat("k_win", k_w[sl]))
+            parts["v_w"].append(cat("v_win", v_w[sl]))
+            keep.append(sum(full_lens) + L + torch.arange(m))
+            full_lens.append(L + m)
+            c0 += new_c
+        cu_full = torch.tensor([0] + full_lens).cumsum(0).to(torch.int32).to(dev)
+        t = {k: torch.cat(v).unsqueeze(0) for k, v in parts.items()}
+        o = ops.nsa(t["q"], t["k_cmp"], t["v_cmp"], t["k_s"], t["v_s"], t["k_w"], t["v_w"], t["g0"], t["g1"],
+                    t["g2"], cu_seqlens=cu_full, **self._op_kwargs())
+        o = o[0, torch.cat(keep).to(dev)]  # [total, HQ, Dv]: the chunks' rows, packed
+        with torch.no_grad():
+            cache.extend(chunk, k_raw, v_raw, kc, vc, k_s, v_s, None if shared else k_w, None if shared else v_w)
+        return self.o_proj(o.flatten(-2)).view(*x.shape[:2], -1)

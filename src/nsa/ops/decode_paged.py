@@ -1,0 +1,194 @@
+"""NSA decoding over a paged cache (:class:`nsa.PagedNSACache`): one new query per sequence, the
+cache read through a page table.
+
+Pages hold ``block_size`` raw tokens (NSA's selection block), so selected block j of sequence n
+is page ``page_table[n, j]``. Compressed tokens are paged with the raw tokens: compressed token i
+lives in the page of its last raw position ``e = i*stride + kernel_size - 1`` at slot
+``(e % block_size) // stride``; read through the page table as a flat run, token i sits at index
+``i + kernel_size // stride - 1``.
+
+Two ways of computing the same function:
+
+- ``'torch'`` (and ``'auto'`` on CPU): the compressed branch and block scores over the gathered
+  compressed tokens (``O(L / stride)`` per sequence, as the dense step), then only the selected
+  pages and the pages under the window are read, token by token through the page table.
+- ``'reference'``, and ``'triton'`` (``'auto'`` on CUDA): every page of every sequence is gathered
+  into the padded layout of :func:`nsa.ops.decode.nsa_decode`, which then runs. This copies the
+  whole cache (``N * M * block_size`` tokens per branch, ``M`` the widest page table) on every
+  step: correct, simple, and not bandwidth-optimal; a kernel that reads pages directly is future
+  work. The reference path is the specification the torch path is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import api, checks
+from .decode import _check_values, nsa_decode
+from .reference import _masked_attention, _valid_rows
+from .torch_backend import _compute_dtype, _decode_attention, top_n
+from .utils import num_blocks, overlap_matrix, window_keys
+
+__all__ = ["nsa_decode_paged", "gather_pages"]
+
+
+def gather_pages(pages: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
+    """The dense padded layout of a paged pool: ``pages`` ``[P, S, H, D]`` through ``page_table``
+    int32 ``[N, M]`` -> ``[N, M*S, H, D]`` (a copy)."""
+    return pages[page_table.long()].flatten(1, 2)
+
+
+def _dense_compressed(k_cmp, page_table, shift):
+    kc = gather_pages(k_cmp, page_table)[:, shift:]
+    if kc.shape[1] == 0:  # nsa_decode's layouts need a non-empty token axis; this slot is never visible
+        kc = kc.new_zeros(kc.shape[0], 1, *kc.shape[2:])
+    return kc
+
+
+def _check(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, page_table, seq_lens, kernel_size, stride, block_size):
+    checks.check_tensor("q", q, 3)
+    for name, t, size in (("k_slc", k_slc, block_size), ("v_slc", v_slc, block_size), ("k_win", k_win, block_size),
+                          ("v_win", v_win, block_size), ("k_cmp", k_cmp, block_size // stride),
+                          ("v_cmp", v_cmp, block_size // stride)):
+        checks.check_tensor(name, t, 4)
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
+        if t.shape[0] != k_slc.shape[0] or t.shape[1] != size:
+            raise ValueError(f"{name}: expected pages [P={k_slc.shape[0]}, {size}, H, D], got {tuple(t.shape)}")
+    checks.check_tensor("page_table", page_table, 2, (torch.int32,))
+    if page_table.device != q.device:
+        raise ValueError(f"page_table: expected device {q.device} like q, got {page_table.device}")
+    if page_table.shape[0] != q.shape[0] or page_table.shape[1] < 1:
+        raise ValueError(f"page_table: expected [N={q.shape[0]}, M >= 1], got {tuple(page_table.shape)}")
+
+
+def _check_table_values(page_table, seq_lens, num_pages, block_size):
+    """Reads page_table and seq_lens on the host (only with check_values)."""
+    lo, hi = (int(v) for v in torch.stack([page_table.min(), page_table.max()]).tolist())
+    if lo < 0 or hi >= num_pages:
+        raise ValueError(f"page_table: page ids must lie in [0, {num_pages}), got range [{lo}, {hi}]")
+    cap = page_table.shape[1] * block_size
+    lo, hi = (int(v) for v in torch.stack([seq_lens.min(), seq_lens.max()]).tolist())
+    if lo < 1 or hi > cap:
+        raise ValueError(f"seq_lens: entries must lie in [1, {cap}] (page_table's pages), got range [{lo}, {hi}]")
+
+
+def nsa_decode_paged(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, page_table, seq_lens, *,
+                     kernel_size=32, stride=16, block_size=64, num_selected=16, num_initial=1, num_local=2,
+                     window_size=512, scale=None, backend=None, check_values=None):
+    """:func:`nsa.ops.decode.nsa_decode` over a paged cache.
+
+    Args:
+        q: ``[N, HQ, Dk]`` the new queries (sequence n's at position ``seq_lens[n] - 1``).
+        k_cmp, v_cmp: ``[P, block_size // stride, H, Dk|Dv]`` compressed-token pages (module docstring).
+        k_slc, v_slc, k_win, v_win: ``[P, block_size, H, Dk|Dv]`` raw-token pages (the window pair
+            may be the selection tensors).
+        g_cmp, g_slc, g_win: ``[N, HQ]`` gates.
+        page_table: int32 ``[N, M]``, row n's pages in position order (entries past its length are
+            never read; any page id in ``[0, P)``).
+        seq_lens: int32 ``[N]``, each in ``[1, M * block_size]``.
+        kernel_size, stride, block_size, num_selected, num_initial, num_local, window_size, scale:
+            as in :func:`nsa.ops.nsa` (``block_size`` is the page size).
+        backend: None | 'auto' | 'reference' | 'torch' | 'triton' (module docstring).
+        check_values: as in :func:`nsa_decode`: also read ``page_table`` and ``seq_lens`` on the host
+            to check their ranges.
+    Returns:
+        ``[N, HQ, Dv]`` in q's dtype: the output of :func:`nsa_decode` on the gathered cache.
+    """
+    checks.check_selection(kernel_size, stride, block_size, num_selected, num_initial, num_local)
+    _check(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, page_table, seq_lens, kernel_size, stride, block_size)
+    backend = api.backend_name(backend)
+    shift = kernel_size // stride - 1
+    if _check_values(check_values):
+        _check_table_values(page_table, seq_lens, k_slc.shape[0], block_size)
+    if backend == "auto":
+        backend = "triton" if q.device.type == "cuda" and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (q, g_cmp, g_slc, g_win))) else "torch"
+    kw = dict(kernel_size=kernel_size, stride=stride, block_size=block_size, num_selected=num_selected,
+              num_initial=num_initial, num_local=num_local, window_size=window_size, scale=scale,
+              check_values=False)
+    kc, vc = _dense_compressed(k_cmp, page_table, shift), _dense_compressed(v_cmp, page_table, shift)
+    if backend != "torch":
+        ks_, vs_ = gather_pages(k_slc, page_table), gather_pages(v_slc, page_table)
+        same = k_win is k_slc and v_win is v_slc
+        kw_, vw_ = (ks_, vs_) if same else (gather_pages(k_win, page_table), gather_pages(v_win, page_table))
+        return nsa_decode(q, kc, vc, ks_, vs_, kw_, vw_, g_cmp, g_slc, g_win, seq_lens, backend=backend, **kw)
+    # Validates q, the gates and seq_lens against the gathered compressed layout (shapes only).
+    checks.check_scale(scale)
+    checks.check_positive_int("window_size", window_size)
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    L = page_table.shape[1] * block_size
+    return _paged_torch(q, kc, vc, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, page_table, seq_lens,
+                        kernel_size, stride, block_size, num_selected, num_initial, num_local,
+                        window_keys(window_size, L), s)
+
+
+def _gather_paged(pages, page_table, pos, valid, block_size, ct):
+    """Tokens at positions ``pos`` ``[N, H, K]`` (per KV head) of each row, read through the page
+    table -> ``[N, H, K, D]`` in ``ct``; tokens not ``valid`` are zeros."""
+    N, M = page_table.shape
+    H = pages.shape[2]
+    p = pos.clamp(0, M * block_size - 1)
+    n = torch.arange(N, device=pos.device).view(N, 1, 1)
+    h = torch.arange(H, device=pos.device).view(1, H, 1)
+    page = page_table.long()[n, torch.div(p, block_size, rounding_mode="floor")]  # [N, H, K]
+    rows = pages[page, p % block_size, h].to(ct)
+    return torch.where(valid.unsqueeze(-1), rows, torch.zeros((), dtype=ct, device=pages.device))
+
+
+def _paged_torch(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, page_table, seq_lens,
+                 kernel_size, stride, block_size, num_selected, num_initial, num_local, window_size, scale):
+    """The torch backend's decoding step (:func:`nsa.ops.torch_backend.nsa_decode`) with its row
+    gathers going through the page table; ``k_cmp, v_cmp`` already in the dense padded layout."""
+    N, HQ, Dk = q.shape
+    H = k_cmp.shape[2]
+    G = HQ // H
+    ct = _compute_dtype(q)
+    dev = q.device
+    if g_cmp.shape != (N, HQ) or g_slc.shape != (N, HQ) or g_win.shape != (N, HQ):
+        raise ValueError(f"g_cmp: expected gates of shape {(N, HQ)}, got {tuple(g_cmp.shape)}, "
+                         f"{tuple(g_slc.shape)}, {tuple(g_win.shape)}")
+    checks.check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
+    if seq_lens.shape[0] != N:
+        raise ValueError(f"seq_lens: expected {N} entries (one per query), got {seq_lens.shape[0]}")
+    if HQ % H or k_slc.shape[2] != H or k_slc.shape[3] != Dk:
+        raise ValueError(f"q: [N, HQ, Dk] = {tuple(q.shape)} does not fit key pages {tuple(k_slc.shape)} "
+                         f"(HQ a multiple of H, same Dk)")
+    t = seq_lens.long() - 1
+    qh = q.to(ct).view(N, H, G, Dk)
+
+    n_cmp = torch.where(seq_lens >= kernel_size, torch.div(seq_lens - kernel_size, stride, rounding_mode="floor") + 1,
+                        torch.zeros_like(seq_lens))
+    k_cmp, v_cmp = _valid_rows(k_cmp, n_cmp), _valid_rows(v_cmp, n_cmp)
+    Tc = k_cmp.shape[1]
+    vis = (torch.arange(Tc, device=dev).view(1, Tc) * stride + kernel_size - 1) <= t.view(N, 1)
+    o_cmp, lse = _masked_attention(q.unsqueeze(1), k_cmp, v_cmp, vis.view(N, 1, 1, 1, Tc), scale)
+    L = page_table.shape[1] * block_size
+    NB = num_blocks(L, block_size)
+    with torch.no_grad():
+        s = torch.einsum("nhgd,nchd->nhgc", qh.detach(), k_cmp.detach().to(ct)) * scale
+        lse_g = lse.detach().to(ct).view(N, H, G, 1)
+        fin = torch.isfinite(lse_g)
+        p = torch.where(vis.view(N, 1, 1, Tc) & fin, torch.exp(s - torch.where(fin, lse_g, 0)), 0)
+        w = overlap_matrix(Tc, NB, kernel_size, stride, block_size, dev, ct)
+        ids = top_n(torch.einsum("nhgc,cj->nhj", p, w), t.view(N, 1), num_selected, num_initial, num_local,
+                    block_size)  # [N, H, k]: block j is page_table[n, j]
+
+    ok = ids < NB
+    pos = ((torch.where(ok, ids, 0) * block_size).unsqueeze(-1)
+           + torch.arange(block_size, device=dev)).flatten(-2)
+    vis_s = ok.repeat_interleave(block_size, -1) & (pos <= t.view(N, 1, 1))
+    o_slc = _decode_attention(qh, _gather_paged(k_slc, page_table, pos, vis_s, block_size, ct),
+                              _gather_paged(v_slc, page_table, pos, vis_s, block_size, ct), vis_s, scale)
+
+    w_len = window_size
+    pos = (t.view(N, 1) - w_len + 1 + torch.arange(w_len, device=dev)).view(N, 1, w_len).expand(N, H, w_len)
+    vis_w = pos >= 0
+    o_win = _decode_attention(qh, _gather_paged(k_win, page_table, pos, vis_w, block_size, ct),
+                              _gather_paged(v_win, page_table, pos, vis_w, block_size, ct), vis_w, scale)
+
+    def flat(o):
+        return o.reshape(N, HQ, -1).to(q.dtype)
+
+    return (g_cmp.unsqueeze(-1) * o_cmp[:, 0] + g_slc.unsqueeze(-1) * flat(o_slc)
+            + g_win.unsqueeze(-1) * flat(o_win)).to(q.dtype)

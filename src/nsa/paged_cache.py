@@ -1,0 +1,452 @@
+"""A paged decoding cache for one NSA layer: raw keys/values in fixed pages of ``block_size``
+tokens (NSA's selection block, so a selected block is one page), a page table per sequence, a
+free list, reference-counted pages shared by forked sequences (copy-on-write of the last partial
+page). Sequences are added, extended (decoding steps, chunk appends) and removed without copying
+the pages of any other sequence.
+
+Layout (``P = num_pages``, ``bs = block_size``):
+
+- ``k_slc, v_slc``: ``[P, bs, H, Dk|Dv]`` pages of rotated selection-branch keys / values; raw
+  position p of a sequence lives at ``(page_table[p // bs], p % bs)``. ``k_win, v_win``: the same
+  for the window branch (the very same tensors when the layer shares them).
+- ``k_cmp, v_cmp``: ``[P, bs // stride, H, Dk|Dv]`` compressed keys (rotated) / values, paged
+  with the raw tokens: compressed token i covers raw positions ``[i*stride, i*stride + kernel_size)``
+  and lives in the page holding its last position ``e = i*stride + kernel_size - 1``, at slot
+  ``(e % bs) // stride``. A sequence's compressed tokens therefore come, read through its page
+  table, as one flat run in which token i sits at ``i + kernel_size // stride - 1``; they are
+  written when the token completing their block is (only the new block is compressed), shared
+  and copied with that page, and freed with it.
+- ``k_tail, v_tail``: ``[N, kernel_size, H, Dk|Dv]`` per row, the last ``kernel_size`` raw
+  compression-branch tokens (un-rotated) in a ring (position p at slot ``p % kernel_size``), as in
+  :class:`nsa.cache.NSACache`: all that future compressed tokens need.
+
+Rows and ids: the cache's rows are the batch rows of the layer's input; each row is a sequence
+with a stable integer id (:attr:`seq_ids`), returned by :meth:`add` / :meth:`fork`. Removing or
+reordering sequences re-indexes the small per-row state (lengths, the ``kernel_size``-token ring,
+the page lists); pages are never copied except by copy-on-write.
+
+The pool is fixed: ``num_pages`` pages are allocated at the first write (when the head count,
+head dims, dtype and device become known) and never grown. A write that needs a page when none is
+free raises :class:`CacheCapacityError` (a ValueError) naming the sequence, before anything is
+written (a step either appends to every sequence or to none).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from .cache import CachedTokens, _SequenceCache
+from .ops.utils import num_compressed
+
+__all__ = ["PagedNSACache", "CacheCapacityError"]
+
+
+class CacheCapacityError(ValueError):
+    """A write needs more pages than the pool has free. ``seq_id`` names the first sequence that
+    could not be served."""
+
+    def __init__(self, message: str, seq_id: int):
+        super().__init__(message)
+        self.seq_id = seq_id
+
+
+def _check_int(name, v, lo):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+
+
+class PagedNSACache(_SequenceCache):
+    """Paged decoding state of one :class:`nsa.NativeSparseAttention` layer (see the module
+    docstring for the layout).
+
+    Args:
+        kernel_size, stride, block_size: the layer's compression and selection settings
+            (``kernel_size % stride == 0``, ``block_size % stride == 0``); see :meth:`for_layer`.
+        num_pages: pool size in pages of ``block_size`` tokens (fixed: the pool never grows).
+
+    Use with the layer: ``cache = PagedNSACache.for_layer(layer.config, num_pages)``;
+    ``layer(x, cache=cache)`` on an empty cache prefills (one sequence per row or packed
+    sequence), on a filled one appends ``x`` to every row (one token: a decoding step; more: a
+    chunk, also packed with ``cu_seqlens`` for chunks of different lengths, 0 allowed).
+    :meth:`add` registers new empty sequences (filled by the next chunk), :meth:`remove` drops
+    sequences (pages back to the free list), :meth:`fork` copies a sequence by sharing its pages,
+    :meth:`reorder` permutes the rows.
+    """
+
+    def __init__(self, kernel_size: int, stride: int, block_size: int, num_pages: int):
+        for name, v in (("kernel_size", kernel_size), ("stride", stride), ("block_size", block_size),
+                        ("num_pages", num_pages)):
+            _check_int(name, v, 1)
+        if kernel_size % stride:
+            raise ValueError(f"kernel_size: must be a multiple of stride ({stride}), got {kernel_size}")
+        if block_size % stride:
+            raise ValueError(f"block_size: must be a multiple of stride ({stride}), got {block_size}")
+        self.kernel_size, self.stride, self.block_size, self.num_pages = kernel_size, stride, block_size, num_pages
+        self.reset()
+
+    @classmethod
+    def for_layer(cls, config, num_pages: int) -> "PagedNSACache":
+        """An empty cache for a layer with :class:`nsa.NSAConfig` ``config``."""
+        return cls(config.kernel_size, config.stride, config.block_size, num_pages)
+
+    def reset(self):
+        """Forget every sequence and drop the pool (the next write allocates it again)."""
+        self.lengths: list[int] = []
+        self.seq_ids: list[int] = []
+        self._pages: list[list[int]] = []  # per row: page ids in position order
+        self._refs = [0] * self.num_pages
+        self._free = list(range(self.num_pages))  # a heap: the lowest free page is taken first
+        self._next_id = 0
+        self.completed: list[int] = []
+        self.seq_lens: torch.Tensor | None = None
+        self._table = None
+        # Pools and rings: created by the first write (they take its shapes, dtype and device).
+        self.k_slc = self.v_slc = self.k_win = self.v_win = self.k_cmp = self.v_cmp = None
+        self.k_tail = self.v_tail = None
+        self.shared = False
+
+    # ---- bookkeeping ----------------------------------------------------------------------------
+    @property
+    def num_free_pages(self) -> int:
+        """Pages on the free list."""
+        return len(self._free)
+
+    def pages_of(self, seq_id: int) -> list[int]:
+        """The page ids of sequence ``seq_id`` in position order (a copy)."""
+        return list(self._pages[self._row(seq_id)])
+
+    def _row(self, seq_id):
+        if isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id not in self.seq_ids:
+            raise ValueError(f"seq_ids: no cached sequence with id {seq_id!r} (have {self.seq_ids})")
+        return self.seq_ids.index(seq_id)
+
+    @property
+    def _allocated(self) -> bool:
+        return self.k_slc is not None
+
+    @property
+    def page_table(self) -> torch.Tensor:
+        """int32 ``[N, M]`` on the cache's device: row n's pages in position order, padded with
+        page 0 (never read: positions past ``seq_lens[n]`` are masked). ``M >= 1``. Rebuilt from the
+        host lists only when a page list changed."""
+        if self._table is None:
+            M = max([1] + [len(p) for p in self._pages])
+            rows = [p + [0] * (M - len(p)) for p in self._pages]
+            self._table = torch.tensor(rows, dtype=torch.int32).view(len(rows), M).to(self.k_slc.device)
+        return self._table
+
+    def _set_rows(self, order):
+        """Keep rows ``order`` (host row indices, no repeats), in that order."""
+        self.lengths = [self.lengths[i] for i in order]
+        self.seq_ids = [self.seq_ids[i] for i in order]
+        self._pages = [self._pages[i] for i in order]
+        if self._allocated:
+            idx = torch.tensor(order, dtype=torch.long).to(self.k_slc.device)
+            self.k_tail, self.v_tail = self.k_tail[idx], self.v_tail[idx]
+            self.seq_lens = self.seq_lens[idx]
+        self._table = None
+        self.completed = []
+
+    def add(self, count: int = 1) -> list[int]:
+        """Register ``count`` new empty sequences as the last rows; returns their ids. The next call
+        of the layer must give them their prompt as a chunk (with ``cu_seqlens``: any length, 0
+        for sequences that do not advance)."""
+        _check_int("count", count, 1)
+        ids = list(range(self._next_id, self._next_id + count))
+        self._next_id += count
+        self.lengths += [0] * count
+        self.seq_ids += ids
+        self._pages += [[] for _ in range(count)]
+        if self._allocated:
+            self.k_tail = torch.cat([self.k_tail, self.k_tail.new_zeros(count, *self.k_tail.shape[1:])])
+            self.v_tail = torch.cat([self.v_tail, self.v_tail.new_zeros(count, *self.v_tail.shape[1:])])
+            self.seq_lens = torch.cat([self.seq_lens, self.seq_lens.new_zeros(count)])
+        self._table = None
+        return ids
+
+    def remove(self, seq_ids) -> None:
+        """Drop sequences ``seq_ids`` (an id or a list of distinct ids); their pages go back to the
+        free list once no fork shares them. Other rows keep their order and their pages."""
+        ids = [seq_ids] if isinstance(seq_ids, int) and not isinstance(seq_ids, bool) else list(seq_ids)
+        rows = [self._row(i) for i in ids]
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"seq_ids: repeated ids in {ids}")
+        for r in rows:
+            for p in self._pages[r]:
+                self._release(p)
+        drop = set(rows)
+        self._set_rows([r for r in range(self.batch_size) if r not in drop])
+
+    def fork(self, src: int, n: int = 1) -> list[int]:
+        """``n`` copies of sequence ``src`` as new last rows, sharing its pages (reference counted;
+        the last partial page is copied when a copy first writes to it). Returns the new ids."""
+        r = self._row(src)
+        _check_int("n", n, 1)
+        ids = list(range(self._next_id, self._next_id + n))
+        self._next_id += n
+        for p in self._pages[r]:
+            self._refs[p] += n
+        self.lengths += [self.lengths[r]] * n
+        self.seq_ids += ids
+        self._pages += [list(self._pages[r]) for _ in range(n)]
+        if self._allocated:
+            self.k_tail = torch.cat([self.k_tail, self.k_tail[r:r + 1].expand(n, *self.k_tail.shape[1:])])
+            self.v_tail = torch.cat([self.v_tail, self.v_tail[r:r + 1].expand(n, *self.v_tail.shape[1:])])
+            self.seq_lens = torch.cat([self.seq_lens, self.seq_lens[r:r + 1].expand(n)])
+        self._table = None
+        return ids
+
+    def reorder(self, seq_ids) -> None:
+        """Put the rows in the order ``seq_ids`` (a permutation of :attr:`seq_ids`). Beam search:
+        :meth:`fork` the beams kept more than once, :meth:`remove` the dropped ones, then reorder."""
+        ids = list(seq_ids)
+        if sorted(ids, key=repr) != sorted(self.seq_ids, key=repr) or len(set(ids)) != len(ids):
+            raise ValueError(f"seq_ids: expected a permutation of the cached ids {self.seq_ids}, got {ids}")
+        self._set_rows([self.seq_ids.index(i) for i in ids])
+
+    def _release(self, p):
+        self._refs[p] -= 1
+        if self._refs[p] == 0:
+            heapq.heappush(self._free, p)
+
+    def _take(self):
+        p = heapq.heappop(self._free)
+        self._refs[p] = 1
+        return p
+
+    def _pools(self):
+        names = ["k_slc", "v_slc", "k_cmp", "v_cmp"] + ([] if self.shared else ["k_win", "v_win"])
+        return [getattr(self, n) for n in names]
+
+    def _reserve(self, chunk):
+        """Make room for ``chunk[n]`` more tokens in every row: check the free list first (raise
+        naming the first sequence that cannot be served, having changed nothing), then take new
+        pages and copy shared last pages that will be written (copy-on-write)."""
+        bs = self.block_size
+        need = 0
+        plan = []
+        for r, (L, c) in enumerate(zip(self.lengths, chunk)):
+            if c == 0:
+                plan.append((0, False))
+                continue
+            pages = self._pages[r]
+            cow = L % bs != 0 and self._refs[pages[-1]] > 1
+            new = -(-(L + c) // bs) - len(pages)
+            need += new + cow
+            if need > len(self._free):
+                raise CacheCapacityError(
+                    f"cache: sequence {self.seq_ids[r]} needs {new + cow} more page(s) of {bs} tokens to grow from "
+                    f"{L} to {L + c} tokens, but only {len(self._free) - (need - new - cow)} of the pool's "
+                    f"{self.num_pages} pages are free (remove finished sequences or build a larger pool)",
+                    self.seq_ids[r])
+            plan.append((new, cow))
+        for r, (new, cow) in enumerate(plan):
+            pages = self._pages[r]
+            if cow:
+                old, p = pages[-1], self._take()
+                for t in self._pools():
+                    t[p] = t[old]
+                self._release(old)
+                pages[-1] = p
+            pages.extend(self._take() for _ in range(new))
+            if new or cow:
+                self._table = None
+
+    def _allocate(self, k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win):
+        """Create the pools from the first tokens written (their head count, dims, dtype, device)."""
+        P, bs, ks = self.num_pages, self.block_size, self.kernel_size
+        self.shared = k_win is None
+        self.k_slc = k_slc.new_zeros(P, bs, *k_slc.shape[1:])
+        self.v_slc = v_slc.new_zeros(P, bs, *v_slc.shape[1:])
+        if self.shared:
+            self.k_win, self.v_win = self.k_slc, self.v_slc
+        else:
+            self.k_win = k_win.new_zeros(P, bs, *k_win.shape[1:])
+            self.v_win = v_win.new_zeros(P, bs, *v_win.shape[1:])
+        self.k_cmp = k_cmp.new_zeros(P, bs // self.stride, *k_cmp.shape[1:])
+        self.v_cmp = v_cmp.new_zeros(P, bs // self.stride, *v_cmp.shape[1:])
+        N = self.batch_size
+        self.k_tail = k_cmp_raw.new_zeros(N, ks, *k_cmp_raw.shape[1:])
+        self.v_tail = v_cmp_raw.new_zeros(N, ks, *v_cmp_raw.shape[1:])
+        self.seq_lens = torch.tensor(self.lengths, dtype=torch.int32).to(k_slc.device)
+
+    def _writable(self):
+        """Tensors made under ``torch.inference_mode()`` are updated in place only inside it."""
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or not self.k_slc.is_inference():
+            return
+        for name in ("k_slc", "v_slc", "k_cmp", "v_cmp", "k_tail", "v_tail", "seq_lens"):
+            setattr(self, name, getattr(self, name).clone())
+        if self.shared:
+            self.k_win, self.v_win = self.k_slc, self.v_slc
+        else:
+            self.k_win, self.v_win = self.k_win.clone(), self.v_win.clone()
+        self._table = None
+
+    def cast_(self, dtype: torch.dtype):
+        """As :meth:`nsa.NSACache.cast_`: the pools attention reads are held in ``dtype`` from now on."""
+        if not self._allocated:
+            return
+        for name in ("k_slc", "v_slc", "k_cmp", "v_cmp") + (() if self.shared else ("k_win", "v_win")):
+            t = getattr(self, name)
+            if t.dtype != dtype:
+                setattr(self, name, t.to(dtype))
+        if self.shared:
+            self.k_win, self.v_win = self.k_slc, self.v_slc
+
+    # ---- writes ---------------------------------------------------------------------------------
+    def _locate(self, rows, positions):
+        """Host lists of (page, offset) of raw ``positions`` of ``rows``, as device int64 tensors."""
+        bs = self.block_size
+        pages = [self._pages[r][p // bs] for r, p in zip(rows, positions)]
+        offs = [p % bs for p in positions]
+        dev = self.k_slc.device
+        return torch.tensor(pages, dtype=torch.long).to(dev), torch.tensor(offs, dtype=torch.long).to(dev)
+
+    def _cmp_slots(self, rows, indices):
+        """(page, slot) of compressed tokens ``indices`` of ``rows``."""
+        ends = [i * self.stride + self.kernel_size - 1 for i in indices]
+        pg, off = self._locate(rows, ends)
+        return pg, torch.div(off, self.stride, rounding_mode="floor")
+
+    def prefill(self, lens, k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win=None, v_win=None):
+        """Fill an empty cache from packed prompts (the arguments of :meth:`nsa.NSACache.prefill`):
+        adds ``len(lens)`` sequences and appends their prompts (:meth:`extend`)."""
+        if not self.is_empty:
+            raise ValueError("cache: prefill needs an empty cache (call reset() first)")
+        if not lens or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lens):
+            raise ValueError(f"lens: expected a non-empty list of positive ints, got {lens!r}")
+        self.add(len(lens))
+        try:
+            self.extend(list(lens), k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win)
+        except ValueError:
+            self.reset()
+            raise
+
+    def extend(self, chunk_lens, k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win=None, v_win=None):
+        """Append ``chunk_lens[n]`` tokens (0 allowed) to every row, with the compressed tokens the
+        chunks complete (see :meth:`nsa.NSACache.extend`, same arguments and rules).
+
+        Raises :class:`CacheCapacityError` before writing anything when the free pages do not suffice.
+        """
+        N = self.batch_size
+        if N == 0:
+            raise ValueError("cache: extend needs at least one sequence (prefill or add() first)")
+        from .cache import _check_chunk
+        n_new = _check_chunk(self, chunk_lens, k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win)
+        if not self._allocated:
+            self._allocate(k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win)
+        elif (k_win is None) != self.shared:
+            raise ValueError("k_win: must be given iff the cache holds separate window keys")
+        self._writable()
+        self._reserve(chunk_lens)
+        rows = [r for r, c in enumerate(chunk_lens) for _ in range(c)]
+        pos = [L + j for L, c in zip(self.lengths, chunk_lens) for j in range(c)]
+        pg, off = self._locate(rows, pos)
+        self.k_slc[pg, off] = k_slc.detach().to(self.k_slc.dtype)
+        self.v_slc[pg, off] = v_slc.detach().to(self.v_slc.dtype)
+        if not self.shared:
+            self.k_win[pg, off] = k_win.detach().to(self.k_win.dtype)
+            self.v_win[pg, off] = v_win.detach().to(self.v_win.dtype)
+        ks = self.kernel_size
+        dev = self.k_slc.device
+        keep = [i for i, (r, p) in enumerate(zip(rows, pos)) if p >= self.lengths[r] + chunk_lens[r] - ks]
+        if keep:
+            kt = torch.tensor(keep, dtype=torch.long).to(dev)
+            tr = torch.tensor([rows[i] for i in keep], dtype=torch.long).to(dev)
+            ts = torch.tensor([pos[i] % ks for i in keep], dtype=torch.long).to(dev)
+            self.k_tail[tr, ts] = k_cmp_raw.detach()[kt].to(self.k_tail.dtype)
+            self.v_tail[tr, ts] = v_cmp_raw.detach()[kt].to(self.v_tail.dtype)
+        crow = [r for r, n in enumerate(n_new) for _ in range(n)]
+        cidx = [num_compressed(self.lengths[r], ks, self.stride) + j for r, n in enumerate(n_new) for j in range(n)]
+        if crow:
+            cp, cs = self._cmp_slots(crow, cidx)
+            self.k_cmp[cp, cs] = k_cmp.detach().to(self.k_cmp.dtype)
+            self.v_cmp[cp, cs] = v_cmp.detach().to(self.v_cmp.dtype)
+        self.lengths = [L + c for L, c in zip(self.lengths, chunk_lens)]
+        self.seq_lens = torch.tensor(self.lengths, dtype=torch.int32).to(dev)
+        self.completed = []
+
+    def append(self, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win=None, v_win=None) -> torch.Tensor:
+        """One token per sequence (a decoding step); as :meth:`nsa.NSACache.append` (same arguments,
+        same return: the rows whose new token completed a compression block, also on the host as
+        :attr:`completed`). Raises :class:`CacheCapacityError` before writing when a needed page is
+        not free."""
+        N = self.batch_size
+        if N == 0 or not self._allocated:
+            raise ValueError("cache: append needs a prefilled cache")
+        if k_slc.shape[0] != N:
+            raise ValueError(f"k_slc: expected {N} rows (one per cached sequence), got {k_slc.shape[0]}")
+        if (k_win is None) != self.shared:
+            raise ValueError("k_win: must be given iff the cache was prefilled with separate window keys")
+        held = dict(k_cmp_raw=self.k_tail, v_cmp_raw=self.v_tail, k_slc=self.k_slc, v_slc=self.v_slc,
+                    k_win=self.k_win, v_win=self.v_win)
+        for name, t in dict(k_cmp_raw=k_cmp_raw, v_cmp_raw=v_cmp_raw, k_slc=k_slc, v_slc=v_slc, k_win=k_win,
+                            v_win=v_win).items():
+            if t is not None and tuple(t.shape) != (N, *held[name].shape[2:]):
+                raise ValueError(f"{name}: expected [N={N}, H, D] = {(N, *held[name].shape[2:])} like the "
+                                 f"cached tensors, got {tuple(t.shape)}")
+        self._writable()
+        self._reserve([1] * N)
+        rows = list(range(N))
+        pg, off = self._locate(rows, self.lengths)
+        self.k_slc[pg, off] = k_slc.detach().to(self.k_slc.dtype)
+        self.v_slc[pg, off] = v_slc.detach().to(self.v_slc.dtype)
+        if not self.shared:
+            self.k_win[pg, off] = k_win.detach().to(self.k_win.dtype)
+            self.v_win[pg, off] = v_win.detach().to(self.v_win.dtype)
+        dev = self.k_slc.device
+        slot = self.seq_lens.long() % self.kernel_size
+        r = torch.arange(N, device=dev)
+        self.k_tail[r, slot] = k_cmp_raw.detach().to(self.k_tail.dtype)
+        self.v_tail[r, slot] = v_cmp_raw.detach().to(self.v_tail.dtype)
+        self.lengths = [n + 1 for n in self.lengths]
+        self.seq_lens = self.seq_lens + 1
+        ks, st = self.kernel_size, self.stride
+        self.completed = [n for n, L in enumerate(self.lengths) if L >= ks and (L - ks) % st == 0]
+        return torch.tensor(self.completed, dtype=torch.long).to(dev)
+
+    def compression_blocks(self, ids: torch.Tensor):
+        """As :meth:`nsa.NSACache.compression_blocks`: the raw blocks just completed by rows ``ids``."""
+        ks = self.kernel_size
+        L = self.seq_lens[ids].long()
+        slots = (L.view(-1, 1) - ks + torch.arange(ks, device=L.device)) % ks
+        rows = ids.view(-1, 1)
+        return self.k_tail[rows, slots], self.v_tail[rows, slots]
+
+    def store_compressed(self, ids: torch.Tensor, k_cmp, v_cmp):
+        """Store the compressed token just completed by each row of the last :meth:`append`
+        (``ids`` is the tensor it returned; the rows are taken from :attr:`completed` on the host)."""
+        if ids.shape[0] != len(self.completed):
+            raise ValueError(f"ids: expected the {len(self.completed)} rows returned by the last append, "
+                             f"got {ids.shape[0]}")
+        rows = self.completed
+        idx = [(self.lengths[r] - self.kernel_size) // self.stride for r in rows]
+        cp, cs = self._cmp_slots(rows, idx)
+        self.k_cmp[cp, cs] = k_cmp.detach().to(self.k_cmp.dtype)
+        self.v_cmp[cp, cs] = v_cmp.detach().to(self.v_cmp.dtype)
+
+    # ---- reads ----------------------------------------------------------------------------------
+    def tokens(self, row: int) -> CachedTokens:
+        """The cached state of row ``row`` gathered from its pages (see :meth:`nsa.NSACache.tokens`)."""
+        L = self.lengths[row]
+        ks, st, bs = self.kernel_size, self.stride, self.block_size
+        if not self._allocated or L == 0:
+            return None
+        dev = self.k_slc.device
+        pages = torch.tensor(self._pages[row], dtype=torch.long).to(dev)
+
+        def raw(pool):
+            return pool[pages].flatten(0, 1)[:L]
+
+        nc = num_compressed(L, ks, st)
+        shift = ks // st - 1
+
+        def cmp(pool):
+            return pool[pages].flatten(0, 1)[shift:shift + nc]
+
+        m = min(L, ks)
+        slots = torch.tensor([p % ks for p in range(L - m, L)], dtype=torch.long).to(dev)
+        return CachedTokens(raw(self.k_slc), raw(self.v_slc), raw(self.k_win), raw(self.v_win), cmp(self.k_cmp),
+                            cmp(self.v_cmp), self.k_tail[row, slots], self.v_tail[row, slots])

@@ -316,3 +316,26 @@ def test_model_loop_with_paged_caches_equals_forward():
     logits += [m(ids[:, t:t + 1], cache=cache).logits for t in range(20, 34)]
     assert cache.lengths == [34, 34]
     assert_close("paged model", m(ids).logits, torch.cat(logits, 1), 1e-10)
+
+
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["indep_kv", "shared_kv"])
+def test_paged_decode_step_reads_no_device_values(shared_kv, monkeypatch):
+    """A decoding step on a paged cache (torch backend), crossing pages and compression blocks,
+    reads no device value on the host: page allocation and the page table come from host lists."""
+    from tests.test_decode_no_sync import no_host_reads
+
+    m = make_layer(tiny(shared_kv=shared_kv, backend="torch"), dtype=torch.float32)
+    lens, steps = [3, 13, 8, 1], 10
+    xs = [torch.randn(1, L + steps, HID) for L in lens]
+    cache = PagedNSACache.for_layer(m.config, 16)
+    with torch.no_grad():
+        cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+        m(torch.cat([xi[:, :L] for xi, L in zip(xs, lens)], 1), cache=cache, cu_seqlens=cu)
+        ys = []
+        for s in range(steps):
+            x = torch.cat([xi[:, L + s] for xi, L in zip(xs, lens)], 0).unsqueeze(1)
+            with no_host_reads(monkeypatch):
+                ys.append(m(x, cache=cache))
+            monkeypatch.undo()
+        for n, (xi, L) in enumerate(zip(xs, lens)):
+            assert_close(f"seq {n}", m(xi)[0, L:], torch.cat(ys, 1)[n], 1e-5)

@@ -37,7 +37,7 @@ import heapq
 
 import torch
 
-from .cache import CachedTokens, _SequenceCache
+from .cache import CachedTokens, _check_chunk, _SequenceCache
 from .ops.utils import num_compressed
 
 __all__ = ["PagedNSACache", "CacheCapacityError"]
@@ -333,7 +333,6 @@ class PagedNSACache(_SequenceCache):
         N = self.batch_size
         if N == 0:
             raise ValueError("cache: extend needs at least one sequence (prefill or add() first)")
-        from .cache import _check_chunk
         n_new = _check_chunk(self, chunk_lens, k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win)
         if not self._allocated:
             self._allocate(k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win)
@@ -429,7 +428,8 @@ class PagedNSACache(_SequenceCache):
 
     # ---- reads ----------------------------------------------------------------------------------
     def tokens(self, row: int) -> CachedTokens:
-        """The cached state of row ``row`` gathered from its pages (see :meth:`nsa.NSACache.tokens`)."""
+        """The cached state of row ``row`` gathered from its pages (copies; see
+        :meth:`nsa.NSACache.tokens`), or None for a sequence with no token yet."""
         L = self.lengths[row]
         ks, st, bs = self.kernel_size, self.stride, self.block_size
         if not self._allocated or L == 0:

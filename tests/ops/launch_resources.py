@@ -50,7 +50,7 @@ OPTION_KEYS = ("num_warps", "num_stages", "maxnreg", "num_ctas")
 KS, ST, BS, NSEL, NUM_INIT, NUM_LOCAL, WIN = 32, 16, 64, 16, 1, 2, 512
 T = 512  # tokens: 8 selection blocks, 31 compressed tokens (every path of every launcher runs)
 H = 2  # KV heads (a constexpr only: no tile size depends on it)
-OPS = ("compressed", "selection", "selected", "window", "gate", "decode")
+OPS = ("compressed", "selection", "selected", "window", "gate", "decode", "rope")
 
 
 def cases(full: bool = False) -> list[dict]:
@@ -117,7 +117,7 @@ def run_case(op: str, c: dict) -> list:
     path calls them and, where they take its extra arguments (``delta``, ``dq_a``/``dq_b``), as the fused
     NSA path calls them (other kernel specializations: delta given, not computed; dq of the other
     branches added)."""
-    from nsa.ops import checks, compressed, decode_triton, gate, selected, selection, window
+    from nsa.ops import checks, compressed, decode_triton, gate, rotary, selected, selection, window
     dt = getattr(torch, c["dtype"])
     G, Dk, Dv = c["G"], c["Dk"], c["Dv"]
     HQ = H * G
@@ -211,6 +211,12 @@ def run_case(op: str, c: dict) -> list:
         decode_triton.decode_fwd(q1, kc, vc, ks, vs, kw, vw, *g, torch.full((N,), L, dtype=torch.int32),
                                  KS, ST, BS, NSEL, NUM_INIT, NUM_LOCAL, WIN, scale)
         mark("fwd")
+    elif op == "rope":
+        pos = torch.arange(T).view(1, T)
+        rotary._launch(q, pos, 10000.0, 1)
+        mark("fwd")
+        rotary._launch(q, pos, 10000.0, -1)
+        mark("bwd")
     else:
         raise ValueError(op)
     return [(lab, kern, args, kw) for lab, (kern, args, kw) in zip(labels, _recorded)]

@@ -24,7 +24,7 @@ HELPER = Path(__file__).with_name("launch_resources.py")
 ROOT = Path(__file__).resolve().parents[2]
 # sm_90 opt-in shared memory per block: what the H200 reported as "Hardware limit" (227 KB)
 SHARED_LIMIT = 232448
-OPS = ("compressed", "selection", "selected", "window", "gate", "decode")
+OPS = ("compressed", "selection", "selected", "window", "gate", "decode", "rope")
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ _TRITON_IMPLS = {
     # autograd node (nsa.ops.fused)
     "gate_combine": ("nsa.ops.gate", "gate_combine_triton"),
     "nsa_fused": ("nsa.ops.fused", "nsa_triton"),
-    "rope": ("nsa.ops.rope", "rope_triton"),
+    "rope": ("nsa.ops.rotary", "rope_triton"),
 }
 
 
@@ -327,7 +327,7 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
 def rope(x, positions, theta, backend=None):
     """Rotate-half rotary position embedding (RoPE): dims ``(i, i + D/2)`` of every head rotate by
     the angle ``position * theta**(-2i/D)``, formed in float64 (the specification:
-    :func:`nsa.ops.reference.rope`; the kernel: one pass in x's dtype, :mod:`nsa.ops.rope`).
+    :func:`nsa.ops.reference.rope`; the kernel: one pass in x's dtype, :mod:`nsa.ops.rotary`).
 
     Args:
         x: ``[..., T, H, D]``, floating point, D even.

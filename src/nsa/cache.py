@@ -210,12 +210,7 @@ class NSACache(_SequenceCache):
         of it are read, when a block completes)."""
         if self.is_empty:
             return
-        for name in ("k_slc", "v_slc", "k_cmp", "v_cmp") + (() if self.shared else ("k_win", "v_win")):
-            t = getattr(self, name)
-            if t.dtype != dtype:
-                setattr(self, name, t.to(dtype))
-        if self.shared:
-            self.k_win, self.v_win = self.k_slc, self.v_slc
+        cast_attended(self, dtype)
 
     def _writable(self):
         """A cache filled under ``torch.inference_mode()`` holds inference tensors, which only
@@ -272,17 +267,7 @@ class NSACache(_SequenceCache):
         if self.is_empty:
             raise ValueError("cache: append needs a prefilled cache")
         N = self.batch_size
-        if k_slc.shape[0] != N:
-            raise ValueError(f"k_slc: expected {N} rows (one per cached sequence), got {k_slc.shape[0]}")
-        if (k_win is None) != self.shared:
-            raise ValueError("k_win: must be given iff the cache was prefilled with separate window keys")
-        held = dict(k_cmp_raw=self.k_tail, v_cmp_raw=self.v_tail, k_slc=self.k_slc, v_slc=self.v_slc,
-                    k_win=self.k_win, v_win=self.v_win)
-        for name, t in dict(k_cmp_raw=k_cmp_raw, v_cmp_raw=v_cmp_raw, k_slc=k_slc, v_slc=v_slc, k_win=k_win,
-                            v_win=v_win).items():
-            if t is not None and tuple(t.shape) != (N, *held[name].shape[2:]):
-                raise ValueError(f"{name}: expected [N={N}, H, D] = {(N, *held[name].shape[2:])} like the "
-                                 f"cached tensors, got {tuple(t.shape)}")
+        check_step_inputs(self, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win)
         self._writable()
         self._grow(max(self.lengths) + 1)
         rows = self._rows
@@ -501,3 +486,33 @@ class KVCache(_SequenceCache):
         scores = scores.masked_fill(~visible.view(N, 1, 1, -1), float("-inf"))
         o = torch.einsum("nhgs,nshd->nhgd", scores.softmax(-1), self.v.to(ct))
         return o.reshape(N, HQ, -1).to(q.dtype)
+
+
+# ---- shared by NSACache and nsa.PagedNSACache -------------------------------------------------
+
+def check_step_inputs(cache, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win):
+    """One decoding step's new keys/values (one row per cached sequence) against what ``cache``
+    holds: row count, window keys given iff held separately, per-row shapes."""
+    N = cache.batch_size
+    if k_slc.shape[0] != N:
+        raise ValueError(f"k_slc: expected {N} rows (one per cached sequence), got {k_slc.shape[0]}")
+    if (k_win is None) != cache.shared:
+        raise ValueError("k_win: must be given iff the cache was prefilled with separate window keys")
+    held = dict(k_cmp_raw=cache.k_tail, v_cmp_raw=cache.v_tail, k_slc=cache.k_slc, v_slc=cache.v_slc,
+                k_win=cache.k_win, v_win=cache.v_win)
+    for name, t in dict(k_cmp_raw=k_cmp_raw, v_cmp_raw=v_cmp_raw, k_slc=k_slc, v_slc=v_slc, k_win=k_win,
+                        v_win=v_win).items():
+        if t is not None and tuple(t.shape) != (N, *held[name].shape[2:]):
+            raise ValueError(f"{name}: expected [N={N}, H, D] = {(N, *held[name].shape[2:])} like the "
+                             f"cached tensors, got {tuple(t.shape)}")
+
+
+def cast_attended(cache, dtype: torch.dtype):
+    """The tensors attention reads (``k_slc, v_slc, k_win, v_win, k_cmp, v_cmp``) of ``cache`` held
+    in ``dtype``: one copy of each that has another dtype, none otherwise."""
+    for name in ("k_slc", "v_slc", "k_cmp", "v_cmp") + (() if cache.shared else ("k_win", "v_win")):
+        t = getattr(cache, name)
+        if t.dtype != dtype:
+            setattr(cache, name, t.to(dtype))
+    if cache.shared:
+        cache.k_win, cache.v_win = cache.k_slc, cache.v_slc

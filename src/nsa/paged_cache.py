@@ -37,7 +37,7 @@ import heapq
 
 import torch
 
-from .cache import CachedTokens, _check_chunk, _SequenceCache
+from .cache import CachedTokens, _check_chunk, _SequenceCache, cast_attended, check_step_inputs
 from .ops.utils import num_compressed
 
 __all__ = ["PagedNSACache", "CacheCapacityError"]
@@ -288,12 +288,7 @@ class PagedNSACache(_SequenceCache):
         """As :meth:`nsa.NSACache.cast_`: the pools attention reads are held in ``dtype`` from now on."""
         if not self._allocated:
             return
-        for name in ("k_slc", "v_slc", "k_cmp", "v_cmp") + (() if self.shared else ("k_win", "v_win")):
-            t = getattr(self, name)
-            if t.dtype != dtype:
-                setattr(self, name, t.to(dtype))
-        if self.shared:
-            self.k_win, self.v_win = self.k_slc, self.v_slc
+        cast_attended(self, dtype)
 
     # ---- writes ---------------------------------------------------------------------------------
     def _locate(self, rows, positions):
@@ -375,17 +370,7 @@ class PagedNSACache(_SequenceCache):
         N = self.batch_size
         if N == 0 or not self._allocated:
             raise ValueError("cache: append needs a prefilled cache")
-        if k_slc.shape[0] != N:
-            raise ValueError(f"k_slc: expected {N} rows (one per cached sequence), got {k_slc.shape[0]}")
-        if (k_win is None) != self.shared:
-            raise ValueError("k_win: must be given iff the cache was prefilled with separate window keys")
-        held = dict(k_cmp_raw=self.k_tail, v_cmp_raw=self.v_tail, k_slc=self.k_slc, v_slc=self.v_slc,
-                    k_win=self.k_win, v_win=self.v_win)
-        for name, t in dict(k_cmp_raw=k_cmp_raw, v_cmp_raw=v_cmp_raw, k_slc=k_slc, v_slc=v_slc, k_win=k_win,
-                            v_win=v_win).items():
-            if t is not None and tuple(t.shape) != (N, *held[name].shape[2:]):
-                raise ValueError(f"{name}: expected [N={N}, H, D] = {(N, *held[name].shape[2:])} like the "
-                                 f"cached tensors, got {tuple(t.shape)}")
+        check_step_inputs(self, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win)
         self._writable()
         self._reserve([1] * N)
         rows = list(range(N))

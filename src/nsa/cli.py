@@ -49,7 +49,11 @@ def _demo(args) -> int:
     changes = {k: getattr(args, k) for k in ("seq_len", "steps", "task", "samples") if getattr(args, k) is not None}
     cfg = demo_settings(device.type, args.quick, out=args.out, overwrite=args.overwrite, seed=args.seed,
                         device=args.device, progress=not args.no_progress, **changes)
-    run_demo(cfg)
+    try:
+        run_demo(cfg)
+    except KeyboardInterrupt as e:  # a signal: the run being trained saved a checkpoint
+        print(str(e) or "nsa demo: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

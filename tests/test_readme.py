@@ -279,3 +279,16 @@ def test_the_model_step_table_matches_its_published_result():
     for r in records:
         if r["kind"] == "nsa" and r["speedup"] is not None:
             assert f"{r['speedup']:.2f}x |" in TEXT, (r["T"], r["speedup"])
+
+
+def test_the_layer_table_matches_its_published_result():
+    """The README's layer table is the one in benchmarks/results (same times and speedups)."""
+    import json
+
+    runs = sorted((ROOT / "benchmarks/results").glob("*_layer/bench_layer.json"))
+    assert runs, "no published layer result"
+    records = [r for r in json.loads(runs[-1].read_text())["records"] if r["impl"] == "nsa"]
+    assert records
+    for r in records:
+        assert f"{r['speedup']:.2f}x" in TEXT, (r["case"], r["pass"], r["speedup"])
+        assert f"{r['ms']:.2f} /" in TEXT, (r["case"], r["pass"], r["ms"])

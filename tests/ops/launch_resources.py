@@ -55,7 +55,7 @@ OPS = ("compressed", "selection", "selected", "window", "gate", "decode", "rope"
 
 def cases(full: bool = False) -> list[dict]:
     """The shape matrix: bf16 at head dims (Dk, Dv) in (128,128), (192,128), (256,256), (64,64) and
-    group sizes G in 16, 4, 1; fp16 and fp32 at (128,128), G=4.
+    group sizes G in 16, 4, 1; fp16 and fp32 at (128,128), G=4; fp32 at (192,128), G=16.
 
     ``full``: every bf16 pair x G (14 shapes, ~1.35x the compile time). Default: the pruned matrix
     (10 shapes) that still takes every launch-config branch of the launchers: the config choices
@@ -69,6 +69,9 @@ def cases(full: bool = False) -> list[dict]:
     out = [dict(dtype="bfloat16", G=g, Dk=dk, Dv=dv) for (dk, dv), gs in bf16 for g in gs]
     out.append(dict(dtype="float16", G=4, Dk=128, Dv=128))
     out.append(dict(dtype="float32", G=4, Dk=128, Dv=128))
+    # float32 at the paper's wide head (2026-12-07, H100: the layer's float32 check at Dk/Dv
+    # 192/128, G = 16, raised OutOfResources, 278528 bytes of shared memory)
+    out.append(dict(dtype="float32", G=16, Dk=192, Dv=128))
     return out
 
 

@@ -406,6 +406,11 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
         BT = max(1, min(BT, MAX_ROWS // GP))
     else:
         BT = max(1, ROWS_INTERPRET // GP)
+    # float32 with a head wider than 128 (e.g. Dk = 192 at G = 16, 2026-12-07 on an H100, Triton
+    # 3.6: 278528 bytes of shared memory against 232448): half the positions, no pipelining.
+    wide_fp32 = q.dtype == torch.float32 and pow2(DK) > 128 and positions is None and not interpreting()
+    if wide_fp32:
+        BT = max(1, BT // 2)
     BT = max(BT, 16 // GP)  # rows BT * GP >= 16, the smallest tensor-core tile height
     LOG_GP, LOG_BM = int(math.log2(GP)), int(math.log2(BT * GP))
     head_mask = _head_mask(LOG_BM, LOG_GP)
@@ -446,7 +451,7 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
             HEAD_AXES=_head_axes(head_mask, LOG_BM), N_EARLY=_n_register_bits(head_mask),
             IS_VARLEN=cu_seqlens is not None,
             DOT_MODE=_dot_mode(q),
-            num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
+            num_warps=num_warps or NUM_WARPS, num_stages=num_stages or (1 if wide_fp32 else NUM_STAGES),
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )
     except _COMPILE_ERRORS as e:

@@ -721,6 +721,27 @@ def _install_dir(tmp: Path, final: Path):
 # --------------------------------------------------------------------------------------------
 
 
+def _init_stream(obj, store, batch_tokens, seq_len, seed, rank, world_size, shuffle):
+    """The arguments shared by :class:`PackedBatches` and :class:`DocumentBatches`, checked and
+    set on ``obj`` (with the documents' starts and lengths)."""
+    _positive_int("batch_tokens", batch_tokens)
+    _positive_int("seq_len", seq_len)
+    _positive_int("world_size", world_size)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected an int in [0, world_size={world_size}), got {rank!r}")
+    obj.store = store
+    obj.batch_tokens = batch_tokens
+    obj.seq_len = seq_len
+    obj.seed = seed
+    obj.rank = rank
+    obj.world_size = world_size
+    obj.shuffle = bool(shuffle)
+    obj._starts = np.asarray(store.offsets[:-1], dtype=np.int64)
+    obj._lengths = np.diff(np.asarray(store.offsets, dtype=np.int64))
+
+
 class PackedBatches:
     """An infinite stream of packed batches of exactly ``batch_tokens`` tokens.
 
@@ -763,22 +784,7 @@ class PackedBatches:
 
     def __init__(self, store: TokenStore, batch_tokens: int, seq_len: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True):
-        _positive_int("batch_tokens", batch_tokens)
-        _positive_int("seq_len", seq_len)
-        _positive_int("world_size", world_size)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank: expected an int in [0, world_size={world_size}), got {rank!r}")
-        self.store = store
-        self.batch_tokens = batch_tokens
-        self.seq_len = seq_len
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle = bool(shuffle)
-        self._starts = np.asarray(store.offsets[:-1], dtype=np.int64)
-        self._lengths = np.diff(np.asarray(store.offsets, dtype=np.int64))
+        _init_stream(self, store, batch_tokens, seq_len, seed, rank, world_size, shuffle)
         self._total = len(store)
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._batches = 0  # global batches before this rank group's next step
@@ -911,22 +917,7 @@ class DocumentBatches:
 
     def __init__(self, store: TokenStore, batch_tokens: int, seq_len: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True, loss_from=None):
-        _positive_int("batch_tokens", batch_tokens)
-        _positive_int("seq_len", seq_len)
-        _positive_int("world_size", world_size)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank: expected an int in [0, world_size={world_size}), got {rank!r}")
-        self.store = store
-        self.batch_tokens = batch_tokens
-        self.seq_len = seq_len
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle = bool(shuffle)
-        self._starts = np.asarray(store.offsets[:-1], dtype=np.int64)
-        self._lengths = np.diff(np.asarray(store.offsets, dtype=np.int64))
+        _init_stream(self, store, batch_tokens, seq_len, seed, rank, world_size, shuffle)
         if loss_from is not None:
             loss_from = np.asarray(loss_from, dtype=np.int64)
             if loss_from.shape != (store.num_documents,):

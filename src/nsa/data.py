@@ -742,6 +742,18 @@ def _init_stream(obj, store, batch_tokens, seq_len, seed, rank, world_size, shuf
     obj._lengths = np.diff(np.asarray(store.offsets, dtype=np.int64))
 
 
+def _checked_position(state: dict, identity: dict) -> int:
+    """The ``batches`` of a stream's ``state``, after checking that the state is of a stream with
+    this ``identity`` (the fields that must match for a resume)."""
+    for name, value in identity.items():
+        if state.get(name) != value:
+            raise ValueError(f"state: {name}={state.get(name)!r} does not match this stream's {value!r}")
+    batches = state.get("batches")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+        raise ValueError(f"state: batches must be an int >= 0, got {batches!r}")
+    return batches
+
+
 class PackedBatches:
     """An infinite stream of packed batches of exactly ``batch_tokens`` tokens.
 
@@ -881,13 +893,7 @@ class PackedBatches:
         if state.get("packing", "tokens") != "tokens":
             raise ValueError(f"state: packing={state.get('packing')!r} is the state of another stream "
                              f"(DocumentBatches); this one cuts documents")
-        for name, value in self._identity().items():
-            if state.get(name) != value:
-                raise ValueError(f"state: {name}={state.get(name)!r} does not match this stream's {value!r}")
-        batches = state.get("batches")
-        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
-            raise ValueError(f"state: batches must be an int >= 0, got {batches!r}")
-        self._batches = batches
+        self._batches = _checked_position(state, self._identity())
 
 
 class DocumentBatches:
@@ -1010,13 +1016,7 @@ class DocumentBatches:
 
     def load_state_dict(self, state: dict):
         """Continue from ``state`` (see :meth:`PackedBatches.load_state_dict`)."""
-        for name, value in self._identity().items():
-            if state.get(name) != value:
-                raise ValueError(f"state: {name}={state.get(name)!r} does not match this stream's {value!r}")
-        batches = state.get("batches")
-        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
-            raise ValueError(f"state: batches must be an int >= 0, got {batches!r}")
-        self._batches = batches
+        self._batches = _checked_position(state, self._identity())
 
 
 def eval_batches(store: TokenStore, batch_tokens: int, seq_len: int, max_batches: int | None, *,

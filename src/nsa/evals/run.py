@@ -13,7 +13,6 @@ import contextlib
 import datetime
 import json
 import platform
-import random
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from ._common import check_depths, check_lengths, check_samples, import_pyplot
 from .loss import evaluate_loss, plot_loss
 from .needle import evaluate_needle, evaluate_recall, plot_needle, plot_recall
 from .selection import evaluate_selection, plot_selection
+from .task_data import filler_texts
 from .tasks import Filler, needle_min_length, recall_min_length
 
 __all__ = ["KINDS", "run_eval", "summary"]
@@ -68,19 +68,6 @@ def _documents(data, run_cfg, checkpoint):
     t = run_cfg["train"]
     _, val = split_documents(find_documents(t.get("data")), t.get("val_fraction", 0.05), t.get("seed", 0))
     return val
-
-
-def _filler_texts(docs, chars: int, seed: int) -> list[str]:
-    """Texts of the documents in a seeded order until ``chars`` characters are read."""
-    order = list(docs)
-    random.Random(f"filler:{seed}").shuffle(order)
-    texts, n = [], 0
-    for path in order:
-        texts.append(read_text(path))
-        n += len(texts[-1])
-        if n >= chars:
-            break
-    return texts
 
 
 def run_eval(kind: str, checkpoint, *, data=None, out=None, lengths=None, depths=None, samples=None, seed: int = 0,
@@ -162,7 +149,7 @@ def run_eval(kind: str, checkpoint, *, data=None, out=None, lengths=None, depths
         lengths = check_lengths(lengths, least, "--lengths")
         depths = check_depths(list(DEPTHS) if depths is None else depths, "--depths")
         samples = samples or SAMPLES[kind]
-        filler = Filler(tokenizer, _filler_texts(docs, max(FILLER_CHARS, 8 * max(lengths)), seed))
+        filler = Filler(tokenizer, filler_texts(docs, max(FILLER_CHARS, 8 * max(lengths)), seed))
 
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     t0 = time.perf_counter()

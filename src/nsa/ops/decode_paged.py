@@ -25,9 +25,8 @@ import torch
 
 from . import api, checks
 from .decode import _check_values, nsa_decode
-from .reference import _masked_attention, _valid_rows
-from .torch_backend import _compute_dtype, _decode_attention, top_n
-from .utils import num_blocks, overlap_matrix, window_keys
+from .torch_backend import _compute_dtype, _decode_attention, decode_compressed_and_select
+from .utils import window_keys
 
 __all__ = ["nsa_decode_paged", "gather_pages"]
 
@@ -157,22 +156,9 @@ def _paged_torch(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_wi
     t = seq_lens.long() - 1
     qh = q.to(ct).view(N, H, G, Dk)
 
-    n_cmp = torch.where(seq_lens >= kernel_size, torch.div(seq_lens - kernel_size, stride, rounding_mode="floor") + 1,
-                        torch.zeros_like(seq_lens))
-    k_cmp, v_cmp = _valid_rows(k_cmp, n_cmp), _valid_rows(v_cmp, n_cmp)
-    Tc = k_cmp.shape[1]
-    vis = (torch.arange(Tc, device=dev).view(1, Tc) * stride + kernel_size - 1) <= t.view(N, 1)
-    o_cmp, lse = _masked_attention(q.unsqueeze(1), k_cmp, v_cmp, vis.view(N, 1, 1, 1, Tc), scale)
-    L = page_table.shape[1] * block_size
-    NB = num_blocks(L, block_size)
-    with torch.no_grad():
-        s = torch.einsum("nhgd,nchd->nhgc", qh.detach(), k_cmp.detach().to(ct)) * scale
-        lse_g = lse.detach().to(ct).view(N, H, G, 1)
-        fin = torch.isfinite(lse_g)
-        p = torch.where(vis.view(N, 1, 1, Tc) & fin, torch.exp(s - torch.where(fin, lse_g, 0)), 0)
-        w = overlap_matrix(Tc, NB, kernel_size, stride, block_size, dev, ct)
-        ids = top_n(torch.einsum("nhgc,cj->nhj", p, w), t.view(N, 1), num_selected, num_initial, num_local,
-                    block_size)  # [N, H, k]: block j is page_table[n, j]
+    NB = page_table.shape[1]  # one selection block per page
+    o_cmp, ids = decode_compressed_and_select(q, qh, k_cmp, v_cmp, seq_lens, NB, kernel_size, stride, block_size,
+                                              num_selected, num_initial, num_local, scale)  # block j: page_table[n, j]
 
     ok = ids < NB
     pos = ((torch.where(ok, ids, 0) * block_size).unsqueeze(-1)

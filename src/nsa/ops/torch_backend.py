@@ -483,6 +483,35 @@ def _decode_attention(q, k, v, visible, scale):
     return (e @ v) / denom  # [N, H, G, Dv]
 
 
+def decode_compressed_and_select(q, qh, k_cmp, v_cmp, seq_lens, NB, kernel_size, stride, block_size, num_selected,
+                                 num_initial, num_local, scale):
+    """A decoding step's compressed branch and selection (dense or paged caches alike): the
+    reference's own products on the same shapes, so the same lse and the same blocks, bit for bit
+    (both are O(cache length / stride) per step).
+
+    q ``[N, HQ, Dk]``, qh: q in the compute dtype as ``[N, H, G, Dk]``; k_cmp, v_cmp ``[N, Tc, H,
+    D]``; seq_lens int ``[N]`` (the new query at ``seq_lens - 1``); NB: selection blocks of the
+    cache layout. Returns o_cmp ``[N, 1, HQ, Dv]`` and the selected block ids ``[N, H, k]``."""
+    N, H, G, _ = qh.shape
+    ct, dev = qh.dtype, q.device
+    t = seq_lens.long() - 1
+    n_cmp = torch.where(seq_lens >= kernel_size, torch.div(seq_lens - kernel_size, stride, rounding_mode="floor") + 1,
+                        torch.zeros_like(seq_lens))
+    k_cmp, v_cmp = _valid_rows(k_cmp, n_cmp), _valid_rows(v_cmp, n_cmp)
+    Tc = k_cmp.shape[1]
+    vis = (torch.arange(Tc, device=dev).view(1, Tc) * stride + kernel_size - 1) <= t.view(N, 1)  # [N, Tc]
+    o_cmp, lse = _masked_attention(q.unsqueeze(1), k_cmp, v_cmp, vis.view(N, 1, 1, 1, Tc), scale)
+    with torch.no_grad():
+        s = torch.einsum("nhgd,nchd->nhgc", qh.detach(), k_cmp.detach().to(ct)) * scale
+        lse_g = lse.detach().to(ct).view(N, H, G, 1)
+        fin = torch.isfinite(lse_g)
+        p = torch.where(vis.view(N, 1, 1, Tc) & fin, torch.exp(s - torch.where(fin, lse_g, 0)), 0)
+        w = overlap_matrix(Tc, NB, kernel_size, stride, block_size, dev, ct)  # [Tc, NB]
+        ids = top_n(torch.einsum("nhgc,cj->nhj", p, w), t.view(N, 1), num_selected, num_initial, num_local,
+                    block_size)  # [N, H, k]
+    return o_cmp, ids
+
+
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens, kernel_size, stride,
                block_size, num_selected, num_initial, num_local, window_size, scale, return_block_indices=False):
     """See :func:`nsa.ops.decode.nsa_decode`; inputs assumed valid, ``scale`` a float.
@@ -498,24 +527,9 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     t = seq_lens.long() - 1  # [N] position of the new query
     qh = q.to(ct).view(N, H, G, Dk)
 
-    # Compressed branch and selection: the reference's own products on the same shapes, so the
-    # same lse and the same blocks, bit for bit (both are O(cache length / stride) per step).
-    n_cmp = torch.where(seq_lens >= kernel_size, torch.div(seq_lens - kernel_size, stride, rounding_mode="floor") + 1,
-                        torch.zeros_like(seq_lens))
-    k_cmp, v_cmp = _valid_rows(k_cmp, n_cmp), _valid_rows(v_cmp, n_cmp)
-    Tc = k_cmp.shape[1]
-    vis = (torch.arange(Tc, device=dev).view(1, Tc) * stride + kernel_size - 1) <= t.view(N, 1)  # [N, Tc]
-    o_cmp, lse = _masked_attention(q.unsqueeze(1), k_cmp, v_cmp, vis.view(N, 1, 1, 1, Tc), scale)
-    L = k_slc.shape[1]
-    NB = num_blocks(L, block_size)
-    with torch.no_grad():
-        s = torch.einsum("nhgd,nchd->nhgc", qh.detach(), k_cmp.detach().to(ct)) * scale
-        lse_g = lse.detach().to(ct).view(N, H, G, 1)
-        fin = torch.isfinite(lse_g)
-        p = torch.where(vis.view(N, 1, 1, Tc) & fin, torch.exp(s - torch.where(fin, lse_g, 0)), 0)
-        w = overlap_matrix(Tc, NB, kernel_size, stride, block_size, dev, ct)  # [Tc, NB]
-        ids = top_n(torch.einsum("nhgc,cj->nhj", p, w), t.view(N, 1), num_selected, num_initial, num_local,
-                    block_size)  # [N, H, k]
+    NB = num_blocks(k_slc.shape[1], block_size)
+    o_cmp, ids = decode_compressed_and_select(q, qh, k_cmp, v_cmp, seq_lens, NB, kernel_size, stride, block_size,
+                                              num_selected, num_initial, num_local, scale)
 
     # Selected branch: keys s <= t of the selected blocks, gathered.
     ok = ids < NB

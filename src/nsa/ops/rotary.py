@@ -70,7 +70,7 @@ def _launch(x: torch.Tensor, positions: torch.Tensor, theta: float, sign: int) -
     B, T, H, D = x.shape
     if x.stride(3) != 1:
         x = x.contiguous()
-    pos = positions.expand(positions.shape[0], T) if positions.shape[-1] == 1 and T > 1 else positions
+    pos = positions  # [B|1, T] (nsa.ops.rope sends other layouts to the specification)
     y = new_output((B, T, H, D), x.dtype, x.device)
     if x.numel():
         half = D // 2

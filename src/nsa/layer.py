@@ -319,7 +319,8 @@ class NativeSparseAttention(nn.Module):
                     window_size=c.window_size, backend=c.backend)
 
     # ---- forward ----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, cache: NSACache | None = None, cu_seqlens: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, cache: NSACache | None = None, cu_seqlens: torch.Tensor | None = None,
+                context=None):
         """Args:
             x: ``[B, T, hidden_size]``, or packed ``[1, total, hidden_size]`` with ``cu_seqlens``,
                 in the parameters' dtype (or any floating dtype under autocast) and on their
@@ -333,12 +334,19 @@ class NativeSparseAttention(nn.Module):
                 then equal those of one prefill of the whole sequences), which appends to it.
             cu_seqlens: int32 ``[N+1]`` offsets of packed sequences (or, with a filled cache, of
                 the chunks), on x's device (B = 1).
+            context: a :class:`nsa.parallel.ContextParallel`: x is this rank's share of the
+                sequences (``[B, n_local, hidden_size]``, the documents are the context's); no cache.
         Returns:
             ``[B, T, hidden_size]`` (same layout as x) on x's device, in the dtype of the output
             projection's computation (x's dtype, or the autocast dtype).
         """
         c = self.config
         self._check_input(x)
+        if context is not None:
+            if cache is not None or cu_seqlens is not None:
+                raise ValueError("context: context-parallel input takes neither a cache nor cu_seqlens (the "
+                                 "documents are the context's)")
+            return self._context_parallel(x, context)
         if cache is not None:
             self._check_cache(cache)
             if not cache.is_empty:
@@ -378,6 +386,30 @@ class NativeSparseAttention(nn.Module):
                               v_cmp.flatten(0, 1), k_s.flatten(0, 1), v_s.flatten(0, 1),
                               None if shared else k_w.flatten(0, 1), None if shared else v_w.flatten(0, 1))
         return self.o_proj(o.flatten(-2))
+
+    def _context_parallel(self, x, cp):
+        """This rank's share of the sequences (:mod:`nsa.parallel`): raw keys/values of every branch
+        gathered from all ranks in one collective, the whole documents compressed, and the local
+        queries attending as the last positions of their documents' keys up to them."""
+        from .parallel import ContextParallel
+
+        if not isinstance(cp, ContextParallel):
+            raise ValueError(f"context: expected an nsa.parallel.ContextParallel, got {type(cp).__name__}")
+        c = self.config
+        B, n, _ = x.shape
+        q, branches = self._project(x, cp.positions)
+        kv = [t for pair in branches for t in pair]
+        whole = cp.gather(torch.cat(kv, -1)).split([t.shape[-1] for t in kv], -1)  # [B * T, H, D] each
+        k_cmp, v_cmp = self.compress(whole[0].unsqueeze(0), whole[1].unsqueeze(0), cp.doc_cu)
+        rows = cp.compressed_index(c.kernel_size, c.stride)
+        keys = [t.index_select(0, cp.key_index).unsqueeze(0) for t in whole[2:]]
+        k_s, v_s, k_w, v_w = self._branch_kv([None] + [tuple(keys[i:i + 2]) for i in range(0, len(keys), 2)])
+        g_cmp, g_slc, g_win = (g.reshape(1, B * n, -1) for g in self._gates(x))
+        dt = q.dtype
+        o = ops.nsa(q.reshape(1, B * n, *q.shape[2:]), k_cmp[:, rows].to(dt), v_cmp[:, rows].to(dt), k_s.to(dt),
+                    v_s.to(dt), k_w.to(dt), v_w.to(dt), g_cmp.to(dt), g_slc.to(dt), g_win.to(dt),
+                    cu_seqlens=cp.cu_q, cu_seqlens_k=cp.cu_k, **self._op_kwargs())
+        return self.o_proj(o.view(B, n, -1))
 
     def _check_input(self, x):
         c = self.config

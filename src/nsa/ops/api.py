@@ -7,6 +7,13 @@ chunks, only the keys each branch sees, memory linear in T) and ``'triton'`` (th
 ``'auto'`` uses the Triton kernel of an op for CUDA tensors when one exists, the
 ``'torch'`` backend otherwise (CPU tensors, any dtype float64 included). ``'triton'`` forces
 the kernels; on CPU tensors that needs ``TRITON_INTERPRET=1`` (how CI tests kernels).
+
+Queries that start later than their keys: every op takes ``q_offset`` (dense input: query row
+``t`` sits at position ``q_offset + t``, the raw keys are ``q_offset + T`` long) or
+``cu_seqlens_k`` (packed input: the raw keys' boundaries; each sequence's queries are its last
+positions). A chunk appended to a cache, a few tokens decoded at once and one rank's share of a
+context-parallel sequence are such queries; every rule (causality, compression, blocks, window)
+applies to positions, and the cost is that of the queries given.
 """
 
 from __future__ import annotations
@@ -108,8 +115,8 @@ def _contiguous(cu_seqlens):
 HUGE_BLOCK = 2 ** 16
 
 
-def _block(block_size, q, multiple_of=1):
-    T = max(q.shape[1], 1)
+def _block(block_size, length, multiple_of=1):
+    T = max(length, 1)
     if block_size < HUGE_BLOCK or block_size <= T:
         return block_size
     return -(-T // multiple_of) * multiple_of
@@ -120,7 +127,16 @@ def _scale(scale, q):
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None, cu_seqlens=None, backend=None):
+def _positions(q_offset, cu_seqlens_k):
+    """The keyword arguments that place the queries among their keys: none when they start with
+    them (every backend is called exactly as without the option)."""
+    if not q_offset and cu_seqlens_k is None:
+        return {}
+    return {"q_offset": q_offset, "cu_seqlens_k": _contiguous(cu_seqlens_k)}
+
+
+def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None, cu_seqlens=None, backend=None, *,
+                         q_offset=0, cu_seqlens_k=None):
     """Attention over compressed tokens (NSA's coarse branch).
 
     Compressed token ``i`` summarizes raw positions ``[i*stride, i*stride + kernel_size)``
@@ -141,6 +157,10 @@ def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None,
         cu_seqlens: int32 ``[N+1]`` offsets of packed sequences (B = 1); then k_cmp/v_cmp hold
             each sequence's compressed tokens packed in the same order.
         backend: None | 'auto' | 'reference' | 'torch' | 'triton'.
+        q_offset: dense input: the position of query row 0 (the raw keys hold ``q_offset + T``
+            tokens, the compressed keys those of ``q_offset + T`` tokens). Default 0.
+        cu_seqlens_k: packed input: int32 ``[N+1]`` boundaries of the sequences' raw keys (each
+            at least as long as its queries, which are its last positions); default cu_seqlens.
     Returns:
         o ``[B, T, HQ, Dv]`` (q's dtype; zeros where nothing is visible) and
         lse ``[B, T, HQ]``: float32 (float64 for float64 input) log-sum-exp of the scaled
@@ -149,13 +169,15 @@ def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None,
     checks.check_compression(kernel_size, stride)
     B, T, HQ, H = checks.check_qkv(q, k_cmp, v_cmp, same_len=False, names=("q", "k_cmp", "v_cmp"))
     cu = checks.check_cu_seqlens(cu_seqlens, q)
-    checks.check_compressed_kv(k_cmp, v_cmp, q, T, kernel_size, stride, cu_seqlens, cu)
+    checks.check_key_positions(q_offset, cu_seqlens_k, cu_seqlens, cu, q)
+    checks.check_compressed_kv(k_cmp, v_cmp, q, T, kernel_size, stride, cu_seqlens, cu, q_offset, cu_seqlens_k)
     fn = resolve_backend(backend, "compressed_attention", q.device)
-    return fn(q, k_cmp, v_cmp, kernel_size, stride, _scale(scale, q), _contiguous(cu_seqlens))
+    return fn(q, k_cmp, v_cmp, kernel_size, stride, _scale(scale, q), _contiguous(cu_seqlens),
+              **_positions(q_offset, cu_seqlens_k))
 
 
 def select_blocks(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, num_selected=16, num_initial=1,
-                  num_local=2, scale=None, cu_seqlens=None, backend=None):
+                  num_local=2, scale=None, cu_seqlens=None, backend=None, *, q_offset=0, cu_seqlens_k=None):
     """The selection blocks each query of each KV head attends to (NSA's top-n).
 
     Score of block ``j`` (positions ``[j*block_size, (j+1)*block_size)``) for query ``t`` and
@@ -182,7 +204,8 @@ def select_blocks(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, num_s
         num_selected: slots per row; num_initial + num_local <= num_selected.
         num_initial: leading blocks always selected (``0 .. num_initial-1``), >= 0.
         num_local: blocks always selected ending at the query's own block, >= 0.
-        scale, cu_seqlens, backend: as in :func:`compressed_attention`.
+        scale, cu_seqlens, backend, q_offset, cu_seqlens_k: as in :func:`compressed_attention`
+            (blocks are those of the keys; the rules above apply to the query's position).
     Returns:
         int32 ``[B, T, H, num_selected]`` on q's device. Not differentiable.
     """
@@ -200,14 +223,16 @@ def select_blocks(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, num_s
         raise ValueError("q: head dim must be positive")
     checks.check_lse(lse, q)
     cu = checks.check_cu_seqlens(cu_seqlens, q)
-    checks.check_compressed_kv(k_cmp, None, q, T, kernel_size, stride, cu_seqlens, cu)
+    checks.check_key_positions(q_offset, cu_seqlens_k, cu_seqlens, cu, q)
+    checks.check_compressed_kv(k_cmp, None, q, T, kernel_size, stride, cu_seqlens, cu, q_offset, cu_seqlens_k)
     fn = resolve_backend(backend, "select_blocks", q.device)
     with torch.no_grad():
         return fn(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,
-                  _scale(scale, q), _contiguous(cu_seqlens))
+                  _scale(scale, q), _contiguous(cu_seqlens), **_positions(q_offset, cu_seqlens_k))
 
 
-def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seqlens=None, backend=None):
+def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seqlens=None, backend=None, *,
+                       q_offset=0, cu_seqlens_k=None):
     """Attention over selected blocks (NSA's fine branch).
 
     Query ``t`` of KV head ``h`` attends to every key ``s <= t`` inside the blocks listed in
@@ -216,45 +241,52 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seq
 
     Args:
         q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``: one dtype (float16,
-            bfloat16, float32 or float64) and one device.
+            bfloat16, float32 or float64) and one device (``q_offset + T`` keys with an offset).
         block_indices: int32 ``[B, T, H, S]`` on q's device, each entry -1 or a block id in
-            ``[0, ceil(seq_len / block_size))``, no block twice in a row.
+            ``[0, ceil(seq_len / block_size))`` (seq_len: the sequence's keys), no block twice in a row.
         block_size: positive int.
-        scale, cu_seqlens, backend: as in :func:`compressed_attention`.
+        scale, cu_seqlens, backend, q_offset, cu_seqlens_k: as in :func:`compressed_attention`.
     Returns:
         o ``[B, T, HQ, Dv]`` in q's dtype; zeros for a query whose listed blocks hold no key
         ``s <= t``.
     """
     checks.check_positive_int("block_size", block_size)
-    B, T, HQ, H = checks.check_qkv(q, k, v)
+    B, T, HQ, H = checks.check_qkv(q, k, v, same_len=False)
     cu = checks.check_cu_seqlens(cu_seqlens, q)
-    checks.check_block_indices(block_indices, q, H, block_size, cu)
+    ck = checks.check_key_positions(q_offset, cu_seqlens_k, cu_seqlens, cu, q)
+    checks.check_key_tokens("k", k, T, q_offset, ck, cu_seqlens_k)
+    checks.check_block_indices(block_indices, q, H, block_size, cu, q_offset, ck)
     fn = resolve_backend(backend, "selected_attention", q.device)
-    return fn(q, k, v, block_indices, _block(block_size, q), _scale(scale, q), _contiguous(cu_seqlens))
+    return fn(q, k, v, block_indices, _block(block_size, k.shape[1]), _scale(scale, q), _contiguous(cu_seqlens),
+              **_positions(q_offset, cu_seqlens_k))
 
 
-def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=None, backend=None):
+def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=None, backend=None, *, q_offset=0,
+                             cu_seqlens_k=None):
     """Causal sliding-window attention: query ``t`` attends to keys ``t - window_size < s <= t``.
 
     Args:
         q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``: one dtype (float16,
-            bfloat16, float32 or float64) and one device.
+            bfloat16, float32 or float64) and one device (``q_offset + T`` keys with an offset).
         window_size: positive int (1 = each query sees only itself; longer than the sequence:
             the whole causal past).
-        scale, cu_seqlens, backend: as in :func:`compressed_attention`.
+        scale, cu_seqlens, backend, q_offset, cu_seqlens_k: as in :func:`compressed_attention`.
     Returns:
         o ``[B, T, HQ, Dv]`` in q's dtype.
     """
     checks.check_positive_int("window_size", window_size)
-    checks.check_qkv(q, k, v)
-    checks.check_cu_seqlens(cu_seqlens, q)
+    B, T, HQ, H = checks.check_qkv(q, k, v, same_len=False)
+    cu = checks.check_cu_seqlens(cu_seqlens, q)
+    ck = checks.check_key_positions(q_offset, cu_seqlens_k, cu_seqlens, cu, q)
+    checks.check_key_tokens("k", k, T, q_offset, ck, cu_seqlens_k)
     fn = resolve_backend(backend, "sliding_window_attention", q.device)
-    return fn(q, k, v, window_keys(window_size, q.shape[1]), _scale(scale, q), _contiguous(cu_seqlens))
+    return fn(q, k, v, window_keys(window_size, k.shape[1]), _scale(scale, q), _contiguous(cu_seqlens),
+              **_positions(q_offset, cu_seqlens_k))
 
 
 def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, kernel_size=32, stride=16,
         block_size=64, num_selected=16, num_initial=1, num_local=2, window_size=512, scale=None,
-        cu_seqlens=None, return_block_indices=False, backend=None):
+        cu_seqlens=None, return_block_indices=False, backend=None, q_offset=0, cu_seqlens_k=None):
     """Native Sparse Attention: ``o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win``.
 
     ``o_cmp, lse = compressed_attention(q, k_cmp, v_cmp)``; the selection uses q, k_cmp and
@@ -266,11 +298,11 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
             q's dtype and every tensor q's device.
         k_cmp, v_cmp: ``[B, Tc, H, Dk|Dv]`` compressed keys/values (see :func:`compressed_attention`).
         k_slc, v_slc, k_win, v_win: ``[B, T, H, Dk|Dv]`` raw keys/values of the selected and
-            window branches (may be the same tensors).
+            window branches (may be the same tensors; ``q_offset + T`` tokens with an offset).
         g_cmp, g_slc, g_win: ``[B, T, HQ]`` gates (already through their sigmoid), floating point.
         kernel_size, stride, block_size, num_selected, num_initial, num_local: as in
             :func:`select_blocks`; window_size: as in :func:`sliding_window_attention`.
-        scale, cu_seqlens, backend: as in :func:`compressed_attention`.
+        scale, cu_seqlens, backend, q_offset, cu_seqlens_k: as in :func:`compressed_attention`.
         return_block_indices: also return the int32 ``[B, T, H, num_selected]`` selection.
     Returns:
         o ``[B, T, HQ, Dv]`` in q's dtype, or ``(o, block_indices)``.
@@ -278,23 +310,28 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
     checks.check_selection(kernel_size, stride, block_size, num_selected, num_initial, num_local)
     checks.check_positive_int("window_size", window_size)
     B, T, HQ, H = checks.check_qkv(q, k_cmp, v_cmp, same_len=False, names=("q", "k_cmp", "v_cmp"))
+    cu = checks.check_cu_seqlens(cu_seqlens, q)
+    ck = checks.check_key_positions(q_offset, cu_seqlens_k, cu_seqlens, cu, q)
+    checks.check_tensor("k_slc", k_slc, 4)
+    checks.check_key_tokens("k_slc", k_slc, T, q_offset, ck, cu_seqlens_k)
+    Tk = k_slc.shape[1]
     for name_k, kk, name_v, vv in (("k_slc", k_slc, "v_slc", v_slc), ("k_win", k_win, "v_win", v_win)):
         checks.check_tensor(name_k, kk, 4)
         checks.check_tensor(name_v, vv, 4)
         checks.check_same(name_k, kk, "q", q)
         checks.check_same(name_v, vv, "q", q)
-        if tuple(kk.shape) != (B, T, H, q.shape[3]):
-            raise ValueError(f"{name_k}: expected shape {(B, T, H, q.shape[3])}, got {tuple(kk.shape)}")
-        if tuple(vv.shape) != (B, T, H, v_cmp.shape[3]):
-            raise ValueError(f"{name_v}: expected shape {(B, T, H, v_cmp.shape[3])}, got {tuple(vv.shape)}")
+        if tuple(kk.shape) != (B, Tk, H, q.shape[3]):
+            raise ValueError(f"{name_k}: expected shape {(B, Tk, H, q.shape[3])}, got {tuple(kk.shape)}")
+        if tuple(vv.shape) != (B, Tk, H, v_cmp.shape[3]):
+            raise ValueError(f"{name_v}: expected shape {(B, Tk, H, v_cmp.shape[3])}, got {tuple(vv.shape)}")
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)):
         checks.check_gate(name, g, q)
-    cu = checks.check_cu_seqlens(cu_seqlens, q)
-    checks.check_compressed_kv(k_cmp, v_cmp, q, T, kernel_size, stride, cu_seqlens, cu)
+    checks.check_compressed_kv(k_cmp, v_cmp, q, T, kernel_size, stride, cu_seqlens, cu, q_offset, cu_seqlens_k)
     s = _scale(scale, q)
     cu_seqlens = _contiguous(cu_seqlens)
-    window_size = window_keys(window_size, q.shape[1])
-    block_size = _block(block_size, q, stride)
+    pos = _positions(q_offset, cu_seqlens_k)
+    window_size = window_keys(window_size, Tk)
+    block_size = _block(block_size, Tk, stride)
     backend = backend_name(backend)
     cmp_fn = resolve_backend(backend, "compressed_attention", q.device)
     for module in (reference, torch_backend):
@@ -303,22 +340,22 @@ def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, ker
                               kernel_size=kernel_size, stride=stride, block_size=block_size,
                               num_selected=num_selected, num_initial=num_initial, num_local=num_local,
                               window_size=window_size, scale=s, cu_seqlens=cu_seqlens,
-                              return_block_indices=return_block_indices)
+                              return_block_indices=return_block_indices, **pos)
     fused_fn = _triton_impl("nsa_fused")
     # the branches resolve to their kernels: one fused node, or one node per branch and the gates
     if FUSED_GATES and fused_fn is not None and all(t.dtype != torch.float64 for t in (q, g_cmp, g_slc, g_win)):
         o, idx = fused_fn(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, kernel_size, stride,
-                          block_size, num_selected, num_initial, num_local, window_size, s, cu_seqlens)
+                          block_size, num_selected, num_initial, num_local, window_size, s, cu_seqlens, **pos)
         return (o, idx) if return_block_indices else o
     sel_fn = resolve_backend(backend, "select_blocks", q.device)
     slc_fn = resolve_backend(backend, "selected_attention", q.device)
     win_fn = resolve_backend(backend, "sliding_window_attention", q.device)
-    o_cmp, lse = cmp_fn(q, k_cmp, v_cmp, kernel_size, stride, s, cu_seqlens)
+    o_cmp, lse = cmp_fn(q, k_cmp, v_cmp, kernel_size, stride, s, cu_seqlens, **pos)
     with torch.no_grad():
         idx = sel_fn(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local, s,
-                     cu_seqlens)
-    o_slc = slc_fn(q, k_slc, v_slc, idx, block_size, s, cu_seqlens)
-    o_win = win_fn(q, k_win, v_win, window_size, s, cu_seqlens)
+                     cu_seqlens, **pos)
+    o_slc = slc_fn(q, k_slc, v_slc, idx, block_size, s, cu_seqlens, **pos)
+    o_win = win_fn(q, k_win, v_win, window_size, s, cu_seqlens, **pos)
     gate_fn = resolve_backend(backend, "gate_combine", q.device)
     o = gate_fn(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, q.dtype)
     return (o, idx) if return_block_indices else o

@@ -116,6 +116,51 @@ def check_cu_seqlens(cu_seqlens, q):
     return cu
 
 
+def check_key_positions(q_offset, cu_seqlens_k, cu_seqlens, cu, q):
+    """Validates where the queries sit among their keys: ``q_offset`` (dense input) or
+    ``cu_seqlens_k`` (packed input: the raw keys' boundaries, each sequence at least as long as
+    its queries). Returns the host list of key boundaries (None for dense input, for packed input
+    without ``cu_seqlens_k``, or when values are not read)."""
+    check_positive_int("q_offset", q_offset, 0)
+    if cu_seqlens is not None and q_offset:
+        _fail(f"q_offset: packed input (cu_seqlens given) takes each sequence's offset from cu_seqlens_k; "
+              f"q_offset must be 0, got {q_offset}")
+    if cu_seqlens_k is None:
+        return None
+    if cu_seqlens is None:
+        _fail("cu_seqlens_k: needs cu_seqlens (the queries' boundaries); dense input takes q_offset")
+    if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.dtype != torch.int32 or cu_seqlens_k.dim() != 1:
+        what = (f"{cu_seqlens_k.dtype} shape {tuple(cu_seqlens_k.shape)}" if isinstance(cu_seqlens_k, torch.Tensor)
+                else type(cu_seqlens_k).__name__)
+        _fail(f"cu_seqlens_k: expected an int32 1-D tensor like cu_seqlens, got {what}")
+    if cu_seqlens_k.numel() != cu_seqlens.numel():
+        _fail(f"cu_seqlens_k: expected {cu_seqlens.numel()} offsets like cu_seqlens, got {cu_seqlens_k.numel()}")
+    if cu_seqlens_k.device != q.device:
+        _fail(f"cu_seqlens_k: expected device {q.device} like q, got {cu_seqlens_k.device}")
+    if cu is None:  # values unchecked (torch.compile, capture)
+        return None
+    ck = cu_seqlens_k.tolist()
+    if ck[0] != 0:
+        _fail(f"cu_seqlens_k: must start at 0, got {ck[0]}")
+    for n in range(len(cu) - 1):
+        if ck[n + 1] - ck[n] < cu[n + 1] - cu[n]:
+            _fail(f"cu_seqlens_k: sequence {n} has {ck[n + 1] - ck[n]} keys, fewer than its "
+                  f"{cu[n + 1] - cu[n]} queries (the queries are the last positions of their keys)")
+    return ck
+
+
+def check_key_tokens(name, k, T, q_offset, ck, cu_seqlens_k):
+    """The raw keys ``k`` (dim 1) of queries of length T: ``q_offset + T`` tokens, or the last of
+    the key boundaries ``ck`` (packed input with cu_seqlens_k; unchecked when not read)."""
+    if cu_seqlens_k is not None and ck is None:
+        return
+    want = ck[-1] if ck is not None else q_offset + T
+    if k.shape[1] != want:
+        where = (f"cu_seqlens_k[-1] = {want}" if ck is not None else
+                 f"q_offset + T = {q_offset} + {T}" if q_offset else f"T = {T} like q")
+        _fail(f"{name}: expected {want} tokens ({where}), got {k.shape[1]}")
+
+
 def check_compression(kernel_size, stride):
     check_positive_int("kernel_size", kernel_size)
     check_positive_int("stride", stride)
@@ -135,18 +180,20 @@ def check_selection(kernel_size, stride, block_size, num_selected, num_initial, 
         _fail(f"num_initial + num_local ({num_initial} + {num_local}) must not exceed num_selected ({num_selected})")
 
 
-def check_compressed_kv(k_cmp, v_cmp, q, T, kernel_size, stride, cu_seqlens, cu):
-    """k_cmp/v_cmp must hold exactly the compressed tokens of q's sequences."""
+def check_compressed_kv(k_cmp, v_cmp, q, T, kernel_size, stride, cu_seqlens, cu, q_offset=0, cu_seqlens_k=None):
+    """k_cmp/v_cmp must hold exactly the compressed tokens of the sequences' raw keys (q_offset + T
+    tokens, or cu_seqlens_k's, default cu_seqlens's)."""
     if cu is None and cu_seqlens is not None:  # values unchecked under torch.compile
         return
     if cu is None:
-        want = num_compressed(T, kernel_size, stride)
+        want = num_compressed(q_offset + T, kernel_size, stride)
     else:
-        want = int(compressed_cu_seqlens(cu_seqlens, kernel_size, stride)[-1].item())
+        cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+        want = int(compressed_cu_seqlens(cu_k, kernel_size, stride)[-1].item())
     if k_cmp.shape[1] != want:
         what = "packed compressed tokens" if cu is not None else "compressed tokens"
         _fail(f"k_cmp: expected {want} {what} for kernel_size={kernel_size}, stride={stride} "
-              f"and the query lengths, got {k_cmp.shape[1]}")
+              f"and the key lengths, got {k_cmp.shape[1]}")
 
 
 def check_lse(lse, q):
@@ -165,8 +212,9 @@ def check_gate(name, g, q):
         _fail(f"{name}: expected shape {tuple(q.shape[:3])} ([B, T, HQ]), got {tuple(g.shape)}")
 
 
-def check_block_indices(block_indices, q, H, block_size, cu):
-    """int32 ``[B, T, H, S]``; each entry -1 or a block of the query's own sequence; no repeats in a row."""
+def check_block_indices(block_indices, q, H, block_size, cu, q_offset=0, ck=None):
+    """int32 ``[B, T, H, S]``; each entry -1 or a block of the query's own sequence (of its keys:
+    ``q_offset + T`` tokens, or ``ck``'s); no repeats in a row."""
     check_tensor("block_indices", block_indices, 4, (torch.int32,))
     if block_indices.device != q.device:
         _fail(f"block_indices: expected device {q.device} like q, got {block_indices.device}")
@@ -176,9 +224,9 @@ def check_block_indices(block_indices, q, H, block_size, cu):
     if skip_value_checks():
         return
     if block_indices.is_cuda or (interpreting() and block_indices.device.type == "cpu"):
-        bad = _block_indices_flags(block_indices, block_size, cu)
+        bad = _block_indices_flags(block_indices, block_size, cu, q_offset, ck)
     else:
-        bad = _block_indices_flags_torch(block_indices, block_size, cu)
+        bad = _block_indices_flags_torch(block_indices, block_size, cu, q_offset, ck)
     if bad[0]:
         _fail("block_indices: entries must be -1 or a block index in [0, ceil(seq_len / block_size)) "
               "of the query's own sequence")
@@ -186,19 +234,21 @@ def check_block_indices(block_indices, q, H, block_size, cu):
         _fail("block_indices: a row lists the same block twice; entries must be distinct")
 
 
-def _block_limits(T, block_size, cu, device):
-    """Per position: the number of blocks of its sequence (``cu`` a host list, or None: one
-    sequence of length T per batch row)."""
+def _block_limits(T, block_size, cu, device, q_offset=0, ck=None):
+    """Per query row: the number of blocks of its sequence's keys (``cu``, ``ck`` host lists of the
+    queries' and keys' boundaries, or None: per batch row one sequence of q_offset + T keys)."""
     if cu is None:
-        return torch.full((T,), -(-T // block_size), device=device, dtype=torch.int32)
+        return torch.full((T,), -(-(q_offset + T) // block_size), device=device, dtype=torch.int32)
+    ck = cu if ck is None else ck
     lens = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], device=device)
-    return torch.repeat_interleave(-(-lens // block_size), lens).to(torch.int32)
+    klens = torch.tensor([b - a for a, b in zip(ck[:-1], ck[1:])], device=device)
+    return torch.repeat_interleave(-(-klens // block_size), lens).to(torch.int32)
 
 
-def _block_indices_flags_torch(bi, block_size, cu):
+def _block_indices_flags_torch(bi, block_size, cu, q_offset=0, ck=None):
     """[any entry out of range, any row with a repeated block] with torch ops (CPU tensors)."""
     T = bi.shape[1]
-    limit = _block_limits(T, block_size, cu, bi.device)
+    limit = _block_limits(T, block_size, cu, bi.device, q_offset, ck)
     out_of_range = (bi < -1) | (bi >= limit.view(1, T, 1, 1))
     # Rows in select_blocks' form (valid ids strictly ascending, then -1) cannot repeat an id:
     # only the other rows need a sort (one more host read when some row has another form).
@@ -211,10 +261,10 @@ def _block_indices_flags_torch(bi, block_size, cu):
     return bad
 
 
-def _block_indices_flags(bi, block_size, cu):
+def _block_indices_flags(bi, block_size, cu, q_offset=0, ck=None):
     """The same two flags from one Triton pass over the rows (GPU, or CPU under the
     interpreter) and one host read: ~50x fewer bytes moved than sorting every row."""
     from ._validate import block_indices_flags
     B, T, H, S = bi.shape
-    limit = None if cu is None else _block_limits(T, block_size, cu, bi.device)
-    return block_indices_flags(bi.contiguous(), limit, -(-T // block_size))
+    limit = None if cu is None else _block_limits(T, block_size, cu, bi.device, q_offset, ck)
+    return block_indices_flags(bi.contiguous(), limit, -(-(q_offset + T) // block_size))

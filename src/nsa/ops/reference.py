@@ -8,6 +8,11 @@ per-query definition (tests/ops/test_reference.py).
 Layout: queries ``[B, T, HQ, Dk]``, keys ``[B, S, H, Dk]``, values ``[B, S, H, Dv]``.
 Query head ``hq`` reads KV head ``hq // G`` with ``G = HQ // H``. Packed sequences
 (``cu_seqlens``, B = 1) are computed one sequence at a time and concatenated.
+
+Query offset: query row ``t`` sits at position ``q_offset + t`` of a sequence whose raw keys are
+``q_offset + T`` long (the queries are the last T positions: a chunk after a cache, one rank's part
+of a sequence). Packed, ``cu_seqlens_k`` gives the raw keys' packing and each sequence's queries
+are its last ``len_q`` positions. Every rule applies to positions, not rows.
 Inputs are assumed valid: :mod:`nsa.ops.api` checks them before calling here.
 """
 
@@ -68,45 +73,53 @@ def _masked_attention(q, k, v, mask, scale):
     return o, lse
 
 
-def _split(cu_seqlens, *tensors):
-    """Yield per-sequence slices (dim 1) of tensors for packed input."""
-    cu = cu_seqlens.tolist()
-    for a, b in zip(cu[:-1], cu[1:]):
-        yield tuple(t[:, a:b] for t in tensors)
+def _sequences(cu_seqlens, cu_seqlens_k, queries, keys=(), kernel_size=None, stride=None, compressed=()):
+    """Per packed sequence: (its query offset, its query-row slices, its raw-key slices, its
+    compressed-key slices). Raw keys are packed by ``cu_seqlens_k`` (default: as the queries),
+    compressed keys by the compressed tokens of the raw keys' lengths."""
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    cq, ck = cu_seqlens.tolist(), cu_k.tolist()
+    cc = compressed_cu_seqlens(cu_k, kernel_size, stride).tolist() if compressed else None
+    for n in range(len(cq) - 1):
+        off = (ck[n + 1] - ck[n]) - (cq[n + 1] - cq[n])
+        yield (off, tuple(t[:, cq[n]:cq[n + 1]] for t in queries), tuple(t[:, ck[n]:ck[n + 1]] for t in keys),
+               tuple(t[:, cc[n]:cc[n + 1]] for t in compressed) if compressed else ())
 
 
 def _resolve_scale(scale, q):
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def _cmp_visible(T, Tc, kernel_size, stride, device):
-    """``[T, Tc]``: compressed token i is visible to query t iff i*stride + kernel_size - 1 <= t."""
-    t = torch.arange(T, device=device).view(-1, 1)
+def _cmp_visible(T, Tc, kernel_size, stride, device, q_offset=0):
+    """``[T, Tc]``: compressed token i is visible to query row t (position q_offset + t) iff
+    i*stride + kernel_size - 1 <= q_offset + t."""
+    t = torch.arange(q_offset, q_offset + T, device=device).view(-1, 1)
     i = torch.arange(Tc, device=device).view(1, -1)
     return i * stride + kernel_size - 1 <= t
 
 
-def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None, cu_seqlens=None):
+def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None, cu_seqlens=None, q_offset=0,
+                         cu_seqlens_k=None):
     """Attention of every query over the compressed tokens it can see. See :func:`nsa.ops.compressed_attention`."""
     scale = _resolve_scale(scale, q)
     if cu_seqlens is not None:
-        ccu = compressed_cu_seqlens(cu_seqlens, kernel_size, stride).tolist()
         outs, lses = [], []
-        for n, (qs,) in enumerate(_split(cu_seqlens, q)):
-            kc, vc = k_cmp[:, ccu[n]:ccu[n + 1]], v_cmp[:, ccu[n]:ccu[n + 1]]
-            o, lse = compressed_attention(qs, kc, vc, kernel_size, stride, scale)
+        for off, (qs,), _, (kc, vc) in _sequences(cu_seqlens, cu_seqlens_k, (q,), (), kernel_size, stride,
+                                                  (k_cmp, v_cmp)):
+            o, lse = compressed_attention(qs, kc, vc, kernel_size, stride, scale, q_offset=off)
             outs.append(o)
             lses.append(lse)
         return torch.cat(outs, 1), torch.cat(lses, 1)
     T, Tc = q.shape[1], k_cmp.shape[1]
-    mask = _cmp_visible(T, Tc, kernel_size, stride, q.device)
+    mask = _cmp_visible(T, Tc, kernel_size, stride, q.device, q_offset)
     return _masked_attention(q, k_cmp, v_cmp, mask, scale)
 
 
-def block_scores(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, scale=None):
+def block_scores(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, scale=None, q_offset=0):
     """Importance of every selection block for every query, summed over each GQA group.
 
-    Returns float32 (float64 for float64 input) ``[B, T, H, NB]`` with ``NB = ceil(T / block_size)``:
+    Returns float32 (float64 for float64 input) ``[B, T, H, NB]`` with
+    ``NB = ceil((q_offset + T) / block_size)`` (the blocks of the keys):
     ``sum_{g} sum_i p_cmp[t, h*G+g, i] * W[i, j]`` (see :func:`nsa.ops.utils.overlap_matrix`),
     where ``p_cmp = exp(scale * q.k_cmp - lse)`` over the visible compressed tokens. Dense batch only.
     """
@@ -115,21 +128,22 @@ def block_scores(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, scale=
     Tc, H = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // H
     ct = _compute_dtype(q)
-    NB = num_blocks(T, block_size)
+    NB = num_blocks(q_offset + T, block_size)
     qg = q.detach().to(ct).reshape(B, T, H, G, Dk)
     s = torch.einsum("bthgd,bshd->bthgs", qg, k_cmp.detach().to(ct)) * scale
     lse = lse.detach().to(ct).reshape(B, T, H, G, 1)
-    vis = _cmp_visible(T, Tc, kernel_size, stride, q.device).view(1, T, 1, 1, Tc)
+    vis = _cmp_visible(T, Tc, kernel_size, stride, q.device, q_offset).view(1, T, 1, 1, Tc)
     p = torch.where(vis & torch.isfinite(lse), torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)), 0)
     w = overlap_matrix(Tc, NB, kernel_size, stride, block_size, q.device, ct)  # [Tc, NB]
     return torch.einsum("bthgs,sn->bthn", p, w)
 
 
-def _topk_blocks(score, num_selected, num_initial, num_local, block_size):
-    """Rows of selected block ids from scores ``[B, T, H, NB]``; see :func:`nsa.ops.select_blocks`."""
+def _topk_blocks(score, num_selected, num_initial, num_local, block_size, q_offset=0):
+    """Rows of selected block ids from scores ``[B, T, H, NB]`` of queries at positions
+    ``q_offset + t``; see :func:`nsa.ops.select_blocks`."""
     B, T, H, NB = score.shape
     dev = score.device
-    t_blk = (torch.arange(T, device=dev) // block_size).view(1, T, 1, 1)
+    t_blk = (torch.arange(q_offset, q_offset + T, device=dev) // block_size).view(1, T, 1, 1)
     j = torch.arange(NB, device=dev).view(1, 1, 1, NB)
     causal = j <= t_blk
     forced = (j < num_initial) | ((j > t_blk - num_local) & causal)
@@ -148,50 +162,53 @@ def _topk_blocks(score, num_selected, num_initial, num_local, block_size):
 
 
 def select_blocks(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, num_selected=16,
-                  num_initial=1, num_local=2, scale=None, cu_seqlens=None):
+                  num_initial=1, num_local=2, scale=None, cu_seqlens=None, q_offset=0, cu_seqlens_k=None):
     """Top-n selection blocks per query and KV head. See :func:`nsa.ops.select_blocks`."""
     if cu_seqlens is not None:
-        ccu = compressed_cu_seqlens(cu_seqlens, kernel_size, stride).tolist()
         rows = []
-        for n, (qs, ls) in enumerate(_split(cu_seqlens, q, lse)):
-            kc = k_cmp[:, ccu[n]:ccu[n + 1]]
+        for off, (qs, ls), _, (kc,) in _sequences(cu_seqlens, cu_seqlens_k, (q, lse), (), kernel_size, stride,
+                                                  (k_cmp,)):
             rows.append(select_blocks(qs, kc, ls, kernel_size, stride, block_size, num_selected,
-                                      num_initial, num_local, scale))
+                                      num_initial, num_local, scale, q_offset=off))
         return torch.cat(rows, 1)
-    score = block_scores(q, k_cmp, lse, kernel_size, stride, block_size, scale)
-    return _topk_blocks(score, num_selected, num_initial, num_local, block_size)
+    score = block_scores(q, k_cmp, lse, kernel_size, stride, block_size, scale, q_offset)
+    return _topk_blocks(score, num_selected, num_initial, num_local, block_size, q_offset)
 
 
-def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seqlens=None):
-    """Attention of query t (KV head h) over keys s <= t of the blocks listed in
-    ``block_indices[:, t, h]``; -1 entries are ignored. See :func:`nsa.ops.selected_attention`."""
+def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seqlens=None, q_offset=0,
+                       cu_seqlens_k=None):
+    """Attention of query t (KV head h, position q_offset + t) over keys s <= q_offset + t of the
+    blocks listed in ``block_indices[:, t, h]``; -1 entries are ignored. See
+    :func:`nsa.ops.selected_attention`."""
     scale = _resolve_scale(scale, q)
     if cu_seqlens is not None:
-        return torch.cat([selected_attention(qs, ks, vs, bi, block_size, scale)
-                          for qs, ks, vs, bi in _split(cu_seqlens, q, k, v, block_indices)], 1)
+        return torch.cat([selected_attention(qs, ks, vs, bi, block_size, scale, q_offset=off)
+                          for off, (qs, bi), (ks, vs), _ in _sequences(cu_seqlens, cu_seqlens_k, (q, block_indices),
+                                                                       (k, v))], 1)
     B, T, H, S = block_indices.shape
-    NB = num_blocks(T, block_size)
+    L = k.shape[1]
+    NB = num_blocks(L, block_size)
     idx = block_indices.long()
     idx = torch.where(idx < 0, NB, idx)  # -1 -> a dummy column, dropped below
     # out of place: vmap and torch.jit.trace take it (not an in-place scatter_)
     blk = torch.zeros(B, T, H, NB + 1, dtype=torch.bool, device=q.device).scatter(-1, idx, True)
-    blk = blk[..., :NB].repeat_interleave(block_size, -1)[..., :T]  # [B, T, H, T]
-    s_pos = torch.arange(T, device=q.device)
-    causal = s_pos.view(1, T) <= s_pos.view(T, 1)  # [T(query), T(key)]
-    mask = blk.permute(0, 2, 1, 3) & causal  # [B, H, T, S]
+    blk = blk[..., :NB].repeat_interleave(block_size, -1)[..., :L]  # [B, T, H, L]
+    t_pos = torch.arange(q_offset, q_offset + T, device=q.device)
+    causal = torch.arange(L, device=q.device).view(1, L) <= t_pos.view(T, 1)  # [T(query), L(key)]
+    mask = blk.permute(0, 2, 1, 3) & causal  # [B, H, T, L]
     return _masked_attention(q, k, v, mask.unsqueeze(2), scale)[0]
 
 
-def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=None):
-    """Attention of query t over keys t - window_size < s <= t. See :func:`nsa.ops.sliding_window_attention`."""
+def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=None, q_offset=0, cu_seqlens_k=None):
+    """Attention of query t (position q_offset + t) over keys q_offset + t - window_size < s <= q_offset + t.
+    See :func:`nsa.ops.sliding_window_attention`."""
     scale = _resolve_scale(scale, q)
     if cu_seqlens is not None:
-        return torch.cat([sliding_window_attention(qs, ks, vs, window_size, scale)
-                          for qs, ks, vs in _split(cu_seqlens, q, k, v)], 1)
-    T = q.shape[1]
-    pos = torch.arange(T, device=q.device)
-    d = pos.view(T, 1) - pos.view(1, T)
-    mask = (d >= 0) & (d < window_keys(window_size, T))
+        return torch.cat([sliding_window_attention(qs, ks, vs, window_size, scale, q_offset=off)
+                          for off, (qs,), (ks, vs), _ in _sequences(cu_seqlens, cu_seqlens_k, (q,), (k, v))], 1)
+    T, L = q.shape[1], k.shape[1]
+    d = torch.arange(q_offset, q_offset + T, device=q.device).view(T, 1) - torch.arange(L, device=q.device).view(1, L)
+    mask = (d >= 0) & (d < window_keys(window_size, L))
     return _masked_attention(q, k, v, mask, scale)[0]
 
 
@@ -203,13 +220,14 @@ def gate_combine(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, out_dtype):
 
 def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, kernel_size=32, stride=16,
         block_size=64, num_selected=16, num_initial=1, num_local=2, window_size=512, scale=None,
-        cu_seqlens=None, return_block_indices=False):
+        cu_seqlens=None, return_block_indices=False, q_offset=0, cu_seqlens_k=None):
     """The three branches composed and gated. See :func:`nsa.ops.nsa`."""
-    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens)
+    pos = dict(q_offset=q_offset, cu_seqlens_k=cu_seqlens_k)
+    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens, **pos)
     idx = select_blocks(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial,
-                        num_local, scale, cu_seqlens)
-    o_slc = selected_attention(q, k_slc, v_slc, idx, block_size, scale, cu_seqlens)
-    o_win = sliding_window_attention(q, k_win, v_win, window_size, scale, cu_seqlens)
+                        num_local, scale, cu_seqlens, **pos)
+    o_slc = selected_attention(q, k_slc, v_slc, idx, block_size, scale, cu_seqlens, **pos)
+    o_win = sliding_window_attention(q, k_win, v_win, window_size, scale, cu_seqlens, **pos)
     o = gate_combine(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, q.dtype)
     return (o, idx) if return_block_indices else o
 

@@ -19,7 +19,9 @@ No tensor is ``[T, T]``. Without autograd, the largest intermediates are a chunk
 scores; with autograd each chunk runs under
 :func:`torch.utils.checkpoint.checkpoint` (recomputed in the backward), so what autograd
 keeps is the inputs and the outputs. Packed sequences (``cu_seqlens``) are computed one
-sequence at a time. Everything is ordinary autograd: gradients of any order.
+sequence at a time. Queries that start later than their keys (``q_offset``, ``cu_seqlens_k``: the
+reference's convention) cost only their own rows: a chunk is placed at its positions. Everything is
+ordinary autograd: gradients of any order.
 
 Inputs are assumed valid (:mod:`nsa.ops.api` checks them), ``scale`` a float or None.
 """
@@ -29,8 +31,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .reference import _masked_attention, _valid_rows, gate_combine, rope
-from .utils import compressed_cu_seqlens, num_blocks, num_compressed, overlap_matrix, window_keys
+from .reference import _masked_attention, _sequences, _valid_rows, gate_combine, rope
+from .utils import num_blocks, num_compressed, overlap_matrix, window_keys
 
 __all__ = [
     "compressed_attention",
@@ -80,13 +82,6 @@ def _run(fn, *args):
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
     return fn(*args)
-
-
-def _split(cu_seqlens, *tensors):
-    """Per-sequence slices (dim 1) of tensors for packed input."""
-    cu = cu_seqlens.tolist()
-    for a, b in zip(cu[:-1], cu[1:]):
-        yield tuple(t[:, a:b] for t in tensors)
 
 
 def _kv_heads(x, ct):
@@ -156,15 +151,14 @@ def _cmp_chunk(q, k, v, t0, kernel_size, stride, scale):
     return _dense_chunk(q, k, v, i * stride + kernel_size - 1 <= t, scale)  # [C, 1, n]
 
 
-def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None, cu_seqlens=None, *,
-                         chunk_size=None):
+def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None, cu_seqlens=None, q_offset=0,
+                         cu_seqlens_k=None, *, chunk_size=None):
     """See :func:`nsa.ops.compressed_attention`. ``chunk_size``: queries per chunk, at most."""
     scale = _resolve_scale(scale, q)
     if cu_seqlens is not None:
-        ccu = compressed_cu_seqlens(cu_seqlens, kernel_size, stride).tolist()
-        outs = [compressed_attention(qs, k_cmp[:, ccu[n]:ccu[n + 1]], v_cmp[:, ccu[n]:ccu[n + 1]], kernel_size,
-                                     stride, scale, chunk_size=chunk_size)
-                for n, (qs,) in enumerate(_split(cu_seqlens, q))]
+        outs = [compressed_attention(qs, kc, vc, kernel_size, stride, scale, q_offset=off, chunk_size=chunk_size)
+                for off, (qs,), _, (kc, vc) in _sequences(cu_seqlens, cu_seqlens_k, (q,), (), kernel_size, stride,
+                                                          (k_cmp, v_cmp))]
         return torch.cat([o for o, _ in outs], 1), torch.cat([lse for _, lse in outs], 1)
     B, T, HQ, _ = q.shape
     if T == 0:
@@ -173,10 +167,11 @@ def compressed_attention(q, k_cmp, v_cmp, kernel_size=32, stride=16, scale=None,
     k, v = _kv_heads(k_cmp, ct), _kv_heads(v_cmp, ct)  # [B, H, Tc, D]
     C = _chunk(chunk_size, B * HQ * max(k.shape[2], 1))
     outs = []
-    for t0 in range(0, T, C):
-        t1 = min(T, t0 + C)
-        n = num_compressed(t1, kernel_size, stride)  # visible to the chunk's last query
-        outs.append(_run(_cmp_chunk, q[:, t0:t1], k[:, :, :n], v[:, :, :n], t0, kernel_size, stride, scale))
+    for r0 in range(0, T, C):  # query rows r0 .. r1 - 1 at positions q_offset + r
+        r1 = min(T, r0 + C)
+        n = num_compressed(q_offset + r1, kernel_size, stride)  # visible to the chunk's last query
+        outs.append(_run(_cmp_chunk, q[:, r0:r1], k[:, :, :n], v[:, :, :n], q_offset + r0, kernel_size, stride,
+                         scale))
     return torch.cat([o for o, _ in outs], 1), torch.cat([lse for _, lse in outs], 1)
 
 
@@ -222,7 +217,7 @@ def _block_weights(kernel_size, stride, block_size, device, dtype):
 
 
 def select_blocks(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, num_selected=16, num_initial=1,
-                  num_local=2, scale=None, cu_seqlens=None, *, chunk_size=None):
+                  num_local=2, scale=None, cu_seqlens=None, q_offset=0, cu_seqlens_k=None, *, chunk_size=None):
     """See :func:`nsa.ops.select_blocks`.
 
     The scores of a chunk's queries cover only their causal blocks, each summed over the few
@@ -231,10 +226,10 @@ def select_blocks(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, num_s
     from the reference's in the last bits and a near-tie (within rounding) may go the other way.
     """
     if cu_seqlens is not None:
-        ccu = compressed_cu_seqlens(cu_seqlens, kernel_size, stride).tolist()
-        return torch.cat([select_blocks(qs, k_cmp[:, ccu[n]:ccu[n + 1]], ls, kernel_size, stride, block_size,
-                                        num_selected, num_initial, num_local, scale, chunk_size=chunk_size)
-                          for n, (qs, ls) in enumerate(_split(cu_seqlens, q, lse))], 1)
+        return torch.cat([select_blocks(qs, kc, ls, kernel_size, stride, block_size, num_selected, num_initial,
+                                        num_local, scale, q_offset=off, chunk_size=chunk_size)
+                          for off, (qs, ls), _, (kc,) in _sequences(cu_seqlens, cu_seqlens_k, (q, lse), (), kernel_size,
+                                                                    stride, (k_cmp,))], 1)
     scale = _resolve_scale(scale, q)
     B, T, HQ, Dk = q.shape
     Tc, H = k_cmp.shape[1], k_cmp.shape[2]
@@ -250,14 +245,15 @@ def select_blocks(q, k_cmp, lse, kernel_size=32, stride=16, block_size=64, num_s
         R = wr.numel()
         C = _chunk(chunk_size, B * HQ * max(Tc, 1) + B * H * max(Tc, 1) * R // step)
         rows = []
-        for t0 in range(0, T, C):
-            t1 = min(T, t0 + C)
+        for r0 in range(0, T, C):  # query rows r0 .. r1 - 1 at positions t0 .. t1 - 1
+            r1 = min(T, r0 + C)
+            t0, t1 = q_offset + r0, q_offset + r1
             n = num_compressed(t1, kernel_size, stride)  # tokens visible to the chunk's last query
             nb = num_blocks(t1, block_size)  # causal blocks of the chunk's last query
             t = torch.arange(t0, t1, device=dev)
-            qh = _q_heads(q[:, t0:t1].detach(), H, ct).reshape(B, H, (t1 - t0) * G, Dk)
-            s = (qh @ k[:, :, :n].transpose(-1, -2)).view(B, H, t1 - t0, G, n) * scale
-            ls = lse[:, t0:t1].reshape(B, t1 - t0, H, G).transpose(1, 2).unsqueeze(-1)  # [B, H, C, G, 1]
+            qh = _q_heads(q[:, r0:r1].detach(), H, ct).reshape(B, H, (r1 - r0) * G, Dk)
+            s = (qh @ k[:, :, :n].transpose(-1, -2)).view(B, H, r1 - r0, G, n) * scale
+            ls = lse[:, r0:r1].reshape(B, r1 - r0, H, G).transpose(1, 2).unsqueeze(-1)  # [B, H, C, G, 1]
             fin = torch.isfinite(ls)
             vis = torch.arange(n, device=dev) * stride + kernel_size - 1 <= t.view(-1, 1, 1)  # [C, 1, n]
             p = torch.where(vis & fin, torch.exp(s - torch.where(fin, ls, 0)), 0).sum(3)  # [B, H, C, n]
@@ -368,18 +364,20 @@ def _by_block(x, block_size, ct):
     return x.reshape(B, H, NB, block_size, D)
 
 
-def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seqlens=None, *, chunk_size=None):
+def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seqlens=None, q_offset=0,
+                       cu_seqlens_k=None, *, chunk_size=None):
     """See :func:`nsa.ops.selected_attention`."""
     scale = _resolve_scale(scale, q)
     if cu_seqlens is not None:
-        return torch.cat([selected_attention(qs, ks, vs, bi, block_size, scale, chunk_size=chunk_size)
-                          for qs, ks, vs, bi in _split(cu_seqlens, q, k, v, block_indices)], 1)
+        return torch.cat([selected_attention(qs, ks, vs, bi, block_size, scale, q_offset=off, chunk_size=chunk_size)
+                          for off, (qs, bi), (ks, vs), _ in _sequences(cu_seqlens, cu_seqlens_k, (q, block_indices),
+                                                                       (k, v))], 1)
     B, T, HQ, _ = q.shape
     H, S = k.shape[2], block_indices.shape[-1]
     if T == 0:
         return _empty_outputs(q, v.shape[-1], False)
     ct = _compute_dtype(q)
-    NB = num_blocks(T, block_size)
+    NB = num_blocks(k.shape[1], block_size)
     kb, vb = _by_block(k, block_size, ct), _by_block(v, block_size, ct)
     C = _chunk(chunk_size, B * HQ * int(UNION_SLACK * S * block_size))
     Ct = _chunk(TILE_CHUNK if chunk_size is None else chunk_size, B * HQ * S * block_size, TILE_ELEMENTS)
@@ -387,7 +385,7 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seq
     def tiles(a, b):
         with torch.no_grad():
             plan = _tile_plan(block_indices[:, a:b], NB, H)
-        return _run(_tile_chunk, q[:, a:b], kb, vb, a, block_size, scale, *plan)
+        return _run(_tile_chunk, q[:, a:b], kb, vb, q_offset + a, block_size, scale, *plan)
 
     outs = []
     pending = None  # queries [a, b) waiting for the tiles
@@ -404,7 +402,7 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, cu_seq
                 outs.append(tiles(*pending))
                 pending = None
             ids = torch.where(union, torch.arange(NB, device=q.device), NB).sort(-1).values[..., :U]
-            outs.append(_run(_union_chunk, q[:, t0:t1], kb, vb, idx, ids, t0, block_size, scale))
+            outs.append(_run(_union_chunk, q[:, t0:t1], kb, vb, idx, ids, q_offset + t0, block_size, scale))
         elif pending is not None and t1 - pending[0] <= Ct:
             pending = (pending[0], t1)
         else:
@@ -426,25 +424,27 @@ def _window_chunk(q, k, v, t0, a, window_size, scale):
     return _dense_chunk(q, k, v, (d >= 0) & (d < window_size), scale)[0]  # [C, 1, S]
 
 
-def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=None, *, chunk_size=None):
+def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=None, q_offset=0, cu_seqlens_k=None,
+                             *, chunk_size=None):
     """See :func:`nsa.ops.sliding_window_attention`."""
     scale = _resolve_scale(scale, q)
     if cu_seqlens is not None:
-        return torch.cat([sliding_window_attention(qs, ks, vs, window_size, scale, chunk_size=chunk_size)
-                          for qs, ks, vs in _split(cu_seqlens, q, k, v)], 1)
+        return torch.cat([sliding_window_attention(qs, ks, vs, window_size, scale, q_offset=off, chunk_size=chunk_size)
+                          for off, (qs,), (ks, vs), _ in _sequences(cu_seqlens, cu_seqlens_k, (q,), (k, v))], 1)
     B, T, HQ, _ = q.shape
     if T == 0:
         return _empty_outputs(q, v.shape[-1], False)
-    w = window_keys(window_size, T)
+    w = window_keys(window_size, k.shape[1])
     ct = _compute_dtype(q)
-    kh, vh = _kv_heads(k, ct), _kv_heads(v, ct)  # [B, H, T, D]
+    kh, vh = _kv_heads(k, ct), _kv_heads(v, ct)  # [B, H, q_offset + T, D]
     # a chunk of C queries reads C + w - 1 keys: no more than twice the w it needs when C <= w
     C = _chunk(min(chunk_size or CHUNK_SIZE, max(w, MIN_CHUNK)), B * HQ * 2 * w)
     outs = []
-    for t0 in range(0, T, C):
-        t1 = min(T, t0 + C)
+    for r0 in range(0, T, C):  # query rows r0 .. r1 - 1 at positions t0 .. t1 - 1
+        r1 = min(T, r0 + C)
+        t0, t1 = q_offset + r0, q_offset + r1
         a = max(0, t0 - w + 1)
-        outs.append(_run(_window_chunk, q[:, t0:t1], kh[:, :, a:t1], vh[:, :, a:t1], t0, a, w, scale))
+        outs.append(_run(_window_chunk, q[:, r0:r1], kh[:, :, a:t1], vh[:, :, a:t1], t0, a, w, scale))
     return torch.cat(outs, 1)
 
 
@@ -453,13 +453,14 @@ def sliding_window_attention(q, k, v, window_size=512, scale=None, cu_seqlens=No
 
 def nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, kernel_size=32, stride=16,
         block_size=64, num_selected=16, num_initial=1, num_local=2, window_size=512, scale=None,
-        cu_seqlens=None, return_block_indices=False, chunk_size=None):
+        cu_seqlens=None, return_block_indices=False, q_offset=0, cu_seqlens_k=None, chunk_size=None):
     """The three branches composed and gated. See :func:`nsa.ops.nsa`."""
-    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens, chunk_size=chunk_size)
+    kw = dict(q_offset=q_offset, cu_seqlens_k=cu_seqlens_k, chunk_size=chunk_size)
+    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens, **kw)
     idx = select_blocks(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,
-                        scale, cu_seqlens, chunk_size=chunk_size)
-    o_slc = selected_attention(q, k_slc, v_slc, idx, block_size, scale, cu_seqlens, chunk_size=chunk_size)
-    o_win = sliding_window_attention(q, k_win, v_win, window_size, scale, cu_seqlens, chunk_size=chunk_size)
+                        scale, cu_seqlens, **kw)
+    o_slc = selected_attention(q, k_slc, v_slc, idx, block_size, scale, cu_seqlens, **kw)
+    o_win = sliding_window_attention(q, k_win, v_win, window_size, scale, cu_seqlens, **kw)
     o = gate_combine(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, q.dtype)
     return (o, idx) if return_block_indices else o
 

@@ -114,3 +114,43 @@ def test_context_needs_a_process_group():
         pytest.skip("a process group is already initialized in this process")
     with pytest.raises(ValueError, match="initialized torch.distributed process group"):
         ContextParallel(SequenceShards(8, 2))
+
+
+def _model_worker(rank, P, init, lens):
+    from nsa.model import LanguageModel, ModelConfig
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=P)
+    try:
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                          intermediate_size=48, max_seq_len=64, kernel_size=8, stride=4, block_size=8, num_selected=3,
+                          num_initial=1, num_local=1, window_size=9, backend="reference")
+        model = LanguageModel(cfg).double()
+        T = sum(lens)
+        ids = torch.randint(0, 50, (1, T))
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        out = model(ids, cu_seqlens=cu, labels=ids, return_logits=True)
+        out.loss.backward()
+        want = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        shards = SequenceShards(T, P, cu_seqlens=cu)
+        cp = ContextParallel(shards)
+        part = model(shards.shard(ids, rank), labels=ids, return_logits=True, context=cp)
+        assert_close(f"rank {rank} logits", shards.shard(out.logits.detach(), rank), part.logits, 1e-10)
+        part.loss.backward()
+        loss = part.loss.detach().clone()
+        dist.all_reduce(loss)
+        assert_close("loss", out.loss.detach(), loss, 1e-12)
+        for n, p in model.named_parameters():
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            assert_close(f"rank {rank} d{n}", want[n], g, 1e-10)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_model_context_parallel_equals_one_process():
+    """The whole model (2 NSA blocks, loss over packed documents crossing ranks), P = 2: logits,
+    the loss (the ranks' parts summed) and every parameter gradient (summed over the ranks)."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_model_worker, args=(2, f"file://{os.path.join(d, 'init')}", (11, 30, 6)), nprocs=2, join=True)

@@ -277,8 +277,10 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(c.hidden_size, eps=c.norm_eps)
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size)
 
-    def forward(self, x, cu_seqlens=None, cache=None):
-        x = x + self.attn(self.attn_norm(x), cache=cache, cu_seqlens=cu_seqlens)
+    def forward(self, x, cu_seqlens=None, cache=None, context=None):
+        h = self.attn_norm(x)
+        a = self.attn(h, cache=cache, cu_seqlens=cu_seqlens) if context is None else self.attn(h, context=context)
+        x = x + a
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -357,7 +359,7 @@ class LanguageModel(nn.Module):
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 cache: ModelCache | None = None, labels: torch.Tensor | None = None,
-                return_logits: bool | None = None) -> LMOutput:
+                return_logits: bool | None = None, context=None) -> LMOutput:
         """Args:
             input_ids: int64 (or int32) ``[B, T]`` on the model's device, or packed ``[1, total]``
                 with ``cu_seqlens``. With a filled ``cache``: ``[N, 1]``, one new token per cached
@@ -372,10 +374,17 @@ class LanguageModel(nn.Module):
                 the last position of every sequence.
             return_logits: also return logits when labels are given (default: only without labels;
                 the loss is computed in chunks without materialising float32 logits).
+            context: a :class:`nsa.parallel.ContextParallel` (``attention='nsa'``): input_ids is this
+                rank's share of the sequences ``[B, n_local]`` (documents: the context's, no
+                cu_seqlens, no cache), labels the whole batch's ``[B, T]`` (shifted and masked
+                here, then shared out); logits are this rank's rows and the loss is this rank's
+                part of the mean (the parts summed over the group are the mean).
         Returns:
             :class:`LMOutput` ``(logits, loss)`` on the model's device; logits in the LM head's
             compute dtype (bf16 under bf16 autocast).
         """
+        if context is not None:
+            return self._forward_context(input_ids, labels, return_logits, context, cu_seqlens, cache)
         self._check_ids(input_ids, cu_seqlens, labels)
         if cache is not None and not isinstance(cache, ModelCache):
             raise ValueError(f"cache: expected a ModelCache (model.new_cache()), got {type(cache).__name__}")
@@ -394,6 +403,44 @@ class LanguageModel(nn.Module):
         loss = self._loss(h, labels, cu_seqlens)
         logits = self.lm_head(h) if return_logits else None
         return LMOutput(logits, loss)
+
+    def _forward_context(self, input_ids, labels, return_logits, cp, cu_seqlens, cache):
+        """:meth:`forward` on this rank's share of the sequences (see its ``context``)."""
+        from .parallel import ContextParallel
+
+        if not isinstance(cp, ContextParallel):
+            raise ValueError(f"context: expected an nsa.parallel.ContextParallel, got {type(cp).__name__}")
+        if self.config.attention != "nsa":
+            raise ValueError(f"context: context parallelism runs attention='nsa' models, this one has "
+                             f"attention={self.config.attention!r}")
+        if cu_seqlens is not None or cache is not None:
+            raise ValueError("context: context-parallel input takes neither cu_seqlens (the documents are the "
+                             "context's) nor a cache")
+        self._check_ids(input_ids, None, None)
+        B, T = cp.batch, cp.shards.length
+        if tuple(input_ids.shape) != (B, cp.n_local):
+            raise ValueError(f"input_ids: expected this rank's share [B={B}, {cp.n_local}], got "
+                             f"{tuple(input_ids.shape)}")
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, None, None, cp, use_reentrant=False)
+            else:
+                x = block(x, context=cp)
+        h = self.norm(x)
+        if labels is None:
+            return LMOutput(self.lm_head(h), None)
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (B, T) or labels.dtype not in (
+                torch.int64, torch.int32) or labels.device != input_ids.device:
+            what = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels: expected the whole batch's integer labels [B={B}, T={T}] on "
+                             f"{input_ids.device}, got {what}")
+        doc_cu = None if len(cp.shards.docs) == 1 else cp.doc_cu.to(labels.device)
+        targets = self._targets(labels, doc_cu)
+        count = (targets != IGNORE_INDEX).sum()
+        local = cp.shards.shard(targets, cp.rank)
+        loss = self._ce_total(h, local) / count.clamp(min=1)
+        return LMOutput(self.lm_head(h) if return_logits else None, loss)
 
     def _check_ids(self, input_ids, cu_seqlens, labels):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -429,14 +476,23 @@ class LanguageModel(nn.Module):
         backward (activation checkpointing), so no ``[tokens, vocab]`` float32 tensor exists for
         the whole batch: a chunk holds at most ``LOSS_CHUNK_LOGITS`` logits.
         """
-        B, T = labels.shape
+        targets = self._targets(labels, cu_seqlens)
+        return self._ce_total(h, targets) / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+    @staticmethod
+    def _targets(labels, cu_seqlens):
+        """``[B, T]`` int64: position t's target ``labels[t + 1]``, IGNORE_INDEX at the last position of
+        every sequence (and document)."""
         targets = torch.full_like(labels, IGNORE_INDEX, dtype=torch.long)
         targets[:, :-1] = labels[:, 1:]
         if cu_seqlens is not None:
             targets[0, (cu_seqlens[1:-1] - 1).long()] = IGNORE_INDEX  # never predict the next document
+        return targets
+
+    def _ce_total(self, h, targets):
+        """Summed cross-entropy of hidden states ``h`` ``[B, T, hidden]`` against ``targets`` ``[B, T]``."""
         targets = targets.flatten()
         h = h.flatten(0, 1)
-        count = (targets != IGNORE_INDEX).sum()
         rows = max(1, LOSS_CHUNK_LOGITS // self.config.vocab_size)
         total = h.new_zeros((), dtype=torch.promote_types(self.lm_head.weight.dtype, torch.float32))
         for a in range(0, h.shape[0], rows):
@@ -445,7 +501,7 @@ class LanguageModel(nn.Module):
                 total = total + checkpoint(self._ce_sum, hc, tc, use_reentrant=False)
             else:
                 total = total + self._ce_sum(hc, tc)
-        return total / count.clamp(min=1)
+        return total
 
     def _ce_sum(self, h, targets):
         logits = self.lm_head(h)

@@ -1,9 +1,14 @@
 """Sliding-window attention in Triton: forward, and a backward without atomics.
 
-Query ``t`` attends keys ``t - W < s <= t`` of its own sequence (``W = window_size``). Every
-input is handled as packed ``[N, ...]`` tokens: a dense ``[B, T]`` batch is B sequences of T
-tokens, which the kernels locate by arithmetic; packed input comes with ``cu_seqlens`` and a
-table of (sequence, tile) rows built on the device. Nothing synchronizes with the host.
+The query at position ``t`` attends keys ``t - W < s <= t`` of its own sequence (``W =
+window_size``). A sequence's queries are the last of its keys' positions: with ``off = len_k -
+len_q`` (``q_offset`` for dense input), query row ``i`` sits at position ``off + i``. Every input
+is handled as packed ``[N, ...]`` tokens: a dense ``[B, T]`` batch is B sequences of T queries
+(and ``T + q_offset`` keys), which the kernels locate by arithmetic; packed input comes with
+``cu_seqlens`` (queries), ``cu_seqlens_k`` (keys) and a table of (sequence, tile) rows built on
+the device. Nothing synchronizes with the host. Inside the kernels positions count keys; query
+rows are addressed from the row of position 0 (the first query row minus ``off``), so that an
+offset costs one add per tile.
 
 Query tiles pack the ``G`` query heads of one KV head with ``BT`` consecutive positions into
 ``BM >= BT * G`` rows (row ``r`` = position ``r // G``, head ``r % G``): each key/value tile is
@@ -16,12 +21,12 @@ compiler pipelines end to end; 16-bit K/V tiles come through TMA tensor descript
 fill stands for the keys past the tile's last position.
 
 Forward and dQ are query-centric (one program per query tile and KV head). dK/dV are
-key-centric: one program per key tile and KV head walks the queries ``[s, s + W - 1]`` that see
-it, for all G heads, and accumulates in registers; with ``ROTATE`` each program starts its walk
-where its neighbours are, so that the queries they share are read from L2 rather than DRAM. No
-float atomics: the backward is bitwise deterministic. Softmax runs in base 2 in float32; the
-forward saves the base-2 log-sum-exp per row, and the dQ kernel computes ``delta = rowsum(dO *
-O)`` for the dK/dV kernel.
+key-centric: one program per key tile and KV head walks the queries ``[s, s + W - 1]`` (those
+at positions ``>= off``) that see it, for all G heads, and accumulates in registers; with
+``ROTATE`` each program starts its walk where its neighbours are, so that the queries they
+share are read from L2 rather than DRAM. No float atomics: the backward is bitwise
+deterministic. Softmax runs in base 2 in float32; the forward saves the base-2 log-sum-exp per
+row, and the dQ kernel computes ``delta = rowsum(dO * O)`` for the dK/dV kernel.
 """
 
 from __future__ import annotations
@@ -36,19 +41,30 @@ from .utils import new_output, window_keys
 
 
 @triton.jit
-def _tile_position(i_t, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Program ``i_t`` -> (tile index inside its sequence, first token of the sequence, length)."""
+def _tile_position(i_t, cu_seqlens, cu_seqlens_k, chunk_indices, T, q_offset, BT: tl.constexpr,
+                   IS_VARLEN: tl.constexpr, KEY_TILES: tl.constexpr):
+    """Program ``i_t`` -> (tile index inside its sequence, first key row of the sequence, its
+    number of keys, its query offset ``off``, the query row of position 0 = first query row -
+    off). Tiles of BT queries, or (KEY_TILES) of BT keys. Dense: T queries, T + q_offset keys."""
     if IS_VARLEN:
         i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
         i_c = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
+        bos = tl.load(cu_seqlens_k + i_n).to(tl.int64)
+        seq_len = (tl.load(cu_seqlens_k + i_n + 1) - tl.load(cu_seqlens_k + i_n)).to(tl.int32)
+        off = seq_len - (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
+        boq = tl.load(cu_seqlens + i_n).to(tl.int64) - off
     else:
-        NT = tl.cdiv(T, BT)
+        off = q_offset + 0 * i_t
+        seq_len = T + off
+        if KEY_TILES:
+            NT = tl.cdiv(seq_len, BT)
+        else:
+            NT = tl.cdiv(T, BT)
         i_c = i_t % NT
-        bos = (i_t // NT).to(tl.int64) * T
-        seq_len = T + 0 * i_t
-    return i_c, bos, seq_len
+        i_b = (i_t // NT).to(tl.int64)
+        bos = i_b * seq_len
+        boq = i_b * T - off
+    return i_c, bos, seq_len, off, boq
 
 
 @triton.jit
@@ -137,16 +153,17 @@ def _window_fwd_tiles(
     return b_acc, b_m, b_l
 
 
-@triton.jit(do_not_specialize=["T", "W"])
+@triton.jit(do_not_specialize=["T", "W", "q_offset"])
 def window_fwd_kernel(
-    q, k, v, o, lse, o_cmp, o_slc, g_cmp, g_slc, g_win, o_nsa, cu_seqlens, chunk_indices, scale, T, W,
-    HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    q, k, v, o, lse, o_cmp, o_slc, g_cmp, g_slc, g_win, o_nsa, cu_seqlens, cu_seqlens_k, chunk_indices, scale, T, W,
+    q_offset, HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ONE_LOOP: tl.constexpr = False, TMA: tl.constexpr = False, GATE: tl.constexpr = False, BK2: tl.constexpr = 0,
 ):
-    """q ``[N, HQ, K]``, k ``[N, H, K]``, v ``[N, H, V]`` -> o ``[N, HQ, V]``, lse ``[N, HQ]`` (base-2
-    log-sum-exp of the scaled scores). One program: BT positions x G heads of KV head i_h.
+    """q ``[N, HQ, K]``, k ``[NK, H, K]``, v ``[NK, H, V]`` -> o ``[N, HQ, V]``, lse ``[N, HQ]`` (base-2
+    log-sum-exp of the scaled scores). One program: BT queries x G heads of KV head i_h. Queries
+    per ``cu_seqlens`` and keys per ``cu_seqlens_k``, or dense: T queries after q_offset keys.
     ONE_LOOP: the whole band in one (masked) loop instead of three phases, so that the compiler
     pipelines every tile's loads; TMA: K/V tiles through tensor descriptors (16-bit inputs).
     GATE: also NSA's output ``o_nsa = g_cmp * o_cmp + g_slc * o_slc + g_win * o`` (``[N, HQ, V]``
@@ -154,21 +171,22 @@ def window_fwd_kernel(
     rounding: what :func:`nsa.ops.gate.gate_fwd_kernel` computes), saving that kernel's pass.
     BK2 > 0: q . k over the head columns as two tiles, ``0 .. BK-1`` and ``BK .. BK+BK2-1``."""
     _window_fwd_tile(tl.program_id(0), tl.program_id(1), q, k, v, o, lse, o_cmp, o_slc, g_cmp, g_slc, g_win, o_nsa,
-                     cu_seqlens, chunk_indices, scale, T, W, HQ, H, G, K, V, BK, BV, BT, BM, BN, IS_VARLEN,
-                     DOT_PRECISION, DOT_DTYPE, ONE_LOOP, TMA, GATE, BK2)
+                     cu_seqlens, cu_seqlens_k, chunk_indices, scale, T, W, q_offset, HQ, H, G, K, V, BK, BV, BT, BM,
+                     BN, IS_VARLEN, DOT_PRECISION, DOT_DTYPE, ONE_LOOP, TMA, GATE, BK2)
 
 
 @triton.jit
 def _window_fwd_tile(
-    i_t, i_h, q, k, v, o, lse, o_cmp, o_slc, g_cmp, g_slc, g_win, o_nsa, cu_seqlens, chunk_indices, scale, T, W,
-    HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    i_t, i_h, q, k, v, o, lse, o_cmp, o_slc, g_cmp, g_slc, g_win, o_nsa, cu_seqlens, cu_seqlens_k, chunk_indices,
+    scale, T, W, q_offset, HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ONE_LOOP: tl.constexpr, TMA: tl.constexpr, GATE: tl.constexpr, BK2: tl.constexpr,
 ):
     """The work of :func:`window_fwd_kernel`'s program ``(i_t, i_h)``: query tile i_t of KV head i_h."""
-    i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
-    t0 = i_c * BT
+    i_c, bos, seq_len, off, boq = _tile_position(i_t, cu_seqlens, cu_seqlens_k, chunk_indices, T, q_offset, BT,
+                                                 IS_VARLEN, False)
+    t0 = off + i_c * BT  # first position of the tile
     t1 = tl.minimum(t0 + BT, seq_len) - 1  # last position of the tile
 
     o_r = tl.arange(0, BM)
@@ -176,7 +194,7 @@ def _window_fwd_tile(
     # padding rows (and every row of a tile past its sequence's end) take the sequence's last
     # valid position at or before t1: finite scores, never stored
     o_pos = tl.minimum(t0 + o_r // G, t1)  # [BM]
-    o_row = (bos + o_pos) * HQ + i_h * G + o_r % G  # [BM] int64 row of q/o/lse
+    o_row = (boq + o_pos) * HQ + i_h * G + o_r % G  # [BM] int64 row of q/o/lse
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0.).to(DOT_DTYPE)
@@ -281,9 +299,9 @@ def _window_k_cols(k, bos, i_h, s0, s_end, H, K: tl.constexpr, D0: tl.constexpr,
     return tl.load(k + ((bos + o_s) * H + i_h)[:, None] * K + o_d[None, :], mask=m, other=0.)
 
 
-@triton.jit(do_not_specialize=["T", "W"])
+@triton.jit(do_not_specialize=["T", "W", "q_offset"])
 def window_bwd_dq_kernel(
-    q, k, v, o, lse, do, delta, dq, dq_a, dq_b, cu_seqlens, chunk_indices, scale, T, W,
+    q, k, v, o, lse, do, delta, dq, dq_a, dq_b, cu_seqlens, cu_seqlens_k, chunk_indices, scale, T, W, q_offset,
     HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_DELTA: tl.constexpr, N_ADD: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -293,16 +311,18 @@ def window_bwd_dq_kernel(
     forward. delta ``[N, HQ]`` = rowsum(do * o) (float32) is an input when HAS_DELTA, else
     computed and stored here. N_ADD (0, 1 or 2) of the gradients dq_a, dq_b (``[N, HQ, K]``
     each: NSA's other branches) are added in float32 before the one rounding to dq's dtype.
-    ONE_LOOP, TMA, BK2 (q . k and dQ over two head-column tiles): as in :func:`window_fwd_kernel`."""
+    ONE_LOOP, TMA, BK2 (q . k and dQ over two head-column tiles), sequences and q_offset: as in
+    :func:`window_fwd_kernel`."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
-    t0 = i_c * BT
+    i_c, bos, seq_len, off, boq = _tile_position(i_t, cu_seqlens, cu_seqlens_k, chunk_indices, T, q_offset, BT,
+                                                 IS_VARLEN, False)
+    t0 = off + i_c * BT
     t1 = tl.minimum(t0 + BT, seq_len) - 1
 
     o_r = tl.arange(0, BM)
     m_r = (o_r < BT * G) & (t0 + o_r // G <= t1)
     o_pos = tl.minimum(t0 + o_r // G, t1)
-    o_row = (bos + o_pos) * HQ + i_h * G + o_r % G
+    o_row = (boq + o_pos) * HQ + i_h * G + o_r % G
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_v = (o_v < V)[None, :]
@@ -362,20 +382,21 @@ def _store_dq(dq, dq_a, dq_b, b_dq, o_row, m_r, o_k, K: tl.constexpr, N_ADD: tl.
 
 @triton.jit
 def _window_dkv_step(
-    b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p0, W, qk_scale,
+    b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, boq, seq_len, i_h, o_s, p0, W, qk_scale,
     HQ, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """dK (unscaled) and dV of the key tile from the BT positions ``p0 ..`` x G heads. MASKED
-    applies the band mask; else every (key, valid row) pair is visible. BK2 > 0: b_k2 / b_dk2
-    are the head columns ``BK ..`` (a second tile)."""
+    """dK (unscaled) and dV of the key tile from the BT positions ``p0 ..`` (queries: p0 >= the
+    sequence's query offset; ``boq`` the query row of position 0) x G heads. MASKED applies the
+    band mask; else every (key, valid row) pair is visible. BK2 > 0: b_k2 / b_dk2 are the head
+    columns ``BK ..`` (a second tile)."""
     o_r = tl.arange(0, BM)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     o_p = p0 + o_r // G  # [BM] query position of each row
     m_r = (o_r < BT * G) & (o_p < seq_len)
     # padding rows read a valid row; their lse = +inf makes p = 0, so they add nothing
-    o_row = (bos + tl.minimum(o_p, seq_len - 1)) * HQ + i_h * G + o_r % G  # [BM] int64
+    o_row = (boq + tl.minimum(o_p, seq_len - 1)) * HQ + i_h * G + o_r % G  # [BM] int64
     b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=(o_k < K)[None, :], other=0.).to(DOT_DTYPE)
     b_do = tl.load(do + o_row[:, None] * V + o_v[None, :], mask=(o_v < V)[None, :], other=0.).to(DOT_DTYPE)
     b_lse = tl.load(lse + o_row, mask=m_r, other=float("inf"))
@@ -401,33 +422,36 @@ def _window_dkv_step(
 
 @triton.jit
 def _window_bwd_dkv_tiles(
-    b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, bos, seq_len, i_h, o_s, p_lo, p_hi, W, qk_scale,
+    b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, boq, seq_len, i_h, o_s, p_lo, p_hi, W, qk_scale,
     HQ, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """:func:`_window_dkv_step` over the query steps ``p_lo, p_lo + BT, ... < p_hi``."""
     for p0 in range(p_lo, p_hi, BT):
-        b_dk, b_dk2, b_dv = _window_dkv_step(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, bos, seq_len, i_h,
+        b_dk, b_dk2, b_dv = _window_dkv_step(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, boq, seq_len, i_h,
                                              o_s, p0, W, qk_scale, HQ, G, K, V, BK, BK2, BV, BT, BM, MASKED,
                                              DOT_PRECISION, DOT_DTYPE)
     return b_dk, b_dk2, b_dv
 
 
-@triton.jit(do_not_specialize=["T", "W"])
+@triton.jit(do_not_specialize=["T", "W", "q_offset"])
 def window_bwd_dkv_kernel(
-    q, k, v, lse, do, delta, dk, dv, cu_seqlens, chunk_indices, scale, T, W,
+    q, k, v, lse, do, delta, dk, dv, cu_seqlens, cu_seqlens_k, chunk_indices, scale, T, W, q_offset,
     HQ, H, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, ROTATE: tl.constexpr = False,
     BK2: tl.constexpr = 0,
 ):
-    """dk ``[N, H, K]``, dv ``[N, H, V]`` for one tile of BN keys of KV head i_h, from the queries
-    ``[s, s + W - 1]`` of its G heads, BM rows (BM // G positions x G heads) per step. ROTATE:
-    one masked loop whose start depends on the tile (see the code), else three phases. BK2 > 0:
-    q . k and dK over the head columns as two tiles, ``0 .. BK-1`` and ``BK .. BK+BK2-1``."""
+    """dk ``[NK, H, K]``, dv ``[NK, H, V]`` for one tile of BN keys of KV head i_h, from the
+    queries at positions ``[s, s + W - 1]`` (and ``>= off``: keys that no query sees get zeros) of
+    its G heads, BM rows (BM // G positions x G heads) per step. ROTATE: one masked loop whose
+    start depends on the tile (see the code), else three phases. BK2 > 0: q . k and dK over the
+    head columns as two tiles, ``0 .. BK-1`` and ``BK .. BK+BK2-1``. Sequences and q_offset: as in
+    :func:`window_fwd_kernel` (tiles of keys here)."""
     BT: tl.constexpr = BM // G
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    i_c, bos, seq_len = _tile_position(i_t, cu_seqlens, chunk_indices, T, BN, IS_VARLEN)
+    i_c, bos, seq_len, off, boq = _tile_position(i_t, cu_seqlens, cu_seqlens_k, chunk_indices, T, q_offset, BN,
+                                                 IS_VARLEN, True)
     s0 = i_c * BN
     s1 = tl.minimum(s0 + BN, seq_len) - 1  # last key of the tile
 
@@ -451,30 +475,32 @@ def window_bwd_dkv_kernel(
     b_dk2 = tl.zeros([BN, BK2 if BK2 > 0 else 16], dtype=tl.float32)
 
     qk_scale = scale * 1.4426950408889634
-    # queries [s0, p_end): those < s1 are cut by the diagonal for some keys, those >= s0 + W by the
-    # window; a tile past its sequence's end (s1 < s0) gets no queries
+    # queries [p_lo, p_end): those < s1 are cut by the diagonal for some keys, those >= s0 + W by
+    # the window; a tile past its sequence's end (s1 < s0), or before the first query's window
+    # (s1 + W <= off), gets no queries
+    p_lo = tl.maximum(s0, off)
     p_end = tl.minimum(s1 + W, seq_len)
     if ROTATE:
-        # one masked loop over the positions [s0, s0 + L), started at the one congruent to 0 mod L
-        # and wrapped: the programs of neighbouring key tiles, which run at the same time, then
-        # read each position they share in the same step (L2 hits instead of DRAM re-reads)
-        L = tl.cdiv(tl.maximum(p_end - s0, 0), BT) * BT
-        r = (L - s0 % tl.maximum(L, 1)) % tl.maximum(L, 1) // BT * BT  # steps stay BT apart: every position once
+        # one masked loop over the positions [p_lo, p_lo + L), started at the one congruent to 0
+        # mod L and wrapped: the programs of neighbouring key tiles, which run at the same time,
+        # then read each position they share in the same step (L2 hits instead of DRAM re-reads)
+        L = tl.cdiv(tl.maximum(p_end - p_lo, 0), BT) * BT
+        r = (L - p_lo % tl.maximum(L, 1)) % tl.maximum(L, 1) // BT * BT  # steps stay BT apart: every position once
         for j in range(0, L, BT):
-            p0 = s0 + (r + j) % L
-            b_dk, b_dk2, b_dv = _window_dkv_step(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, bos, seq_len,
+            p0 = p_lo + (r + j) % L
+            b_dk, b_dk2, b_dv = _window_dkv_step(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, boq, seq_len,
                                                  i_h, o_s, p0, W, qk_scale, HQ, G, K, V, BK, BK2, BV, BT, BM, True,
                                                  DOT_PRECISION, DOT_DTYPE)
     else:
-        p_mid = s0 + tl.cdiv(tl.maximum(s1 - s0, 0), BT) * BT
+        p_mid = p_lo + tl.cdiv(tl.maximum(s1 - p_lo, 0), BT) * BT
         p_top = p_mid + (tl.maximum(tl.minimum(s0 + W, seq_len) - p_mid, 0) // BT) * BT
-        b_dk, b_dk2, b_dv = _window_bwd_dkv_tiles(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, bos, seq_len,
-                                                  i_h, o_s, s0, tl.minimum(p_mid, p_end), W, qk_scale, HQ, G, K, V,
+        b_dk, b_dk2, b_dv = _window_bwd_dkv_tiles(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, boq, seq_len,
+                                                  i_h, o_s, p_lo, tl.minimum(p_mid, p_end), W, qk_scale, HQ, G, K, V,
                                                   BK, BK2, BV, BT, BM, True, DOT_PRECISION, DOT_DTYPE)
-        b_dk, b_dk2, b_dv = _window_bwd_dkv_tiles(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, bos, seq_len,
+        b_dk, b_dk2, b_dv = _window_bwd_dkv_tiles(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, boq, seq_len,
                                                   i_h, o_s, p_mid, p_top, W, qk_scale, HQ, G, K, V, BK, BK2, BV, BT,
                                                   BM, False, DOT_PRECISION, DOT_DTYPE)
-        b_dk, b_dk2, b_dv = _window_bwd_dkv_tiles(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, bos, seq_len,
+        b_dk, b_dk2, b_dv = _window_bwd_dkv_tiles(b_k, b_k2, b_v, b_dk, b_dk2, b_dv, q, do, lse, delta, boq, seq_len,
                                                   i_h, o_s, p_top, p_end, W, qk_scale, HQ, G, K, V, BK, BK2, BV, BT,
                                                   BM, True, DOT_PRECISION, DOT_DTYPE)
     tl.store(dk + p_kv[:, None] * K + o_k[None, :], (b_dk * scale).to(dk.dtype.element_ty), mask=m_k)
@@ -570,12 +596,23 @@ def _tiles(cu_seqlens, B: int, T: int, chunk: int, device):
     return table.shape[0], table
 
 
-def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens, config: dict | None = None, gate=None):
-    """q ``[B, T, HQ, K]``, k ``[B, T, H, K]``, v ``[B, T, H, V]``, contiguous -> o ``[B, T, HQ, V]``,
-    lse ``[B, T, HQ]`` float32 (base 2). ``config``: a tile config override (:func:`_q_config`).
-    ``gate``: None, or contiguous ``(o_cmp, o_slc, g_cmp, g_slc, g_win)`` (NSA's other branch
-    outputs, shaped like o, and its gates, shaped like lse; not float64): then also returns NSA's
-    output ``g_cmp * o_cmp + g_slc * o_slc + g_win * o`` in q's dtype."""
+def _seq_args(cu_seqlens, cu_seqlens_k, table):
+    """The kernels' (cu_seqlens, cu_seqlens_k) arguments: the packed queries' and keys' offsets
+    (keys None: the queries'), or for dense input the placeholder ``table`` twice."""
+    if cu_seqlens is None:
+        return table, table
+    return cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+
+
+def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens, config: dict | None = None, gate=None,
+                q_offset: int = 0, cu_seqlens_k=None):
+    """q ``[B, T, HQ, K]``, k ``[B, TK, H, K]``, v ``[B, TK, H, V]``, contiguous -> o ``[B, T, HQ, V]``,
+    lse ``[B, T, HQ]`` float32 (base 2). Dense: ``TK = T + q_offset``, query row t at position
+    ``q_offset + t``; packed: queries per ``cu_seqlens``, keys per ``cu_seqlens_k`` (None: the same),
+    each sequence's queries at its last positions. ``config``: a tile config override
+    (:func:`_q_config`). ``gate``: None, or contiguous ``(o_cmp, o_slc, g_cmp, g_slc, g_win)``
+    (NSA's other branch outputs, shaped like o, and its gates, shaped like lse; not float64): then
+    also returns NSA's output ``g_cmp * o_cmp + g_slc * o_slc + g_win * o`` in q's dtype."""
     B, T, HQ, K = q.shape
     H, V = k.shape[2], v.shape[3]
     G, BK, BV = HQ // H, pow2(K), pow2(V)
@@ -584,13 +621,12 @@ def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens, config: dic
     # q . k over a head dim that is not a power of two: two tiles (192 = 128 + 64), not one of 256
     BK, BK2 = triton_utils.head_tiles(K)
     n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BT"], q.device)
-    cu = cu_seqlens if cu_seqlens is not None else table
     o = new_output((B, T, HQ, V), q.dtype, q.device)
     lse = new_output((B, T, HQ), torch.float32, q.device)
     o_nsa = None if gate is None else new_output((B, T, HQ, V), q.dtype, q.device)
     window_fwd_kernel[(n_tiles, H)](
         q, k, v, o, lse, *(gate if gate is not None else (o, o, lse, lse, lse)), o if o_nsa is None else o_nsa,
-        cu, table, scale, T, window_keys(window_size, q.shape[1]),
+        *_seq_args(cu_seqlens, cu_seqlens_k, table), table, scale, T, window_keys(window_size, k.shape[1]), q_offset,
         HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BK2=BK2, BV=BV, IS_VARLEN=cu_seqlens is not None,
         GATE=gate is not None, **_dot_args(q.dtype), **cfg,
     )
@@ -598,17 +634,19 @@ def _launch_fwd(q, k, v, window_size: int, scale: float, cu_seqlens, config: dic
 
 
 def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens, delta=None, dq_a=None,
-                dq_b=None, dq_config: dict | None = None, dkv_config: dict | None = None):
-    """Gradients of :func:`_launch_fwd` (all inputs contiguous): dq, dk, dv shaped like q, k, v.
-    ``delta`` ``[B, T, HQ]`` float32 = rowsum(dO * o), when given (:mod:`nsa.ops.fused`), is not
-    recomputed and ``o`` is not read. ``dq_a``, ``dq_b``: contiguous gradients shaped like q added
-    to dq (NSA's other branches), or None. ``dq_config`` / ``dkv_config``: tile config overrides
-    (:func:`_q_config`, :func:`_kv_config`; benchmark sweeps)."""
+                dq_b=None, dq_config: dict | None = None, dkv_config: dict | None = None, q_offset: int = 0,
+                cu_seqlens_k=None):
+    """Gradients of :func:`_launch_fwd` (all inputs contiguous): dq, dk, dv shaped like q, k, v;
+    keys that no query sees get zero dk, dv. ``delta`` ``[B, T, HQ]`` float32 = rowsum(dO * o),
+    when given (:mod:`nsa.ops.fused`), is not recomputed and ``o`` is not read. ``dq_a``, ``dq_b``:
+    contiguous gradients shaped like q added to dq (NSA's other branches), or None. ``dq_config``
+    / ``dkv_config``: tile config overrides (:func:`_q_config`, :func:`_kv_config`; benchmark
+    sweeps). ``q_offset``, ``cu_seqlens_k``: as in :func:`_launch_fwd`."""
     dq_add = [t for t in (dq_a, dq_b) if t is not None]  # N_ADD of them, then placeholders
     B, T, HQ, K = q.shape
     H, V = k.shape[2], v.shape[3]
     G, BK, BV = HQ // H, pow2(K), pow2(V)
-    W = window_keys(window_size, q.shape[1])
+    W = window_keys(window_size, k.shape[1])
     common = dict(HQ=HQ, H=H, G=G, K=K, V=V, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None,
                   **_dot_args(q.dtype))
     # q . k, dQ and dK over a head dim that is not a power of two: two tiles (192 = 128 + 64), and
@@ -621,33 +659,38 @@ def _launch_bwd(q, k, v, o, lse, do, window_size: int, scale: float, cu_seqlens,
     cfg = _q_config(G, split["BK"], BV, q.dtype, config=dq_config)
     cfg["TMA"] = use_tma(cfg["TMA"], k, v)
     n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BT"], q.device)
-    cu = cu_seqlens if cu_seqlens is not None else table
     dq = new_output(q.shape, q.dtype, q.device)
     has_delta = delta is not None
     if not has_delta:
         delta = new_output((B, T, HQ), torch.float32, q.device)
     window_bwd_dq_kernel[(n_tiles, H)](
-        q, k, v, o, lse, do, delta, dq, *(dq_add + [dq] * (2 - len(dq_add))), cu, table, scale, T, W,
+        q, k, v, o, lse, do, delta, dq, *(dq_add + [dq] * (2 - len(dq_add))),
+        *_seq_args(cu_seqlens, cu_seqlens_k, table), table, scale, T, W, q_offset,
         HAS_DELTA=has_delta, N_ADD=len(dq_add), **(common | split), **cfg)
 
     cfg = _kv_config(G, split["BK"], BV, q.dtype, dkv_config)
-    n_tiles, table = _tiles(cu_seqlens, B, T, cfg["BN"], q.device)
+    # tiles of keys: a packed input's table follows the keys' sequences
+    n_tiles, table = _tiles(cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, B, k.shape[1], cfg["BN"],
+                            q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     window_bwd_dkv_kernel[(n_tiles, H)](
-        q, k, v, lse, do, delta, dk, dv, cu, table, scale, T, W, **(common | split), **cfg)
+        q, k, v, lse, do, delta, dk, dv, *_seq_args(cu_seqlens, cu_seqlens_k, table), table, scale, T, W, q_offset,
+        **(common | split), **cfg)
     return dq, dk, dv
 
 
 # The kernels are opaque to torch.compile: custom ops with fake (shape-only) implementations.
 @torch.library.custom_op("nsa::sliding_window_attention_fwd", mutates_args=())
 def _window_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, scale: float,
-                   cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_fwd(q.contiguous(), k.contiguous(), v.contiguous(), window_size, scale, cu_seqlens)
+                   cu_seqlens: torch.Tensor | None, q_offset: int = 0, cu_seqlens_k: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_fwd(q.contiguous(), k.contiguous(), v.contiguous(), window_size, scale, cu_seqlens,
+                       q_offset=q_offset, cu_seqlens_k=cu_seqlens_k)
 
 
 @_window_fwd_op.register_fake
-def _(q, k, v, window_size, scale, cu_seqlens):
+def _(q, k, v, window_size, scale, cu_seqlens, q_offset=0, cu_seqlens_k=None):
     B, T, HQ, _ = q.shape
     return q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
 
@@ -655,16 +698,18 @@ def _(q, k, v, window_size, scale, cu_seqlens):
 @torch.library.custom_op("nsa::sliding_window_attention_fwd_gated", mutates_args=())
 def _window_fwd_gated_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, scale: float,
                          cu_seqlens: torch.Tensor | None, o_cmp: torch.Tensor, o_slc: torch.Tensor,
-                         g_cmp: torch.Tensor, g_slc: torch.Tensor, g_win: torch.Tensor
+                         g_cmp: torch.Tensor, g_slc: torch.Tensor, g_win: torch.Tensor, q_offset: int = 0,
+                         cu_seqlens_k: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The window forward with NSA's gate combination in its epilogue (:mod:`nsa.ops.fused`):
-    (o_win, lse_win, o)."""
+    (o_win, lse_win, o). The branch outputs and gates have the queries' rows."""
     gate = tuple(x.contiguous() for x in (o_cmp, o_slc, g_cmp, g_slc, g_win))
-    return _launch_fwd(q.contiguous(), k.contiguous(), v.contiguous(), window_size, scale, cu_seqlens, gate=gate)
+    return _launch_fwd(q.contiguous(), k.contiguous(), v.contiguous(), window_size, scale, cu_seqlens, gate=gate,
+                       q_offset=q_offset, cu_seqlens_k=cu_seqlens_k)
 
 
 @_window_fwd_gated_op.register_fake
-def _(q, k, v, window_size, scale, cu_seqlens, o_cmp, o_slc, g_cmp, g_slc, g_win):
+def _(q, k, v, window_size, scale, cu_seqlens, o_cmp, o_slc, g_cmp, g_slc, g_win, q_offset=0, cu_seqlens_k=None):
     B, T, HQ, _ = q.shape
     return (q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32),
             q.new_empty(B, T, HQ, v.shape[3]))
@@ -674,58 +719,68 @@ def _(q, k, v, window_size, scale, cu_seqlens, o_cmp, o_slc, g_cmp, g_slc, g_win
 def _window_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                    do: torch.Tensor, window_size: int, scale: float, cu_seqlens: torch.Tensor | None,
                    delta: torch.Tensor | None = None, dq_a: torch.Tensor | None = None,
-                   dq_b: torch.Tensor | None = None
+                   dq_b: torch.Tensor | None = None, q_offset: int = 0, cu_seqlens_k: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch_bwd(q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), lse.contiguous(),
                        do.contiguous(), window_size, scale, cu_seqlens,
                        delta=None if delta is None else delta.contiguous(),
                        dq_a=None if dq_a is None else dq_a.contiguous(),
-                       dq_b=None if dq_b is None else dq_b.contiguous())
+                       dq_b=None if dq_b is None else dq_b.contiguous(),
+                       q_offset=q_offset, cu_seqlens_k=cu_seqlens_k)
 
 
 @_window_bwd_op.register_fake
-def _(q, k, v, o, lse, do, window_size, scale, cu_seqlens, delta=None, dq_a=None, dq_b=None):
+def _(q, k, v, o, lse, do, window_size, scale, cu_seqlens, delta=None, dq_a=None, dq_b=None, q_offset=0,
+      cu_seqlens_k=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 class SlidingWindowAttentionFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, window_size, scale, cu_seqlens):
-        o, lse = _window_fwd_op(q, k, v, window_size, scale, cu_seqlens)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-        ctx.window_size, ctx.scale = window_size, scale
+    def forward(ctx, q, k, v, window_size, scale, cu_seqlens, q_offset=0, cu_seqlens_k=None):
+        o, lse = _window_fwd_op(q, k, v, window_size, scale, cu_seqlens, q_offset, cu_seqlens_k)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, cu_seqlens_k)
+        ctx.window_size, ctx.scale, ctx.q_offset = window_size, scale, q_offset
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _window_bwd_op(q, k, v, o, lse, do, ctx.window_size, ctx.scale, cu_seqlens)
-        return dq, dk, dv, None, None, None
+        q, k, v, o, lse, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = _window_bwd_op(q, k, v, o, lse, do, ctx.window_size, ctx.scale, cu_seqlens,
+                                    q_offset=ctx.q_offset, cu_seqlens_k=cu_seqlens_k)
+        return dq, dk, dv, None, None, None, None, None
 
 
-def sliding_window_attention_triton(q, k, v, window_size, scale, cu_seqlens=None):
+def sliding_window_attention_triton(q, k, v, window_size, scale, cu_seqlens=None, q_offset=0, cu_seqlens_k=None):
     """Triton sliding-window attention; the semantics of :func:`nsa.ops.sliding_window_attention`.
 
-    Query ``t`` attends keys ``t - window_size < s <= t`` of its own sequence::
+    The query at position ``t`` attends keys ``t - window_size < s <= t`` of its own sequence;
+    queries are the last positions of their sequence's keys (right: 3 queries of 5 keys)::
 
-        window_size = 3    keys s ->
-                      t=0  x . . . .
-                      t=1  x x . . .
-                      t=2  x x x . .
+        window_size = 3    keys s ->             q_offset = 2    keys s ->
+                      t=0  x . . . .                  row 0, t=2  x x x . .
+                      t=1  x x . . .                  row 1, t=3  . x x x .
+                      t=2  x x x . .                  row 2, t=4  . . x x x
                       t=3  . x x x .
                       t=4  . . x x x
 
     Args:
-        q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``; HQ a multiple of H; fp16,
-            bf16 or fp32 (float64 is computed in float32). Validated by the caller.
-        window_size: int >= 1 (may exceed T).
+        q: ``[B, T, HQ, Dk]``; k: ``[B, T + q_offset, H, Dk]``; v: ``[B, T + q_offset, H, Dv]``; HQ
+            a multiple of H; fp16, bf16 or fp32 (float64 is computed in float32). Validated by the
+            caller.
+        window_size: int >= 1 (may exceed the keys' length).
         scale: float softmax scale.
-        cu_seqlens: int32 ``[N+1]`` offsets of packed sequences (then B = 1), or None.
+        cu_seqlens: int32 ``[N+1]`` offsets of the packed queries (then B = 1), or None.
+        q_offset: int >= 0, dense input only: query row t sits at position ``q_offset + t``.
+        cu_seqlens_k: int32 ``[N+1]`` offsets of the packed keys (each sequence at least as long
+            as its queries, which are its last positions), or None: the same as ``cu_seqlens``.
     Returns:
-        o ``[B, T, HQ, Dv]`` in q's dtype; differentiable in q, k and v.
+        o ``[B, T, HQ, Dv]`` in q's dtype; differentiable in q, k and v (keys that no query sees
+        get zero gradients).
     """
     if q.dtype == torch.float64:
-        o = SlidingWindowAttentionFunction.apply(q.float(), k.float(), v.float(), window_size, scale, cu_seqlens)
+        o = SlidingWindowAttentionFunction.apply(q.float(), k.float(), v.float(), window_size, scale, cu_seqlens,
+                                                 q_offset, cu_seqlens_k)
         return o.double()
-    return SlidingWindowAttentionFunction.apply(q, k, v, window_size, scale, cu_seqlens)
+    return SlidingWindowAttentionFunction.apply(q, k, v, window_size, scale, cu_seqlens, q_offset, cu_seqlens_k)

@@ -181,6 +181,29 @@ def test_two_gloo_processes_equal_one(tmp_path, corpus, parallel):
     assert model.config.hidden_size == 32
 
 
+@pytest.mark.parametrize("nproc,accum", [(2, 1), (4, 2)], ids=["cp2", "dp2xcp2"])
+def test_context_parallel_processes_equal_one(tmp_path, corpus, nproc, accum):
+    """--context-parallel 2 (torchrun, gloo): each sequence split over 2 ranks, alone or beside
+    data parallelism (a (dp, cp) = (2, 2) mesh), gives the losses, gradient norms and validation
+    loss of one process (with the data-parallel groups' micro-batches accumulated)."""
+    cp = _torchrun_losses(tmp_path, corpus, "cp", nproc, ["--context-parallel", "2"])
+    train(config(tmp_path, corpus, out=str(tmp_path / "one"), steps=3, grad_accum=accum))
+    one = read_metrics(tmp_path / "one")
+    assert len(one) == len(cp) == 4
+    for a, b in zip(one, cp):
+        assert a["step"] == b["step"]
+        for k in ("loss", "grad_norm", "val_loss"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5), (k, a, b)
+
+
+def test_context_parallel_needs_torchrun_and_nsa(tmp_path, corpus):
+    with pytest.raises(ValueError, match="--context-parallel: 2 ranks need torchrun"):
+        train(config(tmp_path, corpus, out=str(tmp_path / "x"), steps=1, context_parallel=2))
+    with pytest.raises(ValueError, match="--context-parallel: splits sequences of attention='nsa' models"):
+        config(tmp_path, corpus, out=str(tmp_path / "y"), steps=1, context_parallel=2, attention="full")
+
+
 def test_cli_train_then_generate(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     args = ["train", "--out", str(out), "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--seq-len",

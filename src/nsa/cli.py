@@ -258,6 +258,8 @@ def _train_parser(sub):
     t.add_argument("--log-every", type=int, help="write a metrics line every N steps (default 10)")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 0: at the end)")
     t.add_argument("--parallel", choices=("ddp", "fsdp"), help="data parallelism under torchrun (default ddp)")
+    t.add_argument("--context-parallel", type=int, metavar="P",
+                   help="split every sequence over P ranks under torchrun (NSA models; default 1)")
     add_device_option(t)
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     t.set_defaults(func=_train)

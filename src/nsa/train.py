@@ -77,7 +77,10 @@ class TrainConfig:
         seed: weights and data order. eval_every, eval_batches: validation every N steps (and
             at the end) on that many batches. log_every, checkpoint_every: metrics lines and
             checkpoints every N steps (and at the end).
-        parallel: ``'ddp'`` or ``'fsdp'`` under torchrun. device: ``cpu``, ``cuda`` or
+        parallel: ``'ddp'`` or ``'fsdp'`` under torchrun. context_parallel: P > 1 splits every
+            micro-batch's sequence over P ranks (:mod:`nsa.parallel`; ``attention='nsa'``, under
+            torchrun with a multiple of P processes: a 2-D device mesh ``(dp, cp)``, the data
+            parallelism over the ``dp`` groups). device: ``cpu``, ``cuda`` or
             ``cuda:N`` (default: cuda when available; under torchrun each rank takes
             ``cuda:LOCAL_RANK``). resume / overwrite: continue / replace the run in ``out``.
         progress: a tqdm progress bar on rank 0.
@@ -118,6 +121,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0
     parallel: str = "ddp"
+    context_parallel: int = 1
     device: str | None = None
     resume: bool = False
     overwrite: bool = False
@@ -128,7 +132,7 @@ class TrainConfig:
     def __post_init__(self):
         if not isinstance(self.out, str) or not self.out:
             raise ValueError(f"--out: expected a directory path, got {self.out!r}")
-        for name in ("seq_len", "batch_tokens", "grad_accum", "eval_batches", "log_every"):
+        for name in ("seq_len", "batch_tokens", "grad_accum", "eval_batches", "log_every", "context_parallel"):
             _check_int(name, getattr(self, name), 1)
         for name in ("eval_every", "checkpoint_every", "seed"):
             _check_int(name, getattr(self, name), 0)
@@ -146,6 +150,9 @@ class TrainConfig:
             raise ValueError(f"--lr: expected a positive number, got {self.lr!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"--parallel: expected 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.context_parallel > 1 and self.model.get("attention", self.attention) != "nsa":
+            raise ValueError(f"--context-parallel: splits sequences of attention='nsa' models, got "
+                             f"attention={self.model.get('attention', self.attention)!r}")
         if self.dtype is not None and self.dtype not in ("bf16", "fp32"):
             raise ValueError(f"--dtype: expected bf16 or fp32, got {self.dtype!r}")
         if not isinstance(self.model, dict):
@@ -202,6 +209,17 @@ class _Dist:
     world_size: int = 1
     local_rank: int = 0
     mesh: object = None
+    cp: int = 1  # context-parallel ranks per data-parallel group
+    cp_group: object = None
+
+    @property
+    def dp_rank(self) -> int:
+        """The data-parallel group of this rank (the ranks of one group split the same batch)."""
+        return self.rank // self.cp
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.cp
 
     @property
     def main(self) -> bool:
@@ -213,15 +231,20 @@ class _Dist:
         return self.mesh is not None
 
 
-def _init_distributed(device_text) -> tuple[_Dist, torch.device]:
+def _init_distributed(device_text, cp: int = 1) -> tuple[_Dist, torch.device]:
     """Joins the torchrun process group when started by torchrun (``RANK`` and ``WORLD_SIZE`` in
     the environment), also with one process, so that ``--nproc_per_node=1`` runs the same
-    DDP / FSDP2 code as N processes."""
+    DDP / FSDP2 code as N processes. With ``cp > 1`` ranks form a ``(dp, cp)`` device mesh: the
+    ``cp`` consecutive ranks of a data-parallel group split its sequences."""
     from ._cli_utils import resolve_device
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if cp > 1:
+            raise ValueError(f"--context-parallel: {cp} ranks need torchrun (--nproc_per_node a multiple of {cp})")
         return _Dist(), resolve_device(device_text)
     world = int(os.environ["WORLD_SIZE"])
+    if world % cp:
+        raise ValueError(f"--context-parallel: {cp} must divide the number of processes ({world})")
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     base = resolve_device(device_text)
     if base.type == "cuda":
@@ -235,7 +258,10 @@ def _init_distributed(device_text) -> tuple[_Dist, torch.device]:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
-    return _Dist(rank, world, local, mesh), device
+    cp_group = None
+    if cp > 1:  # the context-parallel dimension of a (dp, cp) mesh; data parallelism spans every rank
+        cp_group = init_device_mesh(device.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))["cp"].get_group()
+    return _Dist(rank, world, local, mesh, cp, cp_group), device
 
 
 def parallelize(model: LanguageModel, how: str, mesh, device: torch.device, bf16: bool):
@@ -412,19 +438,33 @@ class _Stop:
             signal.signal(sig, old)
 
 
+def _batch_loss(model, b: dict, device, d: _Dist) -> torch.Tensor:
+    """The mean loss of batch ``b``; with context parallelism this rank's share of the sequence
+    runs and its part of the mean comes back times ``d.cp`` (gradients averaged over every rank
+    then equal those of the whole batch's mean)."""
+    ids, cu, labels = b["input_ids"].to(device), b["cu_seqlens"].to(device), b["labels"].to(device)
+    if d.cp == 1:
+        return model(ids, cu_seqlens=cu, labels=labels).loss
+    from .parallel import ContextParallel, SequenceShards
+
+    shards = SequenceShards(ids.shape[1], d.cp, cu_seqlens=b["cu_seqlens"].cpu())
+    cp = ContextParallel(shards, group=d.cp_group, device=device)
+    rank = dist.get_rank(d.cp_group)
+    return model(shards.shard(ids, rank), labels=labels, context=cp).loss * d.cp
+
+
 @torch.no_grad()
 def evaluate(model, batches: list[dict], device, autocast, d: _Dist) -> float:
-    """Mean validation loss over ``batches`` (split over the ranks)."""
+    """Mean validation loss over ``batches`` (split over the data-parallel groups)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i, b in enumerate(batches):
-        if i % d.world_size != d.rank:
+        if i % d.dp_size != d.dp_rank:
             continue
         with autocast():
-            out = model(b["input_ids"].to(device), cu_seqlens=b["cu_seqlens"].to(device),
-                        labels=b["labels"].to(device))
-        total += float(out.loss)
+            loss = _batch_loss(model, b, device, d)
+        total += float(loss)
         count += 1
     if d.distributed:
         t = torch.tensor([total, count], dtype=torch.float64, device=device)
@@ -440,12 +480,15 @@ def train(cfg: TrainConfig) -> dict:
     after a checkpoint), ``num_parameters``, ``world_size``."""
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
-    d, device = _init_distributed(cfg.device)
+    d, device = _init_distributed(cfg.device, cfg.context_parallel)
     run = Path(cfg.out)
-    micro = cfg.batch_tokens // (d.world_size * cfg.grad_accum)
-    if micro * d.world_size * cfg.grad_accum != cfg.batch_tokens:
-        raise ValueError(f"--batch-tokens: {cfg.batch_tokens} must be a multiple of world_size x grad_accum "
-                         f"= {d.world_size} x {cfg.grad_accum}")
+    micro = cfg.batch_tokens // (d.dp_size * cfg.grad_accum)
+    if micro * d.dp_size * cfg.grad_accum != cfg.batch_tokens:
+        raise ValueError(f"--batch-tokens: {cfg.batch_tokens} must be a multiple of data-parallel groups x "
+                         f"grad_accum = {d.dp_size} x {cfg.grad_accum}")
+    if micro < 2 * d.cp:
+        raise ValueError(f"--batch-tokens: micro-batches of {micro} tokens cannot be split over "
+                         f"--context-parallel {d.cp} ranks (2 chunks each)")
     cache_dir = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "nsa", "tokens")
     if d.main:
         _prepare_run_dir(run, cfg)
@@ -504,11 +547,11 @@ def train(cfg: TrainConfig) -> dict:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp)
 
     if cfg.task == "lm":
-        batches = PackedBatches(train_store, micro, cfg.seq_len, seed=cfg.seed, rank=d.rank,
-                                world_size=d.world_size)
+        batches = PackedBatches(train_store, micro, cfg.seq_len, seed=cfg.seed, rank=d.dp_rank,
+                                world_size=d.dp_size)
     else:
-        batches = DocumentBatches(train_store, micro, cfg.seq_len, seed=cfg.seed, rank=d.rank,
-                                  world_size=d.world_size, loss_from=train_from)
+        batches = DocumentBatches(train_store, micro, cfg.seq_len, seed=cfg.seed, rank=d.dp_rank,
+                                  world_size=d.dp_size, loss_from=train_from)
     val = eval_batches(val_store, micro, cfg.seq_len, cfg.eval_batches, documents=cfg.task != "lm",
                        loss_from=val_from)
     step, tokens = 0, 0
@@ -550,10 +593,9 @@ def train(cfg: TrainConfig) -> dict:
                 b = next(batches)
                 with _grad_sync(model, m == cfg.grad_accum - 1, d, fsdp):
                     with autocast():
-                        out = model(b["input_ids"].to(device), cu_seqlens=b["cu_seqlens"].to(device),
-                                    labels=b["labels"].to(device))
-                    (out.loss / cfg.grad_accum).backward()
-                losses.append(out.loss.detach())
+                        loss = _batch_loss(model, b, device, d)
+                    (loss / cfg.grad_accum).backward()
+                losses.append(loss.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             if hasattr(grad_norm, "full_tensor"):

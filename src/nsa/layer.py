@@ -514,10 +514,10 @@ class NativeSparseAttention(nn.Module):
         ``[1, total, hidden]`` with one chunk per sequence in ``cu_seqlens``, chunks of length 0
         allowed). Outputs and cache state equal those of one prefill of the whole sequences.
 
-        The chunk's queries attend to cached + chunk keys by running :func:`nsa.ops.nsa` on the
-        whole sequences (cached keys read from the cache, the queries of cached positions zero,
-        their outputs dropped): correct with every backend, but O(cached tokens) work per chunk.
-        Only the compression blocks the chunk completes are compressed."""
+        The chunk's queries attend to cached + chunk keys as the last positions of each sequence
+        (:func:`nsa.ops.nsa` with ``cu_seqlens_k``): the attention work is that of the chunk's
+        queries; the keys are the cache's rows followed by the chunk's, gathered into one packed
+        tensor per branch. Only the compression blocks the chunk completes are compressed."""
         c = self.config
         ks, st = c.kernel_size, c.stride
         chunk = self._chunk_lens(x, cache, cu_seqlens)
@@ -561,9 +561,10 @@ class NativeSparseAttention(nn.Module):
         else:
             kc, vc = k_raw.new_zeros(0, H, Dk), v_raw.new_zeros(0, H, Dv)
 
-        # Whole sequences (cached + chunk) of the rows that advance, packed.
-        parts = {name: [] for name in ("q", "k_cmp", "v_cmp", "k_s", "v_s", "k_w", "v_w", "g0", "g1", "g2")}
-        full_lens, keep = [], []
+        # Keys of the whole sequences (cached + chunk) of the rows that advance, packed; queries and
+        # gates of their chunks only.
+        parts = {name: [] for name in ("k_cmp", "v_cmp", "k_s", "v_s", "k_w", "v_w")}
+        full_lens, chunk_lens = [], []
         c0 = 0
         for n, (L, m, s0) in enumerate(zip(old, chunk, starts)):
             new_c = num_compressed(L + m, ks, st) - num_compressed(L, ks, st)
@@ -576,23 +577,21 @@ class NativeSparseAttention(nn.Module):
                 past = None if prev is None else getattr(prev, name)
                 return now.to(dt) if past is None else torch.cat([past.to(dt), now.to(dt)])
 
-            parts["q"].append(torch.cat([q.new_zeros(L, *q.shape[2:]), q[0, sl]]))
-            for j in range(3):
-                parts[f"g{j}"].append(torch.cat([g[j].new_zeros(L, g[j].shape[-1]), g[j][sl]]).to(dt))
             parts["k_cmp"].append(cat("k_cmp", kc[c0:c0 + new_c]))
             parts["v_cmp"].append(cat("v_cmp", vc[c0:c0 + new_c]))
             parts["k_s"].append(cat("k_slc", k_s[sl]))
             parts["v_s"].append(cat("v_slc", v_s[sl]))
             parts["k_w"].append(cat("k_win", k_w[sl]))
             parts["v_w"].append(cat("v_win", v_w[sl]))
-            keep.append(sum(full_lens) + L + torch.arange(m))
             full_lens.append(L + m)
+            chunk_lens.append(m)
             c0 += new_c
         cu_full = torch.tensor([0] + full_lens).cumsum(0).to(torch.int32).to(dev)
+        cu_chunk = torch.tensor([0] + chunk_lens).cumsum(0).to(torch.int32).to(dev)
         t = {k: torch.cat(v).unsqueeze(0) for k, v in parts.items()}
-        o = ops.nsa(t["q"], t["k_cmp"], t["v_cmp"], t["k_s"], t["v_s"], t["k_w"], t["v_w"], t["g0"], t["g1"],
-                    t["g2"], cu_seqlens=cu_full, **self._op_kwargs())
-        o = o[0, torch.cat(keep).to(dev)]  # [total, HQ, Dv]: the chunks' rows, packed
+        # the chunks' rows, packed in sequence order (rows of empty chunks hold none)
+        o = ops.nsa(q.to(dt), t["k_cmp"], t["v_cmp"], t["k_s"], t["v_s"], t["k_w"], t["v_w"], *(x.to(dt).unsqueeze(0)
+                    for x in g), cu_seqlens=cu_chunk, cu_seqlens_k=cu_full, **self._op_kwargs())[0]
         with torch.no_grad():
             cache.extend(chunk, k_raw, v_raw, kc, vc, k_s, v_s, None if shared else k_w, None if shared else v_w)
         return self.o_proj(o.flatten(-2)).view(*x.shape[:2], -1)

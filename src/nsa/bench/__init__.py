@@ -73,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="case list (default: quick); 'model': a training step of nsa.model.LanguageModel, NSA "
                         "against full attention (see `nsa bench --preset model --help`); 'layer': the "
                         "NativeSparseAttention layer against a full-attention layer with the same projections, "
-                        "with a kernel breakdown (see `nsa bench --preset layer --help`)")
+                        "with a kernel breakdown (see `nsa bench --preset layer --help`); 'generate': end-to-end "
+                        "generation (prefill, then cached decoding) of the model, NSA against full attention (see "
+                        "`nsa bench --preset generate --help`)")
     p.add_argument("--T", type=_int_list, help="override sequence lengths / decode contexts, e.g. 8k,16k")
     p.add_argument("--B", type=_int_list, help="override batch sizes, e.g. 1,8")
     p.add_argument("--heads", type=_pairs("/"), help="override (HQ/H) pairs, e.g. 64/4,16/4")
@@ -105,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Presets with their own options, parser and output: preset -> module with cli_main(argv).
-_OWN_PARSER = {"model": "model_step", "layer": "layer_step"}
+_OWN_PARSER = {"model": "model_step", "layer": "layer_step", "generate": "generate"}
 
 
 class _Terminated(Exception):

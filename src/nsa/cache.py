@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .ops.utils import num_compressed
 
@@ -462,7 +463,10 @@ class KVCache(_SequenceCache):
         self.seq_lens = self.seq_lens + 1
 
     def attend(self, q, window_size=None, scale=None):
-        """Attention of one new query per sequence over its cached keys.
+        """Attention of one new query per sequence over its cached keys, with
+        :func:`torch.nn.functional.scaled_dot_product_attention` (GQA) in the cache's dtype, over
+        the cached positions only (no mask when every sequence has the same length and there is
+        no window: the fused SDPA kernels, cuDNN or flash, on CUDA).
 
         Args:
             q: ``[N, HQ, Dk]`` the queries of the tokens just appended (at position ``seq_lens[n] - 1``),
@@ -470,22 +474,25 @@ class KVCache(_SequenceCache):
             window_size: None (full causal attention) or w: keys ``seq_lens[n] - w <= s < seq_lens[n]``.
             scale: softmax scale, default ``Dk ** -0.5``.
         Returns:
-            ``[N, HQ, Dv]`` in q's dtype (computed in float32, float64 for float64 q).
+            ``[N, HQ, Dv]`` in q's dtype.
         """
         N, HQ, Dk = q.shape
-        H = self.k.shape[2]
-        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
         s = Dk ** -0.5 if scale is None else scale
-        qg = q.to(ct).view(N, H, HQ // H, Dk)
-        scores = torch.einsum("nhgd,nshd->nhgs", qg, self.k.to(ct)) * s  # [N, H, G, cap]
-        pos = torch.arange(self.capacity, device=q.device)
-        end = self.seq_lens.long().view(N, 1)
-        visible = pos < end
-        if window_size is not None:
-            visible &= pos >= end - window_size
-        scores = scores.masked_fill(~visible.view(N, 1, 1, -1), float("-inf"))
-        o = torch.einsum("nhgs,nshd->nhgd", scores.softmax(-1), self.v.to(ct))
-        return o.reshape(N, HQ, -1).to(q.dtype)
+        longest, shortest = max(self.lengths), min(self.lengths)  # host values: no device sync
+        lo = 0 if window_size is None else max(0, shortest - window_size)
+        k = self.k[:, lo:longest].transpose(1, 2)  # [N, H, keys, Dk]
+        v = self.v[:, lo:longest].transpose(1, 2)
+        mask = None
+        if shortest != longest or window_size is not None:
+            pos = torch.arange(lo, longest, device=q.device)
+            end = self.seq_lens.long().view(N, 1)
+            visible = pos < end
+            if window_size is not None:
+                visible &= pos >= end - window_size
+            mask = visible.view(N, 1, 1, -1)
+        o = F.scaled_dot_product_attention(q.to(k.dtype).unsqueeze(2), k, v, attn_mask=mask, scale=s,
+                                           enable_gqa=True)  # [N, HQ, 1, Dv]
+        return o.view(N, HQ, -1).to(q.dtype)
 
 
 # ---- shared by NSACache and nsa.PagedNSACache -------------------------------------------------

@@ -8,8 +8,9 @@ measurement of the whole NSA (impl ``nsa``; passes fwd, bwd, decode) that passed
 when the run started (the JSON header's ``date_utc``), the run's name (``--run``, default the
 name of the JSON's folder), the commit measured (the header's ``git``; ``--commit`` where the
 header lacks it or is wrong), the case (preset, T, B, HQ, H, Dk, Dv, ``variant``: ``qsN`` for
-``--smooth-queries N``), the NSA time, the fastest SDPA backend of the same case and pass
-with its time and the speedup (empty when the run had no baselines), and the machine and
+``--smooth-queries N``), the NSA time, the fastest baseline of the same case and pass (an SDPA
+backend; the full-attention model for ``--preset generate``) with its time and the speedup
+(empty when the run had no baselines), and the machine and
 versions. Rows already there (same run, case and pass) are left as they are. ``plot`` draws the
 speedup of one case over the runs, forward and backward.
 
@@ -48,7 +49,8 @@ def rows_from_json(path: Path, run: str | None = None, commit: str | None = None
         if r["impl"] != "nsa" or r["ms"] is None or r["ok"] is not True:
             continue
         same = [b for b in records if b["case"] == r["case"] and b["pass"] == r["pass"]
-                and b["impl"].startswith("sdpa.") and b["ms"] is not None and b["ok"] is not False]
+                and (b["impl"].startswith("sdpa.") or b["impl"] == "full") and b["ms"] is not None
+                and b["ok"] is not False]
         best = min(same, key=lambda b: b["ms"]) if same else None
         variant = r["case"].rsplit("/", 1)[1] if r["case"].rsplit("/", 1)[1].startswith("qs") else ""
         rows.append({

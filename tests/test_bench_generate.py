@@ -56,10 +56,13 @@ def test_generate_preset_end_to_end(tmp_path, capsys):
             assert by["full", p, b]["speedup"] is None
     printed = capsys.readouterr()
     assert "speedup prefill/decode" in printed.out and "... T=" not in printed.err  # --no-progress
-    # history.py append takes one row per NSA measurement (no sdpa.* baseline in this preset).
+    # history.py append takes one row per NSA measurement, the full-attention model as its baseline.
     rows = _history().rows_from_json(out, run="test")
     assert sorted((r["pass"], r["B"]) for r in rows) == [("decode", 1), ("decode", 2), ("prefill", 1), ("prefill", 2)]
-    assert all(r["preset"] == "generate" and r["baseline"] == "" for r in rows)
+    assert all(r["preset"] == "generate" and r["baseline"] == "full" for r in rows)
+    for r in rows:
+        nsa_ms, full_ms = by["nsa", r["pass"], r["B"]]["ms"], by["full", r["pass"], r["B"]]["ms"]
+        assert float(r["speedup"]) == pytest.approx(full_ms / nsa_ms, abs=0.006)
 
 
 @pytest.mark.parametrize("argv, option", [

@@ -1,8 +1,11 @@
 """Compressed attention (NSA's coarse branch) in Triton: forward and backward.
 
 Semantics are exactly :func:`nsa.ops.reference.compressed_attention`: compressed token ``i``
-(raw positions ``[i*stride, i*stride + kernel_size)``) is visible to query ``t`` iff
-``i*stride + kernel_size - 1 <= t``; a query that sees nothing gets ``o = 0``, ``lse = -inf``.
+(raw positions ``[i*stride, i*stride + kernel_size)``) is visible to the query at position ``p``
+iff ``i*stride + kernel_size - 1 <= p``; a query that sees nothing gets ``o = 0``, ``lse = -inf``.
+Queries may be the last rows of their sequence's keys (``q_offset`` / ``cu_seqlens_k``): query
+row ``t`` then has position ``p = off + t`` with ``off`` its sequence's keys minus queries, and
+every visibility rule reads ``p``; the query tiles are still tiles of rows.
 
 Layout of the work. Every input is handled as packed sequences (a dense ``[B, T]`` batch is
 packed ``[1, B*T]`` with :func:`nsa.ops.utils.uniform_cu_seqlens`). A query tile holds ``BT``
@@ -39,6 +42,20 @@ from .triton_utils import kv_descriptors, pow2, use_tma
 from .utils import compressed_cu_seqlens, interpreting, new_output, prepare_chunk_indices, uniform_cu_seqlens
 
 LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _query_offset(cu_seqlens_k, i_n, seq_len, q_offset, OFFSET: tl.constexpr):
+    """Position of query row 0 of sequence i_n: 0 (OFFSET "none": the kernel of inputs without an
+    offset, unchanged), q_offset ("scalar") or its keys' length minus its seq_len queries ("keys":
+    cu_seqlens_k)."""
+    if OFFSET == "keys":
+        off = (tl.load(cu_seqlens_k + i_n + 1) - tl.load(cu_seqlens_k + i_n)).to(tl.int32) - seq_len
+    elif OFFSET == "scalar":
+        off = q_offset
+    else:
+        off = 0
+    return off
 
 
 @triton.jit
@@ -95,17 +112,18 @@ def _score_tile(b_q, b_q2, p_k, p_v, p_k2, i0, n_vis, s_kt, s_vt, scale_log2, DK
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, b_q, b_q2, p_k, p_v, p_k2, o_t, i_lo, i_hi, n_vis, s_kt, s_vt, scale_log2,
-               KERNEL_SIZE, STRIDE, DK, DV,
+               t_vis, STRIDE, DK, DV,
                BC: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDV: tl.constexpr, MASK: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """Online-softmax update of a query tile over compressed tokens [i_lo, i_hi) of its sequence.
 
     p_k/p_v point at the sequence's first compressed token of the KV head, or (TMA) are tensor
     descriptors of its visible tokens ``[n_vis, D]`` (TMA zero-fills rows >= n_vis and columns
-    >= D, as the masked pointer loads do); MASK applies the per-row visibility (only the key
-    tiles near the query tile's horizon need it). BDK2 > 0: the head columns ``BDK ..`` are a
-    second tile, b_q2 ``[BM, BDK2]`` (no padding to a power of two), its keys read through the
-    pointer p_k2 (p_k's pointer form).
+    >= D, as the masked pointer loads do); MASK applies the per-row visibility to the rows o_t
+    ``[BM]``: token i is visible to row t iff ``i*STRIDE + t_vis <= t`` (``t_vis = kernel_size - 1
+    - off``, :func:`_query_offset`; only the key tiles near the query tile's horizon need it).
+    BDK2 > 0: the head columns ``BDK ..`` are a second tile, b_q2 ``[BM, BDK2]`` (no padding to a
+    power of two), its keys read through the pointer p_k2 (p_k's pointer form).
     """
     o_c = tl.arange(0, BC)
     for i0 in range(i_lo, i_hi, BC):
@@ -114,7 +132,7 @@ def _fwd_tiles(acc, l_i, m_i, b_q, b_q2, p_k, p_v, p_k2, o_t, i_lo, i_hi, n_vis,
         b_s, b_k, b_k2, b_v = _score_tile(b_q, b_q2, p_k, p_v, p_k2, i0, n_vis, s_kt, s_vt, scale_log2, DK, DV, BC,
                                           BDK, BDK2, BDV, PRECISION, UPCAST, TMA)
         if MASK:
-            m_vis = (o_i[None, :] * STRIDE + KERNEL_SIZE - 1) <= o_t[:, None]
+            m_vis = (o_i * STRIDE + t_vis)[None, :] <= o_t[:, None]
             b_s = tl.where(m_vis, b_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
         # a row that has seen nothing yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
@@ -134,13 +152,15 @@ def _fwd_tiles(acc, l_i, m_i, b_q, b_q2, p_k, p_v, p_k2, o_t, i_lo, i_hi, n_vis,
 @triton.jit
 def compressed_fwd_kernel(q, k, v, o, lse, cu_seqlens, ccu_seqlens, chunk_indices, scale_log2,
                           s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, HQ, H, G, DK, DV,
-                          KERNEL_SIZE, STRIDE,
+                          KERNEL_SIZE, STRIDE, cu_seqlens_k, q_offset,
                           GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
                           BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-                          BDK2: tl.constexpr = 0):
+                          BDK2: tl.constexpr = 0, OFFSET: tl.constexpr = "none"):
     """One program per (query tile, KV head); chunk_indices rows are (sequence, tile), taken last
     row first (a sequence's late tiles see the most tokens: the longest programs start first).
-    TMA: compressed K/V tiles through tensor descriptors (16-bit inputs, 16-byte aligned rows)."""
+    TMA: compressed K/V tiles through tensor descriptors (16-bit inputs, 16-byte aligned rows).
+    Row t of sequence n has position off + t (:func:`_query_offset`); ccu_seqlens packs the
+    compressed tokens of the keys."""
     BM: tl.constexpr = BT * GP
     i_p = tl.program_id(0)
     i_c, i_h = tl.num_programs(0) // H - 1 - i_p // H, i_p % H
@@ -149,10 +169,11 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu_seqlens, ccu_seqlens, chunk_indice
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     seq_len = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
     cbos = tl.load(ccu_seqlens + i_n).to(tl.int64)
+    off = _query_offset(cu_seqlens_k, i_n, seq_len, q_offset, OFFSET)
 
     t0 = i_tile * BT
     o_r = tl.arange(0, BM)
-    o_t = t0 + o_r // GP  # [BM] position of each row
+    o_t = t0 + o_r // GP  # [BM] row of each query within its sequence
     o_g = o_r % GP  # [BM] head within the group
     m_row = (o_t < seq_len) & (o_g < G)
     o_hq = i_h * G + o_g
@@ -174,12 +195,14 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu_seqlens, ccu_seqlens, chunk_indice
         b_q = b_q.to(tl.float32)
         b_q2 = b_q2.to(tl.float32)
 
-    t_last = tl.minimum(t0 + BT, seq_len) - 1
-    # Token i is visible to position t iff i*stride + kernel_size - 1 <= t: the tile's last row sees
+    p0 = t0 + off  # position of the tile's first row
+    p_last = tl.minimum(t0 + BT, seq_len) - 1 + off
+    # Token i is visible to position p iff i*stride + kernel_size - 1 <= p: the tile's last row sees
     # n_vis tokens, its first row n_full (operands kept non-negative: no signed-division pitfalls).
-    n_vis = tl.where(t_last + 1 >= KERNEL_SIZE, tl.maximum(t_last + 1 - KERNEL_SIZE, 0) // STRIDE + 1, 0)
-    n_full = tl.where(t0 + 1 >= KERNEL_SIZE, tl.maximum(t0 + 1 - KERNEL_SIZE, 0) // STRIDE + 1, 0)
+    n_vis = tl.where(p_last + 1 >= KERNEL_SIZE, tl.maximum(p_last + 1 - KERNEL_SIZE, 0) // STRIDE + 1, 0)
+    n_full = tl.where(p0 + 1 >= KERNEL_SIZE, tl.maximum(p0 + 1 - KERNEL_SIZE, 0) // STRIDE + 1, 0)
     n_full = (n_full // BC) * BC
+    t_vis = KERNEL_SIZE - 1 - off  # token i is visible to row t iff i*stride + t_vis <= t
 
     p_k = k + cbos * s_kt + i_h * s_kh
     p_v = v + cbos * s_vt + i_h * s_vh
@@ -191,10 +214,10 @@ def compressed_fwd_kernel(q, k, v, o, lse, cu_seqlens, ccu_seqlens, chunk_indice
     l_i = tl.zeros([BM], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, b_q, b_q2, p_k, p_v, p_k2, o_t, 0, n_full, n_vis, s_kt, s_vt,
-                               scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDK2, BDV, False, PRECISION, UPCAST,
+                               scale_log2, t_vis, STRIDE, DK, DV, BC, BDK, BDK2, BDV, False, PRECISION, UPCAST,
                                TMA)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, b_q, b_q2, p_k, p_v, p_k2, o_t, n_full, n_vis, n_vis, s_kt, s_vt,
-                               scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDK2, BDV, True, PRECISION, UPCAST,
+                               scale_log2, t_vis, STRIDE, DK, DV, BC, BDK, BDK2, BDV, True, PRECISION, UPCAST,
                                TMA)
 
     seen = l_i > 0
@@ -223,12 +246,12 @@ def compressed_bwd_preprocess_kernel(o, do, dlse, delta, N, DV, HAS_DLSE: tl.con
 
 @triton.jit
 def _bwd_dq_tiles(b_dq, b_dq2, b_q, b_q2, b_do, b_lse, b_delta, p_k, p_v, p_k2, o_t, i_lo, i_hi, n_vis, s_kt, s_vt,
-                  scale_log2, KERNEL_SIZE, STRIDE, DK, DV,
+                  scale_log2, t_vis, STRIDE, DK, DV,
                   BC: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDV: tl.constexpr, MASK: tl.constexpr,
                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """dQ of a query tile (unscaled) from compressed tokens [i_lo, i_hi); b_lse in log2 units.
-    p_k/p_v as in :func:`_fwd_tiles` (pointers, or TMA descriptors of the visible tokens).
-    BDK2 > 0: the head columns ``BDK ..`` are a second tile (b_q2, b_dq2; keys through the
+    p_k/p_v (pointers, or TMA descriptors of the visible tokens) and the visibility of the rows
+    o_t (t_vis) as in :func:`_fwd_tiles`. BDK2 > 0: the head columns ``BDK ..`` are a second tile (b_q2, b_dq2; keys through the
     pointer p_k2), as in :func:`_fwd_tiles`."""
     o_c = tl.arange(0, BC)
     for i0 in range(i_lo, i_hi, BC):
@@ -237,7 +260,7 @@ def _bwd_dq_tiles(b_dq, b_dq2, b_q, b_q2, b_do, b_lse, b_delta, p_k, p_v, p_k2, 
                                           BDK, BDK2, BDV, PRECISION, UPCAST, TMA)  # [BM, BC], log2 units
         b_p = tl.exp2(b_s - b_lse[:, None])
         if MASK:
-            m_vis = (o_i[None, :] * STRIDE + KERNEL_SIZE - 1) <= o_t[:, None]
+            m_vis = (o_i * STRIDE + t_vis)[None, :] <= o_t[:, None]
             b_p = tl.where(m_vis, b_p, 0.)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BC]
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -254,13 +277,13 @@ def _bwd_dq_tiles(b_dq, b_dq2, b_q, b_q2, b_do, b_lse, b_delta, p_k, p_v, p_k2, 
 @triton.jit
 def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlens, chunk_indices, scale,
                              scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, HQ, H, G, DK, DV,
-                             KERNEL_SIZE, STRIDE,
+                             KERNEL_SIZE, STRIDE, cu_seqlens_k, q_offset,
                              GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
                              BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                             TMA: tl.constexpr, BDK2: tl.constexpr = 0):
+                             TMA: tl.constexpr, BDK2: tl.constexpr = 0, OFFSET: tl.constexpr = "none"):
     """One program per (query tile, KV head), latest tiles first. dq has q's strides, do has o's
-    strides; lse and delta are contiguous [tokens, HQ] fp32. TMA as in the forward. BDK2 > 0:
-    the head columns ``BDK ..`` as a second tile (q, k and dq), as in the forward."""
+    strides; lse and delta are contiguous [tokens, HQ] fp32. TMA, the row positions and BDK2 > 0
+    (the head columns ``BDK ..`` as a second tile: q, k and dq) as in the forward."""
     BM: tl.constexpr = BT * GP
     i_p = tl.program_id(0)
     i_c, i_h = tl.num_programs(0) // H - 1 - i_p // H, i_p % H
@@ -269,6 +292,7 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlen
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     seq_len = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
     cbos = tl.load(ccu_seqlens + i_n).to(tl.int64)
+    off = _query_offset(cu_seqlens_k, i_n, seq_len, q_offset, OFFSET)
 
     t0 = i_tile * BT
     o_r = tl.arange(0, BM)
@@ -300,10 +324,12 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlen
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
     b_delta = tl.load(delta + o_tok * HQ + o_hq, mask=m_row, other=0.)
 
-    t_last = tl.minimum(t0 + BT, seq_len) - 1
-    n_vis = tl.where(t_last + 1 >= KERNEL_SIZE, tl.maximum(t_last + 1 - KERNEL_SIZE, 0) // STRIDE + 1, 0)
-    n_full = tl.where(t0 + 1 >= KERNEL_SIZE, tl.maximum(t0 + 1 - KERNEL_SIZE, 0) // STRIDE + 1, 0)
+    p0 = t0 + off
+    p_last = tl.minimum(t0 + BT, seq_len) - 1 + off
+    n_vis = tl.where(p_last + 1 >= KERNEL_SIZE, tl.maximum(p_last + 1 - KERNEL_SIZE, 0) // STRIDE + 1, 0)
+    n_full = tl.where(p0 + 1 >= KERNEL_SIZE, tl.maximum(p0 + 1 - KERNEL_SIZE, 0) // STRIDE + 1, 0)
     n_full = (n_full // BC) * BC
+    t_vis = KERNEL_SIZE - 1 - off  # token i is visible to row t iff i*stride + t_vis <= t
 
     p_k = k + cbos * s_kt + i_h * s_kh
     p_v = v + cbos * s_vt + i_h * s_vh
@@ -313,12 +339,12 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlen
     b_dq = tl.zeros([BM, BDK], dtype=tl.float32)
     # without a second tile (BDK2 == 0) a 16-column placeholder, never read: the compiler drops it
     b_dq2 = tl.zeros([BM, BDK2 if BDK2 > 0 else 16], dtype=tl.float32)
-    b_dq, b_dq2 = _bwd_dq_tiles(b_dq, b_dq2, b_q, b_q2, b_do, b_lse, b_delta, p_k, p_v, p_k2, o_t, 0, n_full, n_vis,
-                                s_kt, s_vt, scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDK2, BDV, False,
+    b_dq, b_dq2 = _bwd_dq_tiles(b_dq, b_dq2, b_q, b_q2, b_do, b_lse, b_delta, p_k, p_v, p_k2, o_t, 0, n_full,
+                                n_vis, s_kt, s_vt, scale_log2, t_vis, STRIDE, DK, DV, BC, BDK, BDK2, BDV, False,
                                 PRECISION, UPCAST, TMA)
-    b_dq, b_dq2 = _bwd_dq_tiles(b_dq, b_dq2, b_q, b_q2, b_do, b_lse, b_delta, p_k, p_v, p_k2, o_t, n_full, n_vis,
-                                n_vis, s_kt, s_vt, scale_log2, KERNEL_SIZE, STRIDE, DK, DV, BC, BDK, BDK2, BDV, True,
-                                PRECISION, UPCAST, TMA)
+    b_dq, b_dq2 = _bwd_dq_tiles(b_dq, b_dq2, b_q, b_q2, b_do, b_lse, b_delta, p_k, p_v, p_k2, o_t, n_full,
+                                n_vis, n_vis, s_kt, s_vt, scale_log2, t_vis, STRIDE, DK, DV, BC, BDK, BDK2, BDV,
+                                True, PRECISION, UPCAST, TMA)
     tl.store(dq + o_tok[:, None] * s_qt + (o_hq * s_qh)[:, None] + o_dk[None, :],
              (b_dq * scale).to(dq.dtype.element_ty), mask=m_row[:, None] & m_dk[None, :])
     if BDK2 > 0:
@@ -328,12 +354,13 @@ def compressed_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, ccu_seqlen
 
 @triton.jit
 def _bwd_dkv_tiles(b_dk, b_dk2, b_dv, b_k, b_k2, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h, t_lo, t_hi,
-                   s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE, DK, DV,
+                   s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, t_vis, STRIDE, DK, DV,
                    GP: tl.constexpr, BT: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDV: tl.constexpr,
                    MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dK (unscaled) and dV of a compressed tile from the query tiles starting at t_lo, t_lo+BT, .. < t_hi
-    (rows past t_hi belong to the next program unless t_hi is the sequence end). BDK2 > 0: the head
-    columns ``BDK ..`` are a second tile (b_k2, b_dk2)."""
+    """dK (unscaled) and dV of a compressed tile from the query tiles starting at rows t_lo, t_lo+BT,
+    .. < t_hi (rows past t_hi belong to the next program unless t_hi is the sequence end); the
+    visibility (t_vis) as in :func:`_fwd_tiles`. BDK2 > 0: the head columns ``BDK ..`` are a second
+    tile (b_k2, b_dk2)."""
     BM: tl.constexpr = BT * GP
     o_r = tl.arange(0, BM)
     o_dt = o_r // GP  # [BM] position within the query tile
@@ -373,7 +400,7 @@ def _bwd_dkv_tiles(b_dk, b_dk2, b_dv, b_k, b_k2, b_v, q, do, lse, delta, bos, se
             b_st += tl.dot(b_k2, tl.trans(b_q2), input_precision=PRECISION)
         b_pt = tl.exp2(b_st * scale_log2 - b_lse[None, :])
         if MASK:
-            m_vis = (o_i[:, None] * STRIDE + KERNEL_SIZE - 1) <= o_t[None, :]
+            m_vis = (o_i * STRIDE + t_vis)[:, None] <= o_t[None, :]
             b_pt = tl.where(m_vis, b_pt, 0.)
         b_ptc = b_pt.to(do.dtype.element_ty)
         if UPCAST:
@@ -393,16 +420,17 @@ def _bwd_dkv_tiles(b_dk, b_dk2, b_dv, b_k, b_k2, b_v, q, do, lse, delta, bos, se
 @triton.jit
 def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_seqlens, chunk_indices, scale,
                               scale_log2, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, s_dks, s_dvs,
-                              HQ, H, G, DK, DV, KERNEL_SIZE, STRIDE, NSEG,
+                              HQ, H, G, DK, DV, KERNEL_SIZE, STRIDE, NSEG, cu_seqlens_k, q_offset,
                               GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BDK: tl.constexpr,
                               BDV: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                              BDK2: tl.constexpr = 0):
+                              BDK2: tl.constexpr = 0, OFFSET: tl.constexpr = "none"):
     """One program per (tile of BC compressed tokens, KV head, query segment). BDK2 > 0: the head
     columns ``BDK ..`` as a second tile (q, k and dk), as in the forward.
 
-    The queries that see the tile, [i0*stride + kernel_size - 1, seq_len), are cut into NSEG
-    segments of whole query tiles; program s writes its partial sums to dk + s*s_dks (resp. dv),
-    which hold k's (v's) strides otherwise. The host adds the segments in a fixed order.
+    The query rows that see the tile, [max(0, i0*stride + kernel_size - 1 - off), seq_len) (row t
+    has position off + t, :func:`_query_offset`), are cut into NSEG segments of whole query tiles;
+    program s writes its partial sums to dk + s*s_dks (resp. dv), which hold k's (v's) strides
+    otherwise. The host adds the segments in a fixed order.
     """
     i_p = tl.program_id(0)
     i_c = i_p // (H * NSEG)
@@ -414,6 +442,7 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_s
     seq_len = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
     cbos = tl.load(ccu_seqlens + i_n).to(tl.int64)
     n_cmp = (tl.load(ccu_seqlens + i_n + 1) - cbos).to(tl.int32)
+    off = _query_offset(cu_seqlens_k, i_n, seq_len, q_offset, OFFSET)
 
     i0 = i_tile * BC
     o_i = i0 + tl.arange(0, BC)
@@ -438,23 +467,25 @@ def compressed_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, ccu_s
     if UPCAST:
         b_k, b_k2, b_v = b_k.to(tl.float32), b_k2.to(tl.float32), b_v.to(tl.float32)
 
-    # This program's queries [t_lo, t_hi); t_full: the first query that sees the whole tile, so
-    # query tiles from t_mid on skip the per-row mask.
-    t_start = i0 * STRIDE + KERNEL_SIZE - 1
+    # This program's query rows [t_lo, t_hi); t_full: the first row that sees the whole tile, so
+    # query tiles from t_mid on skip the per-row mask. Every compressed token is seen by the
+    # sequence's last query (position len_k - 1), so t_start < seq_len.
+    t_vis = KERNEL_SIZE - 1 - off  # token i is visible to row t iff i*stride + t_vis <= t
+    t_start = tl.maximum(i0 * STRIDE + t_vis, 0)
     piece = tl.cdiv(tl.cdiv(seq_len - t_start, NSEG), BT) * BT
     t_lo = t_start + i_s * piece
     t_hi = tl.minimum(t_lo + piece, seq_len)
-    t_full = (tl.minimum(i0 + BC, n_cmp) - 1) * STRIDE + KERNEL_SIZE - 1
+    t_full = (tl.minimum(i0 + BC, n_cmp) - 1) * STRIDE + t_vis
     t_mid = tl.minimum(t_lo + tl.cdiv(tl.maximum(t_full - t_lo, 0), BT) * BT, t_hi)
 
     b_dk = tl.zeros([BC, BDK], dtype=tl.float32)
     b_dk2 = tl.zeros([BC, BDK2 if BDK2 > 0 else 16], dtype=tl.float32)
     b_dv = tl.zeros([BC, BDV], dtype=tl.float32)
     b_dk, b_dk2, b_dv = _bwd_dkv_tiles(b_dk, b_dk2, b_dv, b_k, b_k2, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h,
-                                       t_lo, t_mid, s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE,
+                                       t_lo, t_mid, s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, t_vis, STRIDE,
                                        DK, DV, GP, BT, BDK, BDK2, BDV, True, PRECISION, UPCAST)
     b_dk, b_dk2, b_dv = _bwd_dkv_tiles(b_dk, b_dk2, b_dv, b_k, b_k2, b_v, q, do, lse, delta, bos, seq_len, o_i, i_h,
-                                       t_mid, t_hi, s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, KERNEL_SIZE, STRIDE,
+                                       t_mid, t_hi, s_qt, s_qh, s_ot, s_oh, scale_log2, HQ, G, t_vis, STRIDE,
                                        DK, DV, GP, BT, BDK, BDK2, BDV, False, PRECISION, UPCAST)
     p_dk = dk + tl.cast(i_s, tl.int64) * s_dks + o_ctok[:, None] * s_kt + i_h * s_kh + o_dk[None, :]
     p_dv = dv + tl.cast(i_s, tl.int64) * s_dvs + o_ctok[:, None] * s_vt + i_h * s_vh + o_dv[None, :]
@@ -574,18 +605,26 @@ def _dkv_segments(n_tiles, H, T, programs, min_segment):
 
 
 class _Packed:
-    """Packed bookkeeping of a call: sequence offsets and work orders for the tiled grids."""
+    """Packed bookkeeping of a call: sequence offsets and work orders for the tiled grids.
 
-    def __init__(self, B, T, Tc, kernel_size, stride, cu_seqlens, device):
+    ``cuk``: the keys' cu_seqlens when they differ from the queries' (else None: every query
+    sequence then starts at position ``q_offset``, 0 for packed input); ``offset``: the kernels'
+    OFFSET (:func:`_query_offset`)."""
+
+    def __init__(self, B, T, Tc, kernel_size, stride, cu_seqlens, device, q_offset=0, cu_seqlens_k=None):
         self.B, self.T, self.Tc = B, T, Tc
         self.stride = stride
         self.dense = cu_seqlens is None
+        self.q_offset = q_offset
+        self.cuk = None if cu_seqlens_k is None or cu_seqlens_k is cu_seqlens else cu_seqlens_k
+        self.offset = "keys" if self.cuk is not None else "scalar" if q_offset else "none"
         if self.dense:
             self.cu = uniform_cu_seqlens(B, T, device)
             self.ccu = uniform_cu_seqlens(B, Tc, device)
         else:
             self.cu = cu_seqlens
-            self.ccu = compressed_cu_seqlens(cu_seqlens, kernel_size, stride)
+            keys = cu_seqlens if self.cuk is None else self.cuk
+            self.ccu = compressed_cu_seqlens(keys, kernel_size, stride)
         self.device = device
 
     def query_tiles(self, bt: int) -> torch.Tensor:
@@ -596,7 +635,11 @@ class _Packed:
             seq = torch.arange(self.B, dtype=torch.int32, device=self.device).repeat(n)
             return torch.stack([seq, tile], 1).contiguous()
         idx = prepare_chunk_indices(self.cu, bt)
-        order = torch.argsort(-idx[:, 1], stable=True)
+        work = idx[:, 1].long()
+        if self.cuk is not None:  # a tile's work grows with its position, not its row
+            lens, lens_k = self.cu[1:] - self.cu[:-1], self.cuk[1:] - self.cuk[:-1]
+            work = work * bt + (lens_k - lens).long()[idx[:, 0].long()]
+        order = torch.argsort(-work, stable=True)
         return idx[order].contiguous()
 
     def key_tiles(self, bc: int) -> torch.Tensor:
@@ -609,14 +652,19 @@ class _Packed:
         idx = prepare_chunk_indices(self.ccu, bc)
         lens = (self.cu[1:] - self.cu[:-1]).long()
         work = lens[idx[:, 0].long()] - idx[:, 1].long() * bc * self.stride
+        if self.cuk is not None:  # the queries past the tile's start: at most all of them
+            lens_k = (self.cuk[1:] - self.cuk[:-1]).long()
+            work = torch.minimum(lens[idx[:, 0].long()], work + (lens_k - lens)[idx[:, 0].long()])
         order = torch.argsort(-work, stable=True)
         return idx[order].contiguous()
 
 
-def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens, config=None):
+def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens, config=None, q_offset=0,
+                             cu_seqlens_k=None):
     """Returns o ``[B, T, HQ, Dv]`` (q's dtype) and lse ``[B, T, HQ]`` float32. 16/32-bit floats only.
 
-    ``config`` overrides the tile config (keys of :func:`_fwd_config`; for benchmark sweeps)."""
+    ``config`` overrides the tile config (keys of :func:`_fwd_config`; for benchmark sweeps).
+    ``q_offset`` / ``cu_seqlens_k``: as in :func:`compressed_attention_triton`."""
     B, T, HQ, Dk = q.shape
     Tc, H, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     G = HQ // H
@@ -627,7 +675,7 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seq
     if B * Tc == 0:  # nothing is visible anywhere
         return o.zero_(), lse.fill_(float("-inf"))
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
-    pk = _Packed(B, T, Tc, kernel_size, stride, cu_seqlens, q.device)
+    pk = _Packed(B, T, Tc, kernel_size, stride, cu_seqlens, q.device, q_offset, cu_seqlens_k)
     bdk, bdv = pow2(Dk), pow2(Dv)
     cfg = config or _fwd_config(bdk, bdv, q.element_size(), interpreting())
     gp, bt = _query_rows(G, cfg["rows"])
@@ -639,19 +687,21 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seq
     compressed_fwd_kernel[grid](
         q, k_cmp, v_cmp, o, lse, pk.cu, pk.ccu, tiles, scale * LOG2E,
         q.stride(1), q.stride(2), k_cmp.stride(1), k_cmp.stride(2), v_cmp.stride(1), v_cmp.stride(2),
-        o.stride(1), o.stride(2), HQ, H, G, Dk, Dv, kernel_size, stride,
+        o.stride(1), o.stride(2), HQ, H, G, Dk, Dv, kernel_size, stride, pk.cuk, pk.q_offset,
         GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk1, BDK2=bdk2, BDV=bdv, PRECISION=_precision(q.dtype),
-        UPCAST=_upcast(q), TMA=tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        UPCAST=_upcast(q), TMA=tma, OFFSET=pk.offset, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return o, lse
 
 
 def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens,
-                             dq_config=None, dkv_config=None, delta=None):
+                             dq_config=None, dkv_config=None, delta=None, q_offset=0, cu_seqlens_k=None):
     """Returns dq, dk_cmp, dv_cmp (input dtypes). ``dlse`` ``[B, T, HQ]`` may be None (zero).
 
     ``dq_config`` / ``dkv_config`` override the tile configs (benchmark sweeps). ``delta``
     ``[B, T, HQ]`` float32 = rowsum(dO * o) - dlse, when given (:mod:`nsa.ops.fused`), is not
-    recomputed; ``o`` and ``dlse`` are then not read."""
+    recomputed; ``o`` and ``dlse`` are then not read. ``q_offset`` / ``cu_seqlens_k``: as in
+    :func:`compressed_attention_triton`."""
     if delta is not None and dlse is not None:
         raise ValueError("compressed backward: give dlse or a precomputed delta, not both")
     B, T, HQ, Dk = q.shape
@@ -679,10 +729,11 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
     else:
         delta = delta.contiguous()
 
-    pk = _Packed(B, T, Tc, kernel_size, stride, cu_seqlens, q.device)
+    pk = _Packed(B, T, Tc, kernel_size, stride, cu_seqlens, q.device, q_offset, cu_seqlens_k)
     precision = _precision(q.dtype)
     common = (q.stride(1), q.stride(2), k_cmp.stride(1), k_cmp.stride(2), v_cmp.stride(1), v_cmp.stride(2),
               o.stride(1), o.stride(2), HQ, H, G, Dk, Dv, kernel_size, stride)
+    offsets = (pk.cuk, pk.q_offset)
 
     # q . k over a head dim that is not a power of two: two tiles (192 = 128 + 64), not one of 256
     bdk1, bdk2 = triton_utils.head_tiles(Dk)
@@ -691,9 +742,10 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
     tiles = pk.query_tiles(bt)
     tma = use_tma(cfg.get("tma", False), k_cmp, v_cmp)
     compressed_bwd_dq_kernel[(tiles.shape[0] * H,)](
-        q, k_cmp, v_cmp, do, lse, delta, dq, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common,
+        q, k_cmp, v_cmp, do, lse, delta, dq, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common, *offsets,
         GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk1, BDK2=bdk2, BDV=bdv, PRECISION=precision,
-        UPCAST=_upcast(q), TMA=tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        UPCAST=_upcast(q), TMA=tma, OFFSET=pk.offset, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
 
     cfg = dkv_config or _dkv_config(bdk, bdv, q.element_size(), q.device, bdk2 > 0)
     gp, bt = _query_rows(G, cfg["rows"])
@@ -706,9 +758,9 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
         dv_part = new_output((nseg,) + tuple(v_cmp.shape), torch.float32, q.device)
     compressed_bwd_dkv_kernel[(tiles.shape[0] * H * nseg,)](
         q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, pk.cu, pk.ccu, tiles, scale, scale * LOG2E, *common[:8],
-        dk_part.stride(0) if nseg > 1 else 0, dv_part.stride(0) if nseg > 1 else 0, *common[8:], nseg,
+        dk_part.stride(0) if nseg > 1 else 0, dv_part.stride(0) if nseg > 1 else 0, *common[8:], nseg, *offsets,
         GP=gp, BT=bt, BC=cfg["BC"], BDK=bdk1, BDK2=bdk2, BDV=bdv, PRECISION=precision,
-        UPCAST=_upcast(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        UPCAST=_upcast(q), OFFSET=pk.offset, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if nseg > 1:  # a fixed-order sum: deterministic
         dk.copy_(dk_part.sum(0))
         dv.copy_(dv_part.sum(0))
@@ -721,12 +773,14 @@ def compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, str
 
 @torch.library.custom_op("nsa::compressed_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, kernel_size: int, stride: int,
-            scale: float, cu_seqlens: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens)
+            scale: float, cu_seqlens: Optional[torch.Tensor], q_offset: int = 0,
+            cu_seqlens_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return compressed_attention_fwd(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens, q_offset=q_offset,
+                                    cu_seqlens_k=cu_seqlens_k)
 
 
 @_fwd_op.register_fake
-def _(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens):
+def _(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens, q_offset=0, cu_seqlens_k=None):
     B, T, HQ, _ = q.shape
     return (q.new_empty((B, T, HQ, v_cmp.shape[3])), q.new_empty((B, T, HQ), dtype=torch.float32))
 
@@ -734,54 +788,63 @@ def _(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens):
 @torch.library.custom_op("nsa::compressed_attention_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
             do: torch.Tensor, dlse: Optional[torch.Tensor], kernel_size: int, stride: int, scale: float,
-            cu_seqlens: Optional[torch.Tensor], delta: Optional[torch.Tensor] = None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            cu_seqlens: Optional[torch.Tensor], delta: Optional[torch.Tensor] = None, q_offset: int = 0,
+            cu_seqlens_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens,
-                                    delta=delta)
+                                    delta=delta, q_offset=q_offset, cu_seqlens_k=cu_seqlens_k)
 
 
 @_bwd_op.register_fake
-def _(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens, delta=None):
+def _(q, k_cmp, v_cmp, o, lse, do, dlse, kernel_size, stride, scale, cu_seqlens, delta=None, q_offset=0,
+      cu_seqlens_k=None):
     return torch.empty_like(q), torch.empty_like(k_cmp), torch.empty_like(v_cmp)
 
 
 class CompressedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens):
-        o, lse = _fwd_op(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens)
-        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, cu_seqlens)
-        ctx.kernel_size, ctx.stride, ctx.scale = kernel_size, stride, scale
+    def forward(ctx, q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens, q_offset=0, cu_seqlens_k=None):
+        o, lse = _fwd_op(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens, q_offset, cu_seqlens_k)
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, cu_seqlens, cu_seqlens_k)
+        ctx.kernel_size, ctx.stride, ctx.scale, ctx.q_offset = kernel_size, stride, scale, q_offset
         ctx.set_materialize_grads(False)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k_cmp, v_cmp, o, lse, cu_seqlens = ctx.saved_tensors
+        q, k_cmp, v_cmp, o, lse, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
         dq, dk, dv = _bwd_op(q, k_cmp, v_cmp, o, lse, do, dlse, ctx.kernel_size, ctx.stride, ctx.scale,
-                             cu_seqlens)
-        return dq, dk, dv, None, None, None, None
+                             cu_seqlens, None, ctx.q_offset, cu_seqlens_k)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def compressed_attention_triton(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens=None):
+def compressed_attention_triton(q, k_cmp, v_cmp, kernel_size, stride, scale, cu_seqlens=None, q_offset: int = 0,
+                                cu_seqlens_k: Optional[torch.Tensor] = None):
     """Triton compressed attention; same contract as :func:`nsa.ops.compressed_attention`.
 
     Inputs arrive validated from :mod:`nsa.ops.api` (``scale`` a float).
 
     Args:
         q: ``[B, T, HQ, Dk]``.
-        k_cmp: ``[B, Tc, H, Dk]``; v_cmp: ``[B, Tc, H, Dv]``; ``G = HQ // H`` any positive int.
+        k_cmp: ``[B, Tc, H, Dk]``: the compressed tokens of the raw keys (``Tk = T + q_offset``
+            raw keys per sequence, or packed per sequence by ``cu_seqlens_k``);
+            v_cmp: ``[B, Tc, H, Dv]``; ``G = HQ // H`` any positive int.
         kernel_size, stride: compression block length and step.
         scale: softmax scale (float).
-        cu_seqlens: optional int32 ``[N+1]`` offsets of packed sequences (B = 1).
+        cu_seqlens: optional int32 ``[N+1]`` offsets of packed query sequences (B = 1).
+        q_offset: dense input: query row t has position ``q_offset + t`` (default 0).
+        cu_seqlens_k: packed input: int32 ``[N+1]`` offsets of the raw keys (None: ``cu_seqlens``);
+            sequence n's queries are the last of its keys (row t at position
+            ``len_k[n] - len_q[n] + t``).
     Returns:
         o ``[B, T, HQ, Dv]`` in q's dtype and lse ``[B, T, HQ]`` float32 (float64 inputs are
         computed in float32; both outputs are then cast to float64). Both are differentiable.
     """
     if q.dtype == torch.float64:
         o, lse = CompressedAttentionFunction.apply(q.float(), k_cmp.float(), v_cmp.float(), kernel_size, stride,
-                                                   float(scale), cu_seqlens)
+                                                   float(scale), cu_seqlens, q_offset, cu_seqlens_k)
         return o.double(), lse.double()
-    return CompressedAttentionFunction.apply(q, k_cmp, v_cmp, kernel_size, stride, float(scale), cu_seqlens)
+    return CompressedAttentionFunction.apply(q, k_cmp, v_cmp, kernel_size, stride, float(scale), cu_seqlens,
+                                             q_offset, cu_seqlens_k)

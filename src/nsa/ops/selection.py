@@ -32,7 +32,9 @@ sorted ascending and padded with -1.
 
 Every input is handled as packed ``[1, N, ...]`` tokens: dense ``[B, T]`` batches are B
 sequences of T tokens (computed in-kernel, no index tensor), packed ones come with
-``cu_seqlens`` and a tile index table.
+``cu_seqlens`` and a tile index table. Queries may be the last rows of their sequence's keys
+(``q_offset`` / ``cu_seqlens_k``): query row ``t`` then has position ``off + t``, with ``off`` the
+sequence's keys minus queries, and the scores, causal and forced blocks read that position.
 """
 
 from __future__ import annotations
@@ -174,8 +176,9 @@ def _chunk_scores(b_q, b_q2, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk
 
     b_q ``[BM, BD]`` (and b_q2 ``[BM, BD2]``: head columns ``BD ..``, when BD2 > 0); b_lse2 ``[BM]``
     (lse in base 2, +inf for rows that must score 0);
-    i_t ``[BM]`` row positions; rows as in :func:`selection_fwd_kernel`. ``MASKED`` false: every
-    token of the chunk is known to be visible to every row (no per-element masks).
+    i_t ``[BM]`` the rows' positions in their sequence; rows as in :func:`selection_fwd_kernel`.
+    ``MASKED`` false: every token of the chunk is known to be visible to every row (no per-element
+    masks).
     """
     BC: tl.constexpr = BJ * CPBP
     # token slots, c-major: slot c * BJ + jj holds the c-th token starting in block jj of the chunk
@@ -243,18 +246,21 @@ def _chunk_keys(b_sc, j0, i_tb, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
 
 @triton.jit
 def selection_fwd_kernel(
-    q, k, lse, o, cu_seqlens, ccu_seqlens, chunk_indices, qk_scale, T, TC, NT,
+    q, k, lse, o, cu_seqlens, ccu_seqlens, chunk_indices, qk_scale, T, TC, NT, cu_seqlens_k, q_offset,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, BD: tl.constexpr,
     BD2: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr,
     S: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
     CPB: tl.constexpr, CPBP: tl.constexpr, SPILL: tl.constexpr,
     BT: tl.constexpr, BJ: tl.constexpr, LOG_R: tl.constexpr, LOG_BM: tl.constexpr, LOG_GP: tl.constexpr,
     HEAD_MASK: tl.constexpr, HEAD_AXES: tl.constexpr, N_EARLY: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, OFFSET: tl.constexpr = "none",
 ):
     """q ``[N, HQ, DK]``, k ``[NC, H, DK]``, lse ``[N, HQ]`` (float32) -> o int32 ``[N, H, S]``.
 
     Dense input (``IS_VARLEN`` false): ``N = B * T`` and ``NC = B * TC``, ``NT`` tiles per sequence.
+    Query row t of a sequence is at position t (``OFFSET`` "none"), ``q_offset + t`` ("scalar",
+    dense) or ``len_k[n] - len_q[n] + t`` ("keys", packed: ``cu_seqlens_k`` the keys' offsets;
+    ``ccu_seqlens`` always packs the compressed tokens of the keys).
     ``qk_scale`` = scale * log2(e). ``BJ == 2^LOG_R`` blocks per chunk. Row ``r`` of the
     ``2^LOG_BM = BT * GP`` rows of a tile is head ``pext(r, HEAD_MASK)`` at position
     ``pext(r, ~HEAD_MASK)`` (bits gathered in order), see :func:`_head_mask`; ``HEAD_AXES`` packs
@@ -279,8 +285,15 @@ def selection_fwd_kernel(
         seq_len = T
         cbos = i_n * TC
         cmp_len = TC
-    t0 = i_tc * BT
-    t_last = tl.minimum(t0 + BT, seq_len) - 1
+    if OFFSET == "keys":
+        off = tl.load(cu_seqlens_k + i_n + 1).to(tl.int64) - tl.load(cu_seqlens_k + i_n) - seq_len
+    elif OFFSET == "scalar":
+        off = q_offset
+    else:
+        off = 0
+    t0 = i_tc * BT  # the tile's first row; its position is p0
+    p0 = t0 + off
+    p_last = tl.minimum(t0 + BT, seq_len) - 1 + off
     BM: tl.constexpr = BT * GP
 
     # rows: the bits of the row index named by HEAD_MASK number the head, the others the position
@@ -296,7 +309,8 @@ def selection_fwd_kernel(
         else:
             o_t += ((o_m >> b) & 1) << n_t
             n_t += 1
-    i_t = t0 + o_t  # [BM]
+    i_t = t0 + o_t  # [BM] rows
+    i_p = i_t + off  # [BM] their positions
     m_row = (i_t < seq_len) & (o_g < G)
     o_d = tl.arange(0, BD)
     o_row = (bos + i_t) * HQ + i_h * G + o_g  # [BM] row of q / lse in [N * HQ]
@@ -310,22 +324,22 @@ def selection_fwd_kernel(
     # +inf makes p = 0: padding rows, and rows that see nothing (lse = -inf, as in the reference)
     b_lse2 = tl.where(b_lse > float("-inf"), b_lse * 1.4426950408889634, float("inf"))
 
-    o_tp = t0 + tl.arange(0, BT)  # [BT] positions of the tile
-    i_tb = o_tp // BS  # [BT] each position's own block
+    o_tp = t0 + tl.arange(0, BT)  # [BT] rows of the tile
+    i_tb = (o_tp + off) // BS  # [BT] each row's own block
     o_j = tl.arange(0, BJ)
 
     b_top = tl.full([BT, BJ], -1, dtype=tl.int64)  # running top-R keys, descending
     b_carry = tl.zeros([BT, BJ], dtype=tl.float32)  # spill of earlier chunks into this one
-    n_blk = t_last // BS + 1
+    n_blk = p_last // BS + 1
     # chunks whose tokens are all visible to the tile's first position need no masks
-    n_vis = tl.where(t0 >= KS - 1, (t0 - KS + 1) // STRIDE + 1, 0)  # tokens visible to t0
+    n_vis = tl.where(p0 >= KS - 1, (p0 - KS + 1) // STRIDE + 1, 0)  # tokens visible to p0
     if CPB == CPBP:
         j_full = tl.minimum((n_vis // CPB) // BJ * BJ, n_blk)
     else:
         j_full = 0  # padded token slots: always masked
     for masked in tl.static_range(2):
         for j0 in range(j_full if masked else 0, n_blk if masked else j_full, BJ):
-            b_sc, b_carry = _chunk_scores(b_q, b_q2, b_lse2, i_t, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
+            b_sc, b_carry = _chunk_scores(b_q, b_q2, b_lse2, i_p, k, cbos, cmp_len, i_h, j0, b_carry, qk_scale,
                                           H, DK, BD, BD2, KS, STRIDE, BS, CPB, CPBP, SPILL, BT, BJ, LOG_BM, LOG_GP,
                                           HEAD_AXES, N_EARLY, masked == 1, DOT_MODE)
             b_top = _merge_top(b_top, _chunk_keys(b_sc, j0, i_tb, NUM_INIT, NUM_LOCAL, BJ), BT, LOG_R)
@@ -377,11 +391,13 @@ def _n_register_bits(head_mask: int) -> int:
 
 
 def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local, scale,
-                  cu_seqlens, positions=None, num_warps=None, num_stages=None, maxnreg=None):
+                  cu_seqlens, positions=None, num_warps=None, num_stages=None, maxnreg=None, q_offset=0,
+                  cu_seqlens_k=None):
     """Launches :func:`selection_fwd_kernel`; returns int32 ``[B, T, H, num_selected]``.
 
     ``positions`` (query positions per tile), ``num_warps``, ``num_stages``, ``maxnreg`` (0: no
-    register cap) override the tile configuration (for tuning and tests).
+    register cap) override the tile configuration (for tuning and tests). ``q_offset`` /
+    ``cu_seqlens_k``: as in :func:`select_blocks_triton`.
     """
     B, T, HQ, DK = q.shape
     TC, H = k_cmp.shape[1], k_cmp.shape[2]
@@ -423,7 +439,10 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     if maxnreg is None and not interpreting() and q.dtype in (torch.float16, torch.bfloat16) and BD + BD2 <= 128 \
             and BJ <= 16 and BT * GP <= 256:
         maxnreg = MAXNREG
-    args = (q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local, scale, cu_seqlens)
+    if cu_seqlens_k is cu_seqlens:
+        cu_seqlens_k = None
+    args = (q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local, scale, cu_seqlens,
+            q_offset, cu_seqlens_k)
     launch = (q.device, q.dtype, DK, G, kernel_size, stride, block_size, num_selected, BT, num_warps, num_stages,
               maxnreg)
     cols = BJ * CPBP
@@ -433,7 +452,7 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     if launch in _UNFIT:
         return _select_without_kernel(*args, why="its launch did not compile for this GPU")
     if cu_seqlens is not None:
-        ccu = compressed_cu_seqlens(cu_seqlens, kernel_size, stride)
+        ccu = compressed_cu_seqlens(cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, kernel_size, stride)
         chunk_indices = prepare_chunk_indices(cu_seqlens, BT)
         n_tiles = chunk_indices.shape[0]
         NT = 0
@@ -444,12 +463,14 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     grid = (n_tiles, H)
     try:
         selection_fwd_kernel[grid](
-            q, k_cmp, lse, out, cu_seqlens, ccu, chunk_indices, scale * 1.4426950408889634, T, TC, NT,
+            q, k_cmp, lse, out, cu_seqlens, ccu, chunk_indices, scale * 1.4426950408889634, T, TC, NT, cu_seqlens_k,
+            q_offset,
             HQ=HQ, H=H, G=G, GP=GP, DK=DK, BD=BD, BD2=BD2, KS=kernel_size, STRIDE=stride, BS=block_size,
             S=num_selected, NUM_INIT=num_initial, NUM_LOCAL=num_local, CPB=CPB, CPBP=CPBP, SPILL=spill,
             BT=BT, BJ=BJ, LOG_R=LOG_R, LOG_BM=LOG_BM, LOG_GP=LOG_GP, HEAD_MASK=head_mask,
             HEAD_AXES=_head_axes(head_mask, LOG_BM), N_EARLY=_n_register_bits(head_mask),
             IS_VARLEN=cu_seqlens is not None,
+            OFFSET="keys" if cu_seqlens_k is not None else "scalar" if q_offset else "none",
             DOT_MODE=_dot_mode(q),
             num_warps=num_warps or NUM_WARPS, num_stages=num_stages or (1 if wide_fp32 else NUM_STAGES),
             **({"maxnreg": maxnreg} if maxnreg else {}),
@@ -462,63 +483,95 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     return out
 
 
-def _all_causal_blocks(B, T, H, block_size, num_selected, cu_seqlens, device):
-    """Every causal block of every position, ascending, then -1: the selection when no sequence has
-    more than ``num_selected`` blocks."""
-    t = torch.arange(T, device=device)
+def _positions(T, cu_seqlens, q_offset, cu_seqlens_k, device):
+    """``[T]`` position of every query row in its sequence (see :func:`select_blocks_triton`)."""
+    t = torch.arange(T, device=device) + q_offset
     if cu_seqlens is not None:
         lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        t = t - torch.repeat_interleave(cu_seqlens[:-1].long(), lens)
+        start = cu_seqlens[:-1].long()  # the packed row of position 0
+        if cu_seqlens_k is not None:
+            start = start - ((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long() - lens)
+        t = t - torch.repeat_interleave(start, lens)
+    return t
+
+
+def _all_causal_blocks(B, T, H, block_size, num_selected, cu_seqlens, device, q_offset=0, cu_seqlens_k=None):
+    """Every causal block of every query, ascending, then -1: the selection when no sequence has
+    more than ``num_selected`` blocks."""
+    t = _positions(T, cu_seqlens, q_offset, cu_seqlens_k, device)
     j = torch.arange(num_selected, device=device)
     ids = torch.where(j.view(1, -1) <= (t // block_size).view(-1, 1), j.view(1, -1), -1)  # [T, n]
     return ids.to(torch.int32).view(1, T, 1, num_selected).expand(B, T, H, num_selected).contiguous()
 
 
 def _select_without_kernel(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,
-                           scale, cu_seqlens, why):
+                           scale, cu_seqlens, q_offset, cu_seqlens_k, why):
     """The selection of a configuration the kernel cannot take (see MAX_TILE_NUMEL): every causal
     block when no sequence has more than ``num_selected`` blocks, else the reference's scores and
-    top-n (exact; it holds the [T, Tc] probabilities of each head, so it warns)."""
+    top-n (exact; it holds the [Tk, Tc] probabilities of each head, so it warns). Queries after
+    the start of their keys are given to the reference at their positions among all-zero queries
+    whose lse is -inf (they score nothing, and their rows are dropped)."""
     B, T = q.shape[:2]
     H = k_cmp.shape[2]
-    longest = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    keys = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    longest = T + q_offset if cu_seqlens is None else int((keys[1:] - keys[:-1]).max())
     if longest <= num_selected * block_size:
-        return _all_causal_blocks(B, T, H, block_size, num_selected, cu_seqlens, q.device)
+        return _all_causal_blocks(B, T, H, block_size, num_selected, cu_seqlens, q.device, q_offset, cu_seqlens_k)
     warnings.warn(f"select_blocks: kernel_size={kernel_size}, stride={stride}, block_size={block_size} at "
                   f"Dk={q.shape[-1]} ({q.dtype}) do not fit the selection kernel ({why}); the selection runs "
-                  f"on the reference, which holds [T, Tc] probabilities per head", stacklevel=2)
+                  f"on the reference, which holds [Tk, Tc] probabilities per head", stacklevel=2)
     from . import reference
-    return reference.select_blocks(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial,
-                                   num_local, scale, cu_seqlens)
+    if q_offset == 0 and cu_seqlens_k is None:
+        return reference.select_blocks(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial,
+                                       num_local, scale, cu_seqlens)
+    if cu_seqlens is None:
+        rows = torch.arange(q_offset, q_offset + T, device=q.device)
+        n_keys = T + q_offset
+    else:  # packed rows of the keys: cu_seqlens_k[n] + len_k[n] - len_q[n] + t
+        rows = torch.arange(T, device=q.device) + torch.repeat_interleave(
+            (cu_seqlens_k[1:] - cu_seqlens[1:]).long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+        n_keys = int(cu_seqlens_k[-1])
+    q_all = q.new_zeros((B, n_keys) + tuple(q.shape[2:]))
+    lse_all = lse.new_full((B, n_keys, lse.shape[2]), float("-inf"))
+    q_all[:, rows] = q
+    lse_all[:, rows] = lse
+    return reference.select_blocks(q_all, k_cmp, lse_all, kernel_size, stride, block_size, num_selected,
+                                   num_initial, num_local, scale, keys)[:, rows].contiguous()
 
 
 def select_blocks_triton(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,
-                         scale, cu_seqlens):
+                         scale, cu_seqlens, q_offset: int = 0, cu_seqlens_k: torch.Tensor | None = None):
     """Top-n selection blocks per query and KV head; see :func:`nsa.ops.select_blocks`.
 
     Args:
         q: ``[B, T, HQ, Dk]`` (fp16/bf16/fp32; float64 is scored in float32).
-        k_cmp: ``[B, Tc, H, Dk]`` compressed keys (packed per sequence when ``cu_seqlens`` is given).
+        k_cmp: ``[B, Tc, H, Dk]`` compressed keys of the raw keys (``T + q_offset`` per sequence, or
+            packed per sequence by ``cu_seqlens_k``).
         lse: ``[B, T, HQ]`` log-sum-exp of the compressed attention (float32 or float64).
         kernel_size, stride, block_size, num_selected, num_initial, num_local: as in the public op.
         scale: float softmax scale.
-        cu_seqlens: int32 ``[N+1]`` or None.
+        cu_seqlens: int32 ``[N+1]`` offsets of packed query sequences, or None.
+        q_offset: dense input: query row t has position ``q_offset + t`` (default 0).
+        cu_seqlens_k: packed input: int32 ``[N+1]`` offsets of the raw keys (None: ``cu_seqlens``);
+            sequence n's query row t has position ``len_k[n] - len_q[n] + t``.
     Returns:
         int32 ``[B, T, H, num_selected]``: selected block ids ascending, then -1.
     """
     return _select_op(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,
-                      float(scale), cu_seqlens)
+                      float(scale), cu_seqlens, q_offset, cu_seqlens_k)
 
 
 # Opaque to torch.compile: a custom op with a shape-only fake implementation.
 @torch.library.custom_op("nsa::select_blocks", mutates_args=())
 def _select_op(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, kernel_size: int, stride: int,
                block_size: int, num_selected: int, num_initial: int, num_local: int, scale: float,
-               cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+               cu_seqlens: torch.Tensor | None, q_offset: int = 0,
+               cu_seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
     return selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,
-                         scale, cu_seqlens)
+                         scale, cu_seqlens, q_offset=q_offset, cu_seqlens_k=cu_seqlens_k)
 
 
 @_select_op.register_fake
-def _(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local, scale, cu_seqlens):
+def _(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local, scale, cu_seqlens,
+      q_offset=0, cu_seqlens_k=None):
     return q.new_empty((q.shape[0], q.shape[1], k_cmp.shape[2], num_selected), dtype=torch.int32)

@@ -508,9 +508,7 @@ def _select_without_kernel(q, k_cmp, lse, kernel_size, stride, block_size, num_s
                            scale, cu_seqlens, q_offset, cu_seqlens_k, why):
     """The selection of a configuration the kernel cannot take (see MAX_TILE_NUMEL): every causal
     block when no sequence has more than ``num_selected`` blocks, else the reference's scores and
-    top-n (exact; it holds the [Tk, Tc] probabilities of each head, so it warns). Queries after
-    the start of their keys are given to the reference at their positions among all-zero queries
-    whose lse is -inf (they score nothing, and their rows are dropped)."""
+    top-n (exact; it holds the [T, Tc] probabilities of each head, so it warns)."""
     B, T = q.shape[:2]
     H = k_cmp.shape[2]
     keys = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
@@ -519,24 +517,10 @@ def _select_without_kernel(q, k_cmp, lse, kernel_size, stride, block_size, num_s
         return _all_causal_blocks(B, T, H, block_size, num_selected, cu_seqlens, q.device, q_offset, cu_seqlens_k)
     warnings.warn(f"select_blocks: kernel_size={kernel_size}, stride={stride}, block_size={block_size} at "
                   f"Dk={q.shape[-1]} ({q.dtype}) do not fit the selection kernel ({why}); the selection runs "
-                  f"on the reference, which holds [Tk, Tc] probabilities per head", stacklevel=2)
+                  f"on the reference, which holds [T, Tc] probabilities per head", stacklevel=2)
     from . import reference
-    if q_offset == 0 and cu_seqlens_k is None:
-        return reference.select_blocks(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial,
-                                       num_local, scale, cu_seqlens)
-    if cu_seqlens is None:
-        rows = torch.arange(q_offset, q_offset + T, device=q.device)
-        n_keys = T + q_offset
-    else:  # packed rows of the keys: cu_seqlens_k[n] + len_k[n] - len_q[n] + t
-        rows = torch.arange(T, device=q.device) + torch.repeat_interleave(
-            (cu_seqlens_k[1:] - cu_seqlens[1:]).long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
-        n_keys = int(cu_seqlens_k[-1])
-    q_all = q.new_zeros((B, n_keys) + tuple(q.shape[2:]))
-    lse_all = lse.new_full((B, n_keys, lse.shape[2]), float("-inf"))
-    q_all[:, rows] = q
-    lse_all[:, rows] = lse
-    return reference.select_blocks(q_all, k_cmp, lse_all, kernel_size, stride, block_size, num_selected,
-                                   num_initial, num_local, scale, keys)[:, rows].contiguous()
+    return reference.select_blocks(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial,
+                                   num_local, scale, cu_seqlens, q_offset=q_offset, cu_seqlens_k=cu_seqlens_k)
 
 
 def select_blocks_triton(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, num_initial, num_local,

@@ -6,8 +6,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .ops.utils import num_compressed
+
+_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 __all__ = ["NSACache", "KVCache", "CachedTokens"]
 
@@ -466,7 +469,7 @@ class KVCache(_SequenceCache):
         """Attention of one new query per sequence over its cached keys, with
         :func:`torch.nn.functional.scaled_dot_product_attention` (GQA) in the cache's dtype, over
         the cached positions only (no mask when every sequence has the same length and there is
-        no window: the fused SDPA kernels, cuDNN or flash, on CUDA).
+        no window: FlashAttention on CUDA).
 
         Args:
             q: ``[N, HQ, Dk]`` the queries of the tokens just appended (at position ``seq_lens[n] - 1``),
@@ -490,8 +493,10 @@ class KVCache(_SequenceCache):
             if window_size is not None:
                 visible &= pos >= end - window_size
             mask = visible.view(N, 1, 1, -1)
-        o = F.scaled_dot_product_attention(q.to(k.dtype).unsqueeze(2), k, v, attn_mask=mask, scale=s,
-                                           enable_gqa=True)  # [N, HQ, 1, Dv]
+        # not cuDNN: it builds an execution plan for every new key length, i.e. for every step
+        with sdpa_kernel(_DECODE_BACKENDS):
+            o = F.scaled_dot_product_attention(q.to(k.dtype).unsqueeze(2), k, v, attn_mask=mask, scale=s,
+                                               enable_gqa=True)  # [N, HQ, 1, Dv]
         return o.view(N, HQ, -1).to(q.dtype)
 
 

@@ -29,6 +29,13 @@ walks its list in chunks of queries x G heads, and accumulates dK/dV in register
 them once. Lists longer than ``KV_SEGMENT`` (the first block's list spans the whole sequence)
 are cut into segments walked by separate programs, whose float32 partials a second kernel sums
 in segment order. No float atomics: the backward is bitwise deterministic.
+
+Queries may start later than their keys (``q_offset`` / ``cu_seqlens_k``: a sequence's queries
+are the last of its positions, as in flash-attn's varlen convention). Query-side tensors (q, o,
+lse, dq, block lists, the tile and plan tables, the reverse index's entries) keep the queries'
+rows; keys are read and dK/dV written at the keys' rows (``cu_seqlens_k``); every visibility rule
+compares key positions with the query's position, its row plus the sequence's offset
+``len_k - len_q``. Without an offset the keys' cu_seqlens is the queries' and the offset is 0.
 """
 
 from __future__ import annotations
@@ -99,37 +106,55 @@ PARTIAL_BYTES = 1 << 30
 
 
 @triton.jit
-def _program_chunk(chunk_indices, cu_seqlens):
-    """(KV head, chunk within its sequence, sequence start, sequence length) of program
-    ``(chunk row, KV head)`` of a kernel launched over a :func:`_chunk_table`."""
+def _program_chunk(chunk_indices, cu_seqlens, cu_seqlens_k):
+    """(KV head, chunk within its sequence, first query row, number of queries, first key row,
+    query offset) of program ``(chunk row, KV head)`` of a kernel launched over a
+    :func:`_chunk_table` of the queries: the sequence's query row t has position t + offset.
+    cu_seqlens_k None: keys packed as the queries, offset 0 (today's code, compiled as such)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_tc = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    return i_h, i_tc, bos, tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    bos_k = bos
+    off = 0
+    if cu_seqlens_k is not None:
+        bos_k = tl.load(cu_seqlens_k + i_n).to(tl.int64)
+        off = tl.load(cu_seqlens_k + i_n + 1).to(tl.int64) - bos_k - seq_len
+    return i_h, i_tc, bos, seq_len, bos_k, off
 
 
 @triton.jit
-def _scatter_segment(i_seg, seg_bucket, seg_first, offsets, block_table, cu_seqlens, key0, NBT, SEG: tl.constexpr):
-    """(KV head, block within its sequence, sequence start, sequence length, first entry, end entry)
-    of segment ``i_seg`` of the chunked reverse index (see :func:`selected_fwd_scatter_kernel`)."""
+def _scatter_segment(i_seg, seg_bucket, seg_first, offsets, block_table, cu_seqlens, cu_seqlens_k, key0, NBT,
+                     SEG: tl.constexpr):
+    """(KV head, block within its sequence, first key row, number of keys, shift, first entry, end
+    entry) of segment ``i_seg`` of the chunked reverse index (see
+    :func:`selected_fwd_scatter_kernel`). A packed query row plus ``shift`` is the packed key row
+    of its position (sequences end together: ``cu_seqlens_k[n + 1] - cu_seqlens[n + 1]``; 0 where
+    cu_seqlens_k is None, keys packed as the queries)."""
     i_key = tl.load(seg_bucket + i_seg).to(tl.int64)
     i_h = (i_key - key0) // NBT
     i_blk = (i_key - key0) % NBT
     i_n = tl.load(block_table + i_blk * 2).to(tl.int64)
     i_j = tl.load(block_table + i_blk * 2 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    shift = 0
+    if cu_seqlens_k is None:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = tl.load(cu_seqlens_k + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens_k + i_n + 1).to(tl.int64)
+        shift = eos - tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     start = tl.load(offsets + i_key) + (i_seg - tl.load(seg_first + i_key)) * SEG
     end = tl.minimum(tl.load(offsets + i_key + 1), start + SEG)
-    return i_h, i_j, bos, seq_len, start, end
+    return i_h, i_j, bos, eos - bos, shift, start, end
 
 
 @triton.jit
 def _scatter_rows(entries, i0, end, i_h, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
                   BQ: tl.constexpr, BR: tl.constexpr):
     """Rows of one step of a scatter kernel's walk: entries ``i0 .. i0 + BQ - 1`` (before ``end``)
-    times the G heads of KV head ``i_h``. Returns the row mask, packed positions, slots, q/o rows."""
+    times the G heads of KV head ``i_h``. Returns the row mask, packed query rows, slots, q/o rows."""
     o_r = tl.arange(0, BR)
     i_e = i0 + o_r // G
     m_r = (o_r < BQ * G) & (i_e < end)
@@ -141,8 +166,8 @@ def _scatter_rows(entries, i0, end, i_h, HQ: tl.constexpr, H: tl.constexpr, G: t
 @triton.jit
 def _block_kv(k, v, bos, i_j, i_ks, i_h, seq_len, H: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
               DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
-    """Sub-tile ``i_ks`` (BK keys) of block ``i_j`` of the sequence starting at ``bos``: packed key
-    positions, their mask, K ``[BK, BDK]`` and V ``[BK, BDV]``."""
+    """Sub-tile ``i_ks`` (BK keys) of block ``i_j`` of the sequence whose ``seq_len`` keys start at
+    packed row ``bos``: packed key rows, their mask, K ``[BK, BDK]`` and V ``[BK, BDV]``."""
     o_k = tl.arange(0, BK)
     o_dk = tl.arange(0, BDK)
     o_dv = tl.arange(0, BDV)
@@ -159,7 +184,8 @@ def _block_kv(k, v, bos, i_j, i_ks, i_h, seq_len, H: tl.constexpr, BS: tl.conste
 def _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
                      DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
     """Sub-tile ``i_ks`` of listed block ``i_b`` (-1: nothing) for a tile whose last position is
-    ``t_last``: key positions in the sequence, their mask, K ``[BK, BDK]`` and V ``[BK, BDV]``."""
+    ``t_last``, in the sequence whose keys start at packed row ``bos``: key positions in the
+    sequence, their mask, K ``[BK, BDK]`` and V ``[BK, BDV]``."""
     o_k = tl.arange(0, BK)
     o_dk = tl.arange(0, BDK)
     o_dv = tl.arange(0, BDV)
@@ -241,16 +267,17 @@ def _q_cols(q, o_row, m_r, DK: tl.constexpr, D0: tl.constexpr, BD: tl.constexpr)
 
 
 @triton.jit
-def _one_position_fwd(q, k, v, o, lse, p_idx, i_first, n_walk, bos, seq_len, t0, i_h, scale,
+def _one_position_fwd(q, k, v, o, lse, p_idx, i_first, n_walk, bos, seq_len, bos_k, off, t0, i_h, scale,
                       HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
                       NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                       BR: tl.constexpr, STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       DOT_UPCAST: tl.constexpr, TMA: tl.constexpr, RESUME: tl.constexpr = False,
                       BDK2: tl.constexpr = 0):
-    """The forward of position ``t0`` (its ``G <= BR`` heads of KV head ``i_h``) over entries
-    ``i_first .. n_walk - 1`` of its list at ``p_idx``: a branch-free loop whose loads the compiler
-    can pipeline (STAGES). RESUME: where ``i_first > 0`` the walk starts from the state that
-    :func:`selected_fwd_common_kernel` parked in o / lse for entries ``0 .. i_first - 1``.
+    """The forward of query row ``t0`` (its ``G <= BR`` heads of KV head ``i_h``; position ``t0 +
+    off``, keys from packed row ``bos_k``) over entries ``i_first .. n_walk - 1`` of its list at
+    ``p_idx``: a branch-free loop whose loads the compiler can pipeline (STAGES). RESUME: where
+    ``i_first > 0`` the walk starts from the state that :func:`selected_fwd_common_kernel` parked
+    in o / lse for entries ``0 .. i_first - 1``.
     BDK2 > 0: q . k over the head columns ``0 .. BDK-1`` and ``BDK .. BDK+BDK2-1`` as two tiles."""
     o_r = tl.arange(0, BR)
     i_t = t0 + o_r * 0  # [BR]
@@ -262,7 +289,7 @@ def _one_position_fwd(q, k, v, o, lse, p_idx, i_first, n_walk, bos, seq_len, t0,
         b_q2 = _q_cols(q, o_row, m_r, DK, BDK, BDK2)
     else:
         b_q2 = b_q  # unused
-    t_last = tl.minimum(t0, seq_len - 1)
+    t_last = tl.minimum(t0, seq_len - 1) + off  # the position
     qk_scale = scale * 1.4426950408889634  # softmax in base 2
     if RESUME:
         b_m, b_l, b_acc = _resume_rows(o, lse, o_row, m_r & (o_r * 0 + i_first > 0), DV, BDV)
@@ -270,18 +297,18 @@ def _one_position_fwd(q, k, v, o, lse, p_idx, i_first, n_walk, bos, seq_len, t0,
         b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([BR], dtype=tl.float32)
         b_acc = tl.zeros([BR, BDV], dtype=tl.float32)
-    # this KV head's keys 0 .. t0 of the sequence (at least one row: a surplus program past the
-    # end, whose entries are all -1, still gets a valid descriptor)
+    # this KV head's keys 0 .. t_last of the sequence, never past its last key (at least one row:
+    # a surplus program past the end, whose entries are all -1, still gets a valid descriptor)
     n_key = tl.maximum(t_last + 1, 1).to(tl.int32)
     if TMA:
-        k_desc, v_desc = kv_descriptors(k + (bos * H + i_h) * DK, v + (bos * H + i_h) * DV, n_key, H * DK, H * DV,
-                                        DK, DV, BK, BDK, BDV)
+        k_desc, v_desc = kv_descriptors(k + (bos_k * H + i_h) * DK, v + (bos_k * H + i_h) * DV, n_key, H * DK,
+                                        H * DV, DK, DV, BK, BDK, BDV)
     else:
         k_desc, v_desc = k, v
     for i_s in tl.range(i_first, n_walk, num_stages=STAGES):
         i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
-        # every row is position t0: the keys <= t_last are exactly the causal ones
-        b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t_last, n_key, i_h, qk_scale, b_m, b_l,
+        # every row is at position t_last: the keys <= t_last are exactly the causal ones
+        b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos_k, t_last, n_key, i_h, qk_scale, b_m, b_l,
                                         b_acc, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA, DOT_PRECISION, DOT_UPCAST,
                                         b_q2, BDK2)
     _finish_rows(o, lse, o_row, m_r, b_m, b_l, b_acc, DV, BDV)
@@ -289,29 +316,32 @@ def _one_position_fwd(q, k, v, o, lse, p_idx, i_first, n_walk, bos, seq_len, t0,
 
 @triton.jit
 def selected_fwd_kernel(
-    q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale,
+    q, k, v, o, lse, block_indices, cu_seqlens, cu_seqlens_k, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
 ):
-    """q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``
-    -> o ``[N, HQ, DV]``, lse ``[N, HQ]`` (natural log, -inf where nothing is visible).
+    """q ``[N, HQ, DK]``, k ``[NK, H, DK]``, v ``[NK, H, DV]``, block_indices ``[N, H, S]``
+    -> o ``[N, HQ, DV]``, lse ``[N, HQ]`` (natural log, -inf where nothing is visible); queries
+    packed by cu_seqlens (chunk_indices: its tiles), keys by cu_seqlens_k (None: as the queries).
     A block of ``BS`` keys is read in ``NKS`` sub-tiles of ``BK`` keys. ``TMA`` (``BT == 1`` only;
     16-byte aligned k/v whose rows are multiples of 16 bytes): K/V sub-tiles through on-device
     tensor descriptors (:func:`_listed_block_kv_tma`) instead of masked pointer loads."""
-    i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
+    i_h, i_tc, bos, seq_len, bos_k, off = _program_chunk(chunk_indices, cu_seqlens, cu_seqlens_k)
     t0 = i_tc * BT
     if BT == 1:
         # one position per tile (G >= the tile's rows): its own list, no union to walk
-        _one_position_fwd(q, k, v, o, lse, block_indices + ((bos + t0) * H + i_h) * S, 0, S, bos, seq_len, t0, i_h,
-                          scale, HQ, H, G, BS, BK, NKS, DK, DV, BDK, BDV, BR, STAGES, DOT_PRECISION, DOT_UPCAST, TMA)
+        _one_position_fwd(q, k, v, o, lse, block_indices + ((bos + t0) * H + i_h) * S, 0, S, bos, seq_len, bos_k, off,
+                          t0, i_h, scale, HQ, H, G, BS, BK, NKS, DK, DV, BDK, BDV, BR, STAGES, DOT_PRECISION,
+                          DOT_UPCAST, TMA)
     else:
-        t_last = tl.minimum(t0 + BT, seq_len) - 1
+        t_last = tl.minimum(t0 + BT, seq_len) - 1 + off  # position of the tile's last query
         o_r = tl.arange(0, BR)
-        o_rp = o_r // G  # position of the row inside the tile
+        o_rp = o_r // G  # query of the row inside the tile
         o_rg = o_r % G  # query head of the row inside the group
-        i_t = t0 + o_rp  # [BR] query position in its sequence
+        i_t = t0 + o_rp  # [BR] query row in its sequence
+        i_p = i_t + off  # [BR] its position
         m_r = (o_r < BT * G) & (i_t < seq_len)
         o_dk = tl.arange(0, BDK)
         o_s = tl.arange(0, SP)
@@ -326,21 +356,21 @@ def selected_fwd_kernel(
         b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([BR], dtype=tl.float32)
         b_acc = tl.zeros([BR, BDV], dtype=tl.float32)
-        for i_p in range(BT):
-            p_idx = block_indices + ((bos + t0 + i_p) * H + i_h) * S
+        for i_r in range(BT):
+            p_idx = block_indices + ((bos + t0 + i_r) * H + i_h) * S
             for i_s in range(S):
                 # past the sequence end: -1, nothing to do
-                i_b = tl.load(p_idx + i_s, mask=t0 + i_p < seq_len, other=-1).to(tl.int64)
+                i_b = tl.load(p_idx + i_s, mask=t0 + i_r < seq_len, other=-1).to(tl.int64)
                 m_hit = b_idx == i_b  # [BR, SP]
-                n_seen = tl.sum(tl.where(m_hit & (o_rp < i_p)[:, None], 1, 0))
+                n_seen = tl.sum(tl.where(m_hit & (o_rp < i_r)[:, None], 1, 0))
                 if (i_b >= 0) & (n_seen == 0) & (i_b * BS <= t_last):
                     m_sel = tl.sum(tl.where(m_hit, 1, 0), axis=1) > 0  # [BR] rows that selected i_b
                     for i_ks in range(NKS):
                         if i_b * BS + i_ks * BK <= t_last:
-                            i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK,
-                                                                  DV, BDK, BDV)
+                            i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos_k, t_last, i_h, H, BS, BK,
+                                                                  DK, DV, BDK, BDV)
                             b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
-                            m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
+                            m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_p[:, None])
                             b_s = tl.where(m_s, b_s, float("-inf"))
                             b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
         _finish_rows(o, lse, o_row, m_r, b_m, b_l, b_acc, DV, BDV)
@@ -348,7 +378,7 @@ def selected_fwd_kernel(
 
 @triton.jit
 def selected_fwd_planned_kernel(
-    q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
+    q, k, v, o, lse, plan, counts, cu_seqlens, cu_seqlens_k, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
@@ -358,64 +388,68 @@ def selected_fwd_planned_kernel(
     positions) on :func:`selected_share_plan_kernel`'s plan: a position walks its valid entries
     only; where counts[..., 0] = n > 0, :func:`selected_fwd_common_kernel` walked the first n and
     the walk resumes from the state it parked in o / lse."""
-    i_h, t0, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)  # chunks of one position
+    # chunks of one position
+    i_h, t0, bos, seq_len, bos_k, off = _program_chunk(chunk_indices, cu_seqlens, cu_seqlens_k)
     if t0 < seq_len:
         p_cnt = counts + ((bos + t0) * H + i_h) * 2
         _one_position_fwd(q, k, v, o, lse, plan + ((bos + t0) * H + i_h) * S, tl.load(p_cnt), tl.load(p_cnt + 1), bos,
-                          seq_len, t0, i_h, scale, HQ, H, G, BS, BK, NKS, DK, DV, BDK, BDV, BR, STAGES, DOT_PRECISION,
-                          DOT_UPCAST, TMA, True, BDK2)
+                          seq_len, bos_k, off, t0, i_h, scale, HQ, H, G, BS, BK, NKS, DK, DV, BDK, BDV, BR, STAGES,
+                          DOT_PRECISION, DOT_UPCAST, TMA, True, BDK2)
 
 
 @triton.jit
-def _tail_keys(k, p_list, n_sh, t0, seq_len, bos, i_h, H: tl.constexpr, P: tl.constexpr, BS: tl.constexpr,
+def _tail_keys(k, p_list, n_sh, p0, len_k, bos_k, i_h, H: tl.constexpr, P: tl.constexpr, BS: tl.constexpr,
                SP: tl.constexpr, TB: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr):
-    """Keys ``t0 + 1 .. t0 + P - 1`` (``TB >= P - 1`` slots) of a program of P positions that lie in
-    the blocks every position lists (the first ``n_sh`` entries of the planned list at
-    ``p_list``): positions in the sequence, their mask (in a shared block, before the sequence
-    end) and K ``[TB, BDK]`` (zeros where masked: no other key is read)."""
+    """Keys ``p0 + 1 .. p0 + P - 1`` (``TB >= P - 1`` slots) of a program of P positions from ``p0``
+    that lie in the blocks every position lists (the first ``n_sh`` entries of the planned list at
+    ``p_list``), of the sequence whose ``len_k`` keys start at packed row ``bos_k``: positions in
+    the sequence, their mask (in a shared block, before the sequence end) and K ``[TB, BDK]``
+    (zeros where masked: no other key is read)."""
     o_s = tl.arange(0, SP)
     o_tb = tl.arange(0, TB)
     o_dk = tl.arange(0, BDK)
     ids = tl.load(p_list + o_s, mask=o_s < n_sh, other=-1)  # [SP] the shared blocks
-    i_kt = t0 + 1 + o_tb
-    m_kt = (o_tb < P - 1) & (i_kt < seq_len) & \
+    i_kt = p0 + 1 + o_tb
+    m_kt = (o_tb < P - 1) & (i_kt < len_k) & \
         (tl.max(tl.where(ids[None, :] == (i_kt // BS)[:, None], 1, 0), axis=1) > 0)
-    b_kt = tl.load(k + ((bos + i_kt) * H + i_h)[:, None] * DK + o_dk[None, :],
+    b_kt = tl.load(k + ((bos_k + i_kt) * H + i_h)[:, None] * DK + o_dk[None, :],
                    mask=m_kt[:, None] & (o_dk < DK)[None, :], other=0.)
     return i_kt, m_kt, b_kt
 
 
 @triton.jit
 def selected_fwd_common_kernel(
-    q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
+    q, k, v, o, lse, plan, counts, cu_seqlens, cu_seqlens_k, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, P: tl.constexpr, BR: tl.constexpr, TB: tl.constexpr,
     STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr = False,
     BDK2: tl.constexpr = 0,
 ):
-    """The blocks that all ``P`` positions ``t0 ..`` of a program list, for the programs that
-    :func:`selected_share_plan_kernel` gave ``counts[..., 0] = n > 0``: the first ``n`` entries
-    of every planned list. Their keys ``<= t0`` (visible to every row: no per-row mask) are
-    loaded once and scored for the ``P * BR`` rows in one product; their keys ``t0 + 1 .. t0 + P
-    - 1`` are scored in one product and their values added one key at a time on FMA units (row r
-    takes key t0 + j only if its position is >= t0 + j: no value a row may not see is ever
-    multiplied, even by zero). The state is parked in o / lse (:func:`_park_rows`);
+    """The blocks that all ``P`` query rows ``t0 ..`` (positions ``p0 = t0 + offset ..``) of a
+    program list, for the programs that :func:`selected_share_plan_kernel` gave ``counts[..., 0] =
+    n > 0``: the first ``n`` entries of every planned list. Their keys ``<= p0`` (visible to every
+    row: no per-row mask) are loaded once and scored for the ``P * BR`` rows in one product; their
+    keys ``p0 + 1 .. p0 + P - 1`` are scored in one product and their values added one key at a
+    time on FMA units (row r takes key p0 + j only if its position is >= p0 + j: no value a row may
+    not see is ever multiplied, even by zero). The state is parked in o / lse (:func:`_park_rows`);
     :func:`selected_fwd_planned_kernel` then walks each position's other entries from there, one
     position per program. BDK2 > 0: q . k over two head-column tiles (see :func:`_gather_block`)."""
-    i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
+    i_h, i_tc, bos, seq_len, bos_k, off = _program_chunk(chunk_indices, cu_seqlens, cu_seqlens_k)
     t0 = i_tc * P
     n_sh = tl.load(counts + ((bos + t0) * H + i_h) * 2, mask=t0 < seq_len, other=0)
     if n_sh > 0:
         o_dk = tl.arange(0, BDK)
-        # rows: position t0 + r // BR, head r % BR
+        # rows: query row t0 + r // BR, head r % BR
         o_a = tl.arange(0, P * BR)
         i_ta = t0 + o_a // BR
         m_a = (o_a % BR < G) & (i_ta < seq_len)
         o_rowa = (bos + i_ta) * HQ + i_h * G + o_a % BR
-        n_key = (t0 + 1).to(tl.int32)  # keys 0 .. t0 of this KV head in the sequence
+        p0 = t0 + off  # position of the program's first query
+        i_pa = i_ta + off  # [P * BR] positions of the rows
+        n_key = (p0 + 1).to(tl.int32)  # keys 0 .. p0 of this KV head in the sequence
         if TMA:
-            k_desc, v_desc = kv_descriptors(k + (bos * H + i_h) * DK, v + (bos * H + i_h) * DV, n_key, H * DK,
+            k_desc, v_desc = kv_descriptors(k + (bos_k * H + i_h) * DK, v + (bos_k * H + i_h) * DV, n_key, H * DK,
                                             H * DV, DK, DV, BK, BDK, BDV)
         else:
             k_desc, v_desc = k, v
@@ -431,17 +465,17 @@ def selected_fwd_common_kernel(
         b_acc = tl.zeros([P * BR, BDV], dtype=tl.float32)
         for j in tl.range(0, n_sh, num_stages=STAGES):
             i_b = tl.load(p_list0 + j).to(tl.int64)
-            b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
+            b_m, b_l, b_acc = _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos_k, p0, n_key, i_h, qk_scale,
                                             b_m, b_l, b_acc, H, BS, BK, NKS, DK, DV, BDK, BDV, TMA,
                                             DOT_PRECISION, DOT_UPCAST, b_q2, BDK2)
-        # keys t0 + 1 .. t0 + P - 1 of the shared blocks: scored as one [P * BR, TB] product, the
+        # keys p0 + 1 .. p0 + P - 1 of the shared blocks: scored as one [P * BR, TB] product, the
         # values added one key at a time for the rows whose position is >= the key's (a product
         # would multiply the values of keys a row may not see by zero: inf * 0)
         o_dv = tl.arange(0, BDV)
         o_tb = tl.arange(0, TB)
-        i_kt, m_kt, b_kt = _tail_keys(k, p_list0, n_sh, t0, seq_len, bos, i_h, H, P, BS, SP, TB, DK, BDK)
-        b_s, _ = _qk_scores(b_q, b_q2, b_kt, k, i_kt, m_kt, bos, i_h, H, DK, BDK, BDK2, DOT_PRECISION, DOT_UPCAST)
-        b_s = tl.where(m_kt[None, :] & (i_kt[None, :] <= i_ta[:, None]), b_s * qk_scale, float("-inf"))
+        i_kt, m_kt, b_kt = _tail_keys(k, p_list0, n_sh, p0, seq_len + off, bos_k, i_h, H, P, BS, SP, TB, DK, BDK)
+        b_s, _ = _qk_scores(b_q, b_q2, b_kt, k, i_kt, m_kt, bos_k, i_h, H, DK, BDK, BDK2, DOT_PRECISION, DOT_UPCAST)
+        b_s = tl.where(m_kt[None, :] & (i_kt[None, :] <= i_pa[:, None]), b_s * qk_scale, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, axis=1))
         b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
         b_p = tl.exp2(b_s - b_ms[:, None])
@@ -450,12 +484,12 @@ def selected_fwd_common_kernel(
         b_acc = b_acc * b_alpha[:, None]
         b_m = b_mn
         for j in tl.static_range(P - 1):
-            i_kj = t0 + 1 + j
-            m_j = tl.max(tl.where((o_tb == j) & m_kt, 1, 0), axis=0)  # 1: key t0 + 1 + j is scored
-            b_vj = tl.load(v + ((bos + i_kj) * H + i_h) * DV + o_dv, mask=(o_dv < DV) & (o_dv * 0 + m_j > 0),
+            i_kj = p0 + 1 + j
+            m_j = tl.max(tl.where((o_tb == j) & m_kt, 1, 0), axis=0)  # 1: key p0 + 1 + j is scored
+            b_vj = tl.load(v + ((bos_k + i_kj) * H + i_h) * DV + o_dv, mask=(o_dv < DV) & (o_dv * 0 + m_j > 0),
                            other=0.).to(tl.float32)
             b_pj = tl.sum(tl.where(o_tb[None, :] == j, b_p, 0.), axis=1)  # [P * BR], 0 where unseen
-            b_acc += tl.where(((i_ta >= i_kj) & (o_a * 0 + m_j > 0))[:, None], b_pj[:, None] * b_vj[None, :], 0.)
+            b_acc += tl.where(((i_pa >= i_kj) & (o_a * 0 + m_j > 0))[:, None], b_pj[:, None] * b_vj[None, :], 0.)
         _park_rows(o, lse, o_rowa, m_a, b_m, b_l, b_acc, DV, BDV)
 
 
@@ -487,8 +521,9 @@ def _gather_block(b_q, i_b, k, v, k_desc, v_desc, bos, t0, n_key, i_h, qk_scale,
                   H: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr,
                   DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, TMA: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, b_q2, BDK2: tl.constexpr):
-    """One online-softmax step of rows ``b_q`` over the keys ``<= t0`` of listed block ``i_b``
-    (-1: nothing), sub-tile by sub-tile; every row's position is >= t0 (no per-row mask).
+    """One online-softmax step of rows ``b_q`` over the keys ``<= t0`` (a position) of listed block
+    ``i_b`` (-1: nothing; keys from packed row ``bos``), sub-tile by sub-tile; every row's position
+    is >= t0 (no per-row mask).
     BDK2 > 0: the head columns ``BDK ..`` are a second tile, b_q2 ``[rows, BDK2]`` (its keys
     through pointer loads)."""
     for i_ks in tl.static_range(NKS):
@@ -512,7 +547,7 @@ def selected_share_plan_kernel(
     position in the sequence lists (in position t0's order), then its other entries (in its own
     order), then the -1 entries; counts ``[N, H, 2]`` = (number of shared blocks, which the common
     kernel walks; number of entries >= 0). Lists hold no repeats (validated by the callers)."""
-    i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
+    i_h, i_tc, bos, seq_len, _, _ = _program_chunk(chunk_indices, cu_seqlens, cu_seqlens)  # query rows only
     t0 = i_tc * P
     o_s = tl.arange(0, SP)
     o_p = tl.arange(0, P)
@@ -547,7 +582,7 @@ def selected_share_plan_kernel(
 
 @triton.jit
 def selected_fwd_scatter_kernel(
-    q, k, v, o_part, lse_part, cu_seqlens, block_table, offsets, entries, seg_first, seg_bucket, scale,
+    q, k, v, o_part, lse_part, cu_seqlens, cu_seqlens_k, block_table, offsets, entries, seg_first, seg_bucket, scale,
     NBT, key0, c0,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
@@ -555,11 +590,12 @@ def selected_fwd_scatter_kernel(
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Forward partials of one segment (at most ``SEG`` entries) of one (KV head, block)'s query
-    list, for the queries of one chunk of positions ``[c0, c0 + C)``.
+    list, for the queries of one chunk of packed query rows ``[c0, c0 + C)``.
 
     Bucket ``key0 + h * NBT + blk`` (chunk's first bucket ``key0``) lists the entries
-    ``e = t * H * S + h * S + s`` (packed position t, slot s of t's block list) that selected global
-    block ``blk`` for KV head h and see at least one of its keys:
+    ``e = t * H * S + h * S + s`` (packed query row t, slot s of t's block list) that selected
+    global block ``blk`` (of the keys, packed by cu_seqlens_k) for KV head h and see at least one of
+    its keys:
     ``entries[offsets[b] : offsets[b + 1]]``, cut into segments ``seg_first[b] ..
     seg_first[b + 1] - 1``; ``seg_bucket`` maps a segment back to its bucket. The program loads
     the block's keys once and, for every entry and every one of the G query heads, writes
@@ -568,16 +604,18 @@ def selected_fwd_scatter_kernel(
     """
     i_seg = tl.load(seg_first + key0).to(tl.int64) + tl.program_id(0)
     if i_seg < tl.load(seg_first + key0 + H * NBT):
-        i_h, i_j, bos, seq_len, start, end = _scatter_segment(i_seg, seg_bucket, seg_first, offsets, block_table,
-                                                              cu_seqlens, key0, NBT, SEG)
+        i_h, i_j, bos_k, len_k, shift, start, end = _scatter_segment(i_seg, seg_bucket, seg_first, offsets,
+                                                                     block_table, cu_seqlens, cu_seqlens_k, key0,
+                                                                     NBT, SEG)
 
         o_dk = tl.arange(0, BDK)
         o_dv = tl.arange(0, BDV)
         qk_scale = scale * 1.4426950408889634
         if NKS == 1:  # the whole block fits one tile: load it once for the whole list
-            i_k0, m_k0, b_k0, b_v0 = _block_kv(k, v, bos, i_j, 0, i_h, seq_len, H, BS, BK, DK, DV, BDK, BDV)
+            i_k0, m_k0, b_k0, b_v0 = _block_kv(k, v, bos_k, i_j, 0, i_h, len_k, H, BS, BK, DK, DV, BDK, BDV)
         for i0 in range(start, end, BQ):
             m_r, i_t, i_s, o_row = _scatter_rows(entries, i0, end, i_h, HQ, H, G, S, BQ, BR)
+            i_kl = i_t + shift  # [BR] packed row of the last key each row may see
             b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
                           other=0.)
             b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
@@ -590,9 +628,10 @@ def selected_fwd_scatter_kernel(
                     b_k = b_k0
                     b_v = b_v0
                 else:
-                    i_k, m_k, b_k, b_v = _block_kv(k, v, bos, i_j, i_ks, i_h, seq_len, H, BS, BK, DK, DV, BDK, BDV)
+                    i_k, m_k, b_k, b_v = _block_kv(k, v, bos_k, i_j, i_ks, i_h, len_k, H, BS, BK, DK, DV, BDK,
+                                                   BDV)
                 b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [BR, BK]
-                b_s = tl.where(m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None]), b_s, float("-inf"))
+                b_s = tl.where(m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_kl[:, None]), b_s, float("-inf"))
                 b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
             # every listed entry sees the block's first key: l > 0 on the rows that are stored
             b_l = tl.where(b_l > 0, b_l, 1.)
@@ -640,8 +679,8 @@ def selected_fwd_merge_kernel(
 
 @triton.jit
 def selected_bwd_dq_scatter_kernel(
-    q, k, v, lse, do, delta, dq_part, flag, cu_seqlens, block_table, offsets, entries, seg_first, seg_bucket,
-    scale, NBT, key0, c0,
+    q, k, v, lse, do, delta, dq_part, flag, cu_seqlens, cu_seqlens_k, block_table, offsets, entries, seg_first,
+    seg_bucket, scale, NBT, key0, c0,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, SEG: tl.constexpr,
@@ -653,14 +692,16 @@ def selected_bwd_dq_scatter_kernel(
     ``flag`` (int8). The forward's lse (natural log) and delta = rowsum(dO * O) are inputs."""
     i_seg = tl.load(seg_first + key0).to(tl.int64) + tl.program_id(0)
     if i_seg < tl.load(seg_first + key0 + H * NBT):
-        i_h, i_j, bos, seq_len, start, end = _scatter_segment(i_seg, seg_bucket, seg_first, offsets, block_table,
-                                                              cu_seqlens, key0, NBT, SEG)
+        i_h, i_j, bos_k, len_k, shift, start, end = _scatter_segment(i_seg, seg_bucket, seg_first, offsets,
+                                                                     block_table, cu_seqlens, cu_seqlens_k, key0,
+                                                                     NBT, SEG)
 
         o_dk = tl.arange(0, BDK)
         o_dv = tl.arange(0, BDV)
         qk_scale = scale * 1.4426950408889634
         for i0 in range(start, end, BQ):
             m_r, i_t, i_s, o_row = _scatter_rows(entries, i0, end, i_h, HQ, H, G, S, BQ, BR)
+            i_kl = i_t + shift  # [BR] packed row of the last key each row may see
             b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
                           other=0.)
             b_do = tl.load(do + o_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & (o_dv < DV)[None, :],
@@ -669,9 +710,9 @@ def selected_bwd_dq_scatter_kernel(
             b_delta = tl.load(delta + o_row, mask=m_r, other=0.)
             b_dq = tl.zeros([BR, BDK], dtype=tl.float32)
             for i_ks in tl.static_range(NKS):
-                i_k, m_k, b_k, b_v = _block_kv(k, v, bos, i_j, i_ks, i_h, seq_len, H, BS, BK, DK, DV, BDK, BDV)
+                i_k, m_k, b_k, b_v = _block_kv(k, v, bos_k, i_j, i_ks, i_h, len_k, H, BS, BK, DK, DV, BDK, BDV)
                 b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale
-                m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
+                m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_kl[:, None])
                 b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
                 b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)
                 b_ds = b_p * (b_dp - b_delta[:, None])
@@ -708,9 +749,9 @@ def _dq_block(b_q, b_q2, b_do, b_lse2, b_delta, m_r, i_b, k, v, bos, t_last, i_h
               DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BDK2: tl.constexpr,
               DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """dQ (unscaled, float32; ``b_dq2``: the head columns ``BDK ..`` when BDK2 > 0) of rows ``b_q``
-    (valid ``m_r``; base-2 lse ``b_lse2``, delta ``b_delta``) over the keys ``<= t_last`` of listed
-    block ``i_b`` (-1: nothing), sub-tile by sub-tile; every row's position is >= t_last (no
-    per-row causal mask)."""
+    (valid ``m_r``; base-2 lse ``b_lse2``, delta ``b_delta``) over the keys ``<= t_last`` (a
+    position) of listed block ``i_b`` (-1: nothing; keys from packed row ``bos``), sub-tile by
+    sub-tile; every row's position is >= t_last (no per-row causal mask)."""
     for i_ks in tl.static_range(NKS):
         i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV, BDK, BDV)
         b_s, b_k2 = _qk_scores(b_q, b_q2, b_k, k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2, DOT_PRECISION,
@@ -726,7 +767,7 @@ def _dq_block(b_q, b_q2, b_do, b_lse2, b_delta, m_r, i_b, k, v, bos, t_last, i_h
 
 @triton.jit
 def selected_bwd_dq_kernel(
-    q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
+    q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, cu_seqlens_k, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
@@ -736,14 +777,15 @@ def selected_bwd_dq_kernel(
     input when HAS_DELTA, else computed here and stored. BDK2 > 0: q . k and dQ over the head
     columns ``0 .. BDK-1`` and ``BDK .. BDK+BDK2-1`` as two tiles (keys of the second through
     :func:`_k_cols`), not one padded to a power of two."""
-    i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
+    i_h, i_tc, bos, seq_len, bos_k, off = _program_chunk(chunk_indices, cu_seqlens, cu_seqlens_k)
     t0 = i_tc * BT
-    t_last = tl.minimum(t0 + BT, seq_len) - 1
+    t_last = tl.minimum(t0 + BT, seq_len) - 1 + off  # position of the tile's last query
 
     o_r = tl.arange(0, BR)
     o_rp = o_r // G
     o_rg = o_r % G
-    i_t = t0 + o_rp
+    i_t = t0 + o_rp  # [BR] query row in its sequence
+    i_p = i_t + off  # [BR] its position
     m_r = (o_r < BT * G) & (i_t < seq_len)
     o_dk = tl.arange(0, BDK)
     o_dv = tl.arange(0, BDV)
@@ -778,24 +820,24 @@ def selected_bwd_dq_kernel(
         p_idx = block_indices + ((bos + t0) * H + i_h) * S
         for i_s in tl.range(0, S, num_stages=STAGES):
             i_b = tl.load(p_idx + i_s, mask=t0 < seq_len, other=-1).to(tl.int64)
-            b_dq, b_dq2 = _dq_block(b_q, b_q2, b_do, b_lse2, b_delta, m_r, i_b, k, v, bos, t_last, i_h, qk_scale,
+            b_dq, b_dq2 = _dq_block(b_q, b_q2, b_do, b_lse2, b_delta, m_r, i_b, k, v, bos_k, t_last, i_h, qk_scale,
                                     b_dq, b_dq2, H, BS, BK, NKS, DK, DV, BDK, BDV, BDK2, DOT_PRECISION, DOT_UPCAST)
-    for i_p in range(BT if BT > 1 else 0):
-        p_idx = block_indices + ((bos + t0 + i_p) * H + i_h) * S
+    for i_r in range(BT if BT > 1 else 0):
+        p_idx = block_indices + ((bos + t0 + i_r) * H + i_h) * S
         for i_s in range(S):
-            i_b = tl.load(p_idx + i_s, mask=t0 + i_p < seq_len, other=-1).to(tl.int64)
+            i_b = tl.load(p_idx + i_s, mask=t0 + i_r < seq_len, other=-1).to(tl.int64)
             m_hit = b_idx == i_b
-            n_seen = tl.sum(tl.where(m_hit & (o_rp < i_p)[:, None], 1, 0))
+            n_seen = tl.sum(tl.where(m_hit & (o_rp < i_r)[:, None], 1, 0))
             if (i_b >= 0) & (n_seen == 0) & (i_b * BS <= t_last):
                 m_sel = tl.sum(tl.where(m_hit, 1, 0), axis=1) > 0
                 for i_ks in range(NKS):
                     if i_b * BS + i_ks * BK <= t_last:
-                        i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos, t_last, i_h, H, BS, BK, DK, DV,
-                                                              BDK, BDV)
-                        b_s, b_k2 = _qk_scores(b_q, b_q2, b_k, k, i_k, m_k, bos, i_h, H, DK, BDK, BDK2, DOT_PRECISION,
-                                               DOT_UPCAST)  # [BR, BK]
+                        i_k, m_k, b_k, b_v = _listed_block_kv(k, v, i_b, i_ks, bos_k, t_last, i_h, H, BS, BK, DK,
+                                                              DV, BDK, BDV)
+                        b_s, b_k2 = _qk_scores(b_q, b_q2, b_k, k, i_k, m_k, bos_k, i_h, H, DK, BDK, BDK2,
+                                               DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
                         b_s = b_s * qk_scale
-                        m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
+                        m_s = m_sel[:, None] & m_k[None, :] & (i_k[None, :] <= i_p[:, None])
                         b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
                         b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
                         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -850,30 +892,32 @@ def _store_dq(dq, o_row, m_r, b_dq, b_dq2, scale, n_add, DK: tl.constexpr, BDK: 
 
 @triton.jit
 def selected_bwd_dq_common_kernel(
-    q, k, v, lse, do, dq, delta, plan, counts, cu_seqlens, chunk_indices, scale,
+    q, k, v, lse, do, dq, delta, plan, counts, cu_seqlens, cu_seqlens_k, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SP: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, P: tl.constexpr, TB: tl.constexpr, BR: tl.constexpr,
     STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BDK2: tl.constexpr = 0,
 ):
-    """dQ over the blocks that all ``P`` positions ``t0 ..`` of a program list (the first ``n =
-    counts[..., 0] > 0`` entries of every list planned by :func:`selected_share_plan_kernel`), as
-    :func:`selected_fwd_common_kernel` does the forward: their keys ``<= t0`` (visible to every
-    row) loaded once and used for the ``P * BR`` rows in one product; their keys ``t0 + 1 .. t0
-    + P - 1`` scored in one product and added to dQ one key at a time, for the rows whose
-    position is >= the key's (a product would multiply the keys a row may not see by zero). The
-    partial dQ is parked in dq (scaled, rounded once to dq's dtype);
+    """dQ over the blocks that all ``P`` query rows ``t0 ..`` (positions ``p0 = t0 + offset ..``) of
+    a program list (the first ``n = counts[..., 0] > 0`` entries of every list planned by
+    :func:`selected_share_plan_kernel`), as :func:`selected_fwd_common_kernel` does the forward:
+    their keys ``<= p0`` (visible to every row) loaded once and used for the ``P * BR`` rows in one
+    product; their keys ``p0 + 1 .. p0 + P - 1`` scored in one product and added to dQ one key at a
+    time, for the rows whose position is >= the key's (a product would multiply the keys a row may
+    not see by zero). The partial dQ is parked in dq (scaled, rounded once to dq's dtype);
     :func:`selected_bwd_dq_planned_kernel` adds each position's other blocks to it. delta is an
     input (rowsum(dO * O))."""
-    i_h, i_tc, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)
+    i_h, i_tc, bos, seq_len, bos_k, off = _program_chunk(chunk_indices, cu_seqlens, cu_seqlens_k)
     t0 = i_tc * P
     n_sh = tl.load(counts + ((bos + t0) * H + i_h) * 2, mask=t0 < seq_len, other=0)
     if n_sh > 0:
-        # rows: position t0 + r // BR, head r % BR
+        # rows: query row t0 + r // BR, head r % BR
         o_a = tl.arange(0, P * BR)
         i_ta = t0 + o_a // BR
         m_a = (o_a % BR < G) & (i_ta < seq_len)
         o_rowa = (bos + i_ta) * HQ + i_h * G + o_a % BR
+        p0 = t0 + off  # position of the program's first query
+        i_pa = i_ta + off  # [P * BR] positions of the rows
         b_q, b_q2, b_do, b_lse2, b_delta = _dq_rows(q, do, lse, delta, o_rowa, m_a, DK, DV, BDK, BDV, BDK2)
         qk_scale = scale * 1.4426950408889634
         b_dq = tl.zeros([P * BR, BDK], dtype=tl.float32)
@@ -881,29 +925,29 @@ def selected_bwd_dq_common_kernel(
         p_list0 = plan + ((bos + t0) * H + i_h) * S
         for j in tl.range(0, n_sh, num_stages=STAGES):
             i_b = tl.load(p_list0 + j).to(tl.int64)
-            b_dq, b_dq2 = _dq_block(b_q, b_q2, b_do, b_lse2, b_delta, m_a, i_b, k, v, bos, t0, i_h, qk_scale,
+            b_dq, b_dq2 = _dq_block(b_q, b_q2, b_do, b_lse2, b_delta, m_a, i_b, k, v, bos_k, p0, i_h, qk_scale,
                                     b_dq, b_dq2, H, BS, BK, NKS, DK, DV, BDK, BDV, BDK2, DOT_PRECISION, DOT_UPCAST)
-        # keys t0 + 1 .. t0 + P - 1 of the shared blocks
+        # keys p0 + 1 .. p0 + P - 1 of the shared blocks
         o_tb = tl.arange(0, TB)
         o_dk = tl.arange(0, BDK)
         o_dv = tl.arange(0, BDV)
-        i_kt, m_kt, b_kt = _tail_keys(k, p_list0, n_sh, t0, seq_len, bos, i_h, H, P, BS, SP, TB, DK, BDK)
-        b_vt = tl.load(v + ((bos + i_kt) * H + i_h)[:, None] * DV + o_dv[None, :],
+        i_kt, m_kt, b_kt = _tail_keys(k, p_list0, n_sh, p0, seq_len + off, bos_k, i_h, H, P, BS, SP, TB, DK, BDK)
+        b_vt = tl.load(v + ((bos_k + i_kt) * H + i_h)[:, None] * DV + o_dv[None, :],
                        mask=m_kt[:, None] & (o_dv < DV)[None, :], other=0.)
-        b_s, _ = _qk_scores(b_q, b_q2, b_kt, k, i_kt, m_kt, bos, i_h, H, DK, BDK, BDK2, DOT_PRECISION,
+        b_s, _ = _qk_scores(b_q, b_q2, b_kt, k, i_kt, m_kt, bos_k, i_h, H, DK, BDK, BDK2, DOT_PRECISION,
                             DOT_UPCAST)  # [P * BR, TB]
-        m_s = m_a[:, None] & m_kt[None, :] & (i_kt[None, :] <= i_ta[:, None])
+        m_s = m_a[:, None] & m_kt[None, :] & (i_kt[None, :] <= i_pa[:, None])
         b_p = tl.where(m_s, tl.exp2(b_s * qk_scale - b_lse2[:, None]), 0.)
         b_dp = dot(b_do, tl.trans(b_vt), DOT_PRECISION, DOT_UPCAST)
         # NaN where an unseen key's value is not finite: the rows that see the key take it (m_row)
         b_ds = b_p * (b_dp - b_delta[:, None])
         for jk in tl.static_range(P - 1):
-            i_kj = t0 + 1 + jk
-            m_j = tl.max(tl.where((o_tb == jk) & m_kt, 1, 0), axis=0)  # 1: key t0 + 1 + jk is scored
-            m_row = (i_ta >= i_kj) & (o_a * 0 + m_j > 0)
+            i_kj = p0 + 1 + jk
+            m_j = tl.max(tl.where((o_tb == jk) & m_kt, 1, 0), axis=0)  # 1: key p0 + 1 + jk is scored
+            m_row = (i_pa >= i_kj) & (o_a * 0 + m_j > 0)
             # dS rounded as the products round it (bf16 for 16-bit inputs)
             b_dsj = tl.sum(tl.where(o_tb[None, :] == jk, b_ds, 0.), axis=1).to(b_kt.dtype).to(tl.float32)
-            p_kj = k + ((bos + i_kj) * H + i_h) * DK
+            p_kj = k + ((bos_k + i_kj) * H + i_h) * DK
             b_kj = tl.load(p_kj + o_dk, mask=(o_dk < DK) & (o_dk * 0 + m_j > 0), other=0.).to(tl.float32)
             b_dq += tl.where(m_row[:, None], b_dsj[:, None] * b_kj[None, :], 0.)
             if BDK2 > 0:
@@ -915,17 +959,18 @@ def selected_bwd_dq_common_kernel(
 
 @triton.jit
 def selected_bwd_dq_planned_kernel(
-    q, k, v, lse, do, dq, delta, plan, counts, cu_seqlens, chunk_indices, scale,
+    q, k, v, lse, do, dq, delta, plan, counts, cu_seqlens, cu_seqlens_k, chunk_indices, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BDK2: tl.constexpr = 0,
 ):
-    """dQ of one position ``t`` (``chunk_indices`` of single positions; its ``G <= BR`` heads of KV
-    head ``i_h``) over the keys ``<= t`` of the entries ``n .. `` of its list planned by
+    """dQ of one query row ``t`` (``chunk_indices`` of single positions; its ``G <= BR`` heads of KV
+    head ``i_h``) over the keys up to its position of the entries ``n .. `` of its list planned by
     :func:`selected_share_plan_kernel` (``counts[..., 0] = n``), added to what
     :func:`selected_bwd_dq_common_kernel` parked in dq for the first n where n > 0."""
-    i_h, t, bos, seq_len = _program_chunk(chunk_indices, cu_seqlens)  # chunks of one position
+    # chunks of one position
+    i_h, t, bos, seq_len, bos_k, off = _program_chunk(chunk_indices, cu_seqlens, cu_seqlens_k)
     if t < seq_len:
         p_cnt = counts + ((bos + t) * H + i_h) * 2
         n_sh = tl.load(p_cnt)
@@ -937,17 +982,18 @@ def selected_bwd_dq_planned_kernel(
         b_dq = tl.zeros([BR, BDK], dtype=tl.float32)
         b_dq2 = tl.zeros([BR, BDK2 if BDK2 > 0 else 16], dtype=tl.float32)
         p_list = plan + ((bos + t) * H + i_h) * S
+        p = t + off  # the query's position
         for i_s in tl.range(n_sh, tl.load(p_cnt + 1), num_stages=STAGES):
             i_b = tl.load(p_list + i_s).to(tl.int64)
-            b_dq, b_dq2 = _dq_block(b_q, b_q2, b_do, b_lse2, b_delta, m_r, i_b, k, v, bos, t, i_h, qk_scale,
+            b_dq, b_dq2 = _dq_block(b_q, b_q2, b_do, b_lse2, b_delta, m_r, i_b, k, v, bos_k, p, i_h, qk_scale,
                                     b_dq, b_dq2, H, BS, BK, NKS, DK, DV, BDK, BDV, BDK2, DOT_PRECISION, DOT_UPCAST)
         _store_dq(dq, o_row, m_r, b_dq, b_dq2, scale, n_sh, DK, BDK, BDK2, ADD=True)
 
 
 @triton.jit
 def selected_bwd_dkv_kernel(
-    q, k, v, lse, do, delta, dk, dv, dk_part, dv_part, cu_seqlens, block_table, query_offsets, query_list,
-    seg_bucket, seg_first, part_first, scale, NBT, SEG,
+    q, k, v, lse, do, delta, dk, dv, dk_part, dv_part, cu_seqlens, cu_seqlens_k, block_table, query_offsets,
+    query_list, seg_bucket, seg_first, part_first, scale, NBT, SEG,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
@@ -956,12 +1002,13 @@ def selected_bwd_dkv_kernel(
     """dK/dV contribution of one segment (at most ``SEG`` queries) of one (KV head, block)'s
     query list, for ``BK`` keys of the block (sub-tile ``pid % NKS``).
 
-    Bucket ``b = h * NBT + blk`` lists the packed positions of the queries that selected global
-    block ``blk`` for KV head ``h``: ``query_list[query_offsets[b] : query_offsets[b + 1]]``; its
-    segments are ``seg_first[b] .. seg_first[b + 1] - 1`` and ``seg_bucket`` maps a segment back
-    (``H * NBT`` past the last one). A bucket with one segment writes dk ``[N, H, DK]`` and dv
-    ``[N, H, DV]`` directly; otherwise segment ``i`` writes float32 partials to slot
-    ``part_first[b] + i`` of dk_part ``[P, NKS * BK, DK]`` / dv_part, summed by the reduce kernel.
+    Bucket ``b = h * NBT + blk`` lists the packed rows of the queries (cu_seqlens) that selected
+    global block ``blk`` of the keys (cu_seqlens_k; None: packed as the queries) for KV head ``h``:
+    ``query_list[query_offsets[b] : query_offsets[b + 1]]``; its segments are ``seg_first[b] ..
+    seg_first[b + 1] - 1`` and ``seg_bucket`` maps a segment back (``H * NBT`` past the last one).
+    A bucket with one segment writes dk ``[NK, H, DK]`` and dv ``[NK, H, DV]`` directly; otherwise
+    segment ``i`` writes float32 partials to slot ``part_first[b] + i`` of dk_part ``[P, NKS * BK,
+    DK]`` / dv_part, summed by the reduce kernel.
     BDK2 > 0: q . k and dK over the head columns ``0 .. BDK-1`` and ``BDK .. BDK+BDK2-1`` as two
     tiles, not one padded to a power of two.
     """
@@ -973,11 +1020,18 @@ def selected_bwd_dkv_kernel(
         i_blk = i_key % NBT
         i_n = tl.load(block_table + i_blk * 2).to(tl.int64)
         i_j = tl.load(block_table + i_blk * 2 + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        # a packed query row plus shift: the packed key row of its position (sequences end together)
+        shift = 0
+        if cu_seqlens_k is None:  # keys packed as the queries
+            bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+            seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        else:
+            bos = tl.load(cu_seqlens_k + i_n).to(tl.int64)
+            seq_len = tl.load(cu_seqlens_k + i_n + 1).to(tl.int64) - bos
+            shift = bos + seq_len - tl.load(cu_seqlens + i_n + 1).to(tl.int64)
 
         o_k = (i_sk % NKS) * BK + tl.arange(0, BK)  # [BK] key offsets inside the block
-        i_k = bos + i_j * BS + o_k  # [BK] packed key positions
+        i_k = bos + i_j * BS + o_k  # [BK] packed key rows
         m_k = (o_k < BS) & (i_j * BS + o_k < seq_len)
         o_dk = tl.arange(0, BDK)
         o_dv = tl.arange(0, BDV)
@@ -1009,7 +1063,7 @@ def selected_bwd_dkv_kernel(
         for i0 in range(start, end, BQ):
             i_e = i0 + o_rp  # [BR] entry of the query list
             m_r = (o_r < BQ * G) & (i_e < end)
-            i_t = tl.load(query_list + i_e, mask=m_r, other=0).to(tl.int64)  # [BR] packed positions
+            i_t = tl.load(query_list + i_e, mask=m_r, other=0).to(tl.int64)  # [BR] packed query rows
             o_row = i_t * HQ + i_h * G + o_rg
             b_q = tl.load(q + o_row[:, None] * DK + o_dk[None, :], mask=m_r[:, None] & (o_dk < DK)[None, :],
                           other=0.)
@@ -1024,7 +1078,7 @@ def selected_bwd_dkv_kernel(
             else:
                 b_q2 = b_q  # unused
             b_s = b_s * qk_scale
-            m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= i_t[:, None])
+            m_s = m_r[:, None] & m_k[None, :] & (i_k[None, :] <= (i_t + shift)[:, None])
             b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.)
             b_dv += dot(tl.trans(b_p.to(b_do.dtype)), b_do, DOT_PRECISION, DOT_UPCAST)
             b_dp = dot(b_do, tl.trans(b_v), DOT_PRECISION, DOT_UPCAST)  # [BR, BK]
@@ -1054,11 +1108,12 @@ def selected_bwd_dkv_kernel(
 
 @triton.jit
 def selected_bwd_dkv_reduce_kernel(
-    dk, dv, dk_part, dv_part, cu_seqlens, block_table, seg_first, part_first, NBT,
+    dk, dv, dk_part, dv_part, cu_seqlens_k, block_table, seg_first, part_first, NBT,
     H: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NKS: tl.constexpr, DK: tl.constexpr,
     DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
 ):
-    """dk, dv of the buckets split into several segments: their partials summed in segment order."""
+    """dk, dv (keys packed by cu_seqlens_k) of the buckets split into several segments: their
+    partials summed in segment order."""
     i_sk = tl.program_id(0)
     i_key = (i_sk // NKS).to(tl.int64)
     i_seg0 = tl.load(seg_first + i_key)
@@ -1068,8 +1123,8 @@ def selected_bwd_dkv_reduce_kernel(
         i_blk = i_key % NBT
         i_n = tl.load(block_table + i_blk * 2).to(tl.int64)
         i_j = tl.load(block_table + i_blk * 2 + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        bos = tl.load(cu_seqlens_k + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens_k + i_n + 1).to(tl.int64) - bos
         o_k = (i_sk % NKS) * BK + tl.arange(0, BK)
         m_k = (o_k < BS) & (i_j * BS + o_k < seq_len)
         o_kv = (bos + i_j * BS + o_k) * H + i_h
@@ -1211,30 +1266,48 @@ def _chunk_table(cu_seqlens, num_tokens: int, chunk: int) -> torch.Tensor:
     return torch.stack([seq, rows - (end - n_chunks)[seq]], 1).to(torch.int32)
 
 
-def _reverse_index(block_indices, cu_seqlens, block_table, block_size: int, chunk: int | None = None):
-    """For each (KV head h, global block b) the ascending packed positions of the queries that
-    selected b and can see one of its keys (block start <= query position).
+def _key_cu_seqlens(cu_seqlens, q_offset: int = 0, cu_seqlens_k=None):
+    """cu_seqlens of the packed keys as the kernels take it: ``cu_seqlens_k`` where given, else
+    ``q_offset`` more keys than queries (``cu_seqlens``) in every sequence; None where the keys are
+    packed as the queries (no offset: the kernels compile today's code)."""
+    if cu_seqlens_k is cu_seqlens or (cu_seqlens_k is None and q_offset == 0):
+        return None
+    if cu_seqlens_k is not None:
+        return cu_seqlens_k
+    return cu_seqlens + q_offset * torch.arange(cu_seqlens.numel(), dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+
+
+def _reverse_index(block_indices, cu_seqlens, block_table, block_size: int, chunk: int | None = None,
+                   cu_seqlens_k=None):
+    """For each (KV head h, global block b of the keys) the ascending packed rows of the queries
+    that selected b and can see one of its keys (block start <= query position).
 
     Args:
-        block_indices: int32 ``[N, H, S]`` packed.
-        cu_seqlens: int32 ``[num_seqs + 1]``.
-        block_table: int32 ``[NBT, 2]`` from :func:`_chunk_table` with the block size.
-        chunk: None, or cut the lists by chunks of ``chunk`` packed positions: bucket
+        block_indices: int32 ``[N, H, S]`` packed queries.
+        cu_seqlens: int32 ``[num_seqs + 1]`` of the queries.
+        block_table: int32 ``[NBT, 2]`` from :func:`_chunk_table` of the keys with the block size.
+        chunk: None, or cut the lists by chunks of ``chunk`` packed query rows: bucket
             ``c * H * NBT + h * NBT + b`` holds the queries of chunk c only.
+        cu_seqlens_k: int32 ``[num_seqs + 1]`` of the keys; None: as cu_seqlens (no query offset).
     Returns:
         offsets int64 ``[H * NBT + 1]`` (``[num_chunks * H * NBT + 1]`` with chunks), an int32 list
         ``[N * H * S]`` (entries past ``offsets[-1]`` unused; bucket k is ``list[offsets[k] :
         offsets[k + 1]]``) and, in the same order, the int64 entries ``t * H * S + h * S + s``
-        (position t, slot s of its block list).
+        (packed query row t, slot s of its block list).
     """
     N, H, S = block_indices.shape
     NBT = block_table.shape[0]
     dev = block_indices.device
     tok = torch.arange(N, device=dev)
     seq = torch.searchsorted(cu_seqlens[1:].long(), tok, right=True)  # [N]
-    t_rel = tok - cu_seqlens.long()[seq]
+    t_rel = tok - cu_seqlens.long()[seq]  # query row in its sequence
+    len_q = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    len_k = len_q
+    if cu_seqlens_k is not None:
+        len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+        t_rel = t_rel + (len_k - len_q)[seq]  # its position
     # first global block of every sequence, as numbered by block_table
-    seq_blocks = -(-(cu_seqlens[1:] - cu_seqlens[:-1]).long() // block_size)
+    seq_blocks = -(-len_k // block_size)
     blk_off = torch.cumsum(seq_blocks, 0) - seq_blocks  # [num_seqs]
     idx = block_indices.long()
     valid = (idx >= 0) & (idx * block_size <= t_rel.view(N, 1, 1))
@@ -1317,9 +1390,13 @@ def _share_plan(block_indices, cu_seqlens, chunk_indices, P: int):
     return plan, counts
 
 
-def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_indices, cfg: _Tiles):
-    """Packed q ``[N, HQ, DK]``, k ``[N, H, DK]``, v ``[N, H, DV]``, block_indices ``[N, H, S]``;
-    chunk_indices from :func:`_chunk_table` with :func:`fwd_positions`. Returns o ``[N, HQ, DV]``, lse ``[N, HQ]``."""
+def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_indices, cfg: _Tiles,
+                q_offset: int = 0, cu_seqlens_k=None):
+    """Packed q ``[N, HQ, DK]`` (sequences: cu_seqlens), k ``[NK, H, DK]``, v ``[NK, H, DV]``
+    (sequences: :func:`_key_cu_seqlens` of cu_seqlens, q_offset, cu_seqlens_k), block_indices
+    ``[N, H, S]``; chunk_indices from :func:`_chunk_table` of the queries with
+    :func:`fwd_positions`. Returns o ``[N, HQ, DV]``, lse ``[N, HQ]``."""
+    cu_k = _key_cu_seqlens(cu_seqlens, q_offset, cu_seqlens_k)
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     o = new_output((N, HQ, DV), q.dtype, q.device)
@@ -1337,21 +1414,21 @@ def _launch_fwd(q, k, v, block_indices, block_size, scale, cu_seqlens, chunk_ind
         # q . k over a head dim that is not a power of two: two tiles (192 = 128 + 64), not one of 256
         consts["BDK"], consts["BDK2"] = triton_utils.head_tiles(DK)
         # the blocks a program's positions all list: once per program, state parked in o / lse
-        selected_fwd_common_kernel[grid](q, k, v, o, lse, plan, counts, cu_seqlens, chunk_indices, scale,
+        selected_fwd_common_kernel[grid](q, k, v, o, lse, plan, counts, cu_seqlens, cu_k, chunk_indices, scale,
                                          P=cfg.SHARE, TB=pow2(cfg.SHARE - 1), **consts)
         # the rest: one position per program, on the planned lists
         del consts["SP"]
         positions = _chunk_table(cu_seqlens, N, 1)
-        selected_fwd_planned_kernel[(positions.shape[0], H)](q, k, v, o, lse, plan, counts, cu_seqlens, positions,
-                                                             scale, **consts)
+        selected_fwd_planned_kernel[(positions.shape[0], H)](q, k, v, o, lse, plan, counts, cu_seqlens, cu_k,
+                                                             positions, scale, **consts)
     else:
-        selected_fwd_kernel[grid](q, k, v, o, lse, block_indices, cu_seqlens, chunk_indices, scale, BT=cfg.BT,
+        selected_fwd_kernel[grid](q, k, v, o, lse, block_indices, cu_seqlens, cu_k, chunk_indices, scale, BT=cfg.BT,
                                   **consts)
     return o, lse
 
 
 def _partial_chunk(N: int, HQ: int, S: int, D: int, itemsize: int) -> int:
-    """Query positions per chunk of a scatter kernel: its partials (``HQ * S`` rows of ``D``
+    """Query rows per chunk of a scatter kernel: its partials (``HQ * S`` rows of ``D``
     values of ``itemsize`` bytes per position) stay within ``PARTIAL_BYTES``."""
     return max(1, min(N, PARTIAL_BYTES // (HQ * S * D * itemsize)))
 
@@ -1367,15 +1444,18 @@ class _ScatterPlan(NamedTuple):
     seg: int  # entries per segment
 
 
-def _scatter_plan(block_indices, cu_seqlens, block_table, block_size: int, chunk: int, G: int) -> _ScatterPlan:
+def _scatter_plan(block_indices, cu_seqlens, cu_seqlens_k, block_table, block_size: int, chunk: int,
+                  G: int) -> _ScatterPlan:
     """The chunked reverse index of the KV-block-centric kernels, cut into segments of at most
     ``SCATTER_ROWS // G`` entries (one program each), built on the device. A chunk's programs are
-    ``first[c * HB] ..``; the host-known bound on their number is :func:`_scatter_grid`."""
+    ``first[c * HB] ..``; the host-known bound on their number is :func:`_scatter_grid`. Queries
+    packed by cu_seqlens, keys by cu_seqlens_k (block_table: theirs)."""
     N, H, S = block_indices.shape
     NBT = block_table.shape[0]
     HB = H * NBT
     n_chunks = triton.cdiv(N, chunk)
-    offsets, _, entries = _reverse_index(block_indices, cu_seqlens, block_table, block_size, chunk=chunk)
+    offsets, _, entries = _reverse_index(block_indices, cu_seqlens, block_table, block_size, chunk=chunk,
+                                         cu_seqlens_k=cu_seqlens_k)
     seg = max(1, SCATTER_ROWS // G)
     counts = offsets[1:] - offsets[:-1]
     n_seg = torch.div(counts + seg - 1, seg, rounding_mode="floor")
@@ -1387,25 +1467,28 @@ def _scatter_plan(block_indices, cu_seqlens, block_table, block_size: int, chunk
 
 
 def _scatter_grid(HB: int, rows: int, H: int, S: int, seg: int) -> int:
-    """Programs for a chunk of ``rows`` positions: at most HB + entries / seg segments (the ceil
+    """Programs for a chunk of ``rows`` query rows: at most HB + entries / seg segments (the ceil
     of each bucket adds less than one)."""
     return HB + rows * H * S // seg + 1
 
 
-def _launch_fwd_scatter(q, k, v, block_indices, block_size, scale, cu_seqlens, block_table, cfg: _Tiles):
+def _launch_fwd_scatter(q, k, v, block_indices, block_size, scale, cu_seqlens, block_table, cfg: _Tiles,
+                        q_offset: int = 0, cu_seqlens_k=None):
     """The KV-block-centric forward: same arguments and results as :func:`_launch_fwd`, with
-    block_table ``[NBT, 2]`` (:func:`_chunk_table` with the block size) instead of the tile table.
+    block_table ``[NBT, 2]`` (:func:`_chunk_table` of the keys with the block size) instead of the
+    tile table.
 
     Each (KV head, block) is loaded once per chunk of queries and scored against every query
     (x G heads) that selected it, through the reverse index; a query's S per-block results are
     merged in slot order by a second kernel. K/V bytes no longer scale with the number of queries:
     what moves is q once per (query, selected block) and the partials (input dtype, written once,
     read once), in chunks of positions that bound the partials' memory."""
+    cu_k = _key_cu_seqlens(cu_seqlens, q_offset, cu_seqlens_k)
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     G = HQ // H
     C = _partial_chunk(N, HQ, S, DV, q.element_size())
-    plan = _scatter_plan(block_indices, cu_seqlens, block_table, block_size, C, G)
+    plan = _scatter_plan(block_indices, cu_seqlens, cu_k, block_table, block_size, C, G)
     NBT, HB, n_chunks, offsets, entries, first, bucket, seg = plan
     bq, br = _tile(G, cfg.BR_SC)
     o = new_output((N, HQ, DV), q.dtype, q.device)
@@ -1418,7 +1501,7 @@ def _launch_fwd_scatter(q, k, v, block_indices, block_size, scale, cu_seqlens, b
         rows = min(C, N - c0)
         lse_part.fill_(float("-inf"))  # slots no program writes: skipped by the merge
         selected_fwd_scatter_kernel[(_scatter_grid(HB, rows, H, S, seg),)](
-            q, k, v, o_part, lse_part, cu_seqlens, block_table, offsets, entries, first, bucket, scale,
+            q, k, v, o_part, lse_part, cu_seqlens, cu_k, block_table, offsets, entries, first, bucket, scale,
             NBT, c * HB, c0, HQ=HQ, H=H, G=G, S=S, BS=block_size, BK=cfg.BK_SC, NKS=cfg.NKS_SC, DK=DK, DV=DV,
             BDK=pow2(DK), BDV=pow2(DV), BQ=bq, BR=br, SEG=seg, num_warps=cfg.warps_sc, num_stages=cfg.stages_sc,
             **dot_args(q.dtype),
@@ -1453,9 +1536,10 @@ def _delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_dq_scatter(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens, block_table,
-                       cfg: _Tiles):
+                       cfg: _Tiles, q_offset: int = 0, cu_seqlens_k=None):
     """dQ (and delta, unless given) KV-block-centric, like :func:`_launch_fwd_scatter`: per-slot
-    float32 partials (chunks of positions within ``PARTIAL_BYTES``) summed in slot order."""
+    float32 partials (chunks of query rows within ``PARTIAL_BYTES``) summed in slot order."""
+    cu_k = _key_cu_seqlens(cu_seqlens, q_offset, cu_seqlens_k)
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     G = HQ // H
@@ -1463,7 +1547,7 @@ def _launch_dq_scatter(q, k, v, o, lse, do, delta, block_indices, block_size, sc
         delta = _delta(o, do)
     C = _partial_chunk(N, HQ, S, DK, 4)
     NBT, HB, n_chunks, offsets, entries, first, bucket, seg = _scatter_plan(
-        block_indices, cu_seqlens, block_table, block_size, C, G)
+        block_indices, cu_seqlens, cu_k, block_table, block_size, C, G)
     bq, br = _tile(G, cfg.BR_SC)
     dq = new_output(q.shape, q.dtype, q.device)
     dq_part = new_output((C * HQ * S, DK), torch.float32, q.device)
@@ -1474,8 +1558,8 @@ def _launch_dq_scatter(q, k, v, o, lse, do, delta, block_indices, block_size, sc
         rows = min(C, N - c0)
         flag.zero_()  # slots no program writes: skipped by the reduce
         selected_bwd_dq_scatter_kernel[(_scatter_grid(HB, rows, H, S, seg),)](
-            q, k, v, lse, do, delta, dq_part, flag, cu_seqlens, block_table, offsets, entries, first, bucket,
-            scale, NBT, c * HB, c0, HQ=HQ, H=H, G=G, S=S, BS=block_size, BK=cfg.BK_SC, NKS=cfg.NKS_SC, DK=DK,
+            q, k, v, lse, do, delta, dq_part, flag, cu_seqlens, cu_k, block_table, offsets, entries, first,
+            bucket, scale, NBT, c * HB, c0, HQ=HQ, H=H, G=G, S=S, BS=block_size, BK=cfg.BK_SC, NKS=cfg.NKS_SC, DK=DK,
             DV=DV, BDK=pow2(DK), BDV=pow2(DV), BQ=bq, BR=br, SEG=seg, num_warps=cfg.warps_dq_sc,
             num_stages=cfg.stages_dq_sc, **dot_args(q.dtype),
         )
@@ -1486,8 +1570,8 @@ def _launch_dq_scatter(q, k, v, o, lse, do, delta, block_indices, block_size, sc
 
 
 def _bwd_consts(q, k, v, block_size: int, split: bool = True) -> dict:
-    """Compile-time arguments every backward kernel takes, for packed q ``[N, HQ, DK]``, k ``[N, H,
-    DK]``, v ``[N, H, DV]``; ``split``: q . k and dK / dQ over a head dim that is not a power of two
+    """Compile-time arguments every backward kernel takes, for packed q ``[N, HQ, DK]``, k ``[NK, H,
+    DK]``, v ``[NK, H, DV]``; ``split``: q . k and dK / dQ over a head dim that is not a power of two
     as two tiles (192 = 128 + 64: BDK, BDK2), else one padded tile (BDK)."""
     HQ, DK, H, DV = q.shape[1], q.shape[2], k.shape[1], v.shape[2]
     consts = dict(HQ=HQ, H=H, G=HQ // H, BS=block_size, DK=DK, DV=DV, BDK=pow2(DK), BDV=pow2(DV),
@@ -1498,12 +1582,14 @@ def _bwd_consts(q, k, v, block_size: int, split: bool = True) -> dict:
 
 
 def _launch_dq_shared(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens, positions,
-                      cfg: _Tiles):
+                      cfg: _Tiles, q_offset: int = 0, cu_seqlens_k=None):
     """dQ (and delta, unless given) of the gather with one position per tile, in programs of
     ``cfg.SHARE_DQ`` positions: the plan of the forward (:func:`selected_share_plan_kernel`), the
     blocks every position of a program lists through :func:`selected_bwd_dq_common_kernel`, the
     rest through :func:`selected_bwd_dq_planned_kernel`, one position per program (``positions``:
-    :func:`_chunk_table` with chunks of one position)."""
+    :func:`_chunk_table` of the queries with chunks of one position). Keys packed as in
+    :func:`_launch_fwd`."""
+    cu_k = _key_cu_seqlens(cu_seqlens, q_offset, cu_seqlens_k)
     N, H, S = q.shape[0], k.shape[1], block_indices.shape[2]
     P = cfg.SHARE_DQ
     if delta is None:
@@ -1516,29 +1602,31 @@ def _launch_dq_shared(q, k, v, o, lse, do, delta, block_indices, block_size, sca
     consts = dict(_bwd_consts(q, k, v, block_size), S=S, BK=cfg.BK_DQ, NKS=cfg.NKS_DQ, BR=cfg.BR,
                   STAGES=stages, num_warps=cfg.warps, num_stages=stages)
     selected_bwd_dq_common_kernel[(chunks.shape[0], H)](q, k, v, lse, do, dq, delta, plan, counts, cu_seqlens,
-                                                        chunks, scale, SP=SP, P=P, TB=pow2(P - 1), **consts)
+                                                        cu_k, chunks, scale, SP=SP, P=P, TB=pow2(P - 1), **consts)
     selected_bwd_dq_planned_kernel[(positions.shape[0], H)](q, k, v, lse, do, dq, delta, plan, counts, cu_seqlens,
-                                                            positions, scale, **consts)
+                                                            cu_k, positions, scale, **consts)
     return dq, delta
 
 
 def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, chunk_indices,
-                block_table, cfg: _Tiles, delta=None):
-    """Packed tensors as in :func:`_launch_fwd`, plus o, do ``[N, HQ, DV]``, lse ``[N, HQ]`` and
-    block_table ``[NBT, 2]`` (:func:`_chunk_table` with the block size). Returns dq, dk, dv.
+                block_table, cfg: _Tiles, delta=None, q_offset: int = 0, cu_seqlens_k=None):
+    """Packed tensors as in :func:`_launch_fwd` (chunk_indices: :func:`_chunk_table` of the queries
+    with ``cfg.BT``), plus o, do ``[N, HQ, DV]``, lse ``[N, HQ]`` and block_table ``[NBT, 2]``
+    (:func:`_chunk_table` of the keys with the block size). Returns dq, dk ``[NK, H, DK]``, dv.
     ``delta`` ``[N, HQ]`` float32 = rowsum(dO * o), when given (:mod:`nsa.ops.fused`), is not
     recomputed and ``o`` is not read."""
+    cu_k = _key_cu_seqlens(cu_seqlens, q_offset, cu_seqlens_k)
     N, HQ, DK = q.shape
     H, DV, S = k.shape[1], v.shape[2], block_indices.shape[2]
     common = _bwd_consts(q, k, v, block_size, split=False)
     split = _bwd_consts(q, k, v, block_size)
     if _algorithm("DQ_MODE", DQ_MODE, cfg) == "scatter":
         dq, delta = _launch_dq_scatter(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens,
-                                       block_table, cfg)
+                                       block_table, cfg, cu_seqlens_k=cu_k)
     elif cfg.SHARE_DQ > 1:
         # cfg.SHARE_DQ > 1 only where a tile holds one position: chunk_indices are single positions
         dq, delta = _launch_dq_shared(q, k, v, o, lse, do, delta, block_indices, block_size, scale, cu_seqlens,
-                                      chunk_indices, cfg)
+                                      chunk_indices, cfg, cu_seqlens_k=cu_k)
     else:
         dq = new_output(q.shape, q.dtype, q.device)
         has_delta = delta is not None
@@ -1547,12 +1635,12 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
         # num_stages 1 for union walks: their loads sit under data-dependent branches
         stages = GATHER_STAGES if cfg.BT == 1 and not interpreting() else 1
         selected_bwd_dq_kernel[(chunk_indices.shape[0], H)](
-            q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, chunk_indices, scale,
+            q, k, v, o, lse, do, dq, delta, block_indices, cu_seqlens, cu_k, chunk_indices, scale,
             S=S, SP=triton.next_power_of_2(S), BK=cfg.BK_DQ, NKS=cfg.NKS_DQ, BT=cfg.BT, BR=cfg.BR,
             STAGES=stages, HAS_DELTA=has_delta, num_warps=cfg.warps, num_stages=stages, **split,
         )
     NBT = block_table.shape[0]
-    offsets, query_list, _ = _reverse_index(block_indices, cu_seqlens, block_table, block_size)
+    offsets, query_list, _ = _reverse_index(block_indices, cu_seqlens, block_table, block_size, cu_seqlens_k=cu_k)
     seg = _segments(offsets, N * H * S, KV_SEGMENT)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
@@ -1563,41 +1651,54 @@ def _launch_bwd(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlen
     dv_part = new_output((seg.max_parts, BSP, DV), torch.float32, q.device)
     kv = dict(common, BK=cfg.BK_KV, NKS=cfg.NKS_KV)
     selected_bwd_dkv_kernel[(seg.max_segments * cfg.NKS_KV,)](
-        q, k, v, lse, do, delta, dk, dv, dk_part, dv_part, cu_seqlens, block_table, offsets, query_list,
+        q, k, v, lse, do, delta, dk, dv, dk_part, dv_part, cu_seqlens, cu_k, block_table, offsets, query_list,
         seg.bucket, seg.first, seg.part_first, scale, NBT, KV_SEGMENT, BQ=cfg.BQ, BR=cfg.BRQ,
         num_warps=cfg.warps_kv, num_stages=cfg.stages_kv, **(kv | split),
     )
     for key in ("HQ", "G", "DOT_PRECISION", "DOT_UPCAST"):
         del kv[key]
     selected_bwd_dkv_reduce_kernel[(H * NBT * cfg.NKS_KV,)](
-        dk, dv, dk_part, dv_part, cu_seqlens, block_table, seg.first, seg.part_first, NBT, num_warps=8, **kv,
+        dk, dv, dk_part, dv_part, cu_seqlens if cu_k is None else cu_k, block_table, seg.first, seg.part_first, NBT,
+        num_warps=8, **kv,
     )
     return dq, dk, dv
+
+
+def _packed_cu_seqlens(B: int, T: int, TK: int, device, cu_seqlens, q_offset: int, cu_seqlens_k):
+    """(queries' cu_seqlens, keys' as :func:`_key_cu_seqlens` gives it, keys' as a tensor) of the
+    packed layout: dense input (cu_seqlens None) is B sequences of T queries and TK = T + q_offset
+    keys."""
+    if cu_seqlens is None:
+        cu = uniform_cu_seqlens(B, T, device)
+        cu_k = uniform_cu_seqlens(B, TK, device) if q_offset else None
+    else:
+        cu, cu_k = cu_seqlens, _key_cu_seqlens(cu_seqlens, q_offset, cu_seqlens_k)
+    return cu, cu_k, cu if cu_k is None else cu_k
 
 
 # The kernels are opaque to torch.compile: custom ops with fake (shape-only) implementations.
 @torch.library.custom_op("nsa::selected_attention_fwd", mutates_args=())
 def _selected_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
-                     block_size: int, scale: float, cu_seqlens: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     block_size: int, scale: float, cu_seqlens: torch.Tensor | None, q_offset: int = 0,
+                     cu_seqlens_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, HQ, DK = q.shape
-    H, DV = k.shape[2], v.shape[3]
+    TK, H, DV = k.shape[1], k.shape[2], v.shape[3]
     if B * T == 0:
         return q.new_zeros(B, T, HQ, DV), q.new_zeros(B, T, HQ, dtype=torch.float32)
-    cu = uniform_cu_seqlens(B, T, q.device) if cu_seqlens is None else cu_seqlens
+    cu, cu_k, keys = _packed_cu_seqlens(B, T, TK, q.device, cu_seqlens, q_offset, cu_seqlens_k)
     cfg = _tiles(HQ // H, block_size, DK, DV, q.dtype)
-    args = (q.reshape(B * T, HQ, DK).contiguous(), k.reshape(B * T, H, DK).contiguous(),
-            v.reshape(B * T, H, DV).contiguous(), block_indices.reshape(B * T, H, -1).contiguous(),
+    args = (q.reshape(B * T, HQ, DK).contiguous(), k.reshape(B * TK, H, DK).contiguous(),
+            v.reshape(B * TK, H, DV).contiguous(), block_indices.reshape(B * T, H, -1).contiguous(),
             block_size, scale, cu)
     if _algorithm("FWD_MODE", FWD_MODE, cfg) == "scatter":
-        o, lse = _launch_fwd_scatter(*args, _chunk_table(cu, B * T, block_size), cfg)
+        o, lse = _launch_fwd_scatter(*args, _chunk_table(keys, B * TK, block_size), cfg, cu_seqlens_k=cu_k)
     else:
-        o, lse = _launch_fwd(*args, _chunk_table(cu, B * T, fwd_positions(cfg)), cfg)
+        o, lse = _launch_fwd(*args, _chunk_table(cu, B * T, fwd_positions(cfg)), cfg, cu_seqlens_k=cu_k)
     return o.view(B, T, HQ, DV), lse.view(B, T, HQ)
 
 
 @_selected_fwd_op.register_fake
-def _(q, k, v, block_indices, block_size, scale, cu_seqlens):
+def _(q, k, v, block_indices, block_size, scale, cu_seqlens, q_offset=0, cu_seqlens_k=None):
     B, T, HQ, _ = q.shape
     return q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
 
@@ -1605,59 +1706,69 @@ def _(q, k, v, block_indices, block_size, scale, cu_seqlens):
 @torch.library.custom_op("nsa::selected_attention_bwd", mutates_args=())
 def _selected_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                      do: torch.Tensor, block_indices: torch.Tensor, block_size: int, scale: float,
-                     cu_seqlens: torch.Tensor | None, delta: torch.Tensor | None = None
+                     cu_seqlens: torch.Tensor | None, delta: torch.Tensor | None = None, q_offset: int = 0,
+                     cu_seqlens_k: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, HQ, DK = q.shape
-    H, DV = k.shape[2], v.shape[3]
+    TK, H, DV = k.shape[1], k.shape[2], v.shape[3]
     if B * T == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    cu = uniform_cu_seqlens(B, T, q.device) if cu_seqlens is None else cu_seqlens
+    cu, cu_k, keys = _packed_cu_seqlens(B, T, TK, q.device, cu_seqlens, q_offset, cu_seqlens_k)
     cfg = _tiles(HQ // H, block_size, DK, DV, q.dtype)
     chunks = _chunk_table(cu, B * T, cfg.BT)
-    blocks = _chunk_table(cu, B * T, block_size)
-    N = B * T
-    dq, dk, dv = _launch_bwd(q.reshape(N, HQ, DK).contiguous(), k.reshape(N, H, DK).contiguous(),
-                             v.reshape(N, H, DV).contiguous(), o.reshape(N, HQ, DV).contiguous(),
+    blocks = _chunk_table(keys, B * TK, block_size)
+    N, NK = B * T, B * TK
+    dq, dk, dv = _launch_bwd(q.reshape(N, HQ, DK).contiguous(), k.reshape(NK, H, DK).contiguous(),
+                             v.reshape(NK, H, DV).contiguous(), o.reshape(N, HQ, DV).contiguous(),
                              lse.reshape(N, HQ).contiguous(), do.reshape(N, HQ, DV).contiguous(),
                              block_indices.reshape(N, H, -1).contiguous(), block_size, scale, cu, chunks,
-                             blocks, cfg, delta=None if delta is None else delta.reshape(N, HQ).contiguous())
+                             blocks, cfg, delta=None if delta is None else delta.reshape(N, HQ).contiguous(),
+                             cu_seqlens_k=cu_k)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
 @_selected_bwd_op.register_fake
-def _(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, delta=None):
+def _(q, k, v, o, lse, do, block_indices, block_size, scale, cu_seqlens, delta=None, q_offset=0, cu_seqlens_k=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 class SelectedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, block_indices, block_size, scale, cu_seqlens):
-        o, lse = _selected_fwd_op(q, k, v, block_indices, block_size, scale, cu_seqlens)
-        ctx.save_for_backward(q, k, v, o, lse, block_indices, cu_seqlens)
-        ctx.block_size, ctx.scale = block_size, scale
+    def forward(ctx, q, k, v, block_indices, block_size, scale, cu_seqlens, q_offset=0, cu_seqlens_k=None):
+        o, lse = _selected_fwd_op(q, k, v, block_indices, block_size, scale, cu_seqlens, q_offset, cu_seqlens_k)
+        ctx.save_for_backward(q, k, v, o, lse, block_indices, cu_seqlens, cu_seqlens_k)
+        ctx.block_size, ctx.scale, ctx.q_offset = block_size, scale, q_offset
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, block_indices, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _selected_bwd_op(q, k, v, o, lse, do, block_indices, ctx.block_size, ctx.scale, cu_seqlens)
-        return dq, dk, dv, None, None, None, None
+        q, k, v, o, lse, block_indices, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = _selected_bwd_op(q, k, v, o, lse, do, block_indices, ctx.block_size, ctx.scale, cu_seqlens,
+                                      q_offset=ctx.q_offset, cu_seqlens_k=cu_seqlens_k)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def selected_attention_triton(q, k, v, block_indices, block_size, scale, cu_seqlens=None):
+def selected_attention_triton(q, k, v, block_indices, block_size, scale, cu_seqlens=None, q_offset: int = 0,
+                              cu_seqlens_k=None):
     """Triton selected attention; semantics of :func:`nsa.ops.selected_attention`.
 
     Args:
-        q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``; fp16, bf16 or fp32
-            (float64 is computed in float32).
-        block_indices: int32 ``[B, T, H, S]``, validated by the caller.
+        q: ``[B, T, HQ, Dk]``; k: ``[B, TK, H, Dk]``; v: ``[B, TK, H, Dv]``; fp16, bf16 or fp32
+            (float64 is computed in float32). Dense: ``TK = T + q_offset``, query row t at
+            position ``q_offset + t``. Packed (B = 1): queries by cu_seqlens, keys by cu_seqlens_k.
+        block_indices: int32 ``[B, T, H, S]`` (query rows; ids of the keys' blocks), validated by
+            the caller.
         block_size: int; scale: float; cu_seqlens: int32 ``[N+1]`` or None (B = 1 when given).
+        q_offset: dense input only: the queries are the last T of TK positions.
+        cu_seqlens_k: int32 ``[N+1]`` of the packed keys, or None (the same as cu_seqlens); sequence
+            n's query row t has position ``len_k[n] - len_q[n] + t``.
     Returns:
         o ``[B, T, HQ, Dv]`` in q's dtype.
     """
     if q.dtype == torch.float64:
         o = SelectedAttentionFunction.apply(q.float(), k.float(), v.float(), block_indices, block_size,
-                                            scale, cu_seqlens)
+                                            scale, cu_seqlens, q_offset, cu_seqlens_k)
         return o.double()
-    return SelectedAttentionFunction.apply(q, k, v, block_indices, block_size, scale, cu_seqlens)
+    return SelectedAttentionFunction.apply(q, k, v, block_indices, block_size, scale, cu_seqlens, q_offset,
+                                           cu_seqlens_k)

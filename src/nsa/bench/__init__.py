@@ -168,12 +168,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(report.format_table(records), flush=True)
-    if args.json:
-        report.write_json(args.json, head, records)
-        print(f"wrote {args.json}")
-    if args.plot:
-        report.plot(args.plot, records, title=report.format_header(head))
-        print(f"wrote {args.plot}")
+    report.write_outputs(head, records, args.json, args.plot)
     failed = [r for r in records if r["ok"] is False]
     if failed:
         print(f"nsa bench: {len(failed)} NSA measurement(s) failed their check or raised", file=sys.stderr)

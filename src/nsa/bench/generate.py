@@ -396,11 +396,6 @@ def _parser():
     return p
 
 
-def _bad(msg) -> int:
-    print(f"nsa bench: {msg}", file=sys.stderr)
-    return 2
-
-
 def cli_main(argv=None) -> int:
     """Entry point of ``nsa bench --preset generate``. Returns 0, 1 when a check failed or a
     measurement raised, 2 on bad input (nothing run)."""
@@ -409,20 +404,20 @@ def cli_main(argv=None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(raw)
     if args.new_tokens is not None and args.new_tokens < 1:
-        return _bad("--new-tokens must be >= 1")
+        return report.bad_argument("--new-tokens must be >= 1")
     if args.warmup < 1:
-        return _bad("--warmup must be >= 1")
+        return report.bad_argument("--warmup must be >= 1")
     if args.check_T is not None and args.check_T < 0:
-        return _bad("--check-T must be >= 0")
+        return report.bad_argument("--check-T must be >= 0")
     try:
         device = resolve_device(args.device)
     except ValueError as e:
-        return _bad(e)
+        return report.bad_argument(e)
     if args.plot:
         try:
             report.import_matplotlib()
         except RuntimeError as e:
-            return _bad(f"--plot: {e}")
+            return report.bad_argument(f"--plot: {e}")
     cuda = device.type == "cuda"
     name = args.model or ("base" if cuda else "tiny")
     lengths = args.T or ([16 * K, 32 * K, 64 * K, 128 * K] if cuda else [64, 128])
@@ -451,12 +446,7 @@ def cli_main(argv=None) -> int:
             not v.startswith(("ok", "skipped")) for v in head["checks"].values())
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if args.json:
-        report.write_json(args.json, head, records)
-        print(f"wrote {args.json}")
-    if args.plot:
-        report.plot(args.plot, records, title=report.format_header(head))
-        print(f"wrote {args.plot}")
+    report.write_outputs(head, records, args.json, args.plot)
     if failed:
         print("nsa bench: a check failed or a measurement raised (see the notes)", file=sys.stderr)
     return 1 if failed else 0

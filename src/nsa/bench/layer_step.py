@@ -558,11 +558,6 @@ def run(configs, lengths, device, dtype: str, backend: str, reps: int, check_T: 
     return failed
 
 
-def _bad(msg) -> int:
-    print(f"nsa bench: {msg}", file=sys.stderr)
-    return 2
-
-
 def cli_main(argv=None) -> int:
     """Entry point of ``nsa bench --preset layer``. Returns 0, 1 when a check failed or a
     measurement raised, 2 on bad input (nothing run)."""
@@ -571,18 +566,18 @@ def cli_main(argv=None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(raw)
     if args.reps < 1:
-        return _bad("--reps must be >= 1")
+        return report.bad_argument("--reps must be >= 1")
     if args.check_T is not None and args.check_T < 0:
-        return _bad("--check-T must be >= 0")
+        return report.bad_argument("--check-T must be >= 0")
     try:
         device = resolve_device(args.device)
     except ValueError as e:
-        return _bad(e)
+        return report.bad_argument(e)
     if args.plot:
         try:
             report.import_matplotlib()
         except RuntimeError as e:
-            return _bad(f"--plot: {e}")
+            return report.bad_argument(f"--plot: {e}")
     cuda = device.type == "cuda"
     name = args.config or ("paper" if cuda else "tiny")
     base = NSAConfig.preset(name)
@@ -592,11 +587,11 @@ def cli_main(argv=None) -> int:
     check_T = args.check_T if args.check_T is not None else (1024 if cuda else 64)
     backend = args.backend or os.environ.get("NSA_BACKEND") or "auto"
     if backend not in ("auto", "reference", "torch", "triton"):
-        return _bad(f"$NSA_BACKEND: expected auto, reference, torch or triton, got {backend!r}")
+        return report.bad_argument(f"$NSA_BACKEND: expected auto, reference, torch or triton, got {backend!r}")
     try:
         configs = [base.replace(head_dim=dk, v_head_dim=dv, backend=backend) for dk, dv in dims]
     except ValueError as e:
-        return _bad(f"--dims: {e}")
+        return report.bad_argument(f"--dims: {e}")
 
     head = report.header(device, "layer", backend, raw)
     head.update(conventions=CONVENTIONS, config=name, dtype=dtype_name, lengths=lengths, dims=dims,
@@ -620,12 +615,7 @@ def cli_main(argv=None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(format_targets(add_targets(records)), flush=True)
-    if args.json:
-        report.write_json(args.json, head, records)
-        print(f"wrote {args.json}")
-    if args.plot:
-        report.plot(args.plot, records, title=report.format_header(head))
-        print(f"wrote {args.plot}")
+    report.write_outputs(head, records, args.json, args.plot)
     if failed:
         print("nsa bench: a check failed or a measurement raised (see the notes)", file=sys.stderr)
     return 1 if failed else 0

@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 
 import torch
 
@@ -162,6 +163,22 @@ def write_json(path: str, head: dict, records: list[dict]):
     with open(path, "w") as f:
         json.dump({"format": FORMAT, "header": head, "records": clean}, f, indent=1, allow_nan=False)
         f.write("\n")
+
+
+def write_outputs(head: dict, records: list[dict], json_path: str | None, plot_path: str | None):
+    """The run's ``--json`` and ``--plot`` files, where asked, each announced on stdout."""
+    if json_path:
+        write_json(json_path, head, records)
+        print(f"wrote {json_path}")
+    if plot_path:
+        plot(plot_path, records, title=format_header(head))
+        print(f"wrote {plot_path}")
+
+
+def bad_argument(msg: str) -> int:
+    """A preset's answer to bad input: the message on stderr, exit status 2."""
+    print(f"nsa bench: {msg}", file=sys.stderr)
+    return 2
 
 
 def _line_key(records, r, x_fields):

@@ -118,8 +118,8 @@ def probe_selected(T, sweep=False):
 
     def dq_kernel(stages=SL.GATHER_STAGES, warps=cfg.warps):
         SL.selected_bwd_dq_kernel[(chunks.shape[0], H)](
-            qp, kp, vp, o, lse, do.view(N, HQ, D), dq, delta, ip, cu, chunks, scale,
-            S=S, SP=S, BK=cfg.BK_DQ, NKS=cfg.NKS_DQ, BT=cfg.BT, BR=cfg.BR, STAGES=stages, num_warps=warps,
+            qp, kp, vp, o, lse, do.view(N, HQ, D), dq, delta, ip, cu, None, chunks, scale,
+            S=S, SP=S, BK=cfg.BK_DQ, NKS=cfg.NKS_DQ, BT=cfg.BT, BR=cfg.BR, STAGES=stages, HAS_DELTA=False, num_warps=warps,
             num_stages=stages, **common)
 
     t_dq = _ms(dq_kernel)
@@ -754,7 +754,7 @@ def _slc_persistent_kernel(q, k, v, o, lse, idx, N, scale, HQ: tl.constexpr, H: 
     for w in range(tl.program_id(0), N * H, tl.num_programs(0)):
         t0 = w % N
         i_h = w // N
-        SL._one_position_fwd(q, k, v, o, lse, idx + (t0 * H + i_h) * S, 0, S, 0, N, t0, i_h, scale, HQ, H, G, BS, BK,
+        SL._one_position_fwd(q, k, v, o, lse, idx + (t0 * H + i_h) * S, 0, S, 0, N, 0, 0, t0, i_h, scale, HQ, H, G, BS, BK,
                              NKS, DK, DV, DK, DV, BR, STAGES, DOT_PRECISION, DOT_UPCAST, TMA)
 
 
@@ -775,7 +775,7 @@ def _mixed_kernel(q, k, v, o, lse, idx, kw, vw, ow, lsew, chunk_w, N, NW, NTW, s
         i_h = pid // NTW
         if pid % 2 == 1:
             for j in range(BT):
-                SL._one_position_fwd(q, k, v, o, lse, idx + ((i_t * BT + j) * H + i_h) * S, 0, S, 0, N, i_t * BT + j,
+                SL._one_position_fwd(q, k, v, o, lse, idx + ((i_t * BT + j) * H + i_h) * S, 0, S, 0, N, 0, 0, i_t * BT + j,
                                      i_h, scale, HQ, H, G, BS, BK, NKS, DK, DV, DK, DV, BR, STAGES, DOT_PRECISION,
                                      DOT_UPCAST, TMA)
         WI._window_fwd_tile(i_t, i_h, q, kw, vw, ow, lsew, ow, ow, lsew, lsew, lsew, ow, chunk_w, chunk_w, scale, N,
@@ -783,7 +783,7 @@ def _mixed_kernel(q, k, v, o, lse, idx, kw, vw, ow, lsew, chunk_w, N, NW, NTW, s
                             False, 0)
         if pid % 2 == 0:
             for j in range(BT):
-                SL._one_position_fwd(q, k, v, o, lse, idx + ((i_t * BT + j) * H + i_h) * S, 0, S, 0, N, i_t * BT + j,
+                SL._one_position_fwd(q, k, v, o, lse, idx + ((i_t * BT + j) * H + i_h) * S, 0, S, 0, N, 0, 0, i_t * BT + j,
                                      i_h, scale, HQ, H, G, BS, BK, NKS, DK, DV, DK, DV, BR, STAGES, DOT_PRECISION,
                                      DOT_UPCAST, TMA)
     else:
@@ -797,7 +797,7 @@ def _mixed_kernel(q, k, v, o, lse, idx, kw, vw, ow, lsew, chunk_w, N, NW, NTW, s
             u = tl.where(grp < NW, grp * R + r - 1, NW * R + pid - NW * (R + 1))
             t0 = u % N
             i_h = u // N
-            SL._one_position_fwd(q, k, v, o, lse, idx + (t0 * H + i_h) * S, 0, S, 0, N, t0, i_h, scale, HQ, H, G, BS,
+            SL._one_position_fwd(q, k, v, o, lse, idx + (t0 * H + i_h) * S, 0, S, 0, N, 0, 0, t0, i_h, scale, HQ, H, G, BS,
                                  BK, NKS, DK, DV, DK, DV, BR, STAGES, DOT_PRECISION, DOT_UPCAST, TMA)
 
 

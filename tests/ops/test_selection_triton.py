@@ -262,3 +262,35 @@ def test_selection_rejects_bad_input():
         select_blocks(q, k_cmp, lse, c.ks, c.st, c.bs, 2, 1, 2, backend="triton")
     with pytest.raises(ValueError, match="lse"):
         select_blocks(q, k_cmp, lse[:, :-1], c.ks, c.st, c.bs, 2, 1, 1, backend="triton")
+
+
+def test_selection_smaller_tile_where_the_first_does_not_fit(monkeypatch):
+    """A GPU launch that does not fit (OutOfResources at launch, as float32 with 20 selected blocks
+    on an H100) is retried without pipelining, then with fewer positions per tile; the tile that
+    fits is remembered for the next call, and the selection is the same."""
+    from triton.runtime.errors import OutOfResources
+
+    from nsa.ops import selection as S
+
+    c = next(c for c in CASES if c.id == "varlen-40/1/97-G16-8/4/32-n32")
+    q, k_cmp, lse, cu = make_inputs(c)
+    expect = run(c, q, k_cmp, lse, cu, "triton")
+    tried, launch = [], S._selection_launch
+
+    def only_small(*args):
+        bt, stages = args[-6], args[-2]  # (..., BT, BJ, LOG_R, num_warps, num_stages, maxnreg)
+        tried.append((bt, stages))
+        if bt * 16 > 64:  # G = 16: pretend that more than 64 rows need too much shared memory
+            raise OutOfResources(300000, 232448, "shared memory")
+        return launch(*args)
+
+    monkeypatch.setattr(S, "_selection_launch", only_small)
+    monkeypatch.setattr(S, "interpreting", lambda: False)  # the GPU's tiles, run by the interpreter
+    monkeypatch.setattr(S, "_FITTED", {})
+    scale = c.D ** -0.5
+    idx = S.selection_fwd(q, k_cmp, lse, c.ks, c.st, c.bs, c.n, c.ni, c.nl, scale, cu)
+    assert tried == [(16, 2), (16, 1), (8, 1), (4, 1)]
+    assert torch.equal(idx, expect)
+    tried.clear()
+    assert torch.equal(S.selection_fwd(q, k_cmp, lse, c.ks, c.st, c.bs, c.n, c.ni, c.nl, scale, cu), expect)
+    assert tried == [(4, 1)]

@@ -89,6 +89,7 @@ MAX_TILE_NUMEL = 2 ** 20
 _COMPILE_ERRORS = tuple(c for c in (CompilationError, getattr(_runtime_errors, "OutOfResources", None),
                                     getattr(_runtime_errors, "PTXASError", None)) if c is not None)
 _UNFIT: set = set()  # launch configurations that failed to compile on this machine's GPU
+_FITTED: dict = {}  # launch -> (positions, stages) of a smaller tile that compiled where the first did not
 # A launch that fails to compile takes that route only with more than this many compressed tokens
 # per block: with fewer (32/16/64 has 4) every launch is expected to compile (the compile audit
 # builds them for sm_90), and a failure is a bug to report, not to route around.
@@ -428,8 +429,6 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
     if wide_fp32:
         BT = max(1, BT // 2)
     BT = max(BT, 16 // GP)  # rows BT * GP >= 16, the smallest tensor-core tile height
-    LOG_GP, LOG_BM = int(math.log2(GP)), int(math.log2(BT * GP))
-    head_mask = _head_mask(LOG_BM, LOG_GP)
     CPB = block_size // stride
     CPBP = pow2(CPB, 1)
     spill = ((CPB - 1) * stride + kernel_size - 1) // block_size
@@ -451,6 +450,43 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
                                                  f"{MAX_TILE_NUMEL} elements")
     if launch in _UNFIT:
         return _select_without_kernel(*args, why="its launch did not compile for this GPU")
+    stages = num_stages or (1 if wide_fp32 else NUM_STAGES)
+    # The chosen tile first; where it does not fit this GPU's shared memory (float32 with more than
+    # 16 selected blocks: 2026-12-07, H100, Triton 3.6, n = 20 at G = 16, Dk = 128: 393216 bytes
+    # against 232448), no pipelining, then fewer positions per tile, down to 16 rows. A config
+    # the caller gave is tried alone.
+    tiles = [(BT, stages)]
+    if positions is None and num_stages is None and not interpreting():
+        tiles += [(bt, 1) for bt in (BT, BT // 2, BT // 4, BT // 8) if bt * GP >= 16 and (bt, 1) not in tiles]
+    if launch in _FITTED:  # a smaller tile that compiled before
+        tiles = [_FITTED[launch]]
+    for n, (bt, st) in enumerate(tiles):
+        try:
+            _selection_launch(out, q, k_cmp, lse, scale, cu_seqlens, q_offset, cu_seqlens_k, G, GP, DK, BD, BD2,
+                              kernel_size, stride, block_size, num_selected, num_initial, num_local, CPB, CPBP,
+                              spill, bt, BJ, LOG_R, num_warps or NUM_WARPS, st, maxnreg)
+            if n:
+                _FITTED[launch] = (bt, st)
+            return out
+        except _COMPILE_ERRORS as e:
+            if n + 1 < len(tiles):
+                continue
+            if interpreting() or CPB <= FALLBACK_MIN_CPB:
+                raise
+            _UNFIT.add(launch)
+            return _select_without_kernel(*args,
+                                          why=f"its launch did not compile for this GPU ({type(e).__name__})")
+    return out
+
+
+def _selection_launch(out, q, k_cmp, lse, scale, cu_seqlens, q_offset, cu_seqlens_k, G, GP, DK, BD, BD2,
+                      kernel_size, stride, block_size, num_selected, num_initial, num_local, CPB, CPBP, spill, BT,
+                      BJ, LOG_R, num_warps, num_stages, maxnreg):
+    """One launch of :func:`selection_fwd_kernel` with ``BT`` positions per tile."""
+    B, T, HQ, _ = q.shape
+    TC, H = k_cmp.shape[1], k_cmp.shape[2]
+    LOG_GP, LOG_BM = int(math.log2(GP)), int(math.log2(BT * GP))
+    head_mask = _head_mask(LOG_BM, LOG_GP)
     if cu_seqlens is not None:
         ccu = compressed_cu_seqlens(cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, kernel_size, stride)
         chunk_indices = prepare_chunk_indices(cu_seqlens, BT)
@@ -460,27 +496,19 @@ def selection_fwd(q, k_cmp, lse, kernel_size, stride, block_size, num_selected, 
         ccu = chunk_indices = None
         NT = triton.cdiv(T, BT)
         n_tiles = B * NT
-    grid = (n_tiles, H)
-    try:
-        selection_fwd_kernel[grid](
-            q, k_cmp, lse, out, cu_seqlens, ccu, chunk_indices, scale * 1.4426950408889634, T, TC, NT, cu_seqlens_k,
-            q_offset,
-            HQ=HQ, H=H, G=G, GP=GP, DK=DK, BD=BD, BD2=BD2, KS=kernel_size, STRIDE=stride, BS=block_size,
-            S=num_selected, NUM_INIT=num_initial, NUM_LOCAL=num_local, CPB=CPB, CPBP=CPBP, SPILL=spill,
-            BT=BT, BJ=BJ, LOG_R=LOG_R, LOG_BM=LOG_BM, LOG_GP=LOG_GP, HEAD_MASK=head_mask,
-            HEAD_AXES=_head_axes(head_mask, LOG_BM), N_EARLY=_n_register_bits(head_mask),
-            IS_VARLEN=cu_seqlens is not None,
-            OFFSET="keys" if cu_seqlens_k is not None else "scalar" if q_offset else "none",
-            DOT_MODE=_dot_mode(q),
-            num_warps=num_warps or NUM_WARPS, num_stages=num_stages or (1 if wide_fp32 else NUM_STAGES),
-            **({"maxnreg": maxnreg} if maxnreg else {}),
-        )
-    except _COMPILE_ERRORS as e:
-        if interpreting() or CPB <= FALLBACK_MIN_CPB:
-            raise
-        _UNFIT.add(launch)
-        return _select_without_kernel(*args, why=f"its launch did not compile for this GPU ({type(e).__name__})")
-    return out
+    selection_fwd_kernel[(n_tiles, H)](
+        q, k_cmp, lse, out, cu_seqlens, ccu, chunk_indices, scale * 1.4426950408889634, T, TC, NT, cu_seqlens_k,
+        q_offset,
+        HQ=HQ, H=H, G=G, GP=GP, DK=DK, BD=BD, BD2=BD2, KS=kernel_size, STRIDE=stride, BS=block_size,
+        S=num_selected, NUM_INIT=num_initial, NUM_LOCAL=num_local, CPB=CPB, CPBP=CPBP, SPILL=spill,
+        BT=BT, BJ=BJ, LOG_R=LOG_R, LOG_BM=LOG_BM, LOG_GP=LOG_GP, HEAD_MASK=head_mask,
+        HEAD_AXES=_head_axes(head_mask, LOG_BM), N_EARLY=_n_register_bits(head_mask),
+        IS_VARLEN=cu_seqlens is not None,
+        OFFSET="keys" if cu_seqlens_k is not None else "scalar" if q_offset else "none",
+        DOT_MODE=_dot_mode(q),
+        num_warps=num_warps, num_stages=num_stages,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
+    )
 
 
 def _positions(T, cu_seqlens, q_offset, cu_seqlens_k, device):

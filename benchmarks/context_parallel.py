@@ -70,7 +70,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     else:
-        device = torch.device("cuda" if cuda else "cpu")
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")  # NCCL: an index
         init = os.path.join(tempfile.mkdtemp(), "init")
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init}", rank=0, world_size=1,
                                 device_id=device if cuda else None)

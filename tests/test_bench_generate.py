@@ -70,6 +70,7 @@ def test_generate_preset_end_to_end(tmp_path, capsys):
     (["--warmup", "0"], "--warmup"),
     (["--check-T", "-1"], "--check-T"),
     (["--device", "tpu"], "--device"),
+    (["--cuda-graph", "on"], "--cuda-graph"),
 ])
 def test_generate_preset_bad_input(argv, option, capsys):
     assert cli_main(["--preset", "generate", "--device", "cpu"] + argv) == 2
@@ -80,6 +81,7 @@ def test_generate_preset_bad_input(argv, option, capsys):
     (["--T", "0"], "--T"),
     (["--B", "x"], "--B"),
     (["--model", "huge"], "--model"),
+    (["--cuda-graph", "yes"], "--cuda-graph"),
 ])
 def test_generate_preset_bad_input_argparse(argv, option, capsys):
     with pytest.raises(SystemExit) as e:
@@ -120,18 +122,18 @@ def test_out_of_memory_is_a_skipped_row(monkeypatch, tmp_path):
     measured), the full model in its warm-up call."""
     from nsa.model import LanguageModel
 
-    real = LanguageModel.forward
+    real = LanguageModel._decode_logits
     calls = {}
 
-    def forward(self, input_ids, *args, cache=None, **kwargs):
-        if input_ids.shape[0] == 2 and cache is not None and not cache.is_empty:  # a decoding step at B=2
+    def step(self, tokens, cache):
+        if tokens.shape[0] == 2:  # a decoding step at B=2
             n = calls[self.config.attention] = calls.get(self.config.attention, 0) + 1
             # nsa: the warm-up call's one step (1), the timed run's warm-up step (2), its first timed step (3)
             if (self.config.attention, n) in (("nsa", 3), ("full", 1)):
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, input_ids, *args, cache=cache, **kwargs)
+        return real(self, tokens, cache)
 
-    monkeypatch.setattr(LanguageModel, "forward", forward)
+    monkeypatch.setattr(LanguageModel, "_decode_logits", step)
     out = tmp_path / "g.json"
     assert cli_main(["--preset", "generate", "--device", "cpu", "--T", "32", "--B", "1,2", "--new-tokens", "2",
                      "--warmup", "1", "--check-T", "0", "--no-progress", "--json", str(out)]) == 0

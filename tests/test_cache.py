@@ -211,3 +211,50 @@ def test_errors():
     assert cache.is_empty and cache.capacity == 0
     m(x[:, :3], cache=cache)  # prefill again after reset
     assert cache.lengths == [3, 3]
+
+
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["indep_kv", "shared_kv"])
+def test_static_steps_equal_dynamic_steps(shared_kv):
+    """A static cache (make_static: what a CUDA graph of the step needs) decodes sequences of
+    different lengths (compression blocks completed by a subset at most steps) exactly as the
+    ordinary cache: same outputs, same cache contents; it allocates once, updates seq_lens in
+    place, and refuses a step past its capacity."""
+    m = make_layer(tiny(shared_kv=shared_kv))
+    lens, steps = [3, 13, 8, 1], 22
+    xs = [torch.randn(1, L + steps, 64, dtype=torch.float64) for L in lens]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    prompt = torch.cat([xi[:, :L] for xi, L in zip(xs, lens)], 1)
+    caches = [m.new_cache(), m.new_cache()]
+    for c in caches:
+        m(prompt, cache=c, cu_seqlens=cu)
+    static, dynamic = caches
+    static.make_static(max(lens) + steps)
+    assert static.static and static.capacity == max(lens) + steps and not dynamic.static
+    held, seq_lens = static.k_slc, static.seq_lens
+    for s in range(steps):
+        x = torch.cat([xi[:, L + s] for xi, L in zip(xs, lens)], 0).unsqueeze(1)
+        assert_close(f"step {s}", m(x, cache=dynamic), m(x, cache=static), 1e-12)
+    assert static.k_slc is held and static.seq_lens is seq_lens  # in place: nothing reallocated
+    assert static.lengths == dynamic.lengths == [L + steps for L in lens]
+    cap_c = static.k_cmp.shape[1]
+    for name in ("k_slc", "v_slc", "k_win", "v_win", "k_tail", "v_tail"):
+        assert torch.equal(getattr(static, name), getattr(dynamic, name)[:, :static.capacity]), name
+    for name in ("k_cmp", "v_cmp"):
+        assert_close(name, getattr(dynamic, name)[:, :cap_c], getattr(static, name), 1e-14)  # phi batched over all rows, not only the completing ones
+    with pytest.raises(ValueError, match="static capacity"):
+        m(torch.randn(4, 1, 64, dtype=torch.float64), cache=static)
+
+
+def test_make_static_rejects_bad_input():
+    from nsa.paged_cache import PagedNSACache
+
+    m = make_layer(tiny())
+    cache = m.new_cache()
+    with pytest.raises(ValueError, match="prefilled"):
+        cache.make_static(32)
+    m(torch.randn(2, 9, 64, dtype=torch.float64), cache=cache)
+    for bad in (8, 9.0, True):
+        with pytest.raises(ValueError, match="capacity"):
+            cache.make_static(bad)
+    with pytest.raises(ValueError, match="no static mode"):
+        PagedNSACache.for_layer(m.config, 8).make_static(32)

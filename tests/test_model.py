@@ -312,3 +312,11 @@ def test_activation_checkpointing_same_gradients(kind):
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
     for n in grads[0]:
         assert torch.equal(grads[0][n], grads[1][n]), n
+
+
+def test_generate_cuda_graph_needs_a_cuda_model():
+    m = build("nsa")
+    for bad in (True, 1, "yes"):
+        with pytest.raises(ValueError, match="cuda_graph"):
+            m.generate([ids_of((5,))], 3, cuda_graph=bad)
+    assert m.generate([ids_of((5,))], 3, temperature=0, cuda_graph=False)[0].shape == (3,)

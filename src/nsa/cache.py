@@ -70,6 +70,41 @@ class _SequenceCache:
         """N, the number of cached sequences."""
         return len(self.lengths)
 
+    #: Set by :meth:`make_static`: steps of fixed shapes that read no host-side decision.
+    static: bool = False
+
+    def make_static(self, capacity: int):
+        """Prepare the cache for decoding steps that can be captured in a CUDA graph and replayed:
+        room for ``capacity`` tokens per sequence is allocated now (exactly, not the next power
+        of two), and from now on a step allocates nothing and takes no decision from the host
+        ``lengths``: ``seq_lens`` is updated in place, and the work a step does depends only on
+        the batch size (see the subclasses' ``append``). A step past ``capacity`` is a
+        ValueError (the tensors a graph holds cannot grow). :meth:`reset` ends the mode.
+        """
+        if self.is_empty:
+            raise ValueError("cache: make_static needs a prefilled cache")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < max(self.lengths):
+            raise ValueError(f"capacity: expected an int >= the longest cached sequence ({max(self.lengths)}), "
+                             f"got {capacity!r}")
+        self._grow(capacity, exact=True)
+        self.static = True
+
+    def _check_static_room(self):
+        if self.static and max(self.lengths) + 1 > self.capacity:
+            row = max(range(len(self.lengths)), key=self.lengths.__getitem__)
+            raise ValueError(f"cache: sequence {row} holds {self.lengths[row]} tokens, the static capacity "
+                             f"({self.capacity}, make_static) has no room for another")
+
+    @staticmethod
+    def _grown_capacity(cap, need, exact):
+        """The capacity after growing ``cap`` to hold ``need`` tokens: ``need`` itself when
+        ``exact``, else the first doubling of ``cap`` that holds it."""
+        if exact:
+            return max(cap, need)
+        while cap < need:
+            cap *= 2
+        return cap
+
     @staticmethod
     def _capacity_for(n):
         """The capacity a sequence of ``n`` tokens starts with: a power of two, at least 16."""
@@ -129,6 +164,7 @@ class NSACache(_SequenceCache):
         self.shared = False
         self.completed: list[int] = []  # host: sequences whose last appended token completed a block
         self._rows = self._no_rows = None  # int64 arange(N) and an empty index, on the device
+        self.static = False
 
     @property
     def capacity(self) -> int:
@@ -229,14 +265,12 @@ class NSACache(_SequenceCache):
         else:
             self.k_win, self.v_win = self.k_win.clone(), self.v_win.clone()
 
-    def _grow(self, need):
-        """Double the raw (and compressed) capacity until ``need`` tokens fit."""
+    def _grow(self, need, exact=False):
+        """Double the raw (and compressed) capacity until ``need`` tokens fit (``exact``: to ``need``)."""
         cap = self.capacity
         if need <= cap:
             return
-        new_cap = cap
-        while new_cap < need:
-            new_cap *= 2
+        new_cap = self._grown_capacity(cap, need, exact)
 
         def grown(t, n):
             out = t.new_zeros(t.shape[0], n, *t.shape[2:])
@@ -273,6 +307,7 @@ class NSACache(_SequenceCache):
         N = self.batch_size
         check_step_inputs(self, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win)
         self._writable()
+        self._check_static_room()
         self._grow(max(self.lengths) + 1)
         rows = self._rows
         pos = self.seq_lens.long()
@@ -285,10 +320,15 @@ class NSACache(_SequenceCache):
         self.k_tail[rows, slot] = k_cmp_raw.detach().to(self.k_tail.dtype)
         self.v_tail[rows, slot] = v_cmp_raw.detach().to(self.v_tail.dtype)
         self.lengths = [n + 1 for n in self.lengths]
-        self.seq_lens = self.seq_lens + 1
         ks, st = self.kernel_size, self.stride
         done = [n for n, L in enumerate(self.lengths) if L >= ks and (L - ks) % st == 0]
         self.completed = done
+        if self.static:
+            # Every sequence's last block is compressed, and stored where one completes
+            # (store_compressed's ``where``, decided on the device).
+            self.seq_lens.add_(1)
+            return rows
+        self.seq_lens = self.seq_lens + 1
         # Decided from the host lengths, so no device value is read. Every sequence or none (any
         # batch whose lengths agree modulo the stride) is a tensor already on the device; another
         # subset is copied there without waiting (non_blocking: the host list is staged at once).
@@ -318,11 +358,20 @@ class NSACache(_SequenceCache):
 
         Args:
             ids: int64 ``[S]`` from :meth:`append`; k_cmp ``[S, H, Dk]`` (rotated); v_cmp ``[S, H, Dv]``;
-                on the cache's device, cast to the cached dtype.
+                on the cache's device, cast to the cached dtype. In static mode (:meth:`make_static`)
+                ``ids`` is every sequence, and only those whose last token completed a block are
+                written (decided on the device).
         """
-        ci = torch.div(self.seq_lens[ids].long() - self.kernel_size, self.stride, rounding_mode="floor")
-        self.k_cmp[ids, ci] = k_cmp.detach().to(self.k_cmp.dtype)
-        self.v_cmp[ids, ci] = v_cmp.detach().to(self.v_cmp.dtype)
+        L = self.seq_lens[ids].long()
+        ci = torch.div(L - self.kernel_size, self.stride, rounding_mode="floor")
+        k_cmp, v_cmp = k_cmp.detach().to(self.k_cmp.dtype), v_cmp.detach().to(self.v_cmp.dtype)
+        if self.static:
+            done = ((L >= self.kernel_size) & ((L - self.kernel_size) % self.stride == 0)).view(-1, 1, 1)
+            ci = ci.clamp(min=0)
+            k_cmp = torch.where(done, k_cmp, self.k_cmp[ids, ci])
+            v_cmp = torch.where(done, v_cmp, self.v_cmp[ids, ci])
+        self.k_cmp[ids, ci] = k_cmp
+        self.v_cmp[ids, ci] = v_cmp
 
 
     # ---- chunk appends (chunked prefill) ----------------------------------------------------------
@@ -358,6 +407,8 @@ class NSACache(_SequenceCache):
         if (k_win is None) != self.shared:
             raise ValueError("k_win: must be given iff the cache was prefilled with separate window keys")
         self._writable()
+        if self.static and max(L + c for L, c in zip(self.lengths, chunk_lens)) > self.capacity:
+            raise ValueError(f"chunk_lens: the chunks do not fit the static capacity ({self.capacity}, make_static)")
         self._grow(max(L + c for L, c in zip(self.lengths, chunk_lens)))
         dev = self.k_slc.device
         ks, st = self.kernel_size, self.stride
@@ -402,6 +453,18 @@ class KVCache(_SequenceCache):
         self.lengths: list[int] = []
         self.seq_lens: torch.Tensor | None = None
         self.k = self.v = None
+        self.static = False
+
+    def _grow(self, need, exact=False):
+        """Double the capacity until ``need`` tokens fit (``exact``: to ``need``)."""
+        if need <= self.capacity:
+            return
+        cap = self._grown_capacity(self.capacity, need, exact)
+        for name in ("k", "v"):
+            t = getattr(self, name)
+            grown = t.new_zeros(t.shape[0], cap, *t.shape[2:])
+            grown[:, :t.shape[1]] = t
+            setattr(self, name, grown)
 
     @property
     def capacity(self) -> int:
@@ -448,22 +511,17 @@ class KVCache(_SequenceCache):
                              f"{(N, *self.v.shape[2:])}; got {tuple(k.shape)}, {tuple(v.shape)}")
         if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled() and self.k.is_inference():
             self.k, self.v, self.seq_lens = self.k.clone(), self.v.clone(), self.seq_lens.clone()
-        need = max(self.lengths) + 1
-        if need > self.capacity:
-            cap = self.capacity
-            while cap < need:
-                cap *= 2
-            for name in ("k", "v"):
-                t = getattr(self, name)
-                grown = t.new_zeros(t.shape[0], cap, *t.shape[2:])
-                grown[:, :t.shape[1]] = t
-                setattr(self, name, grown)
+        self._check_static_room()
+        self._grow(max(self.lengths) + 1)
         rows = torch.arange(N, device=self.k.device)
         pos = self.seq_lens.long()
         self.k[rows, pos] = k.detach().to(self.k.dtype)
         self.v[rows, pos] = v.detach().to(self.v.dtype)
         self.lengths = [n + 1 for n in self.lengths]
-        self.seq_lens = self.seq_lens + 1
+        if self.static:
+            self.seq_lens.add_(1)
+        else:
+            self.seq_lens = self.seq_lens + 1
 
     def attend(self, q, window_size=None, scale=None):
         """Attention of one new query per sequence over its cached keys, with
@@ -483,6 +541,8 @@ class KVCache(_SequenceCache):
         s = Dk ** -0.5 if scale is None else scale
         longest, shortest = max(self.lengths), min(self.lengths)  # host values: no device sync
         lo = 0 if window_size is None else max(0, shortest - window_size)
+        if self.static:  # fixed shapes: the whole capacity, masked on the device
+            lo, longest, shortest = 0, self.capacity, -1
         k = self.k[:, lo:longest].transpose(1, 2)  # [N, H, keys, Dk]
         v = self.v[:, lo:longest].transpose(1, 2)
         mask = None

@@ -309,6 +309,13 @@ class ModelCache:
         for c in self.layers:
             c.reset()
 
+    def make_static(self, capacity: int):
+        """Room for ``capacity`` tokens per sequence in every layer, and decoding steps of fixed
+        shapes that read no host-side decision, so that a step can be captured in a CUDA graph
+        (see :meth:`nsa.NSACache.make_static`)."""
+        for c in self.layers:
+            c.make_static(capacity)
+
 
 class LanguageModel(nn.Module):
     """Decoder-only language model (see the module docstring). ``forward`` trains and prefills;
@@ -512,23 +519,31 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def stream_generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                         top_p: float | None = None, eos_token_id: int | None = None,
-                        generator: torch.Generator | None = None, vocab_limit: int | None = None
-                        ) -> Iterator[torch.Tensor]:
+                        generator: torch.Generator | None = None, vocab_limit: int | None = None,
+                        cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
         """Yields, after each decoding step, the int64 ``[N]`` tokens just generated, on the model's
         device (``-1`` for a sequence that had already produced ``eos_token_id``). Arguments as in
         :meth:`generate`."""
         prompts = self._check_generate(prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id,
                                        vocab_limit)
+        dev = self.embed.weight.device
+        if cuda_graph is None:
+            cuda_graph = dev.type == "cuda"
+        elif not isinstance(cuda_graph, bool) or (cuda_graph and dev.type != "cuda"):
+            raise ValueError(f"cuda_graph: expected None, False, or True for a model on a CUDA device; got "
+                             f"{cuda_graph!r} with the model on {dev}")
         if max_new_tokens == 0:
             return
-        dev = self.embed.weight.device
         lens = [p.numel() for p in prompts]
         cu = torch.tensor([0] + lens, device=dev).cumsum(0).to(torch.int32)
         ids = torch.cat(prompts).to(dev).unsqueeze(0)
         cache = self.new_cache()
         logits = self(ids, cu_seqlens=cu, cache=cache).logits[0, (cu[1:] - 1).long()]  # [N, vocab]
+        # Room for every step now: the steps then have fixed shapes (a CUDA graph replays them).
+        cache.make_static(max(lens) + max_new_tokens - 1)
+        step = _DecodeSteps(self, cache, cuda_graph)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
-        for step in range(max_new_tokens):
+        for n in range(max_new_tokens):
             if vocab_limit is not None:
                 logits = logits[:, :vocab_limit]
             token = _sample(logits.float(), temperature, top_k, top_p, generator)
@@ -538,14 +553,14 @@ class LanguageModel(nn.Module):
                 done |= token == eos_token_id
                 if bool(done.all()):
                     return
-            if step + 1 < max_new_tokens:
-                logits = self(token.view(-1, 1), cache=cache).logits[:, 0]
+            if n + 1 < max_new_tokens:
+                logits = step(token)
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = None,
                  generator: torch.Generator | None = None,
                  callback: Callable[[torch.Tensor], None] | None = None,
-                 vocab_limit: int | None = None) -> list[torch.Tensor]:
+                 vocab_limit: int | None = None, cuda_graph: bool | None = None) -> list[torch.Tensor]:
         """Continue each prompt by up to ``max_new_tokens`` tokens, with the decoding cache.
 
         Args:
@@ -562,13 +577,17 @@ class LanguageModel(nn.Module):
                 (see :meth:`stream_generate`): streams the output.
             vocab_limit: generate only ids below it (a tokenizer with fewer ids than the model's
                 vocabulary, which ``nsa train`` rounds up to a multiple of 64).
+            cuda_graph: replay the decoding step from a CUDA graph (captured at the second step of
+                the call, after one eager step has compiled every kernel): no per-step launch
+                work on the host. Default: on when the model is on a CUDA device. Either way the
+                cache is allocated for all the steps after the prefill (prompt + max_new_tokens).
         Returns:
             a list of N int64 tensors on the model's device: the generated tokens (prompts excluded;
             prompts may live on any device).
         """
         outs = []
         for step_tokens in self.stream_generate(prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                                generator, vocab_limit):
+                                                generator, vocab_limit, cuda_graph):
             outs.append(step_tokens)
             if callback is not None:
                 callback(step_tokens)
@@ -577,6 +596,14 @@ class LanguageModel(nn.Module):
             return [torch.empty(0, dtype=torch.long, device=self.embed.weight.device) for _ in range(n)]
         steps = torch.stack(outs, 1)  # [N, steps]
         return [row[row >= 0] for row in steps]
+
+    def _decode_logits(self, tokens, cache):
+        """One decoding step, ``tokens [N]`` -> logits ``[N, vocab]``: the forward without its
+        input checks (the tokens are the sampler's; the checks would read them on the host)."""
+        x = self.embed(tokens.view(-1, 1))
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block(x, cache=layer_cache)
+        return self.lm_head(self.norm(x))[:, 0]
 
     def _check_generate(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, vocab_limit=None):
         V = self.config.vocab_size
@@ -649,6 +676,44 @@ class LanguageModel(nn.Module):
         except RuntimeError as e:
             raise ValueError(f"directory: the weights in {weights} do not fit the config ({e})") from None
         return model.to(device) if device is not None else model
+
+
+class _DecodeSteps:
+    """The decoding steps of one generation: ``step(tokens [N])`` -> logits ``[N, vocab]`` of the
+    model on a static cache (:meth:`ModelCache.make_static`). With ``cuda_graph`` the first step
+    runs eagerly (it compiles and autotunes every kernel), the second is captured in a CUDA graph,
+    and every step from then on is a replay with the new tokens copied into the graph's input;
+    the returned logits are the graph's output tensor, overwritten by the next step."""
+
+    def __init__(self, model, cache, cuda_graph):
+        self.model, self.cache, self.cuda_graph = model, cache, cuda_graph
+        self.graph = self.tokens = self.logits = None
+        self.steps = 0
+
+    def _step(self, tokens):
+        return self.model._decode_logits(tokens, self.cache)
+
+    def __call__(self, tokens):
+        self.steps += 1
+        if not self.cuda_graph or self.steps == 1:
+            return self._step(tokens)
+        if self.graph is None:
+            self.tokens = tokens.clone()
+            lengths = [list(c.lengths) for c in self.cache.layers]
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step(self.tokens)
+            # Capturing ran no kernel: the host lengths, which the capture advanced, go back.
+            for c, held in zip(self.cache.layers, lengths):
+                c.lengths = held
+        else:
+            self.tokens.copy_(tokens)
+        for c in self.cache.layers:
+            c._check_static_room()
+            c.lengths = [n + 1 for n in c.lengths]
+        self.graph.replay()
+        return self.logits
 
 
 def _sample(logits, temperature, top_k, top_p, generator):

@@ -91,6 +91,11 @@ class PagedNSACache(_SequenceCache):
         """An empty cache for a layer with :class:`nsa.NSAConfig` ``config``."""
         return cls(config.kernel_size, config.stride, config.block_size, num_pages)
 
+    def make_static(self, capacity: int):
+        """Not available: the steps of a paged cache take pages from the free list on the host, so
+        they cannot be replayed from a CUDA graph. :class:`nsa.NSACache` has a static mode."""
+        raise ValueError("cache: a PagedNSACache has no static mode (CUDA-graph steps); use an NSACache")
+
     def reset(self):
         """Forget every sequence and drop the pool (the next write allocates it again)."""
         self.lengths: list[int] = []

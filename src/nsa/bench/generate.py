@@ -75,9 +75,11 @@ CHECK_TOL = 3e-4
 TIE = 1e-3
 
 CONVENTIONS = (
-    "impl nsa / full: nsa.model.LanguageModel with attention='nsa' / 'full' (SDPA prefill, KVCache.attend "
-    "decode: float32 einsum over the padded cache), the same preset and shared non-attention weights; "
-    "LanguageModel.stream_generate, greedy, B prompts of T random tokens packed; prefill ms: from the call to the "
+    "impl nsa / full: nsa.model.LanguageModel with attention='nsa' / 'full' (SDPA prefill; decode: nsa_decode / "
+    "KVCache.attend, SDPA without cuDNN over the static cache, masked), the same preset and shared non-attention "
+    "weights; LanguageModel.stream_generate, greedy, B prompts of T random tokens packed, decoding steps replayed "
+    "from a CUDA graph on CUDA (header cuda_graph; the first two steps, eager and captured, are warm-up); "
+    "prefill ms: from the call to the "
     "first token (one measurement); decode ms: median of the timed steps (after the warm-up steps; mean_ms = "
     "total / steps), one step = one token per sequence; tokens_per_s: B / decode ms (decode), B*T / prefill ms "
     "(prefill); speedup (nsa): full ms / nsa ms of the same T, B and pass (= tokens/s ratio); mem_mib, peak_gib "
@@ -111,24 +113,31 @@ def _prompts(B: int, T: int, vocab: int, seed: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def check_generate(model, T: int, steps: int, device) -> str:
-    """``model.generate`` (cached) against an uncached greedy loop, on two prompts of ``T`` and
-    ``T - stride - 3`` tokens, ``steps`` steps: at every step the logits generate computed (read
-    by a hook on the LM head) against those of ``model(whole sequence so far)``, relative error
-    <= :data:`CHECK_TOL`, and generate's token equal to the uncached argmax unless the two are a
-    near-tie (uncached logits within :data:`TIE`; the loop follows generate's tokens). Returns
-    ``'ok'`` (with the number of near-ties, if any) or what differs."""
+    """``model.generate`` (cached, eager steps) against an uncached greedy loop, on two prompts of
+    ``T`` and ``T - stride - 3`` tokens, ``steps`` steps: at every step the logits generate
+    computed (read by a hook on the LM head) against those of ``model(whole sequence so far)``,
+    relative error <= :data:`CHECK_TOL`, and generate's token equal to the uncached argmax unless
+    the two are a near-tie (uncached logits within :data:`TIE`; the loop follows generate's
+    tokens). On CUDA, generate with the step replayed from a CUDA graph must then give the eager
+    tokens exactly. Returns ``'ok'`` (with the number of near-ties, if any) or what differs."""
     c = model.config
     lens = [T, max(1, T - c.stride - 3)]
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, c.vocab_size, (n,), generator=g).to(device) for n in lens]
     seen = []
     hook = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.float()))
-    try:
-        tokens = model.generate(prompts, steps, temperature=0.0)
+    try:  # eagerly: a step replayed from a CUDA graph runs no hook
+        tokens = model.generate(prompts, steps, temperature=0.0, cuda_graph=False)
     finally:
         hook.remove()
     if len(seen) != steps or any(t.numel() != steps for t in tokens):
         return f"generate made {len(seen)} forward calls and {[t.numel() for t in tokens]} tokens, expected {steps}"
+    if device.type == "cuda":
+        graphed = model.generate(prompts, steps, temperature=0.0, cuda_graph=True)
+        for i, (a, b) in enumerate(zip(tokens, graphed)):
+            if not torch.equal(a, b):
+                s = int((a != b).nonzero()[0])
+                return f"prompt {i} (T={lens[i]}) step {s}: the CUDA-graph step's token {int(b[s])}, eager {int(a[s])}"
     ends = torch.tensor(lens).cumsum(0) - 1
     ties, worst = 0, 0.0
     for i, (prompt, got) in enumerate(zip(prompts, tokens)):
@@ -182,7 +191,7 @@ class _Marks:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
-def measure_generate(model, B: int, T: int, new_tokens: int, warmup: int, device) -> dict:
+def measure_generate(model, B: int, T: int, new_tokens: int, warmup: int, device, cuda_graph=None) -> dict:
     """Warm up, then time one greedy generation of ``warmup + new_tokens`` decoding steps after
     the prefill of B random length-T prompts (see the module docstring).
 
@@ -192,7 +201,8 @@ def measure_generate(model, B: int, T: int, new_tokens: int, warmup: int, device
     cuda = device.type == "cuda"
     V = model.config.vocab_size
     W = warmup_length(T)
-    for _ in model.stream_generate(_prompts(B, W, V, seed=W, device=device), warmup + 1, temperature=0.0):
+    for _ in model.stream_generate(_prompts(B, W, V, seed=W, device=device), warmup + 1, temperature=0.0,
+                                   cuda_graph=cuda_graph):
         pass
     prompts = _prompts(B, T, V, seed=T * 131 + B, device=device)
     gc.collect()
@@ -202,7 +212,7 @@ def measure_generate(model, B: int, T: int, new_tokens: int, warmup: int, device
         torch.cuda.reset_peak_memory_stats(device)
     marks = _Marks(device)
     note = ""
-    gen = model.stream_generate(prompts, warmup + new_tokens + 1, temperature=0.0)
+    gen = model.stream_generate(prompts, warmup + new_tokens + 1, temperature=0.0, cuda_graph=cuda_graph)
     try:
         marks.mark()
         for _ in gen:
@@ -295,13 +305,14 @@ def format_row(pre, dec) -> str:
 # Run
 # ---------------------------------------------------------------------------------------------
 def run(model_name, lengths, batches, device, new_tokens: int, warmup: int, check_T: int, backend: str,
-        checks: dict, log, progress: bool = True) -> bool:
+        checks: dict, log, progress: bool = True, cuda_graph: bool | None = None) -> bool:
     """Check both models, then time every (T, B) for each; prints the table.
 
     Args:
         model_name: :class:`nsa.model.ModelConfig` preset; lengths, batches: T and B values;
             new_tokens, warmup: timed and untimed decoding steps; check_T: the check's prompt
-            length (0 skips it); backend: recorded on the NSA records.
+            length (0 skips it); backend: recorded on the NSA records; cuda_graph: generate's
+            (None: on CUDA).
         checks: filled with the checks' verdicts per attention; log: called with each record
             once its (T, B) pair is measured (speedups set).
     Returns:
@@ -344,7 +355,7 @@ def run(model_name, lengths, batches, device, new_tokens: int, warmup: int, chec
                     if progress:
                         print(f"  ... T={T} B={B} {kind}", file=sys.stderr, flush=True)
                     try:
-                        m = measure_generate(model, B, T, new_tokens, warmup, device)
+                        m = measure_generate(model, B, T, new_tokens, warmup, device, cuda_graph)
                     except _Terminated:
                         raise
                     except torch.OutOfMemoryError:
@@ -388,6 +399,8 @@ def _parser():
                    help="untimed decoding steps before the timed ones (default 2, at least 1)")
     p.add_argument("--check-T", type=int, default=None,
                    help="prompt length of the cached-vs-uncached check (default 1024 on CUDA, 128 on CPU; 0 skips it)")
+    p.add_argument("--cuda-graph", choices=("on", "off"), default=None,
+                   help="decoding steps replayed from a CUDA graph (generate's cuda_graph; default on with CUDA)")
     add_device_option(p)
     p.add_argument("--json", metavar="PATH", help="write the header and records as JSON (format nsa-bench/1)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: time vs T and speedup vs T")
@@ -425,21 +438,24 @@ def cli_main(argv=None) -> int:
     new_tokens = args.new_tokens or (128 if cuda else 8)
     check_T = args.check_T if args.check_T is not None else (1024 if cuda else 128)
     backend = os.environ.get("NSA_BACKEND") or "auto"
+    if args.cuda_graph == "on" and not cuda:
+        return report.bad_argument("--cuda-graph on needs a CUDA device")
+    cuda_graph = cuda if args.cuda_graph is None else args.cuda_graph == "on"
 
     from ..model import ModelConfig
 
     head = report.header(device, "generate", backend, raw)
     head.update(conventions=CONVENTIONS, model=name, dtype="bf16" if cuda else "fp32", lengths=lengths,
-                batches=batches, new_tokens=new_tokens, warmup=args.warmup,
+                batches=batches, new_tokens=new_tokens, warmup=args.warmup, cuda_graph=cuda_graph,
                 config={k: v for k, v in ModelConfig.preset(name).to_dict().items() if k != "attention"}, checks={})
     print(report.format_header(head), flush=True)
-    print(f"model: {name}, {head['dtype']}; {new_tokens} timed decoding steps after {args.warmup} warm-up step(s)",
-          flush=True)
+    print(f"model: {name}, {head['dtype']}; {new_tokens} timed decoding steps after {args.warmup} warm-up step(s); "
+          f"steps {'replayed from a CUDA graph' if cuda_graph else 'run eagerly'}", flush=True)
     records: list[dict] = []
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         failed = run(name, lengths, batches, device, new_tokens, args.warmup, check_T, backend, head["checks"],
-                     records.append, args.progress)
+                     records.append, args.progress, cuda_graph)
     except _Terminated:
         print(f"nsa bench: terminated; writing the {len(records)} measurements made so far", file=sys.stderr)
         failed = any(r["ok"] is False for r in records) or any(

@@ -9,11 +9,13 @@ one token per sequence is decoded per step. Measured:
 - ``prefill``: from the call of ``stream_generate`` to its first token — input checks, packing,
   the prefill forward that fills the cache, the first greedy token. One measurement (a second
   prefill of 16 x 128k tokens would double the run).
-- ``decode``: each later step (one ``model(tokens [B, 1], cache=cache)`` call and the argmax) is
+- ``decode``: each later step (the model's step on the new tokens ``[B]`` and the argmax) is
   timed alone; the first ``--warmup`` steps are left out, then ``--new-tokens`` steps are timed.
   ``ms`` is the **median** step (``mean_ms`` = total / steps is recorded too); generated tokens/s
-  = B / median step. The model's forward reads its input ids' range on the host, so each step
-  waits for the previous one: a step's time is its host work plus its GPU work, not overlapped.
+  = B / median step. On CUDA the steps are replayed from a CUDA graph (``--cuda-graph``, default
+  on): the first step runs eagerly, the second is captured (both inside the default two warm-up
+  steps), every later one is a replay; ``--cuda-graph off`` times eager steps, bounded by their
+  host launch work.
 
 Before the timed run of each case, one warm-up ``stream_generate`` call with the same B on prompts
 of W tokens, W = T below 2k, else 1k + (T mod 1k): W and T agree modulo 1024, so every Triton
@@ -36,14 +38,15 @@ except at a near-tie (within :data:`TIE`). Logits, not only tokens: at random in
 tied embeddings make greedy decoding repeat the last token whatever the cache holds. On CUDA the
 longer prompt has 1024 tokens, where the base model selects every block, and decoding then selects
 among 17: a near-tie of block scores can flip between the paths only in the few decoding steps.
+The check's generate runs its steps eagerly (a hook does not run in a graph replay); on CUDA the
+same generation replayed from a CUDA graph must then give the same tokens.
 A model that fails is not timed (``ok: false``), exit status 1.
 
 The full-attention baseline is the model's own: SDPA for the prefill (one call per packed
-prompt), :meth:`nsa.cache.KVCache.attend` for decoding (a float32 einsum over the cache's padded
-capacity, which doubles when a step outgrows it: after prompts of a power-of-two length the steps
-attend 2T slots, T of them masked), not a fused decoding kernel. Records: ``impl`` ``nsa`` / ``full``; history.py takes
-only ``sdpa.*`` records as a baseline, so its rows of this preset have no baseline column; the
-``speedup`` here is on the NSA records.
+prompt), :meth:`nsa.cache.KVCache.attend` for decoding (PyTorch's SDPA without cuDNN, over the
+static cache's whole capacity, prompt + new tokens, with a mask of each sequence's length: the
+shapes a CUDA graph replays), not a fused decoding kernel. Records: ``impl`` ``nsa`` / ``full``;
+history.py takes ``full`` as this preset's baseline; the ``speedup`` here is on the NSA records.
 """
 
 from __future__ import annotations

@@ -320,3 +320,41 @@ def test_generate_cuda_graph_needs_a_cuda_model():
         with pytest.raises(ValueError, match="cuda_graph"):
             m.generate([ids_of((5,))], 3, cuda_graph=bad)
     assert m.generate([ids_of((5,))], 3, temperature=0, cuda_graph=False)[0].shape == (3,)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunk_steps_equal_forward(kind):
+    """Several new tokens per sequence at once (speculative-decoding verification, multi-token
+    prediction, chunked prefill) into a filled cache: the logits of one forward of the whole
+    sequences, causal inside each chunk; then single steps and a packed call with chunks of
+    different lengths (0: the sequence waits) go on from there."""
+    m = build(kind)
+    ids = ids_of((2, 44))
+    whole = m(ids).logits
+    cache = m.new_cache()
+    outs, t = [m(ids[:, :9], cache=cache).logits], 9
+    for k in (1, 3, 8, 2, 1, 5):
+        outs.append(m(ids[:, t:t + k], cache=cache).logits)
+        t += k
+    assert cache.lengths == [t, t]
+    assert_close(whole[:, :t], torch.cat(outs, 1), 1e-10)
+    # packed: 4 more tokens for sequence 0, none for sequence 1; then 1 and 3; then 2 and 4
+    lens = [t, t]
+    for a, b in ((4, 0), (1, 3), (2, 4)):
+        cu = torch.tensor([0, a, a + b], dtype=torch.int32)
+        packed = torch.cat([ids[0, lens[0]:lens[0] + a], ids[1, lens[1]:lens[1] + b]]).view(1, -1)
+        got = m(packed, cu_seqlens=cu, cache=cache).logits[0]
+        assert_close(whole[0, lens[0]:lens[0] + a], got[:a], 1e-10)
+        assert_close(whole[1, lens[1]:lens[1] + b], got[a:], 1e-10)
+        lens = [lens[0] + a, lens[1] + b]
+    assert cache.lengths == lens
+
+
+def test_chunk_step_errors():
+    m = build("full")
+    cache = m.new_cache()
+    m(ids_of((2, 6)), cache=cache)
+    with pytest.raises(ValueError, match="x: appending"):
+        m(ids_of((3, 2)), cache=cache)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        m(ids_of((1, 3)), cu_seqlens=torch.tensor([0, 1], dtype=torch.int32), cache=cache)

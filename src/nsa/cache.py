@@ -523,6 +523,39 @@ class KVCache(_SequenceCache):
         else:
             self.seq_lens = self.seq_lens + 1
 
+    def extend(self, chunk_lens, k, v):
+        """Append a chunk of ``chunk_lens[n]`` tokens (0 allowed) to every sequence.
+
+        Args:
+            chunk_lens: host list of N ints >= 0, not all 0.
+            k: ``[sum(chunk_lens), H, Dk]`` rotated keys, v: ``[sum(chunk_lens), H, Dv]``, packed in
+                sequence order, on the cache's device.
+        """
+        if self.is_empty:
+            raise ValueError("cache: extend needs a prefilled cache")
+        N = self.batch_size
+        if (not isinstance(chunk_lens, (list, tuple)) or len(chunk_lens) != N
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in chunk_lens)
+                or not any(chunk_lens)):
+            raise ValueError(f"chunk_lens: expected {N} ints >= 0, not all 0, got {chunk_lens!r}")
+        total = sum(chunk_lens)
+        if tuple(k.shape) != (total, *self.k.shape[2:]) or tuple(v.shape) != (total, *self.v.shape[2:]):
+            raise ValueError(f"k, v: expected [{total}, H, D] like the cached tensors, got {tuple(k.shape)}, "
+                             f"{tuple(v.shape)}")
+        need = max(L + n for L, n in zip(self.lengths, chunk_lens))
+        if self.static and need > self.capacity:
+            raise ValueError(f"chunk_lens: the chunks do not fit the static capacity ({self.capacity}, make_static)")
+        if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled() and self.k.is_inference():
+            self.k, self.v, self.seq_lens = self.k.clone(), self.v.clone(), self.seq_lens.clone()
+        self._grow(need)
+        dev = self.k.device
+        rows = torch.tensor([n for n, m in enumerate(chunk_lens) for _ in range(m)], device=dev)
+        pos = torch.tensor([L + j for L, m in zip(self.lengths, chunk_lens) for j in range(m)], device=dev)
+        self.k[rows, pos] = k.detach().to(self.k.dtype)
+        self.v[rows, pos] = v.detach().to(self.v.dtype)
+        self.lengths = [L + n for L, n in zip(self.lengths, chunk_lens)]
+        self.seq_lens = torch.tensor(self.lengths, dtype=torch.int32, device=dev)
+
     def attend(self, q, window_size=None, scale=None):
         """Attention of one new query per sequence over its cached keys, with
         :func:`torch.nn.functional.scaled_dot_product_attention` (GQA) in the cache's dtype, over

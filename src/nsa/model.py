@@ -222,7 +222,9 @@ class Attention(nn.Module):
     def forward(self, x, cache: KVCache | None = None, cu_seqlens=None):
         B, T, _ = x.shape
         if cache is not None and not cache.is_empty:
-            return self._decode(x, cache)
+            if cu_seqlens is None and T == 1:
+                return self._decode(x, cache)
+            return self._extend(x, cache, cu_seqlens)
         q, k, v = self._qkv(x, _positions(T, cu_seqlens, x.device))
         o = self._attend(q, k, v, cu_seqlens)
         if cache is not None:
@@ -230,6 +232,48 @@ class Attention(nn.Module):
                                                                               cu_seqlens[1:].tolist())]
             cache.prefill(lens, k.flatten(0, 1), v.flatten(0, 1))
         return self.o_proj(o.flatten(-2))
+
+    def _extend(self, x, cache: KVCache, cu_seqlens):
+        """A chunk of tokens appended to every cached sequence (``[N, T, hidden]``, or packed
+        ``[1, total, hidden]`` with one chunk per sequence in ``cu_seqlens``, 0 allowed): each
+        chunk's queries attend to the sequence's cached keys and causally to the chunk's own."""
+        N = cache.batch_size
+        if cu_seqlens is None:
+            if x.shape[0] != N:
+                raise ValueError(f"x: appending to a cache of {N} sequences takes [N={N}, T, hidden] (or packed "
+                                 f"[1, total, hidden] with cu_seqlens), got {tuple(x.shape)}")
+            chunk = [x.shape[1]] * N
+        else:
+            cu = cu_seqlens.tolist()
+            if x.shape[0] != 1 or len(cu) != N + 1 or cu[0] != 0 or cu[-1] != x.shape[1] \
+                    or any(b < a for a, b in zip(cu[:-1], cu[1:])):
+                raise ValueError(f"cu_seqlens: expected N+1 = {N + 1} non-decreasing offsets from 0 to "
+                                 f"{x.shape[1]} for packed x [1, total, hidden], got {cu} for x {tuple(x.shape)}")
+            chunk = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        old = list(cache.lengths)
+        xp = x.reshape(1, -1, x.shape[-1])
+        positions = torch.tensor([L + j for L, n in zip(old, chunk) for j in range(n)], device=x.device)
+        q, k, v = self._qkv(xp, positions.unsqueeze(0))
+        with torch.no_grad():
+            cache.extend(chunk, k[0], v[0])
+        outs, s0 = [], 0
+        for n, (L, m) in enumerate(zip(old, chunk)):
+            if m == 0:
+                continue
+            keys = torch.arange(L + m, device=x.device)
+            pos = keys[L:].view(m, 1)
+            visible = keys <= pos  # [m, L + m]: the cache, then the chunk causally
+            if self.window_size is not None:
+                visible &= keys > pos - self.window_size
+            qn = q[:, s0:s0 + m].transpose(1, 2)  # [1, HQ, m, D]
+            # the cached keys, then the chunk's own (as computed: gradients reach them)
+            kn, vn = (torch.cat([past[n, :L].to(q.dtype), now[0, s0:s0 + m]]).unsqueeze(0).transpose(1, 2)
+                      for past, now in ((cache.k, k), (cache.v, v)))
+            o = F.scaled_dot_product_attention(qn, kn, vn, attn_mask=visible, enable_gqa=qn.shape[1] != kn.shape[1])
+            outs.append(o.transpose(1, 2))
+            s0 += m
+        o = torch.cat(outs, 1)  # [1, total, HQ, D]
+        return self.o_proj(o.flatten(-2)).view(*x.shape[:2], -1)
 
     def _decode(self, x, cache: KVCache):
         N = cache.batch_size
@@ -370,11 +414,14 @@ class LanguageModel(nn.Module):
         """Args:
             input_ids: int64 (or int32) ``[B, T]`` on the model's device, or packed ``[1, total]``
                 with ``cu_seqlens``. With a filled ``cache``: ``[N, 1]``, one new token per cached
-                sequence.
+                sequence, or ``[N, k]`` / packed ``[1, total]`` with ``cu_seqlens``, a chunk per
+                sequence (verifying draft tokens, chunked prefill; causal inside the chunk).
             cu_seqlens: int32 ``[N+1]`` offsets of packed sequences (documents), on the same
-                device; attention and the loss never cross them.
+                device; attention and the loss never cross them. With a filled cache: the chunks'
+                offsets (a chunk may be empty).
             cache: optional :class:`ModelCache` (:meth:`new_cache`). Empty: this call is a
-                prefill and fills it; filled: one decoding step.
+                prefill and fills it; filled: a decoding step or chunk, appended to it (the
+                logits equal those of one forward of the whole sequences).
             labels: int64, same shape as ``input_ids``; position t is trained to predict
                 ``labels[t + 1]`` (labels equal to input_ids give the next-token loss; the
                 shift happens here, as in Hugging Face models). ``-100`` is ignored, and so is
@@ -392,11 +439,11 @@ class LanguageModel(nn.Module):
         """
         if context is not None:
             return self._forward_context(input_ids, labels, return_logits, context, cu_seqlens, cache)
-        self._check_ids(input_ids, cu_seqlens, labels)
         if cache is not None and not isinstance(cache, ModelCache):
             raise ValueError(f"cache: expected a ModelCache (model.new_cache()), got {type(cache).__name__}")
         if cache is not None and len(cache.layers) != len(self.blocks):
             raise ValueError(f"cache: holds {len(cache.layers)} layers, the model has {len(self.blocks)}")
+        self._check_ids(input_ids, cu_seqlens, labels, chunks=cache is not None and not cache.is_empty)
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
@@ -449,7 +496,7 @@ class LanguageModel(nn.Module):
         loss = self._ce_total(h, local) / count.clamp(min=1)
         return LMOutput(self.lm_head(h) if return_logits else None, loss)
 
-    def _check_ids(self, input_ids, cu_seqlens, labels):
+    def _check_ids(self, input_ids, cu_seqlens, labels, chunks=False):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids: expected an int64 tensor [B, T], got {shape}")
@@ -467,7 +514,13 @@ class LanguageModel(nn.Module):
             if input_ids.shape[0] != 1:
                 raise ValueError(f"input_ids: packed input (cu_seqlens given) needs batch size 1, "
                                  f"got {tuple(input_ids.shape)}")
-            ops.checks.check_cu_seqlens(cu_seqlens, input_ids.unsqueeze(-1).unsqueeze(-1))
+            if not chunks:
+                ops.checks.check_cu_seqlens(cu_seqlens, input_ids.unsqueeze(-1).unsqueeze(-1))
+            elif (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32
+                  or cu_seqlens.dim() != 1 or cu_seqlens.device != input_ids.device):
+                # chunks into a filled cache may be empty: each layer checks the offsets
+                raise ValueError(f"cu_seqlens: expected an int32 1-D tensor on {input_ids.device}, got "
+                                 f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
                 shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__

@@ -339,3 +339,31 @@ def test_paged_decode_step_reads_no_device_values(shared_kv, monkeypatch):
             monkeypatch.undo()
         for n, (xi, L) in enumerate(zip(xs, lens)):
             assert_close(f"seq {n}", m(xi)[0, L:], torch.cat(ys, 1)[n], 1e-5)
+
+
+@pytest.mark.parametrize("window", [4, 16, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_paged_triton_reads_pages_directly(window, dtype, monkeypatch):
+    """The Triton kernels read the pools through the page table (nothing gathered: gather_pages is
+    never called) and equal the gathered reference; pages nobody owns and the unused tail of each
+    last page hold NaN, so a read outside a sequence's tokens would show."""
+    import nsa.ops.decode_paged as dp
+
+    q, (ks_, vs_, kw_, vw_, kc, vc), (g0, g1, g2), table, lens = _paged_inputs(N=4, P=16, lens=(5, 17, 30, 1),
+                                                                               G=4, D=16)
+    used = set(table.flatten().tolist())
+    for n, L in enumerate(lens.tolist()):
+        last = int(table[n, (L - 1) // 8])
+        for t in (ks_, vs_, kw_, vw_):
+            t[last, L % 8 or 8:] = float("nan")
+    for t in (ks_, vs_, kw_, vw_, kc, vc):
+        t[[p for p in range(t.shape[0]) if p not in used]] = float("nan")
+    q, ks_, vs_, kw_, vw_, kc, vc, g0, g1, g2 = (t.to(dtype) for t in (q, ks_, vs_, kw_, vw_, kc, vc, g0, g1, g2))
+    kw = dict(kernel_size=8, stride=4, block_size=8, num_selected=3, window_size=window)
+    ref = nsa_decode_paged(q, kc, vc, ks_, vs_, kw_, vw_, g0, g1, g2, table, lens, backend="reference", **kw)
+    monkeypatch.setattr(dp, "gather_pages", lambda *a: pytest.fail("the Triton path gathered pages"))
+    out = nsa_decode_paged(q, kc, vc, ks_, vs_, kw_, vw_, g0, g1, g2, table, lens, backend="triton", **kw)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close("paged triton vs gathered reference", ref.float(), out.float(), 1e-5 if dtype == torch.float32 else 2e-2)
+    with pytest.raises(ValueError, match="q's dtype"):
+        nsa_decode_paged(q, kc.double(), vc, ks_, vs_, kw_, vw_, g0, g1, g2, table, lens, backend="triton", **kw)

@@ -214,6 +214,14 @@ def run_case(op: str, c: dict) -> list:
         decode_triton.decode_fwd(q1, kc, vc, ks, vs, kw, vw, *g, torch.full((N,), L, dtype=torch.int32),
                                  KS, ST, BS, NSEL, NUM_INIT, NUM_LOCAL, WIN, scale)
         mark("fwd")
+        # the same step over page pools (nsa.ops.decode_paged): the PAGED specialization
+        M = L // BS
+        pool = lambda D, S=BS: z(N * M, S, H, D)  # noqa: E731
+        table = torch.arange(N * M, dtype=torch.int32).view(N, M)
+        decode_triton.decode_fwd(q1, pool(Dk, BS // ST), pool(Dv, BS // ST), pool(Dk), pool(Dv), pool(Dk), pool(Dv),
+                                 *g, torch.full((N,), L, dtype=torch.int32), KS, ST, BS, NSEL, NUM_INIT, NUM_LOCAL,
+                                 WIN, scale, page_table=table)
+        mark("fwd paged")
     elif op == "rope":
         pos = torch.arange(T).view(1, T)
         rotary._launch(q, pos, 10000.0, 1)

@@ -12,11 +12,13 @@ Two ways of computing the same function:
 - ``'torch'`` (and ``'auto'`` on CPU): the compressed branch and block scores over the gathered
   compressed tokens (``O(L / stride)`` per sequence, as the dense step), then only the selected
   pages and the pages under the window are read, token by token through the page table.
-- ``'reference'``, and ``'triton'`` (``'auto'`` on CUDA): every page of every sequence is gathered
-  into the padded layout of :func:`nsa.ops.decode.nsa_decode`, which then runs. This copies the
-  whole cache (``N * M * block_size`` tokens per branch, ``M`` the widest page table) on every
-  step: correct, simple, and not bandwidth-optimal; a kernel that reads pages directly is future
-  work. The reference path is the specification the torch path is tested against.
+- ``'triton'`` (``'auto'`` on CUDA): the decoding kernels of :mod:`nsa.ops.decode_triton` read
+  the pools through the page table themselves (a key's address is one page-table load away):
+  the same bytes as the dense step, nothing gathered. The page pools must have q's dtype.
+- ``'reference'``: every page of every sequence is gathered into the padded layout of
+  :func:`nsa.ops.decode.nsa_decode`, whose reference then runs (a copy of the whole cache per
+  step): the specification both other paths are tested against. Under ``torch.compile`` the
+  ``'triton'`` backend takes this gather too, then the dense kernels (an opaque custom op).
 """
 
 from __future__ import annotations
@@ -106,6 +108,18 @@ def nsa_decode_paged(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, 
     kw = dict(kernel_size=kernel_size, stride=stride, block_size=block_size, num_selected=num_selected,
               num_initial=num_initial, num_local=num_local, window_size=window_size, scale=scale,
               check_values=False)
+    if backend == "triton" and not torch.compiler.is_compiling():
+        _check_step(q, k_slc, g_cmp, g_slc, g_win, seq_lens)
+        for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp), ("k_slc", k_slc), ("v_slc", v_slc), ("k_win", k_win),
+                        ("v_win", v_win)):
+            if t.dtype != q.dtype:
+                raise ValueError(f"{name}: the Triton paged step reads pages in q's dtype {q.dtype}, got {t.dtype}")
+        checks.check_scale(scale)
+        checks.check_positive_int("window_size", window_size)
+        s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return _paged_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, page_table, seq_lens,
+                             kernel_size, stride, block_size, num_selected, num_initial, num_local,
+                             window_keys(window_size, page_table.shape[1] * block_size), s)
     kc, vc = _dense_compressed(k_cmp, page_table, shift), _dense_compressed(v_cmp, page_table, shift)
     if backend != "torch":
         ks_, vs_ = gather_pages(k_slc, page_table), gather_pages(v_slc, page_table)
@@ -135,6 +149,39 @@ def _gather_paged(pages, page_table, pos, valid, block_size, ct):
     return torch.where(valid.unsqueeze(-1), rows, torch.zeros((), dtype=ct, device=pages.device))
 
 
+def _check_step(q, k_slc, g_cmp, g_slc, g_win, seq_lens):
+    """The gates, seq_lens and the head layout against q and the key pages (shapes only)."""
+    N, HQ, Dk = q.shape
+    H = k_slc.shape[2]
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)):
+        checks.check_tensor(name, g, 2)
+        if tuple(g.shape) != (N, HQ) or g.device != q.device:
+            raise ValueError(f"{name}: expected gates of shape {(N, HQ)} on {q.device}, got {tuple(g.shape)} on "
+                             f"{g.device}")
+    checks.check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
+    if seq_lens.shape[0] != N or seq_lens.device != q.device:
+        raise ValueError(f"seq_lens: expected {N} entries (one per query) on {q.device}, got {seq_lens.shape[0]} "
+                         f"on {seq_lens.device}")
+    if H == 0 or HQ % H or k_slc.shape[3] != Dk:
+        raise ValueError(f"q: [N, HQ, Dk] = {tuple(q.shape)} does not fit key pages {tuple(k_slc.shape)} "
+                         f"(HQ a multiple of H, same Dk)")
+
+
+def _paged_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, page_table, seq_lens,
+                  kernel_size, stride, block_size, num_selected, num_initial, num_local, window_size, scale):
+    """The Triton decoding kernels reading the page pools through ``page_table`` (inference only:
+    no autograd graph; float64 is computed in float32)."""
+    from .decode_triton import decode_fwd
+
+    with torch.no_grad():
+        args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win)
+        if q.dtype == torch.float64:
+            args = tuple(t.float() for t in args)
+        o, _ = decode_fwd(*args, seq_lens, kernel_size, stride, block_size, num_selected, num_initial, num_local,
+                          window_size, scale, page_table=page_table)
+    return o.to(q.dtype)
+
+
 def _paged_torch(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, page_table, seq_lens,
                  kernel_size, stride, block_size, num_selected, num_initial, num_local, window_size, scale):
     """The torch backend's decoding step (:func:`nsa.ops.torch_backend.nsa_decode`) with its row
@@ -144,15 +191,7 @@ def _paged_torch(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_wi
     G = HQ // H
     ct = _compute_dtype(q)
     dev = q.device
-    if g_cmp.shape != (N, HQ) or g_slc.shape != (N, HQ) or g_win.shape != (N, HQ):
-        raise ValueError(f"g_cmp: expected gates of shape {(N, HQ)}, got {tuple(g_cmp.shape)}, "
-                         f"{tuple(g_slc.shape)}, {tuple(g_win.shape)}")
-    checks.check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
-    if seq_lens.shape[0] != N:
-        raise ValueError(f"seq_lens: expected {N} entries (one per query), got {seq_lens.shape[0]}")
-    if HQ % H or k_slc.shape[2] != H or k_slc.shape[3] != Dk:
-        raise ValueError(f"q: [N, HQ, Dk] = {tuple(q.shape)} does not fit key pages {tuple(k_slc.shape)} "
-                         f"(HQ a multiple of H, same Dk)")
+    _check_step(q, k_slc, g_cmp, g_slc, g_win, seq_lens)
     t = seq_lens.long() - 1
     qh = q.to(ct).view(N, H, G, Dk)
 

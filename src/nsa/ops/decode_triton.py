@@ -61,20 +61,28 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_s, s_stride,
+def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_s, s_stride, pages,
             H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
             BDK: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr, STORE_S: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+            DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+            PAGED: tl.constexpr, PS: tl.constexpr, SHIFT: tl.constexpr):
     """Online-softmax update of ``(b_m, b_l, b_acc)`` ``[GP], [GP], [GP, BDV]`` with the keys at
     positions ``[lo, hi)`` of the cache row starting at token ``row0`` (int64). ``STORE_S``: also
-    write the base-2 scaled scores of the ``G`` real rows to ``p_s + r * s_stride + position``."""
+    write the base-2 scaled scores of the ``G`` real rows to ``p_s + r * s_stride + position``.
+    ``PAGED``: ``k, v`` are page pools ``[P, PS, H, D]`` and position i is slot ``(i + SHIFT) % PS``
+    of page ``pages[(i + SHIFT) // PS]`` (``pages``: the sequence's row of the page table)."""
     o_r = tl.arange(0, GP)
     o_dk = tl.arange(0, BDK)
     o_dv = tl.arange(0, BDV)
     for i0 in range(lo, hi, BK):
         i_k = i0 + tl.arange(0, BK)  # [BK] key positions
         m_k = i_k < hi
-        o_kv = (row0 + i_k) * H + i_h  # [BK] int64 rows of [N * cap * H]
+        if PAGED:
+            i_t = i_k + SHIFT
+            i_p = tl.load(pages + i_t // PS, mask=m_k, other=0).to(tl.int64)
+            o_kv = (i_p * PS + i_t % PS) * H + i_h  # [BK] int64 rows of [P * PS * H]
+        else:
+            o_kv = (row0 + i_k) * H + i_h  # [BK] int64 rows of [N * cap * H]
         b_k = tl.load(k + o_kv[:, None] * DK + o_dk[None, :], mask=m_k[:, None] & (o_dk < DK)[None, :],
                       other=0.)  # [BK, BDK]
         b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & (o_dv < DV)[None, :],
@@ -105,12 +113,13 @@ def _merge_lse2(ws_m, ws_l, i_nh, NS_C, P, GP: tl.constexpr, PC: tl.constexpr):
 
 @triton.jit
 def decode_fwd_kernel(
-    q, k_a, v_a, k_b, v_b, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_s, qk_scale,
-    CAP_A, CAP_B, NS_A, SPLIT_A, SPLIT_B, P_OFF, P,
+    q, k_a, v_a, k_b, v_b, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_s, qk_scale, page_table,
+    CAP_A, CAP_B, NS_A, SPLIT_A, SPLIT_B, P_OFF, P, M,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
     MODE: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
     SP: tl.constexpr, W: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    PAGED: tl.constexpr, PS_A: tl.constexpr, PS_B: tl.constexpr, SHIFT_A: tl.constexpr,
 ):
     """One split of one branch for one (sequence n, KV head h) -> partial ``(m, l, acc)`` of the
     ``GP`` rows (query heads ``h*G + r``; rows ``r >= G`` are zero padding) at workspace slot
@@ -120,10 +129,16 @@ def decode_fwd_kernel(
     from ``k_a/v_a`` ``[N, CAP_A, H, D]`` and keep their scores in ``ws_s`` ``[N * H, G, CAP_A]``
     (base 2, scaled) for the block scoring; the others ``SPLIT_B`` window keys each from
     ``k_b/v_b`` ``[N, CAP_B, H, D]``. MODE 1 (selected): ``SPLIT_A`` entries of
-    ``block_indices`` ``[N, H, S]`` each, keys from ``k_a/v_a``."""
+    ``block_indices`` ``[N, H, S]`` each, keys from ``k_a/v_a``.
+
+    ``PAGED``: every cache is a page pool read through row n of ``page_table`` ``[N, M]`` (see
+    :mod:`nsa.ops.decode_paged`): ``PS_A`` / ``PS_B`` tokens per page of ``k_a`` / ``k_b``,
+    ``SHIFT_A`` the compressed tokens' index shift in their pages; ``CAP_*`` are then the logical
+    capacities."""
     i_nh, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     seq_len = tl.load(seq_lens + i_n).to(tl.int64)
+    pages = page_table + i_n * M
 
     o_r = tl.arange(0, GP)
     o_dk = tl.arange(0, BDK)
@@ -140,13 +155,14 @@ def decode_fwd_kernel(
             lo = i_s * SPLIT_A
             hi = tl.minimum(lo + SPLIT_A, n_cmp)
             b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_a, v_a, i_n * CAP_A, i_h, lo, hi, qk_scale,
-                                      ws_s + i_nh * G * CAP_A, CAP_A, H, G, GP, DK, DV, BDK, BDV, BK, True,
-                                      DOT_PRECISION, DOT_UPCAST)
+                                      ws_s + i_nh * G * CAP_A, CAP_A, pages, H, G, GP, DK, DV, BDK, BDV, BK, True,
+                                      DOT_PRECISION, DOT_UPCAST, PAGED, PS_A, SHIFT_A)
         else:
             lo = tl.maximum(seq_len - W, 0) + (i_s - NS_A) * SPLIT_B
             hi = tl.minimum(lo + SPLIT_B, seq_len)
             b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_b, v_b, i_n * CAP_B, i_h, lo, hi, qk_scale,
-                                      ws_s, 0, H, G, GP, DK, DV, BDK, BDV, BK, False, DOT_PRECISION, DOT_UPCAST)
+                                      ws_s, 0, pages, H, G, GP, DK, DV, BDK, BDV, BK, False, DOT_PRECISION,
+                                      DOT_UPCAST, PAGED, PS_B, 0)
     else:
         e_lo = i_s * SPLIT_A
         e_hi = tl.minimum(e_lo + SPLIT_A, S)
@@ -159,7 +175,8 @@ def decode_fwd_kernel(
             # an unused slot (-1) gives an empty range
             hi = tl.where(i_b >= 0, tl.minimum(lo + BS, seq_len), lo)
             b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_a, v_a, i_n * CAP_A, i_h, lo, hi, qk_scale,
-                                      ws_s, 0, H, G, GP, DK, DV, BDK, BDV, BK, False, DOT_PRECISION, DOT_UPCAST)
+                                      ws_s, 0, pages, H, G, GP, DK, DV, BDK, BDV, BK, False, DOT_PRECISION,
+                                      DOT_UPCAST, PAGED, PS_A, 0)
 
     o_w = (i_nh * P + P_OFF + i_s) * GP + o_r  # [GP] int64
     o_dv = tl.arange(0, BDV)
@@ -329,9 +346,11 @@ _WS_ALIGN = 32  # float32 elements: each workspace part starts on a 128-byte bou
 
 @functools.lru_cache(maxsize=512)
 def _launch_plan(N, HQ, Dk, H, Dv, Tc_cap, L_cap, Lw_cap, dtype, kernel_size, stride, block_size, num_selected,
-                 num_initial, num_local, window_size, plan):
+                 num_initial, num_local, window_size, plan, paged=False):
     """Grids, workspace sizes and kernel arguments of one decode step, cached per shape: a step
-    of the same shapes (every step between two cache growths) repeats no planning on the host."""
+    of the same shapes (every step between two cache growths) repeats no planning on the host.
+    ``paged``: the caches are page pools (``Tc_cap``, ``L_cap``, ``Lw_cap`` the logical capacities
+    through the page table)."""
     G = HQ // H
     GP = pow2(G)
     BDK, BDV = pow2(Dk), pow2(Dv)
@@ -354,8 +373,12 @@ def _launch_plan(N, HQ, Dk, H, Dv, Tc_cap, L_cap, Lw_cap, dtype, kernel_size, st
     shape = dict(H=H, G=G, GP=GP, P=P)
     heads = dict(DK=Dk, DV=Dv, BDK=BDK, BDV=BDV)
     sel = dict(KS=kernel_size, ST=stride, BS=block_size)
+    pages_a = dict(PAGED=paged, PS_A=block_size // stride if paged else 1, PS_B=block_size if paged else 1,
+                   SHIFT_A=kernel_size // stride - 1 if paged else 0)
+    pages_s = dict(PAGED=paged, PS_A=block_size if paged else 1, PS_B=block_size if paged else 1, SHIFT_A=0)
     kw_a = dict(CAP_A=Tc_cap, CAP_B=Lw_cap, NS_A=NS_C, SPLIT_A=plan.cmp_split, SPLIT_B=plan.win_split, P_OFF=0,
-                **shape, **heads, BK=plan.tile, MODE=0, S=S, SP=SP, W=window_size, **sel, **dot_kw, **fwd_launch)
+                **shape, **heads, BK=plan.tile, MODE=0, S=S, SP=SP, W=window_size, **sel, **dot_kw, **fwd_launch,
+                **pages_a)
     # compressed tokens meeting score_blocks blocks: one tile when they fit in 128
     n_tok = plan.score_blocks * block_size // stride + kernel_size // stride - 1
     kw_score = dict(CAP_C=Tc_cap, NB_CAP=NB_cap, NS_C=NS_C, P=P, H=H, G=G, GP=GP, PC=max(2, pow2(NS_C, 1)),
@@ -364,7 +387,7 @@ def _launch_plan(N, HQ, Dk, H, Dv, Tc_cap, L_cap, Lw_cap, dtype, kernel_size, st
                    NUM_INIT=num_initial, NUM_LOCAL=num_local)
     kw_slc = dict(CAP_A=L_cap, CAP_B=L_cap, NS_A=NS_S, SPLIT_A=plan.slc_split, SPLIT_B=plan.slc_split,
                   P_OFF=NS_C + NS_W, **shape, **heads, BK=max(16, min(plan.tile, pow2(block_size, 1))), MODE=1, S=S,
-                  SP=SP, W=window_size, **sel, **dot_kw, **fwd_launch)
+                  SP=SP, W=window_size, **sel, **dot_kw, **fwd_launch, **pages_s)
     kw_combine = dict(NS_C=NS_C, NS_W=NS_W, G=G, GP=GP, P=P, PP=pow2(P, 1), DV=Dv, BDV=BDV, num_warps=8)
     grids = ((N * H, NS_C + NS_W), (N * H, _cdiv(NB_cap, plan.score_blocks)), (N * H,), (N * H, NS_S), (N * H, G))
     sizes = (N * H * P * GP, N * H * P * GP, N * H * P * GP * BDV, N * H * G * max(Tc_cap, 1), N * H * NB_cap)
@@ -373,18 +396,30 @@ def _launch_plan(N, HQ, Dk, H, Dv, Tc_cap, L_cap, Lw_cap, dtype, kernel_size, st
 
 
 def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens, kernel_size, stride,
-               block_size, num_selected, num_initial, num_local, window_size, scale, plan=None):
+               block_size, num_selected, num_initial, num_local, window_size, scale, plan=None, page_table=None):
     """Launches the decode kernels; returns o ``[N, HQ, Dv]`` (q's dtype) and int32 block indices
     ``[N, H, num_selected]``. Inputs validated; 16-bit or float32.
+
+    ``page_table`` int32 ``[N, M]``: the caches are page pools (:mod:`nsa.ops.decode_paged`'s
+    layout: ``[P, block_size, H, D]`` raw, ``[P, block_size // stride, H, D]`` compressed), read
+    through it; None: the padded layout of :func:`nsa.ops.decode.nsa_decode`.
 
     Host work per call: the cached launch plan (:func:`_launch_plan`), one float32 workspace
     allocation carved into views, the two outputs, five launches. No device value is read."""
     q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens = (
         t.contiguous() for t in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens))
     N, HQ, Dk = q.shape
-    Tc_cap, H, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
-    L = _launch_plan(N, HQ, Dk, H, Dv, Tc_cap, k_slc.shape[1], k_win.shape[1], q.dtype, kernel_size, stride,
-                     block_size, num_selected, num_initial, num_local, window_size, plan)
+    H, Dv = k_cmp.shape[2], v_cmp.shape[3]
+    if page_table is None:
+        Tc_cap, L_cap, Lw_cap, M = k_cmp.shape[1], k_slc.shape[1], k_win.shape[1], 0
+        page_table = seq_lens  # not read
+    else:
+        page_table = page_table.contiguous()
+        M = page_table.shape[1]
+        L_cap = Lw_cap = M * block_size
+        Tc_cap = max(0, M * (block_size // stride) - (kernel_size // stride - 1))
+    L = _launch_plan(N, HQ, Dk, H, Dv, Tc_cap, L_cap, Lw_cap, q.dtype, kernel_size, stride,
+                     block_size, num_selected, num_initial, num_local, window_size, plan, M > 0)
     dev = q.device
     qk_scale = float(scale) * _LOG2E
     # one allocation for the five float32 workspaces (flat: the kernels compute every offset)
@@ -399,11 +434,11 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     # tensor, the kernel reads nothing from it
     k_c, v_c = (k_cmp, v_cmp) if Tc_cap > 0 else (k_slc, v_slc)
     decode_fwd_kernel[g_a](q, k_c, v_c, k_win, v_win, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_s, qk_scale,
-                           **kw_a)
+                           page_table, M=M, **kw_a)
     decode_score_kernel[g_score](ws_s, seq_lens, ws_m, ws_l, score, **kw_score)
     decode_topk_kernel[g_topk](score, seq_lens, block_indices, **kw_topk)
     decode_fwd_kernel[g_slc_](q, k_slc, v_slc, k_slc, v_slc, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_s,
-                              qk_scale, **kw_slc)
+                              qk_scale, page_table, M=M, **kw_slc)
     decode_combine_kernel[g_comb](ws_m, ws_l, ws_acc, g_cmp, g_slc, g_win, o, **kw_comb)
     return o, block_indices
 

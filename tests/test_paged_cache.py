@@ -367,3 +367,53 @@ def test_paged_triton_reads_pages_directly(window, dtype, monkeypatch):
     assert_close("paged triton vs gathered reference", ref.float(), out.float(), 1e-5 if dtype == torch.float32 else 2e-2)
     with pytest.raises(ValueError, match="q's dtype"):
         nsa_decode_paged(q, kc.double(), vc, ks_, vs_, kw_, vw_, g0, g1, g2, table, lens, backend="triton", **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_paged_static_steps_equal_dynamic_steps(backend):
+    """make_static on a paged cache (rows of different lengths, one a fork that shares a partial
+    last page): the pages for the new tokens are taken at once (the shared page copied), the page
+    table stays the same tensor, every step equals the ordinary paged step, and a step past the
+    reserved pages, a chunk, add, remove, fork and reorder raise until reset()."""
+    m = make_layer(tiny(backend=backend))
+    lens, steps = [3, 13, 8], 12
+    x = [torch.randn(1, L + steps, 64, dtype=torch.float64) for L in lens]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    prompt = torch.cat([xi[:, :L] for xi, L in zip(x, lens)], 1)
+    caches = [PagedNSACache.for_layer(m.config, 40) for _ in range(2)]
+    for c in caches:
+        m(prompt, cache=c, cu_seqlens=cu)
+        c.fork(c.seq_ids[1])  # row 3 shares row 1's pages, its last one partial (13 % 8)
+    static, dynamic = caches
+    x.append(x[1])
+    static.make_static(steps)
+    # every row's pages for L + steps tokens; the fork still shares row 1's one full page
+    assert static.num_free_pages == 40 - sum(-(-(L + steps) // 8) for L in lens + [13]) + 13 // 8
+    table = static.page_table
+    for s in range(steps):
+        xs = torch.cat([xi[:, L + s] for xi, L in zip(x, lens + [13])], 0).unsqueeze(1)
+        assert_close(f"step {s}", m(xs, cache=dynamic), m(xs, cache=static), 1e-12)
+    assert static.page_table is table and static.lengths == dynamic.lengths
+    with pytest.raises(ValueError, match="static pages"):
+        m(torch.randn(4, 1, 64, dtype=torch.float64), cache=static)
+    for what, call in (("add", lambda: static.add()), ("remove", lambda: static.remove(static.seq_ids[0])),
+                       ("fork", lambda: static.fork(static.seq_ids[0])),
+                       ("reorder", lambda: static.reorder(static.seq_ids[::-1]))):
+        with pytest.raises(ValueError, match=f"{what} changes"):
+            call()
+    static.reset()
+    assert not static.static
+
+
+def test_generate_with_a_paged_cache_equals_dense():
+    from tests.test_model import build, ids_of
+
+    m = build("nsa")
+    prompts = [ids_of((5,), seed=2), ids_of((19,), seed=3), ids_of((1,), seed=4)]
+    dense = m.generate(prompts, 18, temperature=0)
+    paged = m.generate(prompts, 18, temperature=0, paged=True)
+    assert all(torch.equal(a, b) for a, b in zip(dense, paged))
+    with pytest.raises(ValueError, match="paged"):
+        build("full").generate(prompts, 3, paged=True)
+    with pytest.raises(ValueError, match="num_pages"):
+        build("window").new_cache(num_pages=4)

@@ -73,20 +73,20 @@ class _SequenceCache:
     #: Set by :meth:`make_static`: steps of fixed shapes that read no host-side decision.
     static: bool = False
 
-    def make_static(self, capacity: int):
+    def make_static(self, new_tokens: int):
         """Prepare the cache for decoding steps that can be captured in a CUDA graph and replayed:
-        room for ``capacity`` tokens per sequence is allocated now (exactly, not the next power
-        of two), and from now on a step allocates nothing and takes no decision from the host
-        ``lengths``: ``seq_lens`` is updated in place, and the work a step does depends only on
-        the batch size (see the subclasses' ``append``). A step past ``capacity`` is a
-        ValueError (the tensors a graph holds cannot grow). :meth:`reset` ends the mode.
+        room for ``new_tokens`` more tokens per sequence is allocated now (a capacity of exactly
+        the longest sequence + ``new_tokens``, not the next power of two), and from now on a step
+        allocates nothing and takes no decision from the host ``lengths``: ``seq_lens`` is updated
+        in place, and the work a step does depends only on the batch size (see the subclasses'
+        ``append``). A step past that capacity is a ValueError (the tensors a graph holds cannot
+        grow). :meth:`reset` ends the mode.
         """
         if self.is_empty:
             raise ValueError("cache: make_static needs a prefilled cache")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < max(self.lengths):
-            raise ValueError(f"capacity: expected an int >= the longest cached sequence ({max(self.lengths)}), "
-                             f"got {capacity!r}")
-        self._grow(capacity, exact=True)
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 0:
+            raise ValueError(f"new_tokens: expected an int >= 0, got {new_tokens!r}")
+        self._grow(max(self.lengths) + new_tokens, exact=True)
         self.static = True
 
     def _check_static_room(self):

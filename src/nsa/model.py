@@ -353,12 +353,12 @@ class ModelCache:
         for c in self.layers:
             c.reset()
 
-    def make_static(self, capacity: int):
-        """Room for ``capacity`` tokens per sequence in every layer, and decoding steps of fixed
-        shapes that read no host-side decision, so that a step can be captured in a CUDA graph
-        (see :meth:`nsa.NSACache.make_static`)."""
+    def make_static(self, new_tokens: int):
+        """Room for ``new_tokens`` more tokens per sequence in every layer, and decoding steps of
+        fixed shapes that read no host-side decision, so that a step can be captured in a CUDA
+        graph (see :meth:`nsa.NSACache.make_static`)."""
         for c in self.layers:
-            c.make_static(capacity)
+            c.make_static(new_tokens)
 
 
 class LanguageModel(nn.Module):
@@ -403,9 +403,20 @@ class LanguageModel(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
 
-    def new_cache(self) -> ModelCache:
-        """An empty decoding cache for this model."""
-        return ModelCache([b.attn.new_cache() for b in self.blocks])
+    def new_cache(self, num_pages: int | None = None) -> ModelCache:
+        """An empty decoding cache for this model: dense (:class:`nsa.NSACache` /
+        :class:`nsa.cache.KVCache` per layer), or with ``num_pages`` a :class:`nsa.PagedNSACache`
+        of that many pages (of ``block_size`` tokens) per layer (``attention='nsa'`` only)."""
+        if num_pages is None:
+            return ModelCache([b.attn.new_cache() for b in self.blocks])
+        if self.config.attention != "nsa":
+            raise ValueError(f"num_pages: a paged cache holds NSA layers; this model has attention="
+                             f"{self.config.attention!r}")
+        if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
+            raise ValueError(f"num_pages: expected None or an int >= 1, got {num_pages!r}")
+        from .paged_cache import PagedNSACache
+
+        return ModelCache([PagedNSACache.for_layer(b.attn.config, num_pages) for b in self.blocks])
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
@@ -573,7 +584,7 @@ class LanguageModel(nn.Module):
     def stream_generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                         top_p: float | None = None, eos_token_id: int | None = None,
                         generator: torch.Generator | None = None, vocab_limit: int | None = None,
-                        cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
+                        cuda_graph: bool | None = None, paged: bool = False) -> Iterator[torch.Tensor]:
         """Yields, after each decoding step, the int64 ``[N]`` tokens just generated, on the model's
         device (``-1`` for a sequence that had already produced ``eos_token_id``). Arguments as in
         :meth:`generate`."""
@@ -585,15 +596,20 @@ class LanguageModel(nn.Module):
         elif not isinstance(cuda_graph, bool) or (cuda_graph and dev.type != "cuda"):
             raise ValueError(f"cuda_graph: expected None, False, or True for a model on a CUDA device; got "
                              f"{cuda_graph!r} with the model on {dev}")
+        if not isinstance(paged, bool) or (paged and self.config.attention != "nsa"):
+            raise ValueError(f"paged: expected a bool, True only for attention='nsa'; got {paged!r} with "
+                             f"attention={self.config.attention!r}")
         if max_new_tokens == 0:
             return
         lens = [p.numel() for p in prompts]
         cu = torch.tensor([0] + lens, device=dev).cumsum(0).to(torch.int32)
         ids = torch.cat(prompts).to(dev).unsqueeze(0)
-        cache = self.new_cache()
+        # paged: a pool of exactly the pages the prompts and the new tokens fill
+        bs = self.config.block_size
+        cache = self.new_cache(sum(-(-(n + max_new_tokens - 1) // bs) for n in lens) if paged else None)
         logits = self(ids, cu_seqlens=cu, cache=cache).logits[0, (cu[1:] - 1).long()]  # [N, vocab]
         # Room for every step now: the steps then have fixed shapes (a CUDA graph replays them).
-        cache.make_static(max(lens) + max_new_tokens - 1)
+        cache.make_static(max_new_tokens - 1)
         step = _DecodeSteps(self, cache, cuda_graph)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
         for n in range(max_new_tokens):
@@ -613,7 +629,8 @@ class LanguageModel(nn.Module):
                  top_p: float | None = None, eos_token_id: int | None = None,
                  generator: torch.Generator | None = None,
                  callback: Callable[[torch.Tensor], None] | None = None,
-                 vocab_limit: int | None = None, cuda_graph: bool | None = None) -> list[torch.Tensor]:
+                 vocab_limit: int | None = None, cuda_graph: bool | None = None,
+                 paged: bool = False) -> list[torch.Tensor]:
         """Continue each prompt by up to ``max_new_tokens`` tokens, with the decoding cache.
 
         Args:
@@ -634,13 +651,16 @@ class LanguageModel(nn.Module):
                 the call, after one eager step has compiled every kernel): no per-step launch
                 work on the host. Default: on when the model is on a CUDA device. Either way the
                 cache is allocated for all the steps after the prefill (prompt + max_new_tokens).
+            paged: decode from a :class:`nsa.PagedNSACache` per layer (``attention='nsa'``; pages of
+                ``block_size`` tokens, each sequence holding only the pages its tokens fill, no
+                padding to the longest) instead of the dense cache.
         Returns:
             a list of N int64 tensors on the model's device: the generated tokens (prompts excluded;
             prompts may live on any device).
         """
         outs = []
         for step_tokens in self.stream_generate(prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                                generator, vocab_limit, cuda_graph):
+                                                generator, vocab_limit, cuda_graph, paged):
             outs.append(step_tokens)
             if callback is not None:
                 callback(step_tokens)

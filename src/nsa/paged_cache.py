@@ -91,10 +91,33 @@ class PagedNSACache(_SequenceCache):
         """An empty cache for a layer with :class:`nsa.NSAConfig` ``config``."""
         return cls(config.kernel_size, config.stride, config.block_size, num_pages)
 
-    def make_static(self, capacity: int):
-        """Not available: the steps of a paged cache take pages from the free list on the host, so
-        they cannot be replayed from a CUDA graph. :class:`nsa.NSACache` has a static mode."""
-        raise ValueError("cache: a PagedNSACache has no static mode (CUDA-graph steps); use an NSACache")
+    def make_static(self, new_tokens: int):
+        """Prepare decoding steps that a CUDA graph can replay (see :meth:`nsa.NSACache.make_static`):
+        every sequence takes now the pages for ``new_tokens`` more tokens (:class:`CacheCapacityError`
+        when the pool lacks them; a shared last page is copied first), the page table is fixed,
+        and a step finds its pages on the device. Until :meth:`reset`, a step past them and every
+        change of the rows or pages (add, remove, fork, reorder, chunks) are a ValueError."""
+        if self.is_empty or not self._allocated:
+            raise ValueError("cache: make_static needs a prefilled cache")
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 0:
+            raise ValueError(f"new_tokens: expected an int >= 0, got {new_tokens!r}")
+        self._reserve([new_tokens] * self.batch_size)
+        self._static_ends = [L + new_tokens for L in self.lengths]
+        self.page_table  # noqa: B018 (built now, then kept: a graph holds it)
+        self.static = True
+
+    def _check_static_room(self):
+        if not self.static:
+            return
+        full = [r for r, (L, end) in enumerate(zip(self.lengths, self._static_ends)) if L + 1 > end]
+        if full:
+            raise ValueError(f"cache: sequence {self.seq_ids[full[0]]} holds {self.lengths[full[0]]} tokens, all its "
+                             f"static pages (make_static) are full")
+
+    def _not_static(self, what):
+        if self.static:
+            raise ValueError(f"cache: {what} changes the rows or pages, which a static cache (make_static) keeps "
+                             f"fixed; reset() ends the static mode")
 
     def reset(self):
         """Forget every sequence and drop the pool (the next write allocates it again)."""
@@ -111,6 +134,7 @@ class PagedNSACache(_SequenceCache):
         self.k_slc = self.v_slc = self.k_win = self.v_win = self.k_cmp = self.v_cmp = None
         self.k_tail = self.v_tail = None
         self.shared = False
+        self.static = False
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     @property
@@ -159,6 +183,7 @@ class PagedNSACache(_SequenceCache):
         of the layer must give them their prompt as a chunk (with ``cu_seqlens``: any length, 0
         for sequences that do not advance)."""
         _check_int("count", count, 1)
+        self._not_static("add")
         ids = list(range(self._next_id, self._next_id + count))
         self._next_id += count
         self.lengths += [0] * count
@@ -174,6 +199,7 @@ class PagedNSACache(_SequenceCache):
     def remove(self, seq_ids) -> None:
         """Drop sequences ``seq_ids`` (an id or a list of distinct ids); their pages go back to the
         free list once no fork shares them. Other rows keep their order and their pages."""
+        self._not_static("remove")
         ids = [seq_ids] if isinstance(seq_ids, int) and not isinstance(seq_ids, bool) else list(seq_ids)
         rows = [self._row(i) for i in ids]
         if len(set(rows)) != len(rows):
@@ -187,6 +213,7 @@ class PagedNSACache(_SequenceCache):
     def fork(self, src: int, n: int = 1) -> list[int]:
         """``n`` copies of sequence ``src`` as new last rows, sharing its pages (reference counted;
         the last partial page is copied when a copy first writes to it). Returns the new ids."""
+        self._not_static("fork")
         r = self._row(src)
         _check_int("n", n, 1)
         ids = list(range(self._next_id, self._next_id + n))
@@ -206,6 +233,7 @@ class PagedNSACache(_SequenceCache):
     def reorder(self, seq_ids) -> None:
         """Put the rows in the order ``seq_ids`` (a permutation of :attr:`seq_ids`). Beam search:
         :meth:`fork` the beams kept more than once, :meth:`remove` the dropped ones, then reorder."""
+        self._not_static("reorder")
         ids = list(seq_ids)
         if sorted(ids, key=repr) != sorted(self.seq_ids, key=repr) or len(set(ids)) != len(ids):
             raise ValueError(f"seq_ids: expected a permutation of the cached ids {self.seq_ids}, got {ids}")
@@ -333,6 +361,7 @@ class PagedNSACache(_SequenceCache):
         N = self.batch_size
         if N == 0:
             raise ValueError("cache: extend needs at least one sequence (prefill or add() first)")
+        self._not_static("a chunk")
         n_new = _check_chunk(self, chunk_lens, k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win)
         if not self._allocated:
             self._allocate(k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win)
@@ -377,23 +406,30 @@ class PagedNSACache(_SequenceCache):
             raise ValueError("cache: append needs a prefilled cache")
         check_step_inputs(self, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win)
         self._writable()
-        self._reserve([1] * N)
-        rows = list(range(N))
-        pg, off = self._locate(rows, self.lengths)
+        dev = self.k_slc.device
+        r = torch.arange(N, device=dev)
+        if self.static:  # the pages are taken: find them on the device
+            self._check_static_room()
+            pos = self.seq_lens.long()
+            pg, off = self.page_table.long()[r, pos // self.block_size], pos % self.block_size
+        else:
+            self._reserve([1] * N)
+            pg, off = self._locate(list(range(N)), self.lengths)
         self.k_slc[pg, off] = k_slc.detach().to(self.k_slc.dtype)
         self.v_slc[pg, off] = v_slc.detach().to(self.v_slc.dtype)
         if not self.shared:
             self.k_win[pg, off] = k_win.detach().to(self.k_win.dtype)
             self.v_win[pg, off] = v_win.detach().to(self.v_win.dtype)
-        dev = self.k_slc.device
         slot = self.seq_lens.long() % self.kernel_size
-        r = torch.arange(N, device=dev)
         self.k_tail[r, slot] = k_cmp_raw.detach().to(self.k_tail.dtype)
         self.v_tail[r, slot] = v_cmp_raw.detach().to(self.v_tail.dtype)
         self.lengths = [n + 1 for n in self.lengths]
-        self.seq_lens = self.seq_lens + 1
         ks, st = self.kernel_size, self.stride
         self.completed = [n for n, L in enumerate(self.lengths) if L >= ks and (L - ks) % st == 0]
+        if self.static:  # every row's block is compressed; store_compressed keeps the completed ones
+            self.seq_lens.add_(1)
+            return r
+        self.seq_lens = self.seq_lens + 1
         return torch.tensor(self.completed, dtype=torch.long).to(dev)
 
     def compression_blocks(self, ids: torch.Tensor):
@@ -406,7 +442,18 @@ class PagedNSACache(_SequenceCache):
 
     def store_compressed(self, ids: torch.Tensor, k_cmp, v_cmp):
         """Store the compressed token just completed by each row of the last :meth:`append`
-        (``ids`` is the tensor it returned; the rows are taken from :attr:`completed` on the host)."""
+        (``ids`` is the tensor it returned; the rows are taken from :attr:`completed` on the host).
+        Static mode: ``ids`` is every row; the rows whose token completed a block are found on
+        the device, the others rewrite what they hold."""
+        if self.static:
+            L = self.seq_lens[ids].long()
+            done = ((L >= self.kernel_size) & ((L - self.kernel_size) % self.stride == 0)).view(-1, 1, 1)
+            last = L - 1  # the completed compressed token sits in the page of its last raw position
+            cp = self.page_table.long()[ids, last // self.block_size]
+            cs = (last % self.block_size) // self.stride
+            self.k_cmp[cp, cs] = torch.where(done, k_cmp.detach().to(self.k_cmp.dtype), self.k_cmp[cp, cs])
+            self.v_cmp[cp, cs] = torch.where(done, v_cmp.detach().to(self.v_cmp.dtype), self.v_cmp[cp, cs])
+            return
         if ids.shape[0] != len(self.completed):
             raise ValueError(f"ids: expected the {len(self.completed)} rows returned by the last append, "
                              f"got {ids.shape[0]}")

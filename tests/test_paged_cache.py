@@ -253,19 +253,24 @@ def _paged_inputs(N=3, P=12, lens=(5, 17, 30), seed=0, H=2, G=2, D=16, bs=8, st=
     return r(N, H * G, D), pools, gates, table, torch.tensor(lens, dtype=torch.int32)
 
 
+def _poison_unread(table, lens, raw, compressed, bs=8):
+    """NaN in what no step may read: the pages no sequence owns and the tail of each last page."""
+    used = set(table.flatten().tolist())
+    for n, L in enumerate(lens.tolist()):
+        last = int(table[n, (L - 1) // bs])
+        for t in raw:
+            t[last, L % bs or bs:] = float("nan")
+    for t in (*raw, *compressed):
+        t[[p for p in range(t.shape[0]) if p not in used]] = float("nan")
+
+
 @pytest.mark.parametrize("window", [4, 16, 100])
 def test_paged_decode_equals_dense_decode(window):
     """The torch path reads through the page table; the reference gathers the pages and runs the
     dense reference: equal, and equal to the dense decode on the gathered cache. Unused pages and
     the unused tail of each last page hold NaN."""
     q, (ks_, vs_, kw_, vw_, kc, vc), (g0, g1, g2), table, lens = _paged_inputs()
-    used = set(table.flatten().tolist())
-    for n, L in enumerate(lens.tolist()):
-        last = int(table[n, (L - 1) // 8])
-        for t in (ks_, vs_, kw_, vw_):
-            t[last, L % 8 or 8:] = float("nan")
-    for t in (ks_, vs_, kw_, vw_, kc, vc):
-        t[[p for p in range(t.shape[0]) if p not in used]] = float("nan")
+    _poison_unread(table, lens, (ks_, vs_, kw_, vw_), (kc, vc))
     kw = dict(kernel_size=8, stride=4, block_size=8, num_selected=3, window_size=window, check_values=True)
     ref = nsa_decode_paged(q, kc, vc, ks_, vs_, kw_, vw_, g0, g1, g2, table, lens, backend="reference", **kw)
     out = nsa_decode_paged(q, kc, vc, ks_, vs_, kw_, vw_, g0, g1, g2, table, lens, backend="torch", **kw)
@@ -351,13 +356,7 @@ def test_paged_triton_reads_pages_directly(window, dtype, monkeypatch):
 
     q, (ks_, vs_, kw_, vw_, kc, vc), (g0, g1, g2), table, lens = _paged_inputs(N=4, P=16, lens=(5, 17, 30, 1),
                                                                                G=4, D=16)
-    used = set(table.flatten().tolist())
-    for n, L in enumerate(lens.tolist()):
-        last = int(table[n, (L - 1) // 8])
-        for t in (ks_, vs_, kw_, vw_):
-            t[last, L % 8 or 8:] = float("nan")
-    for t in (ks_, vs_, kw_, vw_, kc, vc):
-        t[[p for p in range(t.shape[0]) if p not in used]] = float("nan")
+    _poison_unread(table, lens, (ks_, vs_, kw_, vw_), (kc, vc))
     q, ks_, vs_, kw_, vw_, kc, vc, g0, g1, g2 = (t.to(dtype) for t in (q, ks_, vs_, kw_, vw_, kc, vc, g0, g1, g2))
     kw = dict(kernel_size=8, stride=4, block_size=8, num_selected=3, window_size=window)
     ref = nsa_decode_paged(q, kc, vc, ks_, vs_, kw_, vw_, g0, g1, g2, table, lens, backend="reference", **kw)

@@ -31,12 +31,14 @@ def _history():
     return mod
 
 
-def test_generate_preset_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("cache", ["dense", "paged"])
+def test_generate_preset_end_to_end(tmp_path, capsys, cache):
     out = tmp_path / "generate.json"
     assert cli_main(["--preset", "generate", "--device", "cpu", "--T", "48", "--B", "1,2", "--new-tokens", "3",
-                     "--warmup", "1", "--check-T", "40", "--no-progress", "--json", str(out)]) == 0
+                     "--warmup", "1", "--check-T", "40", "--no-progress", "--json", str(out), "--cache", cache]) == 0
     data = json.loads(out.read_text())
     head, recs = data["header"], data["records"]
+    assert head["cache"] == cache and head["cuda_graph"] is False
     assert data["format"] == "nsa-bench/1" and head["preset"] == "generate" and head["model"] == "tiny"
     assert head["dtype"] == "fp32" and head["new_tokens"] == 3 and head["warmup"] == 1
     assert all(head["checks"][k].startswith("ok (logits: max relative error") for k in gen.KINDS)
@@ -82,6 +84,7 @@ def test_generate_preset_bad_input(argv, option, capsys):
     (["--B", "x"], "--B"),
     (["--model", "huge"], "--model"),
     (["--cuda-graph", "yes"], "--cuda-graph"),
+    (["--cache", "ring"], "--cache"),
 ])
 def test_generate_preset_bad_input_argparse(argv, option, capsys):
     with pytest.raises(SystemExit) as e:

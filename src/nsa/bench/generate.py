@@ -15,7 +15,8 @@ one token per sequence is decoded per step. Measured:
   = B / median step. On CUDA the steps are replayed from a CUDA graph (``--cuda-graph``, default
   on): the first step runs eagerly, the second is captured (both inside the default two warm-up
   steps), every later one is a replay; ``--cuda-graph off`` times eager steps, bounded by their
-  host launch work.
+  host launch work. ``--cache paged``: the NSA model decodes from a :class:`nsa.PagedNSACache`
+  (``generate(paged=True)``, checked the same way) instead of the dense cache.
 
 Before the timed run of each case, one warm-up ``stream_generate`` call with the same B on prompts
 of W tokens, W = T below 2k, else 1k + (T mod 1k): W and T agree modulo 1024, so every Triton
@@ -115,14 +116,15 @@ def _prompts(B: int, T: int, vocab: int, seed: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def check_generate(model, T: int, steps: int, device) -> str:
+def check_generate(model, T: int, steps: int, device, paged: bool = False) -> str:
     """``model.generate`` (cached, eager steps) against an uncached greedy loop, on two prompts of
     ``T`` and ``T - stride - 3`` tokens, ``steps`` steps: at every step the logits generate
     computed (read by a hook on the LM head) against those of ``model(whole sequence so far)``,
     relative error <= :data:`CHECK_TOL`, and generate's token equal to the uncached argmax unless
     the two are a near-tie (uncached logits within :data:`TIE`; the loop follows generate's
     tokens). On CUDA, generate with the step replayed from a CUDA graph must then give the eager
-    tokens exactly. Returns ``'ok'`` (with the number of near-ties, if any) or what differs."""
+    tokens exactly. ``paged``: generate decodes from a PagedNSACache. Returns ``'ok'`` (with the
+    number of near-ties, if any) or what differs."""
     c = model.config
     lens = [T, max(1, T - c.stride - 3)]
     g = torch.Generator().manual_seed(1)
@@ -130,13 +132,13 @@ def check_generate(model, T: int, steps: int, device) -> str:
     seen = []
     hook = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.float()))
     try:  # eagerly: a step replayed from a CUDA graph runs no hook
-        tokens = model.generate(prompts, steps, temperature=0.0, cuda_graph=False)
+        tokens = model.generate(prompts, steps, temperature=0.0, cuda_graph=False, paged=paged)
     finally:
         hook.remove()
     if len(seen) != steps or any(t.numel() != steps for t in tokens):
         return f"generate made {len(seen)} forward calls and {[t.numel() for t in tokens]} tokens, expected {steps}"
     if device.type == "cuda":
-        graphed = model.generate(prompts, steps, temperature=0.0, cuda_graph=True)
+        graphed = model.generate(prompts, steps, temperature=0.0, cuda_graph=True, paged=paged)
         for i, (a, b) in enumerate(zip(tokens, graphed)):
             if not torch.equal(a, b):
                 s = int((a != b).nonzero()[0])
@@ -194,7 +196,8 @@ class _Marks:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
-def measure_generate(model, B: int, T: int, new_tokens: int, warmup: int, device, cuda_graph=None) -> dict:
+def measure_generate(model, B: int, T: int, new_tokens: int, warmup: int, device, cuda_graph=None,
+                     paged=False) -> dict:
     """Warm up, then time one greedy generation of ``warmup + new_tokens`` decoding steps after
     the prefill of B random length-T prompts (see the module docstring).
 
@@ -205,7 +208,7 @@ def measure_generate(model, B: int, T: int, new_tokens: int, warmup: int, device
     V = model.config.vocab_size
     W = warmup_length(T)
     for _ in model.stream_generate(_prompts(B, W, V, seed=W, device=device), warmup + 1, temperature=0.0,
-                                   cuda_graph=cuda_graph):
+                                   cuda_graph=cuda_graph, paged=paged):
         pass
     prompts = _prompts(B, T, V, seed=T * 131 + B, device=device)
     gc.collect()
@@ -215,7 +218,8 @@ def measure_generate(model, B: int, T: int, new_tokens: int, warmup: int, device
         torch.cuda.reset_peak_memory_stats(device)
     marks = _Marks(device)
     note = ""
-    gen = model.stream_generate(prompts, warmup + new_tokens + 1, temperature=0.0, cuda_graph=cuda_graph)
+    gen = model.stream_generate(prompts, warmup + new_tokens + 1, temperature=0.0, cuda_graph=cuda_graph,
+                                paged=paged)
     try:
         marks.mark()
         for _ in gen:
@@ -308,14 +312,14 @@ def format_row(pre, dec) -> str:
 # Run
 # ---------------------------------------------------------------------------------------------
 def run(model_name, lengths, batches, device, new_tokens: int, warmup: int, check_T: int, backend: str,
-        checks: dict, log, progress: bool = True, cuda_graph: bool | None = None) -> bool:
+        checks: dict, log, progress: bool = True, cuda_graph: bool | None = None, paged: bool = False) -> bool:
     """Check both models, then time every (T, B) for each; prints the table.
 
     Args:
         model_name: :class:`nsa.model.ModelConfig` preset; lengths, batches: T and B values;
             new_tokens, warmup: timed and untimed decoding steps; check_T: the check's prompt
             length (0 skips it); backend: recorded on the NSA records; cuda_graph: generate's
-            (None: on CUDA).
+            (None: on CUDA); paged: the NSA model decodes from a PagedNSACache.
         checks: filled with the checks' verdicts per attention; log: called with each record
             once its (T, B) pair is measured (speedups set).
     Returns:
@@ -334,7 +338,7 @@ def run(model_name, lengths, batches, device, new_tokens: int, warmup: int, chec
             checks[kind] = "skipped"
         else:
             try:
-                checks[kind] = check_generate(model, check_T, 2 * cfg.stride, device)
+                checks[kind] = check_generate(model, check_T, 2 * cfg.stride, device, paged and kind == "nsa")
             except _Terminated:
                 raise
             except Exception as e:
@@ -358,7 +362,8 @@ def run(model_name, lengths, batches, device, new_tokens: int, warmup: int, chec
                     if progress:
                         print(f"  ... T={T} B={B} {kind}", file=sys.stderr, flush=True)
                     try:
-                        m = measure_generate(model, B, T, new_tokens, warmup, device, cuda_graph)
+                        m = measure_generate(model, B, T, new_tokens, warmup, device, cuda_graph,
+                                             paged and kind == "nsa")
                     except _Terminated:
                         raise
                     except torch.OutOfMemoryError:
@@ -402,6 +407,9 @@ def _parser():
                    help="untimed decoding steps before the timed ones (default 2, at least 1)")
     p.add_argument("--check-T", type=int, default=None,
                    help="prompt length of the cached-vs-uncached check (default 1024 on CUDA, 128 on CPU; 0 skips it)")
+    p.add_argument("--cache", choices=("dense", "paged"), default="dense",
+                   help="the NSA model's decoding cache: dense (NSACache) or paged (PagedNSACache); the full "
+                        "model keeps its KVCache")
     p.add_argument("--cuda-graph", choices=("on", "off"), default=None,
                    help="decoding steps replayed from a CUDA graph (generate's cuda_graph; default on with CUDA)")
     add_device_option(p)
@@ -450,15 +458,16 @@ def cli_main(argv=None) -> int:
     head = report.header(device, "generate", backend, raw)
     head.update(conventions=CONVENTIONS, model=name, dtype="bf16" if cuda else "fp32", lengths=lengths,
                 batches=batches, new_tokens=new_tokens, warmup=args.warmup, cuda_graph=cuda_graph,
+                cache=args.cache,
                 config={k: v for k, v in ModelConfig.preset(name).to_dict().items() if k != "attention"}, checks={})
     print(report.format_header(head), flush=True)
     print(f"model: {name}, {head['dtype']}; {new_tokens} timed decoding steps after {args.warmup} warm-up step(s); "
-          f"steps {'replayed from a CUDA graph' if cuda_graph else 'run eagerly'}", flush=True)
+          f"steps {'replayed from a CUDA graph' if cuda_graph else 'run eagerly'}; NSA cache {args.cache}", flush=True)
     records: list[dict] = []
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         failed = run(name, lengths, batches, device, new_tokens, args.warmup, check_T, backend, head["checks"],
-                     records.append, args.progress, cuda_graph)
+                     records.append, args.progress, cuda_graph, args.cache == "paged")
     except _Terminated:
         print(f"nsa bench: terminated; writing the {len(records)} measurements made so far", file=sys.stderr)
         failed = any(r["ok"] is False for r in records) or any(

@@ -360,12 +360,15 @@ def test_paged_triton_reads_pages_directly(window, dtype, monkeypatch):
     q, ks_, vs_, kw_, vw_, kc, vc, g0, g1, g2 = (t.to(dtype) for t in (q, ks_, vs_, kw_, vw_, kc, vc, g0, g1, g2))
     kw = dict(kernel_size=8, stride=4, block_size=8, num_selected=3, window_size=window)
     ref = nsa_decode_paged(q, kc, vc, ks_, vs_, kw_, vw_, g0, g1, g2, table, lens, backend="reference", **kw)
+    with pytest.raises(ValueError, match="q's dtype"):
+        nsa_decode_paged(q, kc.double(), vc, ks_, vs_, kw_, vw_, g0, g1, g2, table, lens, backend="triton", **kw)
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match="v_win: expected pages"):
+            nsa_decode_paged(q, kc, vc, ks_, vs_, kw_, vw_[..., :8], g0, g1, g2, table, lens, backend=backend, **kw)
     monkeypatch.setattr(dp, "gather_pages", lambda *a: pytest.fail("the Triton path gathered pages"))
     out = nsa_decode_paged(q, kc, vc, ks_, vs_, kw_, vw_, g0, g1, g2, table, lens, backend="triton", **kw)
     assert out.dtype == dtype and out.shape == ref.shape
     assert_close("paged triton vs gathered reference", ref.float(), out.float(), 1e-5 if dtype == torch.float32 else 2e-2)
-    with pytest.raises(ValueError, match="q's dtype"):
-        nsa_decode_paged(q, kc.double(), vc, ks_, vs_, kw_, vw_, g0, g1, g2, table, lens, backend="triton", **kw)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

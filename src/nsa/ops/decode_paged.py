@@ -109,7 +109,8 @@ def nsa_decode_paged(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, 
               num_initial=num_initial, num_local=num_local, window_size=window_size, scale=scale,
               check_values=False)
     if backend == "triton" and not torch.compiler.is_compiling():
-        _check_step(q, k_slc, g_cmp, g_slc, g_win, seq_lens)
+        api.resolve_backend(backend, "nsa_decode", q.device)  # Triton present; CUDA or the interpreter
+        _check_step(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens)
         for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp), ("k_slc", k_slc), ("v_slc", v_slc), ("k_win", k_win),
                         ("v_win", v_win)):
             if t.dtype != q.dtype:
@@ -149,10 +150,14 @@ def _gather_paged(pages, page_table, pos, valid, block_size, ct):
     return torch.where(valid.unsqueeze(-1), rows, torch.zeros((), dtype=ct, device=pages.device))
 
 
-def _check_step(q, k_slc, g_cmp, g_slc, g_win, seq_lens):
-    """The gates, seq_lens and the head layout against q and the key pages (shapes only)."""
+def _check_step(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens):
+    """The gates, seq_lens and the head layout against q and the pages (shapes only)."""
     N, HQ, Dk = q.shape
-    H = k_slc.shape[2]
+    H, Dv = k_slc.shape[2], v_slc.shape[3]
+    for name, t, d in (("k_cmp", k_cmp, Dk), ("v_cmp", v_cmp, Dv), ("k_win", k_win, Dk), ("v_win", v_win, Dv)):
+        if tuple(t.shape[2:]) != (H, d):
+            raise ValueError(f"{name}: expected pages of [H={H}, {d}] per token like the selection pages, got "
+                             f"{tuple(t.shape)}")
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)):
         checks.check_tensor(name, g, 2)
         if tuple(g.shape) != (N, HQ) or g.device != q.device:
@@ -191,7 +196,7 @@ def _paged_torch(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_wi
     G = HQ // H
     ct = _compute_dtype(q)
     dev = q.device
-    _check_step(q, k_slc, g_cmp, g_slc, g_win, seq_lens)
+    _check_step(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens)
     t = seq_lens.long() - 1
     qh = q.to(ct).view(N, H, G, Dk)
 

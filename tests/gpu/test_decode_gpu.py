@@ -78,6 +78,33 @@ def test_paper_decode(lens, cap):
     assert torch.equal(o, o2) and torch.equal(idx, idx2), "two identical decode steps differ"
 
 
+@pytest.mark.parametrize("lens,cap", [c[1:] for c in CASES if c[0] != "ctx8k_b1"],
+                         ids=[c[0] for c in CASES if c[0] != "ctx8k_b1"])
+def test_paged_decode_equals_dense(lens, cap):
+    """The kernels reading page pools through a page table (pages of each sequence in a random
+    order) give the dense step's output and selections: the same arithmetic on the same values."""
+    from nsa.ops.decode_paged import nsa_decode_paged
+
+    args, seq_lens = make_cache(lens, cap)  # NaN past every sequence: the paged reads must mask it too
+    q, kc, vc, ks, vs, kw, vw, *gates = args
+    bs, st, shift = PAPER["block_size"], PAPER["stride"], PAPER["kernel_size"] // PAPER["stride"] - 1
+    N, M = len(lens), -(-cap // bs)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    table = torch.randperm(N * M, device="cuda", generator=g).to(torch.int32).view(N, M)
+
+    def pages(t, per_page, lead=0):
+        flat = t.new_zeros(N, M * per_page, *t.shape[2:])
+        flat[:, lead:lead + t.shape[1]] = t[:, :M * per_page - lead]
+        pool = t.new_zeros(N * M, per_page, *t.shape[2:])
+        pool[table.long()] = flat.view(N, M, per_page, *t.shape[2:])
+        return pool
+
+    pools = [pages(kc, bs // st, shift), pages(vc, bs // st, shift), *(pages(t, bs) for t in (ks, vs, kw, vw))]
+    dense = nsa_decode(*args, seq_lens, backend="triton", **PAPER)
+    paged = nsa_decode_paged(q, *pools, *gates, table, seq_lens, backend="triton", **PAPER)
+    assert_close("paged vs dense", dense.float(), paged.float(), RATIO)
+
+
 @pytest.mark.bigmem
 def test_cache_past_2_pow_31_elements():
     """600 sequences of capacity 8192: each raw cache holds 600*8192*4*128 = 2.5e9 > 2^31 elements,

@@ -75,18 +75,21 @@ def test_cached_greedy_equals_uncached(attention):
 @pytest.mark.parametrize("attention", ["nsa", "full", "window"])
 def test_generate_cuda_graph_equals_eager(attention):
     """bf16 generation with the decoding step replayed from a CUDA graph == the same steps run
-    eagerly (same tokens, greedy and sampled with one seed), and the replayed steps read nothing
+    eagerly (same tokens, greedy and sampled with one seed; dense and, for NSA, paged caches),
+    and the replayed steps read nothing
     on the host (CUDA sync debug mode "error" from the fourth token on)."""
     m = _model("triton" if attention != "full" else None, attention).eval().to(torch.bfloat16)
     g = torch.Generator("cuda").manual_seed(2)
     prompts = [torch.randint(0, 320, (n,), device="cuda", generator=g) for n in (300, 37, 1, 129)]
+    caches = (False, True) if attention == "nsa" else (False,)
     for kw in (dict(temperature=0), dict(temperature=1.0, top_k=50)):
-        outs = {}
-        for graph in (False, True):
-            outs[graph] = m.generate(prompts, 48, generator=torch.Generator("cuda").manual_seed(5),
-                                     cuda_graph=graph, **kw)
-        for a, b in zip(outs[False], outs[True]):
-            assert torch.equal(a, b), (attention, kw)
+        for paged in caches:
+            outs = {}
+            for graph in (False, True):
+                outs[graph] = m.generate(prompts, 48, generator=torch.Generator("cuda").manual_seed(5),
+                                         cuda_graph=graph, paged=paged, **kw)
+            for a, b in zip(outs[False], outs[True]):
+                assert torch.equal(a, b), (attention, kw, paged)
     stream = m.stream_generate(prompts, 24, temperature=0, cuda_graph=True)
     first = [next(stream) for _ in range(3)]  # the prefill, the eager step and the capture synchronise
     torch.cuda.synchronize()

@@ -103,7 +103,7 @@ def test_quick_preset_end_to_end(tmp_path):
         if r["impl"] == "nsa" and r["pass"] == "fwd":
             assert r["tflops"] > 0 and r["ideal"] > 0 and r["backend"] == "reference"
         if r["pass"] == "decode" and r["ok"]:
-            assert r["gbps"] > 0
+            assert r["gbps"] > 0 and r["copy_share"] == pytest.approx(r["gbps"] / data["header"]["copy_gbps"])
     # at least one full-attention baseline ran, so speedups exist
     assert any(r["impl"].startswith("sdpa.") and r["ok"] for r in recs)
     assert all(r["speedup"] > 0 for r in nsa if r["pass"] in ("fwd", "bwd"))
@@ -113,8 +113,9 @@ def test_quick_preset_end_to_end(tmp_path):
     train_rows = [ln for ln in md.splitlines() if ln.startswith("| 32/32 |")]
     assert len(train_rows) == len({r["case"] for r in nsa if r["pass"] == "fwd"})
     assert all("**" in ln and "FAIL" not in ln for ln in train_rows)
-    assert sum(ln.startswith("| 256 |") or ln.startswith("| 512 |") for ln in md.splitlines()) == \
-        len({r["case"] for r in nsa if r["pass"] == "decode"})
+    decode_rows = [ln for ln in md.splitlines() if ln.startswith("| 256 |") or ln.startswith("| 512 |")]
+    assert len(decode_rows) == len({r["case"] for r in nsa if r["pass"] == "decode"})
+    assert all(ln.split("|")[7].strip().endswith("%") for ln in decode_rows)  # the share of copy bandwidth
 
 
 def _quick_case(T=256, dtype="fp32", B=1, kind="train"):

@@ -167,6 +167,16 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(f"nsa bench: terminated; writing the {len(records)} measurements made so far", file=sys.stderr)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if any(r["pass"] == "decode" for r in records):
+        # the ceiling of a decoding step: what this device copies (read + write) per second
+        head["copy_gbps"] = harness.copy_bandwidth_gbps(device)
+        harness.add_copy_share(records, head["copy_gbps"])
+        print(f"device copy bandwidth (read + write): {head['copy_gbps']:.0f} GB/s; decode GB/s as its share:",
+              flush=True)
+        for r in records:
+            if r["pass"] == "decode" and r.get("copy_share") is not None:
+                print(f"  {r['impl']:<14} {r['case']}: {r['gbps']:.0f} GB/s = {100 * r['copy_share']:.0f}%",
+                      flush=True)
     print(report.format_table(records), flush=True)
     report.write_outputs(head, records, args.json, args.plot)
     failed = [r for r in records if r["ok"] is False]

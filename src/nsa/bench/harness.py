@@ -1337,6 +1337,40 @@ def measure(task: Task, timer: Timer, backend: str, check: CheckResult | None) -
     return rec
 
 
+def copy_bandwidth_gbps(device, nbytes: int | None = None, reps: int = 10) -> float:
+    """The device's measured copy bandwidth, GB/s of bytes read + written: the median of ``reps``
+    copies of one ``nbytes`` buffer into another (default 1 GiB on CUDA, 64 MiB on CPU), the
+    ceiling a decoding step's bytes read are compared with (see :func:`add_copy_share`)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = nbytes or (1 << 30 if cuda else 1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e-3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+    del src, dst
+    return 2 * n / statistics.median(times) / 1e9
+
+
+def add_copy_share(records: list[dict], copy_gbps: float):
+    """``copy_share`` on every timed decode record: its GB/s (bytes read) / the copy bandwidth."""
+    for r in records:
+        if r["pass"] in ("decode", "decode_eager") and r.get("gbps"):
+            r["copy_share"] = r["gbps"] / copy_gbps
+
+
 def add_speedups(records: list[dict]):
     """speedup = best full-attention (SDPA) time of the same case and pass / this time."""
     best = {}

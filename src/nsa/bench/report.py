@@ -31,7 +31,8 @@ CONVENTIONS = (
     "speedup: best SDPA time of the same case and pass / ms; tflops: work actually done, "
     "2*(Dk+Dv) per attended key (NSA: exact key counts, + 2*Dk per visible compressed token for "
     "selection scores in fwd; SDPA causal: half the matrix incl. diagonal), bwd = 2.5x; "
-    "gbps (decode): KV bytes read; ideal: full-attention / NSA work (train) or bytes (decode); "
+    "gbps (decode): KV bytes read; copy_share (decode): gbps / the header's copy_gbps, the device's "
+    "measured copy bandwidth (bytes read + written by one copy of 1 GiB on CUDA); ideal: full-attention / NSA work (train) or bytes (decode); "
     "mem_mib (CUDA): peak allocated during one call minus allocated before it; "
     "D: query/key head dim, Dv: value head dim"
 )
@@ -303,11 +304,14 @@ def markdown_summary(head: dict, records: list[dict]) -> str:
         lines.append("")
     dec = sorted({(r["T"], r["B"], r["case"]) for r in records if r["pass"] == "decode" and r["impl"] == "nsa"})
     if dec:
-        lines += ["| context | batch | NSA decode ms | best SDPA ms | speedup | NSA GB/s | ideal (bytes) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| context | batch | NSA decode ms | best SDPA ms | speedup | NSA GB/s | of copy bandwidth "
+                  "| ideal (bytes) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for T, B, case in dec:
             n, s = nsa.get((case, "decode")), best.get((case, "decode"))
+            share = n.get("copy_share") if n else None
             lines.append(f"| {_tk(T)} | {B} | {cell(n)} | {cell(s)} | {ratio(n, s)} | {_num(n['gbps']) if n else '-'} "
+                         f"| {'-' if share is None else f'{100 * share:.0f}%'} "
                          f"| {_fmt(n['ideal'] if n else None, '.1f')}x |")
         lines.append("")
     return "\n".join(lines)

@@ -62,7 +62,7 @@ import time
 
 import torch
 
-from .._cli_utils import add_device_option, resolve_device
+from .._cli_utils import add_device_option
 
 __all__ = ["cli_main", "run", "build_models", "check_generate", "measure_generate", "warmup_length", "KINDS",
            "PASSES", "CHECK_TOL", "TIE"]
@@ -433,15 +433,9 @@ def cli_main(argv=None) -> int:
         return report.bad_argument("--warmup must be >= 1")
     if args.check_T is not None and args.check_T < 0:
         return report.bad_argument("--check-T must be >= 0")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        return report.bad_argument(e)
-    if args.plot:
-        try:
-            report.import_matplotlib()
-        except RuntimeError as e:
-            return report.bad_argument(f"--plot: {e}")
+    device, status = report.device_for(args)
+    if device is None:
+        return status
     cuda = device.type == "cuda"
     name = args.model or ("base" if cuda else "tiny")
     lengths = args.T or ([16 * K, 32 * K, 64 * K, 128 * K] if cuda else [64, 128])

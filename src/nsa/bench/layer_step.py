@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._cli_utils import add_device_option, add_dtype_option, resolve_device
+from .._cli_utils import add_device_option, add_dtype_option
 from ..layer import NativeSparseAttention, NSAConfig, apply_rope
 
 __all__ = ["cli_main", "run", "measure", "FullAttentionLayer", "pick_sdpa", "check_nsa", "check_full",
@@ -569,15 +569,9 @@ def cli_main(argv=None) -> int:
         return report.bad_argument("--reps must be >= 1")
     if args.check_T is not None and args.check_T < 0:
         return report.bad_argument("--check-T must be >= 0")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        return report.bad_argument(e)
-    if args.plot:
-        try:
-            report.import_matplotlib()
-        except RuntimeError as e:
-            return report.bad_argument(f"--plot: {e}")
+    device, status = report.device_for(args)
+    if device is None:
+        return status
     cuda = device.type == "cuda"
     name = args.config or ("paper" if cuda else "tiny")
     base = NSAConfig.preset(name)

@@ -182,6 +182,23 @@ def bad_argument(msg: str) -> int:
     return 2
 
 
+def device_for(args):
+    """``(device, None)`` for a preset's ``--device``, with matplotlib importable when ``--plot``
+    is given (refused before the run, not after it); ``(None, 2)`` after the message otherwise."""
+    from .._cli_utils import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        return None, bad_argument(e)
+    if getattr(args, "plot", None):
+        try:
+            import_matplotlib()
+        except RuntimeError as e:
+            return None, bad_argument(f"--plot: {e}")
+    return device, None
+
+
 def _line_key(records, r, x_fields):
     """Label of the line a record belongs to: impl, pass, and any other shape field that varies."""
     same = [x for x in records if x["impl"] == r["impl"] and x["pass"] == r["pass"]]

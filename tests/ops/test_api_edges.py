@@ -210,8 +210,9 @@ def test_selection_at_the_kernel_tile_limit(selection_spy):
 
 
 def test_selection_launch_that_does_not_compile(monkeypatch):
-    """On a GPU, a wide-tile launch that fails to compile (shared memory, registers) is remembered
-    and its selection computed without the kernel; narrow tiles re-raise (a bug to see)."""
+    """On a GPU, a wide-tile launch that fails to compile (shared memory, registers) at every tile
+    the launcher tries (its own, then without pipelining, then fewer positions) is remembered and
+    its selection computed without the kernel; narrow tiles re-raise (a bug to see)."""
     from triton.runtime.errors import OutOfResources
 
     from nsa.ops import selection
@@ -221,7 +222,7 @@ def test_selection_launch_that_does_not_compile(monkeypatch):
     class Failing:
         def __getitem__(self, grid):
             def launch(*a, **kw):
-                calls.append(kw["CPB"])
+                calls.append((kw["CPB"], kw["BT"], kw["num_stages"]))
                 raise OutOfResources(300000, 232448, "shared memory")
             return launch
 
@@ -236,7 +237,9 @@ def test_selection_launch_that_does_not_compile(monkeypatch):
         with pytest.warns(UserWarning, match="did not compile"):
             got = selection.selection_fwd(q, kc, lse, 4, 2, 64, 2, 1, 0, 0.25, None)
         assert torch.equal(got, want)
-    assert calls == [32]  # the second call does not try again
+    # G = 2 (rows of 2 heads): 16 positions pipelined, then unpipelined, then 8 (16 rows, the least);
+    # the second call does not try again
+    assert calls == [(32, 16, 2), (32, 16, 1), (32, 8, 1)]
     with pytest.raises(OutOfResources):  # 32/16/64-like narrow tiles: CPB = 4
         selection.selection_fwd(q, kc, lse, 4, 2, 8, 2, 1, 0, 0.25, None)
 

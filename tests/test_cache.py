@@ -243,6 +243,8 @@ def test_static_steps_equal_dynamic_steps(shared_kv):
         assert_close(name, getattr(dynamic, name)[:, :cap_c], getattr(static, name), 1e-14)  # phi batched over all rows, not only the completing ones
     with pytest.raises(ValueError, match="static capacity"):
         m(torch.randn(4, 1, 64, dtype=torch.float64), cache=static)
+    with pytest.raises(ValueError, match="chunk cannot be appended to a static cache"):
+        m(torch.randn(4, 2, 64, dtype=torch.float64), cache=static)
 
 
 def test_make_static_rejects_bad_input():

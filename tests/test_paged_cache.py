@@ -398,6 +398,8 @@ def test_paged_static_steps_equal_dynamic_steps(backend):
     assert static.page_table is table and static.lengths == dynamic.lengths
     with pytest.raises(ValueError, match="static pages"):
         m(torch.randn(4, 1, 64, dtype=torch.float64), cache=static)
+    with pytest.raises(ValueError, match="chunk cannot be appended to a static cache"):
+        m(torch.randn(4, 2, 64, dtype=torch.float64), cache=static)
     for what, call in (("add", lambda: static.add()), ("remove", lambda: static.remove(static.seq_ids[0])),
                        ("fork", lambda: static.fork(static.seq_ids[0])),
                        ("reorder", lambda: static.reorder(static.seq_ids[::-1]))):

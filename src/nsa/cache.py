@@ -79,8 +79,8 @@ class _SequenceCache:
         the longest sequence + ``new_tokens``, not the next power of two), and from now on a step
         allocates nothing and takes no decision from the host ``lengths``: ``seq_lens`` is updated
         in place, and the work a step does depends only on the batch size (see the subclasses'
-        ``append``). A step past that capacity is a ValueError (the tensors a graph holds cannot
-        grow). :meth:`reset` ends the mode.
+        ``append``). A step past that capacity, and a chunk (``extend``: it would replace the
+        tensors a graph holds), are a ValueError. :meth:`reset` ends the mode.
         """
         if self.is_empty:
             raise ValueError("cache: make_static needs a prefilled cache")
@@ -407,8 +407,7 @@ class NSACache(_SequenceCache):
         if (k_win is None) != self.shared:
             raise ValueError("k_win: must be given iff the cache was prefilled with separate window keys")
         self._writable()
-        if self.static and max(L + c for L, c in zip(self.lengths, chunk_lens)) > self.capacity:
-            raise ValueError(f"chunk_lens: the chunks do not fit the static capacity ({self.capacity}, make_static)")
+        _no_chunk_when_static(self)
         self._grow(max(L + c for L, c in zip(self.lengths, chunk_lens)))
         dev = self.k_slc.device
         ks, st = self.kernel_size, self.stride
@@ -542,9 +541,8 @@ class KVCache(_SequenceCache):
         if tuple(k.shape) != (total, *self.k.shape[2:]) or tuple(v.shape) != (total, *self.v.shape[2:]):
             raise ValueError(f"k, v: expected [{total}, H, D] like the cached tensors, got {tuple(k.shape)}, "
                              f"{tuple(v.shape)}")
+        _no_chunk_when_static(self)
         need = max(L + n for L, n in zip(self.lengths, chunk_lens))
-        if self.static and need > self.capacity:
-            raise ValueError(f"chunk_lens: the chunks do not fit the static capacity ({self.capacity}, make_static)")
         if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled() and self.k.is_inference():
             self.k, self.v, self.seq_lens = self.k.clone(), self.v.clone(), self.seq_lens.clone()
         self._grow(need)
@@ -600,6 +598,12 @@ class KVCache(_SequenceCache):
 
 
 # ---- shared by NSACache and nsa.PagedNSACache -------------------------------------------------
+
+def _no_chunk_when_static(cache):
+    if cache.static:
+        raise ValueError("cache: a chunk cannot be appended to a static cache (make_static: its steps keep "
+                         "their tensors for a CUDA graph); reset() ends the static mode")
+
 
 def check_step_inputs(cache, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win):
     """One decoding step's new keys/values (one row per cached sequence) against what ``cache``

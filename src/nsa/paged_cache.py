@@ -37,7 +37,7 @@ import heapq
 
 import torch
 
-from .cache import CachedTokens, _check_chunk, _SequenceCache, cast_attended, check_step_inputs
+from .cache import CachedTokens, _check_chunk, _no_chunk_when_static, _SequenceCache, cast_attended, check_step_inputs
 from .ops.utils import num_compressed
 
 __all__ = ["PagedNSACache", "CacheCapacityError"]
@@ -96,7 +96,7 @@ class PagedNSACache(_SequenceCache):
         every sequence takes now the pages for ``new_tokens`` more tokens (:class:`CacheCapacityError`
         when the pool lacks them; a shared last page is copied first), the page table is fixed,
         and a step finds its pages on the device. Until :meth:`reset`, a step past them and every
-        change of the rows or pages (add, remove, fork, reorder, chunks) are a ValueError."""
+        change of the rows or pages (add, remove, fork, reorder, a chunk) are a ValueError."""
         if self.is_empty or not self._allocated:
             raise ValueError("cache: make_static needs a prefilled cache")
         if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 0:
@@ -361,7 +361,7 @@ class PagedNSACache(_SequenceCache):
         N = self.batch_size
         if N == 0:
             raise ValueError("cache: extend needs at least one sequence (prefill or add() first)")
-        self._not_static("a chunk")
+        _no_chunk_when_static(self)
         n_new = _check_chunk(self, chunk_lens, k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win)
         if not self._allocated:
             self._allocate(k_cmp_raw, v_cmp_raw, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win)

@@ -89,15 +89,21 @@ def _graph_ms(fn, reps=50):
     return statistics.median(t)
 
 
-def main():
+def batches(what, columns):
+    """Parses ``--T`` and ``--B``, prints the GPU line and ``columns``; yields ``(N, inputs)`` per batch
+    size (:func:`_inputs` at context T)."""
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)
     p.add_argument("--B", default="1,8,64")
     args = p.parse_args()
-    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; eager decoding step, T={args.T}")
-    print("case        host ms  eager ms  graph ms  launches  kernel ms  kernels")
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; {what}, T={args.T}")
+    print(columns)
     for N in (int(b) for b in args.B.split(",")):
-        x = _inputs(N, args.T)
+        yield N, _inputs(N, args.T)
+
+
+def main():
+    for N, x in batches("eager decoding step", "case        host ms  eager ms  graph ms  launches  kernel ms  kernels"):
         with torch.no_grad():
             def nsa_step():
                 return nsa_decode(**x, **SETTINGS)

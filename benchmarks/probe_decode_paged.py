@@ -13,13 +13,11 @@ rounding). NSA settings of the paper, HQ=64, H=4, D=128, bf16.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from nsa.ops.decode import nsa_decode
 from nsa.ops.decode_paged import gather_pages, nsa_decode_paged
-from probe_decode_eager import SETTINGS, _graph_ms, _inputs
+from probe_decode_eager import SETTINGS, _graph_ms, batches
 
 
 def paged_copy(x, block_size=64, stride=16, kernel_size=32, seed=1):
@@ -51,14 +49,8 @@ def paged_copy(x, block_size=64, stride=16, kernel_size=32, seed=1):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--T", type=int, default=65536)
-    p.add_argument("--B", default="1,8,64")
-    args = p.parse_args()
-    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; decoding step, T={args.T}, bf16")
-    print("batch   dense ms   paged ms  gathered ms  paged/dense  max |paged - dense|")
-    for N in (int(b) for b in args.B.split(",")):
-        x = _inputs(N, args.T)
+    for N, x in batches("decoding step, bf16", "batch   dense ms   paged ms  gathered ms  paged/dense  "
+                                               "max |paged - dense|"):
         pools, table = paged_copy(x)
         gates = {k: x[k] for k in ("g_cmp", "g_slc", "g_win")}
         with torch.no_grad():

@@ -265,12 +265,16 @@ class Attention(nn.Module):
             visible = keys <= pos  # [m, L + m]: the cache, then the chunk causally
             if self.window_size is not None:
                 visible &= keys > pos - self.window_size
-            qn = q[:, s0:s0 + m].transpose(1, 2)  # [1, HQ, m, D]
-            # the cached keys, then the chunk's own (as computed: gradients reach them)
+            # the cached keys, then the chunk's own (as computed: gradients reach them): [1, H, L + m, D]
             kn, vn = (torch.cat([past[n, :L].to(q.dtype), now[0, s0:s0 + m]]).unsqueeze(0).transpose(1, 2)
                       for past, now in ((cache.k, k), (cache.v, v)))
-            o = F.scaled_dot_product_attention(qn, kn, vn, attn_mask=visible, enable_gqa=qn.shape[1] != kn.shape[1])
-            outs.append(o.transpose(1, 2))
+            H = kn.shape[1]
+            G = q.shape[2] // H
+            # a KV head's G query heads at the m positions as m * G query rows (as KVCache.attend does):
+            # a masked SDPA with no GQA flag, which the memory-efficient kernel takes
+            qn = q[0, s0:s0 + m].view(m, H, G, -1).permute(1, 0, 2, 3).reshape(1, H, m * G, -1)
+            o = F.scaled_dot_product_attention(qn, kn, vn, attn_mask=visible.repeat_interleave(G, 0))
+            outs.append(o.view(H, m, G, -1).permute(1, 0, 2, 3).reshape(1, m, H * G, -1))
             s0 += m
         o = torch.cat(outs, 1)  # [1, total, HQ, D]
         return self.o_proj(o.flatten(-2)).view(*x.shape[:2], -1)

@@ -767,20 +767,17 @@ class _DecodeSteps:
         self.graph = self.tokens = self.logits = None
         self.steps = 0
 
-    def _step(self, tokens):
-        return self.model._decode_logits(tokens, self.cache)
-
     def __call__(self, tokens):
         self.steps += 1
         if not self.cuda_graph or self.steps == 1:
-            return self._step(tokens)
+            return self.model._decode_logits(tokens, self.cache)
         if self.graph is None:
             self.tokens = tokens.clone()
             lengths = [list(c.lengths) for c in self.cache.layers]
             torch.cuda.synchronize()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = self._step(self.tokens)
+                self.logits = self.model._decode_logits(self.tokens, self.cache)
             # Capturing ran no kernel: the host lengths, which the capture advanced, go back.
             for c, held in zip(self.cache.layers, lengths):
                 c.lengths = held

@@ -32,7 +32,8 @@ CONVENTIONS = (
     "2*(Dk+Dv) per attended key (NSA: exact key counts, + 2*Dk per visible compressed token for "
     "selection scores in fwd; SDPA causal: half the matrix incl. diagonal), bwd = 2.5x; "
     "gbps (decode): KV bytes read; copy_share (decode): gbps / the header's copy_gbps, the device's "
-    "measured copy bandwidth (bytes read + written by one copy of 1 GiB on CUDA); ideal: full-attention / NSA work (train) or bytes (decode); "
+    "measured copy bandwidth (bytes read + written by one copy of 1 GiB on CUDA); "
+    "ideal: full-attention / NSA work (train) or bytes (decode); "
     "mem_mib (CUDA): peak allocated during one call minus allocated before it; "
     "D: query/key head dim, Dv: value head dim"
 )

@@ -108,6 +108,10 @@ def nsa_decode_paged(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, 
     kw = dict(kernel_size=kernel_size, stride=stride, block_size=block_size, num_selected=num_selected,
               num_initial=num_initial, num_local=num_local, window_size=window_size, scale=scale,
               check_values=False)
+    checks.check_scale(scale)
+    checks.check_positive_int("window_size", window_size)
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    w = window_keys(window_size, page_table.shape[1] * block_size)  # longer than the table: all of it
     if backend == "triton" and not torch.compiler.is_compiling():
         api.resolve_backend(backend, "nsa_decode", q.device)  # Triton present; CUDA or the interpreter
         _check_step(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, seq_lens)
@@ -115,26 +119,16 @@ def nsa_decode_paged(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, 
                         ("v_win", v_win)):
             if t.dtype != q.dtype:
                 raise ValueError(f"{name}: the Triton paged step reads pages in q's dtype {q.dtype}, got {t.dtype}")
-        checks.check_scale(scale)
-        checks.check_positive_int("window_size", window_size)
-        s = q.shape[-1] ** -0.5 if scale is None else float(scale)
         return _paged_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, page_table, seq_lens,
-                             kernel_size, stride, block_size, num_selected, num_initial, num_local,
-                             window_keys(window_size, page_table.shape[1] * block_size), s)
+                             kernel_size, stride, block_size, num_selected, num_initial, num_local, w, s)
     kc, vc = _dense_compressed(k_cmp, page_table, shift), _dense_compressed(v_cmp, page_table, shift)
     if backend != "torch":
         ks_, vs_ = gather_pages(k_slc, page_table), gather_pages(v_slc, page_table)
         same = k_win is k_slc and v_win is v_slc
         kw_, vw_ = (ks_, vs_) if same else (gather_pages(k_win, page_table), gather_pages(v_win, page_table))
         return nsa_decode(q, kc, vc, ks_, vs_, kw_, vw_, g_cmp, g_slc, g_win, seq_lens, backend=backend, **kw)
-    # Validates q, the gates and seq_lens against the gathered compressed layout (shapes only).
-    checks.check_scale(scale)
-    checks.check_positive_int("window_size", window_size)
-    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    L = page_table.shape[1] * block_size
     return _paged_torch(q, kc, vc, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, page_table, seq_lens,
-                        kernel_size, stride, block_size, num_selected, num_initial, num_local,
-                        window_keys(window_size, L), s)
+                        kernel_size, stride, block_size, num_selected, num_initial, num_local, w, s)
 
 
 def _gather_paged(pages, page_table, pos, valid, block_size, ct):

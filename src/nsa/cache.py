@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -555,10 +556,11 @@ class KVCache(_SequenceCache):
         self.seq_lens = torch.tensor(self.lengths, dtype=torch.int32, device=dev)
 
     def attend(self, q, window_size=None, scale=None):
-        """Attention of one new query per sequence over its cached keys, with
-        :func:`torch.nn.functional.scaled_dot_product_attention` (GQA) in the cache's dtype, over
-        the cached positions only (no mask when every sequence has the same length and there is
-        no window: FlashAttention on CUDA).
+        """Attention of one new query per sequence over its cached keys (GQA), in the cache's
+        dtype, over the cached positions only. On CUDA with an fp16/bf16 cache: FlashAttention-2's
+        variable-length kernel over the cache in place (:meth:`_attend_flash`); otherwise
+        :func:`torch.nn.functional.scaled_dot_product_attention`, with a mask of each sequence's
+        length unless every sequence has the same length and there is no window.
 
         Args:
             q: ``[N, HQ, Dk]`` the queries of the tokens just appended (at position ``seq_lens[n] - 1``),
@@ -571,6 +573,8 @@ class KVCache(_SequenceCache):
         N, HQ, Dk = q.shape
         s = Dk ** -0.5 if scale is None else scale
         longest, shortest = max(self.lengths), min(self.lengths)  # host values: no device sync
+        if _flash_varlen_decodes(q, self.k, self.v):
+            return self._attend_flash(q, window_size, s, self.capacity if self.static else longest)
         lo = 0 if window_size is None else max(0, shortest - window_size)
         if self.static:  # fixed shapes: the whole capacity, masked on the device
             lo, longest, shortest = 0, self.capacity, -1
@@ -595,6 +599,40 @@ class KVCache(_SequenceCache):
             o = F.scaled_dot_product_attention(q.to(k.dtype).view(N, H, HQ // H, Dk), k, v, attn_mask=mask,
                                                scale=s)  # [N, H, G, Dv]
         return o.reshape(N, HQ, -1).to(q.dtype)
+
+    def _attend_flash(self, q, window_size, scale, max_keys):
+        """:meth:`attend` with FlashAttention-2's variable-length kernel: row n of the cache is
+        sequence n of a packed key tensor (offsets ``n * capacity``) of which ``seq_lens[n]`` keys
+        are used, so neither a mask nor a copy is needed and the shapes do not change between the
+        steps of a static cache. With one query per sequence and GQA the kernel splits the keys
+        over several programs (flash-decoding) when the batch alone cannot fill the GPU; the
+        masked memory-efficient kernel has one program per (sequence, KV head) reading every key
+        (2026-12-07, H100, one layer of the base model at 64k: 3.5 ms against 0.074 ms at batch 1,
+        3.8 ms against 0.21 ms at batch 16)."""
+        N, HQ, Dk = q.shape
+        cap, H = self.k.shape[1], self.k.shape[2]
+        cu_q = torch.arange(N + 1, device=q.device, dtype=torch.int32)
+        window = {} if window_size is None else dict(window_size_left=window_size - 1, window_size_right=0)
+        o = torch.ops.aten._flash_attention_forward(
+            q.to(self.k.dtype).contiguous(), self.k.view(N * cap, H, Dk), self.v.view(N * cap, H, -1),
+            cu_q, cu_q * cap, 1, max_keys, 0.0, False, False, scale=scale, seqused_k=self.seq_lens,
+            **window)[0]
+        return o.view(N, HQ, -1).to(q.dtype)
+
+
+def _flash_varlen_decodes(q, k, v) -> bool:
+    """Whether :meth:`KVCache.attend` can use FlashAttention-2's variable-length kernel: CUDA (sm80
+    or newer, PyTorch's flash kernels enabled), fp16/bf16 cache, one head size of at most 256 that
+    is a multiple of 8 for keys and values."""
+    return (q.is_cuda and k.dtype in (torch.float16, torch.bfloat16) and k.shape[-1] == v.shape[-1]
+            and k.shape[-1] % 8 == 0 and k.shape[-1] <= 256 and torch.backends.cuda.flash_sdp_enabled()
+            and _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
+            >= (8, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
 
 
 # ---- shared by NSACache and nsa.PagedNSACache -------------------------------------------------

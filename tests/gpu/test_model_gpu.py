@@ -57,6 +57,38 @@ def test_model_on_the_kernels_matches_the_reference():
         assert_close(n, g_r[n], g_t[n], 1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("window", [None, 1, 37])
+def test_kv_cache_attend_flash_equals_brute_force(dtype, static, window):
+    """KVCache.attend on CUDA (FlashAttention-2 varlen over the cache in place, seqused_k) against
+    softmax over each sequence's own keys in float32: sequences of different lengths (one shorter
+    than the window, one of a single token), GQA, the unused capacity (dynamic or static cache)
+    filled with NaN (never read)."""
+    from nsa.cache import KVCache, _flash_varlen_decodes
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lens, HQ, H, D = [1, 30, 700, 2049], 8, 2, 64
+    ks = [torch.randn(n, H, D, device="cuda", generator=g).to(dtype) for n in lens]
+    vs = [torch.randn(n, H, D, device="cuda", generator=g).to(dtype) for n in lens]
+    cache = KVCache()
+    cache.prefill(list(lens), torch.cat(ks), torch.cat(vs))
+    if static:
+        cache.make_static(5)
+    for n, L in enumerate(lens):
+        cache.k[n, L:] = float("nan")
+        cache.v[n, L:] = float("nan")
+    q = torch.randn(len(lens), HQ, D, device="cuda", generator=g).to(dtype)
+    assert _flash_varlen_decodes(q, cache.k, cache.v)
+    o = cache.attend(q, window_size=window, scale=0.2)
+    for n, L in enumerate(lens):
+        lo = 0 if window is None else max(0, L - window)
+        k = ks[n][lo:].float().repeat_interleave(HQ // H, dim=1)  # [keys, HQ, D]
+        v = vs[n][lo:].float().repeat_interleave(HQ // H, dim=1)
+        p = torch.einsum("hd,khd->hk", q[n].float(), k).mul(0.2).softmax(-1)
+        ref = torch.einsum("hk,khd->hd", p, v)
+        assert_close(f"o[{n}]", ref, o[n].float(), 1e-2)
+
+
 @pytest.mark.parametrize("attention", ["nsa", "full", "window"])
 def test_cached_greedy_equals_uncached(attention):
     m = _model("triton" if attention != "full" else None, attention).eval()

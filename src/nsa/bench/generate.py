@@ -44,9 +44,11 @@ same generation replayed from a CUDA graph must then give the same tokens.
 A model that fails is not timed (``ok: false``), exit status 1.
 
 The full-attention baseline is the model's own: SDPA for the prefill (one call per packed
-prompt), :meth:`nsa.cache.KVCache.attend` for decoding (PyTorch's SDPA without cuDNN, over the
-static cache's whole capacity, prompt + new tokens, with a mask of each sequence's length: the
-shapes a CUDA graph replays), not a fused decoding kernel. Records: ``impl`` ``nsa`` / ``full``;
+prompt), :meth:`nsa.cache.KVCache.attend` for decoding: on CUDA FlashAttention-2's
+variable-length kernel (PyTorch's ``aten._flash_attention_forward``) over the static cache in
+place, prompt + new tokens of capacity, each sequence's own length used (``seqused_k``: the shapes
+a CUDA graph replays), splitting the keys over several programs when the batch alone cannot fill
+the GPU (flash-decoding); on CPU SDPA with a length mask. Records: ``impl`` ``nsa`` / ``full``;
 history.py takes ``full`` as this preset's baseline; the ``speedup`` here is on the NSA records.
 """
 
@@ -80,7 +82,7 @@ TIE = 1e-3
 
 CONVENTIONS = (
     "impl nsa / full: nsa.model.LanguageModel with attention='nsa' / 'full' (SDPA prefill; decode: nsa_decode / "
-    "KVCache.attend, SDPA without cuDNN over the static cache, masked), the same preset and shared non-attention "
+    "KVCache.attend: FlashAttention-2 varlen over the static cache with seqused_k, split-KV), the same preset and shared non-attention "
     "weights; LanguageModel.stream_generate, greedy, B prompts of T random tokens packed, decoding steps replayed "
     "from a CUDA graph on CUDA (header cuda_graph; the first two steps, eager and captured, are warm-up); "
     "prefill ms: from the call to the "

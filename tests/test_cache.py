@@ -231,9 +231,14 @@ def test_static_steps_equal_dynamic_steps(shared_kv):
     static.make_static(steps)
     assert static.static and static.capacity == max(lens) + steps and not dynamic.static
     held, seq_lens = static.k_slc, static.seq_lens
+    kinds = set()
     for s in range(steps):
         x = torch.cat([xi[:, L + s] for xi, L in zip(xs, lens)], 0).unsqueeze(1)
+        compresses = static.next_step_compresses()  # the host's forecast: a graph per kind of step
         assert_close(f"step {s}", m(x, cache=dynamic), m(x, cache=static), 1e-12)
+        assert compresses == bool(dynamic.completed) == bool(static.completed), s
+        kinds.add(compresses)
+    assert kinds == {False, True}
     assert static.k_slc is held and static.seq_lens is seq_lens  # in place: nothing reallocated
     assert static.lengths == dynamic.lengths == [L + steps for L in lens]
     cap_c = static.k_cmp.shape[1]

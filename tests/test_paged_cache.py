@@ -393,9 +393,14 @@ def test_paged_static_steps_equal_dynamic_steps(backend):
     # every row's pages for L + steps tokens; the fork still shares row 1's one full page
     assert static.num_free_pages == 40 - sum(-(-(L + steps) // 8) for L in lens + [13]) + 13 // 8
     table = static.page_table
+    kinds = set()
     for s in range(steps):
         xs = torch.cat([xi[:, L + s] for xi, L in zip(x, lens + [13])], 0).unsqueeze(1)
+        compresses = static.next_step_compresses()
         assert_close(f"step {s}", m(xs, cache=dynamic), m(xs, cache=static), 1e-12)
+        assert compresses == bool(static.completed), s
+        kinds.add(compresses)
+    assert kinds == {False, True}
     assert static.page_table is table and static.lengths == dynamic.lengths
     with pytest.raises(ValueError, match="static pages"):
         m(torch.randn(4, 1, 64, dtype=torch.float64), cache=static)

@@ -90,6 +90,16 @@ class _SequenceCache:
         self._grow(max(self.lengths) + new_tokens, exact=True)
         self.static = True
 
+    #: Tokens per compression block (None: a cache without compression, KVCache); and its stride.
+    kernel_size: int | None = None
+    stride: int | None = None
+
+    def next_step_compresses(self) -> bool:
+        """Whether the next decoding step (one token per sequence) completes a compression block
+        in any sequence, from the host ``lengths`` (False for a cache without compression)."""
+        return self.kernel_size is not None and bool(
+            completing_rows([L + 1 for L in self.lengths], self.kernel_size, self.stride))
+
     def _check_static_room(self):
         if self.static and max(self.lengths) + 1 > self.capacity:
             row = max(range(len(self.lengths)), key=self.lengths.__getitem__)
@@ -321,12 +331,11 @@ class NSACache(_SequenceCache):
         self.k_tail[rows, slot] = k_cmp_raw.detach().to(self.k_tail.dtype)
         self.v_tail[rows, slot] = v_cmp_raw.detach().to(self.v_tail.dtype)
         self.lengths = [n + 1 for n in self.lengths]
-        ks, st = self.kernel_size, self.stride
-        done = [n for n, L in enumerate(self.lengths) if L >= ks and (L - ks) % st == 0]
+        done = completing_rows(self.lengths, self.kernel_size, self.stride)
         self.completed = done
         if self.static:
-            # Every sequence's last block is compressed, and stored where one completes
-            # (store_compressed's ``where``, decided on the device).
+            # When any sequence completes a block, every sequence's last block is compressed and
+            # stored where one completes (store_compressed's ``where``, decided on the device).
             self.seq_lens.add_(1)
             return rows
         self.seq_lens = self.seq_lens + 1
@@ -636,6 +645,11 @@ def _capability(index: int) -> tuple:
 
 
 # ---- shared by NSACache and nsa.PagedNSACache -------------------------------------------------
+
+def completing_rows(lengths, kernel_size: int, stride: int) -> list[int]:
+    """The sequences whose last token (the ``lengths[n]``-th) completes a compression block."""
+    return [n for n, L in enumerate(lengths) if L >= kernel_size and (L - kernel_size) % stride == 0]
+
 
 def _no_chunk_when_static(cache):
     if cache.static:

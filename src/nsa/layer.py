@@ -467,9 +467,11 @@ class NativeSparseAttention(nn.Module):
             cache.cast_(dt)
             done = cache.append(k_raw[:, 0], v_raw[:, 0], k_s[:, 0], v_s[:, 0],
                                 None if shared else k_w[:, 0], None if shared else v_w[:, 0])
-            if cache.completed or cache.static:
+            if cache.completed:
                 # Only the blocks completed by this token are compressed, never the past (a static
-                # cache: every sequence's last block, stored only where it completed).
+                # cache: every sequence's last block, stored only where it completed; whether this
+                # step compresses at all is the host's decision, so a graph is captured per kind of
+                # step, see nsa.model._DecodeSteps).
                 kb, vb = cache.compression_blocks(done)
                 pos = cache.seq_lens[done].long() - 1
                 # phi sees the dtype this step's projections have, as a prefill now would.

@@ -757,37 +757,44 @@ class LanguageModel(nn.Module):
 
 class _DecodeSteps:
     """The decoding steps of one generation: ``step(tokens [N])`` -> logits ``[N, vocab]`` of the
-    model on a static cache (:meth:`ModelCache.make_static`). With ``cuda_graph`` the first step
-    runs eagerly (it compiles and autotunes every kernel), the second is captured in a CUDA graph,
-    and every step from then on is a replay with the new tokens copied into the graph's input;
-    the returned logits are the graph's output tensor, overwritten by the next step."""
+    model on a static cache (:meth:`ModelCache.make_static`). There are two kinds of step: one in
+    which some sequence completes a compression block (1 in ``stride`` steps per sequence: the
+    layers compress), and one in which none does, known on the host from the cache's lengths.
+    With ``cuda_graph`` each kind runs eagerly the first time (it compiles and autotunes its
+    kernels), is captured in a CUDA graph the second time, and is a replay from then on, with the
+    new tokens copied into that graph's input; the returned logits are the graph's output tensor,
+    overwritten by its next replay."""
 
     def __init__(self, model, cache, cuda_graph):
         self.model, self.cache, self.cuda_graph = model, cache, cuda_graph
-        self.graph = self.tokens = self.logits = None
-        self.steps = 0
+        self.graphs = {}  # kind of step -> (graph, tokens, logits)
+        self.runs = {}  # kind of step -> steps of that kind so far
 
     def __call__(self, tokens):
-        self.steps += 1
-        if not self.cuda_graph or self.steps == 1:
+        if not self.cuda_graph:
             return self.model._decode_logits(tokens, self.cache)
-        if self.graph is None:
-            self.tokens = tokens.clone()
+        kind = any(c.next_step_compresses() for c in self.cache.layers)
+        self.runs[kind] = self.runs.get(kind, 0) + 1
+        if self.runs[kind] == 1:
+            return self.model._decode_logits(tokens, self.cache)
+        if kind not in self.graphs:
+            held = tokens.clone()
             lengths = [list(c.lengths) for c in self.cache.layers]
             torch.cuda.synchronize()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self.model._decode_logits(self.tokens, self.cache)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self.model._decode_logits(held, self.cache)
             # Capturing ran no kernel: the host lengths, which the capture advanced, go back.
-            for c, held in zip(self.cache.layers, lengths):
-                c.lengths = held
-        else:
-            self.tokens.copy_(tokens)
+            for c, old in zip(self.cache.layers, lengths):
+                c.lengths = old
+            self.graphs[kind] = graph, held, logits
+        graph, held, logits = self.graphs[kind]
+        held.copy_(tokens)
         for c in self.cache.layers:
             c._check_static_room()
             c.lengths = [n + 1 for n in c.lengths]
-        self.graph.replay()
-        return self.logits
+        graph.replay()
+        return logits
 
 
 def _sample(logits, temperature, top_k, top_p, generator):

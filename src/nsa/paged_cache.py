@@ -37,7 +37,8 @@ import heapq
 
 import torch
 
-from .cache import CachedTokens, _check_chunk, _no_chunk_when_static, _SequenceCache, cast_attended, check_step_inputs
+from .cache import (CachedTokens, _check_chunk, _no_chunk_when_static, _SequenceCache, cast_attended, check_step_inputs,
+                    completing_rows)
 from .ops.utils import num_compressed
 
 __all__ = ["PagedNSACache", "CacheCapacityError"]
@@ -424,8 +425,7 @@ class PagedNSACache(_SequenceCache):
         self.k_tail[r, slot] = k_cmp_raw.detach().to(self.k_tail.dtype)
         self.v_tail[r, slot] = v_cmp_raw.detach().to(self.v_tail.dtype)
         self.lengths = [n + 1 for n in self.lengths]
-        ks, st = self.kernel_size, self.stride
-        self.completed = [n for n, L in enumerate(self.lengths) if L >= ks and (L - ks) % st == 0]
+        self.completed = completing_rows(self.lengths, self.kernel_size, self.stride)
         if self.static:  # every row's block is compressed; store_compressed keeps the completed ones
             self.seq_lens.add_(1)
             return r

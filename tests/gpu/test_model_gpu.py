@@ -108,8 +108,8 @@ def test_cached_greedy_equals_uncached(attention):
 def test_generate_cuda_graph_equals_eager(attention):
     """bf16 generation with the decoding step replayed from a CUDA graph == the same steps run
     eagerly (same tokens, greedy and sampled with one seed; dense and, for NSA, paged caches),
-    and the replayed steps read nothing
-    on the host (CUDA sync debug mode "error" from the fourth token on)."""
+    and the replayed steps read nothing on the host (CUDA sync debug mode "error" once both kinds of
+    step, with and without compression, are captured)."""
     m = _model("triton" if attention != "full" else None, attention).eval().to(torch.bfloat16)
     g = torch.Generator("cuda").manual_seed(2)
     prompts = [torch.randint(0, 320, (n,), device="cuda", generator=g) for n in (300, 37, 1, 129)]
@@ -122,15 +122,18 @@ def test_generate_cuda_graph_equals_eager(attention):
                                          cuda_graph=graph, paged=paged, **kw)
             for a, b in zip(outs[False], outs[True]):
                 assert torch.equal(a, b), (attention, kw, paged)
-    stream = m.stream_generate(prompts, 24, temperature=0, cuda_graph=True)
-    first = [next(stream) for _ in range(3)]  # the prefill, the eager step and the capture synchronise
+    stream = m.stream_generate(prompts, 40, temperature=0, cuda_graph=True)
+    # The prefill and each kind of step's eager run and capture synchronise: steps 1 and 2 complete
+    # no compression block; step 4 (the 300-token prompt reaches 304) is the first that completes
+    # one, step 11 (37 + 11 = 48) the second. Tokens 0..11 come before every later replay.
+    first = [next(stream) for _ in range(12)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         rest = list(stream)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert len(first) + len(rest) == 24
+    assert len(first) + len(rest) == 40
 
 
 @pytest.fixture(scope="module")

@@ -651,9 +651,10 @@ class LanguageModel(nn.Module):
                 (see :meth:`stream_generate`): streams the output.
             vocab_limit: generate only ids below it (a tokenizer with fewer ids than the model's
                 vocabulary, which ``nsa train`` rounds up to a multiple of 64).
-            cuda_graph: replay the decoding step from a CUDA graph (captured at the second step of
-                the call, after one eager step has compiled every kernel): no per-step launch
-                work on the host. Default: on when the model is on a CUDA device. Either way the
+            cuda_graph: replay the decoding steps from CUDA graphs: no per-step launch work on
+                the host. A step that completes a compression block in some sequence (NSA) and
+                one that completes none are two graphs; each kind of step runs eagerly the
+                first time (compiling its kernels) and is captured the second time. Default: on when the model is on a CUDA device. Either way the
                 cache is allocated for all the steps after the prefill (prompt + max_new_tokens).
             paged: decode from a :class:`nsa.PagedNSACache` per layer (``attention='nsa'``; pages of
                 ``block_size`` tokens, each sequence holding only the pages its tokens fill, no

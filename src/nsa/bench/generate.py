@@ -14,7 +14,10 @@ one token per sequence is decoded per step. Measured:
   ``ms`` is the **median** step (``mean_ms`` = total / steps is recorded too); generated tokens/s
   = B / median step. On CUDA the steps are replayed from a CUDA graph (``--cuda-graph``, default
   on): the first step runs eagerly, the second is captured (both inside the default two warm-up
-  steps), every later one is a replay; ``--cuda-graph off`` times eager steps, bounded by their
+  steps), every later one is a replay, except that a step which completes a compression block
+  (NSA: 1 in ``stride`` steps of a sequence) is a second graph, eager the first time and captured
+  the second time, which may fall among the timed steps (two slow steps: the median is unmoved,
+  ``mean_ms`` includes them); ``--cuda-graph off`` times eager steps, bounded by their
   host launch work. ``--cache paged``: the NSA model decodes from a :class:`nsa.PagedNSACache`
   (``generate(paged=True)``, checked the same way) instead of the dense cache.
 

@@ -459,6 +459,15 @@ class LanguageModel(nn.Module):
         if cache is not None and len(cache.layers) != len(self.blocks):
             raise ValueError(f"cache: holds {len(cache.layers)} layers, the model has {len(self.blocks)}")
         self._check_ids(input_ids, cu_seqlens, labels, chunks=cache is not None and not cache.is_empty)
+        h = self._hidden(input_ids, cu_seqlens, cache)
+        if labels is None:
+            return LMOutput(self.lm_head(h), None)
+        loss = self._loss(h, labels, cu_seqlens)
+        logits = self.lm_head(h) if return_logits else None
+        return LMOutput(logits, loss)
+
+    def _hidden(self, input_ids, cu_seqlens, cache):
+        """The final norm's output for checked inputs (the LM head's input)."""
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
@@ -466,12 +475,7 @@ class LanguageModel(nn.Module):
                 x = checkpoint(block, x, cu_seqlens, use_reentrant=False)
             else:
                 x = block(x, cu_seqlens=cu_seqlens, cache=layer_cache)
-        h = self.norm(x)
-        if labels is None:
-            return LMOutput(self.lm_head(h), None)
-        loss = self._loss(h, labels, cu_seqlens)
-        logits = self.lm_head(h) if return_logits else None
-        return LMOutput(logits, loss)
+        return self.norm(x)
 
     def _forward_context(self, input_ids, labels, return_logits, cp, cu_seqlens, cache):
         """:meth:`forward` on this rank's share of the sequences (see its ``context``)."""
@@ -611,7 +615,9 @@ class LanguageModel(nn.Module):
         # paged: a pool of exactly the pages the prompts and the new tokens fill
         bs = self.config.block_size
         cache = self.new_cache(sum(-(-(n + max_new_tokens - 1) // bs) for n in lens) if paged else None)
-        logits = self(ids, cu_seqlens=cu, cache=cache).logits[0, (cu[1:] - 1).long()]  # [N, vocab]
+        # The prefill (the forward's input checks, then the LM head on each prompt's last token only).
+        self._check_ids(ids, cu, None)
+        logits = self.lm_head(self._hidden(ids, cu, cache)[0, (cu[1:] - 1).long()])  # [N, vocab]
         # Room for every step now: the steps then have fixed shapes (a CUDA graph replays them).
         cache.make_static(max_new_tokens - 1)
         step = _DecodeSteps(self, cache, cuda_graph)

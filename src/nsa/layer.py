@@ -155,6 +155,36 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, backend: 
     return ops.rope(x, positions, theta, backend=backend)
 
 
+def chunk_lengths(x: torch.Tensor, batch_size: int, cu_seqlens: torch.Tensor | None) -> list[int]:
+    """Validates a chunk ``x`` appended to a cache of ``batch_size`` sequences (``[N, T >= 1, hidden]``,
+    or packed ``[1, total, hidden]`` with int32 ``cu_seqlens`` of N+1 offsets, chunks of length 0
+    allowed but not all of them); returns the host list of the tokens it appends to each sequence.
+    The chunk step of :class:`NativeSparseAttention` and that of the model's full and window
+    attention (:mod:`nsa.model`) share it."""
+    N = batch_size
+    if cu_seqlens is None:
+        if x.shape[0] != N or x.shape[1] < 1:
+            raise ValueError(f"x: appending to a cache of {N} sequences takes [N={N}, T >= 1, hidden_size] "
+                             f"(or packed [1, total, hidden_size] with cu_seqlens), got {tuple(x.shape)}")
+        return [x.shape[1]] * N
+    if x.shape[0] != 1:
+        raise ValueError(f"x: packed input (cu_seqlens given) needs batch size 1, got {tuple(x.shape)}")
+    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1
+            or cu_seqlens.device != x.device):
+        raise ValueError(f"cu_seqlens: expected an int32 1-D tensor on {x.device}, got "
+                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
+    cu = cu_seqlens.tolist()
+    if len(cu) != N + 1:
+        raise ValueError(f"cu_seqlens: expected N+1 = {N + 1} offsets (one chunk per cached sequence), "
+                         f"got {len(cu)}")
+    if cu[0] != 0 or cu[-1] != x.shape[1] or any(b < a for a, b in zip(cu[:-1], cu[1:])):
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to {x.shape[1]} (x's tokens), "
+                         f"got {cu}")
+    if cu[-1] == 0:
+        raise ValueError("x: no token to append")
+    return [b - a for a, b in zip(cu[:-1], cu[1:])]
+
+
 class _BlockCompressor(nn.Module):
     """phi: one compression block ``[..., kernel_size, H, D]`` -> one token ``[..., H, D]``.
 
@@ -487,31 +517,6 @@ class NativeSparseAttention(nn.Module):
                    g_cmp, g_slc, g_win, *table, cache.seq_lens, **self._op_kwargs())
         return self.o_proj(o.flatten(-2)).unsqueeze(1)
 
-    def _chunk_lens(self, x, cache, cu_seqlens):
-        """Host list of the tokens x appends to each cached sequence."""
-        N = cache.batch_size
-        if cu_seqlens is None:
-            if x.shape[0] != N or x.shape[1] < 1:
-                raise ValueError(f"x: appending to a cache of {N} sequences takes [N={N}, T >= 1, hidden_size] "
-                                 f"(or packed [1, total, hidden_size] with cu_seqlens), got {tuple(x.shape)}")
-            return [x.shape[1]] * N
-        if x.shape[0] != 1:
-            raise ValueError(f"x: packed input (cu_seqlens given) needs batch size 1, got {tuple(x.shape)}")
-        if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1
-                or cu_seqlens.device != x.device):
-            raise ValueError(f"cu_seqlens: expected an int32 1-D tensor on {x.device}, got "
-                             f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
-        cu = cu_seqlens.tolist()
-        if len(cu) != N + 1:
-            raise ValueError(f"cu_seqlens: expected N+1 = {N + 1} offsets (one chunk per cached sequence), "
-                             f"got {len(cu)}")
-        if cu[0] != 0 or cu[-1] != x.shape[1] or any(b < a for a, b in zip(cu[:-1], cu[1:])):
-            raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to {x.shape[1]} (x's tokens), "
-                             f"got {cu}")
-        if cu[-1] == 0:
-            raise ValueError("x: no token to append")
-        return [b - a for a, b in zip(cu[:-1], cu[1:])]
-
     def _extend(self, x, cache, cu_seqlens):
         """Chunked prefill: append ``x`` to every cached sequence (``[N, T, hidden]``, or packed
         ``[1, total, hidden]`` with one chunk per sequence in ``cu_seqlens``, chunks of length 0
@@ -523,7 +528,7 @@ class NativeSparseAttention(nn.Module):
         tensor per branch. Only the compression blocks the chunk completes are compressed."""
         c = self.config
         ks, st = c.kernel_size, c.stride
-        chunk = self._chunk_lens(x, cache, cu_seqlens)
+        chunk = chunk_lengths(x, cache.batch_size, cu_seqlens)
         old = list(cache.lengths)
         dev = x.device
         xp = x.reshape(1, -1, x.shape[-1])  # [1, total, hidden]

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .cache import KVCache, NSACache
-from .layer import NativeSparseAttention, NSAConfig, apply_rope
+from .layer import NativeSparseAttention, NSAConfig, apply_rope, chunk_lengths
 
 __all__ = ["ModelConfig", "LanguageModel", "LMOutput", "ModelCache"]
 
@@ -237,19 +237,7 @@ class Attention(nn.Module):
         """A chunk of tokens appended to every cached sequence (``[N, T, hidden]``, or packed
         ``[1, total, hidden]`` with one chunk per sequence in ``cu_seqlens``, 0 allowed): each
         chunk's queries attend to the sequence's cached keys and causally to the chunk's own."""
-        N = cache.batch_size
-        if cu_seqlens is None:
-            if x.shape[0] != N:
-                raise ValueError(f"x: appending to a cache of {N} sequences takes [N={N}, T, hidden] (or packed "
-                                 f"[1, total, hidden] with cu_seqlens), got {tuple(x.shape)}")
-            chunk = [x.shape[1]] * N
-        else:
-            cu = cu_seqlens.tolist()
-            if x.shape[0] != 1 or len(cu) != N + 1 or cu[0] != 0 or cu[-1] != x.shape[1] \
-                    or any(b < a for a, b in zip(cu[:-1], cu[1:])):
-                raise ValueError(f"cu_seqlens: expected N+1 = {N + 1} non-decreasing offsets from 0 to "
-                                 f"{x.shape[1]} for packed x [1, total, hidden], got {cu} for x {tuple(x.shape)}")
-            chunk = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        chunk = chunk_lengths(x, cache.batch_size, cu_seqlens)
         old = list(cache.lengths)
         xp = x.reshape(1, -1, x.shape[-1])
         positions = torch.tensor([L + j for L, n in zip(old, chunk) for j in range(n)], device=x.device)

@@ -377,7 +377,8 @@ def test_paged_static_steps_equal_dynamic_steps(backend):
     """make_static on a paged cache (rows of different lengths, one a fork that shares a partial
     last page): the pages for the new tokens are taken at once (the shared page copied), the page
     table stays the same tensor, every step equals the ordinary paged step, and a step past the
-    reserved pages, a chunk, add, remove, fork and reorder raise until reset()."""
+    reserved pages, a chunk, add, remove, fork and reorder raise until reset(). The int64 copy of
+    the table that static steps index with is made once, by make_static, and dropped by reset()."""
     m = make_layer(tiny(backend=backend))
     lens, steps = [3, 13, 8], 12
     x = [torch.randn(1, L + steps, 64, dtype=torch.float64) for L in lens]
@@ -392,7 +393,8 @@ def test_paged_static_steps_equal_dynamic_steps(backend):
     static.make_static(steps)
     # every row's pages for L + steps tokens; the fork still shares row 1's one full page
     assert static.num_free_pages == 40 - sum(-(-(L + steps) // 8) for L in lens + [13]) + 13 // 8
-    table = static.page_table
+    table, table_long = static.page_table, static._static_table
+    assert table_long.dtype == torch.int64 and torch.equal(table_long, table.long())
     kinds = set()
     for s in range(steps):
         xs = torch.cat([xi[:, L + s] for xi, L in zip(x, lens + [13])], 0).unsqueeze(1)
@@ -402,6 +404,7 @@ def test_paged_static_steps_equal_dynamic_steps(backend):
         kinds.add(compresses)
     assert kinds == {False, True}
     assert static.page_table is table and static.lengths == dynamic.lengths
+    assert static._static_table is table_long  # made once by make_static, not per step
     with pytest.raises(ValueError, match="static pages"):
         m(torch.randn(4, 1, 64, dtype=torch.float64), cache=static)
     with pytest.raises(ValueError, match="chunk cannot be appended to a static cache"):
@@ -412,7 +415,7 @@ def test_paged_static_steps_equal_dynamic_steps(backend):
         with pytest.raises(ValueError, match=f"{what} changes"):
             call()
     static.reset()
-    assert not static.static
+    assert not static.static and static._table_long is None
 
 
 def test_generate_with_a_paged_cache_equals_dense():

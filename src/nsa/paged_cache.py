@@ -104,7 +104,7 @@ class PagedNSACache(_SequenceCache):
             raise ValueError(f"new_tokens: expected an int >= 0, got {new_tokens!r}")
         self._reserve([new_tokens] * self.batch_size)
         self._static_ends = [L + new_tokens for L in self.lengths]
-        self.page_table  # noqa: B018 (built now, then kept: a graph holds it)
+        self._static_table  # noqa: B018 (built now with its int32 source, then kept: a graph holds both)
         self.static = True
 
     def _check_static_room(self):
@@ -131,6 +131,7 @@ class PagedNSACache(_SequenceCache):
         self.completed: list[int] = []
         self.seq_lens: torch.Tensor | None = None
         self._table = None
+        self._table_long = None  # the int64 copy static steps index with (see _static_table)
         # Pools and rings: created by the first write (they take its shapes, dtype and device).
         self.k_slc = self.v_slc = self.k_win = self.v_win = self.k_cmp = self.v_cmp = None
         self.k_tail = self.v_tail = None
@@ -165,7 +166,18 @@ class PagedNSACache(_SequenceCache):
             M = max([1] + [len(p) for p in self._pages])
             rows = [p + [0] * (M - len(p)) for p in self._pages]
             self._table = torch.tensor(rows, dtype=torch.int32).view(len(rows), M).to(self.k_slc.device)
+            self._table_long = None
         return self._table
+
+    @property
+    def _static_table(self) -> torch.Tensor:
+        """int64 copy of :attr:`page_table` that static steps index the pools with: made once (by
+        :meth:`make_static`) and kept while the table is, so a step converts nothing and a CUDA
+        graph sees the same tensor every step; dropped when the table is rebuilt or by :meth:`reset`."""
+        table = self.page_table
+        if self._table_long is None:
+            self._table_long = table.long()
+        return self._table_long
 
     def _set_rows(self, order):
         """Keep rows ``order`` (host row indices, no repeats), in that order."""
@@ -412,7 +424,7 @@ class PagedNSACache(_SequenceCache):
         if self.static:  # the pages are taken: find them on the device
             self._check_static_room()
             pos = self.seq_lens.long()
-            pg, off = self.page_table.long()[r, pos // self.block_size], pos % self.block_size
+            pg, off = self._static_table[r, pos // self.block_size], pos % self.block_size
         else:
             self._reserve([1] * N)
             pg, off = self._locate(list(range(N)), self.lengths)
@@ -449,7 +461,7 @@ class PagedNSACache(_SequenceCache):
             L = self.seq_lens[ids].long()
             done = ((L >= self.kernel_size) & ((L - self.kernel_size) % self.stride == 0)).view(-1, 1, 1)
             last = L - 1  # the completed compressed token sits in the page of its last raw position
-            cp = self.page_table.long()[ids, last // self.block_size]
+            cp = self._static_table[ids, last // self.block_size]
             cs = (last % self.block_size) // self.stride
             self.k_cmp[cp, cs] = torch.where(done, k_cmp.detach().to(self.k_cmp.dtype), self.k_cmp[cp, cs])
             self.v_cmp[cp, cs] = torch.where(done, v_cmp.detach().to(self.v_cmp.dtype), self.v_cmp[cp, cs])

@@ -266,3 +266,39 @@ def test_make_static_rejects_bad_input():
             cache.make_static(bad)
     with pytest.raises(ValueError, match="prefilled"):
         PagedNSACache.for_layer(m.config, 8).make_static(32)
+
+
+@pytest.mark.parametrize("shared_kv, static", [(False, True), (True, False)],
+                         ids=["indep_kv-static", "shared_kv-dynamic"])
+def test_step_rotating_in_the_cache_write_equals_rope_then_append(monkeypatch, shared_kv, static):
+    """A step over a dense cache with RoPE on the Triton kernel (interpreter here) rotates the
+    query and keys inside the cache write (NSACache.append_rotating, one launch): its outputs and
+    every cached tensor equal those of RoPE followed by NSACache.append, for sequences of
+    different lengths over steps that complete compression blocks in some sequences; and the
+    fused steps equal the uncached forward of the whole sequences."""
+    import nsa.layer as layer_mod
+
+    cfg = tiny(shared_kv=shared_kv).replace(backend="triton")
+    m = make_layer(cfg, dtype=torch.float32)
+    lens, steps = [3, 13, 8], 12
+    xs = [torch.randn(1, L + steps, 64) for L in lens]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    prompt = torch.cat([xi[:, :L] for xi, L in zip(xs, lens)], 1)
+    caches, outs = {}, {}
+    for fused in (True, False):
+        monkeypatch.setattr(layer_mod, "FUSED_STEP_WRITE", fused)
+        cache = caches[fused] = m.new_cache()
+        with torch.no_grad():
+            m(prompt, cache=cache, cu_seqlens=cu)
+            if static:
+                cache.make_static(steps)
+            outs[fused] = [m(torch.cat([xi[:, L + s] for xi, L in zip(xs, lens)], 0).unsqueeze(1), cache=cache)
+                           for s in range(steps)]
+    for s, (a, b) in enumerate(zip(outs[True], outs[False])):
+        assert torch.equal(a, b), f"step {s}: max |fused - unfused| {(a - b).abs().max()}"
+    for name in ("k_slc", "v_slc", "k_win", "v_win", "k_tail", "v_tail", "k_cmp", "v_cmp", "seq_lens"):
+        assert torch.equal(getattr(caches[True], name), getattr(caches[False], name)), name
+    with torch.no_grad():
+        for n, (xi, L) in enumerate(zip(xs, lens)):
+            whole = m(xi)[0, L:]
+            assert_close(f"sequence {n}", whole, torch.stack([o[n, 0] for o in outs[True]]), 1e-5)

@@ -313,13 +313,7 @@ class NSACache(_SequenceCache):
         No device value is read (no host synchronisation): positions come from ``seq_lens`` on
         the device, capacity and completed blocks from the host ``lengths``.
         """
-        if self.is_empty:
-            raise ValueError("cache: append needs a prefilled cache")
-        N = self.batch_size
-        check_step_inputs(self, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win)
-        self._writable()
-        self._check_static_room()
-        self._grow(max(self.lengths) + 1)
+        self._begin_step(k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win)
         rows = self._rows
         pos = self.seq_lens.long()
         self.k_slc[rows, pos] = k_slc.detach().to(self.k_slc.dtype)
@@ -330,6 +324,45 @@ class NSACache(_SequenceCache):
         slot = pos % self.kernel_size
         self.k_tail[rows, slot] = k_cmp_raw.detach().to(self.k_tail.dtype)
         self.v_tail[rows, slot] = v_cmp_raw.detach().to(self.v_tail.dtype)
+        return self._end_step()
+
+    def append_rotating(self, q, theta: float, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win=None, v_win=None):
+        """:meth:`append` with the selection/window keys given before RoPE, and the step's query:
+        one kernel (:func:`nsa.ops.decode_write.decode_write`) rotates the query and the keys at
+        each sequence's position (``seq_lens[n]``, base ``theta``) and stores every branch's new
+        token. For CUDA tensors (or under the Triton interpreter) of a non-float64 dtype; the
+        stored keys equal those of RoPE (:func:`nsa.ops.rope`'s kernel) followed by :meth:`append`.
+
+        Args:
+            q: ``[N, HQ, Dk]`` the step's queries before RoPE; the other arguments as in :meth:`append`.
+        Returns:
+            ``(q rotated [N, HQ, Dk], ids)``: ``ids`` as :meth:`append` returns them.
+        """
+        self._begin_step(k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win)
+        if q.dim() != 3 or q.shape[0] != self.batch_size or q.shape[2] != self.k_slc.shape[3]:
+            raise ValueError(f"q: expected [N={self.batch_size}, HQ, Dk={self.k_slc.shape[3]}], got {tuple(q.shape)}")
+        from .ops.decode_write import decode_write
+
+        q_rot = decode_write(self.seq_lens, theta, q.detach(), k_cmp_raw.detach(), v_cmp_raw.detach(),
+                             k_slc.detach(), v_slc.detach(), None if self.shared else k_win.detach(),
+                             None if self.shared else v_win.detach(), self.k_tail, self.v_tail, self.k_slc,
+                             self.v_slc, self.k_win, self.v_win)
+        return q_rot, self._end_step()
+
+    def _begin_step(self, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win):
+        """A step's checks, and room for its token (before anything is written)."""
+        if self.is_empty:
+            raise ValueError("cache: append needs a prefilled cache")
+        check_step_inputs(self, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win)
+        self._writable()
+        self._check_static_room()
+        self._grow(max(self.lengths) + 1)
+
+    def _end_step(self) -> torch.Tensor:
+        """A step's bookkeeping once its token is written: lengths, completed blocks; see
+        :meth:`append` for what is returned."""
+        N = self.batch_size
+        rows = self._rows
         self.lengths = [n + 1 for n in self.lengths]
         done = completing_rows(self.lengths, self.kernel_size, self.stride)
         self.completed = done

@@ -155,6 +155,12 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, backend: 
     return ops.rope(x, positions, theta, backend=backend)
 
 
+#: Whether a decoding step over a dense NSACache, with RoPE on the Triton kernel, rotates and stores
+#: its token in one launch (NSACache.append_rotating); False takes RoPE then NSACache.append (the
+#: tests compare the two).
+FUSED_STEP_WRITE = True
+
+
 def chunk_lengths(x: torch.Tensor, batch_size: int, cu_seqlens: torch.Tensor | None) -> list[int]:
     """Validates a chunk ``x`` appended to a cache of ``batch_size`` sequences (``[N, T >= 1, hidden]``,
     or packed ``[1, total, hidden]`` with int32 ``cu_seqlens`` of N+1 offsets, chunks of length 0
@@ -259,6 +265,10 @@ class NativeSparseAttention(nn.Module):
     def _project(self, x, positions):
         """q (rotated) and per-branch raw (k, v) of x ``[B, T, hidden]`` at ``positions``
         (``[B|1, T]``); slc/win keys rotated, cmp keys not. Returns q, [(k, v) per branch]."""
+        return self._rotate(*self._project_raw(x), positions)
+
+    def _project_raw(self, x):
+        """q and per-branch (k, v) of x ``[B, T, hidden]``, none rotated (views of the projections)."""
         c = self.config
         B, T, _ = x.shape
         H, Dk, Dv = c.num_kv_heads, c.head_dim, c.v_head_dim
@@ -266,13 +276,15 @@ class NativeSparseAttention(nn.Module):
         # One split of the fused projection into views (its backward is one concatenation of the
         # pieces' gradients, not a zero-filled full-size tensor per branch).
         parts = self.kv_proj(x).split([H * Dk, H * Dv] * self.num_kv_branches, dim=-1)
-        branches = []
-        for i in range(self.num_kv_branches):
-            k, v = parts[2 * i].view(B, T, H, Dk), parts[2 * i + 1].view(B, T, H, Dv)
-            if i > 0:
-                k = apply_rope(k, positions, c.rope_theta, c.backend)
-            branches.append((k, v))
-        return apply_rope(q, positions, c.rope_theta, c.backend), branches
+        return q, [(parts[2 * i].view(B, T, H, Dk), parts[2 * i + 1].view(B, T, H, Dv))
+                   for i in range(self.num_kv_branches)]
+
+    def _rotate(self, q, branches, positions):
+        """RoPE on q and the slc/win keys of :meth:`_project_raw`'s output (cmp keys stay raw)."""
+        c = self.config
+        rotated = [(k if i == 0 else apply_rope(k, positions, c.rope_theta, c.backend), v)
+                   for i, (k, v) in enumerate(branches)]
+        return apply_rope(q, positions, c.rope_theta, c.backend), rotated
 
     def _gates(self, x):
         B, T, _ = x.shape
@@ -485,8 +497,14 @@ class NativeSparseAttention(nn.Module):
         if tuple(x.shape[:2]) != (N, 1):
             raise ValueError(f"x: a decoding step takes one token per cached sequence, [N={N}, 1, hidden_size]; "
                              f"got {tuple(x.shape)} (chunked prefill into a filled cache is not supported)")
-        positions = cache.seq_lens.long().view(N, 1)  # the new token's position
-        q, branches = self._project(x, positions)
+        q, branches = self._project_raw(x)
+        # A dense cache with RoPE on the Triton kernel: the rotations and the cache writes in one
+        # launch (NSACache.append_rotating); otherwise RoPE, then the cache's indexed stores.
+        kernel = ops.api._triton_impl("rope")  # None without Triton
+        fused = FUSED_STEP_WRITE and isinstance(cache, NSACache) and q.dtype != torch.float64 and \
+            kernel is not None and ops.api.resolve_backend(self.config.backend, "rope", q.device) is kernel
+        if not fused:
+            q, branches = self._rotate(q, branches, cache.seq_lens.long().view(N, 1))  # the new token's position
         k_raw, v_raw = branches[0]
         k_s, v_s, k_w, v_w = self._branch_kv(branches)
         shared = len(branches) == 2
@@ -495,8 +513,13 @@ class NativeSparseAttention(nn.Module):
             # The cache is read in q's dtype: a prefill in another dtype (autocast, or the layer moved
             # since) is cast once here, never copied whole on every step.
             cache.cast_(dt)
-            done = cache.append(k_raw[:, 0], v_raw[:, 0], k_s[:, 0], v_s[:, 0],
-                                None if shared else k_w[:, 0], None if shared else v_w[:, 0])
+            new = (k_raw[:, 0], v_raw[:, 0], k_s[:, 0], v_s[:, 0], None if shared else k_w[:, 0],
+                   None if shared else v_w[:, 0])
+            if fused:
+                q, done = cache.append_rotating(q[:, 0], self.config.rope_theta, *new)
+                q = q.unsqueeze(1)
+            else:
+                done = cache.append(*new)
             if cache.completed:
                 # Only the blocks completed by this token are compressed, never the past (a static
                 # cache: every sequence's last block, stored only where it completed; whether this

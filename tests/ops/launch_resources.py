@@ -222,6 +222,13 @@ def run_case(op: str, c: dict) -> list:
                                  *g, torch.full((N,), L, dtype=torch.int32), KS, ST, BS, NSEL, NUM_INIT, NUM_LOCAL,
                                  WIN, scale, page_table=table)
         mark("fwd paged")
+        # the step's RoPE and cache writes in one launch (nsa.ops.decode_write), separate window keys
+        from nsa.ops import decode_write
+        raw = [z(N, H, D) for D in (Dk, Dv, Dk, Dv, Dk, Dv)]
+        tail = [z(N, KS, H, D) for D in (Dk, Dv)]
+        decode_write.decode_write(torch.full((N,), L - 1, dtype=torch.int32), 10000.0, q1, *raw, *tail, ks, vs,
+                                  z(N, L, H, Dk), z(N, L, H, Dv))
+        mark("step write")
     elif op == "rope":
         pos = torch.arange(T).view(1, T)
         rotary._launch(q, pos, 10000.0, 1)

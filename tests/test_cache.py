@@ -302,3 +302,22 @@ def test_step_rotating_in_the_cache_write_equals_rope_then_append(monkeypatch, s
         for n, (xi, L) in enumerate(zip(xs, lens)):
             whole = m(xi)[0, L:]
             assert_close(f"sequence {n}", whole, torch.stack([o[n, 0] for o in outs[True]]), 1e-5)
+
+
+def test_append_rotating_rejects_a_bad_query():
+    """A query of the wrong shape is a ValueError naming q, raised before anything changes (no
+    token appended, no page taken), dense and paged; an empty cache says it needs a prefill."""
+    from nsa.paged_cache import PagedNSACache
+
+    m = make_layer(tiny(), dtype=torch.float32)
+    for cache in (m.new_cache(), PagedNSACache.for_layer(m.config, 16)):
+        with pytest.raises(ValueError, match="prefilled"):
+            cache.append_rotating(torch.zeros(2, 4, 16), 1e4, *(torch.zeros(2, 1, 16),) * 4)
+        m(torch.randn(2, 7, 64), cache=cache)
+        H, D = cache.k_slc.shape[2], cache.k_slc.shape[3]
+        new = [torch.zeros(2, H, D) for _ in range(6 if cache.k_win is not cache.k_slc else 4)]
+        lengths, free = list(cache.lengths), getattr(cache, "num_free_pages", None)
+        for bad in (torch.zeros(2, 4, D + 2), torch.zeros(3, 4, D), torch.zeros(2, D)):
+            with pytest.raises(ValueError, match="q: expected"):
+                cache.append_rotating(bad, 1e4, *new)
+        assert cache.lengths == lengths and getattr(cache, "num_free_pages", None) == free

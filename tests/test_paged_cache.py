@@ -430,3 +430,36 @@ def test_generate_with_a_paged_cache_equals_dense():
         build("full").generate(prompts, 3, paged=True)
     with pytest.raises(ValueError, match="num_pages"):
         build("window").new_cache(num_pages=4)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_paged_step_rotating_in_the_cache_write_equals_rope_then_append(monkeypatch, static):
+    """The one-launch RoPE + store of a step (PagedNSACache.append_rotating, the pages found
+    through the page table in the kernel; interpreter here) == RoPE then PagedNSACache.append:
+    same outputs and pools, bit for bit, over steps that take new pages, copy a forked row's
+    shared last page (dynamic) and complete compression blocks."""
+    import nsa.layer as layer_mod
+
+    m = make_layer(tiny(backend="triton"), dtype=torch.float32)
+    lens, steps = [3, 13, 8], 10
+    x = [torch.randn(1, L + steps, 64) for L in lens]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    prompt = torch.cat([xi[:, :L] for xi, L in zip(x, lens)], 1)
+    x.append(x[1])
+    caches, outs = {}, {}
+    for fused in (True, False):
+        monkeypatch.setattr(layer_mod, "FUSED_STEP_WRITE", fused)
+        cache = caches[fused] = PagedNSACache.for_layer(m.config, 40)
+        with torch.no_grad():
+            m(prompt, cache=cache, cu_seqlens=cu)
+            cache.fork(cache.seq_ids[1])  # row 3 shares row 1's pages, its last one partial
+            if static:
+                cache.make_static(steps)
+            outs[fused] = [m(torch.cat([xi[:, L + s] for xi, L in zip(x, lens + [13])], 0).unsqueeze(1),
+                             cache=cache) for s in range(steps)]
+    for s, (a, b) in enumerate(zip(outs[True], outs[False])):
+        assert torch.equal(a, b), f"step {s}: max |fused - unfused| {(a - b).abs().max()}"
+    a, b = caches[True], caches[False]
+    assert a._pages == b._pages and a.lengths == b.lengths
+    for name in ("k_slc", "v_slc", "k_win", "v_win", "k_tail", "v_tail", "k_cmp", "v_cmp", "seq_lens"):
+        assert torch.equal(getattr(a, name).nan_to_num(7.0), getattr(b, name).nan_to_num(7.0)), name

@@ -338,16 +338,7 @@ class NSACache(_SequenceCache):
         Returns:
             ``(q rotated [N, HQ, Dk], ids)``: ``ids`` as :meth:`append` returns them.
         """
-        self._begin_step(k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win)
-        if q.dim() != 3 or q.shape[0] != self.batch_size or q.shape[2] != self.k_slc.shape[3]:
-            raise ValueError(f"q: expected [N={self.batch_size}, HQ, Dk={self.k_slc.shape[3]}], got {tuple(q.shape)}")
-        from .ops.decode_write import decode_write
-
-        q_rot = decode_write(self.seq_lens, theta, q.detach(), k_cmp_raw.detach(), v_cmp_raw.detach(),
-                             k_slc.detach(), v_slc.detach(), None if self.shared else k_win.detach(),
-                             None if self.shared else v_win.detach(), self.k_tail, self.v_tail, self.k_slc,
-                             self.v_slc, self.k_win, self.v_win)
-        return q_rot, self._end_step()
+        return rotating_step(self, q, theta, (k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win))
 
     def _begin_step(self, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win):
         """A step's checks, and room for its token (before anything is written)."""
@@ -682,6 +673,25 @@ def _capability(index: int) -> tuple:
 def completing_rows(lengths, kernel_size: int, stride: int) -> list[int]:
     """The sequences whose last token (the ``lengths[n]``-th) completes a compression block."""
     return [n for n, L in enumerate(lengths) if L >= kernel_size and (L - kernel_size) % stride == 0]
+
+
+def rotating_step(cache, q, theta, new, paged=False):
+    """The body of ``append_rotating`` (NSACache and nsa.PagedNSACache): checks (q's shape first,
+    so that a bad q changes nothing), room for the token, the one-launch write, the bookkeeping.
+    ``new``: the (k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win) of :meth:`NSACache.append`."""
+    if cache.k_slc is not None and (q.dim() != 3 or q.shape[0] != cache.batch_size
+                                    or q.shape[2] != cache.k_slc.shape[3]):
+        raise ValueError(f"q: expected [N={cache.batch_size}, HQ, Dk={cache.k_slc.shape[3]}], got {tuple(q.shape)}")
+    cache._begin_step(*new)  # raises first for an empty cache
+    from .ops.decode_write import decode_write
+
+    k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win = (None if t is None else t.detach() for t in new)
+    if cache.shared:
+        k_win = v_win = None
+    q_rot = decode_write(cache.seq_lens, theta, q.detach(), k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win,
+                         cache.k_tail, cache.v_tail, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win,
+                         page_table=cache.page_table if paged else None)
+    return q_rot, cache._end_step()
 
 
 def _no_chunk_when_static(cache):

@@ -155,9 +155,9 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, backend: 
     return ops.rope(x, positions, theta, backend=backend)
 
 
-#: Whether a decoding step over a dense NSACache, with RoPE on the Triton kernel, rotates and stores
-#: its token in one launch (NSACache.append_rotating); False takes RoPE then NSACache.append (the
-#: tests compare the two).
+#: Whether a decoding step with RoPE on the Triton kernel rotates and stores its token in one launch
+#: (NSACache / PagedNSACache.append_rotating); False takes RoPE, then the cache's append (the tests
+#: compare the two).
 FUSED_STEP_WRITE = True
 
 
@@ -498,11 +498,11 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"x: a decoding step takes one token per cached sequence, [N={N}, 1, hidden_size]; "
                              f"got {tuple(x.shape)} (chunked prefill into a filled cache is not supported)")
         q, branches = self._project_raw(x)
-        # A dense cache with RoPE on the Triton kernel: the rotations and the cache writes in one
-        # launch (NSACache.append_rotating); otherwise RoPE, then the cache's indexed stores.
+        # With RoPE on the Triton kernel: the rotations and the cache writes in one launch
+        # (append_rotating, dense or paged cache); otherwise RoPE, then the cache's indexed stores.
         kernel = ops.api._triton_impl("rope")  # None without Triton
-        fused = FUSED_STEP_WRITE and isinstance(cache, NSACache) and q.dtype != torch.float64 and \
-            kernel is not None and ops.api.resolve_backend(self.config.backend, "rope", q.device) is kernel
+        fused = FUSED_STEP_WRITE and q.dtype != torch.float64 and kernel is not None and \
+            ops.api.resolve_backend(self.config.backend, "rope", q.device) is kernel
         if not fused:
             q, branches = self._rotate(q, branches, cache.seq_lens.long().view(N, 1))  # the new token's position
         k_raw, v_raw = branches[0]

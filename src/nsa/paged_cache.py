@@ -38,7 +38,7 @@ import heapq
 import torch
 
 from .cache import (CachedTokens, _check_chunk, _no_chunk_when_static, _SequenceCache, cast_attended, check_step_inputs,
-                    completing_rows)
+                    completing_rows, rotating_step)
 from .ops.utils import num_compressed
 
 __all__ = ["PagedNSACache", "CacheCapacityError"]
@@ -414,19 +414,13 @@ class PagedNSACache(_SequenceCache):
         same return: the rows whose new token completed a compression block, also on the host as
         :attr:`completed`). Raises :class:`CacheCapacityError` before writing when a needed page is
         not free."""
+        self._begin_step(k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win)
         N = self.batch_size
-        if N == 0 or not self._allocated:
-            raise ValueError("cache: append needs a prefilled cache")
-        check_step_inputs(self, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win)
-        self._writable()
-        dev = self.k_slc.device
-        r = torch.arange(N, device=dev)
+        r = torch.arange(N, device=self.k_slc.device)
         if self.static:  # the pages are taken: find them on the device
-            self._check_static_room()
             pos = self.seq_lens.long()
             pg, off = self._static_table[r, pos // self.block_size], pos % self.block_size
         else:
-            self._reserve([1] * N)
             pg, off = self._locate(list(range(N)), self.lengths)
         self.k_slc[pg, off] = k_slc.detach().to(self.k_slc.dtype)
         self.v_slc[pg, off] = v_slc.detach().to(self.v_slc.dtype)
@@ -436,6 +430,29 @@ class PagedNSACache(_SequenceCache):
         slot = self.seq_lens.long() % self.kernel_size
         self.k_tail[r, slot] = k_cmp_raw.detach().to(self.k_tail.dtype)
         self.v_tail[r, slot] = v_cmp_raw.detach().to(self.v_tail.dtype)
+        return self._end_step()
+
+    def append_rotating(self, q, theta: float, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win=None, v_win=None):
+        """As :meth:`nsa.NSACache.append_rotating`: RoPE of the query and of the selection/window
+        keys and every store of the step in one launch, the pages found through the page table
+        on the device. Returns ``(q rotated, ids)``."""
+        return rotating_step(self, q, theta, (k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win), paged=True)
+
+    def _begin_step(self, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win):
+        """A step's checks, and the pages of its tokens (CacheCapacityError before anything is written)."""
+        if self.batch_size == 0 or not self._allocated:
+            raise ValueError("cache: append needs a prefilled cache")
+        check_step_inputs(self, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win)
+        self._writable()
+        if self.static:
+            self._check_static_room()
+        else:
+            self._reserve([1] * self.batch_size)
+
+    def _end_step(self) -> torch.Tensor:
+        """A step's bookkeeping once its token is written (see :meth:`append` for the return)."""
+        dev = self.k_slc.device
+        r = torch.arange(self.batch_size, device=dev)
         self.lengths = [n + 1 for n in self.lengths]
         self.completed = completing_rows(self.lengths, self.kernel_size, self.stride)
         if self.static:  # every row's block is compressed; store_compressed keeps the completed ones

@@ -229,6 +229,9 @@ def run_case(op: str, c: dict) -> list:
         decode_write.decode_write(torch.full((N,), L - 1, dtype=torch.int32), 10000.0, q1, *raw, *tail, ks, vs,
                                   z(N, L, H, Dk), z(N, L, H, Dv))
         mark("step write")
+        decode_write.decode_write(torch.full((N,), L - 1, dtype=torch.int32), 10000.0, q1, *raw, *tail, pool(Dk),
+                                  pool(Dv), pool(Dk), pool(Dv), page_table=table)
+        mark("step write paged")
     elif op == "rope":
         pos = torch.arange(T).view(1, T)
         rotary._launch(q, pos, 10000.0, 1)

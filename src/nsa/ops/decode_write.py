@@ -1,6 +1,6 @@
 """One launch for what a decoding step writes before it attends: RoPE on the new query and on the
-new selection/window keys, and the new token of every branch stored in a dense
-:class:`nsa.NSACache` at its position.
+new selection/window keys, and the new token of every branch stored at its position in a dense
+:class:`nsa.NSACache` or in the pages of a :class:`nsa.PagedNSACache`.
 
 Unfused, that is three RoPE launches (q, selection keys, window keys), six indexed stores
 (selection, window and compression-tail keys and values) and two small index computations per
@@ -56,19 +56,23 @@ def _copy_row(src, dst, E: tl.constexpr, BE: tl.constexpr):
 
 @triton.jit
 def decode_write_kernel(seq_lens, turns, q, q_out, k_raw, v_raw, k_s, v_s, k_w, v_w,
-                        k_tail, v_tail, k_slc, v_slc, k_win, v_win,
-                        s_q, s_kr, s_vr, s_ks, s_vs, s_kw, s_vw, CAP,
+                        k_tail, v_tail, k_slc, v_slc, k_win, v_win, page_table,
+                        s_q, s_kr, s_vr, s_ks, s_vs, s_kw, s_vw, CAP, M,
                         KS: tl.constexpr, HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                         HALF: tl.constexpr, BD: tl.constexpr, BEK: tl.constexpr, BEV: tl.constexpr,
-                        WIN: tl.constexpr):
+                        WIN: tl.constexpr, PAGED: tl.constexpr):
     """Program (n, piece): sequence n's new token, one piece of it (see the module docstring).
     Sources are rows of ``[N, heads, D]`` views with contiguous heads (row strides ``s_*``);
-    ``k_slc``... are the cache ``[N, CAP, H, D]``, ``k_tail``/``v_tail`` ``[N, KS, H, D]``;
-    ``WIN``: the window keys/values are cached separately (pieces 3 and 4)."""
+    ``k_slc``... are the cache ``[N, CAP, H, D]`` or, ``PAGED``, page pools ``[P, CAP, H, D]``
+    (pages of CAP tokens) read through row n of ``page_table`` ``[N, M]``; ``k_tail``/``v_tail``
+    ``[N, KS, H, D]``; ``WIN``: the window keys/values are cached separately (pieces 3 and 4)."""
     n = tl.program_id(0).to(tl.int64)
     piece = tl.program_id(1)
     pos = tl.load(seq_lens + n).to(tl.int64)
-    tok = n * CAP + pos  # [N, CAP] row of the cache
+    if PAGED:  # slot pos % CAP of the sequence's page holding pos
+        tok = tl.load(page_table + n * M + pos // CAP).to(tl.int64) * CAP + pos % CAP
+    else:
+        tok = n * CAP + pos  # [N, CAP] row of the cache
     slot = n * KS + pos % KS  # [N, KS] row of the tail ring
     if piece == 0:
         _rotate_row(q + n * s_q, q_out + n * (HQ * DK), pos, turns, HQ, DK, HALF, BD)
@@ -96,7 +100,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def decode_write(seq_lens, theta: float, q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win,
-                 cache_k_tail, cache_v_tail, cache_k_slc, cache_v_slc, cache_k_win, cache_v_win):
+                 cache_k_tail, cache_v_tail, cache_k_slc, cache_v_slc, cache_k_win, cache_v_win, page_table=None):
     """The step's writes in one launch (see the module docstring); returns the rotated query.
 
     Args:
@@ -107,7 +111,9 @@ def decode_write(seq_lens, theta: float, q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, 
             the cache shares them with the selection branch. Heads contiguous, any row stride.
         cache_*: the cache's tensors (contiguous): k_tail/v_tail ``[N, kernel_size, H, D]``,
             k_slc/v_slc (and k_win/v_win unless shared) ``[N, capacity, H, D]``, room at every
-            ``seq_lens[n]``.
+            ``seq_lens[n]``; with ``page_table`` (int32 ``[N, M]``, :class:`nsa.PagedNSACache`'s)
+            page pools ``[P, block_size, H, D]``, position p of row n at slot ``p % block_size`` of
+            page ``page_table[n, p // block_size]`` (the page must be there).
     Returns:
         q rotated at ``seq_lens``, a new contiguous ``[N, HQ, Dk]`` tensor in q's dtype.
 
@@ -128,8 +134,10 @@ def decode_write(seq_lens, theta: float, q, k_cmp_raw, v_cmp_raw, k_slc, v_slc, 
         seq_lens, turns, q, q_out, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_w, v_w,
         cache_k_tail, cache_v_tail, cache_k_slc, cache_v_slc,
         cache_k_win if win else cache_k_slc, cache_v_win if win else cache_v_slc,
+        seq_lens if page_table is None else page_table,  # not read when dense
         q.stride(0), k_cmp_raw.stride(0), v_cmp_raw.stride(0), k_slc.stride(0), v_slc.stride(0),
-        k_w.stride(0), v_w.stride(0), cache_k_slc.shape[1],
+        k_w.stride(0), v_w.stride(0), cache_k_slc.shape[1], 0 if page_table is None else page_table.stride(0),
         KS=cache_k_tail.shape[1], HQ=HQ, H=H, DK=Dk, DV=Dv, HALF=half, BD=triton.next_power_of_2(half),
-        BEK=min(1024, triton.next_power_of_2(H * Dk)), BEV=min(1024, triton.next_power_of_2(H * Dv)), WIN=win)
+        BEK=min(1024, triton.next_power_of_2(H * Dk)), BEV=min(1024, triton.next_power_of_2(H * Dv)), WIN=win,
+        PAGED=page_table is not None)
     return q_out

@@ -503,8 +503,8 @@ class NativeSparseAttention(nn.Module):
         kernel = ops.api._triton_impl("rope")  # None without Triton
         fused = FUSED_STEP_WRITE and q.dtype != torch.float64 and kernel is not None and \
             ops.api.resolve_backend(self.config.backend, "rope", q.device) is kernel
-        if not fused:
-            q, branches = self._rotate(q, branches, cache.seq_lens.long().view(N, 1))  # the new token's position
+        if not fused:  # at the new token's position
+            q, branches = self._rotate(q, branches, cache.seq_lens.long().view(N, 1))
         k_raw, v_raw = branches[0]
         k_s, v_s, k_w, v_w = self._branch_kv(branches)
         shared = len(branches) == 2

@@ -648,8 +648,9 @@ class LanguageModel(nn.Module):
             cuda_graph: replay the decoding steps from CUDA graphs: no per-step launch work on
                 the host. A step that completes a compression block in some sequence (NSA) and
                 one that completes none are two graphs; each kind of step runs eagerly the
-                first time (compiling its kernels) and is captured the second time. Default: on when the model is on a CUDA device. Either way the
-                cache is allocated for all the steps after the prefill (prompt + max_new_tokens).
+                first time (compiling its kernels) and is captured the second time. Default: on
+                when the model is on a CUDA device. Either way the cache is allocated for all the
+                steps after the prefill (prompt + max_new_tokens).
             paged: decode from a :class:`nsa.PagedNSACache` per layer (``attention='nsa'``; pages of
                 ``block_size`` tokens, each sequence holding only the pages its tokens fill, no
                 padding to the longest) instead of the dense cache.

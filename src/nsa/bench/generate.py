@@ -85,9 +85,11 @@ TIE = 1e-3
 
 CONVENTIONS = (
     "impl nsa / full: nsa.model.LanguageModel with attention='nsa' / 'full' (SDPA prefill; decode: nsa_decode / "
-    "KVCache.attend: FlashAttention-2 varlen over the static cache with seqused_k, split-KV), the same preset and shared non-attention "
-    "weights; LanguageModel.stream_generate, greedy, B prompts of T random tokens packed, decoding steps replayed "
-    "from a CUDA graph on CUDA (header cuda_graph; the first two steps, eager and captured, are warm-up); "
+    "KVCache.attend: FlashAttention-2 varlen over the static cache with seqused_k, split-KV), the same preset "
+    "and shared non-attention weights; LanguageModel.stream_generate, greedy, B prompts of T random tokens "
+    "packed, decoding steps replayed from a CUDA graph on CUDA (header cuda_graph; the first two steps, eager and "
+    "captured, are warm-up; a step completing a compression block is a second graph, eager and captured the "
+    "first two times it occurs, possibly among the timed steps); "
     "prefill ms: from the call to the "
     "first token (one measurement); decode ms: median of the timed steps (after the warm-up steps; mean_ms = "
     "total / steps), one step = one token per sequence; tokens_per_s: B / decode ms (decode), B*T / prefill ms "

@@ -4,8 +4,9 @@ new selection/window keys, and the new token of every branch stored at its posit
 
 Unfused, that is three RoPE launches (q, selection keys, window keys), six indexed stores
 (selection, window and compression-tail keys and values) and two small index computations per
-layer and step: on the ``base`` model about a tenth of a generated step's kernel time (H100,
-2026-12-07, ``benchmarks/probe_generate_step.py``). Here one program per (sequence, piece) reads
+layer and step: on the ``base`` model about a quarter of a generated step's kernel time at batch 1
+(H100, 2026-12-07, ``benchmarks/probe_generate_step.py``; the step was 0.27-0.40 ms shorter with
+this kernel, ``benchmarks/NOTES.md``). Here one program per (sequence, piece) reads
 the sequence's length once and writes its piece: the rotated query (a new tensor), the rotated
 keys and the values at position ``seq_lens[n]``, the raw compression keys/values at slot
 ``seq_lens[n] % kernel_size`` of the tail ring. ``seq_lens`` is read, not advanced (the cache does

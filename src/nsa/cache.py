@@ -487,6 +487,7 @@ class KVCache(_SequenceCache):
         self.seq_lens: torch.Tensor | None = None
         self.k = self.v = None
         self.static = False
+        self._offsets = None  # ((N, capacity, device), int32 query offsets, key offsets) of _attend_flash
 
     def _grow(self, need, exact=False):
         """Double the capacity until ``need`` tokens fit (``exact``: to ``need``)."""
@@ -644,11 +645,15 @@ class KVCache(_SequenceCache):
         3.8 ms against 0.21 ms at batch 16)."""
         N, HQ, Dk = q.shape
         cap, H = self.k.shape[1], self.k.shape[2]
-        cu_q = torch.arange(N + 1, device=q.device, dtype=torch.int32)
+        key = (N, cap, q.device)
+        if self._offsets is None or self._offsets[0] != key:  # made once per batch size and capacity
+            cu_q = torch.arange(N + 1, device=q.device, dtype=torch.int32)
+            self._offsets = (key, cu_q, cu_q * cap)
+        _, cu_q, cu_k = self._offsets
         window = {} if window_size is None else dict(window_size_left=window_size - 1, window_size_right=0)
         o = torch.ops.aten._flash_attention_forward(
             q.to(self.k.dtype).contiguous(), self.k.view(N * cap, H, Dk), self.v.view(N * cap, H, -1),
-            cu_q, cu_q * cap, 1, max_keys, 0.0, False, False, scale=scale, seqused_k=self.seq_lens,
+            cu_q, cu_k, 1, max_keys, 0.0, False, False, scale=scale, seqused_k=self.seq_lens,
             **window)[0]
         return o.view(N, HQ, -1).to(q.dtype)
 

@@ -132,6 +132,7 @@ class PagedNSACache(_SequenceCache):
         self.seq_lens: torch.Tensor | None = None
         self._table = None
         self._table_long = None  # the int64 copy static steps index with (see _static_table)
+        self._arange = None  # int64 arange(N) on the device (_all_rows)
         # Pools and rings: created by the first write (they take its shapes, dtype and device).
         self.k_slc = self.v_slc = self.k_win = self.v_win = self.k_cmp = self.v_cmp = None
         self.k_tail = self.v_tail = None
@@ -416,7 +417,7 @@ class PagedNSACache(_SequenceCache):
         not free."""
         self._begin_step(k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win)
         N = self.batch_size
-        r = torch.arange(N, device=self.k_slc.device)
+        r = self._all_rows()
         if self.static:  # the pages are taken: find them on the device
             pos = self.seq_lens.long()
             pg, off = self._static_table[r, pos // self.block_size], pos % self.block_size
@@ -438,6 +439,12 @@ class PagedNSACache(_SequenceCache):
         on the device. Returns ``(q rotated, ids)``."""
         return rotating_step(self, q, theta, (k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win), paged=True)
 
+    def _all_rows(self) -> torch.Tensor:
+        """int64 ``arange(N)`` on the pools' device, made once per batch size (not per step)."""
+        if self._arange is None or self._arange.shape[0] != self.batch_size:
+            self._arange = torch.arange(self.batch_size, device=self.k_slc.device)
+        return self._arange
+
     def _begin_step(self, k_cmp_raw, v_cmp_raw, k_slc, v_slc, k_win, v_win):
         """A step's checks, and the pages of its tokens (CacheCapacityError before anything is written)."""
         if self.batch_size == 0 or not self._allocated:
@@ -452,7 +459,7 @@ class PagedNSACache(_SequenceCache):
     def _end_step(self) -> torch.Tensor:
         """A step's bookkeeping once its token is written (see :meth:`append` for the return)."""
         dev = self.k_slc.device
-        r = torch.arange(self.batch_size, device=dev)
+        r = self._all_rows()
         self.lengths = [n + 1 for n in self.lengths]
         self.completed = completing_rows(self.lengths, self.kernel_size, self.stride)
         if self.static:  # every row's block is compressed; store_compressed keeps the completed ones

@@ -3,8 +3,8 @@ of ``benchmarks/results/<date>_<gpu>_quality``.
 
 Three models that differ only in their attention (``attention='nsa'``, ``'full'``, ``'window'``;
 same preset, seed, documents, tokens and schedule) are trained with :func:`nsa.train.train` on
-seeded ``mix`` documents (plain text, pass-key needles and associative recall, a third each,
-:mod:`nsa.evals.task_data`), then evaluated with :func:`nsa.evals.run.run_eval`: held-out loss
+seeded ``needle`` documents (``--task``; real text with a pass key planted at a random depth and
+asked for at the end, loss on every token, :mod:`nsa.evals.task_data`), then evaluated with :func:`nsa.evals.run.run_eval`: held-out loss
 by position bucket on plain text, pass-key accuracy over lengths up to and beyond the trained
 context (length extrapolation) x depths, and, for NSA, what its selection does. A GPU call is
 at most ten minutes, so each model is its own command; ``summarize`` gathers them::
@@ -20,7 +20,7 @@ model into ``Q/<kind>/eval/`` (``loss.json``, ``needle.json``, ``selection.json`
 only the small files when ``--drop-checkpoint`` is given (a GPU's outputs come back by size).
 
 ``summary.json`` follows ``nsa demo``'s format: ``models.<kind>`` with ``val_loss`` (the run's
-last validation loss on the mix), ``accuracy`` and ``needle_accuracy`` (mean pass-key accuracy
+last validation loss on held-out task documents), ``accuracy`` and ``needle_accuracy`` (mean pass-key accuracy
 at the trained length), ``keys_per_query``, ``tokens_per_s``, plus ``text_loss`` (held-out plain
 text), ``loss_by_position`` and ``needle_by_length``; ``settings`` the shared settings.
 """
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 KINDS = ("nsa", "full", "window")
-DEFAULTS = dict(preset="small", seq_len=8192, batch_tokens=65536, lr=1.5e-3, task="mix", seed=0)
+DEFAULTS = dict(preset="small", seq_len=8192, batch_tokens=65536, lr=1.5e-3, task="needle", seed=0)
 
 
 def _config(kind: str, out: Path, steps: int, args, eval_every: int):
@@ -192,7 +192,7 @@ def _plot(plt, curves, models, settings, path):
         ax.plot([x["tokens"] for x in vals], [x["val_loss"] for x in vals], "o-", ms=3, color=colors[kind],
                 label=kind)
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation loss (mix documents)")
+    ax.set_ylabel(f"validation loss ({settings['task']} documents)")
     ax.legend()
     ax = axes[1]
     for kind, r in models.items():

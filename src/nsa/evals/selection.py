@@ -27,8 +27,8 @@ from ..layer import NativeSparseAttention, NSAConfig
 from ._common import check_depths, check_lengths, check_samples, import_pyplot, model_device
 from .tasks import Filler, needle_min_length, needle_sample
 
-__all__ = ["LayerSelection", "capture_selection", "needle_hits", "selection_chance", "neighbour_sharing",
-           "evaluate_selection", "plot_selection"]
+__all__ = ["LayerSelection", "nsa_inputs", "run_with_nsa_hook", "capture_selection", "needle_hits",
+           "selection_chance", "neighbour_sharing", "evaluate_selection", "plot_selection"]
 
 BRANCHES = ("cmp", "slc", "win")
 
@@ -49,9 +49,19 @@ class LayerSelection:
     config: NSAConfig
 
 
-def _recompute(layer: NativeSparseAttention, x, cu_seqlens=None):
-    """The layer's output on ``x`` (no cache), its block indices and its gates, through its own
-    pieces (the same computation as ``NativeSparseAttention.forward``)."""
+def nsa_inputs(layer: NativeSparseAttention, x, cu_seqlens=None) -> dict:
+    """The tensors ``layer`` passes to :func:`nsa.ops.nsa` on ``x`` (no cache), computed with its
+    own pieces, exactly as ``NativeSparseAttention.forward`` computes them.
+
+    Args:
+        layer: an NSA layer; x: its input ``[B, T, hidden]`` (packed ``[1, total, hidden]`` with
+            ``cu_seqlens``, int32 ``[N+1]``).
+    Returns:
+        a dict of q ``[B, T, HQ, Dk]``, k_cmp / v_cmp ``[B, Tc, H, Dk|Dv]``, k_slc, v_slc, k_win,
+        v_win ``[B, T, H, Dk|Dv]`` and g_cmp, g_slc, g_win ``[B, T, HQ]`` (after their sigmoid),
+        all in q's dtype; with the layer's settings (``layer._op_kwargs()``) and ``cu_seqlens``,
+        ``nsa.ops.nsa(**inputs, ...)`` is the layer's output before its output projection.
+    """
     B, T, _ = x.shape
     if cu_seqlens is not None:
         start = cu_seqlens[:-1].long()
@@ -66,10 +76,53 @@ def _recompute(layer: NativeSparseAttention, x, cu_seqlens=None):
     k_s, v_s, k_w, v_w = layer._branch_kv(branches)
     g_cmp, g_slc, g_win = layer._gates(x)
     dt = q.dtype
-    o, idx = ops.nsa(q, k_cmp.to(dt), v_cmp.to(dt), k_s.to(dt), v_s.to(dt), k_w.to(dt), v_w.to(dt), g_cmp.to(dt),
-                     g_slc.to(dt), g_win.to(dt), cu_seqlens=cu_seqlens, return_block_indices=True,
-                     **layer._op_kwargs())
-    return layer.o_proj(o.flatten(-2)), idx, (g_cmp, g_slc, g_win)
+    return dict(q=q, k_cmp=k_cmp.to(dt), v_cmp=v_cmp.to(dt), k_slc=k_s.to(dt), v_slc=v_s.to(dt), k_win=k_w.to(dt),
+                v_win=v_w.to(dt), g_cmp=g_cmp.to(dt), g_slc=g_slc.to(dt), g_win=g_win.to(dt))
+
+
+def _recompute(layer: NativeSparseAttention, x, cu_seqlens=None):
+    """The layer's output on ``x`` (no cache), its block indices and its gates, through its own
+    pieces (the same computation as ``NativeSparseAttention.forward``)."""
+    inputs = nsa_inputs(layer, x, cu_seqlens)
+    o, idx = ops.nsa(**inputs, cu_seqlens=cu_seqlens, return_block_indices=True, **layer._op_kwargs())
+    return layer.o_proj(o.flatten(-2)), idx, (inputs["g_cmp"], inputs["g_slc"], inputs["g_win"])
+
+
+def run_with_nsa_hook(model: torch.nn.Module, input_ids: torch.Tensor, fn,
+                      cu_seqlens: torch.Tensor | None = None) -> list[NativeSparseAttention]:
+    """Run ``model`` on ``input_ids`` with ``fn(index, layer, x, cu_seqlens)`` called after every
+    :class:`nsa.NativeSparseAttention` in it (``index``: the layer's place among them in
+    ``model.modules()`` order, the block index of a :class:`nsa.model.LanguageModel`; ``x``: the
+    layer's input). A :class:`nsa.model.LanguageModel` is called with ``labels`` so that no
+    ``[T, vocab]`` logits are formed. The hooks are removed afterwards; returns the NSA layers.
+
+    Raises:
+        ValueError naming ``model`` when it holds no NSA layer; ValueError when a layer is
+        called with a decoding cache.
+    """
+    from ..model import LanguageModel
+
+    layers = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
+    if not layers:
+        raise ValueError("model: holds no NativeSparseAttention layer (selection needs attention='nsa')")
+    index = {id(m): i for i, m in enumerate(layers)}
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs["x"]
+        if kwargs.get("cache") is not None:
+            raise ValueError("capture: the model was called with a decoding cache")
+        fn(index[id(module)], module, x, kwargs.get("cu_seqlens"))
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
+    try:
+        if isinstance(model, LanguageModel):
+            model(input_ids, cu_seqlens=cu_seqlens, labels=input_ids)
+        else:
+            model(input_ids, cu_seqlens=cu_seqlens)
+    finally:
+        for h in handles:
+            h.remove()
+    return layers
 
 
 @torch.no_grad()
@@ -88,29 +141,13 @@ def capture_selection(model: torch.nn.Module, input_ids: torch.Tensor,
         a list of :class:`LayerSelection`, one per NSA layer call. Memory: ``T * (H *
         num_selected + 3 * HQ) * 4`` bytes per layer.
     """
-    from ..model import LanguageModel
-
-    layers = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
-    if not layers:
-        raise ValueError("model: holds no NativeSparseAttention layer (selection needs attention='nsa')")
     records: list[LayerSelection] = []
 
-    def hook(module, args, kwargs, output):
-        x = args[0] if args else kwargs["x"]
-        if kwargs.get("cache") is not None:
-            raise ValueError("capture_selection: the model was called with a decoding cache")
-        _, idx, gates = _recompute(module, x, kwargs.get("cu_seqlens"))
+    def keep(index, module, x, cu):
+        _, idx, gates = _recompute(module, x, cu)
         records.append(LayerSelection(idx.cpu(), torch.stack([g.float() for g in gates]).cpu(), module.config))
 
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
-    try:
-        if isinstance(model, LanguageModel):
-            model(input_ids, cu_seqlens=cu_seqlens, labels=input_ids)
-        else:
-            model(input_ids, cu_seqlens=cu_seqlens)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_nsa_hook(model, input_ids, keep, cu_seqlens)
     return records
 
 

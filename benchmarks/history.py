@@ -8,8 +8,9 @@ measurement of the whole NSA (impl ``nsa``; passes fwd, bwd, decode) that passed
 when the run started (the JSON header's ``date_utc``), the run's name (``--run``, default the
 name of the JSON's folder), the commit measured (the header's ``git``; ``--commit`` where the
 header lacks it or is wrong), the case (preset, T, B, HQ, H, Dk, Dv, ``variant``: ``qsN`` for
-``--smooth-queries N``), the NSA time, the fastest baseline of the same case and pass (an SDPA
-backend; the full-attention model for ``--preset generate``) with its time and the speedup
+``--smooth-queries N``, ``trained-LN`` for the inputs of layer N of ``--from-checkpoint``), the NSA
+time, the fastest baseline of the same shape and pass (an SDPA backend, timed on the random case
+of a trained one; the full-attention model for ``--preset generate``) with its time and the speedup
 (empty when the run had no baselines), and the machine and
 versions. Rows already there (same run, case and pass) are left as they are. ``plot`` draws the
 speedup of one case over the runs, forward and backward.
@@ -35,6 +36,12 @@ def _ms(x: float) -> str:
     return f"{x:.4g}" if x < 1 else f"{x:.2f}"
 
 
+def _shape(r: dict) -> tuple:
+    """The case of a record with its inputs left out: a trained case's baselines are its random
+    twin's (the same first two parts of the case name, length, batch, heads, dims and dtype)."""
+    return (*r["case"].split("/")[:2], r["T"], r["B"], r["HQ"], r["H"], r["D"], r["Dv"], r.get("dtype"))
+
+
 def rows_from_json(path: Path, run: str | None = None, commit: str | None = None) -> list[dict]:
     """The history rows of one ``nsa bench --json`` file."""
     data = json.loads(Path(path).read_text())
@@ -48,11 +55,12 @@ def rows_from_json(path: Path, run: str | None = None, commit: str | None = None
     for r in records:
         if r["impl"] != "nsa" or r["ms"] is None or r["ok"] is not True:
             continue
-        same = [b for b in records if b["case"] == r["case"] and b["pass"] == r["pass"]
+        same = [b for b in records if _shape(b) == _shape(r) and b["pass"] == r["pass"]
                 and (b["impl"].startswith("sdpa.") or b["impl"] == "full") and b["ms"] is not None
                 and b["ok"] is not False]
         best = min(same, key=lambda b: b["ms"]) if same else None
-        variant = r["case"].rsplit("/", 1)[1] if r["case"].rsplit("/", 1)[1].startswith("qs") else ""
+        last = r["case"].rsplit("/", 1)[1]
+        variant = last if last.startswith(("qs", "trained-")) else ""
         rows.append({
             "date": head.get("date_utc", ""), "run": run or Path(path).resolve().parent.name,
             "commit": commit or head.get("git") or "", "preset": head.get("preset", r["case"].split("/")[0]),

@@ -2,6 +2,7 @@
 
 Usage: ``python -m nsa.bench --preset paper --json out.json --plot out.png`` (or ``nsa bench ...``).
 Presets and conventions: :mod:`nsa.bench.harness`; output formats: :mod:`nsa.bench.report`;
+the kernels on a trained model's inputs (``--from-checkpoint``): :mod:`nsa.bench.trained`;
 how to run and read it: benchmarks/README.md.
 """
 
@@ -48,6 +49,17 @@ def _pairs(sep: str):
         return out
 
     return parse
+
+
+def _layer_list(text: str) -> list[int]:
+    """'0,3,7' -> [0, 3, 7] (layer indices, 0 allowed)."""
+    try:
+        out = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer indices like 0,3,7, got {text!r}") from None
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"expected layer indices >= 0, got {text!r}")
+    return out
 
 
 def _names(allowed):
@@ -103,6 +115,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--branches", action=argparse.BooleanOptionalAction, default=True,
                    help="per-branch breakdown (cmp, select, slc, win, gate, phi) (default: on)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    t = p.add_argument_group(
+        "trained inputs",
+        "The kernels on real selections: each train case of the preset runs twice, on random inputs and on "
+        "the q/k/v/gates that chosen layers of a trained NSA model give the op on text (captured once, "
+        "replayed at the case's heads and dims: KV heads repeated, query heads repeated within their group, "
+        "head dims zero-padded, the model's softmax scale kept, so that the same blocks are selected). Both "
+        "use the model's NSA settings (kernel, stride, blocks, window). The case's name ends with "
+        "/trained-L<layer>; it is checked against the reference on its own inputs and compared with the "
+        "baselines of its random twin. The selection's cost (distinct blocks per tile of 64 queries, "
+        "blocks shared by neighbouring queries), trained vs random, is printed per layer and length. E.g. "
+        "nsa bench --preset paper --T 64k --dims 128x128 --from-checkpoint runs/nsa (see benchmarks/README.md)")
+    t.add_argument("--from-checkpoint", metavar="DIR",
+                   help="a run directory of `nsa train` (or its checkpoint/) with an attention='nsa' model; the "
+                        "model runs at the case's T whatever its training context (RoPE)")
+    t.add_argument("--layers", type=_layer_list, metavar="L,L",
+                   help="layers whose inputs to replay (default: first, middle and last)")
+    t.add_argument("--text", metavar="FILE",
+                   help="text to run the model on (default: the validation documents of the run's corpus, as the "
+                        "trainer split them; repeated if shorter than B x T tokens)")
     return p
 
 
@@ -116,6 +147,28 @@ class _Terminated(Exception):
 
 def _terminate(signum, frame):
     raise _Terminated()
+
+
+def _prepare_trained(source, cases, device) -> dict:
+    """Captures the trained inputs once (the largest batch and length of the cases), prints
+    what was captured and the selection statistics; returns them for the JSON header."""
+    from . import trained
+
+    train = [c for c in cases if c.inputs != "random"]
+    B, T = max(c.B for c in train), max(c.T for c in train)
+    info = source.describe()
+    m = info["model"]
+    print(f"trained inputs: layers {list(source.layers)} of {source.checkpoint} ({m['num_layers']} layers, HQ "
+          f"{m['HQ']}, H {m['H']}, D {m['Dk']}, trained up to {m['max_seq_len']} tokens); NSA settings "
+          f"{ {k: v for k, v in info['settings'].items() if k != 'scale'} }, scale {info['settings']['scale']:.4g}",
+          flush=True)
+    cap = source.capture(B, T, device)
+    repeated = " (REPEATED: shorter than the batch)" if cap.text["repeated"] else ""
+    print(f"captured on {B} x {T} tokens of {cap.text['source']}: {cap.text['documents']} document(s), "
+          f"{cap.text['tokens']} tokens{repeated}", flush=True)
+    stats = trained.selection_report(source, sorted({c.T for c in train}), device)
+    print(trained.format_report(stats), flush=True)
+    return dict(info, text_source=cap.text, selection=stats)
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -144,15 +197,32 @@ def cli_main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             print(f"nsa bench: --plot: {e}", file=sys.stderr)
             return 2
+    if args.from_checkpoint is None and (args.layers is not None or args.text is not None):
+        print("nsa bench: --layers and --text need --from-checkpoint", file=sys.stderr)
+        return 2
+    source = None
     try:
         device = str(resolve_device(args.device or preset.device))
         cases = harness.build_cases(args.preset, T=args.T, B=args.B, heads=args.heads, dims=args.dims,
                                     dtype=args.dtype, smooth_queries=args.smooth_queries)
+        if args.from_checkpoint is not None:
+            from . import trained
+
+            source = trained.open_source(args.from_checkpoint, args.layers, args.text)
+            cases = trained.trained_cases(cases, source)
+            if not any(c.inputs != "random" for c in cases):
+                raise ValueError(f"--from-checkpoint: preset {args.preset} has no train cases")
     except ValueError as e:
         print(f"nsa bench: {e}", file=sys.stderr)
         return 2
     head = report.header(device, args.preset, backend, sys.argv[1:] if argv is None else argv)
     print(report.format_header(head), flush=True)
+    if source is not None:
+        try:
+            head["trained"] = _prepare_trained(source, cases, device)
+        except ValueError as e:
+            print(f"nsa bench: {e}", file=sys.stderr)
+            return 2
     # A run stopped by SIGTERM (e.g. `timeout` on a lent GPU) still writes what it measured.
     done: list[dict] = []
     previous = signal.signal(signal.SIGTERM, _terminate)

@@ -33,6 +33,12 @@ What one run does, per case (one shape):
    allocated just before it: the working memory the pass adds to its inputs (and, for a
    backward, to the retained graph).
 
+Inputs of train cases (:func:`train_inputs`): random (standard normal), or, for a case with
+``inputs='trained:L'`` (``nsa bench --from-checkpoint``), what layer L of a trained model gives
+the op on text, replayed at the case's shape with the model's softmax scale
+(:mod:`nsa.bench.trained`); its checks above run on those trained inputs too, and it is
+compared with the baselines of the random case of the same shape.
+
 FLOP and byte conventions (work actually done, never the dense equivalent):
 
 - Attention costs ``2 * (Dk + Dv)`` FLOPs per (query head, attended key) in the forward,
@@ -118,12 +124,31 @@ class Case:
     # train cases: queries as moving sums of `smooth_queries` positions of random noise (0:
     # independent positions), so that neighbouring positions select shared blocks
     smooth_queries: int = 0
+    # train cases: 'random' (see train_inputs) or 'trained:L', the inputs layer L of a trained model
+    # gives nsa.ops.nsa, replayed at this shape by `source` (an nsa.bench.trained.TrainedSource)
+    inputs: str = "random"
+    source: object = None
+    # softmax scale of the ops (None: Dk ** -0.5); trained inputs keep their model's
+    scale: float | None = None
+
+    def __post_init__(self):
+        if self.inputs != "random":
+            layer = self.inputs.removeprefix("trained:")
+            if self.kind != "train" or not layer.isdigit() or self.source is None:
+                raise ValueError(f"inputs: expected 'random', or 'trained:L' (a train case with a source), got "
+                                 f"{self.inputs!r} ({self.kind}, source {self.source!r})")
+
+    @property
+    def layer(self) -> int | None:
+        """The trained layer whose inputs the case runs (None: random inputs)."""
+        return None if self.inputs == "random" else int(self.inputs.removeprefix("trained:"))
 
     @property
     def name(self) -> str:
         t = f"{self.T // 1024}k" if self.T % 1024 == 0 else str(self.T)
         smooth = f"/qs{self.smooth_queries}" if self.smooth_queries else ""
-        return f"{self.preset}/{self.kind}/T{t}/B{self.B}/HQ{self.HQ}H{self.H}/D{self.Dk}x{self.Dv}{smooth}"
+        return (f"{self.preset}/{self.kind}/T{t}/B{self.B}/HQ{self.HQ}H{self.H}/D{self.Dk}x{self.Dv}{smooth}"
+                + inputs_suffix(self.inputs))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -131,10 +156,20 @@ class Case:
 
     @property
     def settings(self) -> dict:
-        """NSA keyword arguments of :func:`nsa.ops.nsa` (and of nsa_decode)."""
-        return dict(kernel_size=self.kernel_size, stride=self.stride, block_size=self.block_size,
-                    num_selected=self.num_selected, num_initial=self.num_initial, num_local=self.num_local,
-                    window_size=self.window_size)
+        """NSA keyword arguments of :func:`nsa.ops.nsa` (and of nsa_decode); ``scale`` only when set."""
+        kw = dict(kernel_size=self.kernel_size, stride=self.stride, block_size=self.block_size,
+                  num_selected=self.num_selected, num_initial=self.num_initial, num_local=self.num_local,
+                  window_size=self.window_size)
+        if self.scale is not None:
+            kw["scale"] = self.scale
+        return kw
+
+
+def inputs_suffix(inputs: str | None) -> str:
+    """What a case's name ends with for its inputs: '' (random), '/trained-L3' ('trained:3')."""
+    if inputs in (None, "random"):
+        return ""
+    return "/trained-L" + inputs.removeprefix("trained:")
 
 
 PAPER_SETTINGS = dict(kernel_size=32, stride=16, block_size=64, num_selected=16, num_initial=1, num_local=2,
@@ -396,10 +431,17 @@ def _smooth_randn(g, device, dtype, B, T, HQ, D, n):
 
 
 def train_inputs(case: Case, device, seed=0, requires_grad=True) -> dict:
-    """Random NSA inputs of a train case: the keyword arguments of :func:`nsa.ops.nsa` (tensors).
-    ``case.smooth_queries = n > 0``: q correlates between positions less than n apart (moving sums
-    of noise), so that neighbouring positions select shared blocks, as the selections of trained
-    models are expected to (independent random queries share only the forced blocks)."""
+    """NSA inputs of a train case: the keyword arguments of :func:`nsa.ops.nsa` (tensors).
+
+    Random (``case.inputs == 'random'``): standard normal q, k, v, sigmoid of standard normal
+    gates, from ``seed``. ``case.smooth_queries = n > 0``: q correlates between positions less
+    than n apart (moving sums of noise), so that neighbouring positions select shared blocks, as
+    the selections of trained models are expected to (independent random queries share only the
+    forced blocks). Trained (``'trained:L'``): what layer L of the model of ``case.source`` gives
+    the op on a text, replayed at the case's shape (:meth:`nsa.bench.trained.TrainedSource.inputs`:
+    the same every call, ``seed`` unused)."""
+    if case.inputs != "random":
+        return case.source.inputs(case, device, requires_grad=requires_grad)
     g = _generator(device, seed)
     B, T, HQ, H, Dk, Dv, dt = case.B, case.T, case.HQ, case.H, case.Dk, case.Dv, case.torch_dtype
     Tc = num_compressed(T, case.kernel_size, case.stride)
@@ -651,29 +693,30 @@ def _check_branch(case, branch, backend, device, tol):
     ct = _compute_dtype(case.torch_dtype)
     r = {n: t.detach().to(ct).requires_grad_(True) for n, t in x.items()}
     kw = case.settings
-    l, d, bl = kw["kernel_size"], kw["stride"], kw["block_size"]
+    l, d, bl, sc = kw["kernel_size"], kw["stride"], kw["block_size"], case.scale
     sel = (l, d, bl, kw["num_selected"], kw["num_initial"], kw["num_local"])
     if branch in ("cmp", "select"):
-        o, lse = api.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], l, d, backend=backend)
-        ref_o, ref_lse = reference.compressed_attention(r["q"], r["k_cmp"], r["v_cmp"], l, d)
+        o, lse = api.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], l, d, scale=sc, backend=backend)
+        ref_o, ref_lse = reference.compressed_attention(r["q"], r["k_cmp"], r["v_cmp"], l, d, scale=sc)
         if branch == "select":
             lse = lse.detach()
-            idx = api.select_blocks(x["q"].detach(), x["k_cmp"].detach(), lse, *sel, backend=backend)
-            ref_idx = reference.select_blocks(r["q"].detach(), r["k_cmp"].detach(), lse.to(ct), *sel)
+            idx = api.select_blocks(x["q"].detach(), x["k_cmp"].detach(), lse, *sel, scale=sc, backend=backend)
+            ref_idx = reference.select_blocks(r["q"].detach(), r["k_cmp"].detach(), lse.to(ct), *sel, scale=sc)
             return [e for e in (_selection_mismatch(ref_idx, idx),) if e], []
         errs = [e for e in (_compare("o", ref_o, o, tol), _compare_lse(ref_lse, lse, tol)) if e]
         names = ("q", "k_cmp", "v_cmp")
     elif branch == "slc":
         with torch.no_grad():
-            _, ref_lse = reference.compressed_attention(r["q"], r["k_cmp"], r["v_cmp"], l, d)
-            idx = reference.select_blocks(r["q"], r["k_cmp"], ref_lse, *sel)
-        o = api.selected_attention(x["q"], x["k_slc"], x["v_slc"], idx, bl, backend=backend)
-        ref_o = reference.selected_attention(r["q"], r["k_slc"], r["v_slc"], idx, bl)
+            _, ref_lse = reference.compressed_attention(r["q"], r["k_cmp"], r["v_cmp"], l, d, scale=sc)
+            idx = reference.select_blocks(r["q"], r["k_cmp"], ref_lse, *sel, scale=sc)
+        o = api.selected_attention(x["q"], x["k_slc"], x["v_slc"], idx, bl, scale=sc, backend=backend)
+        ref_o = reference.selected_attention(r["q"], r["k_slc"], r["v_slc"], idx, bl, scale=sc)
         errs = [e for e in (_compare("o", ref_o, o, tol),) if e]
         names = ("q", "k_slc", "v_slc")
     else:
-        o = api.sliding_window_attention(x["q"], x["k_win"], x["v_win"], kw["window_size"], backend=backend)
-        ref_o = reference.sliding_window_attention(r["q"], r["k_win"], r["v_win"], kw["window_size"])
+        o = api.sliding_window_attention(x["q"], x["k_win"], x["v_win"], kw["window_size"], scale=sc,
+                                         backend=backend)
+        ref_o = reference.sliding_window_attention(r["q"], r["k_win"], r["v_win"], kw["window_size"], scale=sc)
         errs = [e for e in (_compare("o", ref_o, o, tol),) if e]
         names = ("q", "k_win", "v_win")
     do = torch.randn_like(o)
@@ -701,12 +744,13 @@ def _reference_train(case, x, idx, do):
     selected branch over the kernel's block choice ``idx``."""
     ct = _compute_dtype(case.torch_dtype)
     r = {n: t.detach().to(ct).requires_grad_(True) for n, t in x.items()}
-    kw = case.settings
-    o_cmp, lse = reference.compressed_attention(r["q"], r["k_cmp"], r["v_cmp"], kw["kernel_size"], kw["stride"])
+    kw, sc = case.settings, case.scale
+    o_cmp, lse = reference.compressed_attention(r["q"], r["k_cmp"], r["v_cmp"], kw["kernel_size"], kw["stride"],
+                                                scale=sc)
     ref_idx = reference.select_blocks(r["q"], r["k_cmp"], lse, kw["kernel_size"], kw["stride"], kw["block_size"],
-                                      kw["num_selected"], kw["num_initial"], kw["num_local"])
-    o_slc = reference.selected_attention(r["q"], r["k_slc"], r["v_slc"], idx, kw["block_size"])
-    o_win = reference.sliding_window_attention(r["q"], r["k_win"], r["v_win"], kw["window_size"])
+                                      kw["num_selected"], kw["num_initial"], kw["num_local"], scale=sc)
+    o_slc = reference.selected_attention(r["q"], r["k_slc"], r["v_slc"], idx, kw["block_size"], scale=sc)
+    o_win = reference.sliding_window_attention(r["q"], r["k_win"], r["v_win"], kw["window_size"], scale=sc)
     o = r["g_cmp"].unsqueeze(-1) * o_cmp + r["g_slc"].unsqueeze(-1) * o_slc + r["g_win"].unsqueeze(-1) * o_win
     o.backward(do.to(ct))
     return o.detach(), ref_idx, {n: t.grad for n, t in r.items()}
@@ -779,7 +823,7 @@ def chunk_reference(case: Case, x: dict, b: int, t0: int, C: int, block_indices)
     ct = _compute_dtype(case.torch_dtype)
     dev = x["q"].device
     T, HQ, H, Dk = case.T, case.HQ, case.H, case.Dk
-    G, scale = HQ // H, Dk ** -0.5
+    G, scale = HQ // H, Dk ** -0.5 if case.scale is None else case.scale
     l, d, bl, w = case.kernel_size, case.stride, case.block_size, case.window_size
     pos = torch.arange(t0, t0 + C, device=dev)
     q = x["q"][b, t0:t0 + C].to(ct)  # [C, HQ, Dk]
@@ -931,17 +975,19 @@ def _nsa_branch(case, device, backend, branch, pass_):
             return fwd, o3 + gates, f"g_cmp*o_cmp + g_slc*o_slc + g_win*o_win ({gate_fn.__module__})"
         return (*_backward_of(fwd(), o3 + gates), "")
     x = train_inputs(case, device)
+    sc = case.scale
     if branch == "cmp":
         args = (x["q"], x["k_cmp"], x["v_cmp"])
 
         def fwd():
-            return api.compressed_attention(*args, kw["kernel_size"], kw["stride"], backend=backend)[0]
+            return api.compressed_attention(*args, kw["kernel_size"], kw["stride"], scale=sc, backend=backend)[0]
     elif branch in ("select", "slc"):
         with torch.no_grad():
             _, lse = api.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], kw["kernel_size"], kw["stride"],
-                                              backend=backend)
+                                              scale=sc, backend=backend)
             sel = dict(kernel_size=kw["kernel_size"], stride=kw["stride"], block_size=kw["block_size"],
-                       num_selected=kw["num_selected"], num_initial=kw["num_initial"], num_local=kw["num_local"])
+                       num_selected=kw["num_selected"], num_initial=kw["num_initial"], num_local=kw["num_local"],
+                       scale=sc)
             idx = api.select_blocks(x["q"], x["k_cmp"], lse, **sel, backend=backend)
         if branch == "select":
             q, kc = x["q"].detach(), x["k_cmp"].detach()
@@ -953,12 +999,12 @@ def _nsa_branch(case, device, backend, branch, pass_):
         args = (x["q"], x["k_slc"], x["v_slc"], idx)
 
         def fwd():
-            return api.selected_attention(*args, kw["block_size"], backend=backend)
+            return api.selected_attention(*args, kw["block_size"], scale=sc, backend=backend)
     elif branch == "win":
         args = (x["q"], x["k_win"], x["v_win"])
 
         def fwd():
-            return api.sliding_window_attention(*args, kw["window_size"], backend=backend)
+            return api.sliding_window_attention(*args, kw["window_size"], scale=sc, backend=backend)
     else:
         raise ValueError(f"branch: unknown {branch!r}")
 
@@ -973,8 +1019,9 @@ def _nsa_phi(case, device, pass_):
         from nsa.layer import NativeSparseAttention, NSAConfig
     except ImportError as e:
         raise NotApplicable(f"nsa.layer not importable ({e})") from None
+    shape = {k: v for k, v in case.settings.items() if k != "scale"}
     cfg = NSAConfig(hidden_size=case.Dk, num_heads=case.HQ, num_kv_heads=case.H, head_dim=case.Dk,
-                    v_head_dim=case.Dv, **case.settings, compression="mlp")
+                    v_head_dim=case.Dv, **shape, compression="mlp")
     layer = NativeSparseAttention(cfg).to(device=device, dtype=case.torch_dtype)
     if not hasattr(layer, "compress"):
         raise NotApplicable("NativeSparseAttention has no compress(k, v)")
@@ -1231,11 +1278,26 @@ BASELINES = ("sdpa", "flex", "fla")
 
 def tasks_for(case: Case, device, backend, baselines=BASELINES, branches=True) -> list[Task]:
     """Every measurement of one case, in run order. ``baselines``: a subset of :data:`BASELINES`
-    (True = all, False/None = none)."""
+    (True = all, False/None = none).
+
+    A case on trained inputs times only what depends on the inputs' values: the whole NSA and,
+    with ``branches``, the compressed, selection, selected and window ops. The gate combination,
+    phi and the baselines cost the same on any values: they are timed on the random case of the
+    same shape, whose full-attention times give the trained case its speedup (:func:`add_speedups`).
+    """
     if baselines is True:
         baselines = BASELINES
     baselines = set(baselines or ())
     t = []
+    if case.inputs != "random":
+        for p in ("fwd", "bwd"):
+            t.append(Task(case, "nsa", p, lambda p=p: _nsa_total(case, device, backend, p), True))
+        if branches:
+            for br in ("cmp", "select", "slc", "win"):
+                for p in (("fwd",) if br == "select" else ("fwd", "bwd")):
+                    t.append(Task(case, f"nsa.{br}", p,
+                                  lambda br=br, p=p: _nsa_branch(case, device, backend, br, p), True))
+        return t
     if case.kind == "decode":
         for p, eager in (("decode", False), ("decode_eager", True)):
             t.append(Task(case, "nsa", p, lambda eager=eager: _nsa_decode(case, device, backend, eager), True))
@@ -1267,15 +1329,15 @@ def tasks_for(case: Case, device, backend, baselines=BASELINES, branches=True) -
     return t
 
 
-FIELDS = ("case", "impl", "pass", "T", "B", "HQ", "H", "D", "Dv", "dtype", "ms", "speedup", "tflops", "gbps",
+FIELDS = ("case", "inputs", "impl", "pass", "T", "B", "HQ", "H", "D", "Dv", "dtype", "ms", "speedup", "tflops", "gbps",
           "ideal", "mem_mib", "ok", "backend", "note")
 
 
 def _record(task: Task, backend: str) -> dict:
     c = task.case
-    return {"case": c.name, "impl": task.impl, "pass": task.pass_, "T": c.T, "B": c.B, "HQ": c.HQ, "H": c.H,
-            "D": c.Dk, "Dv": c.Dv, "dtype": c.dtype, "ms": None, "speedup": None, "tflops": None, "gbps": None,
-            "ideal": None, "mem_mib": None, "ok": None,
+    return {"case": c.name, "inputs": c.inputs, "impl": task.impl, "pass": task.pass_, "T": c.T, "B": c.B,
+            "HQ": c.HQ, "H": c.H, "D": c.Dk, "Dv": c.Dv, "dtype": c.dtype, "ms": None, "speedup": None,
+            "tflops": None, "gbps": None, "ideal": None, "mem_mib": None, "ok": None,
             "backend": backend if task.impl.startswith("nsa") else None, "note": ""}
 
 
@@ -1371,15 +1433,23 @@ def add_copy_share(records: list[dict], copy_gbps: float):
             r["copy_share"] = r["gbps"] / copy_gbps
 
 
+def shape_key(r: dict) -> tuple:
+    """What a record's full-attention baseline depends on: the case with its inputs left out
+    (preset, kind, T, B, heads, dims, dtype) and the pass."""
+    return (*r["case"].split("/")[:2], r["T"], r["B"], r["HQ"], r["H"], r["D"], r["Dv"], r["dtype"], r["pass"])
+
+
 def add_speedups(records: list[dict]):
-    """speedup = best full-attention (SDPA) time of the same case and pass / this time."""
+    """speedup = best full-attention (SDPA) time of the same shape and pass / this time (a case
+    on trained inputs is compared with the baselines timed on its random twin: see
+    :func:`shape_key`)."""
     best = {}
     for r in records:
         if r["impl"].startswith("sdpa.") and r["ok"] and r["ms"]:
-            key = (r["case"], r["pass"])
+            key = shape_key(r)
             best[key] = min(best.get(key, math.inf), r["ms"])
     for r in records:
-        b = best.get((r["case"], r["pass"]))
+        b = best.get(shape_key(r))
         if b is not None and r["ms"]:
             r["speedup"] = b / r["ms"]
 

@@ -4,12 +4,16 @@ JSON format (``format: "nsa-bench/1"``), one top-level object::
 
     {"format": "nsa-bench/1",
      "header": {"date_utc", "device", "gpu", "driver", "cuda", "torch", "triton", "python", "nsa",
-                "git", "preset", "backend", "argv", "conventions"},
-     "records": [{"case", "impl", "pass", "T", "B", "HQ", "H", "D", "Dv", "dtype", "ms", "speedup",
+                "git", "preset", "backend", "argv", "conventions", ["trained"]},
+     "records": [{"case", "inputs", "impl", "pass", "T", "B", "HQ", "H", "D", "Dv", "dtype", "ms", "speedup",
                   "tflops", "gbps", "ideal", "mem_mib", "ok", "backend", "note"}, ...]}
 
 One record per measurement (one impl, one pass, one case). ``ms`` is null for a
 measurement not run (``note`` starts with ``n/a:`` and says why) or failed (``ok`` false).
+``inputs``: ``random``, or ``trained:L`` for a case on the inputs of layer L of a trained model
+(``--from-checkpoint``; the case's name ends with ``/trained-L<L>``); the header's ``trained``
+then describes the checkpoint, the text, the model's NSA settings and the selection statistics
+(:mod:`nsa.bench.trained`). Files written before ``inputs`` existed read as random.
 """
 
 from __future__ import annotations
@@ -125,17 +129,25 @@ COLUMNS = (  # title, width, record -> text
 )
 
 
+def _inputs(r) -> str:
+    return r.get("inputs") or "random"
+
+
 def format_table(records: list[dict], note_width: int = 70) -> str:
-    """Plain-text table, one row per record, with the note (truncated) last."""
-    cells = [[f(r) for _, _, f in COLUMNS] for r in records]
-    widths = [max([w, len(t)] + [len(c[i]) for c in cells]) for i, (t, w, _) in enumerate(COLUMNS)]
-    left = {"case", "impl", "pass", "dtype"}
+    """Plain-text table, one row per record, with the note (truncated) last; an ``inputs`` column
+    after the case when some record ran on trained inputs."""
+    columns = COLUMNS
+    if any(_inputs(r) != "random" for r in records):
+        columns = COLUMNS[:1] + (("inputs", 10, _inputs),) + COLUMNS[1:]
+    cells = [[f(r) for _, _, f in columns] for r in records]
+    widths = [max([w, len(t)] + [len(c[i]) for c in cells]) for i, (t, w, _) in enumerate(columns)]
+    left = {"case", "inputs", "impl", "pass", "dtype"}
 
     def line(vals):
         return "  ".join(v.ljust(w) if t in left else v.rjust(w)
-                         for v, w, (t, _, _) in zip(vals, widths, COLUMNS))
+                         for v, w, (t, _, _) in zip(vals, widths, columns))
 
-    out = [line([t for t, _, _ in COLUMNS]) + "  note", "-" * (sum(widths) + 2 * len(widths) + 4)]
+    out = [line([t for t, _, _ in columns]) + "  note", "-" * (sum(widths) + 2 * len(widths) + 4)]
     prev = None
     for r, c in zip(records, cells):
         if prev is not None and r["case"] != prev:
@@ -205,6 +217,8 @@ def _line_key(records, r, x_fields):
     same = [x for x in records if x["impl"] == r["impl"] and x["pass"] == r["pass"]]
     extra = [f"{k}={r[k]}" for k in ("B", "HQ", "H", "D", "Dv", "dtype")
              if k not in x_fields and len({x[k] for x in same}) > 1]
+    if len({_inputs(x) for x in same}) > 1:
+        extra.append(_inputs(r))
     return " ".join([r["impl"], r["pass"]] + extra)
 
 
@@ -281,7 +295,10 @@ def plot(path: str, records: list[dict], title: str = ""):
 
 def markdown_summary(head: dict, records: list[dict]) -> str:
     """The README table: per head-dim pair and T, NSA against the fastest SDPA backend of the same
-    pass (forward, backward, decode), with the ideal ratio and peak memory."""
+    shape and pass (forward, backward, decode), with the ideal ratio and peak memory; a case on
+    trained inputs says so after its T (``64k trained L3``)."""
+    from .harness import shape_key
+
     lines = [f"{head.get('gpu', head.get('device'))}, driver {head.get('driver')}, torch {head.get('torch')}, "
              f"triton {head.get('triton')}, {head.get('date_utc')}; preset {head.get('preset')}, "
              f"backend {head.get('backend')}.", ""]
@@ -289,7 +306,7 @@ def markdown_summary(head: dict, records: list[dict]) -> str:
     best = {}
     for r in records:
         if r["impl"].startswith("sdpa") and r["ms"] is not None:
-            key = (r["case"], r["pass"])
+            key = shape_key(r)
             if key not in best or r["ms"] < best[key]["ms"]:
                 best[key] = r
 
@@ -307,16 +324,19 @@ def markdown_summary(head: dict, records: list[dict]) -> str:
 
     train = sorted({(r["D"], r["Dv"], r["B"], r["HQ"], r["H"], r["T"], r["case"]) for r in records
                     if r["pass"] in ("fwd", "bwd") and r["impl"] == "nsa"})
+    label = {r["case"]: "" if _inputs(r) == "random" else " " + _inputs(r).replace("trained:", "trained L")
+             for r in records}
     if train:
         lines += ["| D (k/v) | T | NSA fwd ms | best SDPA fwd ms | fwd speedup | NSA bwd ms | best SDPA bwd ms "
                   "| bwd speedup | ideal (keys) | peak MiB NSA / SDPA (bwd) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for D, Dv, B, HQ, H, T, case in train:
             f, b = nsa.get((case, "fwd")), nsa.get((case, "bwd"))
-            sf, sb = best.get((case, "fwd")), best.get((case, "bwd"))
+            sf, sb = (best.get(shape_key(x)) if x else None for x in (f, b))
             ideal = f["ideal"] if f and f["ideal"] else None
             mem = f"{_fmt(b['mem_mib'] if b else None, '.0f')} / {_fmt(sb['mem_mib'] if sb else None, '.0f')}"
-            lines.append(f"| {D}/{Dv} | {_tk(T)} | {cell(f)} | {cell(sf)} ({sf['impl'][5:] if sf else '-'}) | "
+            lines.append(f"| {D}/{Dv} | {_tk(T)}{label[case]} | {cell(f)} | "
+                         f"{cell(sf)} ({sf['impl'][5:] if sf else '-'}) | "
                          f"{ratio(f, sf)} | {cell(b)} | {cell(sb)} ({sb['impl'][5:] if sb else '-'}) | {ratio(b, sb)} "
                          f"| {_fmt(ideal, '.1f')}x | {mem} |")
         lines.append("")
@@ -326,7 +346,8 @@ def markdown_summary(head: dict, records: list[dict]) -> str:
                   "| ideal (bytes) |",
                   "|---|---|---|---|---|---|---|---|"]
         for T, B, case in dec:
-            n, s = nsa.get((case, "decode")), best.get((case, "decode"))
+            n = nsa.get((case, "decode"))
+            s = best.get(shape_key(n)) if n else None
             share = n.get("copy_share") if n else None
             lines.append(f"| {_tk(T)} | {B} | {cell(n)} | {cell(s)} | {ratio(n, s)} | {_num(n['gbps']) if n else '-'} "
                          f"| {'-' if share is None else f'{100 * share:.0f}%'} "

@@ -14,6 +14,9 @@ at most ten minutes, so each model is its own command; ``summarize`` gathers the
     python benchmarks/quality.py train --kind window --out Q --steps N
     python benchmarks/quality.py summarize Q                              # Q/summary.json, Q/quality.png
 
+or all of it in one process: ``python benchmarks/quality.py all --out Q --minutes M`` (NSA
+probed for ``M`` minutes of training, then full and window at its steps, then ``summarize``).
+
 ``train --minutes M`` times a few steps of the model first (in a scratch directory) and takes
 as many steps as fit ``M`` minutes; ``--steps`` fixes them. Each ``train`` also evaluates its
 model into ``Q/<kind>/eval/`` (``loss.json``, ``needle.json``, ``selection.json``) and keeps
@@ -118,6 +121,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_all(args) -> int:
+    for kind in KINDS:
+        args.kind = kind
+        rc = cmd_train(args)
+        if rc:
+            return rc
+        if kind == "nsa":
+            args.steps = json.loads((Path(args.out) / kind / "quality_run.json").read_text())["steps"]
+            args.minutes = None
+    return cmd_summarize(args)
+
+
 def _load(root: Path, kind: str) -> dict:
     run = root / kind
     ev = {k: json.loads((run / "eval" / f"{k}.json").read_text())
@@ -219,11 +234,7 @@ def _plot(plt, curves, models, settings, path):
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="quality.py", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train and evaluate one model")
-    t.add_argument("--kind", choices=KINDS, required=True)
+def _train_options(t):
     t.add_argument("--out", required=True)
     g = t.add_mutually_exclusive_group(required=True)
     g.add_argument("--steps", type=int, help="optimizer steps")
@@ -238,12 +249,23 @@ def main(argv=None) -> int:
     t.add_argument("--cache-dir", default=None)
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--drop-checkpoint", action="store_true", help="delete the checkpoint after evaluating")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="quality.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train and evaluate one model")
+    t.add_argument("--kind", choices=KINDS, required=True)
+    _train_options(t)
     t.set_defaults(func=cmd_train)
+    a = sub.add_parser("all", help="train and evaluate the three models (NSA's steps for all), then summarize")
+    _train_options(a)
+    a.set_defaults(func=cmd_all)
     s = sub.add_parser("summarize", help="summary.json and quality.png of the trained models")
     s.add_argument("out")
     s.set_defaults(func=cmd_summarize)
     args = p.parse_args(argv)
-    if getattr(args, "steps", 1) is not None and getattr(args, "steps", 1) < 1:
+    if getattr(args, "steps", None) is not None and args.steps < 1:
         p.error("--steps: expected an int >= 1")
     if getattr(args, "minutes", None) is not None and not args.minutes > 0:
         p.error("--minutes: expected a positive number")

@@ -21,6 +21,28 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float):
     assert err <= ratio, f"{name}: relative error {err:.3e} > {ratio:.1e}"
 
 
+def write_small_corpus(root, chars: int = 3000):
+    """Eight small text documents in ``root`` (the first ``chars`` characters of some
+    standard-library modules' sources): a corpus for short training runs. Returns ``root``."""
+    import inspect
+
+    for mod in ("json", "os", "string", "textwrap", "random", "shutil", "pathlib", "argparse"):
+        (root / f"{mod}.txt").write_text(inspect.getsource(__import__(mod))[:chars])
+    return root
+
+
+def load_benchmark_script(name: str):
+    """The module ``benchmarks/<name>.py`` (a script, not a package), imported from its file."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

@@ -2,17 +2,14 @@
 into nsa-bench/1 JSON that history.py reads; bad input exits 2; the check can fail; out of memory
 is a skipped row, not a crash."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from nsa.bench import cli_main, harness
 from nsa.bench import generate as gen
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import load_benchmark_script
 
 
 @pytest.fixture(autouse=True)
@@ -25,10 +22,7 @@ def _one_thread():
 
 
 def _history():
-    spec = importlib.util.spec_from_file_location("history", ROOT / "benchmarks" / "history.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark_script("history")
 
 
 @pytest.mark.parametrize("cache", ["dense", "paged"])

@@ -2,7 +2,6 @@
 shape without changing the selection or the output, checked and timed beside random inputs."""
 
 import dataclasses
-import inspect
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 import nsa
 from nsa.bench import cli_main, harness, report, trained
 from nsa.model import LanguageModel, ModelConfig
-from tests.helpers import assert_close
+from tests.helpers import assert_close, load_benchmark_script, write_small_corpus
 
 CPU = torch.device("cpu")
 SEL = dict(kernel_size=8, stride=4, block_size=8, num_selected=3, num_initial=1, num_local=1, window_size=16)
@@ -42,8 +41,7 @@ def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     corpus = root / "corpus"
     corpus.mkdir()
-    for mod in ("json", "os", "string", "textwrap", "random", "shutil", "pathlib", "argparse"):
-        (corpus / f"{mod}.txt").write_text(inspect.getsource(__import__(mod))[:3000])
+    write_small_corpus(corpus)
     train(TrainConfig(out=str(root / "run"), data=(str(corpus),), cache_dir=str(root / "cache"), model=MODEL,
                       seq_len=64, batch_tokens=128, steps=2, log_every=1, eval_batches=1, progress=False,
                       val_fraction=0.25, warmup_steps=1))
@@ -341,12 +339,7 @@ def test_cli_bad_input_exits_2(run_dir, tmp_path, capsys, args, option):
 
 def test_history_rows_of_trained_cases():
     """benchmarks/history.py: a trained case is its own variant, against its random twin's SDPA."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("history", Path(__file__).resolve().parents[1] / "benchmarks"
-                                                  / "history.py")
-    history = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(history)
+    history = load_benchmark_script("history")
     c = "paper/train/T64k/B1/HQ64H4/D128x128"
     recs = [dict(case=c + sfx, impl=impl, ms=ms, ok=True, T=65536, B=1, HQ=64, H=4, D=128, Dv=128, dtype="bf16",
                  inputs=inp, **{"pass": "fwd"})

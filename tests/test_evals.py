@@ -457,12 +457,12 @@ def test_evaluate_selection():
 def run(tmp_path_factory):
     """A tiny NSA model trained for 2 steps on eight small documents (byte tokenizer)."""
     from nsa.train import TrainConfig, train
+    from tests.helpers import write_small_corpus
 
     root = tmp_path_factory.mktemp("evalrun")
     corpus = root / "corpus"
     corpus.mkdir()
-    for mod in ("json", "os", "string", "textwrap", "random", "shutil", "pathlib", "argparse"):
-        (corpus / f"{mod}.txt").write_text(inspect.getsource(__import__(mod))[:3000])
+    write_small_corpus(corpus)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,21 +1,16 @@
 """benchmarks/history.py: rows from an `nsa bench --json` file, appended once, against the best SDPA."""
 
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def history():
-    spec = importlib.util.spec_from_file_location("history", ROOT / "benchmarks" / "history.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark_script("history")
 
 
 def _record(case, impl, pass_, ms, ok=True):

@@ -2,21 +2,17 @@
 command line's refusals. (Training and evaluation are nsa.train / nsa.evals, tested elsewhere;
 the script's end-to-end run is a GPU job.)"""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark_script("quality")
 
 
 MODEL = dict(kernel_size=32, stride=16, block_size=64, num_selected=16, window_size=512)

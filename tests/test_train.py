@@ -13,6 +13,7 @@ import pytest
 from nsa import train as train_mod
 from nsa.cli import main
 from nsa.train import TrainConfig, train
+from tests.helpers import write_small_corpus
 
 # A model small enough for a few CPU steps per second on the reference backend, every NSA
 # branch active at seq_len 64.
@@ -24,13 +25,7 @@ MODEL_FLAGS = [f"--model={k}={v}" for k, v in MODEL.items()]
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Eight small text documents (the first lines of some standard-library modules)."""
-    root = tmp_path_factory.mktemp("corpus")
-    import inspect
-
-    for mod in ("json", "os", "string", "textwrap", "random", "shutil", "pathlib", "argparse"):
-        src = inspect.getsource(__import__(mod))
-        (root / f"{mod}.txt").write_text(src[:3000])
-    return root
+    return write_small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def config(tmp_path, corpus, **kw):

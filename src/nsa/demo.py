@@ -200,7 +200,9 @@ def _outcome(models: dict, chance: float) -> list[str]:
     if a["full"] < 0.5:
         lines.append(f"Full attention itself retrieves only {100 * a['full']:.0f}% of the keys: this budget of "
                      f"training is too small for the model to learn retrieval, so the comparison says little about "
-                     f"NSA (chance is {chance:.0e}; a longer run, `--steps`, or a GPU is the remedy).")
+                     f"NSA (chance is {chance:.0e}; a longer run, `--steps`, or a GPU is the remedy: with the CPU "
+                     f"defaults a full-attention model needs more than ten times the demo's tokens before it "
+                     f"starts to retrieve, benchmarks/NOTES.md).")
     if a["nsa"] < a["full"] - 0.10:
         lines.append(f"NSA is {100 * (a['full'] - a['nsa']):.0f} points below full attention: its selection has to "
                      f"learn to pick the needle's block from the compressed tokens, which takes longer than full "

@@ -3,11 +3,12 @@ of ``benchmarks/results/<date>_<gpu>_quality``.
 
 Three models that differ only in their attention (``attention='nsa'``, ``'full'``, ``'window'``;
 same preset, seed, documents, tokens and schedule) are trained with :func:`nsa.train.train` on
-seeded ``needle`` documents (``--task``; real text with a pass key planted at a random depth and
-asked for at the end, loss on every token, :mod:`nsa.evals.task_data`), then evaluated with :func:`nsa.evals.run.run_eval`: held-out loss
-by position bucket on plain text, pass-key accuracy over lengths up to and beyond the trained
-context (length extrapolation) x depths, and, for NSA, what its selection does. A GPU call is
-at most ten minutes, so each model is its own command; ``summarize`` gathers them::
+seeded ``needle`` documents (``--task``; real text with a pass key planted at a random depth
+and asked for at the end, loss on every token, :mod:`nsa.evals.task_data`), then evaluated
+with :func:`nsa.evals.run.run_eval`: held-out loss by position bucket on plain text, pass-key
+accuracy over lengths up to and beyond the trained context (length extrapolation) x depths,
+and, for NSA, what its selection does. A GPU call is at most ten minutes, so each model can be
+its own command; ``summarize`` gathers them::
 
     python benchmarks/quality.py train --kind nsa --out Q --minutes 4.5   # prints the steps taken
     python benchmarks/quality.py train --kind full --out Q --steps N      # the same tokens
@@ -23,14 +24,16 @@ model into ``Q/<kind>/eval/`` (``loss.json``, ``needle.json``, ``selection.json`
 only the small files when ``--drop-checkpoint`` is given (a GPU's outputs come back by size).
 
 ``summary.json`` follows ``nsa demo``'s format: ``models.<kind>`` with ``val_loss`` (the run's
-last validation loss on held-out task documents), ``accuracy`` and ``needle_accuracy`` (mean pass-key accuracy
-at the trained length), ``keys_per_query``, ``tokens_per_s``, plus ``text_loss`` (held-out plain
-text), ``loss_by_position`` and ``needle_by_length``; ``settings`` the shared settings.
+last validation loss on held-out task documents), ``accuracy`` and ``needle_accuracy`` (mean
+pass-key accuracy at the trained length), ``keys_per_query``, ``tokens_per_s``, plus
+``text_loss`` (held-out plain text), ``loss_by_position`` and ``needle_by_length``;
+``settings`` the shared settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -59,9 +62,7 @@ def steps_for(kind: str, minutes: float, args, scratch: Path) -> tuple[int, floa
     from nsa.train import train
 
     probe = 6
-    cfg = _config(kind, scratch, probe, args, eval_every=0)
-    cfg = type(cfg)(**{**cfg.__dict__, "log_every": 1})
-    train(cfg)
+    train(dataclasses.replace(_config(kind, scratch, probe, args, eval_every=0), log_every=1))
     m = [x for x in _read_metrics(scratch) if "tokens_per_s" in x][1:]
     tps = sum(x["tokens_per_s"] for x in m) / len(m)
     shutil.rmtree(scratch, ignore_errors=True)

@@ -58,12 +58,11 @@ def _config(kind: str, out: Path, steps: int, args, eval_every: int):
 def steps_for(kind: str, minutes: float, args, scratch: Path) -> tuple[int, float]:
     """Steps of ``kind`` that fit ``minutes``, from the throughput of a short run (its first
     step, which compiles and initialises, left out); returns (steps, tokens/s)."""
-    from nsa.demo import _read_metrics
-    from nsa.train import train
+    from nsa.train import read_metrics, train
 
     probe = 6
     train(dataclasses.replace(_config(kind, scratch, probe, args, eval_every=0), log_every=1))
-    m = [x for x in _read_metrics(scratch) if "tokens_per_s" in x][1:]
+    m = [x for x in read_metrics(scratch) if "tokens_per_s" in x][1:]
     tps = sum(x["tokens_per_s"] for x in m) / len(m)
     shutil.rmtree(scratch, ignore_errors=True)
     return max(1, math.floor(minutes * 60 * tps / args.batch_tokens)), tps
@@ -143,7 +142,8 @@ def _load(root: Path, kind: str) -> dict:
 
 
 def cmd_summarize(args) -> int:
-    from nsa.demo import _read_metrics, _tokens_per_s, keys_per_query
+    from nsa.demo import keys_per_query
+    from nsa.train import read_metrics, training_tokens_per_s
     from nsa.evals._common import import_pyplot
 
     root = Path(args.out)
@@ -159,7 +159,7 @@ def cmd_summarize(args) -> int:
         k = keys_per_query(seq, m["kernel_size"], m["stride"], m["block_size"], m["num_selected"], m["window_size"])
         needle = r["eval"]["needle"]["result"]
         at = needle["lengths"].index(seq) if seq in needle["lengths"] else None
-        metrics = _read_metrics(root / kind)
+        metrics = read_metrics(root / kind)
         curves[kind] = metrics
         loss = r["eval"]["loss"]["result"]
         models[kind] = dict(
@@ -170,7 +170,7 @@ def cmd_summarize(args) -> int:
             needle_by_length=dict(zip(map(str, needle["lengths"]), needle["accuracy_by_length"])),
             loss_by_position=[dict(start=b["start"], end=b["end"], loss=b["loss"]) for b in loss["buckets"]],
             keys_per_query={"nsa": k["nsa"], "full": k["full"], "window": k["win"]}[kind],
-            tokens_per_s=_tokens_per_s(metrics), tokens=r["info"]["tokens"], steps=r["info"]["steps"],
+            tokens_per_s=training_tokens_per_s(metrics), tokens=r["info"]["tokens"], steps=r["info"]["steps"],
             train_seconds=r["info"]["train_seconds"], num_parameters=r["info"]["num_parameters"])
         if "selection" in r["eval"]:
             sel = r["eval"]["selection"]["result"]

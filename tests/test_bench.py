@@ -14,13 +14,7 @@ from nsa.ops import api, reference
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU problems: more threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # /work/shared/NSA.md section 2 (paper settings l=32, d=16, l'=64, n=16, w=512; Dk/Dv = 192/128).
 TABLE = {  # T: (full keys, NSA keys, keys-only ratio, forward ratio incl. 2nd q.k_cmp pass, decode bytes ratio)

@@ -12,13 +12,7 @@ from nsa.bench import generate as gen
 from tests.helpers import load_benchmark_script
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU problems: more threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _history():

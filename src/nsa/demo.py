@@ -160,28 +160,6 @@ def _prepare_out(out: Path, overwrite: bool):
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def _tokens_per_s(metrics: list[dict]) -> float:
-    """Training tokens over the seconds the logged intervals took, leaving out the intervals
-    that hold an evaluation (the trainer evaluates right after logging a step) and, when there
-    are others, the first one (a process's first forward and backward import and initialise
-    much of torch: seconds to a minute on a busy CPU)."""
-    evals = {m["step"] for m in metrics if "val_loss" in m}
-    logged = [m for m in metrics if "tokens_per_s" in m]
-    if len(logged) > 1:
-        evals.add(0)
-    seconds, tokens, last_tokens, last_step = 0.0, 0, 0, 0
-    for m in logged:
-        if last_step not in evals:
-            seconds += (m["tokens"] - last_tokens) / max(m["tokens_per_s"], 1e-9)
-            tokens += m["tokens"] - last_tokens
-        last_tokens, last_step = m["tokens"], m["step"]
-    return tokens / seconds if seconds else float("nan")
-
-
 def _keys(model_cfg, kind: str, seq_len: int) -> float:
     c = model_cfg
     k = keys_per_query(seq_len, c.kernel_size, c.stride, c.block_size, c.num_selected, c.window_size)
@@ -224,7 +202,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     from .evals.needle import evaluate_needle
     from .evals.task_data import filler_texts
     from .evals.tasks import Filler, needle_sample
-    from .train import load_checkpoint_model, load_run_tokenizer, train
+    from .train import load_checkpoint_model, load_run_tokenizer, read_metrics, train, training_tokens_per_s
 
     if not isinstance(cfg, DemoConfig):
         raise ValueError(f"cfg: expected a DemoConfig, got {type(cfg).__name__}")
@@ -253,7 +231,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         seconds = time.perf_counter() - t0
         if summary["stopped"]:  # SIGINT / SIGTERM: the trainer saved a checkpoint; the demo stops too
             raise KeyboardInterrupt(f"nsa demo: stopped while training the {kind} model")
-        metrics = _read_metrics(run)
+        metrics = read_metrics(run)
         curves[kind] = metrics
         model = load_checkpoint_model(run, device=device).eval()
         if tokenizer is None:
@@ -266,7 +244,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         needle[kind] = res
         models[kind] = model
         results[kind] = dict(accuracy=res["mean_accuracy"], val_loss=summary["val_loss"], keys_per_query=keys[kind],
-                             tokens_per_s=_tokens_per_s(metrics))
+                             tokens_per_s=training_tokens_per_s(metrics))
         echo(f"  {kind:<6} trained in {seconds:5.0f} s ({results[kind]['tokens_per_s']:,.0f} tokens/s), "
              f"val_loss {summary['val_loss']:.3f}; needle accuracy {res['mean_accuracy']:.2f} "
              f"(evaluated in {time.perf_counter() - t1:.0f} s)")

@@ -44,7 +44,8 @@ from .data import (DocumentBatches, PackedBatches, cached_tokenizer, eval_batche
 from .model import LanguageModel, ModelConfig
 
 __all__ = ["TrainConfig", "train", "parallelize", "evaluate", "lr_at", "config_from_sources", "load_checkpoint_model",
-           "load_run_tokenizer", "RUN_FILES"]
+           "load_run_tokenizer", "RUN_FILES",
+           "read_metrics", "training_tokens_per_s"]
 
 # What a run writes into --out (and what --overwrite removes).
 RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer", "checkpoint")
@@ -376,6 +377,31 @@ def load_checkpoint_model(path: str | os.PathLike, device=None, **overrides) -> 
     if (p / CHECKPOINT / "model.safetensors").is_file():
         p = p / CHECKPOINT
     return LanguageModel.from_pretrained(p, device=device, **overrides)
+
+
+def read_metrics(run: str | os.PathLike) -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` (one dict per logged step or evaluation)."""
+    text = (Path(run) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def training_tokens_per_s(metrics: list[dict]) -> float:
+    """Training tokens per second of a run from its :func:`read_metrics` records: tokens over
+    the seconds the logged intervals took, leaving out the intervals that hold an evaluation (the
+    trainer evaluates right after logging a step) and, when there are others, the first one (a
+    process's first forward and backward import and initialise much of torch: seconds to a
+    minute on a busy CPU). NaN when no interval is left."""
+    evals = {m["step"] for m in metrics if "val_loss" in m}
+    logged = [m for m in metrics if "tokens_per_s" in m]
+    if len(logged) > 1:
+        evals.add(0)
+    seconds, tokens, last_tokens, last_step = 0.0, 0, 0, 0
+    for m in logged:
+        if last_step not in evals:
+            seconds += (m["tokens"] - last_tokens) / max(m["tokens_per_s"], 1e-9)
+            tokens += m["tokens"] - last_tokens
+        last_tokens, last_step = m["tokens"], m["step"]
+    return tokens / seconds if seconds else float("nan")
 
 
 def load_run_tokenizer(path: str | os.PathLike):

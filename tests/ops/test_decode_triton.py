@@ -34,6 +34,9 @@ CASES = [
 # Small tiles and splits, so that tiny caches still take several splits per branch, several
 # scoring programs and several top-n chunks.
 SPLIT_PLAN = DecodePlan(tile=16, cmp_split=16, win_split=16, slc_split=2, score_blocks=4, topk_chunk=4)
+# The top-n both ways: a partial bitonic sort per chunk (tl.topk) and rounds of max-reductions.
+SORT_PLAN = SPLIT_PLAN._replace(topk_sort=True)
+ROUNDS_PLAN = SPLIT_PLAN._replace(topk_sort=False)
 
 
 def _inputs(case, dtype, seed=0):
@@ -95,7 +98,7 @@ def _run(args, seq_lens, cfg, plan):
     return decode_fwd(*args, seq_lens, **kw, plan=plan)
 
 
-@pytest.mark.parametrize("plan", [None, SPLIT_PLAN], ids=["default_plan", "split_plan"])
+@pytest.mark.parametrize("plan", [None, SORT_PLAN, ROUNDS_PLAN], ids=["default_plan", "split_sort", "split_rounds"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)],
                          ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -56,6 +56,9 @@ TARGET_PROGRAMS = 264
 MAX_SPLITS = 32
 # Causal blocks per top-n chunk: the running top set absorbs one chunk per iteration.
 TOPK_CHUNK = 1024
+# The top-n by a partial bitonic sort (tl.topk, where this Triton has it) rather than
+# num_selected rounds of max-reductions.
+TOPK_SORT = hasattr(tl, "topk")
 
 _LOG2E = 1.4426950408889634
 
@@ -228,10 +231,14 @@ def decode_score_kernel(
 def decode_topk_kernel(
     score, seq_lens, block_indices, NB_CAP,
     H: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, CT: tl.constexpr,
-    BS: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+    BS: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, SORT: tl.constexpr,
 ):
     """Top-``S`` causal blocks of one (n, h) from ``score`` ``[N * H, NB_CAP]`` ->
-    ``block_indices`` ``[N, H, S]`` int32, ascending then -1."""
+    ``block_indices`` ``[N, H, S]`` int32, ascending then -1.
+
+    ``SORT``: each chunk's top ``SP`` keys by Triton's partial bitonic sort (``tl.topk``, ``CT >=
+    SP``), merged with the running set by a second one; else ``S`` rounds of taking the largest
+    key (two reductions each). Both keep the same set: the keys are unique."""
     i_nh = tl.program_id(0).to(tl.int64)
     i_n = i_nh // H
     seq_len = tl.load(seq_lens + i_n).to(tl.int64)
@@ -247,14 +254,19 @@ def decode_topk_kernel(
         # priorities are >= 0 or +inf: their float bits order like integers
         b_bits = tl.where(forced, 0x7F800000, b_sc.to(tl.int32, bitcast=True)).to(tl.int64)
         b_key = tl.where(m_j, (b_bits << 32) | (2147483647 - o_j), -1)  # [CT]
-        b_new = tl.full([SP], -1, dtype=tl.int64)
-        for i_r in range(S):
-            b_best = tl.maximum(tl.max(b_key, axis=0), tl.max(b_top, axis=0))
-            b_new = tl.where(o_s == i_r, b_best, b_new)
-            # keys are unique (they hold the block id): remove the winner from whichever set has it
-            b_key = tl.where(b_key == b_best, -1, b_key)
-            b_top = tl.where(b_top == b_best, -1, b_top)
-        b_top = b_new
+        if SORT:
+            b_top = tl.topk(tl.cat(b_top, tl.topk(b_key, SP), can_reorder=True), SP)  # descending
+        else:
+            b_new = tl.full([SP], -1, dtype=tl.int64)
+            for i_r in range(S):
+                b_best = tl.maximum(tl.max(b_key, axis=0), tl.max(b_top, axis=0))
+                b_new = tl.where(o_s == i_r, b_best, b_new)
+                # keys are unique (they hold the block id): remove the winner from whichever set has it
+                b_key = tl.where(b_key == b_best, -1, b_key)
+                b_top = tl.where(b_top == b_best, -1, b_top)
+            b_top = b_new
+    if SORT:
+        b_top = tl.where(o_s < S, b_top, -1)  # SP >= S kept: the S largest come first
     b_id = tl.where(b_top >= 0, 2147483647 - (b_top & 0xFFFFFFFF), 2147483647)  # [SP], empty -> 2^31-1
     # ascending order: rank = number of smaller ids (ties among the empty ones by slot)
     b_lt = (b_id[None, :] < b_id[:, None]) | ((b_id[None, :] == b_id[:, None]) & (o_s[None, :] < o_s[:, None]))
@@ -311,6 +323,7 @@ class DecodePlan(NamedTuple):
     slc_split: int
     score_blocks: int
     topk_chunk: int
+    topk_sort: bool = TOPK_SORT
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -327,7 +340,7 @@ def default_plan(N: int, H: int, Tc_cap: int, NB_cap: int, window_keys: int, blo
     win_split = tile * max(1, _cdiv(_cdiv(window_keys, want), tile))
     slc_split = max(1, _cdiv(num_selected, want))
     score_blocks = min(64, max(16, pow2(_cdiv(NB_cap * N * H, 4 * TARGET_PROGRAMS), 1)))
-    return DecodePlan(tile, cmp_split, win_split, slc_split, score_blocks, TOPK_CHUNK)
+    return DecodePlan(tile, cmp_split, win_split, slc_split, score_blocks, TOPK_CHUNK, TOPK_SORT)
 
 
 class _Launch(NamedTuple):
@@ -383,8 +396,9 @@ def _launch_plan(N, HQ, Dk, H, Dv, Tc_cap, L_cap, Lw_cap, dtype, kernel_size, st
     n_tok = plan.score_blocks * block_size // stride + kernel_size // stride - 1
     kw_score = dict(CAP_C=Tc_cap, NB_CAP=NB_cap, NS_C=NS_C, P=P, H=H, G=G, GP=GP, PC=max(2, pow2(NS_C, 1)),
                     BC=max(16, min(128, pow2(n_tok, 1))), BJ=plan.score_blocks, **sel)
-    kw_topk = dict(NB_CAP=NB_cap, H=H, S=S, SP=SP, CT=min(plan.topk_chunk, pow2(NB_cap, 1)), BS=block_size,
-                   NUM_INIT=num_initial, NUM_LOCAL=num_local)
+    ct = min(plan.topk_chunk, pow2(NB_cap, 1))
+    kw_topk = dict(NB_CAP=NB_cap, H=H, S=S, SP=SP, CT=max(ct, SP) if plan.topk_sort else ct, BS=block_size,
+                   NUM_INIT=num_initial, NUM_LOCAL=num_local, SORT=bool(plan.topk_sort))
     kw_slc = dict(CAP_A=L_cap, CAP_B=L_cap, NS_A=NS_S, SPLIT_A=plan.slc_split, SPLIT_B=plan.slc_split,
                   P_OFF=NS_C + NS_W, **shape, **heads, BK=max(16, min(plan.tile, pow2(block_size, 1))), MODE=1, S=S,
                   SP=SP, W=window_size, **sel, **dot_kw, **fwd_launch, **pages_s)

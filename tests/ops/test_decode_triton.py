@@ -29,6 +29,9 @@ CASES = [
      dict(kernel_size=8, stride=4, block_size=8, num_selected=5, num_initial=1, num_local=2, window_size=9)),
     ("G4_block_lt_kernel_no_forced", 8, 2, 16, 16, [3, 15, 16, 71],
      dict(kernel_size=16, stride=4, block_size=8, num_selected=5, num_initial=0, num_local=0, window_size=12)),
+    # a block of 17 compressed tokens: its score gathers three tiles of the split plan's 16
+    ("G2_long_block_k8s4b64", 4, 2, 16, 16, [1, 7, 64, 333],
+     dict(kernel_size=8, stride=4, block_size=64, num_selected=3, num_initial=1, num_local=1, window_size=20)),
 ]
 
 # Small tiles and splits, so that tiny caches still take several splits per branch, several

@@ -64,16 +64,25 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_s, s_stride, pages,
+def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_t, pages,
             H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
             BDK: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr, STORE_S: tl.constexpr,
             DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-            PAGED: tl.constexpr, PS: tl.constexpr, SHIFT: tl.constexpr):
+            PAGED: tl.constexpr, PS: tl.constexpr, SHIFT: tl.constexpr,
+            KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, NBT: tl.constexpr, NBW: tl.constexpr):
     """Online-softmax update of ``(b_m, b_l, b_acc)`` ``[GP], [GP], [GP, BDV]`` with the keys at
-    positions ``[lo, hi)`` of the cache row starting at token ``row0`` (int64). ``STORE_S``: also
-    write the base-2 scaled scores of the ``G`` real rows to ``p_s + r * s_stride + position``.
-    ``PAGED``: ``k, v`` are page pools ``[P, PS, H, D]`` and position i is slot ``(i + SHIFT) % PS``
-    of page ``pages[(i + SHIFT) // PS]`` (``pages``: the sequence's row of the page table)."""
+    positions ``[lo, hi)`` (``lo`` a multiple of ``BK``) of the cache row starting at token ``row0``
+    (int64). ``PAGED``: ``k, v`` are page pools ``[P, PS, H, D]`` and position i is slot
+    ``(i + SHIFT) % PS`` of page ``pages[(i + SHIFT) // PS]`` (``pages``: the sequence's row of the
+    page table).
+
+    ``STORE_S`` (the keys are compressed tokens): also write what the block scores need
+    (:func:`decode_score_kernel`) per tile ``t`` of ``BK`` tokens and real row ``r`` at
+    ``p_t + (t * G + r) * (NBT + 1)``: the tile's base-2 row max ``m_t`` (slot 0), then, for the
+    ``NBT`` selection blocks from ``j0 = t * BK * ST // BS`` on, ``sum_i exp2(s[r, i] - m_t) *
+    W[i, j]`` over the tile's tokens i (``W``: :func:`nsa.ops.utils.overlap_matrix`). That is
+    ``NBT + 1`` floats per row for ``BK`` tokens, where keeping the scores took ``BK``. ``NBW``:
+    ``NBT`` rounded up to a dot tile."""
     o_r = tl.arange(0, GP)
     o_dk = tl.arange(0, BDK)
     o_dv = tl.arange(0, BDV)
@@ -91,9 +100,21 @@ def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_s, s_stri
         b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & (o_dv < DV)[None, :],
                       other=0.)  # [BK, BDV]
         b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [GP, BK]
-        if STORE_S:
-            tl.store(p_s + o_r[:, None] * s_stride + i_k[None, :], b_s, mask=(o_r < G)[:, None] & m_k[None, :])
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        if STORE_S:
+            # lo and BK: every tile holds a key, so m_t is finite
+            b_mt = tl.max(b_s, axis=1)  # [GP]
+            b_pt = tl.exp2(b_s - b_mt[:, None])  # [GP, BK], 0 where masked
+            o_j = (i0 * ST) // BS + tl.arange(0, NBW)  # [NBW] block ids
+            w_lo = tl.maximum(i_k[:, None] * ST, o_j[None, :] * BS)
+            w_hi = tl.minimum(i_k[:, None] * ST + KS, (o_j[None, :] + 1) * BS)
+            b_w = (tl.maximum(w_hi - w_lo, 0) // ST).to(tl.float32)  # [BK, NBW] small integers
+            b_bp = tl.dot(b_pt, b_w, input_precision="ieee")  # [GP, NBW] float32 products
+            o_t = p_t + ((i0 // BK) * G + o_r) * (NBT + 1)  # [GP] row starts
+            m_r = o_r < G
+            o_jj = tl.arange(0, NBW)
+            tl.store(o_t, b_mt, mask=m_r)
+            tl.store(o_t[:, None] + 1 + o_jj[None, :], b_bp, mask=m_r[:, None] & (o_jj < NBT)[None, :])
         b_m, b_l, b_acc = softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, DOT_UPCAST)
     return b_m, b_l, b_acc
 
@@ -116,21 +137,23 @@ def _merge_lse2(ws_m, ws_l, i_nh, NS_C, P, GP: tl.constexpr, PC: tl.constexpr):
 
 @triton.jit
 def decode_fwd_kernel(
-    q, k_a, v_a, k_b, v_b, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_s, qk_scale, page_table,
+    q, k_a, v_a, k_b, v_b, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_t, qk_scale, page_table,
     CAP_A, CAP_B, NS_A, SPLIT_A, SPLIT_B, P_OFF, P, M,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
     MODE: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
     SP: tl.constexpr, W: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     PAGED: tl.constexpr, PS_A: tl.constexpr, PS_B: tl.constexpr, SHIFT_A: tl.constexpr,
+    NBT: tl.constexpr, NBW: tl.constexpr,
 ):
     """One split of one branch for one (sequence n, KV head h) -> partial ``(m, l, acc)`` of the
     ``GP`` rows (query heads ``h*G + r``; rows ``r >= G`` are zero padding) at workspace slot
     ``P_OFF + program_id(1)``; ``program_id(0)`` is ``nh`` (the grid's long axis).
 
     MODE 0 (compressed + window): splits ``< NS_A`` take ``SPLIT_A`` compressed tokens each
-    from ``k_a/v_a`` ``[N, CAP_A, H, D]`` and keep their scores in ``ws_s`` ``[N * H, G, CAP_A]``
-    (base 2, scaled) for the block scoring; the others ``SPLIT_B`` window keys each from
+    (a multiple of ``BK``) from ``k_a/v_a`` ``[N, CAP_A, H, D]`` and keep per tile what the block
+    scoring needs in ``ws_t`` ``[N * H, cdiv(CAP_A, BK), G, NBT + 1]`` (:func:`_attend`); the
+    others ``SPLIT_B`` window keys each from
     ``k_b/v_b`` ``[N, CAP_B, H, D]``. MODE 1 (selected): ``SPLIT_A`` entries of
     ``block_indices`` ``[N, H, S]`` each, keys from ``k_a/v_a``.
 
@@ -157,15 +180,16 @@ def decode_fwd_kernel(
             n_cmp = tl.where(seq_len >= KS, (seq_len - KS) // ST + 1, 0)
             lo = i_s * SPLIT_A
             hi = tl.minimum(lo + SPLIT_A, n_cmp)
-            b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_a, v_a, i_n * CAP_A, i_h, lo, hi, qk_scale,
-                                      ws_s + i_nh * G * CAP_A, CAP_A, pages, H, G, GP, DK, DV, BDK, BDV, BK, True,
-                                      DOT_PRECISION, DOT_UPCAST, PAGED, PS_A, SHIFT_A)
+            p_t = ws_t + i_nh * ((CAP_A + BK - 1) // BK) * G * (NBT + 1)
+            b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_a, v_a, i_n * CAP_A, i_h, lo, hi, qk_scale, p_t,
+                                      pages, H, G, GP, DK, DV, BDK, BDV, BK, True, DOT_PRECISION, DOT_UPCAST,
+                                      PAGED, PS_A, SHIFT_A, KS, ST, BS, NBT, NBW)
         else:
             lo = tl.maximum(seq_len - W, 0) + (i_s - NS_A) * SPLIT_B
             hi = tl.minimum(lo + SPLIT_B, seq_len)
-            b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_b, v_b, i_n * CAP_B, i_h, lo, hi, qk_scale,
-                                      ws_s, 0, pages, H, G, GP, DK, DV, BDK, BDV, BK, False, DOT_PRECISION,
-                                      DOT_UPCAST, PAGED, PS_B, 0)
+            b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_b, v_b, i_n * CAP_B, i_h, lo, hi, qk_scale, ws_t,
+                                      pages, H, G, GP, DK, DV, BDK, BDV, BK, False, DOT_PRECISION, DOT_UPCAST,
+                                      PAGED, PS_B, 0, KS, ST, BS, NBT, NBW)
     else:
         e_lo = i_s * SPLIT_A
         e_hi = tl.minimum(e_lo + SPLIT_A, S)
@@ -177,9 +201,9 @@ def decode_fwd_kernel(
             lo = i_b * BS
             # an unused slot (-1) gives an empty range
             hi = tl.where(i_b >= 0, tl.minimum(lo + BS, seq_len), lo)
-            b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_a, v_a, i_n * CAP_A, i_h, lo, hi, qk_scale,
-                                      ws_s, 0, pages, H, G, GP, DK, DV, BDK, BDV, BK, False, DOT_PRECISION,
-                                      DOT_UPCAST, PAGED, PS_A, 0)
+            b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_a, v_a, i_n * CAP_A, i_h, lo, hi, qk_scale, ws_t,
+                                      pages, H, G, GP, DK, DV, BDK, BDV, BK, False, DOT_PRECISION, DOT_UPCAST,
+                                      PAGED, PS_A, 0, KS, ST, BS, NBT, NBW)
 
     o_w = (i_nh * P + P_OFF + i_s) * GP + o_r  # [GP] int64
     o_dv = tl.arange(0, BDV)
@@ -190,43 +214,45 @@ def decode_fwd_kernel(
 
 @triton.jit
 def decode_score_kernel(
-    ws_s, seq_lens, ws_m, ws_l, score, CAP_C, NB_CAP, NS_C, P,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, PC: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
-    KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr,
+    ws_t, seq_lens, ws_m, ws_l, score, NT_CAP, NB_CAP, NS_C, P,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, PC: tl.constexpr, BJ: tl.constexpr,
+    KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NBT: tl.constexpr,
+    NTB: tl.constexpr,
 ):
     """Scores of blocks ``[j0, j0 + BJ)`` (``j0 = program_id(1) * BJ``) for one (n, h) = program_id(0):
     ``score[nh, j] = sum_{r < G} sum_i exp2(s2[r, i] - lse2[r]) * W[i, j]`` over the visible
-    compressed tokens i, with the base-2 scores ``s2`` kept by the compressed pass in ``ws_s``
-    ``[N * H, G, CAP_C]``; written to ``score`` ``[N * H, NB_CAP]`` float32 for causal blocks."""
+    compressed tokens i, from the per-tile sums the compressed pass kept in ``ws_t`` ``[N * H,
+    NT_CAP, G, NBT + 1]`` (:func:`_attend`): block j gathers the at most ``NTB`` tiles of ``BK``
+    tokens that hold a token overlapping it, each scaled by ``exp2(m_t - lse2)``. Written to
+    ``score`` ``[N * H, NB_CAP]`` float32 for causal blocks."""
     i_nh, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     seq_len = tl.load(seq_lens + i_nh // H).to(tl.int64)
     n_cmp = tl.where(seq_len >= KS, (seq_len - KS) // ST + 1, 0)
-    j0 = i_c * BJ
-    o_j = j0 + tl.arange(0, BJ)  # [BJ] block ids
+    o_j = i_c * BJ + tl.arange(0, BJ)  # [BJ] block ids
     m_j = (o_j <= (seq_len - 1) // BS) & (o_j < NB_CAP)
 
     b_lse2 = _merge_lse2(ws_m, ws_l, i_nh, NS_C, P, GP, PC)  # [GP] the final one, from all splits
+    b_lse2 = tl.where(b_lse2 == float("-inf"), 0., b_lse2)  # rows that saw nothing read no tile
 
     o_r = tl.arange(0, GP)
     m_r = o_r < G
-    p_s = ws_s + (i_nh * G + o_r) * CAP_C  # [GP] row starts
-    # tokens whose span [i*ST, i*ST + KS) meets the blocks' span [j0*BS, (j0+BJ)*BS)
-    i_lo = tl.maximum(j0 * BS - KS + ST, 0) // ST
-    i_hi = tl.minimum((j0 + BJ) * BS // ST, n_cmp)
+    # tokens whose span [i*ST, i*ST + KS) meets block j's span [j*BS, (j+1)*BS): [i_lo, i_hi)
+    i_lo = tl.maximum(o_j * BS - KS + ST, 0) // ST
+    i_hi = tl.minimum((o_j + 1) * BS // ST, n_cmp)
+    p_t = ws_t + i_nh * NT_CAP * G * (NBT + 1)
     b_sc = tl.zeros([BJ], dtype=tl.float32)
-    for i0 in range(i_lo, i_hi, BC):
-        i_k = i0 + tl.arange(0, BC)  # [BC] compressed tokens
-        m_k = i_k < i_hi
-        m_rk = m_r[:, None] & m_k[None, :]
-        b_s = tl.load(p_s[:, None] + i_k[None, :], mask=m_rk, other=0.)  # [GP, BC]
-        b_p = tl.where(m_rk, tl.exp2(b_s - b_lse2[:, None]), 0.)
-        b_pg = tl.sum(b_p, axis=0)  # [BC] summed over the group's heads
-        # W[i, j]: stride-sized pieces shared by token i and block j
-        w_lo = tl.maximum(i_k[:, None] * ST, o_j[None, :] * BS)
-        w_hi = tl.minimum(i_k[:, None] * ST + KS, (o_j[None, :] + 1) * BS)
-        b_w = (tl.maximum(w_hi - w_lo, 0) // ST).to(tl.float32)  # [BC, BJ]
-        b_sc += tl.sum(b_pg[:, None] * b_w, axis=0)
+    for u in tl.static_range(NTB):
+        t = i_lo // BK + u  # [BJ] a tile holding tokens of block j, if t * BK < i_hi
+        m_t = m_j & (t * BK < i_hi)
+        jj = o_j - (t * BK * ST) // BS  # j's slot among the tile's blocks, in [0, NBT)
+        o_t = p_t + (t[None, :] * G + o_r[:, None]) * (NBT + 1)  # [GP, BJ]
+        m_rt = m_r[:, None] & m_t[None, :]
+        b_mt = tl.load(o_t, mask=m_rt, other=float("-inf"))
+        b_bp = tl.load(o_t + 1 + jj[None, :], mask=m_rt, other=0.)
+        b_sc += tl.sum(tl.where(m_rt, tl.exp2(b_mt - b_lse2[:, None]) * b_bp, 0.), axis=0)
     tl.store(score + i_nh * NB_CAP + o_j, b_sc, mask=m_j)
+
+
 @triton.jit
 def decode_topk_kernel(
     score, seq_lens, block_indices, NB_CAP,
@@ -255,7 +281,7 @@ def decode_topk_kernel(
         b_bits = tl.where(forced, 0x7F800000, b_sc.to(tl.int32, bitcast=True)).to(tl.int64)
         b_key = tl.where(m_j, (b_bits << 32) | (2147483647 - o_j), -1)  # [CT]
         if SORT:
-            b_top = tl.topk(tl.cat(b_top, tl.topk(b_key, SP), can_reorder=True), SP)  # descending
+            b_top = tl.topk(tl.reshape(tl.join(b_top, tl.topk(b_key, SP)), [2 * SP]), SP)  # descending
         else:
             b_new = tl.full([SP], -1, dtype=tl.int64)
             for i_r in range(S):
@@ -346,7 +372,7 @@ def default_plan(N: int, H: int, Tc_cap: int, NB_cap: int, window_keys: int, blo
 class _Launch(NamedTuple):
     """Everything a decode step derives from shapes alone (see :func:`_launch_plan`): the float32
     workspace carved into its five parts, the grids, and each kernel's keyword arguments."""
-    ws_sizes: tuple  # float32 elements of ws_m, ws_l, ws_acc, ws_s, score
+    ws_sizes: tuple  # float32 elements of ws_m, ws_l, ws_acc, ws_t, score
     ws_total: int
     idx_shape: tuple
     o_shape: tuple
@@ -386,25 +412,30 @@ def _launch_plan(N, HQ, Dk, H, Dv, Tc_cap, L_cap, Lw_cap, dtype, kernel_size, st
     shape = dict(H=H, G=G, GP=GP, P=P)
     heads = dict(DK=Dk, DV=Dv, BDK=BDK, BDV=BDV)
     sel = dict(KS=kernel_size, ST=stride, BS=block_size)
+    # selection blocks meeting one tile of compressed tokens (its first block is t * tile * ST // BS:
+    # the tile starts up to BS - ST into it), and tiles meeting one block
+    nbt = (block_size - stride + (plan.tile - 1) * stride + kernel_size - 1) // block_size + 1
+    ntb = _cdiv((block_size + kernel_size - stride) // stride, plan.tile) + 1
+    sel = dict(sel, NBT=nbt)
     pages_a = dict(PAGED=paged, PS_A=block_size // stride if paged else 1, PS_B=block_size if paged else 1,
                    SHIFT_A=kernel_size // stride - 1 if paged else 0)
     pages_s = dict(PAGED=paged, PS_A=block_size if paged else 1, PS_B=block_size if paged else 1, SHIFT_A=0)
     kw_a = dict(CAP_A=Tc_cap, CAP_B=Lw_cap, NS_A=NS_C, SPLIT_A=plan.cmp_split, SPLIT_B=plan.win_split, P_OFF=0,
-                **shape, **heads, BK=plan.tile, MODE=0, S=S, SP=SP, W=window_size, **sel, **dot_kw, **fwd_launch,
-                **pages_a)
-    # compressed tokens meeting score_blocks blocks: one tile when they fit in 128
-    n_tok = plan.score_blocks * block_size // stride + kernel_size // stride - 1
-    kw_score = dict(CAP_C=Tc_cap, NB_CAP=NB_cap, NS_C=NS_C, P=P, H=H, G=G, GP=GP, PC=max(2, pow2(NS_C, 1)),
-                    BC=max(16, min(128, pow2(n_tok, 1))), BJ=plan.score_blocks, **sel)
+                **shape, **heads, BK=plan.tile, MODE=0, S=S, SP=SP, W=window_size, **sel, NBW=max(16, pow2(nbt)),
+                **dot_kw, **fwd_launch, **pages_a)
+    nt_cap = _cdiv(Tc_cap, plan.tile)
+    kw_score = dict(NT_CAP=nt_cap, NB_CAP=NB_cap, NS_C=NS_C, P=P, H=H, G=G, GP=GP, PC=max(2, pow2(NS_C, 1)),
+                    BJ=plan.score_blocks, **sel, BK=plan.tile, NTB=ntb)
     ct = min(plan.topk_chunk, pow2(NB_cap, 1))
     kw_topk = dict(NB_CAP=NB_cap, H=H, S=S, SP=SP, CT=max(ct, SP) if plan.topk_sort else ct, BS=block_size,
                    NUM_INIT=num_initial, NUM_LOCAL=num_local, SORT=bool(plan.topk_sort))
     kw_slc = dict(CAP_A=L_cap, CAP_B=L_cap, NS_A=NS_S, SPLIT_A=plan.slc_split, SPLIT_B=plan.slc_split,
                   P_OFF=NS_C + NS_W, **shape, **heads, BK=max(16, min(plan.tile, pow2(block_size, 1))), MODE=1, S=S,
-                  SP=SP, W=window_size, **sel, **dot_kw, **fwd_launch, **pages_s)
+                  SP=SP, W=window_size, **sel, NBW=16, **dot_kw, **fwd_launch, **pages_s)
     kw_combine = dict(NS_C=NS_C, NS_W=NS_W, G=G, GP=GP, P=P, PP=pow2(P, 1), DV=Dv, BDV=BDV, num_warps=8)
     grids = ((N * H, NS_C + NS_W), (N * H, _cdiv(NB_cap, plan.score_blocks)), (N * H,), (N * H, NS_S), (N * H, G))
-    sizes = (N * H * P * GP, N * H * P * GP, N * H * P * GP * BDV, N * H * G * max(Tc_cap, 1), N * H * NB_cap)
+    sizes = (N * H * P * GP, N * H * P * GP, N * H * P * GP * BDV, N * H * max(nt_cap, 1) * G * (nbt + 1),
+             N * H * NB_cap)
     sizes = tuple(_WS_ALIGN * _cdiv(n, _WS_ALIGN) for n in sizes)
     return _Launch(sizes, sum(sizes), (N, H, S), (N, HQ, Dv), grids, (kw_a, kw_score, kw_topk, kw_slc, kw_combine))
 
@@ -437,7 +468,7 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     dev = q.device
     qk_scale = float(scale) * _LOG2E
     # one allocation for the five float32 workspaces (flat: the kernels compute every offset)
-    ws_m, ws_l, ws_acc, ws_s, score = torch.empty(L.ws_total, dtype=torch.float32, device=dev).split_with_sizes(
+    ws_m, ws_l, ws_acc, ws_t, score = torch.empty(L.ws_total, dtype=torch.float32, device=dev).split_with_sizes(
         L.ws_sizes)
     block_indices = torch.empty(L.idx_shape, dtype=torch.int32, device=dev)
     o = new_output(L.o_shape, q.dtype, dev)
@@ -447,11 +478,11 @@ def decode_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     # the compressed cache may have capacity 0 (no sequence is long enough yet): point at any
     # tensor, the kernel reads nothing from it
     k_c, v_c = (k_cmp, v_cmp) if Tc_cap > 0 else (k_slc, v_slc)
-    decode_fwd_kernel[g_a](q, k_c, v_c, k_win, v_win, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_s, qk_scale,
+    decode_fwd_kernel[g_a](q, k_c, v_c, k_win, v_win, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_t, qk_scale,
                            page_table, M=M, **kw_a)
-    decode_score_kernel[g_score](ws_s, seq_lens, ws_m, ws_l, score, **kw_score)
+    decode_score_kernel[g_score](ws_t, seq_lens, ws_m, ws_l, score, **kw_score)
     decode_topk_kernel[g_topk](score, seq_lens, block_indices, **kw_topk)
-    decode_fwd_kernel[g_slc_](q, k_slc, v_slc, k_slc, v_slc, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_s,
+    decode_fwd_kernel[g_slc_](q, k_slc, v_slc, k_slc, v_slc, seq_lens, block_indices, ws_m, ws_l, ws_acc, ws_t,
                               qk_scale, page_table, M=M, **kw_slc)
     decode_combine_kernel[g_comb](ws_m, ws_l, ws_acc, g_cmp, g_slc, g_win, o, **kw_comb)
     return o, block_indices

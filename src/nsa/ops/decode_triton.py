@@ -12,17 +12,20 @@ is planned once per shape (:func:`_launch_plan`) and the workspaces are one allo
 1. ``decode_fwd_kernel`` (compressed + window): a program attends to one split of the visible
    compressed tokens or of the window keys and writes an unnormalized partial ``(m, l, acc)``
    (base-2 running max, sum of exponentials, weighted value sum) per row. The compressed
-   splits also keep their scaled scores ``q.k_cmp`` (float32, ``G`` per token: 64 bytes for
-   G = 16 where a second pass would read a 256-byte key again).
+   splits also keep, per tile of compressed tokens and query head, the tile's score max and
+   ``exp(s - max)`` already weighed onto the selection blocks the tile overlaps (the
+   stride-piece count of :func:`nsa.ops.utils.overlap_matrix`): float32, 18 values per 64
+   tokens at the paper's sizes (a second pass over the keys would read 256 bytes per token;
+   keeping every score, 64 bytes per head).
 2. ``decode_score_kernel``: a program owns ``BJ`` selection blocks. It merges the compressed
-   partials' ``(m, l)`` into the final log-sum-exp, turns the kept scores of the compressed
-   tokens that overlap its blocks into ``p = exp(s - lse)``, sums them over the group's heads
-   and weighs tokens onto blocks by their overlap (the stride-piece count of
-   :func:`nsa.ops.utils.overlap_matrix`), writing float32 block scores to a workspace.
+   partials' ``(m, l)`` into the final log-sum-exp and sums, over the group's heads and the
+   tiles meeting each block, the tiles' sums rescaled by ``exp(max - lse)``: float32 block
+   scores to a workspace.
 3. ``decode_topk_kernel``: one program per ``nh`` picks the top ``num_selected`` causal blocks
    (forced blocks first, lower id first among equal scores, the rule of the reference) from
    sortable int64 keys ``float_bits(priority) << 32 | (2^31 - 1 - j)``, walking the blocks in
-   chunks and keeping a running top set, and writes the ids ascending, then -1.
+   chunks and keeping a running top set (a partial bitonic sort per chunk where Triton has
+   ``tl.topk``, else rounds of max-reductions), and writes the ids ascending, then -1.
 4. ``decode_fwd_kernel`` again (selected): a program attends to a split of the selected blocks.
 5. ``decode_combine_kernel``: a program per query head merges each branch's partials (all at
    once, one fixed reduction tree: deterministic), normalizes, applies the three gates and

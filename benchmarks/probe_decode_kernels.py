@@ -6,7 +6,9 @@ median GPU time, and the step replayed from a CUDA graph.
 
 NSA settings of the paper, HQ=64, H=4, D=128, bf16 (the inputs of probe_decode_eager.py).
 ``sort``: the top-n by a partial bitonic sort (``tl.topk``); ``rounds``: num_selected rounds of
-max-reductions (:data:`nsa.ops.decode_triton.TOPK_SORT` picks the default).
+max-reductions (:data:`nsa.ops.decode_triton.TOPK_SORT` picks the default). With a copy of an
+older ``nsa/ops/decode_triton.py`` saved beside this script as ``decode_triton_old.py`` (relative
+imports made absolute), its step is timed too and compared (same selection, output difference).
 """
 
 from __future__ import annotations
@@ -59,6 +61,21 @@ def main():
                 g = _graph_ms(step)
             print(f"{name:7s} {N:<4d} {g:8.4f}  " + "  ".join(f"{k:9.4f}" for k in ks) + f"  ({sum(ks):.4f})",
                   flush=True)
+        try:  # an older copy of the kernels beside this script, if one was put there
+            import decode_triton_old as old
+        except ImportError:
+            continue
+        with torch.no_grad():
+            def step_old():
+                return old.decode_fwd(**x, **SETTINGS, scale=128 ** -0.5)
+
+            o, idx = step_old()
+            ks = _kernel_ms(step_old)
+            g = _graph_ms(step_old)
+        same = torch.equal(idx, first[1])
+        err = (o.float() - first[0].float()).abs().max().item()
+        print(f"{'old':7s} {N:<4d} {g:8.4f}  " + "  ".join(f"{k:9.4f}" for k in ks) + f"  ({sum(ks):.4f})"
+              f"  same selection {same}, max |o - o_old| {err:.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_t, pages,
         b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [GP, BK]
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
         if STORE_S:
-            # lo and BK: every tile holds a key, so m_t is finite
+            # a tile starts below hi, so it holds a key: m_t is finite
             b_mt = tl.max(b_s, axis=1)  # [GP]
             b_pt = tl.exp2(b_s - b_mt[:, None])  # [GP, BK], 0 where masked
             o_j = (i0 * ST) // BS + tl.arange(0, NBW)  # [NBW] block ids

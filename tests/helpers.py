@@ -31,6 +31,29 @@ def write_small_corpus(root, chars: int = 3000):
     return root
 
 
+def train_tiny_run(root, **config):
+    """A run directory ``root/run`` of two steps of :func:`nsa.train.train` on
+    :func:`write_small_corpus` documents in ``root/corpus`` (byte tokenizer, a quarter of the
+    documents held out, one validation batch), with torch on one thread; ``config``: the
+    :class:`nsa.train.TrainConfig` fields of the test (model, seq_len, batch_tokens, ...)."""
+    import torch
+
+    from nsa.train import TrainConfig, train
+
+    corpus = root / "corpus"
+    corpus.mkdir()
+    write_small_corpus(corpus)
+    settings = dict(out=str(root / "run"), data=(str(corpus),), cache_dir=str(root / "cache"), steps=2,
+                    progress=False, val_fraction=0.25, eval_batches=1)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig(**{**settings, **config}))
+    finally:
+        torch.set_num_threads(n)
+    return root / "run"
+
+
 def load_benchmark_script(name: str):
     """The module ``benchmarks/<name>.py`` (a script, not a package), imported from its file."""
     import importlib.util

@@ -11,7 +11,7 @@ import torch
 import nsa
 from nsa.bench import cli_main, harness, report, trained
 from nsa.model import LanguageModel, ModelConfig
-from tests.helpers import assert_close, load_benchmark_script, write_small_corpus
+from tests.helpers import assert_close, load_benchmark_script, train_tiny_run
 
 CPU = torch.device("cpu")
 SEL = dict(kernel_size=8, stride=4, block_size=8, num_selected=3, num_initial=1, num_local=1, window_size=16)
@@ -31,16 +31,8 @@ def tiny_model(dtype=torch.float64, **kw):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run directory of two training steps of `nsa train` on eight small documents."""
-    from nsa.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("trained")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    write_small_corpus(corpus)
-    train(TrainConfig(out=str(root / "run"), data=(str(corpus),), cache_dir=str(root / "cache"), model=MODEL,
-                      seq_len=64, batch_tokens=128, steps=2, log_every=1, eval_batches=1, progress=False,
-                      val_fraction=0.25, warmup_steps=1))
-    return root / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("trained"), model=MODEL, seq_len=64, batch_tokens=128,
+                          log_every=1, warmup_steps=1)
 
 
 # ---- capture and replay --------------------------------------------------------------------------

@@ -23,13 +23,7 @@ TEXT = inspect.getsource(json.decoder) + inspect.getsource(string)
 UNICODE = "Grüße aus Köln — naïve café, 東京 and ✓ marks. " * 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and never waits on a busy core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast
 
 
 def binomial_ok(hits: int, n: int, p: float, sigmas: float = 4.0) -> bool:
@@ -456,23 +450,11 @@ def test_evaluate_selection():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny NSA model trained for 2 steps on eight small documents (byte tokenizer)."""
-    from nsa.train import TrainConfig, train
-    from tests.helpers import write_small_corpus
+    from tests.helpers import train_tiny_run
 
-    root = tmp_path_factory.mktemp("evalrun")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    write_small_corpus(corpus)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(TrainConfig(out=str(root / "run"), data=(str(corpus),), cache_dir=str(root / "cache"), seq_len=128,
-                          batch_tokens=256, steps=2, progress=False, val_fraction=0.25, eval_batches=1,
+    return train_tiny_run(tmp_path_factory.mktemp("evalrun"), seq_len=128, batch_tokens=256,
                           model=dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                                     intermediate_size=64, **SEL)))
-    finally:
-        torch.set_num_threads(n)
-    return root / "run"
+                                     intermediate_size=64, **SEL))
 
 
 @pytest.mark.parametrize("kind,flags", [

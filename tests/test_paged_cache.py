@@ -370,6 +370,14 @@ def test_paged_triton_reads_pages_directly(window, dtype, monkeypatch):
     assert out.dtype == dtype and out.shape == ref.shape
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert_close("paged triton vs gathered reference", ref.float(), out.float(), tol)
+    # the plan's variants (sorted top-n, per-tile block sums) through the page table too
+    from nsa.ops.decode_triton import DecodePlan, decode_fwd
+
+    plan = DecodePlan(tile=16, cmp_split=16, win_split=16, slc_split=2, score_blocks=4, topk_chunk=4,
+                      topk_sort=True, tile_sums=True)
+    out, _ = decode_fwd(q, kc, vc, ks_, vs_, kw_, vw_, g0, g1, g2, lens, 8, 4, 8, 3, 1, 2, window, 16 ** -0.5,
+                        plan=plan, page_table=table)
+    assert_close("paged triton (plan variants) vs gathered reference", ref.float(), out.float(), tol)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -222,6 +222,16 @@ def run_case(op: str, c: dict) -> list:
                                  *g, torch.full((N,), L, dtype=torch.int32), KS, ST, BS, NSEL, NUM_INIT, NUM_LOCAL,
                                  WIN, scale, page_table=table)
         mark("fwd paged")
+        # the plan's variants (sorted top-n, per-tile block sums), dense and paged
+        plan = decode_triton.default_plan(N, H, Lc, L // BS, WIN, BS, NSEL, q1.dtype)._replace(
+            topk_sort=True, tile_sums=True)
+        decode_triton.decode_fwd(q1, kc, vc, ks, vs, kw, vw, *g, torch.full((N,), L, dtype=torch.int32),
+                                 KS, ST, BS, NSEL, NUM_INIT, NUM_LOCAL, WIN, scale, plan=plan)
+        mark("fwd variants")
+        decode_triton.decode_fwd(q1, pool(Dk, BS // ST), pool(Dv, BS // ST), pool(Dk), pool(Dv), pool(Dk), pool(Dv),
+                                 *g, torch.full((N,), L, dtype=torch.int32), KS, ST, BS, NSEL, NUM_INIT, NUM_LOCAL,
+                                 WIN, scale, plan=plan, page_table=table)
+        mark("fwd variants paged")
         # the step's RoPE and cache writes in one launch (nsa.ops.decode_write), separate window keys
         from nsa.ops import decode_write
         raw = [z(N, H, D) for D in (Dk, Dv, Dk, Dv, Dk, Dv)]

@@ -10,7 +10,7 @@ import torch
 
 from nsa.cache import NSACache  # noqa: F401  (the layer test below drives it)
 from nsa.ops.decode import nsa_decode, nsa_decode_reference
-from nsa.ops.decode_triton import DecodePlan, decode_fwd
+from nsa.ops.decode_triton import DecodePlan, decode_fwd, default_plan
 from nsa.ops.utils import num_compressed, overlap_matrix
 from tests.helpers import assert_close
 from tests.ops.test_decode import ORDER, _build
@@ -37,9 +37,11 @@ CASES = [
 # Small tiles and splits, so that tiny caches still take several splits per branch, several
 # scoring programs and several top-n chunks.
 SPLIT_PLAN = DecodePlan(tile=16, cmp_split=16, win_split=16, slc_split=2, score_blocks=4, topk_chunk=4)
-# The top-n both ways: a partial bitonic sort per chunk (tl.topk) and rounds of max-reductions.
-SORT_PLAN = SPLIT_PLAN._replace(topk_sort=True)
-ROUNDS_PLAN = SPLIT_PLAN._replace(topk_sort=False)
+# The plan's variants (off by default): the top-n by a partial bitonic sort per chunk
+# (tl.topk) and per-tile block sums instead of kept scores; NEW is said of the default tiling
+# with both on.
+VARIANTS_PLAN = SPLIT_PLAN._replace(topk_sort=True, tile_sums=True)
+NEW = "default_with_variants"
 
 
 def _inputs(case, dtype, seed=0):
@@ -97,11 +99,18 @@ def _check_rows(idx, score, seq_lens, cfg, tol=1e-5):
 def _run(args, seq_lens, cfg, plan):
     if plan is None:
         return nsa_decode(*args, seq_lens, return_block_indices=True, backend="triton", **cfg)
+    if plan == NEW:
+        q, k_cmp, k_slc, k_win = args[0], args[1], args[3], args[5]
+        N, H = q.shape[0], k_cmp.shape[2]
+        plan = default_plan(N, H, k_cmp.shape[1], -(-k_slc.shape[1] // cfg["block_size"]),
+                            min(cfg["window_size"], k_win.shape[1]), cfg["block_size"], cfg["num_selected"],
+                            q.dtype)._replace(topk_sort=True, tile_sums=True)
     kw = dict(cfg, scale=args[0].shape[-1] ** -0.5)
     return decode_fwd(*args, seq_lens, **kw, plan=plan)
 
 
-@pytest.mark.parametrize("plan", [None, SORT_PLAN, ROUNDS_PLAN], ids=["default_plan", "split_sort", "split_rounds"])
+@pytest.mark.parametrize("plan", [None, SPLIT_PLAN, NEW, VARIANTS_PLAN],
+                         ids=["default_plan", "split_plan", "default_variants", "split_variants"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)],
                          ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

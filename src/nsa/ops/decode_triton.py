@@ -12,24 +12,28 @@ is planned once per shape (:func:`_launch_plan`) and the workspaces are one allo
 1. ``decode_fwd_kernel`` (compressed + window): a program attends to one split of the visible
    compressed tokens or of the window keys and writes an unnormalized partial ``(m, l, acc)``
    (base-2 running max, sum of exponentials, weighted value sum) per row. The compressed
-   splits also keep, per tile of compressed tokens and query head, the tile's score max and
-   ``exp(s - max)`` already weighed onto the selection blocks the tile overlaps (the
-   stride-piece count of :func:`nsa.ops.utils.overlap_matrix`): float32, 18 values per 64
-   tokens at the paper's sizes (a second pass over the keys would read 256 bytes per token;
-   keeping every score, 64 bytes per head).
+   splits also keep their scaled scores ``q.k_cmp`` (float32, ``G`` per token: 64 bytes for
+   G = 16 where a second pass would read a 256-byte key again).
 2. ``decode_score_kernel``: a program owns ``BJ`` selection blocks. It merges the compressed
-   partials' ``(m, l)`` into the final log-sum-exp and sums, over the group's heads and the
-   tiles meeting each block, the tiles' sums rescaled by ``exp(max - lse)``: float32 block
-   scores to a workspace.
+   partials' ``(m, l)`` into the final log-sum-exp, turns the kept scores of the compressed
+   tokens that overlap its blocks into ``p = exp(s - lse)``, sums them over the group's heads
+   and weighs tokens onto blocks by their overlap (the stride-piece count of
+   :func:`nsa.ops.utils.overlap_matrix`), writing float32 block scores to a workspace.
 3. ``decode_topk_kernel``: one program per ``nh`` picks the top ``num_selected`` causal blocks
    (forced blocks first, lower id first among equal scores, the rule of the reference) from
    sortable int64 keys ``float_bits(priority) << 32 | (2^31 - 1 - j)``, walking the blocks in
-   chunks and keeping a running top set (a partial bitonic sort per chunk where Triton has
-   ``tl.topk``, else rounds of max-reductions), and writes the ids ascending, then -1.
+   chunks and keeping a running top set, and writes the ids ascending, then -1.
 4. ``decode_fwd_kernel`` again (selected): a program attends to a split of the selected blocks.
 5. ``decode_combine_kernel``: a program per query head merges each branch's partials (all at
    once, one fixed reduction tree: deterministic), normalizes, applies the three gates and
    writes ``o`` in q's dtype.
+
+Two variants of steps 1-3, off until timed on a GPU (:class:`DecodePlan`; same selection rule,
+tested like the default): ``tile_sums``, the compressed splits keep per tile of compressed tokens
+and query head the tile's score max and ``exp(s - max)`` already weighed onto the blocks the tile
+overlaps (18 floats per 64 tokens at the paper's sizes instead of 64 scores), which the score
+kernel gathers per block; ``topk_sort``, each chunk's top keys by Triton's partial bitonic sort
+(``tl.topk``) instead of ``num_selected`` rounds of max-reductions.
 
 Partials are reduced with vector loads, never a loop over splits: a serial loop would pay one
 memory latency per split, which dominates at batch 1. Only positions below ``seq_lens[n]`` (and
@@ -59,20 +63,21 @@ TARGET_PROGRAMS = 264
 MAX_SPLITS = 32
 # Causal blocks per top-n chunk: the running top set absorbs one chunk per iteration.
 TOPK_CHUNK = 1024
-# The top-n by a partial bitonic sort (tl.topk, where this Triton has it) rather than
-# num_selected rounds of max-reductions.
-TOPK_SORT = hasattr(tl, "topk")
+# Triton's partial bitonic sort, for DecodePlan.topk_sort (without it the plan falls back to
+# the rounds of max-reductions).
+HAS_TOPK = hasattr(tl, "topk")
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_t, pages,
+def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_t, s_stride, pages,
             H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
             BDK: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr, STORE_S: tl.constexpr,
             DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
             PAGED: tl.constexpr, PS: tl.constexpr, SHIFT: tl.constexpr,
-            KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, NBT: tl.constexpr, NBW: tl.constexpr):
+            KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, SUMS: tl.constexpr, NBT: tl.constexpr,
+            NBW: tl.constexpr):
     """Online-softmax update of ``(b_m, b_l, b_acc)`` ``[GP], [GP], [GP, BDV]`` with the keys at
     positions ``[lo, hi)`` (``lo`` a multiple of ``BK``) of the cache row starting at token ``row0``
     (int64). ``PAGED``: ``k, v`` are page pools ``[P, PS, H, D]`` and position i is slot
@@ -80,12 +85,14 @@ def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_t, pages,
     page table).
 
     ``STORE_S`` (the keys are compressed tokens): also write what the block scores need
-    (:func:`decode_score_kernel`) per tile ``t`` of ``BK`` tokens and real row ``r`` at
-    ``p_t + (t * G + r) * (NBT + 1)``: the tile's base-2 row max ``m_t`` (slot 0), then, for the
-    ``NBT`` selection blocks from ``j0 = t * BK * ST // BS`` on, ``sum_i exp2(s[r, i] - m_t) *
-    W[i, j]`` over the tile's tokens i (``W``: :func:`nsa.ops.utils.overlap_matrix`). That is
-    ``NBT + 1`` floats per row for ``BK`` tokens, where keeping the scores took ``BK``. ``NBW``:
-    ``NBT`` rounded up to a dot tile."""
+    (:func:`decode_score_kernel`). Without ``SUMS``: the base-2 scaled scores of the ``G`` real
+    rows at ``p_t + r * s_stride + position``. With ``SUMS``: per tile ``t`` of ``BK`` tokens and
+    real row ``r``, at ``p_t + (t * G + r) * (NBT + 1)``, the tile's base-2 row max ``m_t`` (slot
+    0), then, for the ``NBT`` selection blocks from ``j0 = t * BK * ST // BS`` on,
+    ``sum_i exp2(s[r, i] - m_t) * W[i, j]`` over the tile's tokens i (``W``:
+    :func:`nsa.ops.utils.overlap_matrix`; a tf32x3 dot, whose small-integer ``W`` is exact):
+    ``NBT + 1`` floats per row for ``BK`` tokens where the scores take ``BK``. ``NBW``: ``NBT``
+    rounded up to a dot tile."""
     o_r = tl.arange(0, GP)
     o_dk = tl.arange(0, BDK)
     o_dv = tl.arange(0, BDV)
@@ -103,8 +110,10 @@ def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_t, pages,
         b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & (o_dv < DV)[None, :],
                       other=0.)  # [BK, BDV]
         b_s = dot(b_q, tl.trans(b_k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # [GP, BK]
+        if STORE_S and not SUMS:
+            tl.store(p_t + o_r[:, None] * s_stride + i_k[None, :], b_s, mask=(o_r < G)[:, None] & m_k[None, :])
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        if STORE_S:
+        if STORE_S and SUMS:
             # a tile starts below hi, so it holds a key: m_t is finite
             b_mt = tl.max(b_s, axis=1)  # [GP]
             b_pt = tl.exp2(b_s - b_mt[:, None])  # [GP, BK], 0 where masked
@@ -112,7 +121,7 @@ def _attend(b_q, b_m, b_l, b_acc, k, v, row0, i_h, lo, hi, qk_scale, p_t, pages,
             w_lo = tl.maximum(i_k[:, None] * ST, o_j[None, :] * BS)
             w_hi = tl.minimum(i_k[:, None] * ST + KS, (o_j[None, :] + 1) * BS)
             b_w = (tl.maximum(w_hi - w_lo, 0) // ST).to(tl.float32)  # [BK, NBW] small integers
-            b_bp = tl.dot(b_pt, b_w, input_precision="ieee")  # [GP, NBW] float32 products
+            b_bp = tl.dot(b_pt, b_w, input_precision="tf32x3")  # [GP, NBW]
             o_t = p_t + ((i0 // BK) * G + o_r) * (NBT + 1)  # [GP] row starts
             m_r = o_r < G
             o_jj = tl.arange(0, NBW)
@@ -147,16 +156,17 @@ def decode_fwd_kernel(
     MODE: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
     SP: tl.constexpr, W: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     PAGED: tl.constexpr, PS_A: tl.constexpr, PS_B: tl.constexpr, SHIFT_A: tl.constexpr,
-    NBT: tl.constexpr, NBW: tl.constexpr,
+    SUMS: tl.constexpr, NBT: tl.constexpr, NBW: tl.constexpr,
 ):
     """One split of one branch for one (sequence n, KV head h) -> partial ``(m, l, acc)`` of the
     ``GP`` rows (query heads ``h*G + r``; rows ``r >= G`` are zero padding) at workspace slot
     ``P_OFF + program_id(1)``; ``program_id(0)`` is ``nh`` (the grid's long axis).
 
     MODE 0 (compressed + window): splits ``< NS_A`` take ``SPLIT_A`` compressed tokens each
-    (a multiple of ``BK``) from ``k_a/v_a`` ``[N, CAP_A, H, D]`` and keep per tile what the block
-    scoring needs in ``ws_t`` ``[N * H, cdiv(CAP_A, BK), G, NBT + 1]`` (:func:`_attend`); the
-    others ``SPLIT_B`` window keys each from
+    (a multiple of ``BK``) from ``k_a/v_a`` ``[N, CAP_A, H, D]`` and keep what the block scoring
+    needs in ``ws_t`` (:func:`_attend`): their scores ``[N * H, G, CAP_A]``, or with ``SUMS`` the
+    per-tile sums ``[N * H, cdiv(CAP_A, BK), G, NBT + 1]``; the others ``SPLIT_B`` window keys
+    each from
     ``k_b/v_b`` ``[N, CAP_B, H, D]``. MODE 1 (selected): ``SPLIT_A`` entries of
     ``block_indices`` ``[N, H, S]`` each, keys from ``k_a/v_a``.
 
@@ -183,16 +193,19 @@ def decode_fwd_kernel(
             n_cmp = tl.where(seq_len >= KS, (seq_len - KS) // ST + 1, 0)
             lo = i_s * SPLIT_A
             hi = tl.minimum(lo + SPLIT_A, n_cmp)
-            p_t = ws_t + i_nh * ((CAP_A + BK - 1) // BK) * G * (NBT + 1)
+            if SUMS:
+                p_t = ws_t + i_nh * ((CAP_A + BK - 1) // BK) * G * (NBT + 1)
+            else:
+                p_t = ws_t + i_nh * G * CAP_A
             b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_a, v_a, i_n * CAP_A, i_h, lo, hi, qk_scale, p_t,
-                                      pages, H, G, GP, DK, DV, BDK, BDV, BK, True, DOT_PRECISION, DOT_UPCAST,
-                                      PAGED, PS_A, SHIFT_A, KS, ST, BS, NBT, NBW)
+                                      CAP_A, pages, H, G, GP, DK, DV, BDK, BDV, BK, True, DOT_PRECISION,
+                                      DOT_UPCAST, PAGED, PS_A, SHIFT_A, KS, ST, BS, SUMS, NBT, NBW)
         else:
             lo = tl.maximum(seq_len - W, 0) + (i_s - NS_A) * SPLIT_B
             hi = tl.minimum(lo + SPLIT_B, seq_len)
             b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_b, v_b, i_n * CAP_B, i_h, lo, hi, qk_scale, ws_t,
-                                      pages, H, G, GP, DK, DV, BDK, BDV, BK, False, DOT_PRECISION, DOT_UPCAST,
-                                      PAGED, PS_B, 0, KS, ST, BS, NBT, NBW)
+                                      0, pages, H, G, GP, DK, DV, BDK, BDV, BK, False, DOT_PRECISION, DOT_UPCAST,
+                                      PAGED, PS_B, 0, KS, ST, BS, SUMS, NBT, NBW)
     else:
         e_lo = i_s * SPLIT_A
         e_hi = tl.minimum(e_lo + SPLIT_A, S)
@@ -205,8 +218,8 @@ def decode_fwd_kernel(
             # an unused slot (-1) gives an empty range
             hi = tl.where(i_b >= 0, tl.minimum(lo + BS, seq_len), lo)
             b_m, b_l, b_acc = _attend(b_q, b_m, b_l, b_acc, k_a, v_a, i_n * CAP_A, i_h, lo, hi, qk_scale, ws_t,
-                                      pages, H, G, GP, DK, DV, BDK, BDV, BK, False, DOT_PRECISION, DOT_UPCAST,
-                                      PAGED, PS_A, 0, KS, ST, BS, NBT, NBW)
+                                      0, pages, H, G, GP, DK, DV, BDK, BDV, BK, False, DOT_PRECISION, DOT_UPCAST,
+                                      PAGED, PS_A, 0, KS, ST, BS, SUMS, NBT, NBW)
 
     o_w = (i_nh * P + P_OFF + i_s) * GP + o_r  # [GP] int64
     o_dv = tl.arange(0, BDV)
@@ -217,42 +230,63 @@ def decode_fwd_kernel(
 
 @triton.jit
 def decode_score_kernel(
-    ws_t, seq_lens, ws_m, ws_l, score, NT_CAP, NB_CAP, NS_C, P,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, PC: tl.constexpr, BJ: tl.constexpr,
-    KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NBT: tl.constexpr,
-    NTB: tl.constexpr,
+    ws_t, seq_lens, ws_m, ws_l, score, CAP_C, NT_CAP, NB_CAP, NS_C, P,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, PC: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
+    KS: tl.constexpr, ST: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, SUMS: tl.constexpr,
+    NBT: tl.constexpr, NTB: tl.constexpr,
 ):
     """Scores of blocks ``[j0, j0 + BJ)`` (``j0 = program_id(1) * BJ``) for one (n, h) = program_id(0):
     ``score[nh, j] = sum_{r < G} sum_i exp2(s2[r, i] - lse2[r]) * W[i, j]`` over the visible
-    compressed tokens i, from the per-tile sums the compressed pass kept in ``ws_t`` ``[N * H,
-    NT_CAP, G, NBT + 1]`` (:func:`_attend`): block j gathers the at most ``NTB`` tiles of ``BK``
-    tokens that hold a token overlapping it, each scaled by ``exp2(m_t - lse2)``. Written to
-    ``score`` ``[N * H, NB_CAP]`` float32 for causal blocks."""
+    compressed tokens i, written to ``score`` ``[N * H, NB_CAP]`` float32 for causal blocks.
+
+    From what the compressed pass kept in ``ws_t`` (:func:`_attend`): without ``SUMS`` the base-2
+    scores ``s2`` ``[N * H, G, CAP_C]`` of the tokens overlapping the blocks, ``BC`` at a time,
+    weighed onto the blocks here; with ``SUMS`` the per-tile sums ``[N * H, NT_CAP, G, NBT + 1]``:
+    block j gathers the at most ``NTB`` tiles of ``BK`` tokens holding a token that overlaps it,
+    each scaled by ``exp2(m_t - lse2)``."""
     i_nh, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     seq_len = tl.load(seq_lens + i_nh // H).to(tl.int64)
     n_cmp = tl.where(seq_len >= KS, (seq_len - KS) // ST + 1, 0)
-    o_j = i_c * BJ + tl.arange(0, BJ)  # [BJ] block ids
+    j0 = i_c * BJ
+    o_j = j0 + tl.arange(0, BJ)  # [BJ] block ids
     m_j = (o_j <= (seq_len - 1) // BS) & (o_j < NB_CAP)
 
     b_lse2 = _merge_lse2(ws_m, ws_l, i_nh, NS_C, P, GP, PC)  # [GP] the final one, from all splits
-    b_lse2 = tl.where(b_lse2 == float("-inf"), 0., b_lse2)  # rows that saw nothing read no tile
-
     o_r = tl.arange(0, GP)
     m_r = o_r < G
-    # tokens whose span [i*ST, i*ST + KS) meets block j's span [j*BS, (j+1)*BS): [i_lo, i_hi)
-    i_lo = tl.maximum(o_j * BS - KS + ST, 0) // ST
-    i_hi = tl.minimum((o_j + 1) * BS // ST, n_cmp)
-    p_t = ws_t + i_nh * NT_CAP * G * (NBT + 1)
     b_sc = tl.zeros([BJ], dtype=tl.float32)
-    for u in tl.static_range(NTB):
-        t = i_lo // BK + u  # [BJ] a tile holding tokens of block j, if t * BK < i_hi
-        m_t = m_j & (t * BK < i_hi)
-        jj = o_j - (t * BK * ST) // BS  # j's slot among the tile's blocks, in [0, NBT)
-        o_t = p_t + (t[None, :] * G + o_r[:, None]) * (NBT + 1)  # [GP, BJ]
-        m_rt = m_r[:, None] & m_t[None, :]
-        b_mt = tl.load(o_t, mask=m_rt, other=float("-inf"))
-        b_bp = tl.load(o_t + 1 + jj[None, :], mask=m_rt, other=0.)
-        b_sc += tl.sum(tl.where(m_rt, tl.exp2(b_mt - b_lse2[:, None]) * b_bp, 0.), axis=0)
+    if SUMS:
+        b_lse2 = tl.where(b_lse2 == float("-inf"), 0., b_lse2)  # rows that saw nothing read no tile
+        # tokens whose span [i*ST, i*ST + KS) meets block j's span [j*BS, (j+1)*BS): [i_lo, i_hi)
+        i_lo = tl.maximum(o_j * BS - KS + ST, 0) // ST
+        i_hi = tl.minimum((o_j + 1) * BS // ST, n_cmp)
+        p_t = ws_t + i_nh * NT_CAP * G * (NBT + 1)
+        for u in tl.static_range(NTB):
+            t = i_lo // BK + u  # [BJ] a tile holding tokens of block j, if t * BK < i_hi
+            m_t = m_j & (t * BK < i_hi)
+            jj = o_j - (t * BK * ST) // BS  # j's slot among the tile's blocks, in [0, NBT)
+            o_t = p_t + (t[None, :] * G + o_r[:, None]) * (NBT + 1)  # [GP, BJ]
+            m_rt = m_r[:, None] & m_t[None, :]
+            b_mt = tl.load(o_t, mask=m_rt, other=float("-inf"))
+            b_bp = tl.load(o_t + 1 + jj[None, :], mask=m_rt, other=0.)
+            b_sc += tl.sum(tl.where(m_rt, tl.exp2(b_mt - b_lse2[:, None]) * b_bp, 0.), axis=0)
+    else:
+        p_s = ws_t + (i_nh * G + o_r) * CAP_C  # [GP] row starts
+        # tokens whose span [i*ST, i*ST + KS) meets the blocks' span [j0*BS, (j0+BJ)*BS)
+        i_lo = tl.maximum(j0 * BS - KS + ST, 0) // ST
+        i_hi = tl.minimum((j0 + BJ) * BS // ST, n_cmp)
+        for i0 in range(i_lo, i_hi, BC):
+            i_k = i0 + tl.arange(0, BC)  # [BC] compressed tokens
+            m_k = i_k < i_hi
+            m_rk = m_r[:, None] & m_k[None, :]
+            b_s = tl.load(p_s[:, None] + i_k[None, :], mask=m_rk, other=0.)  # [GP, BC]
+            b_p = tl.where(m_rk, tl.exp2(b_s - b_lse2[:, None]), 0.)
+            b_pg = tl.sum(b_p, axis=0)  # [BC] summed over the group's heads
+            # W[i, j]: stride-sized pieces shared by token i and block j
+            w_lo = tl.maximum(i_k[:, None] * ST, o_j[None, :] * BS)
+            w_hi = tl.minimum(i_k[:, None] * ST + KS, (o_j[None, :] + 1) * BS)
+            b_w = (tl.maximum(w_hi - w_lo, 0) // ST).to(tl.float32)  # [BC, BJ]
+            b_sc += tl.sum(b_pg[:, None] * b_w, axis=0)
     tl.store(score + i_nh * NB_CAP + o_j, b_sc, mask=m_j)
 
 
@@ -352,7 +386,11 @@ class DecodePlan(NamedTuple):
     slc_split: int
     score_blocks: int
     topk_chunk: int
-    topk_sort: bool = TOPK_SORT
+    # Two variants, off until timed on a GPU (benchmarks/probe_decode_kernels.py): the top-n
+    # by Triton's partial bitonic sort (where it has tl.topk), and per-tile block sums kept by
+    # the compressed pass in place of its scores (see _attend).
+    topk_sort: bool = False
+    tile_sums: bool = False
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -369,7 +407,7 @@ def default_plan(N: int, H: int, Tc_cap: int, NB_cap: int, window_keys: int, blo
     win_split = tile * max(1, _cdiv(_cdiv(window_keys, want), tile))
     slc_split = max(1, _cdiv(num_selected, want))
     score_blocks = min(64, max(16, pow2(_cdiv(NB_cap * N * H, 4 * TARGET_PROGRAMS), 1)))
-    return DecodePlan(tile, cmp_split, win_split, slc_split, score_blocks, TOPK_CHUNK, TOPK_SORT)
+    return DecodePlan(tile, cmp_split, win_split, slc_split, score_blocks, TOPK_CHUNK)
 
 
 class _Launch(NamedTuple):
@@ -419,7 +457,8 @@ def _launch_plan(N, HQ, Dk, H, Dv, Tc_cap, L_cap, Lw_cap, dtype, kernel_size, st
     # the tile starts up to BS - ST into it), and tiles meeting one block
     nbt = (block_size - stride + (plan.tile - 1) * stride + kernel_size - 1) // block_size + 1
     ntb = _cdiv((block_size + kernel_size - stride) // stride, plan.tile) + 1
-    sel = dict(sel, NBT=nbt)
+    sums = bool(plan.tile_sums)
+    sel = dict(sel, SUMS=sums, NBT=nbt)
     pages_a = dict(PAGED=paged, PS_A=block_size // stride if paged else 1, PS_B=block_size if paged else 1,
                    SHIFT_A=kernel_size // stride - 1 if paged else 0)
     pages_s = dict(PAGED=paged, PS_A=block_size if paged else 1, PS_B=block_size if paged else 1, SHIFT_A=0)
@@ -427,18 +466,22 @@ def _launch_plan(N, HQ, Dk, H, Dv, Tc_cap, L_cap, Lw_cap, dtype, kernel_size, st
                 **shape, **heads, BK=plan.tile, MODE=0, S=S, SP=SP, W=window_size, **sel, NBW=max(16, pow2(nbt)),
                 **dot_kw, **fwd_launch, **pages_a)
     nt_cap = _cdiv(Tc_cap, plan.tile)
-    kw_score = dict(NT_CAP=nt_cap, NB_CAP=NB_cap, NS_C=NS_C, P=P, H=H, G=G, GP=GP, PC=max(2, pow2(NS_C, 1)),
-                    BJ=plan.score_blocks, **sel, BK=plan.tile, NTB=ntb)
+    # compressed tokens meeting score_blocks blocks: one tile when they fit in 128
+    n_tok = plan.score_blocks * block_size // stride + kernel_size // stride - 1
+    kw_score = dict(CAP_C=Tc_cap, NT_CAP=nt_cap, NB_CAP=NB_cap, NS_C=NS_C, P=P, H=H, G=G, GP=GP,
+                    PC=max(2, pow2(NS_C, 1)), BC=max(16, min(128, pow2(n_tok, 1))), BJ=plan.score_blocks, **sel,
+                    BK=plan.tile, NTB=ntb)
     ct = min(plan.topk_chunk, pow2(NB_cap, 1))
-    kw_topk = dict(NB_CAP=NB_cap, H=H, S=S, SP=SP, CT=max(ct, SP) if plan.topk_sort else ct, BS=block_size,
-                   NUM_INIT=num_initial, NUM_LOCAL=num_local, SORT=bool(plan.topk_sort))
+    sort = bool(plan.topk_sort) and HAS_TOPK
+    kw_topk = dict(NB_CAP=NB_cap, H=H, S=S, SP=SP, CT=max(ct, SP) if sort else ct, BS=block_size,
+                   NUM_INIT=num_initial, NUM_LOCAL=num_local, SORT=sort)
     kw_slc = dict(CAP_A=L_cap, CAP_B=L_cap, NS_A=NS_S, SPLIT_A=plan.slc_split, SPLIT_B=plan.slc_split,
                   P_OFF=NS_C + NS_W, **shape, **heads, BK=max(16, min(plan.tile, pow2(block_size, 1))), MODE=1, S=S,
                   SP=SP, W=window_size, **sel, NBW=16, **dot_kw, **fwd_launch, **pages_s)
     kw_combine = dict(NS_C=NS_C, NS_W=NS_W, G=G, GP=GP, P=P, PP=pow2(P, 1), DV=Dv, BDV=BDV, num_warps=8)
     grids = ((N * H, NS_C + NS_W), (N * H, _cdiv(NB_cap, plan.score_blocks)), (N * H,), (N * H, NS_S), (N * H, G))
-    sizes = (N * H * P * GP, N * H * P * GP, N * H * P * GP * BDV, N * H * max(nt_cap, 1) * G * (nbt + 1),
-             N * H * NB_cap)
+    kept = max(nt_cap, 1) * (nbt + 1) if sums else max(Tc_cap, 1)  # per (n, h) and query head
+    sizes = (N * H * P * GP, N * H * P * GP, N * H * P * GP * BDV, N * H * G * kept, N * H * NB_cap)
     sizes = tuple(_WS_ALIGN * _cdiv(n, _WS_ALIGN) for n in sizes)
     return _Launch(sizes, sum(sizes), (N, H, S), (N, HQ, Dv), grids, (kw_a, kw_score, kw_topk, kw_slc, kw_combine))
 
